@@ -1,0 +1,5 @@
+import sys
+
+from browservm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,118 @@
+"""The `browservm` command."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Sequence
+from ipaddress import IPv4Network
+
+from browservm import __version__
+from browservm.config import Settings, load_settings
+from browservm.errors import BrowserVMError, InvalidInput
+from browservm.hostnet.host import Change, Check, HostNetwork
+from browservm.hostnet.netns import NetworkNamespace
+from browservm.netplan import NetworkPlan
+from browservm.store import Store
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--netns", metavar="NAME",
+                        help="put the VM network in this network namespace (created if missing)")
+    common.add_argument("--state-dir", metavar="DIR", help="durable state (default /var/lib/browservm)")
+    common.add_argument("--subnet", metavar="CIDR", help="VM subnet (default 192.168.100.0/24)")
+    common.add_argument("--bridge", metavar="NAME", help="bridge name (default br0)")
+    common.add_argument("--uplink", metavar="IFACE", help="interface VM traffic is masqueraded to")
+    common.add_argument("--vmm-user", metavar="USER", help="user that owns the TAPs (default root)")
+    common.add_argument("--guest-port", metavar="PORT", type=int, action="append", dest="guest_ports",
+                        help="TCP port on the gateway that VMs may reach (repeatable)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="browservm", description="Isolated browser microVMs.")
+    parser.add_argument("--version", action="version", version=f"browservm {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    common = _common_options()
+
+    host = commands.add_parser("host", help="the host network: bridge, nftables, forwarding")
+    host_commands = host.add_subparsers(dest="action", required=True)
+    host_commands.add_parser("up", parents=[common], help="create what is missing (idempotent)")
+    host_commands.add_parser("status", parents=[common], help="check each piece; exit 1 if any is wrong")
+    down = host_commands.add_parser("down", parents=[common], help="remove what `host up` created")
+    down.add_argument("--force", action="store_true", help="also delete VM TAPs and release their leases")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    subnet = None
+    if args.subnet is not None:
+        try:
+            subnet = IPv4Network(args.subnet)
+        except ValueError as exc:
+            raise InvalidInput("subnet", args.subnet, str(exc)) from None
+    return load_settings(netns=args.netns, state_dir=args.state_dir, subnet=subnet, bridge=args.bridge,
+                         uplink=args.uplink, vmm_user=args.vmm_user,
+                         guest_ports=tuple(args.guest_ports) if args.guest_ports else None)
+
+
+def _host_network(settings: Settings, store: Store) -> HostNetwork:
+    plan = NetworkPlan.build(settings.subnet, settings.bridge, settings.uplink, settings.guest_ports)
+    return HostNetwork(plan, store, NetworkNamespace(settings.netns), tap_owner=settings.vmm_ids)
+
+
+def _print_changes(changes: list[Change], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"changes": [dataclasses.asdict(c) for c in changes]}, indent=2))
+    else:
+        for change in changes:
+            print(f"{change.action:<10} {change.piece}" + (f"  ({change.detail})" if change.detail else ""))
+    return 0
+
+
+def _print_checks(checks: list[Check], as_json: bool) -> int:
+    healthy = all(check.ok for check in checks)
+    if as_json:
+        print(json.dumps({"ok": healthy, "checks": [dataclasses.asdict(c) for c in checks]}, indent=2))
+    else:
+        for check in checks:
+            print(f"{'ok' if check.ok else 'FAIL':<5} {check.piece:<36} {check.detail}")
+    return 0 if healthy else 1
+
+
+def _host(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    with Store(settings.database) as store, _host_network(settings, store) as network:
+        actions: dict[str, Callable[[], int]] = {
+            "up": lambda: _print_changes(network.up(), args.json),
+            "status": lambda: _print_checks(network.status(), args.json),
+            "down": lambda: _print_changes(network.down(force=args.force), args.json),
+        }
+        return actions[args.action]()
+
+
+def _report_error(exc: BrowserVMError, as_json: bool) -> None:
+    if as_json:
+        fields = {k: v for k, v in vars(exc).items() if isinstance(v, (str, int, float, type(None)))}
+        print(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc), **fields}}, indent=2))
+    else:
+        print(f"browservm: error: {exc}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _host(args)
+    except BrowserVMError as exc:
+        _report_error(exc, getattr(args, "json", False))
+        return 2 if isinstance(exc, InvalidInput) else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

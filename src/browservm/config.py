@@ -1,0 +1,89 @@
+"""Settings: defaults, then `BROWSERVM_*` environment variables, then command-line flags."""
+
+from __future__ import annotations
+
+import pwd
+import re
+from ipaddress import IPv4Network
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from browservm.errors import InvalidInput
+
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+_NETNS = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BROWSERVM_", frozen=True, extra="forbid")
+
+    state_dir: Path = Field(Path("/var/lib/browservm"), description="where durable state lives")
+    netns: str | None = Field(None, description="run the VM network inside this network namespace")
+    subnet: IPv4Network = Field(IPv4Network("192.168.100.0/24"), description="addresses for VMs")
+    bridge: str = Field("br0", description="bridge name; larger subnets add bridges br0-1, br0-2, ...")
+    uplink: str | None = Field(None, description="interface VMs reach the outside through (masquerade)")
+    vmm_user: str = Field("root", description="user that owns the TAP devices (runs the VMM)")
+    guest_ports: tuple[int, ...] = Field((), description="TCP ports on the gateway that VMs may reach")
+
+    @field_validator("bridge", "uplink")
+    @classmethod
+    def _ifname(cls, value: str | None) -> str | None:
+        if value is not None and (_IFNAME.fullmatch(value) is None or value in (".", "..")):
+            raise ValueError("must be an interface name of 1-15 letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("netns")
+    @classmethod
+    def _netns(cls, value: str | None) -> str | None:
+        if value is not None and (_NETNS.fullmatch(value) is None or value in (".", "..")):
+            raise ValueError("must be 1-64 letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("subnet")
+    @classmethod
+    def _subnet(cls, value: IPv4Network) -> IPv4Network:
+        if not 16 <= value.prefixlen <= 30:
+            raise ValueError("prefix length must be between /16 and /30")
+        return value
+
+    @field_validator("guest_ports")
+    @classmethod
+    def _ports(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        for port in value:
+            if not 1 <= port <= 65535:
+                raise ValueError(f"{port} is not a TCP port")
+        return tuple(sorted(set(value)))
+
+    @field_validator("vmm_user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        try:
+            pwd.getpwnam(value)
+        except KeyError:
+            raise ValueError(f"no such user {value!r} on this host") from None
+        return value
+
+    @property
+    def vmm_ids(self) -> tuple[int, int]:
+        entry = pwd.getpwnam(self.vmm_user)
+        return entry.pw_uid, entry.pw_gid
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "state.sqlite3"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment with `overrides` (None values are ignored) on top.
+
+    A bad value becomes InvalidInput naming the field, not a pydantic traceback.
+    """
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**given)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "settings"
+        raise InvalidInput(field, first.get("input"), first["msg"].removeprefix("Value error, ")) from None

@@ -1,0 +1,1 @@
+"""Host networking: namespace, bridges, TAPs, forwarding and the nftables table."""

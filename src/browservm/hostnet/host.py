@@ -1,0 +1,373 @@
+"""The host side of the VM network: set up, checked, torn down, one TAP per VM.
+
+`up()` makes what the plan needs and records in the store what *it* created;
+`down()` removes exactly those records' objects, so a bridge, address or
+namespace that was there before browservm is left alone. Both are idempotent:
+a second `up()` reports every piece unchanged and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from ipaddress import IPv4Interface
+
+from browservm.errors import HostNetworkError
+from browservm.hostnet.firewall import Nftables, normalise_listing, render_ruleset, ruleset_digest
+from browservm.hostnet.links import BRIDGE_ALIAS, LinkInfo, Links, tap_alias
+from browservm.hostnet.netns import NetworkNamespace
+from browservm.hostnet.sysctl import Sysctl
+from browservm.ipam import Ipam, Lease
+from browservm.netplan import NetworkPlan, Segment
+from browservm.store import Store
+
+IP_FORWARD = "net.ipv4.ip_forward"
+
+
+@dataclass(frozen=True)
+class Change:
+    """What `up()` or `down()` did to one piece: created, updated, unchanged, removed, kept."""
+
+    piece: str
+    action: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One piece as `status()` found it."""
+
+    piece: str
+    ok: bool
+    detail: str
+
+
+class _Records:
+    """The host objects browservm created, in the store."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def add(self, kind: str, name: str, detail: str = "") -> None:
+        with self._store.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO host_objects (kind, name, detail, created_at) VALUES (?, ?, ?, ?)",
+                       (kind, name, detail, time.time()))
+
+    def get(self, kind: str, name: str) -> str | None:
+        rows = self._store.read("SELECT detail FROM host_objects WHERE kind = ? AND name = ?", (kind, name))
+        return str(rows[0][0]) if rows else None
+
+    def names(self, kind: str) -> list[str]:
+        return [str(r[0]) for r in self._store.read("SELECT name FROM host_objects WHERE kind = ? ORDER BY name",
+                                                    (kind,))]
+
+    def remove(self, kind: str, name: str) -> None:
+        with self._store.transaction() as db:
+            db.execute("DELETE FROM host_objects WHERE kind = ? AND name = ?", (kind, name))
+
+
+class HostNetwork:
+    def __init__(self, plan: NetworkPlan, store: Store, netns: NetworkNamespace, *,
+                 tap_owner: tuple[int, int] = (0, 0), nft: Nftables | None = None,
+                 sysctl: Sysctl | None = None) -> None:
+        self.plan = plan
+        self.netns = netns
+        self._store = store
+        self._records = _Records(store)
+        self._tap_owner = tap_owner
+        self._nft = nft or Nftables(netns=netns.name)
+        self._sysctl = sysctl or Sysctl(netns=netns.name)
+        self._links: Links | None = None
+        self._bridges: dict[str, LinkInfo] = {}
+        store.claim("netns", netns.name or "")
+
+    def close(self) -> None:
+        if self._links is not None:
+            self._links.close()
+            self._links = None
+
+    def __enter__(self) -> HostNetwork:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _inside(self) -> Iterator[Links]:
+        with self.netns.entered():
+            if self._links is None:
+                self._links = Links(netns=self.netns.name)  # its socket stays in the namespace
+            yield self._links
+
+    @contextmanager
+    def _inside_if(self, present: bool) -> Iterator[Links | None]:
+        if not present:
+            yield None
+            return
+        with self._inside() as links:
+            yield links
+
+    # --- host up / status / down -------------------------------------------------
+
+    def up(self) -> list[Change]:
+        changes: list[Change] = []
+        if self.netns.name is not None:
+            if self.netns.create():
+                self._records.add("netns", self.netns.name)
+                changes.append(Change(f"netns {self.netns.name}", "created"))
+            else:
+                changes.append(Change(f"netns {self.netns.name}", "unchanged"))
+        with self._inside() as links:
+            if self._records.names("netns"):
+                lo = links.get("lo")
+                if lo is not None and not lo.up:
+                    links.set_up(lo)
+            changes.append(self._up_forwarding())
+            self._check_no_overlap(links)
+            for segment in self.plan.segments:
+                changes += self._up_bridge(links, segment)
+            changes.append(self._up_firewall())
+        return changes
+
+    def _up_forwarding(self) -> Change:
+        current = self._sysctl.read(IP_FORWARD)
+        if current == "1":
+            return Change(f"sysctl {IP_FORWARD}", "unchanged", "1")
+        if self._records.get("sysctl", IP_FORWARD) is None:
+            self._records.add("sysctl", IP_FORWARD, current)  # the value to restore on `down`
+        self._sysctl.write(IP_FORWARD, "1")
+        return Change(f"sysctl {IP_FORWARD}", "updated", f"{current} -> 1")
+
+    def _check_no_overlap(self, links: Links) -> None:
+        ours = set(self.plan.bridges)
+        for link in links.all():
+            if link.name in ours:
+                continue
+            for address in links.addresses(link):
+                if address.network.overlaps(self.plan.subnet):
+                    raise HostNetworkError(
+                        "check subnet", f"{address} on {link.name} overlaps the VM subnet {self.plan.subnet}; "
+                        "configure another subnet", device=link.name, netns=self.netns.name)
+
+    def _up_bridge(self, links: Links, segment: Segment) -> list[Change]:
+        changes = []
+        piece = f"bridge {segment.bridge}"
+        bridge = links.get(segment.bridge)
+        if bridge is None:
+            bridge = links.create_bridge(segment.bridge, segment.bridge_mac)
+            self._records.add("bridge", segment.bridge)
+            links.set_up(bridge, alias=BRIDGE_ALIAS)
+            changes.append(Change(piece, "created", segment.bridge_mac))
+        elif bridge.kind != "bridge":
+            raise HostNetworkError("check bridge", f"exists but is a {bridge.kind or 'plain'} link, not a bridge",
+                                   device=segment.bridge, netns=self.netns.name)
+        elif not bridge.up:
+            links.set_up(bridge)
+            changes.append(Change(piece, "updated", "set up"))
+        else:
+            changes.append(Change(piece, "unchanged"))
+        self._bridges[segment.bridge] = bridge
+        gateway = segment.gateway
+        addresses = links.addresses(bridge)
+        if gateway in addresses:
+            changes.append(Change(f"address {gateway} on {segment.bridge}", "unchanged"))
+        else:
+            links.add_address(bridge, gateway)
+            self._records.add("address", f"{segment.bridge} {gateway}")
+            changes.append(Change(f"address {gateway} on {segment.bridge}", "created"))
+        return changes
+
+    def _up_firewall(self) -> Change:
+        piece = "nftables table inet browservm"
+        desired = render_ruleset(self.plan)
+        digest = ruleset_digest(desired)
+        recorded = self._records.get("nft", "inet browservm")
+        current = self._nft.list_table()
+        if recorded is not None and current is not None:
+            record = json.loads(recorded)
+            if record["digest"] == digest and record["listing"] == normalise_listing(current):
+                return Change(piece, "unchanged", digest)
+        self._nft.replace_table(desired)
+        installed = self._nft.list_table()
+        if installed is None:
+            raise HostNetworkError("install nftables table", "nft reported success but the table is missing",
+                                   netns=self.netns.name)
+        self._records.add("nft", "inet browservm",
+                          json.dumps({"digest": digest, "listing": normalise_listing(installed)}))
+        return Change(piece, "created" if current is None else "updated", digest)
+
+    def status(self) -> list[Check]:
+        checks: list[Check] = []
+        if self.netns.name is not None:
+            exists = self.netns.exists()
+            checks.append(Check(f"netns {self.netns.name}", exists, "present" if exists else "missing"))
+            if not exists:
+                return checks
+        with self._inside() as links:
+            forwarding = self._sysctl.read(IP_FORWARD)
+            checks.append(Check(f"sysctl {IP_FORWARD}", forwarding == "1", forwarding))
+            for segment in self.plan.segments:
+                checks.append(self._check_bridge(links, segment))
+            checks.append(self._check_firewall())
+            if self.plan.uplink is not None:
+                uplink = links.get(self.plan.uplink)
+                checks.append(Check(f"uplink {self.plan.uplink}", uplink is not None and uplink.up,
+                                    "missing" if uplink is None else ("up" if uplink.up else "down")))
+            checks += self._check_taps(links)
+        return checks
+
+    def _check_bridge(self, links: Links, segment: Segment) -> Check:
+        piece = f"bridge {segment.bridge}"
+        bridge = links.get(segment.bridge)
+        if bridge is None:
+            return Check(piece, False, "missing")
+        problems = []
+        if bridge.kind != "bridge":
+            problems.append(f"is a {bridge.kind or 'plain'} link")
+        if not bridge.up:
+            problems.append("down")
+        if segment.gateway not in links.addresses(bridge):
+            problems.append(f"lacks {segment.gateway}")
+        detail = "; ".join(problems) if problems else f"up, {segment.gateway}"
+        return Check(piece, not problems, detail)
+
+    def _check_firewall(self) -> Check:
+        piece = "nftables table inet browservm"
+        current = self._nft.list_table()
+        if current is None:
+            return Check(piece, False, "missing")
+        recorded = self._records.get("nft", "inet browservm")
+        if recorded is None:
+            return Check(piece, False, "present but not installed by this state directory")
+        record = json.loads(recorded)
+        if record["digest"] != ruleset_digest(render_ruleset(self.plan)):
+            return Check(piece, False, "installed for another configuration; run `host up`")
+        if record["listing"] != normalise_listing(current):
+            return Check(piece, False, "changed since browservm installed it; run `host up`")
+        return Check(piece, True, f"as installed ({record['digest']})")
+
+    def _check_taps(self, links: Links) -> list[Check]:
+        leases = {lease.vm_id: lease for lease in self._leases()}
+        bridges = {b.index: b.name for b in (links.get(n) for n in self.plan.bridges) if b is not None}
+        checks = []
+        ours = [link for link in links.all() if link.owner_vm is not None]
+        healthy = 0
+        for link in ours:
+            lease = leases.get(str(link.owner_vm))
+            problems = []
+            if lease is None:
+                problems.append(f"orphan: VM {link.owner_vm} holds no lease")
+            elif link.name != lease.tap:
+                problems.append(f"VM {link.owner_vm} should have TAP {lease.tap}")
+            elif bridges.get(link.master or -1) != lease.bridge:
+                problems.append(f"not attached to {lease.bridge}")
+            if not link.up:
+                problems.append("down")
+            if link.tap_owner is not None and link.tap_owner != self._tap_owner:
+                problems.append(f"owned by {link.tap_owner[0]}:{link.tap_owner[1]}, not "
+                                f"{self._tap_owner[0]}:{self._tap_owner[1]}")
+            if problems:
+                checks.append(Check(f"tap {link.name}", False, "; ".join(problems)))
+            else:
+                healthy += 1
+        with_tap = {str(link.owner_vm) for link in ours}
+        for vm_id, lease in leases.items():
+            if vm_id not in with_tap:
+                checks.append(Check(f"lease {lease.address.ip}", False, f"VM {vm_id} has no TAP {lease.tap}"))
+        checks.append(Check("taps", True, f"{healthy} attached and up, {len(leases)} leases of "
+                                          f"{self.plan.capacity} addresses"))
+        return checks
+
+    def _leases(self) -> list[Lease]:
+        return Ipam(self._store, self.plan).leases()
+
+    def down(self, force: bool = False) -> list[Change]:
+        changes: list[Change] = []
+        ns_present = self.netns.exists()
+        with self._inside_if(ns_present) as links:
+            taps = [link for link in links.all() if link.owner_vm is not None] if links else []
+            leases = self._leases()
+            if (leases or taps) and not force:
+                names = ", ".join(sorted({lease.vm_id for lease in leases} | {str(t.owner_vm) for t in taps}))
+                raise HostNetworkError("host down", f"VMs still have leases or TAPs ({names}); "
+                                       "destroy them first, or pass --force", netns=self.netns.name)
+            for tap in taps:
+                assert links is not None
+                links.delete(tap.index, tap.name)
+                changes.append(Change(f"tap {tap.name}", "removed", f"VM {tap.owner_vm}"))
+            if leases:
+                ipam = Ipam(self._store, self.plan)
+                for lease in leases:
+                    ipam.release(lease.vm_id)
+                changes.append(Change("leases", "removed", f"{len(leases)} released"))
+            if links is None:
+                # The namespace is gone, and with it everything browservm made inside it.
+                changes.append(Change(f"netns {self.netns.name}", "unchanged", "not present"))
+                for kind in ("nft", "address", "bridge", "sysctl", "netns"):
+                    for name in self._records.names(kind):
+                        self._records.remove(kind, name)
+                self._store.unclaim("netns")
+                return changes
+            if self._records.get("nft", "inet browservm") is not None:
+                removed = self._nft.delete_table()
+                self._records.remove("nft", "inet browservm")
+                changes.append(Change("nftables table inet browservm", "removed" if removed else "unchanged"))
+            for name in self._records.names("address"):
+                bridge_name, _, address = name.partition(" ")
+                bridge = links.get(bridge_name)
+                if bridge is not None and IPv4Interface(address) in links.addresses(bridge):
+                    links.remove_address(bridge, IPv4Interface(address))
+                self._records.remove("address", name)
+                changes.append(Change(f"address {address} on {bridge_name}", "removed"))
+            for name in self._records.names("bridge"):
+                bridge = links.get(name)
+                if bridge is not None:
+                    links.delete(bridge.index, bridge.name)
+                self._records.remove("bridge", name)
+                changes.append(Change(f"bridge {name}", "removed"))
+            self._bridges.clear()
+            previous = self._records.get("sysctl", IP_FORWARD)
+            if previous is not None:
+                self._sysctl.write(IP_FORWARD, previous)
+                self._records.remove("sysctl", IP_FORWARD)
+                changes.append(Change(f"sysctl {IP_FORWARD}", "updated", f"restored {previous}"))
+        self.close()
+        for name in self._records.names("netns"):
+            NetworkNamespace(name).delete()
+            self._records.remove("netns", name)
+            changes.append(Change(f"netns {name}", "removed"))
+        self._store.unclaim("netns")  # nothing of ours is left: the state directory is free again
+        return changes
+
+    # --- one TAP per VM ------------------------------------------------------------
+
+    def add_tap(self, lease: Lease) -> None:
+        """Create the VM's TAP, owned by the VMM user, as an up and isolated port of its bridge."""
+        with self._inside() as links:
+            bridge = self._bridges.get(lease.bridge) or links.get(lease.bridge)
+            if bridge is None:
+                raise HostNetworkError("attach TAP", f"bridge {lease.bridge} does not exist; run `browservm host up`",
+                                       device=lease.tap, netns=self.netns.name)
+            self._bridges[lease.bridge] = bridge
+            index = links.create_tap(lease.tap, *self._tap_owner)
+            try:
+                links.attach(index, lease.tap, bridge, tap_alias(lease.vm_id))
+            except BaseException:
+                self._bridges.pop(lease.bridge, None)  # it may have been recreated under a new index
+                links.delete(index, lease.tap)
+                raise
+
+    def remove_tap(self, lease: Lease) -> bool:
+        """Delete the VM's TAP; False if it was already gone. Never deletes a TAP another VM owns."""
+        with self._inside() as links:
+            link = links.get(lease.tap)
+            if link is None:
+                return False
+            if link.owner_vm != lease.vm_id:
+                raise HostNetworkError("delete TAP", f"belongs to {link.alias or 'someone else'}, not VM {lease.vm_id}",
+                                       device=lease.tap, netns=self.netns.name)
+            links.delete(link.index, link.name)
+            return True

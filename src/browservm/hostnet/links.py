@@ -1,0 +1,181 @@
+"""Network links of one namespace: bridges and TAP devices, through rtnetlink.
+
+Open a `Links` inside `NetworkNamespace.entered()`: its netlink socket stays
+in that namespace for its whole life. TAPs are made with the TUN ioctls (the
+kernel has no netlink request for a persistent TAP), which also act in the
+namespace of the calling thread.
+
+Every link browservm creates carries an alias (IFLA_IFALIAS) that names its
+owner, so a restarted controller can tell its own TAPs from anyone else's.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from ipaddress import IPv4Interface
+from typing import Any
+
+from pyroute2 import IPRoute  # type: ignore[import-untyped]
+from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+
+from browservm.errors import HostNetworkError
+
+BRIDGE_ALIAS = "browservm bridge"
+TAP_ALIAS_PREFIX = "browservm vm="
+
+_TUNSETIFF = 0x400454CA
+_TUNSETPERSIST = 0x400454CB
+_TUNSETOWNER = 0x400454CC
+_TUNSETGROUP = 0x400454CE
+# The flags Firecracker opens its TAP with: a TAP without packet info, with virtio-net headers.
+_IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+_IFF_TUN_EXCL = 0x8000  # fail if the name exists instead of attaching to that device
+_IFF_UP = 0x1
+
+
+def tap_alias(vm_id: str) -> str:
+    return TAP_ALIAS_PREFIX + vm_id
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    index: int
+    name: str
+    kind: str | None
+    up: bool
+    master: int | None
+    alias: str | None
+    mac: str
+    tap_owner: tuple[int, int] | None  # uid, gid of a TAP
+
+    @property
+    def owner_vm(self) -> str | None:
+        """The VM id in the alias of a TAP browservm made, else None."""
+        if self.alias is not None and self.alias.startswith(TAP_ALIAS_PREFIX):
+            return self.alias[len(TAP_ALIAS_PREFIX):]
+        return None
+
+
+def _link_info(msg: Any) -> LinkInfo:
+    kind = msg.get(("linkinfo", "kind"))
+    owner = None
+    if kind == "tun":
+        data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
+        if data is not None:
+            owner = (data.get_attr("IFLA_TUN_OWNER"), data.get_attr("IFLA_TUN_GROUP"))
+    return LinkInfo(
+        index=msg["index"],
+        name=msg.get("ifname"),
+        kind=kind,
+        up=bool(msg["flags"] & _IFF_UP),
+        master=msg.get("master"),
+        alias=msg.get("ifalias"),
+        mac=msg.get("address"),
+        tap_owner=owner,
+    )
+
+
+class Links:
+    def __init__(self, netns: str | None = None) -> None:
+        self._netns = netns  # for error messages only: the socket is opened in the current namespace
+        self._ipr = IPRoute()
+
+    def close(self) -> None:
+        self._ipr.close()
+
+    @contextmanager
+    def _step(self, step: str, device: str | None) -> Iterator[None]:
+        try:
+            yield
+        except NetlinkError as exc:
+            raise HostNetworkError(step, os.strerror(exc.code), device=device, netns=self._netns) from exc
+        except OSError as exc:
+            raise HostNetworkError(step, exc.strerror or str(exc), device=device, netns=self._netns) from exc
+
+    def get(self, name: str) -> LinkInfo | None:
+        try:
+            msgs = self._ipr.link("get", ifname=name)
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return None
+            raise HostNetworkError("look up link", os.strerror(exc.code), device=name, netns=self._netns) from exc
+        return _link_info(msgs[0])
+
+    def all(self) -> list[LinkInfo]:
+        with self._step("list links", None):
+            return [_link_info(msg) for msg in self._ipr.get_links()]
+
+    def create_bridge(self, name: str, mac: str) -> LinkInfo:
+        with self._step("create bridge", name):
+            self._ipr.link("add", ifname=name, kind="bridge", address=mac)
+        return self._require(name)
+
+    def set_up(self, link: LinkInfo, alias: str | None = None) -> None:
+        extra = {} if alias is None else {"ifalias": alias}
+        with self._step("set link up", link.name):
+            self._ipr.link("set", index=link.index, state="up", **extra)
+
+    def addresses(self, link: LinkInfo) -> list[IPv4Interface]:
+        with self._step("list addresses", link.name):
+            msgs = self._ipr.get_addr(index=link.index, family=2)
+        return [IPv4Interface(f"{m.get('IFA_ADDRESS')}/{m['prefixlen']}") for m in msgs]
+
+    def add_address(self, link: LinkInfo, address: IPv4Interface) -> None:
+        with self._step(f"add address {address}", link.name):
+            self._ipr.addr("add", index=link.index, address=str(address.ip), prefixlen=address.network.prefixlen)
+
+    def remove_address(self, link: LinkInfo, address: IPv4Interface) -> None:
+        with self._step(f"remove address {address}", link.name):
+            self._ipr.addr("del", index=link.index, address=str(address.ip), prefixlen=address.network.prefixlen)
+
+    def create_tap(self, name: str, uid: int, gid: int) -> int:
+        """A persistent TAP owned by uid:gid, so an unprivileged VMM can open it; returns its index."""
+        request = struct.pack("16sH22x", name.encode("ascii"), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR | _IFF_TUN_EXCL)
+        with self._step("create TAP", name):
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                try:
+                    fcntl.ioctl(fd, _TUNSETIFF, request)
+                except OSError as exc:
+                    if exc.errno == errno.EBUSY:
+                        raise HostNetworkError("create TAP", "a link with this name already exists",
+                                               device=name, netns=self._netns) from None
+                    raise
+                fcntl.ioctl(fd, _TUNSETOWNER, uid)
+                fcntl.ioctl(fd, _TUNSETGROUP, gid)
+                fcntl.ioctl(fd, _TUNSETPERSIST, 1)
+            finally:
+                os.close(fd)  # before TUNSETPERSIST succeeded, closing removes the device
+            return socket.if_nametoindex(name)
+
+    def attach(self, index: int, name: str, bridge: LinkInfo, alias: str) -> None:
+        """Make link `index` an up, isolated port of `bridge`: isolated ports cannot talk to each other."""
+        with self._step(f"attach to {bridge.name}", name):
+            self._ipr.link("set", index=index, master=bridge.index, state="up", ifalias=alias)
+            self._ipr.brport("set", index=index, isolated=1)
+
+    def is_isolated(self, link: LinkInfo) -> bool:
+        with self._step("read bridge port", link.name):
+            msgs = self._ipr.brport("show", index=link.index)
+        return bool(msgs and msgs[0].get_nested("IFLA_PROTINFO", "IFLA_BRPORT_ISOLATED"))
+
+    def delete(self, index: int, name: str) -> None:
+        try:
+            self._ipr.link("del", index=index)
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:  # already gone is what we wanted
+                raise HostNetworkError("delete link", os.strerror(exc.code),
+                                       device=name, netns=self._netns) from exc
+
+    def _require(self, name: str) -> LinkInfo:
+        link = self.get(name)
+        if link is None:
+            raise HostNetworkError("look up link", "was created but is not there", device=name, netns=self._netns)
+        return link

@@ -1,0 +1,109 @@
+"""Durable state: one SQLite database in the state directory.
+
+Every change is one transaction (`BEGIN IMMEDIATE`, write-ahead log, fsync on
+commit), so a crash leaves either the old state or the new one. Several
+processes may share the file: the immediate transaction serialises writers,
+which is what makes two concurrent leases safe.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from browservm.errors import StateError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    vm_id     TEXT PRIMARY KEY,
+    address   INTEGER NOT NULL UNIQUE,
+    tap       TEXT NOT NULL UNIQUE,
+    mac       TEXT NOT NULL UNIQUE,
+    leased_at REAL NOT NULL
+);
+-- What `host up` created, so `host down` removes exactly that and nothing else.
+CREATE TABLE IF NOT EXISTS host_objects (
+    kind       TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    detail     TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    PRIMARY KEY (kind, name)
+);
+"""
+_SCHEMA_VERSION = 1
+_BUSY_TIMEOUT_S = 30.0
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > _SCHEMA_VERSION:
+                raise StateError(str(path), f"written by a newer browservm (schema {version})")
+            with self.transaction() as db:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            os.chmod(path, 0o600)
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(str(path), f"cannot open the state database: {exc}") from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic change; the write lock is taken at the start, not at the first write."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StateError(str(self.path), f"cannot start a transaction: {exc}") from exc
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StateError(str(self.path), f"cannot commit: {exc}") from exc
+
+    def read(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        return self._db.execute(sql, params).fetchall()
+
+    def claim(self, key: str, value: str) -> None:
+        """Record `value` under `key`, or fail if another value is already recorded.
+
+        Binds a state directory to one network namespace, so two deployments
+        cannot share (and corrupt) one set of leases.
+        """
+        with self.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+            elif row[0] != value:
+                raise StateError(str(self.path), f"belongs to {key} {row[0]!r}, not {value!r}; "
+                                 "use another --state-dir")
+
+    def unclaim(self, key: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM meta WHERE key = ?", (key,))
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
