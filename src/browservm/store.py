@@ -1,7 +1,7 @@
 """Durable state: one SQLite database in the state directory.
 
-Every change is one transaction (`BEGIN IMMEDIATE`, write-ahead log, fsync on
-commit), so a crash leaves either the old state or the new one. Several
+Every change is one transaction (`BEGIN IMMEDIATE`, write-ahead log), so a
+crash leaves either the old state or the new one. Several
 processes may share the file: the immediate transaction serialises writers,
 which is what makes two concurrent leases safe.
 """
@@ -48,7 +48,10 @@ class Store:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            # In WAL mode, NORMAL keeps every commit atomic and durable across a crash of
+            # the controller; only an OS crash or power loss can undo the last commits,
+            # and that also ends every VM. It saves an fsync (0.4 ms) per lease.
+            self._db.execute("PRAGMA synchronous=NORMAL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > _SCHEMA_VERSION:
                 raise StateError(str(path), f"written by a newer browservm (schema {version})")

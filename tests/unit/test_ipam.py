@@ -87,7 +87,7 @@ def test_a_tap_name_collision_is_detected_not_shared(tmp_path: Path) -> None:
 
 
 def test_a_lease_outside_a_changed_subnet_is_reported(tmp_path: Path) -> None:
-    store, ipam = make_ipam(tmp_path)
+    _, ipam = make_ipam(tmp_path)
     ipam.lease("vm-a")
     _, ipam = make_ipam(tmp_path, "10.0.0.0/24")
     with pytest.raises(StateError, match="outside the configured subnet"):

@@ -17,7 +17,7 @@ from ipaddress import IPv4Interface
 
 from browservm.errors import HostNetworkError
 from browservm.hostnet.firewall import Nftables, normalise_listing, render_ruleset, ruleset_digest
-from browservm.hostnet.links import BRIDGE_ALIAS, LinkInfo, Links, tap_alias
+from browservm.hostnet.links import BRIDGE_ALIAS, Links, tap_alias
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.hostnet.sysctl import Sysctl
 from browservm.ipam import Ipam, Lease
@@ -81,7 +81,6 @@ class HostNetwork:
         self._nft = nft or Nftables(netns=netns.name)
         self._sysctl = sysctl or Sysctl(netns=netns.name)
         self._links: Links | None = None
-        self._bridges: dict[str, LinkInfo] = {}
         store.claim("netns", netns.name or "")
 
     def close(self) -> None:
@@ -169,7 +168,6 @@ class HostNetwork:
             changes.append(Change(piece, "updated", "set up"))
         else:
             changes.append(Change(piece, "unchanged"))
-        self._bridges[segment.bridge] = bridge
         gateway = segment.gateway
         addresses = links.addresses(bridge)
         if gateway in addresses:
@@ -254,6 +252,7 @@ class HostNetwork:
         bridges = {b.index: b.name for b in (links.get(n) for n in self.plan.bridges) if b is not None}
         checks = []
         ours = [link for link in links.all() if link.owner_vm is not None]
+        isolated = links.isolated_ports()
         healthy = 0
         for link in ours:
             lease = leases.get(str(link.owner_vm))
@@ -266,6 +265,8 @@ class HostNetwork:
                 problems.append(f"not attached to {lease.bridge}")
             if not link.up:
                 problems.append("down")
+            if link.index not in isolated:
+                problems.append("not isolated: it can reach other VMs")
             if link.tap_owner is not None and link.tap_owner != self._tap_owner:
                 problems.append(f"owned by {link.tap_owner[0]}:{link.tap_owner[1]}, not "
                                 f"{self._tap_owner[0]}:{self._tap_owner[1]}")
@@ -328,7 +329,6 @@ class HostNetwork:
                     links.delete(bridge.index, bridge.name)
                 self._records.remove("bridge", name)
                 changes.append(Change(f"bridge {name}", "removed"))
-            self._bridges.clear()
             previous = self._records.get("sysctl", IP_FORWARD)
             if previous is not None:
                 self._sysctl.write(IP_FORWARD, previous)
@@ -347,16 +347,10 @@ class HostNetwork:
     def add_tap(self, lease: Lease) -> None:
         """Create the VM's TAP, owned by the VMM user, as an up and isolated port of its bridge."""
         with self._inside() as links:
-            bridge = self._bridges.get(lease.bridge) or links.get(lease.bridge)
-            if bridge is None:
-                raise HostNetworkError("attach TAP", f"bridge {lease.bridge} does not exist; run `browservm host up`",
-                                       device=lease.tap, netns=self.netns.name)
-            self._bridges[lease.bridge] = bridge
             index = links.create_tap(lease.tap, *self._tap_owner)
             try:
-                links.attach(index, lease.tap, bridge, tap_alias(lease.vm_id))
+                links.attach(index, lease.tap, lease.bridge, tap_alias(lease.vm_id))
             except BaseException:
-                self._bridges.pop(lease.bridge, None)  # it may have been recreated under a new index
                 links.delete(index, lease.tap)
                 raise
 

@@ -26,6 +26,7 @@ from pyroute2 import IPRoute  # type: ignore[import-untyped]
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
 from browservm.errors import HostNetworkError
+from browservm.hostnet.rtnl import RtnlSocket
 
 BRIDGE_ALIAS = "browservm bridge"
 TAP_ALIAS_PREFIX = "browservm vm="
@@ -86,9 +87,11 @@ class Links:
     def __init__(self, netns: str | None = None) -> None:
         self._netns = netns  # for error messages only: the socket is opened in the current namespace
         self._ipr = IPRoute()
+        self._rtnl = RtnlSocket()
 
     def close(self) -> None:
         self._ipr.close()
+        self._rtnl.close()
 
     @contextmanager
     def _step(self, step: str, device: str | None) -> Iterator[None]:
@@ -155,16 +158,21 @@ class Links:
                 os.close(fd)  # before TUNSETPERSIST succeeded, closing removes the device
             return socket.if_nametoindex(name)
 
-    def attach(self, index: int, name: str, bridge: LinkInfo, alias: str) -> None:
+    def attach(self, index: int, name: str, bridge: str, alias: str) -> None:
         """Make link `index` an up, isolated port of `bridge`: isolated ports cannot talk to each other."""
-        with self._step(f"attach to {bridge.name}", name):
-            self._ipr.link("set", index=index, master=bridge.index, state="up", ifalias=alias)
-            self._ipr.brport("set", index=index, isolated=1)
+        try:
+            bridge_index = socket.if_nametoindex(bridge)
+        except OSError:
+            raise HostNetworkError(f"attach to {bridge}", f"bridge {bridge} does not exist; run `browservm host up`",
+                                   device=name, netns=self._netns) from None
+        with self._step(f"attach to {bridge}", name):
+            self._rtnl.make_isolated_port(index, bridge_index, alias)
 
-    def is_isolated(self, link: LinkInfo) -> bool:
-        with self._step("read bridge port", link.name):
-            msgs = self._ipr.brport("show", index=link.index)
-        return bool(msgs and msgs[0].get_nested("IFLA_PROTINFO", "IFLA_BRPORT_ISOLATED"))
+    def isolated_ports(self) -> set[int]:
+        """Indexes of the bridge ports that are isolated from each other."""
+        with self._step("list bridge ports", None):
+            msgs = self._ipr.brport("dump")
+        return {m["index"] for m in msgs if m.get_nested("IFLA_PROTINFO", "IFLA_BRPORT_ISOLATED")}
 
     def delete(self, index: int, name: str) -> None:
         try:
