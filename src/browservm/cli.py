@@ -14,6 +14,7 @@ from browservm.config import Settings, load_settings
 from browservm.errors import BrowserVMError, InvalidInput
 from browservm.hostnet.host import Change, Check, HostNetwork
 from browservm.hostnet.netns import NetworkNamespace
+from browservm.images import kernel_cli
 from browservm.netplan import NetworkPlan
 from browservm.store import Store
 
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     host_commands.add_parser("status", parents=[common], help="check each piece; exit 1 if any is wrong")
     down = host_commands.add_parser("down", parents=[common], help="remove what `host up` created")
     down.add_argument("--force", action="store_true", help="also delete VM TAPs and release their leases")
+
+    kernel_cli.add_parser(commands)
     return parser
 
 
@@ -106,7 +109,8 @@ def _report_error(exc: BrowserVMError, as_json: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _host(args)
+        commands: dict[str, Callable[[argparse.Namespace], int]] = {"host": _host, "kernel": kernel_cli.run}
+        return commands[args.command](args)
     except BrowserVMError as exc:
         _report_error(exc, getattr(args, "json", False))
         return 2 if isinstance(exc, InvalidInput) else 1

@@ -7,8 +7,14 @@
     ├── IpamError
     │   ├── PoolExhausted               every address of the subnet is leased
     │   └── NameCollision               two VM ids derive the same TAP name or MAC
-    └── HostNetworkError                a kernel object could not be made or checked:
-                                        carries `netns`, `device`, `step`
+    ├── HostNetworkError                a kernel object could not be made or checked:
+    │                                   carries `netns`, `device`, `step`
+    ├── CommandFailed                   a program could not run or exited non-zero:
+    │                                   carries `command`, `returncode`, `log`, `detail`
+    └── KernelError
+        ├── KernelImageError            a file is not a usable kernel image: carries `path`, `reason`
+        └── KernelBuildError            a step of `kernel build` failed: carries `step`, `reason`, `log`
+            └── KernelConfigDropped     olddefconfig dropped fragment options: carries `options`
 
 This module is stdlib-only and imports nothing from browservm: the guest image
 carries it next to `bootargs.py`.
@@ -79,3 +85,99 @@ class HostNetworkError(BrowserVMError):
         where = f" on {device}" if device else ""
         ns = f" in netns {netns}" if netns else ""
         super().__init__(f"host network, {step}{where}{ns}: {reason}")
+
+
+class CommandFailed(BrowserVMError):
+    """A program browservm runs could not start or exited with a non-zero status.
+
+    `detail` is the end of what it printed; `log` the file holding all of it, when there is one.
+    """
+
+    def __init__(self, command: str, reason: str, *, returncode: int | None = None,
+                 log: str | None = None, detail: str = "") -> None:
+        self.command = command
+        self.reason = reason
+        self.returncode = returncode
+        self.log = log
+        self.detail = detail
+        where = f" (full log: {log})" if log else ""
+        tail = f"\n{detail}" if detail else ""
+        super().__init__(f"{command}: {reason}{where}{tail}")
+
+
+class KernelError(BrowserVMError):
+    pass
+
+
+class KernelImageError(KernelError):
+    """`path` is not a kernel browservm can read: empty, truncated, not a kernel, undecodable."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"kernel {path}: {reason}")
+
+
+class KernelBuildError(KernelError):
+    def __init__(self, step: str, reason: str, *, log: str | None = None) -> None:
+        self.step = step
+        self.reason = reason
+        self.log = log
+        where = f" (full log: {log})" if log else ""
+        super().__init__(f"kernel build, {step}: {reason}{where}")
+
+
+class KernelConfigDropped(KernelBuildError):
+    """`make olddefconfig` did not keep what the fragment asked for, usually a missing dependency.
+
+    `options` holds one "CONFIG_X: wanted y, got n" line per option.
+    """
+
+    def __init__(self, options: list[str], config: str) -> None:
+        self.options = options
+        self.config = config
+        super().__init__(
+            "check-config",
+            f"{len(options)} fragment option(s) did not survive olddefconfig (a dependency is missing "
+            f"from the fragment): {'; '.join(options)}. The resulting config is {config}",
+        )
+
+
+class ImageBuildError(BrowserVMError):
+    """A step of `image build` (or of a VM's disk) failed: carries `step`, `reason`, `log`."""
+
+    def __init__(self, step: str, reason: str, *, log: str | None = None) -> None:
+        self.step = step
+        self.reason = reason
+        self.log = log
+        where = f" (full log: {log})" if log else ""
+        super().__init__(f"image build, {step}: {reason}{where}")
+
+
+class ProbeFailed(BrowserVMError):
+    """One hop on the way to a VM's desktop did not answer as it should: carries `hop`, `reason`."""
+
+    def __init__(self, hop: str, reason: str) -> None:
+        self.hop = hop
+        self.reason = reason
+        super().__init__(f"{hop}: {reason}")
+
+
+class VmmError(BrowserVMError):
+    """The VMM of a VM could not be started, stopped or found: carries `vm_id`, `step`, `reason`."""
+
+    def __init__(self, vm_id: str, step: str, reason: str) -> None:
+        self.vm_id = vm_id
+        self.step = step
+        self.reason = reason
+        super().__init__(f"VM {vm_id}, VMM {step}: {reason}")
+
+
+class LimitExceeded(BrowserVMError):
+    """A request would go over a configured limit: carries `limit`, `value`, `reason`."""
+
+    def __init__(self, limit: str, value: int, reason: str) -> None:
+        self.limit = limit
+        self.value = value
+        self.reason = reason
+        super().__init__(f"refused: {reason}; {limit} is {value}")
