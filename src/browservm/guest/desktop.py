@@ -1,0 +1,211 @@
+"""browservm-desktop: starts the guest's desktop in order and says when each part is ready.
+
+    Xvfb -> Openbox -> x11vnc (localhost only) -> websockify :6080 (serving noVNC) -> Chromium
+
+Each part's readiness is read from the part itself, never guessed with a
+timer: Xvfb writes its display number to `-displayfd` once it accepts
+clients; x11vnc prints `PORT=` once it listens; websockify is handed a socket
+that already listens (`--inetd`), so a connection made at any moment is
+queued, not refused; Chromium prints `DevTools listening on` once it runs.
+Openbox has no such signal and is reported as started. After each, one
+marker on the console:
+
+    browservm-ready: service=x11vnc state=ready port=5901 pid=412 t=3.21
+
+If a part fails to start or exits later, the marker says so and this program
+exits non-zero, so systemd restarts the whole desktop. Stdlib-only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from browservm.markers import format_marker
+
+DEFAULT_CONFIG = Path("/etc/browservm/desktop.json")
+_START_DEADLINE_S = 120.0  # generous: under software emulation Python alone takes seconds to start
+_STOP_DEADLINE_S = 10.0
+
+
+@dataclass(frozen=True)
+class DesktopConfig:
+    services: tuple[str, ...] = ("xvfb", "openbox", "x11vnc", "websockify", "chromium")
+    display: str = ":1"
+    geometry: str = "1280x800x24"
+    vnc_port: int = 5901
+    web_port: int = 6080
+    novnc_dir: str = "/usr/share/novnc"
+    start_url: str = "about:blank"
+    devtools_port: int = 9222
+
+    @classmethod
+    def load(cls, path: Path) -> DesktopConfig:
+        if not path.exists():
+            return cls()
+        data = json.loads(path.read_text())
+        if "services" in data:
+            data["services"] = tuple(data["services"])
+        return cls(**data)
+
+
+class StartFailed(Exception):
+    pass
+
+
+class Desktop:
+    def __init__(self, config: DesktopConfig) -> None:
+        self.config = config
+        self.children: dict[str, asyncio.subprocess.Process] = {}
+        self._began = time.monotonic()
+        self._env = {**os.environ, "DISPLAY": config.display}
+
+    def _marker(self, service: str, state: str, **fields: object) -> None:
+        print(format_marker("ready", service=service, state=state, **fields,
+                            t=f"{time.monotonic() - self._began:.2f}"), flush=True)
+
+    async def _spawn(self, service: str, *argv: str, stdout: int | None = None,
+                     stderr: int | None = None, pass_fds: Sequence[int] = (), stdin: int | None = None,
+                     ) -> asyncio.subprocess.Process:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, env=self._env, stdin=stdin if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=stdout if stdout is not None else sys.stderr.fileno(),
+                stderr=stderr if stderr is not None else sys.stderr.fileno(), pass_fds=tuple(pass_fds))
+        except FileNotFoundError:
+            raise StartFailed(f"{argv[0]} is not installed in the image") from None
+        self.children[service] = proc
+        return proc
+
+    async def _await_line(self, service: str, stream: asyncio.StreamReader, needle: str) -> str:
+        """Read `stream` until a line containing `needle`; the process's output keeps flowing to stderr."""
+        while True:
+            raw = await stream.readline()
+            if not raw:
+                raise StartFailed(f"{service} exited before it was ready")
+            line = raw.decode(errors="replace")
+            sys.stderr.write(f"{service}: {line}")
+            if needle in line:
+                asyncio.get_running_loop().create_task(self._drain(service, stream))
+                return line
+
+    @staticmethod
+    async def _drain(service: str, stream: asyncio.StreamReader) -> None:
+        async for raw in stream:
+            sys.stderr.write(f"{service}: {raw.decode(errors='replace')}")
+
+    async def xvfb(self) -> None:
+        read_end, write_end = os.pipe()
+        try:
+            proc = await self._spawn("xvfb", "Xvfb", self.config.display, "-screen", "0", self.config.geometry,
+                                     "-nolisten", "tcp", "-displayfd", str(write_end), pass_fds=[write_end])
+        finally:
+            os.close(write_end)
+        reader = asyncio.StreamReader()
+        transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_end, "rb"))
+        try:
+            number = (await reader.readline()).decode().strip()
+        finally:
+            transport.close()
+        if not number:
+            raise StartFailed("Xvfb exited before it accepted clients")
+        self._marker("xvfb", "ready", display=f":{number}", pid=proc.pid)
+
+    async def openbox(self) -> None:
+        proc = await self._spawn("openbox", "openbox")
+        self._marker("openbox", "started", pid=proc.pid)
+
+    async def x11vnc(self) -> None:
+        proc = await self._spawn("x11vnc", "x11vnc", "-display", self.config.display, "-localhost",
+                                 "-rfbport", str(self.config.vnc_port), "-forever", "-shared", "-nopw",
+                                 stdout=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None
+        await self._await_line("x11vnc", proc.stdout, "PORT=")
+        self._marker("x11vnc", "ready", port=self.config.vnc_port, pid=proc.pid)
+
+    async def websockify(self) -> None:
+        listener = socket.create_server(("0.0.0.0", self.config.web_port), backlog=64)  # noqa: S104 - the VM's :6080
+        try:
+            proc = await self._spawn("websockify", "websockify", "--inetd", "--web", self.config.novnc_dir,
+                                     f"127.0.0.1:{self.config.vnc_port}", stdin=listener.fileno())
+        finally:
+            listener.close()  # websockify holds its own copy
+        self._marker("websockify", "ready", port=self.config.web_port, pid=proc.pid)
+
+    async def chromium(self) -> None:
+        width, height, _ = self.config.geometry.split("x")
+        profile = Path.home() / ".config" / "chromium"
+        proc = await self._spawn(
+            "chromium", "chromium", "--no-first-run", "--no-default-browser-check",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--remote-debugging-port={self.config.devtools_port}", f"--user-data-dir={profile}",
+            "--window-position=0,0", f"--window-size={width},{height}", "--start-maximized",
+            self.config.start_url, stderr=asyncio.subprocess.PIPE)
+        assert proc.stderr is not None
+        await self._await_line("chromium", proc.stderr, "DevTools listening on")
+        self._marker("chromium", "ready", devtools=self.config.devtools_port, pid=proc.pid)
+
+    async def run(self) -> int:
+        steps = {"xvfb": self.xvfb, "openbox": self.openbox, "x11vnc": self.x11vnc,
+                 "websockify": self.websockify, "chromium": self.chromium}
+        for service in self.config.services:
+            try:
+                await asyncio.wait_for(steps[service](), _START_DEADLINE_S)
+            except (StartFailed, TimeoutError, OSError) as exc:
+                reason = str(exc) or f"not ready within {_START_DEADLINE_S:g} s"
+                self._marker(service, "failed", reason=reason)
+                await self.stop()
+                return 1
+        waits = {asyncio.ensure_future(proc.wait()): name for name, proc in self.children.items()}
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for finished in done:
+            self._marker(waits[finished], "exited", code=finished.result())
+        await self.stop()
+        return 1
+
+    async def stop(self) -> None:
+        """Terminate every part, newest first; kill what is still there after the deadline."""
+        for proc in reversed(self.children.values()):
+            if proc.returncode is None:
+                proc.terminate()
+        waits = [asyncio.ensure_future(proc.wait()) for proc in self.children.values()]
+        if waits:
+            _, late = await asyncio.wait(waits, timeout=_STOP_DEADLINE_S)
+            for proc in self.children.values():
+                if proc.returncode is None:
+                    proc.kill()
+            await asyncio.gather(*late)
+
+
+async def _run_until_signalled(desktop: Desktop) -> int:
+    """Run the desktop; on SIGTERM or SIGINT stop every part before exiting, leaving no orphans."""
+    loop = asyncio.get_running_loop()
+    running = asyncio.ensure_future(desktop.run())
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, running.cancel)
+    try:
+        return await running
+    except asyncio.CancelledError:
+        await desktop.stop()
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="browservm-desktop", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    args = parser.parse_args(argv)
+    return asyncio.run(_run_until_signalled(Desktop(DesktopConfig.load(args.config))))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

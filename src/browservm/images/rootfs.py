@@ -1,0 +1,229 @@
+"""The golden root filesystem: Debian bookworm with the browser desktop, as an ext4 image.
+
+Steps, each named in the progress output:
+  debootstrap  mmdebstrap into a plain directory, with the host's own apt sources
+  customise    browservm's guest files, the desktop user, units enabled, needless timers masked
+  mkfs         `mkfs.ext4 -d` writes the directory into an image file: no loop mount
+  store        the image and its manifest move into the cache in one rename
+
+The image is cached under a key that hashes everything that goes in (suite,
+packages, apt sources, browservm's guest files, these steps), so a second
+build is a lookup. VMs share it read-only; each writes to its own overlay
+disk (see disk.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from browservm.errors import CommandFailed, ImageBuildError
+from browservm.progress import Progress, cache_dir, exclusive
+from browservm.runner import CommandRunner
+
+SUITE = "bookworm"
+_KEY_SCHEME = 1  # bump when the steps below change what a key's image would hold
+
+_DESKTOP = ("systemd", "systemd-sysv", "dbus", "iproute2", "procps", "python3",
+            "xvfb", "openbox", "x11vnc", "websockify", "novnc")
+PROFILES: dict[str, tuple[str, ...]] = {
+    "minimal": _DESKTOP,
+    "full": (*_DESKTOP, "chromium", "fonts-dejavu-core"),
+}
+SERVICES = {
+    "minimal": ("xvfb", "openbox", "x11vnc", "websockify"),
+    "full": ("xvfb", "openbox", "x11vnc", "websockify", "chromium"),
+}
+# The modules the guest carries, unchanged, so it parses ip= exactly as the host wrote it.
+GUEST_MODULES = ("__init__.py", "errors.py", "bootargs.py", "markers.py",
+                 "guest/__init__.py", "guest/netconfig.py", "guest/desktop.py")
+GUEST_PROGRAMS = {"browservm-net": "browservm.guest.netconfig", "browservm-desktop": "browservm.guest.desktop"}
+GUEST_UNITS = ("browservm-net.service", "browservm-desktop.service")
+# Timers that would wake a throwaway VM for housekeeping it never needs.
+MASKED_UNITS = ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer")
+DESKTOP_USER, DESKTOP_UID = "browser", 1000
+_APT_OPTIONS = ("Acquire::Check-Valid-Until", "Acquire::Check-Date", "Acquire::http::Proxy", "Acquire::https::Proxy")
+_SOURCE_FILES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
+_EXCLUDED_PATHS = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*")
+
+
+@dataclass(frozen=True)
+class RootfsImage:
+    path: Path
+    key: str
+    profile: str
+    size_bytes: int
+    packages: dict[str, str]
+    build_seconds: float
+
+    def to_json(self) -> dict[str, object]:
+        return {"path": str(self.path), "key": self.key, "profile": self.profile, "size_bytes": self.size_bytes,
+                "packages": len(self.packages), "build_seconds": round(self.build_seconds, 1)}
+
+
+def guest_files() -> dict[str, bytes]:
+    """Path inside the image -> content, for everything browservm puts into the guest."""
+    package = resources.files("browservm")
+    files = {f"usr/lib/browservm/browservm/{m}": package.joinpath(m).read_bytes() for m in GUEST_MODULES}
+    guest = package.joinpath("guest", "files")
+    files["usr/lib/browservm/overlay-init"] = guest.joinpath("overlay-init").read_bytes()
+    for unit in GUEST_UNITS:
+        files[f"etc/systemd/system/{unit}"] = guest.joinpath(unit).read_bytes()
+    for program, module in GUEST_PROGRAMS.items():
+        # -I: ignore the environment; -S: skip site, which costs seconds under software emulation.
+        files[f"usr/lib/browservm/bin/{program}"] = (
+            "#!/usr/bin/python3 -IS\nimport sys\n\nsys.path.insert(0, '/usr/lib/browservm')\n"
+            f"from {module} import main\n\nsys.exit(main())\n").encode()
+    files["etc/hosts"] = b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    files["etc/hostname"] = b"browservm\n"
+    files["etc/machine-id"] = b""  # empty: each VM gets its own at boot
+    return files
+
+
+class AptSources:
+    """The host's apt sources and the few apt options that decide whether they can be reached."""
+
+    def __init__(self, runner: CommandRunner) -> None:
+        self._runner = runner
+
+    def files(self) -> list[Path]:
+        found = []
+        for path in _SOURCE_FILES:
+            if path.is_file():
+                found.append(path)
+            elif path.is_dir():
+                found += sorted(p for p in path.iterdir() if p.suffix in (".list", ".sources"))
+        return found
+
+    def options(self) -> list[str]:
+        dump = self._runner.output(["apt-config", "dump"]).decode()
+        return [line.strip() for line in dump.splitlines() if line.split(" ", 1)[0] in _APT_OPTIONS]
+
+
+class RootfsBuilder:
+    def __init__(self, runner: CommandRunner, progress: Progress, cache: Path | None = None,
+                 sources: AptSources | None = None) -> None:
+        self._runner = runner
+        self._progress = progress
+        self._cache = cache or cache_dir("images")
+        self._sources = sources or AptSources(runner)
+
+    def key(self, profile: str) -> str:
+        digest = hashlib.sha256()
+        parts: list[object] = [_KEY_SCHEME, SUITE, profile, PROFILES[profile], SERVICES[profile],
+                               MASKED_UNITS, _EXCLUDED_PATHS, self._sources.options()]
+        parts += [(str(p), p.read_text()) for p in self._sources.files()]
+        parts += sorted((path, hashlib.sha256(data).hexdigest()) for path, data in guest_files().items())
+        digest.update(json.dumps(parts, sort_keys=True, default=str).encode())
+        return digest.hexdigest()[:16]
+
+    def build(self, profile: str) -> RootfsImage:
+        if profile not in PROFILES:
+            raise ImageBuildError("profile", f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+        key = self.key(profile)
+        final = self._cache / f"{profile}-{key}"
+        with exclusive(self._cache / f"{profile}-{key}.lock", self._progress, "image build"):
+            cached = self._lookup(final)
+            if cached is not None:
+                self._progress.stage("cached", str(cached.path))
+                return cached
+            work = self._cache / f"{profile}-{key}.partial"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            try:
+                image = self._build_in(work, profile, key, final)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        self._progress.stage("done", f"{image.path} ({image.size_bytes / 2**20:.0f} MiB)")
+        return image
+
+    def _lookup(self, directory: Path) -> RootfsImage | None:
+        manifest = directory / "manifest.json"
+        if not manifest.exists():
+            return None
+        data = json.loads(manifest.read_text())
+        return RootfsImage(path=directory / "rootfs.ext4", key=data["key"], profile=data["profile"],
+                           size_bytes=data["size_bytes"], packages=data["packages"],
+                           build_seconds=data["build_seconds"])
+
+    def _build_in(self, work: Path, profile: str, key: str, final: Path) -> RootfsImage:
+        started = time.monotonic()
+        root = work / "root"
+        log = self._cache / f"{profile}-{key}.log"  # outside `work`, so it outlives a failed build
+        log.unlink(missing_ok=True)
+        self._progress.stage("debootstrap", f"{SUITE}, {len(PROFILES[profile])} packages and their dependencies")
+        argv = ["mmdebstrap", "--variant=minbase", "--include=" + ",".join(PROFILES[profile])]
+        argv += [f"--aptopt={option}" for option in self._sources.options()]
+        argv += [f"--dpkgopt=path-exclude={pattern}" for pattern in _EXCLUDED_PATHS]
+        argv += [SUITE, str(root), *map(str, self._sources.files())]
+        self._run(argv, log, "debootstrap")
+
+        self._progress.stage("customise", "guest files, user, units")
+        self._customise(root, profile)
+        packages = dict(line.split("\t", 1) for line in self._runner.output(
+            ["chroot", str(root), "dpkg-query", "-W", "-f", "${Package}\t${Version}\n"]).decode().splitlines())
+        shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)
+        shutil.rmtree(root / "var/cache/apt", ignore_errors=True)
+
+        blocks, inodes = _usage(root)
+        size_mib = math.ceil(blocks * 4096 * 1.1 / 2**20) + 64
+        self._progress.stage("mkfs", f"ext4, {size_mib} MiB, {inodes} files")
+        image = work / "rootfs.ext4"
+        self._run(["mkfs.ext4", "-q", "-F", "-L", "browservm-root", "-m", "0", "-O", "^has_journal",
+                   "-N", str(int(inodes * 1.2) + 1024), "-d", str(root), str(image), f"{size_mib}M"], log, "mkfs")
+        image.chmod(0o444)  # shared by every VM: nothing may write to it
+
+        self._progress.stage("store", str(final))
+        staged = work / "store"
+        staged.mkdir()
+        os.replace(image, staged / "rootfs.ext4")
+        built = RootfsImage(path=final / "rootfs.ext4", key=key, profile=profile,
+                            size_bytes=(staged / "rootfs.ext4").stat().st_size, packages=packages,
+                            build_seconds=time.monotonic() - started)
+        manifest = {**built.to_json(), "packages": packages, "build_seconds": built.build_seconds}
+        (staged / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        os.replace(staged, final)
+        return built
+
+    def _customise(self, root: Path, profile: str) -> None:
+        for relative, content in guest_files().items():
+            target = root / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+            executable = relative.startswith("usr/lib/browservm/bin/") or relative.endswith("overlay-init")
+            target.chmod(0o755 if executable else 0o644)
+        desktop = {"services": list(SERVICES[profile])}
+        (root / "etc/browservm").mkdir(exist_ok=True)
+        (root / "etc/browservm/desktop.json").write_text(json.dumps(desktop) + "\n")
+        for mountpoint in ("overlay", "rom"):
+            (root / mountpoint).mkdir(exist_ok=True)
+        chroot = ["chroot", str(root)]
+        self._runner.output([*chroot, "useradd", "--create-home", "--uid", str(DESKTOP_UID),
+                             "--shell", "/bin/bash", DESKTOP_USER])
+        self._runner.output([*chroot, "systemctl", "enable", *GUEST_UNITS])
+        self._runner.output([*chroot, "systemctl", "mask", *MASKED_UNITS])
+        self._runner.output([*chroot, "systemctl", "set-default", "multi-user.target"])
+
+    def _run(self, argv: list[str], log: Path, step: str) -> None:
+        try:
+            self._runner.logged(argv, log=log)
+        except CommandFailed as exc:
+            raise ImageBuildError(step, str(exc), log=str(log)) from exc
+
+
+def _usage(root: Path) -> tuple[int, int]:
+    """4 KiB blocks and inodes the tree needs in ext4."""
+    blocks = inodes = 0
+    for directory, _, files in os.walk(root):
+        inodes += 1 + len(files)
+        blocks += 1
+        for name in files:
+            blocks += math.ceil(os.lstat(os.path.join(directory, name)).st_size / 4096)
+    return blocks, inodes

@@ -1,0 +1,106 @@
+"""The guest's desktop supervisor with the real Xvfb, Openbox, x11vnc and websockify, in a namespace."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from browservm.hostnet.netns import NetworkNamespace
+from browservm.markers import parse_marker
+from browservm.wsprobe import rfb_banner, websocket_upgrade
+
+from .conftest import Namespaces, run
+
+pytestmark = [
+    pytest.mark.host,
+    pytest.mark.skipif(not all(shutil.which(p) for p in ("Xvfb", "openbox", "x11vnc", "websockify")),
+                       reason="needs xvfb, openbox, x11vnc and websockify (scripts/install.sh installs them)"),
+]
+
+
+@pytest.fixture
+def desktop(namespaces: Namespaces, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    ns = namespaces.create("desk")
+    run("ip", "link", "set", "lo", "up", netns=ns)
+    config = tmp_path / "desktop.json"
+    config.write_text(json.dumps({"services": ["xvfb", "openbox", "x11vnc", "websockify"], "display": ":87",
+                                  "vnc_port": 5987, "novnc_dir": "/usr/share/novnc"}))
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "browservm.guest.desktop",
+                             "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
+    try:
+        yield ns, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        # Whatever happened, nothing the supervisor started may outlive the test.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_stopping_the_supervisor_stops_every_part(desktop: tuple[str, subprocess.Popen[str]]) -> None:
+    _, proc = desktop
+    seen = markers_until(proc, "websockify")
+    proc.terminate()
+    assert proc.wait(timeout=30) == 0
+    for marker in seen.values():
+        assert not Path(f"/proc/{marker['pid']}").exists(), f"{marker['service']} outlived the supervisor"
+
+
+def markers_until(proc: subprocess.Popen[str], service: str) -> dict[str, dict[str, str]]:
+    seen: dict[str, dict[str, str]] = {}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        marker = parse_marker(line)
+        if marker and marker[0] == "ready":
+            seen[marker[1]["service"]] = marker[1]
+            if marker[1]["service"] == service or marker[1]["state"] == "failed":
+                return seen
+    return seen
+
+
+async def banner_through_websockify(ns: str) -> str:
+    with NetworkNamespace(ns).entered():
+        sock = socket.socket()
+    sock.setblocking(False)
+    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", 6080)), 10)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        await asyncio.wait_for(websocket_upgrade(reader, writer, "127.0.0.1:6080"), 30)
+        return await asyncio.wait_for(rfb_banner(reader), 30)
+    finally:
+        writer.close()
+
+
+def test_the_desktop_starts_in_order_and_answers_rfb_through_websockify(
+        desktop: tuple[str, subprocess.Popen[str]]) -> None:
+    ns, proc = desktop
+    seen = markers_until(proc, "websockify")
+    assert list(seen) == ["xvfb", "openbox", "x11vnc", "websockify"]
+    assert seen["xvfb"]["state"] == "ready" and seen["xvfb"]["display"] == ":87"
+    assert seen["x11vnc"]["state"] == "ready" and seen["x11vnc"]["port"] == "5987"
+    assert seen["websockify"]["state"] == "ready" and seen["websockify"]["port"] == "6080"
+    assert asyncio.run(banner_through_websockify(ns)) == "RFB 003.008"
+
+
+def test_a_part_that_dies_is_reported_and_the_supervisor_exits_non_zero(
+        desktop: tuple[str, subprocess.Popen[str]]) -> None:
+    _, proc = desktop
+    seen = markers_until(proc, "websockify")
+    subprocess.run(["kill", "-KILL", seen["x11vnc"]["pid"]], check=True)
+    assert proc.stdout is not None
+    exited = next(m for m in map(parse_marker, proc.stdout) if m and m[1].get("state") == "exited")
+    assert exited[1]["service"] == "x11vnc" and exited[1]["code"] == "-9"
+    assert proc.wait(timeout=30) == 1
