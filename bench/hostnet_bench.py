@@ -65,7 +65,7 @@ class Browservm:
         return lease
 
     def teardown(self, lease: Lease) -> None:
-        self._network.remove_tap(lease)
+        self._network.remove_tap(lease.vm_id)
         self._ipam.release(lease.vm_id)
 
 

@@ -8,13 +8,14 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Network
+from pathlib import Path
 
-from browservm import __version__
+from browservm import __version__, vm_cli
 from browservm.config import Settings, load_settings
 from browservm.errors import BrowserVMError, InvalidInput
 from browservm.hostnet.host import Change, Check, HostNetwork
 from browservm.hostnet.netns import NetworkNamespace
-from browservm.images import kernel_cli
+from browservm.images import image_cli, kernel_cli
 from browservm.netplan import NetworkPlan
 from browservm.store import Store
 
@@ -30,6 +31,12 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument("--vmm-user", metavar="USER", help="user that owns the TAPs (default root)")
     common.add_argument("--guest-port", metavar="PORT", type=int, action="append", dest="guest_ports",
                         help="TCP port on the gateway that VMs may reach (repeatable)")
+    common.add_argument("--vmm", choices=("auto", "firecracker", "qemu"),
+                        help="VMM driver (default auto: Firecracker where it can run, else QEMU)")
+    common.add_argument("--kernel", metavar="VMLINUX", type=Path, help="guest kernel (default: build ours)")
+    common.add_argument("--rootfs", metavar="IMAGE", type=Path, help="golden image (default: build ours)")
+    common.add_argument("--profile", choices=("full", "minimal"), dest="image_profile",
+                        help="image to build when --rootfs is not given (default full, with Chromium)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     return common
 
@@ -48,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--force", action="store_true", help="also delete VM TAPs and release their leases")
 
     kernel_cli.add_parser(commands)
+    image_cli.add_parser(commands, common)
+    vm_cli.add_parser(commands, common)
     return parser
 
 
@@ -60,7 +69,8 @@ def _settings(args: argparse.Namespace) -> Settings:
             raise InvalidInput("subnet", args.subnet, str(exc)) from None
     return load_settings(netns=args.netns, state_dir=args.state_dir, subnet=subnet, bridge=args.bridge,
                          uplink=args.uplink, vmm_user=args.vmm_user,
-                         guest_ports=tuple(args.guest_ports) if args.guest_ports else None)
+                         guest_ports=tuple(args.guest_ports) if args.guest_ports else None,
+                         vmm=args.vmm, kernel=args.kernel, rootfs=args.rootfs, image_profile=args.image_profile)
 
 
 def _host_network(settings: Settings, store: Store) -> HostNetwork:
@@ -109,7 +119,9 @@ def _report_error(exc: BrowserVMError, as_json: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands: dict[str, Callable[[argparse.Namespace], int]] = {"host": _host, "kernel": kernel_cli.run}
+        commands: dict[str, Callable[[argparse.Namespace], int]] = {
+            "host": _host, "kernel": kernel_cli.run, "image": lambda a: image_cli.run(a, _settings(a)),
+            "vm": lambda a: vm_cli.run(a, _settings(a)), "serve": lambda a: vm_cli.run(a, _settings(a))}
         return commands[args.command](args)
     except BrowserVMError as exc:
         _report_error(exc, getattr(args, "json", False))

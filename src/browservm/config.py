@@ -26,12 +26,40 @@ class Settings(BaseSettings):
     uplink: str | None = Field(None, description="interface VMs reach the outside through (masquerade)")
     vmm_user: str = Field("root", description="user that owns the TAP devices (runs the VMM)")
     guest_ports: tuple[int, ...] = Field((), description="TCP ports on the gateway that VMs may reach")
+    vmm: str = Field("auto", description="auto (Firecracker where it can run, else QEMU), firecracker or qemu")
+    kernel: Path | None = Field(None, description="guest kernel (ELF vmlinux); default: build ours")
+    rootfs: Path | None = Field(None, description="golden root filesystem image; default: build ours")
+    image_profile: str = Field("full", description="full (with Chromium) or minimal, when building the image")
+    disk_mib: int = Field(4096, description="size of each VM's writable overlay disk")
+    max_vms: int = Field(32, ge=1, description="VMs this host runs at most")
+    max_vms_per_user: int = Field(4, ge=1, description="VMs one user may have at once")
 
     @field_validator("bridge", "uplink")
     @classmethod
     def _ifname(cls, value: str | None) -> str | None:
         if value is not None and (_IFNAME.fullmatch(value) is None or value in (".", "..")):
             raise ValueError("must be an interface name of 1-15 letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("vmm")
+    @classmethod
+    def _vmm(cls, value: str) -> str:
+        if value not in ("auto", "firecracker", "qemu"):
+            raise ValueError("must be auto, firecracker or qemu")
+        return value
+
+    @field_validator("image_profile")
+    @classmethod
+    def _profile(cls, value: str) -> str:
+        if value not in ("full", "minimal"):
+            raise ValueError("must be full or minimal")
+        return value
+
+    @field_validator("kernel", "rootfs")
+    @classmethod
+    def _existing_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file")
         return value
 
     @field_validator("netns")

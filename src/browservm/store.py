@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,13 @@ CREATE TABLE IF NOT EXISTS leases (
     mac       TEXT NOT NULL UNIQUE,
     leased_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS vms (
+    vm_id           TEXT PRIMARY KEY,
+    user            TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    holds_resources INTEGER NOT NULL,
+    data            TEXT NOT NULL
+);
 -- What `host up` created, so `host down` removes exactly that and nothing else.
 CREATE TABLE IF NOT EXISTS host_objects (
     kind       TEXT NOT NULL,
@@ -37,7 +45,7 @@ CREATE TABLE IF NOT EXISTS host_objects (
     PRIMARY KEY (kind, name)
 );
 """
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _BUSY_TIMEOUT_S = 30.0
 
 
@@ -46,7 +54,9 @@ class Store:
         self.path = path
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+            # Shared by the caller's thread and the host network's worker thread, one at a time.
+            self._db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+            self._lock = threading.RLock()
             self._db.execute("PRAGMA journal_mode=WAL")
             # In WAL mode, NORMAL keeps every commit atomic and durable across a crash of
             # the controller; only an OS crash or power loss can undo the last commits,
@@ -67,22 +77,24 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One atomic change; the write lock is taken at the start, not at the first write."""
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StateError(str(self.path), f"cannot start a transaction: {exc}") from exc
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        try:
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise StateError(str(self.path), f"cannot commit: {exc}") from exc
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StateError(str(self.path), f"cannot start a transaction: {exc}") from exc
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StateError(str(self.path), f"cannot commit: {exc}") from exc
 
     def read(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-        return self._db.execute(sql, params).fetchall()
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
 
     def claim(self, key: str, value: str) -> None:
         """Record `value` under `key`, or fail if another value is already recorded.

@@ -85,7 +85,7 @@ def test_fifty_taps_are_attached_isolated_owned_and_removed_without_leftovers(
                 data = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
                 assert link.get("master") == bridge["index"]
                 assert link["flags"] & 1, f"{lease.tap} is down"
-                assert link.get("ifalias") == f"browservm vm={lease.vm_id}"
+                assert link.get("ifalias") == f"browservm vm={lease.vm_id} owner={network.owner}"
                 assert data.get_attr("IFLA_TUN_TYPE") == 2  # a TAP, not a TUN
                 assert (data.get_attr("IFLA_TUN_OWNER"), data.get_attr("IFLA_TUN_GROUP")) == (1000, 1000)
                 port = ipr.brport("show", index=link["index"])[0]
@@ -103,8 +103,8 @@ def test_fifty_taps_are_attached_isolated_owned_and_removed_without_leftovers(
         assert any(c.piece == "taps" and c.detail.startswith("50 attached") for c in checks)
 
         for lease in leases:
-            assert network.remove_tap(lease)
-            assert not network.remove_tap(lease)  # idempotent
+            assert network.remove_tap(lease.vm_id)
+            assert not network.remove_tap(lease.vm_id)  # idempotent
             assert ipam.release(lease.vm_id) == lease
         assert [line for line in run("ip", "-o", "link", "show", "type", "tun", netns=ns).stdout.splitlines()] == []
         network.down()
@@ -162,7 +162,9 @@ def test_status_names_each_broken_piece(namespaces: Namespaces, tmp_path: Path) 
         run("ip", "addr", "flush", "dev", "br0", netns=ns)
         run("nft", "add", "rule", "inet", "browservm", "input", "accept", netns=ns)
         run("ip", "tuntap", "add", "fc-stray", "mode", "tap", netns=ns)
-        run("ip", "link", "set", "fc-stray", "alias", "browservm vm=vm-gone", netns=ns)
+        run("ip", "link", "set", "fc-stray", "alias", f"browservm vm=vm-gone owner={network.owner}", netns=ns)
+        run("ip", "tuntap", "add", "fc-theirs", "mode", "tap", netns=ns)  # another controller's: not ours
+        run("ip", "link", "set", "fc-theirs", "alias", "browservm vm=vm-gone owner=0ther000", netns=ns)
 
         result = browservm("host", "status", state=tmp_path, netns=ns)
         assert result.returncode == 1
@@ -170,6 +172,7 @@ def test_status_names_each_broken_piece(namespaces: Namespaces, tmp_path: Path) 
         assert report["bridge br0"].startswith("FAIL") and "lacks 192.168.100.1/24" in report["bridge br0"]
         assert "changed since browservm installed it" in report["nftables table"]
         assert "orphan: VM vm-gone holds no lease" in report["tap fc-stray"]
+        assert "tap fc-theirs" not in report
         assert f"VM vm-lost has no TAP {lease.tap}" in report[f"lease {lease.address.ip}"]
 
         repaired = browservm("host", "up", "--json", state=tmp_path, netns=ns)
@@ -203,9 +206,9 @@ def test_a_tap_that_exists_is_not_silently_reused_and_another_vms_tap_is_not_del
             network.add_tap(lease)
         assert excinfo.value.device == lease.tap and excinfo.value.netns == ns
         impostor = ipam.lease("vm-b")
-        run("ip", "link", "set", lease.tap, "alias", "browservm vm=vm-b", netns=ns)
+        run("ip", "link", "set", lease.tap, "alias", f"browservm vm=vm-b owner={network.owner}", netns=ns)
         with pytest.raises(HostNetworkError, match="not VM vm-a"):
-            network.remove_tap(lease)
+            network.remove_tap(lease.vm_id)
         assert impostor.tap != lease.tap
         network.down(force=True)
 

@@ -18,8 +18,9 @@ import pytest
 
 from browservm.hostnet.firewall import Nftables
 from browservm.hostnet.host import HostNetwork
-from browservm.hostnet.links import Links
+from browservm.hostnet.links import attach_port
 from browservm.hostnet.netns import NetworkNamespace
+from browservm.hostnet.rtnl import RtnlSocket
 from browservm.netplan import NetworkPlan
 from browservm.store import Store
 
@@ -55,11 +56,9 @@ def listening(netns: str, address: str, port: int) -> Iterator[None]:
 def add_guest(ctl: str, guest: str, port_name: str, address: str) -> None:
     run("ip", "link", "add", port_name, "type", "veth", "peer", "name", "eth0", "netns", guest, netns=ctl)
     with NetworkNamespace(ctl).entered():
-        links = Links(ctl)
-        port = links.get(port_name)
-        assert port is not None
-        links.attach(port.index, port.name, "br0", f"browservm vm={guest}")
-        links.close()
+        rtnl = RtnlSocket()
+        attach_port(rtnl, socket.if_nametoindex(port_name), port_name, "br0", f"browservm vm={guest}", netns=ctl)
+        rtnl.close()
     run("ip", "addr", "add", f"{address}/24", "dev", "eth0", netns=guest)
     run("ip", "link", "set", "eth0", "up", netns=guest)
     run("ip", "route", "add", "default", "via", GATEWAY, netns=guest)

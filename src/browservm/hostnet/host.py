@@ -8,18 +8,25 @@ a second `up()` reports every piece unchanged and changes nothing.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Interface
+from typing import Concatenate, ParamSpec, TypeVar
 
 from browservm.errors import HostNetworkError
 from browservm.hostnet.firewall import Nftables, normalise_listing, render_ruleset, ruleset_digest
-from browservm.hostnet.links import BRIDGE_ALIAS, Links, tap_alias
+from browservm.hostnet.links import BRIDGE_ALIAS, Links, attach_port, create_tap, tap_alias
 from browservm.hostnet.netns import NetworkNamespace
+from browservm.hostnet.rtnl import RtnlSocket
 from browservm.hostnet.sysctl import Sysctl
+from browservm.ids import names_for
 from browservm.ipam import Ipam, Lease
 from browservm.netplan import NetworkPlan, Segment
 from browservm.store import Store
@@ -69,6 +76,25 @@ class _Records:
             db.execute("DELETE FROM host_objects WHERE kind = ? AND name = ?", (kind, name))
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _confined(method: Callable[Concatenate[HostNetwork, P], R]) -> Callable[Concatenate[HostNetwork, P], R]:
+    """Run the method on the HostNetwork's own thread.
+
+    pyroute2's synchronous API drives an asyncio loop of its own, which cannot
+    run inside a caller's running loop (the VM manager's); one thread of its own
+    also keeps the netlink socket out of concurrent use.
+    """
+    def confined(self: HostNetwork, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        if threading.get_ident() == self._worker_thread:
+            return method(self, *args, **kwargs)
+        return self._worker.submit(method, self, *args, **kwargs).result()
+    functools.update_wrapper(confined, method)
+    return confined
+
+
 class HostNetwork:
     def __init__(self, plan: NetworkPlan, store: Store, netns: NetworkNamespace, *,
                  tap_owner: tuple[int, int] = (0, 0), nft: Nftables | None = None,
@@ -81,9 +107,22 @@ class HostNetwork:
         self._nft = nft or Nftables(netns=netns.name)
         self._sysctl = sysctl or Sysctl(netns=netns.name)
         self._links: Links | None = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hostnet")
+        self._worker_thread = self._worker.submit(threading.get_ident).result()
+        self._closed = False
         store.claim("netns", netns.name or "")
+        # Tags the TAPs this controller makes, so it never takes another controller's TAPs for its own.
+        self.owner = hashlib.sha256(str(store.path.resolve()).encode()).hexdigest()[:8]
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._close_links()
+        self._worker.shutdown()
+        self._closed = True
+
+    @_confined
+    def _close_links(self) -> None:
         if self._links is not None:
             self._links.close()
             self._links = None
@@ -111,6 +150,7 @@ class HostNetwork:
 
     # --- host up / status / down -------------------------------------------------
 
+    @_confined
     def up(self) -> list[Change]:
         changes: list[Change] = []
         if self.netns.name is not None:
@@ -197,6 +237,7 @@ class HostNetwork:
                           json.dumps({"digest": digest, "listing": normalise_listing(installed)}))
         return Change(piece, "created" if current is None else "updated", digest)
 
+    @_confined
     def status(self) -> list[Check]:
         checks: list[Check] = []
         if self.netns.name is not None:
@@ -251,16 +292,16 @@ class HostNetwork:
         leases = {lease.vm_id: lease for lease in self._leases()}
         bridges = {b.index: b.name for b in (links.get(n) for n in self.plan.bridges) if b is not None}
         checks = []
-        ours = [link for link in links.all() if link.owner_vm is not None]
+        ours = {link: vm_id for link in links.all() if (vm_id := link.vm_of(self.owner)) is not None}
         isolated = links.isolated_ports()
         healthy = 0
-        for link in ours:
-            lease = leases.get(str(link.owner_vm))
+        for link, vm_id in ours.items():
+            lease = leases.get(vm_id)
             problems = []
             if lease is None:
-                problems.append(f"orphan: VM {link.owner_vm} holds no lease")
+                problems.append(f"orphan: VM {vm_id} holds no lease")
             elif link.name != lease.tap:
-                problems.append(f"VM {link.owner_vm} should have TAP {lease.tap}")
+                problems.append(f"VM {vm_id} should have TAP {lease.tap}")
             elif bridges.get(link.master or -1) != lease.bridge:
                 problems.append(f"not attached to {lease.bridge}")
             if not link.up:
@@ -274,7 +315,7 @@ class HostNetwork:
                 checks.append(Check(f"tap {link.name}", False, "; ".join(problems)))
             else:
                 healthy += 1
-        with_tap = {str(link.owner_vm) for link in ours}
+        with_tap = set(ours.values())
         for vm_id, lease in leases.items():
             if vm_id not in with_tap:
                 checks.append(Check(f"lease {lease.address.ip}", False, f"VM {vm_id} has no TAP {lease.tap}"))
@@ -285,20 +326,21 @@ class HostNetwork:
     def _leases(self) -> list[Lease]:
         return Ipam(self._store, self.plan).leases()
 
+    @_confined
     def down(self, force: bool = False) -> list[Change]:
         changes: list[Change] = []
         ns_present = self.netns.exists()
         with self._inside_if(ns_present) as links:
-            taps = [link for link in links.all() if link.owner_vm is not None] if links else []
+            taps = {link: vm_id for link in (links.all() if links else []) if (vm_id := link.vm_of(self.owner))}
             leases = self._leases()
             if (leases or taps) and not force:
-                names = ", ".join(sorted({lease.vm_id for lease in leases} | {str(t.owner_vm) for t in taps}))
+                names = ", ".join(sorted({lease.vm_id for lease in leases} | set(taps.values())))
                 raise HostNetworkError("host down", f"VMs still have leases or TAPs ({names}); "
                                        "destroy them first, or pass --force", netns=self.netns.name)
-            for tap in taps:
+            for tap, vm_id in taps.items():
                 assert links is not None
                 links.delete(tap.index, tap.name)
-                changes.append(Change(f"tap {tap.name}", "removed", f"VM {tap.owner_vm}"))
+                changes.append(Change(f"tap {tap.name}", "removed", f"VM {vm_id}"))
             if leases:
                 ipam = Ipam(self._store, self.plan)
                 for lease in leases:
@@ -334,7 +376,7 @@ class HostNetwork:
                 self._sysctl.write(IP_FORWARD, previous)
                 self._records.remove("sysctl", IP_FORWARD)
                 changes.append(Change(f"sysctl {IP_FORWARD}", "updated", f"restored {previous}"))
-        self.close()
+        self._close_links()
         for name in self._records.names("netns"):
             NetworkNamespace(name).delete()
             self._records.remove("netns", name)
@@ -345,23 +387,38 @@ class HostNetwork:
     # --- one TAP per VM ------------------------------------------------------------
 
     def add_tap(self, lease: Lease) -> None:
-        """Create the VM's TAP, owned by the VMM user, as an up and isolated port of its bridge."""
-        with self._inside() as links:
-            index = links.create_tap(lease.tap, *self._tap_owner)
-            try:
-                links.attach(index, lease.tap, lease.bridge, tap_alias(lease.vm_id))
-            except BaseException:
-                links.delete(index, lease.tap)
-                raise
+        """Create the VM's TAP, owned by the VMM user, as an up and isolated port of its bridge.
 
-    def remove_tap(self, lease: Lease) -> bool:
+        In the calling thread, without pyroute2: this is on every VM's start-up path.
+        """
+        with self.netns.entered():
+            index = create_tap(lease.tap, *self._tap_owner, netns=self.netns.name)
+            rtnl = RtnlSocket()
+            try:
+                attach_port(rtnl, index, lease.tap, lease.bridge, tap_alias(lease.vm_id, self.owner),
+                            netns=self.netns.name)
+            except BaseException:
+                rtnl.delete_link(index)
+                raise
+            finally:
+                rtnl.close()
+
+    @_confined
+    def remove_tap(self, vm_id: str) -> bool:
         """Delete the VM's TAP; False if it was already gone. Never deletes a TAP another VM owns."""
+        tap = names_for(vm_id).tap
         with self._inside() as links:
-            link = links.get(lease.tap)
+            link = links.get(tap)
             if link is None:
                 return False
-            if link.owner_vm != lease.vm_id:
-                raise HostNetworkError("delete TAP", f"belongs to {link.alias or 'someone else'}, not VM {lease.vm_id}",
-                                       device=lease.tap, netns=self.netns.name)
+            if link.vm_of(self.owner) != vm_id:
+                raise HostNetworkError("delete TAP", f"belongs to {link.alias or 'someone else'}, not VM {vm_id}",
+                                       device=tap, netns=self.netns.name)
             links.delete(link.index, link.name)
             return True
+
+    @_confined
+    def owned_taps(self) -> dict[str, str]:
+        """TAP name -> VM id, for every TAP that this controller made."""
+        with self._inside() as links:
+            return {link.name: vm_id for link in links.all() if (vm_id := link.vm_of(self.owner)) is not None}

@@ -29,7 +29,7 @@ from browservm.errors import HostNetworkError
 from browservm.hostnet.rtnl import RtnlSocket
 
 BRIDGE_ALIAS = "browservm bridge"
-TAP_ALIAS_PREFIX = "browservm vm="
+TAP_ALIAS_PREFIX = "browservm vm="  # then the VM id and " owner=" the tag of the state directory
 
 _TUNSETIFF = 0x400454CA
 _TUNSETPERSIST = 0x400454CB
@@ -41,8 +41,9 @@ _IFF_TUN_EXCL = 0x8000  # fail if the name exists instead of attaching to that d
 _IFF_UP = 0x1
 
 
-def tap_alias(vm_id: str) -> str:
-    return TAP_ALIAS_PREFIX + vm_id
+def tap_alias(vm_id: str, owner: str) -> str:
+    """The alias of a VM's TAP: its VM, and which state directory (controller) created it."""
+    return f"{TAP_ALIAS_PREFIX}{vm_id} owner={owner}"
 
 
 @dataclass(frozen=True)
@@ -56,12 +57,12 @@ class LinkInfo:
     mac: str
     tap_owner: tuple[int, int] | None  # uid, gid of a TAP
 
-    @property
-    def owner_vm(self) -> str | None:
-        """The VM id in the alias of a TAP browservm made, else None."""
-        if self.alias is not None and self.alias.startswith(TAP_ALIAS_PREFIX):
-            return self.alias[len(TAP_ALIAS_PREFIX):]
-        return None
+    def vm_of(self, owner: str) -> str | None:
+        """The VM id in the alias of a TAP that the controller tagged `owner` made, else None."""
+        if self.alias is None or not self.alias.startswith(TAP_ALIAS_PREFIX):
+            return None
+        vm_id, _, tag = self.alias[len(TAP_ALIAS_PREFIX):].partition(" owner=")
+        return vm_id if tag == owner else None
 
 
 def _link_info(msg: Any) -> LinkInfo:
@@ -87,11 +88,9 @@ class Links:
     def __init__(self, netns: str | None = None) -> None:
         self._netns = netns  # for error messages only: the socket is opened in the current namespace
         self._ipr = IPRoute()
-        self._rtnl = RtnlSocket()
 
     def close(self) -> None:
         self._ipr.close()
-        self._rtnl.close()
 
     @contextmanager
     def _step(self, step: str, device: str | None) -> Iterator[None]:
@@ -138,36 +137,6 @@ class Links:
         with self._step(f"remove address {address}", link.name):
             self._ipr.addr("del", index=link.index, address=str(address.ip), prefixlen=address.network.prefixlen)
 
-    def create_tap(self, name: str, uid: int, gid: int) -> int:
-        """A persistent TAP owned by uid:gid, so an unprivileged VMM can open it; returns its index."""
-        request = struct.pack("16sH22x", name.encode("ascii"), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR | _IFF_TUN_EXCL)
-        with self._step("create TAP", name):
-            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-            try:
-                try:
-                    fcntl.ioctl(fd, _TUNSETIFF, request)
-                except OSError as exc:
-                    if exc.errno == errno.EBUSY:
-                        raise HostNetworkError("create TAP", "a link with this name already exists",
-                                               device=name, netns=self._netns) from None
-                    raise
-                fcntl.ioctl(fd, _TUNSETOWNER, uid)
-                fcntl.ioctl(fd, _TUNSETGROUP, gid)
-                fcntl.ioctl(fd, _TUNSETPERSIST, 1)
-            finally:
-                os.close(fd)  # before TUNSETPERSIST succeeded, closing removes the device
-            return socket.if_nametoindex(name)
-
-    def attach(self, index: int, name: str, bridge: str, alias: str) -> None:
-        """Make link `index` an up, isolated port of `bridge`: isolated ports cannot talk to each other."""
-        try:
-            bridge_index = socket.if_nametoindex(bridge)
-        except OSError:
-            raise HostNetworkError(f"attach to {bridge}", f"bridge {bridge} does not exist; run `browservm host up`",
-                                   device=name, netns=self._netns) from None
-        with self._step(f"attach to {bridge}", name):
-            self._rtnl.make_isolated_port(index, bridge_index, alias)
-
     def isolated_ports(self) -> set[int]:
         """Indexes of the bridge ports that are isolated from each other."""
         with self._step("list bridge ports", None):
@@ -187,3 +156,38 @@ class Links:
         if link is None:
             raise HostNetworkError("look up link", "was created but is not there", device=name, netns=self._netns)
         return link
+
+
+def create_tap(name: str, uid: int, gid: int, netns: str | None) -> int:
+    """A persistent TAP owned by uid:gid, so an unprivileged VMM can open it; returns its index.
+
+    Acts in the namespace of the calling thread. Here and in `attach_port`, the
+    per-VM path avoids pyroute2 (see rtnl.py).
+    """
+    request = struct.pack("16sH22x", name.encode("ascii"), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR | _IFF_TUN_EXCL)
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, _TUNSETIFF, request)
+            fcntl.ioctl(fd, _TUNSETOWNER, uid)
+            fcntl.ioctl(fd, _TUNSETGROUP, gid)
+            fcntl.ioctl(fd, _TUNSETPERSIST, 1)
+        finally:
+            os.close(fd)  # before TUNSETPERSIST succeeded, closing removes the device
+        return socket.if_nametoindex(name)
+    except OSError as exc:
+        reason = "a link with this name already exists" if exc.errno == errno.EBUSY else exc.strerror or str(exc)
+        raise HostNetworkError("create TAP", reason, device=name, netns=netns) from None
+
+
+def attach_port(rtnl: RtnlSocket, index: int, name: str, bridge: str, alias: str, *, netns: str | None) -> None:
+    """Make link `index` an up, isolated port of `bridge`: isolated ports cannot talk to each other."""
+    try:
+        bridge_index = socket.if_nametoindex(bridge)
+    except OSError:
+        raise HostNetworkError(f"attach to {bridge}", f"bridge {bridge} does not exist; run `browservm host up`",
+                               device=name, netns=netns) from None
+    try:
+        rtnl.make_isolated_port(index, bridge_index, alias)
+    except OSError as exc:
+        raise HostNetworkError(f"attach to {bridge}", exc.strerror or str(exc), device=name, netns=netns) from exc

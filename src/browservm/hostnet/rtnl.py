@@ -14,6 +14,7 @@ import socket
 import struct
 
 _RTM_NEWLINK = 16
+_RTM_DELLINK = 17
 _RTM_SETLINK = 19
 _NLMSG_ERROR = 2
 _NLM_F_REQUEST = 0x1
@@ -63,6 +64,9 @@ class RtnlSocket:
         isolate = self._message(_RTM_SETLINK, _AF_BRIDGE, index,
                                 _attr(_IFLA_PROTINFO | _NLA_F_NESTED, _attr(_IFLA_BRPORT_ISOLATED, b"\x01")))
         self._send_and_wait(join + isolate, {self._sequence - 1, self._sequence})
+
+    def delete_link(self, index: int) -> None:
+        self._send_and_wait(self._message(_RTM_DELLINK, _AF_UNSPEC, index, b""), {self._sequence})
 
     def _send_and_wait(self, data: bytes, pending: set[int]) -> None:
         self._sock.sendall(data)

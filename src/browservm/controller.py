@@ -1,0 +1,69 @@
+"""Putting the parts together from settings: the one place that knows how they connect."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from browservm.config import Settings
+from browservm.hostnet.host import HostNetwork
+from browservm.hostnet.netns import NetworkNamespace
+from browservm.images.disk import DiskTemplates
+from browservm.images.kernel_build import WITH_IP_PNP, Fragment, KernelBuilder, KernelCache, KernelSource
+from browservm.images.rootfs import RootfsBuilder
+from browservm.ipam import Ipam
+from browservm.manager import Deadlines, Images, Limits, VMManager
+from browservm.netplan import NetworkPlan
+from browservm.progress import Progress, cache_dir
+from browservm.runner import CommandRunner
+from browservm.store import Store
+from browservm.vmm.driver import choose_driver
+from browservm.vmrecords import VmRecords
+
+
+def plan_for(settings: Settings) -> NetworkPlan:
+    return NetworkPlan.build(settings.subnet, settings.bridge, settings.uplink, settings.guest_ports)
+
+
+def resolve_images(settings: Settings, progress: Progress) -> Images:
+    """The kernel, golden image and disk template to boot: given in settings, or built (and cached) now."""
+    runner = CommandRunner()
+    kernel = settings.kernel
+    if kernel is None:
+        builder = KernelBuilder(KernelCache(cache_dir("kernels")), KernelSource.installed(runner),
+                                Fragment.packaged(), runner, progress, jobs=os.cpu_count() or 1)
+        kernel = builder.build(WITH_IP_PNP).vmlinux
+    rootfs = settings.rootfs or RootfsBuilder(runner, progress).build(settings.image_profile).path
+    template = DiskTemplates(runner, progress).template(settings.disk_mib)
+    return Images(kernel=kernel, rootfs=rootfs, disk_template=template)
+
+
+@dataclass
+class Controller:
+    settings: Settings
+    store: Store
+    network: HostNetwork
+    manager: VMManager
+
+
+@contextmanager
+def open_controller(settings: Settings, progress: Progress | None = None,
+                    deadlines: Deadlines | None = None) -> Iterator[Controller]:
+    progress = progress or Progress()
+    plan = plan_for(settings)
+    with Store(settings.database) as store, \
+            HostNetwork(plan, store, NetworkNamespace(settings.netns), tap_owner=settings.vmm_ids) as network:
+        manager = VMManager(
+            records=VmRecords(store), ipam=Ipam(store, plan), network=network,
+            driver=choose_driver(settings.vmm), images=lambda: resolve_images(settings, progress),
+            vm_root=settings.state_dir / "vms",
+            limits=Limits(max_vms=settings.max_vms, max_vms_per_user=settings.max_vms_per_user),
+            deadlines=deadlines)
+        yield Controller(settings, store, network, manager)
+
+
+def vm_root(settings: Settings) -> Path:
+    return settings.state_dir / "vms"

@@ -1,0 +1,54 @@
+"""Waiting for a directory to change, woken by the kernel (inotify) instead of a timer."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+from pathlib import Path
+from types import TracebackType
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_IN_MODIFY = 0x2
+_IN_MOVED_TO = 0x80
+_IN_CREATE = 0x100
+_IN_DELETE = 0x200
+
+
+class DirectoryWatch:
+    """`async with DirectoryWatch(d) as watch: await watch.changed(timeout)` - True when a file in d changed."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self._fd = -1
+        self._event = asyncio.Event()
+
+    async def __aenter__(self) -> DirectoryWatch:
+        self._fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        mask = _IN_MODIFY | _IN_CREATE | _IN_MOVED_TO | _IN_DELETE
+        if _libc.inotify_add_watch(self._fd, os.fsencode(self._directory), mask) < 0:
+            code = ctypes.get_errno()
+            os.close(self._fd)
+            raise OSError(code, f"cannot watch {self._directory}: {os.strerror(code)}")
+        asyncio.get_running_loop().add_reader(self._fd, self._event.set)
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        asyncio.get_running_loop().remove_reader(self._fd)
+        os.close(self._fd)
+
+    async def changed(self, timeout: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except TimeoutError:
+            return False
+        self._event.clear()
+        try:
+            while os.read(self._fd, 65536):
+                pass
+        except BlockingIOError:
+            pass
+        return True

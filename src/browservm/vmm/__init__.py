@@ -1,0 +1,1 @@
+"""VMM drivers: one small interface, a Firecracker and a QEMU microvm implementation."""

@@ -1,0 +1,116 @@
+"""Everything browservm sends to Firecracker, validated against Firecracker's own API specification.
+
+The specification (swagger 2.0) lets unknown properties through; here every
+object is made strict, so a misspelt key such as "iface-id" fails the test
+instead of being silently ignored by Firecracker.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+from typing import Any
+
+import jsonschema  # type: ignore[import-untyped]
+import pytest
+import yaml  # type: ignore[import-untyped]
+
+from browservm.bootargs import BootArgs, IpConfig, build_boot_args, ip_config_from_cmdline
+from browservm.ids import names_for
+from browservm.vmm.firecracker import (
+    JailerOptions,
+    ctrl_alt_del_request,
+    firecracker_argv,
+    firecracker_config,
+    jailer_argv,
+)
+from browservm.vmm.spec import VmSpec
+
+# Firecracker's specification is reference data kept beside the repository, never copied into it.
+SPEC_PATH = Path(os.environ.get("BROWSERVM_FIRECRACKER_SPEC")
+                 or Path(__file__).resolve().parents[3] / "shared" / "firecracker" / "firecracker.yaml")
+pytestmark = pytest.mark.skipif(not SPEC_PATH.exists(), reason=f"Firecracker's API specification not at {SPEC_PATH}")
+
+
+def strict(node: Any) -> Any:
+    if isinstance(node, dict):
+        node = {key: strict(value) for key, value in node.items()}
+        if node.get("type") == "object" and "properties" in node:
+            node.setdefault("additionalProperties", False)
+        return node
+    if isinstance(node, list):
+        return [strict(item) for item in node]
+    return node
+
+
+@pytest.fixture(scope="module")
+def definitions() -> dict[str, Any]:
+    spec = yaml.safe_load(SPEC_PATH.read_text())
+    return strict(copy.deepcopy(spec["definitions"]))  # type: ignore[no-any-return]
+
+
+def validate(definitions: dict[str, Any], name: str, document: object) -> None:
+    jsonschema.validate(document, {"$ref": f"#/definitions/{name}", "definitions": definitions})
+
+
+def spec_for(vm_id: str, tmp_path: Path, overlay: bool = True) -> VmSpec:
+    names = names_for(vm_id)
+    ip = IpConfig.static(IPv4Interface("192.168.100.7/24"), IPv4Address("192.168.100.1"), hostname=vm_id)
+    return VmSpec(vm_id=vm_id, vcpus=2, mem_mib=1024, kernel=tmp_path / "vmlinux", rootfs=tmp_path / "rootfs.ext4",
+                  overlay=tmp_path / "overlay.ext4" if overlay else None, boot_args=build_boot_args(BootArgs(ip=ip)),
+                  tap=names.tap, mac=names.mac, directory=tmp_path)
+
+
+@pytest.mark.parametrize("overlay", [True, False])
+def test_the_generated_config_is_valid_firecracker_configuration(
+        definitions: dict[str, Any], tmp_path: Path, overlay: bool) -> None:
+    validate(definitions, "FullVmConfiguration", firecracker_config(spec_for("vm-abc", tmp_path, overlay)))
+
+
+def test_the_interface_is_the_vms_own_tap_never_a_fixed_name(tmp_path: Path) -> None:
+    spec = spec_for("vm-6d83ddf4-8a5c-4185-b071-4b9c7ca4694b", tmp_path)
+    (iface,) = firecracker_config(spec)["network-interfaces"]
+    assert iface == {"iface_id": spec.tap, "host_dev_name": spec.tap, "guest_mac": spec.mac}
+    assert iface["iface_id"] != "eth0"
+
+
+def test_the_boot_args_are_the_whole_line_with_the_vms_address(tmp_path: Path) -> None:
+    spec = spec_for("vm-abc", tmp_path)
+    boot = firecracker_config(spec)["boot-source"]
+    assert "console=ttyS0" in boot["boot_args"].split() and "reboot=k" in boot["boot_args"].split()
+    cfg = ip_config_from_cmdline(boot["boot_args"])
+    assert cfg is not None and str(cfg.client) == "192.168.100.7"
+
+
+def test_the_root_drive_is_shared_read_only_and_the_overlay_is_writable(tmp_path: Path) -> None:
+    root, overlay = firecracker_config(spec_for("vm-abc", tmp_path))["drives"]
+    assert root["is_root_device"] and root["is_read_only"]
+    assert not overlay["is_root_device"] and not overlay["is_read_only"]
+
+
+def test_the_graceful_stop_request_is_a_valid_action(definitions: dict[str, Any]) -> None:
+    validate(definitions, "InstanceActionInfo", ctrl_alt_del_request())
+
+
+def test_a_misspelt_key_would_be_caught(definitions: dict[str, Any], tmp_path: Path) -> None:
+    config = firecracker_config(spec_for("vm-abc", tmp_path))
+    config["network-interfaces"][0]["iface-id"] = config["network-interfaces"][0].pop("iface_id")
+    with pytest.raises(jsonschema.ValidationError):
+        validate(definitions, "FullVmConfiguration", config)
+
+
+def test_argv_and_jailer_argv(tmp_path: Path) -> None:
+    spec = spec_for("vm-abc", tmp_path)
+    argv = firecracker_argv(spec, tmp_path / "vm-config.json", firecracker="/usr/bin/firecracker")
+    assert argv == ["/usr/bin/firecracker", "--id", "vm-abc", "--api-sock", str(spec.control_socket),
+                    "--config-file", str(tmp_path / "vm-config.json")]
+    jailed = jailer_argv(spec, JailerOptions(uid=900, gid=900, chroot_base=tmp_path / "jail",
+                                             netns_path="/run/netns/browservm", cpu_quota_percent=50,
+                                             memory_max_mib=1100), firecracker="/usr/bin/firecracker")
+    assert jailed[jailed.index("--uid") + 1] == "900"
+    assert jailed[jailed.index("--netns") + 1] == "/run/netns/browservm"
+    assert "cpu.max=100000 100000" in jailed and f"memory.max={1100 * 2**20}" in jailed
+    inner = jailed[jailed.index("--") + 1:]
+    assert inner == ["--api-sock", "/run/firecracker.sock", "--config-file", "/vm-config.json"]
