@@ -114,7 +114,8 @@ class VMManager:
         self._vm_root = vm_root
         self._limits = limits or Limits()
         self._deadlines = deadlines or Deadlines()
-        self._watched: dict[str, tuple[VmmProcess, asyncio.Future[None]]] = {}
+        self._watched: dict[str, _ExitWatch] = {}
+        self.on_failure: Callable[[VmRecord], None] | None = None  # told once a dead VM is marked and released
 
     # --- create --------------------------------------------------------------------------
 
@@ -196,11 +197,11 @@ class VMManager:
         self._records.save(record)
         done("vmm.spawn")
 
-        exited = _exit_future(vmm)
+        exited = _ExitWatch(vmm)
         try:
-            await self._readiness(record, spec, exited, done)
+            await self._readiness(record, spec, exited.future, done)
         finally:
-            exited.cancel()
+            exited.close()
         record.state = transition(record.vm_id, record.state, VmState.READY)
         self._records.save(record)
         self.watch(record)
@@ -248,7 +249,7 @@ class VMManager:
         if keep_failed:
             undo.pop_all()
         else:
-            undo.close()  # in this thread: the host network's netlink socket is not shared across threads
+            await asyncio.to_thread(undo.close)
             record.holds_resources = False
             record.pid = record.pid_start_time = None
         self._records.save(record)
@@ -275,17 +276,19 @@ class VMManager:
 
     def watch(self, record: VmRecord) -> None:
         """Mark the VM failed, with its console tail, the moment its VMM exits."""
-        if record.pid is None or record.pid_start_time is None or record.vm_id in self._watched:
+        watched = self._watched.get(record.vm_id)
+        if watched is not None and not watched.future.get_loop().is_closed():
             return
-        vmm = VmmProcess(record.pid, record.pid_start_time)
-        exited = _exit_future(vmm)
-        self._watched[record.vm_id] = (vmm, exited)
-        exited.add_done_callback(lambda future: self._on_exit(record.vm_id, future))
+        if record.pid is None or record.pid_start_time is None:
+            return
+        watch = _ExitWatch(VmmProcess(record.pid, record.pid_start_time))
+        self._watched[record.vm_id] = watch
+        watch.future.add_done_callback(lambda future: self._on_exit(record.vm_id, future))
 
     def _on_exit(self, vm_id: str, future: asyncio.Future[None]) -> None:
-        self._watched.pop(vm_id, None)
         if future.cancelled():
             return
+        self._watched.pop(vm_id, None)
         record = self._records.get(vm_id)
         if record is None or record.state not in (VmState.BOOTING, VmState.READY):
             return
@@ -302,6 +305,8 @@ class VMManager:
         record.holds_resources = False
         record.pid = record.pid_start_time = None
         self._records.save(record)
+        if self.on_failure is not None:
+            self.on_failure(record)
 
     # --- destroy and reconcile -----------------------------------------------------------
 
@@ -313,7 +318,7 @@ class VMManager:
             return False
         watched = self._watched.pop(vm_id, None)
         if watched is not None:
-            watched[1].cancel()
+            watched.close()
         record.state = transition(vm_id, record.state, VmState.DESTROYING)
         self._records.save(record)
         await self._release(record)
@@ -409,31 +414,40 @@ def _vmm_processes_under(vm_root: Path) -> dict[VmmProcess, str]:
     return found
 
 
-def _exit_future(vmm: VmmProcess) -> asyncio.Future[None]:
-    """A future that completes when the process exits (its pidfd becomes readable)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[None] = loop.create_future()
-    try:
-        pidfd = os.pidfd_open(vmm.pid)
-    except ProcessLookupError:
-        future.set_result(None)
-        return future
-    if not process.alive(vmm):
-        os.close(pidfd)
-        future.set_result(None)
-        return future
+class _ExitWatch:
+    """A future that completes when a process exits (its pidfd becomes readable).
 
-    def readable() -> None:
-        if not future.done():
-            future.set_result(None)
+    Bound to the event loop that made it; `close` is safe after that loop has ended.
+    """
 
-    def cleanup(_: asyncio.Future[None]) -> None:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
+    def __init__(self, vmm: VmmProcess) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[None] = self._loop.create_future()
+        self._pidfd: int | None = None
+        try:
+            self._pidfd = os.pidfd_open(vmm.pid)
+        except ProcessLookupError:
+            self.future.set_result(None)
+            return
+        if not process.alive(vmm):  # exited, or the PID reused, before the pidfd was opened
+            self.future.set_result(None)
+            return
+        self._loop.add_reader(self._pidfd, self._exited)
 
-    loop.add_reader(pidfd, readable)
-    future.add_done_callback(cleanup)
-    return future
+    def _exited(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+        self.close()
+
+    def close(self) -> None:
+        if self._pidfd is None:
+            return
+        if not self._loop.is_closed():
+            self._loop.remove_reader(self._pidfd)
+            if not self.future.done():
+                self.future.cancel()
+        os.close(self._pidfd)
+        self._pidfd = None
 
 
 async def _race(hop: str, work: Awaitable[T], timeout: float, exited: asyncio.Future[None]) -> T:

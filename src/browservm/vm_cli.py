@@ -152,6 +152,9 @@ def _remove(controller: Controller, args: argparse.Namespace) -> int:
 async def _serve(controller: Controller) -> int:
     """Reconcile, then watch: a VM whose VMM exits is marked failed at once, with its console tail."""
     manager = controller.manager
+    manager.on_failure = lambda record: print(
+        f"{record.vm_id}: failed at {record.failure.hop if record.failure else '?'}: "
+        f"{record.failure.reason if record.failure else ''}", flush=True)
     for action in await manager.reconcile():
         print(f"reconcile: {action}", flush=True)
     stop = asyncio.Event()

@@ -7,16 +7,35 @@ addresses, routes, nftables ruleset and forwarding must be exactly as they were.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import json
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from browservm.config import Settings, load_settings
+from browservm.controller import Controller, open_controller
 from browservm.hostnet.netns import NetworkNamespace
+from browservm.images.kernel_build import (
+    WITH_IP_PNP,
+    WITHOUT_IP_PNP,
+    BuiltKernel,
+    Fragment,
+    KernelBuilder,
+    KernelCache,
+    KernelSource,
+    default_cache_dir,
+)
+from browservm.images.rootfs import RootfsBuilder, RootfsImage
+from browservm.manager import Deadlines
+from browservm.progress import Progress
+from browservm.runner import CommandRunner
 
 _counter = itertools.count()
 
@@ -79,3 +98,82 @@ def namespaces() -> Iterator[Namespaces]:
         spaces.cleanup()
         leftovers = [n for n in spaces.names if NetworkNamespace(n).exists()]
         assert not leftovers, f"namespaces left behind: {leftovers}"
+
+
+# --- built artefacts, once per session and cached by content across sessions ---------------
+
+@pytest.fixture(scope="session")
+def builder() -> KernelBuilder:
+    runner = CommandRunner()
+    return KernelBuilder(KernelCache(default_cache_dir()), KernelSource.installed(runner), Fragment.packaged(),
+                         runner, Progress(), jobs=os.cpu_count() or 1)
+
+
+@pytest.fixture(scope="session")
+def built(builder: KernelBuilder) -> dict[str, BuiltKernel]:
+    """Our kernel with and without CONFIG_IP_PNP: ~5 minutes the first time on 2 cores, then cached."""
+    return {variant.name: builder.build(variant) for variant in (WITH_IP_PNP, WITHOUT_IP_PNP)}
+
+
+@pytest.fixture(scope="session")
+def minimal_image() -> RootfsImage:
+    """The golden image without Chromium: about a minute the first time, then cached."""
+    return RootfsBuilder(CommandRunner(), Progress()).build("minimal")
+
+
+# --- a controller in a namespace of its own, with real guests under QEMU --------------------
+
+class Controllers:
+    """Opens controllers on a throwaway namespace and state directory; at the end destroys every VM,
+    kills any VMM left under the state directory, and takes the host network down."""
+
+    def __init__(self, namespaces: Namespaces, state_dir: Path, kernel: Path, rootfs: Path) -> None:
+        self.netns = namespaces.name("vms")
+        self.state_dir = state_dir
+        self.kernel = kernel
+        self.rootfs = rootfs
+        self._stack = contextlib.ExitStack()
+
+    def settings(self, kernel: Path | None = None) -> Settings:
+        return load_settings(netns=self.netns, state_dir=self.state_dir, kernel=kernel or self.kernel,
+                             rootfs=self.rootfs, vmm="qemu", max_vms_per_user=8)
+
+    def open(self, kernel: Path | None = None, deadlines: Deadlines | None = None) -> Controller:
+        controller = self._stack.enter_context(open_controller(self.settings(kernel), deadlines=deadlines))
+        controller.network.up()
+        return controller
+
+    def cleanup(self) -> None:
+        try:
+            with open_controller(self.settings()) as controller:
+                for record in controller.manager.all():
+                    asyncio.run(controller.manager.destroy(record.vm_id))
+                controller.network.down(force=True)
+        finally:
+            for pid in vmm_pids_under(self.state_dir):
+                os.kill(pid, signal.SIGKILL)
+            self._stack.close()
+
+
+def vmm_pids_under(state_dir: Path) -> list[int]:
+    """QEMU processes started for VMs of this state directory (their command line names it)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-system" in cmdline and str(state_dir).encode() in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture
+def controllers(namespaces: Namespaces, tmp_path: Path, built: dict[str, BuiltKernel],
+                minimal_image: RootfsImage) -> Iterator[Controllers]:
+    spaces = Controllers(namespaces, tmp_path / "state", built[WITH_IP_PNP.name].vmlinux, minimal_image.path)
+    try:
+        yield spaces
+    finally:
+        spaces.cleanup()

@@ -7,7 +7,6 @@ variant relinks in seconds; later runs find both in ~/.cache/browservm/kernels.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -31,24 +30,12 @@ from browservm.images.kernel_bzimage import PayloadDecompressor
 from browservm.images.kernel_config import KernelConfig
 from browservm.images.kernel_image import ELF, read_kernel_image
 from browservm.images.kernel_inspect import CONFIG, IGNORES_IP, NOT_BUILT_IN, OPTIONS, inspect_kernel
-from browservm.progress import Progress
 from browservm.runner import CommandRunner
 
 pytestmark = pytest.mark.kernel
 
 RUNNER = CommandRunner()
 VARIANTS = (WITH_IP_PNP, WITHOUT_IP_PNP)
-
-
-@pytest.fixture(scope="session")
-def builder() -> KernelBuilder:
-    return KernelBuilder(KernelCache(default_cache_dir()), KernelSource.installed(RUNNER), Fragment.packaged(),
-                         RUNNER, Progress(), jobs=os.cpu_count() or 1)
-
-
-@pytest.fixture(scope="session")
-def built(builder: KernelBuilder) -> dict[str, BuiltKernel]:
-    return {variant.name: builder.build(variant) for variant in VARIANTS}
 
 
 @pytest.mark.parametrize("variant", [v.name for v in VARIANTS])

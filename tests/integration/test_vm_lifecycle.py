@@ -1,0 +1,130 @@
+"""The VM lifecycle with real guests under QEMU, each test in namespaces of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from browservm.ipam import Ipam
+from browservm.readiness import desktop_banner
+from browservm.vmrecords import VmRecord
+from browservm.vmstate import VmState
+
+from .conftest import Controllers, run, vmm_pids_under
+
+pytestmark = [pytest.mark.host, pytest.mark.vm]
+
+
+def leftovers(controllers: Controllers) -> dict[str, list[Any]]:
+    """Everything a VM could leave behind, as seen by the kernel and the file system."""
+    vms = controllers.state_dir / "vms"
+    return {
+        "taps": run("ip", "-o", "link", "show", "type", "tun", netns=controllers.netns).stdout.splitlines(),
+        "vmm processes": vmm_pids_under(controllers.state_dir),
+        "vm directories": sorted(p.name for p in vms.iterdir()) if vms.exists() else [],
+    }
+
+
+def test_three_vms_created_at_once_all_pass_every_hop_and_leave_nothing_behind(controllers: Controllers) -> None:
+    controller = controllers.open()
+    manager = controller.manager
+    nft_before = run("nft", "-j", "list", "table", "inet", "browservm", netns=controllers.netns).stdout
+
+    async def three() -> list[VmRecord]:
+        return await asyncio.gather(*(manager.create(user=f"user{i}") for i in range(3)))
+
+    records = asyncio.run(three())
+    assert [r.state for r in records] == [VmState.READY] * 3, [r.failure for r in records]
+    assert len({r.address for r in records}) == len({r.tap for r in records}) == len({r.mac for r in records}) == 3
+    for record in records:
+        assert list(record.stages)[-1] == "rfb.banner"
+        assert record.pid is not None and Path(f"/proc/{record.pid}").exists()
+
+    for record in records:
+        assert asyncio.run(manager.destroy(record.vm_id))
+        assert not asyncio.run(manager.destroy(record.vm_id))  # idempotent
+    assert leftovers(controllers) == {"taps": [], "vmm processes": [], "vm directories": []}
+    assert manager.all() == []
+    assert Ipam(controller.store, controller.network.plan).leases() == []
+    assert run("nft", "-j", "list", "table", "inet", "browservm", netns=controllers.netns).stdout == nft_before
+
+
+def test_a_vmm_killed_with_sigkill_is_noticed_within_two_seconds_with_its_console_tail(
+        controllers: Controllers) -> None:
+    manager = controllers.open().manager
+
+    async def kill_and_wait() -> tuple[VmRecord, float]:
+        record = await manager.create()
+        assert record.state == VmState.READY, record.failure
+        noticed: asyncio.Future[VmRecord] = asyncio.get_running_loop().create_future()
+        manager.on_failure = noticed.set_result
+        assert record.pid is not None
+        killed_at = time.monotonic()
+        os.kill(record.pid, signal.SIGKILL)
+        failed = await asyncio.wait_for(noticed, 2.0)
+        return failed, time.monotonic() - killed_at
+
+    failed, delay = asyncio.run(kill_and_wait())
+    assert delay < 2.0
+    assert failed.state == VmState.FAILED and failed.failure is not None and failed.failure.hop == "vmm"
+    assert any("browservm-ready: service=websockify" in line for line in failed.failure.evidence)
+    stored = manager.get(failed.vm_id)
+    assert stored is not None and stored.state == VmState.FAILED and not stored.holds_resources
+    assert leftovers(controllers)["taps"] == []
+
+
+def browservm(controllers: Controllers, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "browservm", *args, "--netns", controllers.netns,
+                           "--state-dir", str(controllers.state_dir), "--kernel", str(controllers.kernel),
+                           "--rootfs", str(controllers.rootfs), "--vmm", "qemu", "--json"],
+                          capture_output=True, text=True, timeout=900, check=False)
+
+
+def test_a_restarted_controller_finds_its_vms_and_cleans_up_the_one_that_died_meanwhile(
+        controllers: Controllers) -> None:
+    # Two VMs, each created by a controller process that has exited since; a serving controller killed -9.
+    created = [browservm(controllers, "vm", "create") for _ in range(2)]
+    assert [c.returncode for c in created] == [0, 0], [c.stderr[-2000:] for c in created]
+    survivor, victim = (json.loads(c.stdout) for c in created)
+    serving = subprocess.Popen([sys.executable, "-m", "browservm", "serve", "--netns", controllers.netns,
+                                "--state-dir", str(controllers.state_dir), "--kernel", str(controllers.kernel),
+                                "--rootfs", str(controllers.rootfs), "--vmm", "qemu"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert serving.stdout is not None
+    assert "serve: watching 2 VM(s)" in next(line for line in serving.stdout if line.startswith("serve:"))
+    serving.kill()
+    serving.wait(timeout=30)
+    os.kill(victim["pid"], signal.SIGKILL)  # "destroyed" while no controller runs
+
+    controller = controllers.open()
+    manager = controller.manager
+    actions = asyncio.run(manager.reconcile())
+    assert f"{survivor['vm_id']}: VMM {survivor['pid']} alive, watching" in actions
+    assert f"{victim['vm_id']}: VMM gone, marked failed and released" in actions
+
+    alive = manager.get(survivor["vm_id"])
+    assert alive is not None and alive.state == VmState.READY and alive.pid == survivor["pid"]
+    address = IPv4Address(survivor["address"].split("/")[0])
+    banner = asyncio.run(desktop_banner(controller.network.netns, address, 6080, 30))
+    assert banner == "RFB 003.008"  # still usable
+
+    dead = manager.get(victim["vm_id"])
+    assert dead is not None and dead.state == VmState.FAILED and not dead.holds_resources
+    assert leftovers(controllers)["vm directories"] == [survivor["vm_id"]]
+    assert [line.split(":")[1].strip().split("@")[0] for line in leftovers(controllers)["taps"]] == [alive.tap]
+    leases = Ipam(controller.store, controller.network.plan).leases()
+    assert [lease.vm_id for lease in leases] == [survivor["vm_id"]]
+
+    listed = json.loads(browservm(controllers, "vm", "ls").stdout)
+    assert {(v["vm_id"], v["state"], v["vmm_alive"]) for v in listed} == {
+        (survivor["vm_id"], "ready", True), (victim["vm_id"], "failed", False)}
