@@ -25,16 +25,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from browservm import readiness
 from browservm.bootargs import BootArgs, IpConfig, build_boot_args
 from browservm.console import ConsoleLog
 from browservm.errors import BrowserVMError, InvalidInput, ProbeFailed, VmmError
-from browservm.hostnet.host import HostNetwork
+from browservm.hostnet.netns import NetworkNamespace
 from browservm.ids import new_vm_id, validate_vm_id
 from browservm.images.disk import clone_sparse
-from browservm.ipam import Ipam
+from browservm.ipam import Ipam, Lease
 from browservm.markers import parse_marker
 from browservm.vmm import process
 from browservm.vmm.driver import VmmDriver
@@ -94,6 +94,18 @@ class Limits:
 StageCallback = Callable[[str, float], None]
 
 
+class VmNetwork(Protocol):
+    """What the manager needs of the host network (HostNetwork is the real one)."""
+
+    netns: NetworkNamespace
+
+    def add_tap(self, lease: Lease) -> None: ...
+
+    def remove_tap(self, vm_id: str) -> bool: ...
+
+    def owned_taps(self) -> dict[str, str]: ...
+
+
 class _HopFailed(Exception):
     def __init__(self, hop: str, reason: str) -> None:
         super().__init__(reason)
@@ -102,7 +114,7 @@ class _HopFailed(Exception):
 
 
 class VMManager:
-    def __init__(self, *, records: VmRecords, ipam: Ipam, network: HostNetwork, driver: VmmDriver,
+    def __init__(self, *, records: VmRecords, ipam: Ipam, network: VmNetwork, driver: VmmDriver,
                  images: Callable[[], Images], vm_root: Path, limits: Limits | None = None,
                  deadlines: Deadlines | None = None) -> None:
         self._records = records
