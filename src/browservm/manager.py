@@ -136,6 +136,7 @@ class VMManager:
                      on_stage: StageCallback | None = None) -> VmRecord:
         """Boot a VM and return once its desktop answers, or its record says which hop failed."""
         self._check_request(user, vcpus, mem_mib)
+        build_boot_args(BootArgs(ip=None, extra=extra_boot_args))  # bad extra words: refused before allocating
         if self._images is None:
             self._images = self._images_source()
         vm_id = new_vm_id()
