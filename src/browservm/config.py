@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     kernel: Path | None = Field(None, description="guest kernel (ELF vmlinux); default: build ours")
     rootfs: Path | None = Field(None, description="golden root filesystem image; default: build ours")
     image_profile: str = Field("full", description="full (with Chromium) or minimal, when building the image")
+    jailer: bool = Field(False, description="run Firecracker through its jailer, as vmm_user, in a chroot")
     disk_mib: int = Field(4096, description="size of each VM's writable overlay disk")
     max_vms: int = Field(32, ge=1, description="VMs this host runs at most")
     max_vms_per_user: int = Field(4, ge=1, description="VMs one user may have at once")

@@ -6,7 +6,6 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from browservm.config import Settings
 from browservm.hostnet.host import HostNetwork
@@ -21,6 +20,7 @@ from browservm.progress import Progress, cache_dir
 from browservm.runner import CommandRunner
 from browservm.store import Store
 from browservm.vmm.driver import choose_driver
+from browservm.vmm.firecracker import JailerOptions
 from browservm.vmrecords import VmRecords
 
 
@@ -58,12 +58,17 @@ def open_controller(settings: Settings, progress: Progress | None = None,
             HostNetwork(plan, store, NetworkNamespace(settings.netns), tap_owner=settings.vmm_ids) as network:
         manager = VMManager(
             records=VmRecords(store), ipam=Ipam(store, plan), network=network,
-            driver=choose_driver(settings.vmm), images=lambda: resolve_images(settings, progress),
+            driver=choose_driver(settings.vmm, jailer=jailer_options(settings)),
+            images=lambda: resolve_images(settings, progress),
             vm_root=settings.state_dir / "vms",
             limits=Limits(max_vms=settings.max_vms, max_vms_per_user=settings.max_vms_per_user),
             deadlines=deadlines)
         yield Controller(settings, store, network, manager)
 
 
-def vm_root(settings: Settings) -> Path:
-    return settings.state_dir / "vms"
+def jailer_options(settings: Settings) -> JailerOptions | None:
+    if not settings.jailer:
+        return None
+    uid, gid = settings.vmm_ids
+    # Beside the state directory: hard links into the jail need the images on the same file system.
+    return JailerOptions(uid=uid, gid=gid, chroot_base=settings.state_dir / "jail")

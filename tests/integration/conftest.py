@@ -134,12 +134,12 @@ class Controllers:
         self.rootfs = rootfs
         self._stack = contextlib.ExitStack()
 
-    def settings(self, kernel: Path | None = None) -> Settings:
+    def settings(self, kernel: Path | None = None, vmm: str = "qemu") -> Settings:
         return load_settings(netns=self.netns, state_dir=self.state_dir, kernel=kernel or self.kernel,
-                             rootfs=self.rootfs, vmm="qemu", max_vms_per_user=8)
+                             rootfs=self.rootfs, vmm=vmm, max_vms_per_user=8)
 
-    def open(self, kernel: Path | None = None, deadlines: Deadlines | None = None) -> Controller:
-        controller = self._stack.enter_context(open_controller(self.settings(kernel), deadlines=deadlines))
+    def open(self, kernel: Path | None = None, deadlines: Deadlines | None = None, vmm: str = "qemu") -> Controller:
+        controller = self._stack.enter_context(open_controller(self.settings(kernel, vmm), deadlines=deadlines))
         controller.network.up()
         return controller
 
@@ -156,7 +156,7 @@ class Controllers:
 
 
 def vmm_pids_under(state_dir: Path) -> list[int]:
-    """QEMU processes started for VMs of this state directory (their command line names it)."""
+    """VMM processes started for VMs of this state directory (their command line names it)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -164,7 +164,8 @@ def vmm_pids_under(state_dir: Path) -> list[int]:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"qemu-system" in cmdline and str(state_dir).encode() in cmdline:
+            vmm = b"qemu-system" in cmdline or b"firecracker" in cmdline
+            if vmm and str(state_dir).encode() in cmdline:
                 pids.append(int(entry.name))
     return pids
 

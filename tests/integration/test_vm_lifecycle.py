@@ -17,12 +17,14 @@ import pytest
 
 from browservm.ipam import Ipam
 from browservm.readiness import desktop_banner
+from browservm.vmm.firecracker import available
 from browservm.vmrecords import VmRecord
 from browservm.vmstate import VmState
 
 from .conftest import Controllers, run, vmm_pids_under
 
 pytestmark = [pytest.mark.host, pytest.mark.vm]
+FIRECRACKER_RUNS, FIRECRACKER_WHY_NOT = available()
 
 
 def leftovers(controllers: Controllers) -> dict[str, list[Any]]:
@@ -128,3 +130,17 @@ def test_a_restarted_controller_finds_its_vms_and_cleans_up_the_one_that_died_me
     listed = json.loads(browservm(controllers, "vm", "ls").stdout)
     assert {(v["vm_id"], v["state"], v["vmm_alive"]) for v in listed} == {
         (survivor["vm_id"], "ready", True), (victim["vm_id"], "failed", False)}
+
+
+@pytest.mark.skipif(not FIRECRACKER_RUNS, reason=(
+    f"booting under Firecracker needs a firecracker binary and a KVM host that runs ordinary guests: "
+    f"{FIRECRACKER_WHY_NOT}. Up to that line everything is tested here: the generated vm-config.json, the jail "
+    "and every API body against Firecracker's own specification (tests/unit/test_firecracker_spec.py), and the "
+    "same kernel, image and readiness chain under QEMU microvm, Firecracker's device model"))
+def test_a_vm_boots_under_firecracker_through_every_hop(controllers: Controllers) -> None:
+    manager = controllers.open(vmm="firecracker").manager
+    record = asyncio.run(manager.create())
+    assert record.state == VmState.READY, record.failure
+    assert record.driver == "firecracker" and list(record.stages)[-1] == "rfb.banner"
+    assert asyncio.run(manager.destroy(record.vm_id))
+    assert leftovers(controllers) == {"taps": [], "vmm processes": [], "vm directories": []}

@@ -8,6 +8,7 @@ instead of being silently ignored by Firecracker.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
@@ -25,6 +26,7 @@ from browservm.vmm.firecracker import (
     firecracker_argv,
     firecracker_config,
     jailer_argv,
+    prepare_jail,
 )
 from browservm.vmm.spec import VmSpec
 
@@ -101,16 +103,35 @@ def test_a_misspelt_key_would_be_caught(definitions: dict[str, Any], tmp_path: P
         validate(definitions, "FullVmConfiguration", config)
 
 
-def test_argv_and_jailer_argv(tmp_path: Path) -> None:
+def test_argv(tmp_path: Path) -> None:
     spec = spec_for("vm-abc", tmp_path)
     argv = firecracker_argv(spec, tmp_path / "vm-config.json", firecracker="/usr/bin/firecracker")
     assert argv == ["/usr/bin/firecracker", "--id", "vm-abc", "--api-sock", str(spec.control_socket),
                     "--config-file", str(tmp_path / "vm-config.json")]
-    jailed = jailer_argv(spec, JailerOptions(uid=900, gid=900, chroot_base=tmp_path / "jail",
-                                             netns_path="/run/netns/browservm", cpu_quota_percent=50,
-                                             memory_max_mib=1100), firecracker="/usr/bin/firecracker")
-    assert jailed[jailed.index("--uid") + 1] == "900"
-    assert jailed[jailed.index("--netns") + 1] == "/run/netns/browservm"
-    assert "cpu.max=100000 100000" in jailed and f"memory.max={1100 * 2**20}" in jailed
-    inner = jailed[jailed.index("--") + 1:]
-    assert inner == ["--api-sock", "/run/firecracker.sock", "--config-file", "/vm-config.json"]
+
+
+def test_the_jail_holds_links_to_the_images_and_a_valid_config_with_chroot_paths(
+        definitions: dict[str, Any], tmp_path: Path) -> None:
+    spec = spec_for("vm-abc", tmp_path)
+    for path in (spec.kernel, spec.rootfs, spec.overlay):
+        assert path is not None
+        path.write_bytes(b"x")
+    options = JailerOptions(uid=os.getuid(), gid=os.getgid(), chroot_base=tmp_path / "jail")
+    root = prepare_jail(spec, options, firecracker="/usr/bin/firecracker")
+
+    assert root == tmp_path / "jail" / "firecracker" / "vm-abc" / "root"
+    assert (root / "rootfs.ext4").stat().st_ino == spec.rootfs.stat().st_ino  # a link, not a copy
+    config = json.loads((root / "vm-config.json").read_text())
+    validate(definitions, "FullVmConfiguration", config)
+    assert config["boot-source"]["kernel_image_path"] == "/vmlinux"
+    assert [d["path_on_host"] for d in config["drives"]] == ["/rootfs.ext4", "/overlay.ext4"]
+    assert config["network-interfaces"][0]["host_dev_name"] == spec.tap
+    assert spec.control_socket.readlink() == root / "run" / "firecracker.sock"
+
+    argv = jailer_argv(spec, options, jailer="/usr/bin/jailer", firecracker="/usr/bin/firecracker")
+    assert argv[:5] == ["/usr/bin/jailer", "--id", "vm-abc", "--exec-file", "/usr/bin/firecracker"]
+    assert argv[argv.index("--uid") + 1] == str(os.getuid())
+    assert argv[argv.index("--chroot-base-dir") + 1] == str(tmp_path / "jail")
+    assert "cpu.max=200000 100000" in argv  # both vCPUs
+    assert f"memory.max={(1024 + 128) * 2**20}" in argv
+    assert argv[argv.index("--") + 1:] == ["--api-sock", "/run/firecracker.sock", "--config-file", "/vm-config.json"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 from pathlib import Path
@@ -75,19 +76,26 @@ class QemuDriver:
 class FirecrackerDriver:
     name = "firecracker"
 
-    def __init__(self, binary: str = firecracker.FIRECRACKER) -> None:
-        self._binary = binary
+    def __init__(self, binary: str = firecracker.FIRECRACKER, jailer: firecracker.JailerOptions | None = None,
+                 jailer_binary: str = firecracker.JAILER) -> None:
+        self._binary = shutil.which(binary) or binary
+        self._jailer = jailer
+        self._jailer_binary = jailer_binary
 
     def accel(self, kernel: Path) -> str:
         return "kvm"
 
     def start(self, spec: VmSpec, netns: NetworkNamespace) -> VmmProcess:
-        config = spec.directory / "vm-config.json"
-        config.write_text(json.dumps(firecracker.firecracker_config(spec), indent=2))
-        spec.vmm_log.touch()  # Firecracker's logger wants an existing file
+        if self._jailer is not None:
+            firecracker.prepare_jail(spec, self._jailer, self._binary)
+            argv = firecracker.jailer_argv(spec, self._jailer, self._jailer_binary, self._binary)
+        else:
+            config = spec.directory / "vm-config.json"
+            config.write_text(json.dumps(firecracker.firecracker_config(spec), indent=2))
+            spec.vmm_log.touch()  # Firecracker's logger wants an existing file
+            argv = firecracker.firecracker_argv(spec, config, self._binary)
         # Firecracker's stdout is the guest's serial console.
-        return process.spawn(firecracker.firecracker_argv(spec, config, self._binary), spec.console_log, netns,
-                             spec.vm_id)
+        return process.spawn(argv, spec.console_log, netns, spec.vm_id)
 
     def stop(self, spec: VmSpec, vmm: VmmProcess, timeout: float) -> None:
         try:
@@ -96,9 +104,12 @@ class FirecrackerDriver:
         except VmmError:
             asked = False
         _kill(spec, vmm, asked, timeout)
+        if self._jailer is not None:
+            shutil.rmtree(firecracker.jail_root(spec, self._jailer, self._binary).parent, ignore_errors=True)
 
 
-def choose_driver(name: str, probe: AccelProbe | None = None) -> VmmDriver:
+def choose_driver(name: str, probe: AccelProbe | None = None,
+                  jailer: firecracker.JailerOptions | None = None) -> VmmDriver:
     """`firecracker`, `qemu`, or `auto`: Firecracker when it can run here, else QEMU."""
     if name == "qemu":
         return QemuDriver(probe)
@@ -106,8 +117,8 @@ def choose_driver(name: str, probe: AccelProbe | None = None) -> VmmDriver:
         usable, reason = firecracker.available()
         if not usable:
             raise VmmError("-", "choose driver", f"firecracker cannot run here: {reason}")
-        return FirecrackerDriver()
+        return FirecrackerDriver(jailer=jailer)
     if name == "auto":
         usable, _ = firecracker.available()
-        return FirecrackerDriver() if usable else QemuDriver(probe)
+        return FirecrackerDriver(jailer=jailer) if usable else QemuDriver(probe)
     raise InvalidInput("vmm", name, "must be auto, firecracker or qemu")

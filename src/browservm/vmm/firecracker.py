@@ -12,6 +12,8 @@ cannot run, `available()` says why.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import http.client
 import json
 import os
@@ -53,31 +55,68 @@ def firecracker_argv(spec: VmSpec, config_path: Path, firecracker: str = FIRECRA
 
 @dataclass(frozen=True)
 class JailerOptions:
-    """Run Firecracker through the jailer: its own chroot, unprivileged uid/gid, cgroup limits."""
+    """Run Firecracker through the jailer: its own chroot, an unprivileged uid/gid, cgroup limits
+    (all of the VM's vCPUs, and its memory plus `memory_overhead_mib` for Firecracker itself)."""
 
     uid: int
     gid: int
     chroot_base: Path
-    netns_path: str | None = None
-    cpu_quota_percent: int | None = None  # of one CPU, per vCPU; None: no limit
-    memory_max_mib: int | None = None
+    limit_cpu: bool = True
+    memory_overhead_mib: int | None = 128
+
+
+# Inside the chroot every file sits at the root under a fixed name.
+_JAILED_API_SOCKET = "/run/firecracker.sock"
+
+
+def jail_root(spec: VmSpec, options: JailerOptions, firecracker: str = FIRECRACKER) -> Path:
+    """Where the jailer chroots this VM's Firecracker: <base>/<exec file name>/<vm id>/root."""
+    return options.chroot_base / Path(firecracker).name / spec.vm_id / "root"
+
+
+def jailed_spec(spec: VmSpec) -> VmSpec:
+    """The spec as Firecracker sees it from inside its chroot."""
+    return dataclasses.replace(spec, kernel=Path("/vmlinux"), rootfs=Path("/rootfs.ext4"),
+                               overlay=None if spec.overlay is None else Path("/overlay.ext4"), directory=Path("/"))
+
+
+def prepare_jail(spec: VmSpec, options: JailerOptions, firecracker: str = FIRECRACKER) -> Path:
+    """Put what Firecracker needs into its chroot (hard links: no copy of the golden image)."""
+    root = jail_root(spec, options, firecracker)
+    inside = jailed_spec(spec)
+    try:
+        (root / "run").mkdir(parents=True)
+        for source, target in ((spec.kernel, inside.kernel), (spec.rootfs, inside.rootfs),
+                               (spec.overlay, inside.overlay)):
+            if source is not None and target is not None:
+                os.link(source, root / target.name)
+        if spec.overlay is not None:
+            os.chown(root / "overlay.ext4", options.uid, options.gid)  # the VM's own disk: writable by it
+        (root / "vm-config.json").write_text(json.dumps(firecracker_config(inside), indent=2))
+        (root / "vmm.log").touch()
+        for owned in (root / "run", root / "vmm.log"):
+            os.chown(owned, options.uid, options.gid)
+        # Firecracker makes its API socket inside the chroot; the controller reaches it through this link.
+        spec.control_socket.symlink_to(root / _JAILED_API_SOCKET.lstrip("/"))
+    except OSError as exc:
+        hint = (" (the jail's base directory must be on the same file system as the images)"
+                if exc.errno == errno.EXDEV else "")
+        raise VmmError(spec.vm_id, "prepare jail", f"{exc.filename}: {exc.strerror}{hint}") from exc
+    return root
 
 
 def jailer_argv(spec: VmSpec, options: JailerOptions, jailer: str = JAILER,
                 firecracker: str = FIRECRACKER) -> list[str]:
-    """The jailer command; inside its chroot, Firecracker sees every file at its own root."""
-    argv = [jailer, "--id", spec.vm_id, "--exec-file", shutil.which(firecracker) or firecracker,
+    """The jailer command for a VM whose chroot `prepare_jail` filled."""
+    argv = [jailer, "--id", spec.vm_id, "--exec-file", firecracker,
             "--uid", str(options.uid), "--gid", str(options.gid),
             "--chroot-base-dir", str(options.chroot_base), "--cgroup-version", "2"]
-    if options.netns_path is not None:
-        argv += ["--netns", options.netns_path]
-    if options.cpu_quota_percent is not None:
+    if options.limit_cpu:
         period = 100_000
-        quota = period * options.cpu_quota_percent * spec.vcpus // 100
-        argv += ["--cgroup", f"cpu.max={quota} {period}"]
-    if options.memory_max_mib is not None:
-        argv += ["--cgroup", f"memory.max={options.memory_max_mib * 2**20}"]
-    return [*argv, "--", "--api-sock", "/run/firecracker.sock", "--config-file", "/vm-config.json"]
+        argv += ["--cgroup", f"cpu.max={period * spec.vcpus} {period}"]
+    if options.memory_overhead_mib is not None:
+        argv += ["--cgroup", f"memory.max={(spec.mem_mib + options.memory_overhead_mib) * 2**20}"]
+    return [*argv, "--", "--api-sock", _JAILED_API_SOCKET, "--config-file", "/vm-config.json"]
 
 
 def available(firecracker: str = FIRECRACKER) -> tuple[bool, str]:
