@@ -400,7 +400,9 @@ class VMManager:
         if record.pid is None or record.pid_start_time is None:
             return False
         vmm = VmmProcess(record.pid, record.pid_start_time)
-        return process.alive(vmm) and record.directory in _cmdline(record.pid)
+        # The start time already tells a recycled PID apart; the VM id in the command line (QEMU's
+        # -name, Firecracker's --id, also under the jailer) confirms it is this VM's VMM.
+        return process.alive(vmm) and record.vm_id in _cmdline(record.pid)
 
 
 def _cmdline(pid: int) -> str:
