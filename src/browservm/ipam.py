@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 
 from browservm.errors import NameCollision, PoolExhausted, StateError
-from browservm.ids import names_for
+from browservm.ids import VmNames, names_for
 from browservm.netplan import NetworkPlan
 from browservm.store import Store
 
@@ -46,7 +46,7 @@ class Ipam:
         with self._store.transaction() as db:
             row = db.execute("SELECT address FROM leases WHERE vm_id = ?", (vm_id,)).fetchone()
             if row is not None:
-                return self._lease_from_row(vm_id, row[0])
+                return self._lease_from_row(vm_id, row[0], names)
             address = self._find_free(db)
             try:
                 db.execute(
@@ -56,7 +56,7 @@ class Ipam:
             except sqlite3.IntegrityError:
                 raise self._collision(db, vm_id, names.tap, names.mac) from None
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (_CURSOR_KEY, str(address)))
-            return self._lease_from_row(vm_id, address)
+            return self._lease_from_row(vm_id, address, names)
 
     def release(self, vm_id: str) -> Lease | None:
         """Give the VM's address back; returns the lease, or None when it held none."""
@@ -104,16 +104,16 @@ class Ipam:
             return NameCollision(vm_id, "MAC", mac, row[0])
         return NameCollision(vm_id, "address", "?", "?")
 
-    def _lease_from_row(self, vm_id: str, address: object) -> Lease:
+    def _lease_from_row(self, vm_id: str, address: object, names: VmNames | None = None) -> Lease:
         assert isinstance(address, int)
         segment = self._plan.segment_of(IPv4Address(address))
         if segment is None:
             raise StateError(str(self._store.path), f"VM {vm_id!r} holds {IPv4Address(address)}, outside "
                              f"the configured subnet {self._plan.subnet}; destroy it or restore the subnet")
-        names = names_for(vm_id)
+        names = names or names_for(vm_id)
         return Lease(
             vm_id=vm_id,
-            address=IPv4Interface(f"{IPv4Address(address)}/{segment.network.prefixlen}"),
+            address=IPv4Interface((address, segment.network.prefixlen)),
             gateway=segment.gateway.ip,
             bridge=segment.bridge,
             tap=names.tap,

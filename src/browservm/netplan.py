@@ -9,6 +9,7 @@ are those of its segment. Pure values, no I/O.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -25,9 +26,9 @@ class Segment:
     bridge: str
     network: IPv4Network
 
-    @property
+    @functools.cached_property
     def gateway(self) -> IPv4Interface:
-        return IPv4Interface(f"{self.network.network_address + 1}/{self.network.prefixlen}")
+        return IPv4Interface((int(self.network.network_address) + 1, self.network.prefixlen))
 
     @property
     def first_vm(self) -> int:
