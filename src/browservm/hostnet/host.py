@@ -140,14 +140,6 @@ class HostNetwork:
                 self._links = Links(netns=self.netns.name)  # its socket stays in the namespace
             yield self._links
 
-    @contextmanager
-    def _inside_if(self, present: bool) -> Iterator[Links | None]:
-        if not present:
-            yield None
-            return
-        with self._inside() as links:
-            yield links
-
     # --- host up / status / down -------------------------------------------------
 
     @_confined
@@ -328,60 +320,69 @@ class HostNetwork:
 
     @_confined
     def down(self, force: bool = False) -> list[Change]:
-        changes: list[Change] = []
-        ns_present = self.netns.exists()
-        with self._inside_if(ns_present) as links:
-            taps = {link: vm_id for link in (links.all() if links else []) if (vm_id := link.vm_of(self.owner))}
-            leases = self._leases()
-            if (leases or taps) and not force:
-                names = ", ".join(sorted({lease.vm_id for lease in leases} | set(taps.values())))
-                raise HostNetworkError("host down", f"VMs still have leases or TAPs ({names}); "
-                                       "destroy them first, or pass --force", netns=self.netns.name)
-            for tap, vm_id in taps.items():
-                assert links is not None
-                links.delete(tap.index, tap.name)
-                changes.append(Change(f"tap {tap.name}", "removed", f"VM {vm_id}"))
-            if leases:
-                ipam = Ipam(self._store, self.plan)
-                for lease in leases:
-                    ipam.release(lease.vm_id)
-                changes.append(Change("leases", "removed", f"{len(leases)} released"))
-            if links is None:
-                # The namespace is gone, and with it everything browservm made inside it.
-                changes.append(Change(f"netns {self.netns.name}", "unchanged", "not present"))
-                for kind in ("nft", "address", "bridge", "sysctl", "netns"):
-                    for name in self._records.names(kind):
-                        self._records.remove(kind, name)
-                self._store.unclaim("netns")
-                return changes
-            if self._records.get("nft", "inet browservm") is not None:
-                removed = self._nft.delete_table()
-                self._records.remove("nft", "inet browservm")
-                changes.append(Change("nftables table inet browservm", "removed" if removed else "unchanged"))
-            for name in self._records.names("address"):
-                bridge_name, _, address = name.partition(" ")
-                bridge = links.get(bridge_name)
-                if bridge is not None and IPv4Interface(address) in links.addresses(bridge):
-                    links.remove_address(bridge, IPv4Interface(address))
-                self._records.remove("address", name)
-                changes.append(Change(f"address {address} on {bridge_name}", "removed"))
-            for name in self._records.names("bridge"):
-                bridge = links.get(name)
-                if bridge is not None:
-                    links.delete(bridge.index, bridge.name)
-                self._records.remove("bridge", name)
-                changes.append(Change(f"bridge {name}", "removed"))
-            previous = self._records.get("sysctl", IP_FORWARD)
-            if previous is not None:
-                self._sysctl.write(IP_FORWARD, previous)
-                self._records.remove("sysctl", IP_FORWARD)
-                changes.append(Change(f"sysctl {IP_FORWARD}", "updated", f"restored {previous}"))
-        self._close_links()
-        for name in self._records.names("netns"):
-            NetworkNamespace(name).delete()
-            self._records.remove("netns", name)
-            changes.append(Change(f"netns {name}", "removed"))
+        if not self.netns.exists():
+            # The namespace is gone, and with it everything browservm made inside it.
+            changes = self._release_vms(None, force)
+            changes.append(Change(f"netns {self.netns.name}", "unchanged", "not present"))
+            for kind in ("nft", "address", "bridge", "sysctl", "netns"):
+                for name in self._records.names(kind):
+                    self._records.remove(kind, name)
+        else:
+            with self._inside() as links:
+                changes = self._release_vms(links, force) + self._remove_recorded(links)
+            self._close_links()
+            for name in self._records.names("netns"):
+                NetworkNamespace(name).delete()
+                self._records.remove("netns", name)
+                changes.append(Change(f"netns {name}", "removed"))
         self._store.unclaim("netns")  # nothing of ours is left: the state directory is free again
+        return changes
+
+    def _release_vms(self, links: Links | None, force: bool) -> list[Change]:
+        """Refuse while VMs hold leases or TAPs; with `force`, delete their TAPs and release their leases."""
+        taps = {link: vm_id for link in (links.all() if links else []) if (vm_id := link.vm_of(self.owner))}
+        leases = self._leases()
+        if (leases or taps) and not force:
+            names = ", ".join(sorted({lease.vm_id for lease in leases} | set(taps.values())))
+            raise HostNetworkError("host down", f"VMs still have leases or TAPs ({names}); "
+                                   "destroy them first, or pass --force", netns=self.netns.name)
+        changes = []
+        for tap, vm_id in taps.items():
+            assert links is not None
+            links.delete(tap.index, tap.name)
+            changes.append(Change(f"tap {tap.name}", "removed", f"VM {vm_id}"))
+        if leases:
+            ipam = Ipam(self._store, self.plan)
+            for lease in leases:
+                ipam.release(lease.vm_id)
+            changes.append(Change("leases", "removed", f"{len(leases)} released"))
+        return changes
+
+    def _remove_recorded(self, links: Links) -> list[Change]:
+        """Remove what `up` recorded as created by it, newest kind first."""
+        changes = []
+        if self._records.get("nft", "inet browservm") is not None:
+            removed = self._nft.delete_table()
+            self._records.remove("nft", "inet browservm")
+            changes.append(Change("nftables table inet browservm", "removed" if removed else "unchanged"))
+        for name in self._records.names("address"):
+            bridge_name, _, address = name.partition(" ")
+            bridge = links.get(bridge_name)
+            if bridge is not None and IPv4Interface(address) in links.addresses(bridge):
+                links.remove_address(bridge, IPv4Interface(address))
+            self._records.remove("address", name)
+            changes.append(Change(f"address {address} on {bridge_name}", "removed"))
+        for name in self._records.names("bridge"):
+            bridge = links.get(name)
+            if bridge is not None:
+                links.delete(bridge.index, bridge.name)
+            self._records.remove("bridge", name)
+            changes.append(Change(f"bridge {name}", "removed"))
+        previous = self._records.get("sysctl", IP_FORWARD)
+        if previous is not None:
+            self._sysctl.write(IP_FORWARD, previous)
+            self._records.remove("sysctl", IP_FORWARD)
+            changes.append(Change(f"sysctl {IP_FORWARD}", "updated", f"restored {previous}"))
         return changes
 
     # --- one TAP per VM ------------------------------------------------------------
