@@ -108,6 +108,7 @@ def _print_record(record: VmRecord, as_json: bool) -> None:
                          ("vmm", f"{record.driver} ({record.accel})"),
                          ("network", f"configured by the {record.guest_network_by or '?'}"),
                          ("pid", f"{record.pid} ({'alive' if _alive(record) else 'not running'})"),
+                         ("uptime", f"{time.time() - record.created_at:.0f} s" if _alive(record) else "-"),
                          ("directory", record.directory)):
         print(f"  {label:<10} {value}")
     if record.stages:

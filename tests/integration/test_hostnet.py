@@ -112,6 +112,33 @@ def test_fifty_taps_are_attached_isolated_owned_and_removed_without_leftovers(
     assert ipam.leases() == []
 
 
+def test_a_subnet_larger_than_a_slash_22_spans_one_bridge_per_segment(
+        namespaces: Namespaces, tmp_path: Path) -> None:
+    ns = namespaces.name()
+    plan = NetworkPlan.build(IPv4Network("10.40.0.0/21"), "vmbr")
+    store = Store(tmp_path / "state.sqlite3")
+    ipam = Ipam(store, plan)
+    with HostNetwork(plan, store, NetworkNamespace(ns)) as network:
+        network.up()
+        addresses = json.loads(run("ip", "-j", "-4", "addr", "show", "type", "bridge", netns=ns).stdout)
+        assert {(a["ifname"], a["addr_info"][0]["local"], a["addr_info"][0]["prefixlen"])
+                for a in addresses if a.get("addr_info")} == {
+            ("vmbr", "10.40.0.1", 22), ("vmbr-1", "10.40.4.1", 22)}
+        leases = [ipam.lease(f"vm-{i}") for i in range(plan.segments[0].capacity + 1)]
+        for lease in leases[1:-1]:  # keep the first VM of each segment
+            ipam.release(lease.vm_id)
+        for lease in (leases[0], leases[-1]):
+            network.add_tap(lease)
+        assert (leases[0].bridge, leases[-1].bridge) == ("vmbr", "vmbr-1")
+        masters = {link["ifname"]: link.get("master") for link in
+                   json.loads(run("ip", "-j", "link", "show", "type", "tun", netns=ns).stdout)}
+        assert masters == {leases[0].tap: "vmbr", leases[-1].tap: "vmbr-1"}
+        forward = [o["rule"] for o in nft_table(ns) if "rule" in o and o["rule"]["chain"] == "forward"]
+        assert forward[0]["expr"][0]["match"]["right"] == {"set": ["vmbr", "vmbr-1"]}
+        assert all(c.ok for c in network.status())
+        network.down(force=True)
+
+
 def test_down_removes_only_what_up_created(namespaces: Namespaces, tmp_path: Path) -> None:
     ns = namespaces.create()  # the namespace, the bridge and its address were there before browservm
     run("ip", "link", "add", "br0", "type", "bridge", netns=ns)

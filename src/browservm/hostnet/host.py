@@ -153,6 +153,7 @@ class HostNetwork:
                 changes.append(Change(f"netns {self.netns.name}", "unchanged"))
         with self._inside() as links:
             if self._records.names("netns"):
+                # A namespace starts with loopback down; tools run inside it (ip netns exec) expect it up.
                 lo = links.get("lo")
                 if lo is not None and not lo.up:
                     links.set_up(lo)
