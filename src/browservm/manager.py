@@ -135,8 +135,7 @@ class VMManager:
                      keep_failed: bool = False, extra_boot_args: tuple[str, ...] = (),
                      on_stage: StageCallback | None = None) -> VmRecord:
         """Boot a VM and return once its desktop answers, or its record says which hop failed."""
-        self._check_request(user, vcpus, mem_mib)
-        build_boot_args(BootArgs(ip=None, extra=extra_boot_args))  # bad extra words: refused before allocating
+        self.check_request(user, vcpus, mem_mib, extra_boot_args)
         if self._images is None:
             self._images = self._images_source()
         vm_id = new_vm_id()
@@ -161,7 +160,8 @@ class VMManager:
         undo.pop_all()
         return record
 
-    def _check_request(self, user: str, vcpus: int, mem_mib: int) -> None:
+    def check_request(self, user: str, vcpus: int, mem_mib: int, extra_boot_args: tuple[str, ...] = ()) -> None:
+        """Refuse bad input (InvalidInput naming the field) before anything is allocated."""
         if not user or len(user) > 64 or not user.isprintable():
             raise InvalidInput("user", user, "must be 1-64 printable characters")
         low, high = self._limits.vcpus
@@ -170,6 +170,7 @@ class VMManager:
         low, high = self._limits.mem_mib
         if not low <= mem_mib <= high:
             raise InvalidInput("mem_mib", mem_mib, f"must be between {low} and {high} MiB")
+        build_boot_args(BootArgs(ip=None, extra=extra_boot_args))
 
     def _allocate(self, record: VmRecord, undo: contextlib.ExitStack, extra_boot_args: tuple[str, ...],
                   done: Callable[[str], None]) -> VmSpec:

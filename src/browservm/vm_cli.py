@@ -55,6 +55,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _create(controller: Controller, args: argparse.Namespace) -> int:
+    controller.manager.check_request(args.user, args.vcpus, args.mem, tuple(args.boot_arg))
     progress = Progress()
     changes = [c for c in controller.network.up() if c.action != "unchanged"]
     for change in changes:
