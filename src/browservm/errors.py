@@ -2,7 +2,9 @@
 
     BrowserVMError                      base; `str()` is a sentence a person can act on
     ├── InvalidInput (ValueError)       bad input: carries `field`, `value`, `reason`
-    │   └── InvalidVmId                 a VM id that may not reach a file or interface name
+    │   ├── InvalidVmId                 a VM id that may not reach a file or interface name
+    │   └── BootArgsError               (bootargs.py) a kernel argument the guest would misread
+    ├── LimitExceeded                   a request over a configured limit: carries `limit`, `value`
     ├── StateError                      the state directory cannot be used (which file, why)
     ├── IpamError
     │   ├── PoolExhausted               every address of the subnet is leased
@@ -11,10 +13,16 @@
     │                                   carries `netns`, `device`, `step`
     ├── CommandFailed                   a program could not run or exited non-zero:
     │                                   carries `command`, `returncode`, `log`, `detail`
-    └── KernelError
-        ├── KernelImageError            a file is not a usable kernel image: carries `path`, `reason`
-        └── KernelBuildError            a step of `kernel build` failed: carries `step`, `reason`, `log`
-            └── KernelConfigDropped     olddefconfig dropped fragment options: carries `options`
+    ├── KernelError
+    │   ├── KernelImageError            a file is not a usable kernel image: carries `path`, `reason`
+    │   └── KernelBuildError            a step of `kernel build` failed: carries `step`, `reason`, `log`
+    │       └── KernelConfigDropped     olddefconfig dropped fragment options: carries `options`
+    ├── ImageBuildError                 a step of `image build` or of a VM's disk: `step`, `reason`, `log`
+    ├── VmmError                        a VMM could not be started, stopped or found: `vm_id`, `step`
+    └── ProbeFailed                     a hop to a VM's desktop did not answer: carries `hop`, `reason`
+
+The command line turns them into exit codes in one place (cli.main): 2 for
+InvalidInput, 1 for the rest, with `--json` printing the fields.
 
 This module is stdlib-only and imports nothing from browservm: the guest image
 carries it next to `bootargs.py`.
