@@ -45,13 +45,21 @@ def run(*argv: str, netns: str | None = None, check: bool = True) -> subprocess.
     return subprocess.run([*prefix, *argv], capture_output=True, text=True, check=check, timeout=60)
 
 
+_VOLATILE = {"stats64", "operstate", "linkmode", "valid_life_time", "preferred_life_time", "expires"}
+
+
+def _without_volatile(value: object) -> object:
+    """Drop what changes on its own (counters, address and route lifetimes)."""
+    if isinstance(value, dict):
+        return {k: _without_volatile(v) for k, v in value.items() if k not in _VOLATILE}
+    if isinstance(value, list):
+        return [_without_volatile(v) for v in value]
+    return value
+
+
 def _host_snapshot() -> dict[str, object]:
     def ip_json(*args: str) -> object:
-        data = json.loads(run("ip", "-j", *args).stdout or "[]")
-        for entry in data:
-            for volatile in ("stats64", "operstate", "linkmode", "addr_info_cache"):
-                entry.pop(volatile, None)
-        return data
+        return _without_volatile(json.loads(run("ip", "-j", *args).stdout or "[]"))
     return {
         "links": ip_json("link", "show"),
         "addresses": ip_json("addr", "show"),
