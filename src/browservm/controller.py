@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -11,12 +10,12 @@ from browservm.config import Settings
 from browservm.hostnet.host import HostNetwork
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.images.disk import DiskTemplates
-from browservm.images.kernel_build import WITH_IP_PNP, Fragment, KernelBuilder, KernelCache, KernelSource
+from browservm.images.kernel_build import WITH_IP_PNP, KernelBuilder
 from browservm.images.rootfs import RootfsBuilder
 from browservm.ipam import Ipam
 from browservm.manager import Deadlines, Images, Limits, VMManager
 from browservm.netplan import NetworkPlan
-from browservm.progress import Progress, cache_dir
+from browservm.progress import Progress
 from browservm.runner import CommandRunner
 from browservm.store import Store
 from browservm.vmm.driver import choose_driver
@@ -33,9 +32,7 @@ def resolve_images(settings: Settings, progress: Progress) -> Images:
     runner = CommandRunner()
     kernel = settings.kernel
     if kernel is None:
-        builder = KernelBuilder(KernelCache(cache_dir("kernels")), KernelSource.installed(runner),
-                                Fragment.packaged(), runner, progress, jobs=os.cpu_count() or 1)
-        kernel = builder.build(WITH_IP_PNP).vmlinux
+        kernel = KernelBuilder.packaged(runner, progress).build(WITH_IP_PNP).vmlinux
     rootfs = settings.rootfs or RootfsBuilder(runner, progress).build(settings.image_profile).path
     template = DiskTemplates(runner, progress).template(settings.disk_mib)
     return Images(kernel=kernel, rootfs=rootfs, disk_template=template)

@@ -26,11 +26,7 @@ from browservm.images.kernel_build import (
     WITH_IP_PNP,
     WITHOUT_IP_PNP,
     BuiltKernel,
-    Fragment,
     KernelBuilder,
-    KernelCache,
-    KernelSource,
-    default_cache_dir,
 )
 from browservm.images.rootfs import RootfsBuilder, RootfsImage
 from browservm.manager import Deadlines
@@ -112,9 +108,7 @@ def namespaces() -> Iterator[Namespaces]:
 
 @pytest.fixture(scope="session")
 def builder() -> KernelBuilder:
-    runner = CommandRunner()
-    return KernelBuilder(KernelCache(default_cache_dir()), KernelSource.installed(runner), Fragment.packaged(),
-                         runner, Progress(), jobs=os.cpu_count() or 1)
+    return KernelBuilder.packaged(CommandRunner(), Progress())
 
 
 @pytest.fixture(scope="session")

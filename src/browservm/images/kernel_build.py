@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -168,6 +169,13 @@ class KernelBuilder:
         self._runner = runner
         self._progress = progress
         self._jobs = jobs
+
+    @classmethod
+    def packaged(cls, runner: CommandRunner, progress: Progress, *, cache: Path | None = None,
+                 jobs: int | None = None) -> KernelBuilder:
+        """Our fragment on the installed linux-source, cached in `cache` (default: the user's cache)."""
+        return cls(KernelCache(cache or default_cache_dir()), KernelSource.installed(runner), Fragment.packaged(),
+                   runner, progress, jobs=jobs or os.cpu_count() or 1)
 
     def build(self, variant: Variant) -> BuiltKernel:
         key = kernel_key(self._source, self._fragment, variant)

@@ -12,10 +12,7 @@ from browservm.images.kernel_build import (
     SOURCE_PACKAGE,
     WITH_IP_PNP,
     WITHOUT_IP_PNP,
-    Fragment,
     KernelBuilder,
-    KernelCache,
-    KernelSource,
     default_cache_dir,
 )
 from browservm.images.kernel_bzimage import PayloadDecompressor
@@ -72,8 +69,7 @@ def _build(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise InvalidInput("jobs", args.jobs, "must be 1 or more")
     runner = CommandRunner()
-    builder = KernelBuilder(KernelCache(args.cache_dir or default_cache_dir()), KernelSource.installed(runner),
-                            Fragment.packaged(), runner, Progress(), jobs=args.jobs)
+    builder = KernelBuilder.packaged(runner, Progress(), cache=args.cache_dir, jobs=args.jobs)
     built = builder.build(WITHOUT_IP_PNP if args.without_ip_pnp else WITH_IP_PNP)
     if args.json:
         print(json.dumps(built.to_json(), indent=2))
