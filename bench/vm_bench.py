@@ -28,13 +28,13 @@ from pathlib import Path
 
 from browservm.bootargs import BootArgs, IpConfig, build_boot_args
 from browservm.config import load_settings
-from browservm.console import ConsoleLog
 from browservm.controller import open_controller, resolve_images
 from browservm.images.disk import allocated_bytes, clone_sparse
 from browservm.ipam import Ipam
-from browservm.manager import Images
 from browservm.markers import parse_marker
 from browservm.progress import Progress
+from browservm.vm.console import ConsoleLog
+from browservm.vm.manager import Images
 from browservm.vmm.driver import QemuDriver
 from browservm.vmm.spec import VmSpec
 

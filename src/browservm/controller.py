@@ -13,14 +13,14 @@ from browservm.images.disk import DiskTemplates
 from browservm.images.kernel_build import WITH_IP_PNP, KernelBuilder
 from browservm.images.rootfs import RootfsBuilder
 from browservm.ipam import Ipam
-from browservm.manager import Deadlines, Images, Limits, VMManager
 from browservm.netplan import NetworkPlan
 from browservm.progress import Progress
 from browservm.runner import CommandRunner
 from browservm.store import Store
+from browservm.vm.manager import Deadlines, Images, Limits, VMManager
+from browservm.vm.records import VmRecords
 from browservm.vmm.driver import choose_driver
 from browservm.vmm.firecracker import JailerOptions
-from browservm.vmrecords import VmRecords
 
 
 def plan_for(settings: Settings) -> NetworkPlan:

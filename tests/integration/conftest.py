@@ -29,9 +29,9 @@ from browservm.images.kernel_build import (
     KernelBuilder,
 )
 from browservm.images.rootfs import RootfsBuilder, RootfsImage
-from browservm.manager import Deadlines
 from browservm.progress import Progress
 from browservm.runner import CommandRunner
+from browservm.vm.manager import Deadlines
 
 _counter = itertools.count()
 

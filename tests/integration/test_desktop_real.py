@@ -18,7 +18,7 @@ import pytest
 
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.markers import parse_marker
-from browservm.wsprobe import rfb_banner, websocket_upgrade
+from browservm.vm.wsprobe import rfb_banner, websocket_upgrade
 
 from .conftest import Namespaces, run
 

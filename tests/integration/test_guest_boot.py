@@ -18,8 +18,8 @@ from browservm.errors import ProbeFailed
 from browservm.guest.netconfig import DISABLE_WORD
 from browservm.images.kernel_build import WITHOUT_IP_PNP, BuiltKernel
 from browservm.markers import parse_marker
-from browservm.readiness import arp_probe, open_tcp
-from browservm.vmstate import VmState
+from browservm.vm.readiness import arp_probe, open_tcp
+from browservm.vm.state import VmState
 
 from .conftest import Controllers
 

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from browservm.ipam import Ipam
-from browservm.readiness import desktop_banner
+from browservm.vm.readiness import desktop_banner
+from browservm.vm.records import VmRecord
+from browservm.vm.state import VmState
 from browservm.vmm.firecracker import available
-from browservm.vmrecords import VmRecord
-from browservm.vmstate import VmState
 
 from .conftest import Controllers, run, vmm_pids_under
 

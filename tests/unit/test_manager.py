@@ -15,13 +15,13 @@ import pytest
 from browservm.errors import InvalidInput, LimitExceeded, VmmError
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.ipam import Ipam, Lease
-from browservm.manager import Images, Limits, VMManager
 from browservm.netplan import NetworkPlan
 from browservm.store import Store
+from browservm.vm.manager import Images, Limits, VMManager
+from browservm.vm.records import VmRecord, VmRecords
+from browservm.vm.state import VmState
 from browservm.vmm.process import VmmProcess
 from browservm.vmm.spec import VmSpec
-from browservm.vmrecords import VmRecord, VmRecords
-from browservm.vmstate import VmState
 
 
 class FakeNetwork:

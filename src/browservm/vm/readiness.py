@@ -21,11 +21,11 @@ import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from browservm.console import ConsoleLog
 from browservm.errors import ProbeFailed
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.markers import parse_marker
-from browservm.wsprobe import rfb_banner, websocket_upgrade
+from browservm.vm.console import ConsoleLog
+from browservm.vm.wsprobe import rfb_banner, websocket_upgrade
 
 _ETH_P_ARP = 0x0806
 _SIOCGIFHWADDR = 0x8927

@@ -14,10 +14,10 @@ from browservm.config import Settings
 from browservm.controller import Controller, open_controller
 from browservm.inotify import DirectoryWatch
 from browservm.progress import Progress
+from browservm.vm.records import VmRecord
+from browservm.vm.state import VmState
 from browservm.vmm import process
 from browservm.vmm.process import VmmProcess
-from browservm.vmrecords import VmRecord
-from browservm.vmstate import VmState
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser],

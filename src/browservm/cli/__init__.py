@@ -10,12 +10,14 @@ from collections.abc import Callable, Sequence
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from browservm import __version__, vm_cli
+from browservm import __version__
+from browservm.cli import image as image_cli
+from browservm.cli import kernel as kernel_cli
+from browservm.cli import vm as vm_cli
 from browservm.config import Settings, load_settings
 from browservm.errors import BrowserVMError, InvalidInput
 from browservm.hostnet.host import Change, Check, HostNetwork
 from browservm.hostnet.netns import NetworkNamespace
-from browservm.images import image_cli, kernel_cli
 from browservm.netplan import NetworkPlan
 from browservm.store import Store
 

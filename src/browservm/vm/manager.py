@@ -27,22 +27,22 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from browservm import readiness
 from browservm.bootargs import BootArgs, IpConfig, build_boot_args
-from browservm.console import ConsoleLog
 from browservm.errors import BrowserVMError, InvalidInput, ProbeFailed, VmmError
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.ids import new_vm_id, validate_vm_id
 from browservm.images.disk import clone_sparse
 from browservm.ipam import Ipam, Lease
 from browservm.markers import parse_marker
+from browservm.vm import readiness
+from browservm.vm.console import ConsoleLog
+from browservm.vm.records import Failure, VmRecord, VmRecords
+from browservm.vm.state import VmState, transition
+from browservm.vm.wsprobe import rfb_banner, websocket_upgrade
 from browservm.vmm import process
 from browservm.vmm.driver import VmmDriver
 from browservm.vmm.process import VmmProcess
 from browservm.vmm.spec import VmSpec
-from browservm.vmrecords import Failure, VmRecord, VmRecords
-from browservm.vmstate import VmState, transition
-from browservm.wsprobe import rfb_banner, websocket_upgrade
 
 T = TypeVar("T")
 DESKTOP_PORT = 6080

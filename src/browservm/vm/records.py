@@ -10,7 +10,7 @@ from typing import Any
 
 from browservm.errors import LimitExceeded
 from browservm.store import Store
-from browservm.vmstate import VmState
+from browservm.vm.state import VmState
 
 
 @dataclass(frozen=True)

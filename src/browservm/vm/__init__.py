@@ -1,0 +1,1 @@
+"""The VM lifecycle: the manager, its records and states, the hops and their probes, the console."""
