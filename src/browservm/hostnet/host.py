@@ -1,9 +1,13 @@
 """The host side of the VM network: set up, checked, torn down, one TAP per VM.
 
-`up()` makes what the plan needs and records in the store what *it* created;
+`up()` makes what the plan needs and records in the store what *it* creates;
 `down()` removes exactly those records' objects, so a bridge, address or
 namespace that was there before browservm is left alone. Both are idempotent:
 a second `up()` reports every piece unchanged and changes nothing.
+
+Each object is recorded *before* it is created, so a crash between the two
+leaves a record of an object that may not exist (which `down` passes over),
+never an object of ours that nothing records.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from ipaddress import IPv4Interface
 from typing import Concatenate, ParamSpec, TypeVar
 
 from browservm.errors import HostNetworkError
+from browservm.faults import crash_point
 from browservm.hostnet.firewall import Nftables, normalise_listing, render_ruleset, ruleset_digest
-from browservm.hostnet.links import BRIDGE_ALIAS, Links, attach_port, create_tap, tap_alias
+from browservm.hostnet.links import BRIDGE_ALIAS, LinkInfo, Links, attach_port, create_tap, tap_alias
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.hostnet.rtnl import RtnlSocket
 from browservm.hostnet.sysctl import Sysctl
@@ -74,6 +79,26 @@ class _Records:
     def remove(self, kind: str, name: str) -> None:
         with self._store.transaction() as db:
             db.execute("DELETE FROM host_objects WHERE kind = ? AND name = ?", (kind, name))
+
+    @contextmanager
+    def intent(self, kind: str, name: str, detail: str = "") -> Iterator[None]:
+        """Record the object the block is about to create, before it creates it.
+
+        If the block fails with HostNetworkError, the kernel or nft refused and
+        nothing was created, so a record this call added is taken back (the name
+        may be someone else's object that appeared in between). On anything else
+        (an interrupt, a crash) the record stays: `down` tolerates an object that
+        never got created, but could not find one that nothing records.
+        """
+        added = self.get(kind, name) is None
+        if added:
+            self.add(kind, name, detail)
+        try:
+            yield
+        except HostNetworkError:
+            if added:
+                self.remove(kind, name)
+            raise
 
 
 P = ParamSpec("P")
@@ -146,11 +171,7 @@ class HostNetwork:
     def up(self) -> list[Change]:
         changes: list[Change] = []
         if self.netns.name is not None:
-            if self.netns.create():
-                self._records.add("netns", self.netns.name)
-                changes.append(Change(f"netns {self.netns.name}", "created"))
-            else:
-                changes.append(Change(f"netns {self.netns.name}", "unchanged"))
+            changes.append(self._up_netns(self.netns.name))
         with self._inside() as links:
             if self._records.names("netns"):
                 # A namespace starts with loopback down; tools run inside it (ip netns exec) expect it up.
@@ -164,13 +185,28 @@ class HostNetwork:
             changes.append(self._up_firewall())
         return changes
 
+    def _up_netns(self, name: str) -> Change:
+        piece = f"netns {name}"
+        if self.netns.exists():
+            return Change(piece, "unchanged")
+        # Not through `intent`: a failed creation can leave the mount point file behind, which is ours.
+        recorded = self._records.get("netns", name) is not None
+        self._records.add("netns", name)
+        if not self.netns.create():
+            if not recorded:
+                self._records.remove("netns", name)  # another program made it in between: not ours
+            return Change(piece, "unchanged")
+        crash_point("host.netns.created")
+        return Change(piece, "created")
+
     def _up_forwarding(self) -> Change:
         current = self._sysctl.read(IP_FORWARD)
         if current == "1":
             return Change(f"sysctl {IP_FORWARD}", "unchanged", "1")
-        if self._records.get("sysctl", IP_FORWARD) is None:
-            self._records.add("sysctl", IP_FORWARD, current)  # the value to restore on `down`
-        self._sysctl.write(IP_FORWARD, "1")
+        # An earlier, interrupted run may have recorded the value it found; that one is the one to restore.
+        with self._records.intent("sysctl", IP_FORWARD, current):
+            self._sysctl.write(IP_FORWARD, "1")
+        crash_point("host.sysctl.created")
         return Change(f"sysctl {IP_FORWARD}", "updated", f"{current} -> 1")
 
     def _check_no_overlap(self, links: Links) -> None:
@@ -189,15 +225,18 @@ class HostNetwork:
         piece = f"bridge {segment.bridge}"
         bridge = links.get(segment.bridge)
         if bridge is None:
-            bridge = links.create_bridge(segment.bridge, segment.bridge_mac)
-            self._records.add("bridge", segment.bridge)
+            with self._records.intent("bridge", segment.bridge):
+                bridge = links.create_bridge(segment.bridge, segment.bridge_mac)
+            crash_point("host.bridge.created")
             links.set_up(bridge, alias=BRIDGE_ALIAS)
             changes.append(Change(piece, "created", segment.bridge_mac))
         elif bridge.kind != "bridge":
             raise HostNetworkError("check bridge", f"exists but is a {bridge.kind or 'plain'} link, not a bridge",
                                    device=segment.bridge, netns=self.netns.name)
         elif not bridge.up:
-            links.set_up(bridge)
+            # If ours, label it as creating it would have: an interrupted `up` can leave it down and unlabelled.
+            ours = self._records.get("bridge", segment.bridge) is not None
+            links.set_up(bridge, alias=BRIDGE_ALIAS if ours else None)
             changes.append(Change(piece, "updated", "set up"))
         else:
             changes.append(Change(piece, "unchanged"))
@@ -206,8 +245,9 @@ class HostNetwork:
         if gateway in addresses:
             changes.append(Change(f"address {gateway} on {segment.bridge}", "unchanged"))
         else:
-            links.add_address(bridge, gateway)
-            self._records.add("address", f"{segment.bridge} {gateway}")
+            with self._records.intent("address", f"{segment.bridge} {gateway}"):
+                links.add_address(bridge, gateway)
+            crash_point("host.address.created")
             changes.append(Change(f"address {gateway} on {segment.bridge}", "created"))
         return changes
 
@@ -221,7 +261,10 @@ class HostNetwork:
             record = json.loads(recorded)
             if record["digest"] == digest and record["listing"] == normalise_listing(current):
                 return Change(piece, "unchanged", digest)
-        self._nft.replace_table(desired)
+        # No listing yet: the table is only known once nft lists it back, after the install.
+        with self._records.intent("nft", "inet browservm", json.dumps({"digest": digest, "listing": None})):
+            self._nft.replace_table(desired)
+        crash_point("host.nft.created")
         installed = self._nft.list_table()
         if installed is None:
             raise HostNetworkError("install nftables table", "nft reported success but the table is missing",
@@ -275,6 +318,8 @@ class HostNetwork:
         if recorded is None:
             return Check(piece, False, "present but not installed by this state directory")
         record = json.loads(recorded)
+        if record["listing"] is None:
+            return Check(piece, False, "its installation was interrupted; run `host up`")
         if record["digest"] != ruleset_digest(render_ruleset(self.plan)):
             return Check(piece, False, "installed for another configuration; run `host up`")
         if record["listing"] != normalise_listing(current):
@@ -285,12 +330,16 @@ class HostNetwork:
         leases = {lease.vm_id: lease for lease in self._leases()}
         bridges = {b.index: b.name for b in (links.get(n) for n in self.plan.bridges) if b is not None}
         checks = []
-        ours = {link: vm_id for link in links.all() if (vm_id := link.vm_of(self.owner)) is not None}
+        ours = self._our_taps(links, list(leases.values()))
         isolated = links.isolated_ports()
         healthy = 0
         for link, vm_id in ours.items():
             lease = leases.get(vm_id)
             problems = []
+            if link.half_made_tap:
+                checks.append(Check(f"tap {link.name}", False, f"VM {vm_id}'s, half made: created but never "
+                                    "attached (its start was interrupted); `vm rm` removes it"))
+                continue
             if lease is None:
                 problems.append(f"orphan: VM {vm_id} holds no lease")
             elif link.name != lease.tap:
@@ -319,6 +368,21 @@ class HostNetwork:
     def _leases(self) -> list[Lease]:
         return Ipam(self._store, self.plan).leases()
 
+    def _our_taps(self, links: Links, leases: list[Lease]) -> dict[LinkInfo, str]:
+        """TAP -> VM id for the TAPs this controller made: labelled ones, and half-made ones of leased VMs.
+
+        A half-made TAP carries no label, but its name is derived from a VM id in
+        our own lease table, which makes it ours.
+        """
+        every = links.all()
+        ours = {link: vm_id for link in every if (vm_id := link.vm_of(self.owner)) is not None}
+        by_name = {link.name: link for link in every}
+        for lease in leases:
+            link = by_name.get(lease.tap)
+            if link is not None and link.half_made_tap:
+                ours[link] = lease.vm_id
+        return ours
+
     @_confined
     def down(self, force: bool = False) -> list[Change]:
         if not self.netns.exists():
@@ -333,16 +397,18 @@ class HostNetwork:
                 changes = self._release_vms(links, force) + self._remove_recorded(links)
             self._close_links()
             for name in self._records.names("netns"):
-                NetworkNamespace(name).delete()
+                namespace = NetworkNamespace(name)
+                present = namespace.exists()
+                namespace.delete()
                 self._records.remove("netns", name)
-                changes.append(Change(f"netns {name}", "removed"))
+                changes.append(Change(f"netns {name}", *_removed(present)))
         self._store.unclaim("netns")  # nothing of ours is left: the state directory is free again
         return changes
 
     def _release_vms(self, links: Links | None, force: bool) -> list[Change]:
         """Refuse while VMs hold leases or TAPs; with `force`, delete their TAPs and release their leases."""
-        taps = {link: vm_id for link in (links.all() if links else []) if (vm_id := link.vm_of(self.owner))}
         leases = self._leases()
+        taps = self._our_taps(links, leases) if links is not None else {}
         if (leases or taps) and not force:
             names = ", ".join(sorted({lease.vm_id for lease in leases} | set(taps.values())))
             raise HostNetworkError("host down", f"VMs still have leases or TAPs ({names}); "
@@ -366,19 +432,21 @@ class HostNetwork:
             removed = self._nft.delete_table()
             self._records.remove("nft", "inet browservm")
             changes.append(Change("nftables table inet browservm", "removed" if removed else "unchanged"))
+        # A record may name an object that never got created (`up` records before it creates).
         for name in self._records.names("address"):
             bridge_name, _, address = name.partition(" ")
             bridge = links.get(bridge_name)
-            if bridge is not None and IPv4Interface(address) in links.addresses(bridge):
+            present = bridge is not None and IPv4Interface(address) in links.addresses(bridge)
+            if present and bridge is not None:
                 links.remove_address(bridge, IPv4Interface(address))
             self._records.remove("address", name)
-            changes.append(Change(f"address {address} on {bridge_name}", "removed"))
+            changes.append(Change(f"address {address} on {bridge_name}", *_removed(present)))
         for name in self._records.names("bridge"):
             bridge = links.get(name)
             if bridge is not None:
                 links.delete(bridge.index, bridge.name)
             self._records.remove("bridge", name)
-            changes.append(Change(f"bridge {name}", "removed"))
+            changes.append(Change(f"bridge {name}", *_removed(bridge is not None)))
         previous = self._records.get("sysctl", IP_FORWARD)
         if previous is not None:
             self._sysctl.write(IP_FORWARD, previous)
@@ -395,6 +463,8 @@ class HostNetwork:
         """
         with self.netns.entered():
             index = create_tap(lease.tap, *self._tap_owner, netns=self.netns.name)
+            # A crash here leaves a TAP without its alias; `remove_tap` and `owned_taps` know it by its name.
+            crash_point("net.tap.created")
             rtnl = RtnlSocket()
             try:
                 attach_port(rtnl, index, lease.tap, lease.bridge, tap_alias(lease.vm_id, self.owner),
@@ -407,13 +477,18 @@ class HostNetwork:
 
     @_confined
     def remove_tap(self, vm_id: str) -> bool:
-        """Delete the VM's TAP; False if it was already gone. Never deletes a TAP another VM owns."""
+        """Delete the VM's TAP; False if it was already gone. Never deletes a TAP another VM owns.
+
+        A TAP with the VM's name and no alias at all is the VM's own, half made by
+        an interrupted `add_tap`: the caller names a VM of its own store, and only
+        that VM's id derives this name.
+        """
         tap = names_for(vm_id).tap
         with self._inside() as links:
             link = links.get(tap)
             if link is None:
                 return False
-            if link.vm_of(self.owner) != vm_id:
+            if link.vm_of(self.owner) != vm_id and not link.half_made_tap:
                 raise HostNetworkError("delete TAP", f"belongs to {link.alias or 'someone else'}, not VM {vm_id}",
                                        device=tap, netns=self.netns.name)
             links.delete(link.index, link.name)
@@ -421,6 +496,11 @@ class HostNetwork:
 
     @_confined
     def owned_taps(self) -> dict[str, str]:
-        """TAP name -> VM id, for every TAP that this controller made."""
+        """TAP name -> VM id, for every TAP that this controller made, half-made ones of leased VMs included."""
         with self._inside() as links:
-            return {link.name: vm_id for link in links.all() if (vm_id := link.vm_of(self.owner)) is not None}
+            return {link.name: vm_id for link, vm_id in self._our_taps(links, self._leases()).items()}
+
+
+def _removed(present: bool) -> tuple[str, str]:
+    """How `down` reports a recorded object: removed, or never created (an interrupted `up`)."""
+    return ("removed", "") if present else ("unchanged", "not present")

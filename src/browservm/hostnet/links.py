@@ -64,6 +64,15 @@ class LinkInfo:
         vm_id, _, tag = self.alias[len(TAP_ALIAS_PREFIX):].partition(" owner=")
         return vm_id if tag == owner else None
 
+    @property
+    def half_made_tap(self) -> bool:
+        """A TAP as a crash between `create_tap` and `attach_port` leaves it: no alias, no bridge.
+
+        Only its name can then say whose it is, and only a caller that derived
+        that name from a VM of its own store can claim it.
+        """
+        return self.kind == "tun" and self.alias is None and self.master is None
+
 
 def _link_info(msg: Any) -> LinkInfo:
     kind = msg.get(("linkinfo", "kind"))
