@@ -11,7 +11,8 @@ from typing import Protocol
 
 from browservm.errors import InvalidInput, VmmError
 from browservm.hostnet.netns import NetworkNamespace
-from browservm.vmm import firecracker, process
+from browservm.vmm import firecracker, placement, process
+from browservm.vmm.placement import Placement, choose_placement
 from browservm.vmm.process import VmmProcess
 from browservm.vmm.qemu import QEMU, AccelProbe, qemu_argv
 from browservm.vmm.spec import VmSpec
@@ -26,6 +27,20 @@ class VmmDriver(Protocol):
 
     def stop(self, spec: VmSpec, vmm: VmmProcess, timeout: float) -> None: ...
 
+    def release(self, vm_id: str) -> None:
+        """Remove what the driver made for this VM outside its directory (its cgroup or scope, a jail),
+        ending anything still running there. Idempotent; safe when the VMM never started."""
+        ...
+
+    def is_vmm_of(self, vmm: VmmProcess, directory: Path) -> bool:
+        """Whether `vmm` is alive and is the VMM of the VM in `directory` (process.is_vmm_of: by its
+        recorded identity and where it stands, never by a command-line word)."""
+        ...
+
+    def running(self, vm_root: Path) -> dict[VmmProcess, str]:
+        """Every running VMM of a VM directory under `vm_root`, with its VM id (process.owned_vmms)."""
+        ...
+
 
 def _kill(spec: VmSpec, vmm: VmmProcess, graceful_exit: bool, timeout: float) -> None:
     """After a graceful request: wait for the exit, then SIGKILL, then make sure it is gone."""
@@ -39,10 +54,11 @@ def _kill(spec: VmSpec, vmm: VmmProcess, graceful_exit: bool, timeout: float) ->
 class QemuDriver:
     name = "qemu"
 
-    def __init__(self, probe: AccelProbe | None = None, qemu: str = QEMU) -> None:
+    def __init__(self, probe: AccelProbe | None = None, qemu: str = QEMU, placement: Placement | None = None) -> None:
         self._probe = probe or AccelProbe(qemu)
         self._qemu = qemu
         self._accel: dict[Path, str] = {}
+        self.placement = placement or choose_placement()  # `placement.reason` says where VMMs run and why
 
     def accel(self, kernel: Path) -> str:
         if kernel not in self._accel:
@@ -51,10 +67,20 @@ class QemuDriver:
 
     def start(self, spec: VmSpec, netns: NetworkNamespace) -> VmmProcess:
         argv = qemu_argv(spec, self.accel(spec.kernel), self._qemu)
-        return process.spawn(argv, spec.vmm_log, netns, spec.vm_id)
+        return process.spawn(argv, spec.vmm_log, netns, spec.vm_id, directory=spec.directory,
+                             placement=self.placement)
 
     def stop(self, spec: VmSpec, vmm: VmmProcess, timeout: float) -> None:
         _kill(spec, vmm, self._quit(spec), timeout)
+
+    def release(self, vm_id: str) -> None:
+        self.placement.release(vm_id)
+
+    def is_vmm_of(self, vmm: VmmProcess, directory: Path) -> bool:
+        return process.is_vmm_of(vmm, directory)
+
+    def running(self, vm_root: Path) -> dict[VmmProcess, str]:
+        return process.owned_vmms(vm_root)
 
     def _quit(self, spec: VmSpec) -> bool:
         """Ask QEMU to quit through QMP (it flushes and closes its disks); False if it cannot be asked."""
@@ -77,10 +103,12 @@ class FirecrackerDriver:
     name = "firecracker"
 
     def __init__(self, binary: str = firecracker.FIRECRACKER, jailer: firecracker.JailerOptions | None = None,
-                 jailer_binary: str = firecracker.JAILER) -> None:
+                 jailer_binary: str = firecracker.JAILER, placement: Placement | None = None) -> None:
         self._binary = shutil.which(binary) or binary
         self._jailer = jailer
         self._jailer_binary = jailer_binary
+        self.placement = placement or choose_placement()  # `placement.reason` says where VMMs run and why
+        self.jail_base = None if jailer is None else jailer.chroot_base  # jails: <base>/<exec name>/<vm id>/root
 
     def accel(self, kernel: Path) -> str:
         return "kvm"
@@ -95,7 +123,8 @@ class FirecrackerDriver:
             spec.vmm_log.touch()  # Firecracker's logger wants an existing file
             argv = firecracker.firecracker_argv(spec, config, self._binary)
         # Firecracker's stdout is the guest's serial console.
-        return process.spawn(argv, spec.console_log, netns, spec.vm_id)
+        return process.spawn(argv, spec.console_log, netns, spec.vm_id, directory=spec.directory,
+                             placement=self.placement)
 
     def stop(self, spec: VmSpec, vmm: VmmProcess, timeout: float) -> None:
         try:
@@ -104,21 +133,43 @@ class FirecrackerDriver:
         except VmmError:
             asked = False
         _kill(spec, vmm, asked, timeout)
-        if self._jailer is not None:
-            shutil.rmtree(firecracker.jail_root(spec, self._jailer, self._binary).parent, ignore_errors=True)
+
+    def release(self, vm_id: str) -> None:
+        self.placement.release(vm_id)
+        if self._jailer is None:
+            return
+        # Given --cgroup limits, the jailer moves Firecracker out of our cgroup into one of its own.
+        cgroup2 = placement.cgroup2_root()
+        if cgroup2 is not None:
+            placement.remove_cgroup(firecracker.jail_cgroup(cgroup2, vm_id, self._binary), vm_id)
+        jail = firecracker.jail_root(vm_id, self._jailer, self._binary).parent
+        if jail.exists():
+            try:
+                shutil.rmtree(jail)
+            except OSError as exc:
+                raise VmmError(vm_id, "release", f"cannot remove jail {exc.filename}: {exc.strerror}") from exc
+
+    def jail_root(self, vm_id: str) -> Path | None:
+        """The chroot of this VM's jailed Firecracker (its identity when jailed); None without the jailer."""
+        return None if self._jailer is None else firecracker.jail_root(vm_id, self._jailer, self._binary)
+
+    def is_vmm_of(self, vmm: VmmProcess, directory: Path) -> bool:
+        return process.is_vmm_of(vmm, directory, self.jail_root(directory.name))
+
+    def running(self, vm_root: Path) -> dict[VmmProcess, str]:
+        return process.owned_vmms(vm_root, self.jail_base)
 
 
-def choose_driver(name: str, probe: AccelProbe | None = None,
-                  jailer: firecracker.JailerOptions | None = None) -> VmmDriver:
-    """`firecracker`, `qemu`, or `auto`: Firecracker when it can run here, else QEMU."""
+def choose_driver(name: str, probe: AccelProbe | None = None, jailer: firecracker.JailerOptions | None = None,
+                  placement: Placement | None = None) -> VmmDriver:
+    """`firecracker`, `qemu`, or `auto`: Firecracker when it can run here, else QEMU. VMMs run where
+    `placement` puts them (default: choose_placement(), a cgroup of their own)."""
+    if name not in ("auto", "firecracker", "qemu"):
+        raise InvalidInput("vmm", name, "must be auto, firecracker or qemu")
+    where = placement or choose_placement()
     if name == "qemu":
-        return QemuDriver(probe)
-    if name == "firecracker":
-        usable, reason = firecracker.available()
-        if not usable:
-            raise VmmError("-", "choose driver", f"firecracker cannot run here: {reason}")
-        return FirecrackerDriver(jailer=jailer)
-    if name == "auto":
-        usable, _ = firecracker.available()
-        return FirecrackerDriver(jailer=jailer) if usable else QemuDriver(probe)
-    raise InvalidInput("vmm", name, "must be auto, firecracker or qemu")
+        return QemuDriver(probe, placement=where)
+    usable, reason = firecracker.available()
+    if name == "firecracker" and not usable:
+        raise VmmError("-", "choose driver", f"firecracker cannot run here: {reason}")
+    return FirecrackerDriver(jailer=jailer, placement=where) if usable else QemuDriver(probe, placement=where)

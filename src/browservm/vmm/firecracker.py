@@ -69,9 +69,18 @@ class JailerOptions:
 _JAILED_API_SOCKET = "/run/firecracker.sock"
 
 
-def jail_root(spec: VmSpec, options: JailerOptions, firecracker: str = FIRECRACKER) -> Path:
-    """Where the jailer chroots this VM's Firecracker: <base>/<exec file name>/<vm id>/root."""
-    return options.chroot_base / Path(firecracker).name / spec.vm_id / "root"
+def jail_root(vm_id: str, options: JailerOptions, firecracker: str = FIRECRACKER) -> Path:
+    """Where the jailer chroots this VM's Firecracker: <base>/<exec file name>/<vm id>/root.
+
+    Also the jailed VMM's identity: its /proc/PID/root (process.is_vmm_of, process.owned_vmms).
+    """
+    return options.chroot_base / Path(firecracker).name / vm_id / "root"
+
+
+def jail_cgroup(cgroup2_root: Path, vm_id: str, firecracker: str = FIRECRACKER) -> Path:
+    """The cgroup the jailer moves Firecracker into when given --cgroup limits: its default parent
+    cgroup is the exec file's name, under the root of the v2 hierarchy."""
+    return cgroup2_root / Path(firecracker).name / vm_id
 
 
 def jailed_spec(spec: VmSpec) -> VmSpec:
@@ -82,7 +91,7 @@ def jailed_spec(spec: VmSpec) -> VmSpec:
 
 def prepare_jail(spec: VmSpec, options: JailerOptions, firecracker: str = FIRECRACKER) -> Path:
     """Put what Firecracker needs into its chroot (hard links: no copy of the golden image)."""
-    root = jail_root(spec, options, firecracker)
+    root = jail_root(spec.vm_id, options, firecracker)
     inside = jailed_spec(spec)
     try:
         (root / "run").mkdir(parents=True)
