@@ -53,7 +53,10 @@ packages=(
   openbox
   x11vnc
   websockify
+  # noVNC: the guests serve it, and so does the controller's viewer page (from /usr/share/novnc)
   novnc
+  # the end-to-end tests open the viewer and the operator page in a real browser (Playwright)
+  chromium
 )
 
 # --- Debian packages: only the missing ones -------------------------------------------------
