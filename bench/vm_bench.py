@@ -73,16 +73,18 @@ def boot_timeline(state: Path, boots: int) -> None:
                     start = time.monotonic()
                     stamps: dict[str, float] = {}
                     watcher: asyncio.Task[None] | None = None
+                    directory = Path()
 
                     def stage(name: str, seconds: float) -> None:
                         nonlocal watcher
                         stamps[name] = time.monotonic()
                         if name == "disk.clone":
-                            directory = Path(manager.all()[-1].directory)
                             watcher = asyncio.ensure_future(_timeline(ConsoleLog(directory / "console.log"), seen,
                                                                       stop))
 
-                    record = await manager.create(on_stage=stage)
+                    started, creating = await manager.start(on_stage=stage)
+                    directory = Path(started.directory)  # before the first stage: the task has not run yet
+                    record = await creating
                     stop.set()
                     if watcher is not None:
                         await watcher

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
 
 from browservm.config import Settings
+from browservm.errors import AlreadyServed, StateError
 from browservm.hostnet.host import HostNetwork
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.images.disk import DiskTemplates
@@ -69,3 +74,35 @@ def jailer_options(settings: Settings) -> JailerOptions | None:
     uid, gid = settings.vmm_ids
     # Beside the state directory: hard links into the jail need the images on the same file system.
     return JailerOptions(uid=uid, gid=gid, chroot_base=settings.state_dir / "jail")
+
+
+class ServeLock:
+    """Only one controller serves a state directory: an exclusive lock held for the controller's life.
+
+    The kernel drops the lock when the process ends, however it ends, so a crashed controller
+    never blocks the next one. The file names the holder's PID for the refusal message.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "serve.lock"
+        self._fd = -1
+
+    def __enter__(self) -> ServeLock:
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StateError(str(self.path), f"cannot open the serve lock: {exc.strerror}") from exc
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
+            os.close(self._fd)
+            raise AlreadyServed(str(self.path.parent), int(holder) if holder.isdigit() else None) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        os.close(self._fd)  # the lock goes with the descriptor

@@ -6,6 +6,8 @@
     │   └── BootArgsError               (bootargs.py) a kernel argument the guest would misread
     ├── LimitExceeded                   a request over a configured limit: carries `limit`, `value`
     ├── StateError                      the state directory cannot be used (which file, why)
+    │   ├── StateConflict               a VM's record changed under a writer: `vm_id`, `writing`, `found`
+    │   └── AlreadyServed               another controller holds the state directory: `pid`
     ├── IpamError
     │   ├── PoolExhausted               every address of the subnet is leased
     │   └── NameCollision               two VM ids derive the same TAP name or MAC
@@ -19,6 +21,9 @@
     │       └── KernelConfigDropped     olddefconfig dropped fragment options: carries `options`
     ├── ImageBuildError                 a step of `image build` or of a VM's disk: `step`, `reason`, `log`
     ├── VmmError                        a VMM could not be started, stopped or found: `vm_id`, `step`
+    ├── CleanupFailed                   releasing a VM's resources failed: `vm_id`, `errors` (one per resource)
+    ├── OperationFailed                 an OS call failed outside any VM (disk full, permission denied):
+    │                                   `operation`, `reason`, `path`
     └── ProbeFailed                     a hop to a VM's desktop did not answer: carries `hop`, `reason`
 
 The command line turns them into exit codes in one place (cli.main): 2 for
@@ -189,3 +194,46 @@ class LimitExceeded(BrowserVMError):
         self.value = value
         self.reason = reason
         super().__init__(f"refused: {reason}; {limit} is {value}")
+
+
+class StateConflict(StateError):
+    """A VM's record is no longer what this writer read: someone else changed or removed it first.
+
+    Every write of a record is a compare-and-set, so two requests racing on one VM never both win.
+    """
+
+    def __init__(self, vm_id: str, writing: str, found: str | None) -> None:
+        self.vm_id = vm_id
+        self.writing = writing
+        self.found = found
+        now = "it is gone" if found is None else f"it is {found} now"
+        super().__init__(f"VM {vm_id}", f"changed by someone else before it could be written as {writing}: {now}")
+
+
+class AlreadyServed(StateError):
+    """Another controller process serves this state directory."""
+
+    def __init__(self, path: str, pid: int | None) -> None:
+        self.pid = pid
+        who = f"process {pid}" if pid else "another process"
+        super().__init__(path, f"already served by {who}; stop it first or use another --state-dir")
+
+
+class CleanupFailed(BrowserVMError):
+    """Some of a VM's resources could not be released; the record keeps them counted until they are."""
+
+    def __init__(self, vm_id: str, errors: list[str]) -> None:
+        self.vm_id = vm_id
+        self.errors = errors
+        super().__init__(f"VM {vm_id}: cleanup failed: {'; '.join(errors)}")
+
+
+class OperationFailed(BrowserVMError):
+    """An OS call failed while a command ran (disk full, permission denied, a missing file)."""
+
+    def __init__(self, operation: str, error: OSError) -> None:
+        self.operation = operation
+        self.reason = error.strerror or str(error)
+        self.path = str(error.filename) if error.filename is not None else None
+        where = f": {self.path}" if self.path else ""
+        super().__init__(f"{operation}: {self.reason}{where}")

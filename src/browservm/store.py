@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS vms (
     user            TEXT NOT NULL,
     state           TEXT NOT NULL,
     holds_resources INTEGER NOT NULL,
-    data            TEXT NOT NULL
+    data            TEXT NOT NULL,
+    version         INTEGER NOT NULL DEFAULT 0  -- bumped by every write: the compare-and-set token
 );
 -- What `host up` created, so `host down` removes exactly that and nothing else.
 CREATE TABLE IF NOT EXISTS host_objects (
@@ -45,7 +46,7 @@ CREATE TABLE IF NOT EXISTS host_objects (
     PRIMARY KEY (kind, name)
 );
 """
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _BUSY_TIMEOUT_S = 30.0
 
 
@@ -69,6 +70,9 @@ class Store:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
+                columns = {row[1] for row in db.execute("PRAGMA table_info(vms)")}
+                if "version" not in columns:  # a state directory from schema 2
+                    db.execute("ALTER TABLE vms ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
                 db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
             os.chmod(path, 0o600)
         except (OSError, sqlite3.Error) as exc:

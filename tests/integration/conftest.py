@@ -148,7 +148,7 @@ class Controllers:
     def cleanup(self) -> None:
         try:
             with open_controller(self.settings()) as controller:
-                for record in controller.manager.all():
+                for record in asyncio.run(controller.manager.all()):
                     asyncio.run(controller.manager.destroy(record.vm_id))
                 controller.network.down(force=True)
         finally:

@@ -26,7 +26,7 @@ from .conftest import Controllers
 pytestmark = [pytest.mark.host, pytest.mark.vm]
 
 HOPS = ["net.lease", "net.tap", "disk.clone", "vmm.spawn", "guest.network", "net.arp", "desktop.ready",
-        "net.tcp", "ws.upgrade", "rfb.banner"]
+        "net.tcp", "ws.upgrade", "rfb.banner", "desktop.complete"]
 
 
 def test_a_kernel_with_ip_pnp_configures_the_guest_itself(controllers: Controllers) -> None:
@@ -62,7 +62,7 @@ def test_b_without_ip_pnp_and_without_configurator_the_incident_is_reproduced_an
             await arp_probe(controller.network.netns, record.bridge, IPv4Address(record.gateway), address, 3)
         with pytest.raises(ProbeFailed) as excinfo:
             await open_tcp(controller.network.netns, address, 6080, 5)
-        assert excinfo.value.hop == "tcp"
+        assert excinfo.value.hop == "net.tcp"
 
     asyncio.run(unreachable_although_the_desktop_runs())
 

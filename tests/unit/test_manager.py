@@ -1,40 +1,61 @@
-"""The manager's orchestration against fakes: refusals, limits, and undo on failure.
+"""The manager's orchestration against fakes: refusals, limits, undo on failure, and what a server
+needs of it: a loop that never stalls, cancellation that leaves nothing, conditional writes.
 
-What the fakes stand in for (TAPs, VMMs) is tested for real in tests/integration.
+The fakes stand in for the TAPs and the guest; the "VMM" is a real process (`sleep`), so exit
+watching and stopping are real. What the fakes stand in for is tested for real in tests/integration.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
 import threading
-from ipaddress import IPv4Network
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from browservm.errors import InvalidInput, LimitExceeded, VmmError
+from browservm.errors import HostNetworkError, InvalidInput, LimitExceeded, ProbeFailed, StateConflict, VmmError
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.ipam import Ipam, Lease
 from browservm.netplan import NetworkPlan
 from browservm.store import Store
-from browservm.vm.manager import Images, Limits, VMManager
+from browservm.vm import hops
+from browservm.vm.console import ConsoleLog
+from browservm.vm.manager import Deadlines, Images, Limits, VMManager
+from browservm.vm.readiness import Connection, GuestNetwork
 from browservm.vm.records import VmRecord, VmRecords
 from browservm.vm.state import VmState
+from browservm.vmm import process
 from browservm.vmm.process import VmmProcess
 from browservm.vmm.spec import VmSpec
 
 
 class FakeNetwork:
+    """TAPs as a set; `block` makes each call block its thread as a slow netlink round trip would."""
+
     def __init__(self) -> None:
         self.netns = NetworkNamespace(None)
         self.taps: set[str] = set()
         self.calls: list[str] = []
+        self.block = 0.0
+        self.remove_fails = False
 
     def add_tap(self, lease: Lease) -> None:
+        time.sleep(self.block)
         self.calls.append(f"add {lease.vm_id}")
         self.taps.add(lease.vm_id)
 
     def remove_tap(self, vm_id: str) -> bool:
+        time.sleep(self.block)
+        if self.remove_fails:
+            raise HostNetworkError("delete TAP", "Device or resource busy", device=f"tap-{vm_id}")
         self.calls.append(f"remove {vm_id}")
         present = vm_id in self.taps
         self.taps.discard(vm_id)
@@ -44,69 +65,226 @@ class FakeNetwork:
         return {f"tap-{vm_id}": vm_id for vm_id in self.taps}
 
 
-class FailingDriver:
+class SleepDriver:
+    """Starts `sleep` as the VM's "VMM": a real process to watch, stop and find."""
+
     name = "fake"
 
+    def __init__(self) -> None:
+        self.block = 0.0
+        self.fail_start = False
+        self.started: dict[VmmProcess, str] = {}
+
     def accel(self, kernel: Path) -> str:
+        time.sleep(self.block)  # as the KVM probe boot would
         return "tcg"
 
     def start(self, spec: VmSpec, netns: NetworkNamespace) -> VmmProcess:
         assert spec.overlay is not None and spec.overlay.exists()  # the disk exists before the VMM starts
-        raise VmmError(spec.vm_id, "start", "cannot run fake-vmm: No such file or directory")
+        if self.fail_start:
+            raise VmmError(spec.vm_id, "start", "cannot run fake-vmm: No such file or directory")
+        time.sleep(self.block)
+        child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        start_time = process.start_time(child.pid)
+        assert start_time is not None
+        vmm = VmmProcess(child.pid, start_time)
+        self.started[vmm] = spec.vm_id
+        return vmm
 
     def stop(self, spec: VmSpec, vmm: VmmProcess, timeout: float) -> None:
-        raise AssertionError("never started, never stopped")
+        process.signal_process(vmm, signal.SIGKILL)
+        assert process.wait_exit(vmm, timeout)
+
+    def release(self, vm_id: str) -> None:
+        pass
+
+    def is_vmm_of(self, vmm: VmmProcess, directory: Path) -> bool:
+        return self.started.get(vmm) == directory.name and process.alive(vmm)
+
+    def running(self, vm_root: Path) -> dict[VmmProcess, str]:
+        return {vmm: vm_id for vmm, vm_id in self.started.items() if process.alive(vmm)}
+
+    def alive(self) -> list[VmmProcess]:
+        return [vmm for vmm in self.started if process.alive(vmm)]
+
+
+@dataclass
+class FakeConnection:
+    probes: FakeProbes
+
+    async def upgrade(self) -> None:
+        await self.probes.gate("ws.upgrade")
+
+    async def banner(self) -> str:
+        await self.probes.gate("rfb.banner")
+        return "RFB 003.008"
+
+    def close(self) -> None:
+        self.probes.closed += 1
+
+
+@dataclass
+class FakeProbes:
+    """Every hop passes at once, except those told to hang (until released) or fail."""
+
+    ipam: Ipam
+    hang: dict[str, asyncio.Event] = field(default_factory=dict)
+    fail: dict[str, str] = field(default_factory=dict)
+    cancelled: list[str] = field(default_factory=list)
+    reached: dict[str, asyncio.Event] = field(default_factory=dict)
+    closed: int = 0
+
+    def hang_at(self, hop: str) -> asyncio.Event:
+        self.hang[hop] = asyncio.Event()
+        self.reached[hop] = asyncio.Event()
+        return self.hang[hop]
+
+    async def gate(self, hop: str) -> None:
+        if hop in self.reached:
+            self.reached[hop].set()
+        if hop in self.hang:
+            try:
+                await self.hang[hop].wait()
+            except asyncio.CancelledError:
+                self.cancelled.append(hop)
+                raise
+        if hop in self.fail:
+            raise ProbeFailed(hop, self.fail[hop])
+
+    async def guest_network(self, console: ConsoleLog, timeout: float) -> GuestNetwork:
+        await self.gate("guest.network")
+        return GuestNetwork("configurator", "browservm-net: status=ok")
+
+    async def arp(self, netns: NetworkNamespace, bridge: str, source: IPv4Address, target: IPv4Address,
+                  timeout: float) -> str:
+        await self.gate("net.arp")
+        return next(lease.mac for lease in self.ipam.leases() if lease.address.ip == target)
+
+    async def desktop_ready(self, console: ConsoleLog, timeout: float) -> None:
+        await self.gate("desktop.ready")
+
+    async def desktop_complete(self, console: ConsoleLog, timeout: float) -> None:
+        await self.gate("desktop.complete")
+
+    async def connect(self, netns: NetworkNamespace, address: IPv4Address, port: int,
+                      timeout: float) -> Connection:
+        await self.gate("net.tcp")
+        return FakeConnection(self)
+
+
+@dataclass
+class Parts:
+    store: Store
+    ipam: Ipam
+    network: FakeNetwork
+    driver: SleepDriver
+    vm_root: Path
+    images: Images
+
+    def manager(self, probes: FakeProbes | None = None, images_delay: float = 0.0,
+                limits: Limits | None = None) -> VMManager:
+        def images() -> Images:
+            time.sleep(images_delay)  # as resolving (or building) the kernel and image would
+            return self.images
+        return VMManager(records=VmRecords(self.store), ipam=self.ipam, network=self.network, driver=self.driver,
+                         images=images, vm_root=self.vm_root, limits=limits or Limits(max_vms=4, max_vms_per_user=2),
+                         deadlines=Deadlines(stop=5), probes=probes or FakeProbes(self.ipam))
+
+    def leftovers(self) -> dict[str, object]:
+        return {"taps": self.network.taps, "leases": self.ipam.leases(), "vmms": self.driver.alive(),
+                "directories": list(self.vm_root.iterdir()) if self.vm_root.exists() else []}
+
+
+NOTHING: dict[str, object] = {"taps": set(), "leases": [], "vmms": [], "directories": []}
 
 
 @pytest.fixture
-def parts(tmp_path: Path) -> tuple[VMManager, FakeNetwork, Ipam, Path]:
+def parts(tmp_path: Path) -> Iterator[Parts]:
     store = Store(tmp_path / "state.sqlite3")
     ipam = Ipam(store, NetworkPlan.build(IPv4Network("192.168.100.0/24"), "br0"))
     template = tmp_path / "template.ext4"
     template.write_bytes(b"\0" * 4096)
     images = Images(kernel=tmp_path / "vmlinux", rootfs=tmp_path / "rootfs.ext4", disk_template=template)
-    network = FakeNetwork()
-    manager = VMManager(records=VmRecords(store), ipam=ipam, network=network, driver=FailingDriver(),
-                        images=lambda: images, vm_root=tmp_path / "vms", limits=Limits(max_vms=4, max_vms_per_user=2))
-    return manager, network, ipam, tmp_path / "vms"
+    built = Parts(store, ipam, FakeNetwork(), SleepDriver(), tmp_path / "vms", images)
+    yield built
+    for vmm in built.driver.alive():
+        process.signal_process(vmm, signal.SIGKILL)
+    store.close()
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({"vcpus": 0}, "vcpus"), ({"vcpus": 64}, "vcpus"), ({"mem_mib": 16}, "mem_mib"), ({"user": ""}, "user"),
+    ({"vcpus": True}, "vcpus"), ({"mem_mib": 1024.5}, "mem_mib"),
 ])
 def test_bad_requests_are_refused_before_anything_is_allocated(
-        parts: tuple[VMManager, FakeNetwork, Ipam, Path], kwargs: dict[str, object], field: str) -> None:
-    manager, network, ipam, _ = parts
+        parts: Parts, kwargs: dict[str, object], field: str) -> None:
+    manager = parts.manager()
     with pytest.raises(InvalidInput) as excinfo:
         asyncio.run(manager.create(**kwargs))  # type: ignore[arg-type]
     assert excinfo.value.field == field
-    assert manager.all() == [] and ipam.leases() == [] and network.calls == []
+    assert asyncio.run(manager.all()) == [] and parts.leftovers() == NOTHING and parts.network.calls == []
 
 
-def test_a_failed_start_undoes_every_stage_in_reverse_and_says_which_hop(
-        parts: tuple[VMManager, FakeNetwork, Ipam, Path]) -> None:
-    manager, network, ipam, vm_root = parts
+def test_a_vm_passes_every_hop_in_the_order_of_the_one_vocabulary(parts: Parts) -> None:
+    manager = parts.manager()
+    record = asyncio.run(manager.create())
+    assert record.state == VmState.READY and record.owner == ""
+    assert tuple(record.stages) == hops.NAMES
+    assert asyncio.run(manager.destroy(record.vm_id)) and parts.leftovers() == NOTHING
+
+
+def test_a_failed_start_releases_everything_and_names_its_own_stage(parts: Parts) -> None:
+    parts.driver.fail_start = True
+    manager = parts.manager()
     record = asyncio.run(manager.create())
     assert record.state == VmState.FAILED and record.failure is not None
-    assert (record.failure.hop, record.failure.reason) == ("vmm", "cannot run fake-vmm: No such file or directory")
+    assert (record.failure.hop, record.failure.reason) == ("vmm.spawn",
+                                                          "cannot run fake-vmm: No such file or directory")
     assert list(record.stages) == ["net.lease", "net.tap", "disk.clone"]
-    assert network.calls == [f"add {record.vm_id}", f"remove {record.vm_id}"]
-    assert ipam.leases() == [] and list(vm_root.iterdir()) == []
-    assert not record.holds_resources
+    assert parts.network.calls == [f"add {record.vm_id}", f"remove {record.vm_id}"]
+    assert parts.leftovers() == NOTHING and not record.holds_resources
 
 
-def test_keep_failed_keeps_the_resources_for_diagnosis(parts: tuple[VMManager, FakeNetwork, Ipam, Path]) -> None:
-    manager, network, ipam, vm_root = parts
+def test_an_os_error_is_a_failure_of_its_stage_with_the_reason_not_a_traceback(parts: Parts) -> None:
+    parts.images = Images(parts.images.kernel, parts.images.rootfs, disk_template=parts.vm_root.parent)  # a dir
+    record = asyncio.run(parts.manager().create())
+    assert record.state == VmState.FAILED and record.failure is not None
+    assert record.failure.hop == "disk.clone"
+    assert "Is a directory" in record.failure.reason and record.failure.hint
+    assert parts.leftovers() == NOTHING
+
+
+def test_a_host_network_error_fails_at_net_tap(parts: Parts) -> None:
+    def refuse(lease: Lease) -> None:
+        raise HostNetworkError("attach to br0", "bridge br0 does not exist; run `browservm host up`")
+    parts.network.add_tap = refuse  # type: ignore[method-assign]
+    record = asyncio.run(parts.manager().create())
+    assert record.failure is not None and record.failure.hop == "net.tap"
+    assert "bridge br0 does not exist" in record.failure.reason
+
+
+def test_a_failing_probe_names_its_hop_and_the_vmm_is_stopped(parts: Parts) -> None:
+    probes = FakeProbes(parts.ipam, fail={"ws.upgrade": "expected '101 Switching Protocols', got 'HTTP/1.1 200'"})
+    record = asyncio.run(parts.manager(probes).create())
+    assert record.failure is not None and record.failure.hop == "ws.upgrade"
+    assert probes.closed == 1  # the desktop connection was closed
+    assert parts.leftovers() == NOTHING
+
+
+def test_keep_failed_keeps_the_resources_for_diagnosis(parts: Parts) -> None:
+    parts.driver.fail_start = True
+    manager = parts.manager()
     record = asyncio.run(manager.create(keep_failed=True))
     assert record.state == VmState.FAILED and record.holds_resources
-    assert network.taps == {record.vm_id} and [lease.vm_id for lease in ipam.leases()] == [record.vm_id]
-    assert (vm_root / record.vm_id / "overlay.ext4").exists()
+    assert parts.network.taps == {record.vm_id} and [lease.vm_id for lease in parts.ipam.leases()] == [record.vm_id]
+    assert (parts.vm_root / record.vm_id / "overlay.ext4").exists()
     assert asyncio.run(manager.destroy(record.vm_id))
-    assert network.taps == set() and ipam.leases() == [] and list(vm_root.iterdir()) == []
+    assert parts.leftovers() == NOTHING
 
 
-def test_limits_count_vms_that_hold_resources(parts: tuple[VMManager, FakeNetwork, Ipam, Path]) -> None:
-    manager, _, _, _ = parts
+def test_limits_count_vms_that_hold_resources(parts: Parts) -> None:
+    parts.driver.fail_start = True
+    manager = parts.manager()
     for _ in range(2):
         asyncio.run(manager.create(user="ann", keep_failed=True))
     with pytest.raises(LimitExceeded, match="user 'ann' already has 2 VMs"):
@@ -136,3 +314,197 @@ def test_concurrent_inserts_never_exceed_a_limit(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert len(accepted) == 3 and len(records.all()) == 3
+
+
+# --- what a server needs ------------------------------------------------------------------------
+
+async def _longest_stall_during(work: asyncio.Future[object]) -> float:
+    """The longest time the event loop went without running a 1 ms heartbeat while `work` ran."""
+    loop = asyncio.get_running_loop()
+    longest = 0.0
+    while not work.done():
+        before = loop.time()
+        await asyncio.sleep(0.001)
+        longest = max(longest, loop.time() - before - 0.001)
+    await work
+    return longest
+
+
+def test_nothing_blocks_the_event_loop_while_a_vm_is_created_and_destroyed(parts: Parts) -> None:
+    # Every blocking step made slow, as image resolution, the KVM probe, netlink and spawning can be.
+    parts.network.block = parts.driver.block = 0.2
+    manager = parts.manager(images_delay=0.3)
+
+    async def create_and_destroy() -> tuple[float, float, VmRecord]:
+        creating = asyncio.ensure_future(manager.create())
+        stall_create = await _longest_stall_during(creating)  # type: ignore[arg-type]
+        record = creating.result()
+        destroying = asyncio.ensure_future(manager.destroy(record.vm_id))
+        stall_destroy = await _longest_stall_during(destroying)  # type: ignore[arg-type]
+        return stall_create, stall_destroy, record
+
+    stall_create, stall_destroy, record = asyncio.run(create_and_destroy())
+    assert record.state == VmState.READY
+    assert stall_create < 0.05, f"the event loop stalled {stall_create * 1000:.0f} ms during create"
+    assert stall_destroy < 0.05, f"the event loop stalled {stall_destroy * 1000:.0f} ms during destroy"
+    assert parts.leftovers() == NOTHING
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("hop", ["guest.network", "net.arp", "desktop.ready", "ws.upgrade", "rfb.banner",
+                                 "desktop.complete"])
+def test_cancelling_a_create_during_a_hop_leaves_nothing_running(parts: Parts, hop: str) -> None:
+    probes = FakeProbes(parts.ipam)
+    manager = parts.manager(probes)
+    fds_before = _open_fds()
+
+    async def cancel_during_hop() -> tuple[VmRecord, set[asyncio.Task[Any]]]:
+        probes.hang_at(hop)
+        creating = asyncio.ensure_future(manager.create())
+        await probes.reached[hop].wait()
+        creating.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await creating
+        [record] = await manager.all()
+        return record, {task for task in asyncio.all_tasks() if task is not asyncio.current_task()}
+
+    record, tasks = asyncio.run(cancel_during_hop())
+    assert probes.cancelled == [hop]  # the probe itself was cancelled, not abandoned
+    assert tasks == set(), tasks
+    assert _open_fds() == fds_before  # no socket, inotify watch or pidfd survived
+    assert record.state == VmState.FAILED and record.failure is not None
+    assert (record.failure.hop, record.failure.reason) == ("controller", f"cancelled during {hop}")
+    assert not record.holds_resources and parts.leftovers() == NOTHING
+
+
+def test_cancelling_a_create_while_a_blocking_stage_runs_undoes_what_that_stage_made(parts: Parts) -> None:
+    parts.network.block = 0.3
+    manager = parts.manager()
+
+    async def cancel_while_the_tap_is_made() -> None:
+        creating = asyncio.ensure_future(manager.create())
+        while not parts.ipam.leases():
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)  # inside add_tap's blocking call now
+        creating.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await creating
+
+    asyncio.run(cancel_while_the_tap_is_made())
+    assert parts.network.calls[0].startswith("add ")  # the TAP was made after all ...
+    assert parts.leftovers() == NOTHING  # ... and removed
+
+
+def test_a_failing_undo_never_loses_the_record_and_it_keeps_counting_until_released(parts: Parts) -> None:
+    probes = FakeProbes(parts.ipam, fail={"net.arp": "no ARP reply"})
+    parts.network.remove_fails = True
+    manager = parts.manager(probes, limits=Limits(max_vms=1, max_vms_per_user=1))
+    record = asyncio.run(manager.create())
+    assert record.state == VmState.FAILED and record.failure is not None
+    assert (record.failure.hop, record.failure.reason) == ("net.arp", "no ARP reply")
+    assert len(record.failure.cleanup) == 1 and record.failure.cleanup[0].startswith("tap: ")
+    assert "Device or resource busy" in record.failure.cleanup[0]
+    stored = asyncio.run(manager.get(record.vm_id))
+    assert stored is not None and stored.state == VmState.FAILED and stored.holds_resources
+    assert parts.driver.alive() == []  # what could be released was
+    with pytest.raises(LimitExceeded):  # its TAP is still there: it still counts
+        asyncio.run(manager.create())
+    parts.network.remove_fails = False
+    assert asyncio.run(manager.destroy(record.vm_id))
+    assert parts.leftovers() == NOTHING
+
+
+def test_a_destroy_from_another_process_wins_over_a_create_in_flight(parts: Parts) -> None:
+    probes = FakeProbes(parts.ipam)
+    creator = parts.manager(probes)
+    other = parts.manager()
+    other._me = "1:1"  # another controller process
+
+    async def race() -> None:
+        release = probes.hang_at("rfb.banner")
+        creating = asyncio.ensure_future(creator.create())
+        await probes.reached["rfb.banner"].wait()
+        [record] = await other.all()
+        assert await other.destroy(record.vm_id)
+        release.set()  # the creator's late `ready` must not bring the record back
+        with pytest.raises(StateConflict, match="changed by someone else"):
+            await creating
+
+    asyncio.run(race())
+    assert asyncio.run(creator.all()) == [] and parts.leftovers() == NOTHING
+
+
+def test_a_reconcile_never_frees_a_vm_that_a_live_process_is_creating(parts: Parts) -> None:
+    probes = FakeProbes(parts.ipam)
+    creator = parts.manager(probes)
+    restarted = parts.manager()
+    restarted._me = "1:1"
+
+    async def reconcile_meanwhile() -> list[str]:
+        release = probes.hang_at("guest.network")
+        creating = asyncio.ensure_future(creator.create())
+        await probes.reached["guest.network"].wait()
+        actions = await restarted.reconcile()
+        assert parts.network.taps and parts.ipam.leases() and parts.driver.alive()  # untouched
+        release.set()
+        record = await creating
+        assert record.state == VmState.READY
+        await restarted.close()
+        return actions
+
+    actions = asyncio.run(reconcile_meanwhile())
+    assert len(actions) == 1 and "by process" in actions[0] and "left to it" in actions[0]
+
+
+def _as_left_by_a_dead_creator(parts: Parts, record: VmRecord, state: VmState) -> None:
+    """Rewrite a kept record as a crash would have left it: mid-create, owned by a process that is gone."""
+    stored = VmRecords(parts.store).get(record.vm_id)
+    assert stored is not None
+    stored.state, stored.owner, stored.failure, stored.keep = state, "999999:1", None, False
+    VmRecords(parts.store).save(stored)
+
+
+def test_a_booting_vm_whose_creator_died_is_adopted_and_finishes_readiness(parts: Parts) -> None:
+    record = asyncio.run(parts.manager(FakeProbes(parts.ipam, fail={"net.arp": "x"})).create(keep_failed=True))
+    _as_left_by_a_dead_creator(parts, record, VmState.BOOTING)  # its VMM still runs
+    restarted = parts.manager()
+
+    async def reconcile() -> tuple[list[str], VmRecord | None]:
+        actions = await restarted.reconcile()
+        while (current := await restarted.get(record.vm_id)) is not None and current.state == VmState.BOOTING:
+            await asyncio.sleep(0.01)
+        await restarted.close()
+        return actions, current
+
+    actions, current = asyncio.run(reconcile())
+    assert actions == [f"{record.vm_id}: VMM {record.pid} alive, its creator gone: adopted, resuming readiness"]
+    assert current is not None and current.state == VmState.READY and current.owner == ""
+    assert asyncio.run(restarted.destroy(record.vm_id)) and parts.leftovers() == NOTHING
+
+
+def test_a_vm_whose_creator_died_before_its_vmm_ran_is_failed_and_released(parts: Parts) -> None:
+    parts.driver.fail_start = True
+    record = asyncio.run(parts.manager().create(keep_failed=True))
+    _as_left_by_a_dead_creator(parts, record, VmState.CREATING)
+    restarted = parts.manager()
+    [action] = asyncio.run(restarted.reconcile())
+    assert action.startswith(f"{record.vm_id}: the process creating it (999999:1) stopped during vmm.spawn")
+    current = asyncio.run(restarted.get(record.vm_id))
+    assert current is not None and current.state == VmState.FAILED and current.failure is not None
+    assert current.failure.hop == "controller" and not current.holds_resources
+    assert parts.leftovers() == NOTHING
+
+
+def test_reconcile_removes_orphans_but_not_what_a_record_holds(parts: Parts) -> None:
+    manager = parts.manager()
+    record = asyncio.run(manager.create())
+    parts.network.taps.add("vm-orphan")
+    parts.ipam.lease("vm-orphan2")
+    (parts.vm_root / "vm-orphan3").mkdir()
+    actions = asyncio.run(manager.reconcile())
+    assert sorted(a.split(" ")[1] for a in actions if a.startswith("removed")) == ["orphan"] * 3
+    assert parts.network.taps == {record.vm_id} and [lease.vm_id for lease in parts.ipam.leases()] == [record.vm_id]
+    assert asyncio.run(manager.destroy(record.vm_id)) and parts.leftovers() == NOTHING

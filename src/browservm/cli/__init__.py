@@ -15,7 +15,7 @@ from browservm.cli import image as image_cli
 from browservm.cli import kernel as kernel_cli
 from browservm.cli import vm as vm_cli
 from browservm.config import Settings, load_settings
-from browservm.errors import BrowserVMError, InvalidInput
+from browservm.errors import BrowserVMError, InvalidInput, OperationFailed
 from browservm.hostnet.host import Change, Check, HostNetwork
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.netplan import NetworkPlan
@@ -128,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrowserVMError as exc:
         _report_error(exc, getattr(args, "json", False))
         return 2 if isinstance(exc, InvalidInput) else 1
+    except OSError as exc:  # disk full, permission denied, a missing program: a reason, not a traceback
+        _report_error(OperationFailed(args.command, exc), getattr(args, "json", False))
+        return 1
     except KeyboardInterrupt:
         return 130
 

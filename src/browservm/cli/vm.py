@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from browservm.config import Settings
-from browservm.controller import Controller, open_controller
+from browservm.controller import Controller, ServeLock, open_controller
 from browservm.inotify import DirectoryWatch
 from browservm.progress import Progress
 from browservm.vm.records import VmRecord
@@ -46,11 +46,12 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "serve":
+        with ServeLock(settings.state_dir), open_controller(settings) as controller:
+            return asyncio.run(_serve(controller))
     with open_controller(settings) as controller:
         actions: dict[str, Callable[[Controller, argparse.Namespace], int]] = {
             "create": _create, "ls": _list, "show": _show, "console": _console, "rm": _remove}
-        if args.command == "serve":
-            return asyncio.run(_serve(controller))
         return actions[args.action](controller, args)
 
 
@@ -64,6 +65,7 @@ def _create(controller: Controller, args: argparse.Namespace) -> int:
     def stage(name: str, seconds: float) -> None:
         print(f"  [{seconds:7.2f}s] {name}", file=sys.stderr, flush=True)
 
+    # Ctrl-C cancels the create, which releases what it made, as for any failure.
     record = asyncio.run(controller.manager.create(
         args.user, args.vcpus, args.mem, keep_failed=args.keep_failed, extra_boot_args=tuple(args.boot_arg),
         on_stage=stage))
@@ -77,7 +79,7 @@ def _alive(record: VmRecord) -> bool:
 
 
 def _list(controller: Controller, args: argparse.Namespace) -> int:
-    records = controller.manager.all()
+    records = asyncio.run(controller.manager.all())
     if args.json:
         print(json.dumps([{**r.to_json(), "vmm_alive": _alive(r)} for r in records], indent=2))
         return 0
@@ -91,7 +93,7 @@ def _list(controller: Controller, args: argparse.Namespace) -> int:
 
 
 def _show(controller: Controller, args: argparse.Namespace) -> int:
-    record = controller.manager.get(args.vm_id)
+    record = asyncio.run(controller.manager.get(args.vm_id))
     if record is None:
         print(f"browservm: no VM {args.vm_id}", file=sys.stderr)
         return 1
@@ -117,6 +119,8 @@ def _print_record(record: VmRecord, as_json: bool) -> None:
     if record.failure is not None:
         failure = record.failure
         print(f"\n  failed at  {failure.hop}\n  reason     {failure.reason}\n  hint       {failure.hint}")
+        for problem in failure.cleanup:
+            print(f"  cleanup    {problem} (still held: `vm rm {record.vm_id}` tries again)")
         if failure.evidence:
             print("  console (last lines):")
             for line in failure.evidence:
@@ -152,25 +156,29 @@ def _remove(controller: Controller, args: argparse.Namespace) -> int:
 
 
 async def _serve(controller: Controller) -> int:
-    """Reconcile, then watch: a VM whose VMM exits is marked failed at once, with its console tail."""
+    """Reconcile, then watch: a VM whose VMM exits is marked failed at once, with its console tail;
+    a VM whose creating process dies is adopted or failed and released."""
     manager = controller.manager
     manager.on_failure = lambda record: print(
         f"{record.vm_id}: failed at {record.failure.hop if record.failure else '?'}: "
         f"{record.failure.reason if record.failure else ''}", flush=True)
-    for action in await manager.reconcile():
-        print(f"reconcile: {action}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    print(f"serve: watching {len(manager.all())} VM(s); stop with SIGTERM", flush=True)
-    # VMs created by other browservm processes appear in the store: rescan whenever it changes.
-    async with DirectoryWatch(controller.settings.state_dir) as watch:
-        while not stop.is_set():
-            manager.watch_all()
-            changed = asyncio.ensure_future(watch.changed())
-            stopped = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({changed, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            changed.cancel()
-            stopped.cancel()
+    try:
+        for action in await manager.reconcile():
+            print(f"reconcile: {action}", flush=True)
+        print(f"serve: watching {len(await manager.all())} VM(s); stop with SIGTERM", flush=True)
+        # VMs created by other browservm processes appear in the store: rescan whenever it changes.
+        async with DirectoryWatch(controller.settings.state_dir) as watch:
+            while not stop.is_set():
+                await manager.watch_all()
+                changed = asyncio.ensure_future(watch.changed())
+                stopped = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({changed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+                stopped.cancel()
+    finally:
+        await manager.close()
     return 0

@@ -8,9 +8,10 @@ clients; x11vnc prints `PORT=` once it listens; websockify is handed a socket
 that already listens (`--inetd`), so a connection made at any moment is
 queued, not refused; Chromium prints `DevTools listening on` once it runs.
 Openbox has no such signal and is reported as started. After each, one
-marker on the console:
+marker on the console, and one more once every part is up:
 
     browservm-ready: service=x11vnc state=ready port=5901 pid=412 t=3.21
+    browservm-ready: service=desktop state=ready services=xvfb,openbox,x11vnc,websockify,chromium t=50.60
 
 If a part fails to start or exits later, the marker says so and this program
 exits non-zero, so systemd restarts the whole desktop. Stdlib-only.
@@ -166,6 +167,8 @@ class Desktop:
                 self._marker(service, "failed", reason=reason)
                 await self.stop()
                 return 1
+        # What a person opening the viewer now sees is the whole desktop, its last part included.
+        self._marker("desktop", "ready", services=",".join(self.config.services))
         waits = {asyncio.ensure_future(proc.wait()): name for name, proc in self.children.items()}
         done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for finished in done:

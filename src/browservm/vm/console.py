@@ -1,44 +1,59 @@
 """A VM's serial console log, read as it grows.
 
 The VMM writes the guest's console into a file; `ConsoleLog` reads new lines
-as they arrive, woken by inotify rather than by a timer, and remembers every
-line so a failure report can show the last ones.
+as they arrive, woken by inotify rather than by a timer, and remembers the
+recent ones so a failure report can show the last lines.
+
+The guest writes this file: everything about it is bounded before the host
+keeps it (bytes per read, characters per line, lines remembered), so a guest
+that floods its console costs the controller a bounded amount of memory and
+time per wake-up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Callable
 from pathlib import Path
 
 from browservm.inotify import DirectoryWatch
 
+READ_CHUNK = 256 * 1024  # per read: a flood is read over several wake-ups of the event loop
+MAX_LINE = 4096  # characters kept of one line
+MAX_LINES = 5000  # lines remembered
+
 
 class ConsoleLog:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.lines: list[str] = []
+        self.lines: collections.deque[str] = collections.deque(maxlen=MAX_LINES)
         self._offset = 0
         self._partial = b""
+        self.more = False  # the last read stopped at READ_CHUNK: more is already there
 
     def read_new(self) -> list[str]:
-        """Complete lines written since the last call."""
+        """Complete lines written since the last call (at most READ_CHUNK bytes of them)."""
         try:
             with self.path.open("rb") as stream:
                 stream.seek(self._offset)
-                data = stream.read()
+                data = stream.read(READ_CHUNK)
         except FileNotFoundError:
             return []
+        self.more = len(data) == READ_CHUNK
         self._offset += len(data)
         chunks = (self._partial + data).split(b"\n")
-        self._partial = chunks.pop()
-        new = [chunk.decode(errors="replace").rstrip("\r") for chunk in chunks]
-        self.lines += new
+        self._partial = chunks.pop()[:MAX_LINE]
+        new = [chunk[:MAX_LINE].decode(errors="replace").rstrip("\r") for chunk in chunks]
+        self.lines.extend(new)
         return new
 
     def tail(self, count: int = 20) -> list[str]:
+        """The last `count` lines, reading to the end of the file first (blocking: call it in a thread)."""
         self.read_new()
-        return self.lines[-count:]
+        while self.more:
+            self.read_new()
+        return list(self.lines)[-count:]
 
     async def wait_for(self, match: Callable[[str], bool], timeout: float) -> str | None:
         """The first line (already read or still to come) that `match`es, or None at the deadline."""
@@ -53,5 +68,9 @@ class ConsoleLog:
                     if match(line):
                         return line
                 remaining = deadline - loop.time()
-                if remaining <= 0 or not await watch.changed(remaining):
+                if remaining <= 0:
+                    return None
+                if self.more:
+                    await asyncio.sleep(0)  # let others run between two chunks of a long console
+                elif not await watch.changed(remaining):
                     return None

@@ -1,44 +1,57 @@
 """VMManager: creates, finds, watches and destroys browser VMs. No OS calls of its own.
 
-Creating a VM is a list of named stages. The resource stages register their
-undo as soon as they succeed; if a later stage fails, the undos run in
-reverse, so a failed create leaves nothing behind (unless `keep_failed`):
+Creating a VM is the list of hops in hops.py, run in order:
 
-    net.lease  net.tap  disk.clone  vmm.spawn                      resources
-    guest.network  net.arp  desktop.ready  net.tcp  ws.upgrade  rfb.banner   readiness hops
+    net.lease  net.tap  disk.clone  vmm.spawn                                  resources
+    guest.network  net.arp  desktop.ready  net.tcp  ws.upgrade  rfb.banner     readiness
+    desktop.complete                                                           the browser on screen
 
-Every readiness hop has its own deadline and is raced against the VMM's
-exit, so a crashed VMM is reported as such at once instead of as a timeout
-further down the line. A VM that fails keeps a record that says which hop,
-why, what the console showed last, and what probably to do about it.
+Built to live inside a long-running server that serves many requests at once:
+
+- Nothing blocks the event loop. Every blocking step (SQLite, netlink, files, spawning, the KVM
+  probe, image resolution) runs in a thread, and runs to its end even when the create is
+  cancelled, so what it made is known and undone.
+- One release path. A failure, a cancellation, a destroy and a reconcile all release a VM the
+  same way (`_release`): stop its VMM, its placement, TAP, lease and directory, each only if
+  still there. A release that fails keeps the record counting against limits, with the errors.
+- Every record write is a compare-and-set (records.py), and a record names the live process
+  working on it (`owner`), so a reconcile never frees what another process is still creating,
+  and a late `ready` never overwrites `failed` or a destroy.
+- Every task the manager starts is its own (`close` cancels them all).
+
+Each readiness hop has its own deadline and is raced against the VMM's exit, so a crashed VMM
+is reported as such at once. A VM that fails keeps a record that says which hop, why, what the
+console showed last, and what probably to do about it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from functools import partial
+from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 from browservm.bootargs import BootArgs, IpConfig, build_boot_args
-from browservm.errors import BrowserVMError, InvalidInput, ProbeFailed, VmmError
+from browservm.errors import BrowserVMError, CleanupFailed, InvalidInput, ProbeFailed, StateConflict, VmmError
+from browservm.faults import crash_point
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.ids import new_vm_id, validate_vm_id
 from browservm.images.disk import clone_sparse
 from browservm.ipam import Ipam, Lease
-from browservm.markers import parse_marker
-from browservm.vm import readiness
+from browservm.vm import hops
 from browservm.vm.console import ConsoleLog
+from browservm.vm.readiness import GuestProbes, Probes
 from browservm.vm.records import Failure, VmRecord, VmRecords
 from browservm.vm.state import VmState, transition
-from browservm.vm.wsprobe import rfb_banner, websocket_upgrade
+from browservm.vm.waiting import ExitWatch, VmmExited, race, uninterrupted, wait_out
 from browservm.vmm import process
 from browservm.vmm.driver import VmmDriver
 from browservm.vmm.process import VmmProcess
@@ -47,20 +60,7 @@ from browservm.vmm.spec import VmSpec
 T = TypeVar("T")
 DESKTOP_PORT = 6080
 _CONSOLE_EVIDENCE = 20
-
-HINTS = {
-    "vmm": "the VMM process exited; its own log and the console tail say why",
-    "guest.network": "the guest never configured eth0. If the console shows the kernel ignored ip=, the kernel lacks "
-                     "CONFIG_IP_PNP and the image's browservm-net did not run: use `browservm kernel build` or an "
-                     "image built by `browservm image build`",
-    "net.arp": "the guest does not answer ARP on its bridge: its interface is down, has another address, or its TAP "
-               "is not the one the VMM uses (compare the TAP and MAC in `vm show` with the VMM's configuration)",
-    "desktop.ready": "the guest's desktop did not report websockify ready; the console shows which part failed",
-    "net.tcp": "nothing accepts connections on :6080 in the guest; the desktop markers on the console show how far "
-               "it got",
-    "ws.upgrade": "something answers on :6080 but it is not websockify",
-    "rfb.banner": "websockify runs but cannot reach x11vnc on localhost:5901",
-}
+_LIVE = (VmState.CREATING, VmState.BOOTING, VmState.READY)
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ StageCallback = Callable[[str, float], None]
 
 
 class VmNetwork(Protocol):
-    """What the manager needs of the host network (HostNetwork is the real one)."""
+    """What the manager needs of the host network (HostNetwork is the real one). Blocking."""
 
     netns: NetworkNamespace
 
@@ -106,28 +106,55 @@ class VmNetwork(Protocol):
     def owned_taps(self) -> dict[str, str]: ...
 
 
-class _HopFailed(Exception):
-    def __init__(self, hop: str, reason: str) -> None:
-        super().__init__(reason)
-        self.hop = hop
-        self.reason = reason
+def this_process() -> str:
+    """This process's identity as a record `owner`: PID and start time, so a reused PID never matches."""
+    return f"{os.getpid()}:{process.start_time(os.getpid())}"
+
+
+def owner_alive(owner: str) -> bool:
+    pid, _, start = owner.partition(":")
+    return bool(pid and start.isdigit()) and process.alive(VmmProcess(int(pid), int(start)))
 
 
 class VMManager:
     def __init__(self, *, records: VmRecords, ipam: Ipam, network: VmNetwork, driver: VmmDriver,
                  images: Callable[[], Images], vm_root: Path, limits: Limits | None = None,
-                 deadlines: Deadlines | None = None) -> None:
+                 deadlines: Deadlines | None = None, probes: Probes | None = None) -> None:
         self._records = records
         self._ipam = ipam
         self._network = network
         self._driver = driver
         self._images_source = images  # resolved on the first create: it may build a kernel and an image
         self._images: Images | None = None
+        self._images_lock = asyncio.Lock()
         self._vm_root = vm_root
         self._limits = limits or Limits()
         self._deadlines = deadlines or Deadlines()
-        self._watched: dict[str, _ExitWatch] = {}
+        self._probes = probes or GuestProbes()
+        self._me = this_process()
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._creating: dict[str, asyncio.Task[VmRecord]] = {}
+        self._watched: dict[str, ExitWatch] = {}
         self.on_failure: Callable[[VmRecord], None] | None = None  # told once a dead VM is marked and released
+
+    def _own(self, work: Awaitable[T]) -> asyncio.Task[T]:
+        """Start a task the manager owns: `close` cancels it."""
+        task: asyncio.Task[T] = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def close(self) -> None:
+        """Cancel every task of the manager and wait for each to finish its cleanup; stop watching."""
+        for watch in self._watched.values():
+            watch.close()
+        self._watched.clear()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await wait_out(task)
 
     # --- create --------------------------------------------------------------------------
 
@@ -135,380 +162,479 @@ class VMManager:
                      keep_failed: bool = False, extra_boot_args: tuple[str, ...] = (),
                      on_stage: StageCallback | None = None) -> VmRecord:
         """Boot a VM and return once its desktop answers, or its record says which hop failed."""
-        self.check_request(user, vcpus, mem_mib, extra_boot_args)
-        if self._images is None:
-            self._images = self._images_source()
-        vm_id = new_vm_id()
-        record = VmRecord(vm_id=vm_id, user=user, vcpus=vcpus, mem_mib=mem_mib,
-                          directory=str(self._vm_root / vm_id), driver=self._driver.name)
-        self._records.insert(record, max_total=self._limits.max_vms, max_per_user=self._limits.max_vms_per_user)
-        undo = contextlib.ExitStack()
-        report = on_stage or (lambda stage, seconds: None)
-
-        def done(stage: str) -> None:
-            record.stages[stage] = round(time.time() - record.created_at, 3)
-            report(stage, record.stages[stage])
-
+        _, task = await self.start(user, vcpus, mem_mib, keep_failed=keep_failed, extra_boot_args=extra_boot_args,
+                                   on_stage=on_stage)
         try:
-            spec = self._allocate(record, undo, extra_boot_args, done)
-            await self._boot(record, spec, undo, done)
-        except BaseException as exc:
-            await self._fail(record, exc, undo, keep_failed)
-            if not isinstance(exc, (_HopFailed, BrowserVMError)):
-                raise
-            return record
-        undo.pop_all()
-        return record
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.cancel()  # the caller is gone: so is the VM, released as for a failure
+            await wait_out(task)
+            raise
+
+    async def start(self, user: str = "default", vcpus: int = 1, mem_mib: int = 1024, *,
+                    keep_failed: bool = False, extra_boot_args: tuple[str, ...] = (),
+                    on_stage: StageCallback | None = None) -> tuple[VmRecord, asyncio.Task[VmRecord]]:
+        """Check the request, write the VM's record, and boot it in a task of the manager's own.
+
+        Returns at once with the record (state `creating`) and the task that ends with the final one.
+        """
+        self.check_request(user, vcpus, mem_mib, extra_boot_args)
+        images = await self._resolve_images()
+        vm_id = new_vm_id()
+        record = VmRecord(vm_id=vm_id, user=user, vcpus=vcpus, mem_mib=mem_mib, keep=keep_failed,
+                          directory=str(self._vm_root / vm_id), driver=self._driver.name, owner=self._me)
+        await uninterrupted(partial(self._records.insert, record, max_total=self._limits.max_vms,
+                                    max_per_user=self._limits.max_vms_per_user))
+        crash_point("record:done")
+        task = self._own(self._create(dataclasses.replace(record), images, extra_boot_args,
+                                      on_stage or (lambda stage, seconds: None)))
+        self._creating[vm_id] = task
+        task.add_done_callback(lambda _: self._creating.pop(vm_id, None))
+        return record, task
 
     def check_request(self, user: str, vcpus: int, mem_mib: int, extra_boot_args: tuple[str, ...] = ()) -> None:
         """Refuse bad input (InvalidInput naming the field) before anything is allocated."""
-        if not user or len(user) > 64 or not user.isprintable():
+        if not isinstance(user, str) or not user or len(user) > 64 or not user.isprintable():
             raise InvalidInput("user", user, "must be 1-64 printable characters")
-        low, high = self._limits.vcpus
-        if not low <= vcpus <= high:
-            raise InvalidInput("vcpus", vcpus, f"must be between {low} and {high}")
-        low, high = self._limits.mem_mib
-        if not low <= mem_mib <= high:
-            raise InvalidInput("mem_mib", mem_mib, f"must be between {low} and {high} MiB")
+        for field, value, (low, high), unit in (("vcpus", vcpus, self._limits.vcpus, ""),
+                                                ("mem_mib", mem_mib, self._limits.mem_mib, " MiB")):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidInput(field, value, "must be a whole number")
+            if not low <= value <= high:
+                raise InvalidInput(field, value, f"must be between {low} and {high}{unit}")
         build_boot_args(BootArgs(ip=None, extra=extra_boot_args))
 
-    def _allocate(self, record: VmRecord, undo: contextlib.ExitStack, extra_boot_args: tuple[str, ...],
-                  done: Callable[[str], None]) -> VmSpec:
-        vm_id, images = record.vm_id, self._images
-        assert images is not None
-        lease = self._ipam.lease(vm_id)
-        undo.callback(self._ipam.release, vm_id)
+    async def _resolve_images(self) -> Images:
+        async with self._images_lock:
+            if self._images is None:
+                self._images = await uninterrupted(self._images_source)
+            return self._images
+
+    async def _create(self, record: VmRecord, images: Images, extra_boot_args: tuple[str, ...],
+                      report: StageCallback) -> VmRecord:
+        try:
+            for stage, work in ((hops.NET_LEASE, partial(self._lease, record)),
+                                (hops.NET_TAP, partial(self._add_tap, record)),
+                                (hops.DISK_CLONE, partial(self._clone_disk, record, images)),
+                                (hops.VMM_SPAWN, partial(self._spawn, record, images, extra_boot_args))):
+                await uninterrupted(work)
+                await self._passed(record, stage, report)
+            await self._readiness(record, report)
+            record.state = transition(record.vm_id, record.state, VmState.READY)
+            record.owner = ""
+            await uninterrupted(partial(self._records.save, record))
+        except BaseException as exc:
+            await self._fail(record, exc)
+            if _reported_in_record(exc):
+                return record
+            raise
+        self.watch(record)
+        return record
+
+    async def _passed(self, record: VmRecord, stage: str, report: StageCallback) -> None:
+        """Record that `stage` passed (compare-and-set: a destroy meanwhile ends the create here)."""
+        record.stages[stage] = round(time.time() - record.created_at, 3)
+        await uninterrupted(partial(self._records.save, record))
+        report(stage, record.stages[stage])
+        crash_point(f"{stage}:done")
+
+    # The resource stages: blocking, run in a thread; each writes what it made into the record
+    # before it returns, so a cancellation that waits for it knows what to release.
+
+    def _lease(self, record: VmRecord) -> None:
+        lease = self._ipam.lease(record.vm_id)
         record.address, record.gateway = str(lease.address), str(lease.gateway)
         record.tap, record.mac, record.bridge = lease.tap, lease.mac, lease.bridge
-        done("net.lease")
 
-        self._network.add_tap(lease)
-        undo.callback(self._network.remove_tap, vm_id)
-        done("net.tap")
+    def _add_tap(self, record: VmRecord) -> None:
+        self._network.add_tap(Lease(vm_id=record.vm_id, address=IPv4Interface(record.address),
+                                    gateway=IPv4Address(record.gateway), bridge=record.bridge, tap=record.tap,
+                                    mac=record.mac))
 
+    def _clone_disk(self, record: VmRecord, images: Images) -> None:
         directory = Path(record.directory)
         directory.mkdir(mode=0o700, parents=True)
-        undo.callback(shutil.rmtree, directory, ignore_errors=True)
-        overlay = directory / "overlay.ext4"
-        clone_sparse(images.disk_template, overlay)
-        done("disk.clone")
+        clone_sparse(images.disk_template, directory / "overlay.ext4")
 
-        ip = IpConfig.static(lease.address, lease.gateway, hostname=vm_id)
+    def _spawn(self, record: VmRecord, images: Images, extra_boot_args: tuple[str, ...]) -> None:
+        spec = self._spec(record, images, extra_boot_args)
+        record.accel = self._driver.accel(spec.kernel)
+        vmm = self._driver.start(spec, self._network.netns)
+        record.pid, record.pid_start_time = vmm.pid, vmm.start_time
+        crash_point("vmm.spawn:unrecorded")
+        record.state = transition(record.vm_id, record.state, VmState.BOOTING)
+
+    def _spec(self, record: VmRecord, images: Images, extra_boot_args: tuple[str, ...]) -> VmSpec:
+        ip = IpConfig.static(IPv4Interface(record.address), IPv4Address(record.gateway), hostname=record.vm_id)
         boot_args = build_boot_args(BootArgs(
             ip=ip, read_only=True, init="/usr/lib/browservm/overlay-init",
             reboot="k" if self._driver.name == "firecracker" else "t", extra=extra_boot_args))
-        return VmSpec(vm_id=vm_id, vcpus=record.vcpus, mem_mib=record.mem_mib, kernel=images.kernel,
-                      rootfs=images.rootfs, overlay=overlay, boot_args=boot_args, tap=lease.tap,
-                      mac=lease.mac, directory=directory)
+        directory = Path(record.directory)
+        return VmSpec(vm_id=record.vm_id, vcpus=record.vcpus, mem_mib=record.mem_mib, kernel=images.kernel,
+                      rootfs=images.rootfs, overlay=directory / "overlay.ext4", boot_args=boot_args, tap=record.tap,
+                      mac=record.mac, directory=directory)
 
-    async def _boot(self, record: VmRecord, spec: VmSpec, undo: contextlib.ExitStack,
-                    done: Callable[[str], None]) -> None:
-        record.accel = self._driver.accel(spec.kernel)
-        vmm = self._driver.start(spec, self._network.netns)
-        undo.callback(self._driver.stop, spec, vmm, self._deadlines.stop)
-        record.pid, record.pid_start_time = vmm.pid, vmm.start_time
-        record.state = transition(record.vm_id, record.state, VmState.BOOTING)
-        self._records.save(record)
-        done("vmm.spawn")
-
-        exited = _ExitWatch(vmm)
-        try:
-            await self._readiness(record, spec, exited.future, done)
-        finally:
-            exited.close()
-        record.state = transition(record.vm_id, record.state, VmState.READY)
-        self._records.save(record)
-        self.watch(record)
-
-    async def _readiness(self, record: VmRecord, spec: VmSpec, exited: asyncio.Future[None],
-                         done: Callable[[str], None]) -> None:
-        console = ConsoleLog(spec.console_log)
-        deadlines = self._deadlines
+    async def _readiness(self, record: VmRecord, report: StageCallback) -> None:
+        """The readiness hops, in order, each within its deadline and raced against the VMM's exit."""
+        assert record.pid is not None and record.pid_start_time is not None
+        console = ConsoleLog(Path(record.directory) / "console.log")
+        deadlines, probes, netns = self._deadlines, self._probes, self._network.netns
         address = IPv4Address(record.address.split("/")[0])
-        netns = self._network.netns
+        exited = ExitWatch(VmmProcess(record.pid, record.pid_start_time))
 
         async def hop(name: str, work: Awaitable[T], timeout: float) -> T:
-            result = await _race(name, work, timeout, exited)
-            done(name)
+            crash_point(f"{name}:during")
+            try:
+                result = await race(name, work, timeout, exited.future)
+            except TimeoutError:
+                raise ProbeFailed(name, f"not done within {timeout:g} s") from None
+            await self._passed(record, name, report)
             return result
 
-        network = await hop("guest.network", readiness.wait_guest_network(console, deadlines.guest_network),
-                            deadlines.guest_network + 1)
-        record.guest_network_by = network.by
-        mac = await hop("net.arp", readiness.arp_probe(netns, record.bridge, IPv4Address(record.gateway), address,
-                                                       deadlines.arp), deadlines.arp + 1)
-        if mac != record.mac:
-            raise _HopFailed("net.arp", f"{address} answered from {mac}, not from this VM's MAC {record.mac}: "
-                                        "another machine holds the address")
-        await hop("desktop.ready", _desktop_ready(console, deadlines.desktop), deadlines.desktop)
-        reader, writer = await hop("net.tcp", readiness.open_tcp(netns, address, DESKTOP_PORT, deadlines.tcp),
-                                   deadlines.tcp + 1)
         try:
-            await hop("ws.upgrade", websocket_upgrade(reader, writer, f"{address}:{DESKTOP_PORT}"),
-                      deadlines.websocket)
-            banner = await hop("rfb.banner", rfb_banner(reader), deadlines.rfb)
+            network = await hop(hops.GUEST_NETWORK, probes.guest_network(console, deadlines.guest_network),
+                                deadlines.guest_network + 1)
+            record.guest_network_by = network.by
+            mac = await hop(hops.NET_ARP, probes.arp(netns, record.bridge, IPv4Address(record.gateway), address,
+                                                     deadlines.arp), deadlines.arp + 1)
+            if mac != record.mac:
+                raise ProbeFailed(hops.NET_ARP, f"{address} answered from {mac}, not from this VM's MAC "
+                                                f"{record.mac}: another machine holds the address")
+            await hop(hops.DESKTOP_READY, probes.desktop_ready(console, deadlines.desktop), deadlines.desktop)
+            connection = await hop(hops.NET_TCP, probes.connect(netns, address, DESKTOP_PORT, deadlines.tcp),
+                                   deadlines.tcp + 1)
+            try:
+                await hop(hops.WS_UPGRADE, connection.upgrade(), deadlines.websocket)
+                await hop(hops.RFB_BANNER, connection.banner(), deadlines.rfb)
+            finally:
+                connection.close()
+            await hop(hops.DESKTOP_COMPLETE, probes.desktop_complete(console, deadlines.desktop), deadlines.desktop)
         finally:
-            writer.close()
-        if banner != "RFB 003.008":
-            raise _HopFailed("rfb.banner", f"unexpected protocol version {banner!r}")
+            exited.close()
 
-    async def _fail(self, record: VmRecord, exc: BaseException, undo: contextlib.ExitStack,
-                    keep_failed: bool) -> None:
-        hop, reason = _hop_and_reason(exc)
-        console = ConsoleLog(Path(record.directory) / "console.log")
-        record.failure = Failure(hop=hop, reason=reason, hint=HINTS.get(hop, ""),
-                                 evidence=tuple(console.tail(_CONSOLE_EVIDENCE)))
+    async def _fail(self, record: VmRecord, exc: BaseException) -> None:
+        """Record why the create failed, then release the VM (unless kept). Runs to its end even if cancelled."""
+        if isinstance(exc, StateConflict):
+            # Someone else changed the record (a destroy): they own it now; only undo what this create made.
+            await uninterrupted(partial(self._release, record))
+            return
+        hop, reason = _hop_and_reason(exc, _next_stage(record))
+        record.failure = Failure(hop=hop, reason=reason, hint=hops.hint(hop),
+                                 evidence=await uninterrupted(partial(self._evidence, record)))
         record.failed_at = time.time()
         record.state = transition(record.vm_id, record.state, VmState.FAILED)
-        if keep_failed:
-            undo.pop_all()
-        else:
-            await asyncio.to_thread(undo.close)
-            record.holds_resources = False
-            record.pid = record.pid_start_time = None
-        self._records.save(record)
+        await self._settle(record)
+
+    def _evidence(self, record: VmRecord) -> tuple[str, ...]:
+        return tuple(ConsoleLog(Path(record.directory) / "console.log").tail(_CONSOLE_EVIDENCE))
+
+    async def _settle(self, record: VmRecord) -> None:
+        """Save a failed record, then release its resources unless kept.
+
+        On a conflict the record belongs to whoever changed it: this writer only releases what it
+        made, and the StateConflict goes on to its caller.
+        """
+        try:
+            await uninterrupted(partial(self._records.save, record))
+            if record.keep:
+                return
+            errors = await uninterrupted(partial(self._release, record))
+            if errors:
+                assert record.failure is not None
+                record.failure = dataclasses.replace(record.failure, cleanup=tuple(errors))
+            else:
+                record.holds_resources = False
+                record.pid = record.pid_start_time = None
+            record.owner = ""
+            await uninterrupted(partial(self._records.save, record))
+        except StateConflict:
+            await uninterrupted(partial(self._release, record))
+            raise
+
+    # --- release: the one way a VM's resources go -----------------------------------------
+
+    def _release(self, record: VmRecord) -> list[str]:
+        """Stop the VMM, then remove its placement, TAP, lease and directory, each only if still there.
+
+        Blocking. Tries every resource even when one fails; returns one line per failure.
+        """
+        errors: list[str] = []
+
+        def attempt(what: str, work: Callable[[], object]) -> None:
+            try:
+                work()
+            except (BrowserVMError, OSError) as exc:
+                errors.append(f"{what}: {exc}")
+            crash_point(f"release.{what.replace(' ', '-')}:done")
+
+        attempt("vmm", lambda: self._stop_vmm(record))
+        attempt("vmm placement", lambda: self._driver.release(record.vm_id))
+        attempt("tap", lambda: self._network.remove_tap(record.vm_id))
+        attempt("lease", lambda: self._ipam.release(record.vm_id))
+        directory = Path(record.directory)
+        if directory.parent == self._vm_root:
+            attempt("directory", lambda: _remove_tree(directory))
+        return errors
+
+    def _stop_vmm(self, record: VmRecord) -> None:
+        directory = Path(record.directory)
+        if record.pid is not None and record.pid_start_time is not None:
+            found = [VmmProcess(record.pid, record.pid_start_time)]
+        else:  # a crash between spawning the VMM and recording it: find it by its identity
+            found = [vmm for vmm, vm_id in self._driver.running(self._vm_root).items() if vm_id == record.vm_id]
+        for vmm in found:
+            if self._driver.is_vmm_of(vmm, directory):
+                # Stopping needs only the VM's directory (its control socket), not its images.
+                spec = VmSpec(record.vm_id, record.vcpus, record.mem_mib, Path(), Path(), None, "", record.tap,
+                              record.mac, directory)
+                self._driver.stop(spec, vmm, self._deadlines.stop)
 
     # --- find ----------------------------------------------------------------------------
 
-    def get(self, vm_id: str) -> VmRecord | None:
+    async def get(self, vm_id: str) -> VmRecord | None:
         validate_vm_id(vm_id)
-        return self._records.get(vm_id)
+        return await asyncio.to_thread(self._records.get, vm_id)
 
-    def all(self) -> list[VmRecord]:
-        return self._records.all()
+    async def all(self) -> list[VmRecord]:
+        return await asyncio.to_thread(self._records.all)
 
     def console(self, vm_id: str) -> ConsoleLog:
         return ConsoleLog(self._vm_root / validate_vm_id(vm_id) / "console.log")
 
     # --- watch ---------------------------------------------------------------------------
 
-    def watch_all(self) -> None:
-        """Watch every VM that should be running, including ones another process created."""
-        for record in self._records.all():
-            if record.state in (VmState.BOOTING, VmState.READY):
+    async def watch_all(self) -> None:
+        """Watch every VM that should be running, and the processes working on VMs, including other ones'."""
+        for record in await self.all():
+            if record.state == VmState.READY:
                 self.watch(record)
+            elif record.owner and record.owner != self._me and record.vm_id not in self._watched:
+                self._watch_owner(record)
 
     def watch(self, record: VmRecord) -> None:
         """Mark the VM failed, with its console tail, the moment its VMM exits."""
-        watched = self._watched.get(record.vm_id)
-        if watched is not None and not watched.future.get_loop().is_closed():
+        if record.vm_id in self._watched or record.pid is None or record.pid_start_time is None:
             return
-        if record.pid is None or record.pid_start_time is None:
-            return
-        watch = _ExitWatch(VmmProcess(record.pid, record.pid_start_time))
+        watch = ExitWatch(VmmProcess(record.pid, record.pid_start_time))
         self._watched[record.vm_id] = watch
-        watch.future.add_done_callback(lambda future: self._on_exit(record.vm_id, future))
+        watch.future.add_done_callback(lambda future: self._exited(record.vm_id, future))
 
-    def _on_exit(self, vm_id: str, future: asyncio.Future[None]) -> None:
-        if future.cancelled():
+    def _watch_owner(self, record: VmRecord) -> None:
+        """When the process creating or destroying a VM dies, take over (as a restart's reconcile would)."""
+        pid, _, start = record.owner.partition(":")
+        if not (pid.isdigit() and start.isdigit()):
             return
+        watch = ExitWatch(VmmProcess(int(pid), int(start)))
+        self._watched[record.vm_id] = watch
+
+        def owner_gone(future: asyncio.Future[None]) -> None:
+            self._watched.pop(record.vm_id, None)
+            if not future.cancelled():
+                self._own(self._reconcile_vm(record.vm_id))
+        watch.future.add_done_callback(owner_gone)
+
+    def _exited(self, vm_id: str, future: asyncio.Future[None]) -> None:
         self._watched.pop(vm_id, None)
-        record = self._records.get(vm_id)
-        if record is None or record.state not in (VmState.BOOTING, VmState.READY):
-            return
-        asyncio.get_running_loop().create_task(self._mark_dead(record, "the VMM process exited"))
+        if not future.cancelled():
+            self._own(self._mark_dead(vm_id, "the VMM process exited"))
 
-    async def _mark_dead(self, record: VmRecord, reason: str) -> None:
-        console = ConsoleLog(Path(record.directory) / "console.log")
-        record.failure = Failure(hop="vmm", reason=reason, hint=HINTS["vmm"],
-                                 evidence=tuple(console.tail(_CONSOLE_EVIDENCE)))
+    async def _mark_dead(self, vm_id: str, reason: str) -> None:
+        record = await asyncio.to_thread(self._records.get, vm_id)
+        if record is None or record.state not in _LIVE or (record.owner and owner_alive(record.owner)
+                                                            and record.owner != self._me):
+            return
+        record.failure = Failure(hop=hops.VMM_EXITED, reason=reason, hint=hops.hint(hops.VMM_EXITED),
+                                 evidence=await uninterrupted(partial(self._evidence, record)))
         record.failed_at = time.time()
         record.state = transition(record.vm_id, record.state, VmState.FAILED)
-        self._records.save(record)
-        await self._release(record)
-        record.holds_resources = False
-        record.pid = record.pid_start_time = None
-        self._records.save(record)
+        record.owner = self._me
+        try:
+            await self._settle(record)
+        except StateConflict:
+            return  # destroyed meanwhile: nothing to report
         if self.on_failure is not None:
             self.on_failure(record)
 
     # --- destroy and reconcile -----------------------------------------------------------
 
     async def destroy(self, vm_id: str) -> bool:
-        """Stop the VM and remove everything it had; False when there was no such VM. Idempotent."""
+        """Stop the VM and remove everything it had; False when there was no such VM. Idempotent.
+
+        A create of this VM in this process is cancelled first (it releases what it made); a create
+        in another process loses its next compare-and-set and undoes what it made itself.
+        """
         validate_vm_id(vm_id)
-        record = self._records.get(vm_id)
-        if record is None:
-            return False
+        creating = self._creating.get(vm_id)
+        if creating is not None:
+            creating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await wait_out(creating)
         watched = self._watched.pop(vm_id, None)
         if watched is not None:
             watched.close()
-        record.state = transition(vm_id, record.state, VmState.DESTROYING)
-        self._records.save(record)
-        await self._release(record)
-        self._records.delete(vm_id)
+        while True:
+            record = await asyncio.to_thread(self._records.get, vm_id)
+            if record is None:
+                return False
+            record.state = transition(vm_id, record.state, VmState.DESTROYING)
+            record.owner = self._me
+            try:
+                await uninterrupted(partial(self._records.save, record))
+            except StateConflict:
+                continue  # changed meanwhile: read it again
+            break
+        crash_point("destroy:marked")
+        await self._finish_destroy(record)
         return True
 
-    async def _release(self, record: VmRecord) -> None:
-        """Stop the VMM, delete the TAP, release the lease, remove the directory; each only if still there."""
-        directory = Path(record.directory)
-        if record.pid is not None and record.pid_start_time is not None:
-            vmm = VmmProcess(record.pid, record.pid_start_time)
-            if process.alive(vmm):
-                # Stopping needs only the VM's directory (its control socket), not its images.
-                spec = VmSpec(record.vm_id, record.vcpus, record.mem_mib, Path(), Path(), None, "",
-                              record.tap, record.mac, directory)
-                await asyncio.to_thread(self._driver.stop, spec, vmm, self._deadlines.stop)
-        self._network.remove_tap(record.vm_id)
-        self._ipam.release(record.vm_id)
-        if directory.parent == self._vm_root:
-            await asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True)
+    async def _finish_destroy(self, record: VmRecord) -> None:
+        errors = await uninterrupted(partial(self._release, record))
+        if errors:
+            raise CleanupFailed(record.vm_id, errors)
+        with contextlib.suppress(StateConflict):  # another destroy finished first
+            await uninterrupted(partial(self._records.delete, record))
 
     async def reconcile(self) -> list[str]:
-        """After a (re)start: verify every VM's VMM, fail the dead ones, remove orphans of ours.
+        """After a (re)start: settle every VM no live process is working on, and remove orphans of ours.
 
-        Returns one line per thing done, for the log. Only touches what carries
-        browservm's marks: records in its store, TAPs with its alias, leases in
-        its store, directories under its VM root, VMM processes whose command
-        line names a directory under its VM root.
+        Returns one line per thing done, for the log. Only touches what carries browservm's marks:
+        records in its store, TAPs with its alias, leases in its store, directories under its VM
+        root, VMM processes recognised as VMs of this VM root by their identity.
         """
-        actions = []
-        records = {record.vm_id: record for record in self._records.all()}
-        for record in records.values():
-            if record.state == VmState.DESTROYING:
-                await self._release(record)
-                self._records.delete(record.vm_id)
-                actions.append(f"finished destroying {record.vm_id}")
-            elif record.holds_resources and not self._vmm_is_ours_and_alive(record):
-                if record.state in (VmState.BOOTING, VmState.READY, VmState.CREATING):
-                    await self._mark_dead(record, "the VMM exited while the controller was not running")
-                    actions.append(f"{record.vm_id}: VMM gone, marked failed and released")
-            elif record.state in (VmState.BOOTING, VmState.READY):
-                self.watch(record)
-                actions.append(f"{record.vm_id}: VMM {record.pid} alive, watching")
-        holding = {vm_id for vm_id, record in records.items() if record.holds_resources}
-        for tap, vm_id in self._network.owned_taps().items():
-            if vm_id not in holding:
-                self._network.remove_tap(vm_id)
-                actions.append(f"removed orphan TAP {tap} of {vm_id}")
-        for lease in self._ipam.leases():
-            if lease.vm_id not in holding:
-                self._ipam.release(lease.vm_id)
-                actions.append(f"released orphan lease {lease.address.ip} of {lease.vm_id}")
-        for vmm_pid, vm_id in _vmm_processes_under(self._vm_root).items():
-            if vm_id not in holding:
-                process.signal_process(vmm_pid, signal.SIGKILL)
-                process.wait_exit(vmm_pid, self._deadlines.stop)
-                actions.append(f"killed orphan VMM {vmm_pid.pid} of {vm_id}")
-        if self._vm_root.is_dir():
-            for directory in self._vm_root.iterdir():
-                if directory.name not in records:
-                    shutil.rmtree(directory, ignore_errors=True)
-                    actions.append(f"removed orphan directory {directory}")
+        # What exists is listed before the records are read: every resource is made after its
+        # record is written, so a resource listed here has a record in the read below, unless that
+        # record was deleted meanwhile, by someone who released its resources.
+        taps, leases, vmms, directories = await asyncio.to_thread(self._resources)
+        actions, settled = [], set()
+        for record in await self.all():
+            if done := await self._reconcile_vm(record.vm_id):
+                actions += done
+                settled.add(record.vm_id)
+        records = await self.all()
+        # Not orphans: what a record holds, and what the reconcile above has just released.
+        holding = {record.vm_id for record in records if record.holds_resources} | settled
+        known = {record.vm_id for record in records}
+        removals: list[tuple[str, Callable[[], object]]] = [
+            *((f"orphan VMM {vmm.pid} of {vm_id}", partial(self._stop_orphan, vmm, vm_id))
+              for vmm, vm_id in vmms.items() if vm_id not in holding),
+            *((f"orphan TAP {tap} of {vm_id}", partial(self._network.remove_tap, vm_id))
+              for tap, vm_id in taps.items() if vm_id not in holding),
+            *((f"orphan lease {lease.address.ip} of {lease.vm_id}", partial(self._ipam.release, lease.vm_id))
+              for lease in leases if lease.vm_id not in holding),
+            *((f"orphan directory {directory}", partial(_remove_tree, directory))
+              for directory in directories if directory.name not in known)]
+        for what, work in removals:
+            try:
+                await uninterrupted(work)
+                actions.append(f"removed {what}")
+            except (BrowserVMError, OSError) as exc:
+                actions.append(f"could not remove {what}: {exc}")
         return actions
 
-    def _vmm_is_ours_and_alive(self, record: VmRecord) -> bool:
+    def _stop_orphan(self, vmm: VmmProcess, vm_id: str) -> None:
+        self._driver.stop(_bare_spec(vm_id, self._vm_root / vm_id), vmm, self._deadlines.stop)
+        self._driver.release(vm_id)
+
+    def _resources(self) -> tuple[dict[str, str], list[Lease], dict[VmmProcess, str], list[Path]]:
+        directories = sorted(self._vm_root.iterdir()) if self._vm_root.is_dir() else []
+        return (self._network.owned_taps(), self._ipam.leases(), self._driver.running(self._vm_root),
+                [d for d in directories if d.is_dir()])
+
+    async def _reconcile_vm(self, vm_id: str) -> list[str]:
+        """Settle one VM that no live process is working on: finish, fail, adopt or watch it."""
+        record = await asyncio.to_thread(self._records.get, vm_id)
+        if record is None:
+            return []
+        if record.owner and record.owner != self._me and owner_alive(record.owner):
+            self._watch_owner(record)
+            return [f"{vm_id}: {record.state.value} by process {record.owner.split(':')[0]}, left to it"]
+        alive = await asyncio.to_thread(self._vmm_alive, record)
+        try:
+            if record.state == VmState.DESTROYING:
+                record.owner = self._me
+                await uninterrupted(partial(self._records.save, record))
+                await self._finish_destroy(record)
+                return [f"finished destroying {vm_id}"]
+            if record.state == VmState.READY and alive:
+                self.watch(record)
+                return [f"{vm_id}: VMM {record.pid} alive, watching"]
+            if record.state == VmState.BOOTING and alive:
+                record.owner = self._me
+                await uninterrupted(partial(self._records.save, record))
+                self._own(self._adopt(record))
+                return [f"{vm_id}: VMM {record.pid} alive, its creator gone: adopted, resuming readiness"]
+            if record.state in _LIVE:
+                hop, reason = (hops.VMM_EXITED, "the VMM exited while no controller watched it") if (
+                    record.state == VmState.READY or (record.state == VmState.BOOTING and record.pid)) else (
+                    hops.CONTROLLER, f"the process creating it ({record.owner or '?'}) stopped during "
+                                     f"{_next_stage(record)}")
+                record.failure = Failure(hop=hop, reason=reason, hint=hops.hint(hop))
+                record.failed_at = time.time()
+                record.state = transition(vm_id, record.state, VmState.FAILED)
+                record.owner = self._me
+                await self._settle(record)
+                return [f"{vm_id}: {reason}: marked failed and released"]
+            if record.state == VmState.FAILED and record.holds_resources and not record.keep:
+                await self._settle(record)
+                if not record.holds_resources:
+                    return [f"{vm_id}: released what a failed cleanup had left"]
+        except StateConflict:
+            return [f"{vm_id}: changed meanwhile, left as it is"]
+        except CleanupFailed as exc:
+            return [str(exc)]
+        return []
+
+    def _vmm_alive(self, record: VmRecord) -> bool:
         if record.pid is None or record.pid_start_time is None:
             return False
-        vmm = VmmProcess(record.pid, record.pid_start_time)
-        # The start time already tells a recycled PID apart; the VM id in the command line (QEMU's
-        # -name, Firecracker's --id, also under the jailer) confirms it is this VM's VMM.
-        return process.alive(vmm) and record.vm_id in _cmdline(record.pid)
+        return self._driver.is_vmm_of(VmmProcess(record.pid, record.pid_start_time), Path(record.directory))
 
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _vmm_processes_under(vm_root: Path) -> dict[VmmProcess, str]:
-    """Running processes whose command line names a VM directory under `vm_root`: VMMs we started."""
-    found: dict[VmmProcess, str] = {}
-    prefix = str(vm_root) + os.sep
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        cmdline = _cmdline(int(entry.name))
-        if prefix not in cmdline or ("qemu" not in cmdline and "firecracker" not in cmdline):
-            continue
-        vm_id = cmdline.split(prefix, 1)[1].split(os.sep, 1)[0]
-        start_time = process.start_time(int(entry.name))
-        if start_time is not None:
-            found[VmmProcess(int(entry.name), start_time)] = vm_id
-    return found
-
-
-class _ExitWatch:
-    """A future that completes when a process exits (its pidfd becomes readable).
-
-    Bound to the event loop that made it; `close` is safe after that loop has ended.
-    """
-
-    def __init__(self, vmm: VmmProcess) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.future: asyncio.Future[None] = self._loop.create_future()
-        self._pidfd: int | None = None
+    async def _adopt(self, record: VmRecord) -> None:
+        """Run the readiness hops again for a VM whose creator died (the console holds all it printed)."""
         try:
-            self._pidfd = os.pidfd_open(vmm.pid)
-        except ProcessLookupError:
-            self.future.set_result(None)
+            await self._readiness(record, lambda stage, seconds: None)
+            record.state = transition(record.vm_id, record.state, VmState.READY)
+            record.owner = ""
+            await uninterrupted(partial(self._records.save, record))
+        except BaseException as exc:
+            await self._fail(record, exc)
+            if not _reported_in_record(exc):
+                raise
             return
-        if not process.alive(vmm):  # exited, or the PID reused, before the pidfd was opened
-            self.future.set_result(None)
-            return
-        self._loop.add_reader(self._pidfd, self._exited)
-
-    def _exited(self) -> None:
-        if not self.future.done():
-            self.future.set_result(None)
-        self.close()
-
-    def close(self) -> None:
-        if self._pidfd is None:
-            return
-        if not self._loop.is_closed():
-            self._loop.remove_reader(self._pidfd)
-            if not self.future.done():
-                self.future.cancel()
-        os.close(self._pidfd)
-        self._pidfd = None
+        self.watch(record)
 
 
-async def _race(hop: str, work: Awaitable[T], timeout: float, exited: asyncio.Future[None]) -> T:
-    """`work` within `timeout`, unless the VMM exits first; failures named after `hop`."""
-    task: asyncio.Future[T] = asyncio.ensure_future(work)
-    waiting: set[asyncio.Future[object]] = {task, exited}  # type: ignore[arg-type]
-    done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        try:
-            return task.result()
-        except ProbeFailed as exc:
-            raise _HopFailed(hop, exc.reason) from exc
-        except OSError as exc:
-            raise _HopFailed(hop, exc.strerror or str(exc)) from exc
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, BrowserVMError):
-        await task
-    if exited in done:
-        raise _HopFailed("vmm", f"the VMM exited while waiting for {hop}")
-    raise _HopFailed(hop, f"not done within {timeout:g} s")
+def _reported_in_record(exc: BaseException) -> bool:
+    """A failure the record explains (a hop, an OS error); anything else also propagates."""
+    return isinstance(exc, (BrowserVMError, OSError, VmmExited)) and not isinstance(exc, StateConflict)
 
 
-async def _desktop_ready(console: ConsoleLog, timeout: float) -> None:
-    def websockify_or_failure(line: str) -> bool:
-        marker = parse_marker(line)
-        return marker is not None and marker[0] == "ready" and (
-            marker[1].get("service") == "websockify" or marker[1].get("state") in ("failed", "exited"))
-
-    line = await console.wait_for(websockify_or_failure, timeout)
-    if line is None:
-        raise ProbeFailed("desktop.ready", f"websockify did not report ready within {timeout:g} s")
-    marker = parse_marker(line)
-    assert marker is not None
-    if marker[1].get("state") != "ready":
-        raise ProbeFailed("desktop.ready", f"{marker[1].get('service')} {marker[1].get('state')}: "
-                                           f"{marker[1].get('reason') or 'code ' + marker[1].get('code', '?')}")
+def _next_stage(record: VmRecord) -> str:
+    """The first hop the record has not passed: where its creator was when it stopped."""
+    return next((name for name in hops.NAMES if name not in record.stages), hops.NAMES[-1])
 
 
-def _hop_and_reason(exc: BaseException) -> tuple[str, str]:
-    if isinstance(exc, _HopFailed):
+def _bare_spec(vm_id: str, directory: Path) -> VmSpec:
+    return VmSpec(vm_id, 1, 0, Path(), Path(), None, "", "", "", directory)
+
+
+def _remove_tree(directory: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(directory)
+
+
+def _hop_and_reason(exc: BaseException, stage: str) -> tuple[str, str]:
+    if isinstance(exc, ProbeFailed):
         return exc.hop, exc.reason
+    if isinstance(exc, VmmExited):
+        return hops.VMM_EXITED, str(exc)
     if isinstance(exc, VmmError):
-        return "vmm", exc.reason
-    if isinstance(exc, BrowserVMError):
-        return "create", str(exc)
+        return stage, exc.reason
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return stage, f"{exc.strerror or exc}{where}"
     if isinstance(exc, asyncio.CancelledError):
-        return "create", "cancelled"
-    return "create", f"{type(exc).__name__}: {exc}"
+        return hops.CONTROLLER, f"cancelled during {stage}"
+    if isinstance(exc, BrowserVMError):
+        return stage, str(exc)
+    return stage, f"{type(exc).__name__}: {exc}"

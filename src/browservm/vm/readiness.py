@@ -1,12 +1,15 @@
-"""Probes from the host to a VM, one per hop, shared by the manager, the doctor and the tests.
+"""Probes from the host to a VM, one per readiness hop (names from hops.py), shared by the
+manager, the doctor and the tests.
 
-    guest network  the guest says its network is configured: our configurator's marker, or the
+    guest.network  the guest says its network is configured: our configurator's marker, or the
                    kernel's `IP-Config: Complete` line; the kernel's `Unknown kernel command line
                    parameters "... ip=..."` line is evidence that it ignored ip=
-    arp            the VM answers ARP for its address on its bridge, with its own MAC
-    tcp            :6080 accepts a connection
-    websocket      the upgrade request is answered with 101 (wsprobe.py)
-    rfb            the VNC server's banner comes through the WebSocket (wsprobe.py)
+    net.arp        the VM answers ARP for its address on its bridge, with its own MAC
+    desktop.ready  the guest's desktop supervisor reports websockify listening
+    net.tcp        :6080 accepts a connection                          \
+    ws.upgrade     the upgrade request is answered with 101             > DesktopConnection, the one
+    rfb.banner     the VNC server's banner comes through the WebSocket /  implementation of the three
+    desktop.complete  the desktop supervisor reports every part up: the browser on screen
 
 Sockets are opened inside the VM network's namespace and keep it, so the
 probes work from a controller that itself runs outside that namespace.
@@ -20,11 +23,21 @@ import socket
 import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from typing import Protocol
 
 from browservm.errors import ProbeFailed
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.markers import parse_marker
 from browservm.vm.console import ConsoleLog
+from browservm.vm.hops import (
+    DESKTOP_COMPLETE,
+    DESKTOP_READY,
+    GUEST_NETWORK,
+    NET_ARP,
+    NET_TCP,
+    RFB_BANNER,
+    WS_UPGRADE,
+)
 from browservm.vm.wsprobe import rfb_banner, websocket_upgrade
 
 _ETH_P_ARP = 0x0806
@@ -63,7 +76,7 @@ async def wait_guest_network(console: ConsoleLog, timeout: float) -> GuestNetwor
     reasons = [verdict] if isinstance(verdict, str) else [f"no network line on the console within {timeout:g} s"]
     if ignored is not None:
         reasons.append("the kernel ignored ip= (it was built without CONFIG_IP_PNP): " + ignored.strip())
-    raise ProbeFailed("guest network", "; ".join(reasons))
+    raise ProbeFailed(GUEST_NETWORK, "; ".join(reasons))
 
 
 def _hardware_address(sock: socket.socket, interface: str) -> bytes:
@@ -110,11 +123,38 @@ async def arp_probe(netns: NetworkNamespace, bridge: str, source_ip: IPv4Address
                 if mac is not None:
                     return mac
     except OSError as exc:
-        raise ProbeFailed("arp", f"cannot send ARP on {bridge}: {exc.strerror}") from exc
+        raise ProbeFailed(NET_ARP, f"cannot send ARP on {bridge}: {exc.strerror}") from exc
     finally:
         sock.close()
-    raise ProbeFailed("arp", f"no ARP reply from {target_ip} on {bridge} within {timeout:g} s: the guest's "
+    raise ProbeFailed(NET_ARP, f"no ARP reply from {target_ip} on {bridge} within {timeout:g} s: the guest's "
                              "interface is down or has no address")
+
+
+async def _wait_desktop_marker(console: ConsoleLog, hop: str, service: str, timeout: float) -> None:
+    """Wait for the desktop supervisor's marker that `service` is ready; ProbeFailed naming the part that failed."""
+    def ready_or_failure(line: str) -> bool:
+        marker = parse_marker(line)
+        return marker is not None and marker[0] == "ready" and (
+            marker[1].get("service") == service or marker[1].get("state") in ("failed", "exited"))
+
+    line = await console.wait_for(ready_or_failure, timeout)
+    if line is None:
+        raise ProbeFailed(hop, f"{service} did not report ready within {timeout:g} s")
+    marker = parse_marker(line)
+    assert marker is not None
+    if marker[1].get("state") != "ready":
+        raise ProbeFailed(hop, f"{marker[1].get('service')} {marker[1].get('state')}: "
+                               f"{marker[1].get('reason') or 'code ' + marker[1].get('code', '?')}")
+
+
+async def wait_desktop_ready(console: ConsoleLog, timeout: float) -> None:
+    """desktop.ready: the desktop supervisor reports websockify listening on :6080."""
+    await _wait_desktop_marker(console, DESKTOP_READY, "websockify", timeout)
+
+
+async def wait_desktop_complete(console: ConsoleLog, timeout: float) -> None:
+    """desktop.complete: the desktop supervisor reports every part up, the browser on screen."""
+    await _wait_desktop_marker(console, DESKTOP_COMPLETE, "desktop", timeout)
 
 
 async def open_tcp(netns: NetworkNamespace, address: IPv4Address, port: int,
@@ -127,24 +167,102 @@ async def open_tcp(netns: NetworkNamespace, address: IPv4Address, port: int,
         await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (str(address), port)), timeout)
     except TimeoutError:
         sock.close()
-        raise ProbeFailed("tcp", f"no answer from {address}:{port} within {timeout:g} s") from None
+        raise ProbeFailed(NET_TCP, f"no answer from {address}:{port} within {timeout:g} s") from None
     except OSError as exc:
         sock.close()
-        raise ProbeFailed("tcp", f"{address}:{port}: {exc.strerror}") from None
+        raise ProbeFailed(NET_TCP, f"{address}:{port}: {exc.strerror}") from None
+    except BaseException:
+        sock.close()
+        raise
     return await asyncio.open_connection(sock=sock)
 
 
+class DesktopConnection:
+    """The last three hops on one connection: TCP to :6080, the WebSocket upgrade, the RFB banner.
+
+    The one implementation of them: the manager runs the steps one by one (each its own hop with
+    its own deadline), `desktop_banner` runs them in a row for everyone else.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._host = host
+
+    @classmethod
+    async def open(cls, netns: NetworkNamespace, address: IPv4Address, port: int,
+                   timeout: float) -> DesktopConnection:
+        reader, writer = await open_tcp(netns, address, port, timeout)
+        return cls(reader, writer, f"{address}:{port}")
+
+    async def upgrade(self) -> None:
+        await websocket_upgrade(self._reader, self._writer, self._host)
+
+    async def banner(self) -> str:
+        banner = await rfb_banner(self._reader)
+        if banner != "RFB 003.008":
+            raise ProbeFailed(RFB_BANNER, f"unexpected protocol version {banner!r}")
+        return banner
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 async def desktop_banner(netns: NetworkNamespace, address: IPv4Address, port: int, timeout: float) -> str:
-    """tcp -> websocket -> rfb, each failure naming its hop; the RFB banner on success."""
-    reader, writer = await open_tcp(netns, address, port, timeout)
+    """net.tcp -> ws.upgrade -> rfb.banner, each with `timeout` and each failure naming its hop."""
+    connection = await DesktopConnection.open(netns, address, port, timeout)
     try:
-        try:
-            await asyncio.wait_for(websocket_upgrade(reader, writer, f"{address}:{port}"), timeout)
-        except TimeoutError:
-            raise ProbeFailed("websocket", f"no upgrade response within {timeout:g} s") from None
-        try:
-            return await asyncio.wait_for(rfb_banner(reader), timeout)
-        except TimeoutError:
-            raise ProbeFailed("rfb", f"no RFB banner within {timeout:g} s") from None
+        for hop, step in ((WS_UPGRADE, connection.upgrade), (RFB_BANNER, connection.banner)):
+            try:
+                result = await asyncio.wait_for(step(), timeout)
+            except TimeoutError:
+                raise ProbeFailed(hop, f"no answer within {timeout:g} s") from None
+        assert isinstance(result, str)
+        return result
     finally:
-        writer.close()
+        connection.close()
+
+
+class Connection(Protocol):
+    async def upgrade(self) -> None: ...
+
+    async def banner(self) -> str: ...
+
+    def close(self) -> None: ...
+
+
+class Probes(Protocol):
+    """The readiness hops as the manager runs them (GuestProbes are the real ones)."""
+
+    async def guest_network(self, console: ConsoleLog, timeout: float) -> GuestNetwork: ...
+
+    async def arp(self, netns: NetworkNamespace, bridge: str, source: IPv4Address, target: IPv4Address,
+                  timeout: float) -> str: ...
+
+    async def desktop_ready(self, console: ConsoleLog, timeout: float) -> None: ...
+
+    async def desktop_complete(self, console: ConsoleLog, timeout: float) -> None: ...
+
+    async def connect(self, netns: NetworkNamespace, address: IPv4Address, port: int,
+                      timeout: float) -> Connection: ...
+
+
+class GuestProbes:
+    """The real probes: the console, ARP on the bridge, and one DesktopConnection."""
+
+    async def guest_network(self, console: ConsoleLog, timeout: float) -> GuestNetwork:
+        return await wait_guest_network(console, timeout)
+
+    async def arp(self, netns: NetworkNamespace, bridge: str, source: IPv4Address, target: IPv4Address,
+                  timeout: float) -> str:
+        return await arp_probe(netns, bridge, source, target, timeout)
+
+    async def desktop_ready(self, console: ConsoleLog, timeout: float) -> None:
+        await wait_desktop_ready(console, timeout)
+
+    async def desktop_complete(self, console: ConsoleLog, timeout: float) -> None:
+        await wait_desktop_complete(console, timeout)
+
+    async def connect(self, netns: NetworkNamespace, address: IPv4Address, port: int,
+                      timeout: float) -> Connection:
+        return await DesktopConnection.open(netns, address, port, timeout)

@@ -1,4 +1,13 @@
-"""VM records in the store: what each VM is, where its parts are, how far it got and why it failed."""
+"""VM records in the store: what each VM is, where its parts are, how far it got and why it failed.
+
+Every write is a compare-and-set. A record carries the `version` it was read at; `save` writes
+only if the stored row still has that version, and raises StateConflict otherwise. So two
+writers racing on one VM (a create and a destroy, a late `ready` and a VMM-exit watch, a
+reconcile in another process) never overwrite each other: the loser learns what won.
+
+`owner` names the process (PID and start time) that is creating, adopting or destroying the
+VM. A reconcile leaves alone a VM whose owner is alive: that process is still working on it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from browservm.errors import LimitExceeded
+from browservm.errors import LimitExceeded, StateConflict
 from browservm.store import Store
 from browservm.vm.state import VmState
 
@@ -19,6 +28,7 @@ class Failure:
     reason: str
     hint: str
     evidence: tuple[str, ...] = ()  # the last console lines, the probe's output
+    cleanup: tuple[str, ...] = ()  # resources that could not be released, each with its error
 
 
 @dataclass
@@ -44,24 +54,31 @@ class VmRecord:
     failure: Failure | None = None
     failed_at: float | None = None
     holds_resources: bool = True  # False once a failed VM's TAP, lease, disk and VMM are released
+    keep: bool = False  # keep a failed VM's resources for diagnosis (--keep-failed)
+    owner: str = ""  # "PID:start time" of the process working on it, while it is creating or destroying
+    version: int = field(default=0, compare=False)  # of the stored row this was read at
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["state"] = self.state.value
+        del data["version"]
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> VmRecord:
+    def from_json(cls, data: dict[str, Any], version: int = 0) -> VmRecord:
         data = dict(data)
         data["state"] = VmState(data["state"])
         if data.get("failure") is not None:
             failure = data["failure"]
             data["failure"] = Failure(failure["hop"], failure["reason"], failure["hint"],
-                                      tuple(failure.get("evidence", ())))
-        return cls(**data)
+                                      tuple(failure.get("evidence", ())), tuple(failure.get("cleanup", ())))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known}, version=version)
 
 
 class VmRecords:
+    """The `vms` table. Blocking (SQLite): async callers run these in a thread."""
+
     def __init__(self, store: Store) -> None:
         self._store = store
 
@@ -75,23 +92,41 @@ class VmRecords:
                               (record.user,)).fetchone()[0]
             if mine >= max_per_user:
                 raise LimitExceeded("max_vms_per_user", max_per_user, f"user {record.user!r} already has {mine} VMs")
-            db.execute("INSERT INTO vms (vm_id, user, state, holds_resources, data) VALUES (?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO vms (vm_id, user, state, holds_resources, data, version) "
+                       "VALUES (?, ?, ?, ?, ?, 1)",
                        (record.vm_id, record.user, record.state.value, record.holds_resources,
                         json.dumps(record.to_json())))
+        record.version = 1
 
     def save(self, record: VmRecord) -> None:
+        """Write `record` if the stored row is still the version it was read at; else StateConflict."""
         with self._store.transaction() as db:
-            db.execute("UPDATE vms SET state = ?, holds_resources = ?, data = ? WHERE vm_id = ?",
-                       (record.state.value, record.holds_resources, json.dumps(record.to_json()), record.vm_id))
+            updated = db.execute(
+                "UPDATE vms SET state = ?, holds_resources = ?, data = ?, version = version + 1 "
+                "WHERE vm_id = ? AND version = ?",
+                (record.state.value, record.holds_resources, json.dumps(record.to_json()), record.vm_id,
+                 record.version)).rowcount
+            if updated != 1:
+                raise self._conflict(db, record)
+        record.version += 1
+
+    def delete(self, record: VmRecord) -> None:
+        """Remove the record if it is still the version it was read at; else StateConflict."""
+        with self._store.transaction() as db:
+            deleted = db.execute("DELETE FROM vms WHERE vm_id = ? AND version = ?",
+                                 (record.vm_id, record.version)).rowcount
+            if deleted != 1:
+                raise self._conflict(db, record)
+
+    @staticmethod
+    def _conflict(db: Any, record: VmRecord) -> StateConflict:
+        row = db.execute("SELECT state FROM vms WHERE vm_id = ?", (record.vm_id,)).fetchone()
+        return StateConflict(record.vm_id, record.state.value, None if row is None else str(row[0]))
 
     def get(self, vm_id: str) -> VmRecord | None:
-        rows = self._store.read("SELECT data FROM vms WHERE vm_id = ?", (vm_id,))
-        return VmRecord.from_json(json.loads(str(rows[0][0]))) if rows else None
+        rows = self._store.read("SELECT data, version FROM vms WHERE vm_id = ?", (vm_id,))
+        return VmRecord.from_json(json.loads(str(rows[0][0])), int(str(rows[0][1]))) if rows else None
 
     def all(self) -> list[VmRecord]:
-        rows = self._store.read("SELECT data FROM vms ORDER BY rowid")
-        return [VmRecord.from_json(json.loads(str(row[0]))) for row in rows]
-
-    def delete(self, vm_id: str) -> None:
-        with self._store.transaction() as db:
-            db.execute("DELETE FROM vms WHERE vm_id = ?", (vm_id,))
+        rows = self._store.read("SELECT data, version FROM vms ORDER BY rowid")
+        return [VmRecord.from_json(json.loads(str(data)), int(str(version))) for data, version in rows]

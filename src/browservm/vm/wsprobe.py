@@ -14,9 +14,11 @@ import os
 import struct
 
 from browservm.errors import ProbeFailed
+from browservm.vm.hops import RFB_BANNER, WS_UPGRADE
 
 _GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _MAX_HEADER = 16 * 1024
+_MAX_FRAME = 64 * 1024  # an RFB banner is 12 bytes
 
 
 def accept_key(key: str) -> str:
@@ -25,7 +27,7 @@ def accept_key(key: str) -> str:
 
 async def websocket_upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str,
                             path: str = "/websockify") -> dict[str, str]:
-    """Send the upgrade request; return the response headers, or raise ProbeFailed("websocket")."""
+    """Send the upgrade request; return the response headers, or raise ProbeFailed(WS_UPGRADE)."""
     key = base64.b64encode(os.urandom(16)).decode()
     writer.write((f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
@@ -35,28 +37,30 @@ async def websocket_upgrade(reader: asyncio.StreamReader, writer: asyncio.Stream
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as exc:
         got = exc.partial[:80].decode(errors="replace") or "nothing"
-        raise ProbeFailed("websocket", f"the server closed the connection after sending {got!r}") from None
+        raise ProbeFailed(WS_UPGRADE, f"the server closed the connection after sending {got!r}") from None
     except asyncio.LimitOverrunError:
-        raise ProbeFailed("websocket", "the response headers are too long") from None
+        raise ProbeFailed(WS_UPGRADE, "the response headers are too long") from None
     lines = head.decode(errors="replace").split("\r\n")
     status = lines[0]
     headers = {name.strip().lower(): value.strip() for name, _, value in
                (line.partition(":") for line in lines[1:] if line)}
     if not status.startswith("HTTP/1.1 101"):
-        raise ProbeFailed("websocket", f"expected '101 Switching Protocols', got {status!r}")
+        raise ProbeFailed(WS_UPGRADE, f"expected '101 Switching Protocols', got {status!r}")
     if headers.get("sec-websocket-accept") != accept_key(key):
-        raise ProbeFailed("websocket", "the server's Sec-WebSocket-Accept does not match the request")
+        raise ProbeFailed(WS_UPGRADE, "the server's Sec-WebSocket-Accept does not match the request")
     return headers
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """One unmasked server frame: (opcode, payload)."""
+async def read_frame(reader: asyncio.StreamReader, max_length: int = _MAX_FRAME) -> tuple[int, bytes]:
+    """One unmasked server frame: (opcode, payload). The guest says how long it is: bounded first."""
     first, second = await reader.readexactly(2)
     length = second & 0x7F
     if length == 126:
         (length,) = struct.unpack("!H", await reader.readexactly(2))
     elif length == 127:
         (length,) = struct.unpack("!Q", await reader.readexactly(8))
+    if length > max_length:
+        raise ProbeFailed(RFB_BANNER, f"the first WebSocket frame claims {length} bytes, more than {max_length}")
     if second & 0x80:
         await reader.readexactly(4)  # a server must not mask, but tolerate it
     return first & 0x0F, await reader.readexactly(length)
@@ -67,13 +71,13 @@ async def rfb_banner(reader: asyncio.StreamReader) -> str:
     try:
         opcode, payload = await read_frame(reader)
     except asyncio.IncompleteReadError:
-        raise ProbeFailed("rfb", "the WebSocket closed before the VNC server spoke: websockify could not "
+        raise ProbeFailed(RFB_BANNER, "the WebSocket closed before the VNC server spoke: websockify could not "
                                  "reach x11vnc (is it running and listening on localhost?)") from None
     if opcode == 0x8:
         code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
-        raise ProbeFailed("rfb", f"websockify closed the WebSocket (code {code}, "
+        raise ProbeFailed(RFB_BANNER, f"websockify closed the WebSocket (code {code}, "
                                  f"{payload[2:].decode(errors='replace')!r}) before the VNC server spoke")
     banner = payload.decode(errors="replace").strip()
     if not banner.startswith("RFB "):
-        raise ProbeFailed("rfb", f"expected an RFB banner, got {payload[:40]!r}")
+        raise ProbeFailed(RFB_BANNER, f"expected an RFB banner, got {payload[:40]!r}")
     return banner

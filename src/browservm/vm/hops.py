@@ -1,0 +1,81 @@
+"""The one vocabulary of hops: every name the manager records, the probes raise, the API returns
+and the doctor prints comes from this list, in the order a VM passes them.
+
+    net.lease  net.tap  disk.clone  vmm.spawn                                  resources
+    guest.network  net.arp  desktop.ready  net.tcp  ws.upgrade  rfb.banner     readiness
+    desktop.complete                                                           what a person sees
+
+Two more names describe how a VM can fail outside that order: `vmm.exited` (its VMM process
+ended) and `controller` (the process creating it went away, or it was cancelled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Hop:
+    name: str
+    what: str  # what passing it means, for a person
+    hint: str  # what to look at when it fails
+
+
+NET_LEASE = "net.lease"
+NET_TAP = "net.tap"
+DISK_CLONE = "disk.clone"
+VMM_SPAWN = "vmm.spawn"
+GUEST_NETWORK = "guest.network"
+NET_ARP = "net.arp"
+DESKTOP_READY = "desktop.ready"
+NET_TCP = "net.tcp"
+WS_UPGRADE = "ws.upgrade"
+RFB_BANNER = "rfb.banner"
+DESKTOP_COMPLETE = "desktop.complete"
+VMM_EXITED = "vmm.exited"
+CONTROLLER = "controller"
+
+HOPS: tuple[Hop, ...] = (
+    Hop(NET_LEASE, "an address is leased for the VM",
+        "the subnet is full or the state database cannot be written; `browservm host status` shows the leases"),
+    Hop(NET_TAP, "the VM's TAP exists, is up and is an isolated port of its bridge",
+        "the bridge is missing (run `browservm host up`) or a link with the TAP's name exists"),
+    Hop(DISK_CLONE, "the VM's own writable disk is in its directory",
+        "the state directory's file system is full or not writable"),
+    Hop(VMM_SPAWN, "the VMM process runs",
+        "the VMM binary is missing or refused to start; its log (vmm.log in the VM's directory) says why"),
+    Hop(GUEST_NETWORK, "the guest configured eth0 from ip= (kernel IP-Config or browservm-net)",
+        "the guest never configured eth0. If the console shows the kernel ignored ip=, the kernel lacks "
+        "CONFIG_IP_PNP and the image's browservm-net did not run: use `browservm kernel build` or an image "
+        "built by `browservm image build`"),
+    Hop(NET_ARP, "the VM answers ARP for its address on its bridge, from its own MAC",
+        "the guest does not answer ARP on its bridge: its interface is down, has another address, or its TAP "
+        "is not the one the VMM uses (compare the TAP and MAC in `vm show` with the VMM's configuration)"),
+    Hop(DESKTOP_READY, "the guest's desktop reported websockify listening",
+        "the guest's desktop did not report websockify ready; the console shows which part failed"),
+    Hop(NET_TCP, "the VM's :6080 accepts a TCP connection",
+        "nothing accepts connections on :6080 in the guest; the desktop markers on the console show how far "
+        "it got"),
+    Hop(WS_UPGRADE, "the WebSocket upgrade on :6080 is answered with 101",
+        "something answers on :6080 but it is not websockify"),
+    Hop(RFB_BANNER, "the VNC server's RFB 003.008 banner comes through the WebSocket",
+        "websockify runs but cannot reach x11vnc on localhost:5901"),
+    # RFB answers some 20 s (under emulation) before Chromium's window is there: until this hop a
+    # viewer would show an empty grey screen.
+    Hop(DESKTOP_COMPLETE, "every part of the desktop is up: the browser on screen (in the minimal profile, "
+                          "which has no browser, its last part)",
+        "the desktop's last part (usually Chromium) did not start; the console's browservm-ready lines say which"),
+)
+RESOURCES = (NET_LEASE, NET_TAP, DISK_CLONE, VMM_SPAWN)
+READINESS = (GUEST_NETWORK, NET_ARP, DESKTOP_READY, NET_TCP, WS_UPGRADE, RFB_BANNER, DESKTOP_COMPLETE)
+NAMES = tuple(hop.name for hop in HOPS)
+
+_EXTRA_HINTS = {
+    VMM_EXITED: "the VMM process exited; its own log and the console tail say why",
+    CONTROLLER: "the process creating the VM stopped before it was ready; create it again",
+}
+HINTS = {hop.name: hop.hint for hop in HOPS} | _EXTRA_HINTS
+
+
+def hint(name: str) -> str:
+    return HINTS.get(name, "")
