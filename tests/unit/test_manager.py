@@ -8,6 +8,7 @@ watching and stopping are real. What the fakes stand in for is tested for real i
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -350,8 +351,16 @@ def test_nothing_blocks_the_event_loop_while_a_vm_is_created_and_destroyed(parts
     assert parts.leftovers() == NOTHING
 
 
-def _open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
+def _open_fds() -> dict[str, str]:
+    """This process's open descriptors and what each is (a socket, an anon inode: inotify, pidfd, ...)."""
+    gc.collect()
+    found = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # the descriptor listdir itself used
+            continue
+    return found
 
 
 @pytest.mark.parametrize("hop", ["guest.network", "net.arp", "desktop.ready", "ws.upgrade", "rfb.banner",
