@@ -80,10 +80,7 @@ def clone_sparse(source: Path, target: Path) -> int:
                 raise
             end = os.lseek(src, start, os.SEEK_HOLE)
             while start < end:
-                copied = os.copy_file_range(src, dst, min(end - start, _CHUNK), start, start)
-                if copied == 0:
-                    raise OSError(errno.EIO, f"short copy from {source} at {start}")
-                start += copied
+                start += _copy_range(src, dst, start, min(end - start, _CHUNK), source)
             offset = end
     except BaseException:
         os.close(dst)
@@ -93,3 +90,21 @@ def clone_sparse(source: Path, target: Path) -> int:
         os.close(src)
     os.close(dst)
     return allocated_bytes(target)
+
+
+def _copy_range(src: int, dst: int, offset: int, length: int, source: Path) -> int:
+    """Copy up to `length` bytes at `offset`; the bytes copied.
+
+    copy_file_range refuses to cross file systems (EXDEV) on current kernels, and the image
+    cache and the state directory are often on different ones: then read and write instead.
+    """
+    try:
+        copied = os.copy_file_range(src, dst, length, offset, offset)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        data = os.pread(src, min(length, 2**20), offset)
+        copied = os.pwrite(dst, data, offset) if data else 0
+    if copied == 0:
+        raise OSError(errno.EIO, f"short copy from {source} at {offset}")
+    return copied
