@@ -34,6 +34,15 @@ class Settings(BaseSettings):
     disk_mib: int = Field(4096, description="size of each VM's writable overlay disk")
     max_vms: int = Field(32, ge=1, description="VMs this host runs at most")
     max_vms_per_user: int = Field(4, ge=1, description="VMs one user may have at once")
+    # The controller service (browservm serve)
+    listen: str = Field("127.0.0.1:8080", description="address:port the controller's HTTP API listens on")
+    public_url: str | None = Field(None, description="how browsers reach the controller (default http://<listen>)")
+    api_key: str | None = Field(None, description="the operator's API key (default: made at first start, "
+                                                  "kept in <state-dir>/api.key)")
+    viewer_ttl: int = Field(600, ge=10, le=86400, description="seconds a viewer link stays valid")
+    idle_timeout: int = Field(900, ge=10, description="seconds a VM may have no viewer before it is reaped")
+    max_lifetime: int = Field(7200, ge=60, description="seconds a VM may live at most before it is reaped")
+    stop_vms_on_exit: bool = Field(False, description="destroy every VM when the controller stops")
 
     @field_validator("bridge", "uplink")
     @classmethod
@@ -84,6 +93,23 @@ class Settings(BaseSettings):
             if not 1 <= port <= 65535:
                 raise ValueError(f"{port} is not a TCP port")
         return tuple(sorted(set(value)))
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError("must be ADDRESS:PORT, for example 127.0.0.1:8080")
+        return value
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.listen}").rstrip("/")
 
     @field_validator("vmm_user")
     @classmethod

@@ -21,10 +21,12 @@
     │       └── KernelConfigDropped     olddefconfig dropped fragment options: carries `options`
     ├── ImageBuildError                 a step of `image build` or of a VM's disk: `step`, `reason`, `log`
     ├── VmmError                        a VMM could not be started, stopped or found: `vm_id`, `step`
+    ├── ProbeFailed                     a hop to a VM's desktop did not answer: carries `hop`, `reason`
     ├── CleanupFailed                   releasing a VM's resources failed: `vm_id`, `errors` (one per resource)
     ├── OperationFailed                 an OS call failed outside any VM (disk full, permission denied):
     │                                   `operation`, `reason`, `path`
-    └── ProbeFailed                     a hop to a VM's desktop did not answer: carries `hop`, `reason`
+    ├── VmNotFound                      no VM with this id: `vm_id`
+    └── WrongState                      the VM's state does not allow the request: `vm_id`, `state`, `reason`
 
 The command line turns them into exit codes in one place (cli.main): 2 for
 InvalidInput, 1 for the rest, with `--json` printing the fields.
@@ -237,3 +239,21 @@ class OperationFailed(BrowserVMError):
         self.path = str(error.filename) if error.filename is not None else None
         where = f": {self.path}" if self.path else ""
         super().__init__(f"{operation}: {self.reason}{where}")
+
+
+class VmNotFound(BrowserVMError):
+    """No VM with this id (never was, or deleted)."""
+
+    def __init__(self, vm_id: str) -> None:
+        self.vm_id = vm_id
+        super().__init__(f"no VM {vm_id}")
+
+
+class WrongState(BrowserVMError):
+    """The VM is not in a state that allows this: carries `vm_id`, `state`, `reason`."""
+
+    def __init__(self, vm_id: str, state: str, reason: str) -> None:
+        self.vm_id = vm_id
+        self.state = state
+        self.reason = reason
+        super().__init__(f"VM {vm_id} is {state}: {reason}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from browservm import __version__
 from browservm.cli import image as image_cli
 from browservm.cli import kernel as kernel_cli
+from browservm.cli import serve as serve_cli
 from browservm.cli import vm as vm_cli
 from browservm.config import Settings, load_settings
 from browservm.errors import BrowserVMError, InvalidInput, OperationFailed
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     kernel_cli.add_parser(commands)
     image_cli.add_parser(commands, common)
     vm_cli.add_parser(commands, common)
+    serve_cli.add_parser(commands, common)
     return parser
 
 
@@ -69,10 +71,13 @@ def _settings(args: argparse.Namespace) -> Settings:
             subnet = IPv4Network(args.subnet)
         except ValueError as exc:
             raise InvalidInput("subnet", args.subnet, str(exc)) from None
+    service = {name: getattr(args, name, None) for name in (
+        "listen", "public_url", "idle_timeout", "max_lifetime", "viewer_ttl", "stop_vms_on_exit")}
     return load_settings(netns=args.netns, state_dir=args.state_dir, subnet=subnet, bridge=args.bridge,
                          uplink=args.uplink, vmm_user=args.vmm_user,
                          guest_ports=tuple(args.guest_ports) if args.guest_ports else None,
-                         vmm=args.vmm, kernel=args.kernel, rootfs=args.rootfs, image_profile=args.image_profile)
+                         vmm=args.vmm, kernel=args.kernel, rootfs=args.rootfs, image_profile=args.image_profile,
+                         **service)
 
 
 def _host_network(settings: Settings, store: Store) -> HostNetwork:
@@ -123,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands: dict[str, Callable[[argparse.Namespace], int]] = {
             "host": _host, "kernel": kernel_cli.run, "image": lambda a: image_cli.run(a, _settings(a)),
-            "vm": lambda a: vm_cli.run(a, _settings(a)), "serve": lambda a: vm_cli.run(a, _settings(a))}
+            "vm": lambda a: vm_cli.run(a, _settings(a)), "serve": lambda a: serve_cli.run(_settings(a))}
         return commands[args.command](args)
     except BrowserVMError as exc:
         _report_error(exc, getattr(args, "json", False))

@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 import time
 from collections.abc import Callable
 
 from browservm.config import Settings
-from browservm.controller import Controller, ServeLock, open_controller
-from browservm.inotify import DirectoryWatch
+from browservm.controller import Controller, open_controller
 from browservm.progress import Progress
 from browservm.vm.records import VmRecord
 from browservm.vm.state import VmState
@@ -41,14 +39,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser],
     console.add_argument("--follow", action="store_true", help="keep printing new lines")
     remove = actions.add_parser("rm", parents=[common], help="destroy VMs (idempotent)")
     remove.add_argument("vm_ids", nargs="+", metavar="VM_ID")
-    commands.add_parser("serve", parents=[common],
-                        help="the controller: reconcile with what runs, then watch every VM until stopped")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    if args.command == "serve":
-        with ServeLock(settings.state_dir), open_controller(settings) as controller:
-            return asyncio.run(_serve(controller))
     with open_controller(settings) as controller:
         actions: dict[str, Callable[[Controller, argparse.Namespace], int]] = {
             "create": _create, "ls": _list, "show": _show, "console": _console, "rm": _remove}
@@ -152,33 +145,4 @@ def _remove(controller: Controller, args: argparse.Namespace) -> int:
     else:
         for vm_id, done in results.items():
             print(f"{vm_id}: {'removed' if done else 'no such VM (nothing to do)'}")
-    return 0
-
-
-async def _serve(controller: Controller) -> int:
-    """Reconcile, then watch: a VM whose VMM exits is marked failed at once, with its console tail;
-    a VM whose creating process dies is adopted or failed and released."""
-    manager = controller.manager
-    manager.on_failure = lambda record: print(
-        f"{record.vm_id}: failed at {record.failure.hop if record.failure else '?'}: "
-        f"{record.failure.reason if record.failure else ''}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        for action in await manager.reconcile():
-            print(f"reconcile: {action}", flush=True)
-        print(f"serve: watching {len(await manager.all())} VM(s); stop with SIGTERM", flush=True)
-        # VMs created by other browservm processes appear in the store: rescan whenever it changes.
-        async with DirectoryWatch(controller.settings.state_dir) as watch:
-            while not stop.is_set():
-                await manager.watch_all()
-                changed = asyncio.ensure_future(watch.changed())
-                stopped = asyncio.ensure_future(stop.wait())
-                await asyncio.wait({changed, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                changed.cancel()
-                stopped.cancel()
-    finally:
-        await manager.close()
     return 0

@@ -136,6 +136,16 @@ class VMManager:
         self._creating: dict[str, asyncio.Task[VmRecord]] = {}
         self._watched: dict[str, ExitWatch] = {}
         self.on_failure: Callable[[VmRecord], None] | None = None  # told once a dead VM is marked and released
+        # Told of every change: a stage passed (its name), "ready", "failed", "ended" or "destroyed".
+        self.on_change: Callable[[VmRecord, str], None] | None = None
+
+    @property
+    def driver(self) -> VmmDriver:
+        return self._driver
+
+    def _notify(self, record: VmRecord, event: str) -> None:
+        if self.on_change is not None:
+            self.on_change(record, event)
 
     def _own(self, work: Awaitable[T]) -> asyncio.Task[T]:
         """Start a task the manager owns: `close` cancels it."""
@@ -228,6 +238,7 @@ class VMManager:
             if _reported_in_record(exc):
                 return record
             raise
+        self._notify(record, "ready")
         self.watch(record)
         return record
 
@@ -236,6 +247,7 @@ class VMManager:
         record.stages[stage] = round(time.time() - record.created_at, 3)
         await uninterrupted(partial(self._records.save, record))
         report(stage, record.stages[stage])
+        self._notify(record, stage)
         crash_point(f"{stage}:done")
 
     # The resource stages: blocking, run in a thread; each writes what it made into the record
@@ -336,6 +348,7 @@ class VMManager:
         """
         try:
             await uninterrupted(partial(self._records.save, record))
+            self._notify(record, "failed")
             if record.keep:
                 return
             errors = await uninterrupted(partial(self._release, record))
@@ -457,11 +470,13 @@ class VMManager:
 
     # --- destroy and reconcile -----------------------------------------------------------
 
-    async def destroy(self, vm_id: str) -> bool:
+    async def destroy(self, vm_id: str, *, ended_reason: str = "") -> bool:
         """Stop the VM and remove everything it had; False when there was no such VM. Idempotent.
 
-        A create of this VM in this process is cancelled first (it releases what it made); a create
-        in another process loses its next compare-and-set and undoes what it made itself.
+        With `ended_reason` (the reaper's "idle for 15 min", ...) the record stays, in state
+        `ended`, to say why; without, it is deleted. A create of this VM in this process is
+        cancelled first (it releases what it made); a create in another process loses its next
+        compare-and-set and undoes what it made itself.
         """
         validate_vm_id(vm_id)
         creating = self._creating.get(vm_id)
@@ -476,8 +491,11 @@ class VMManager:
             record = await asyncio.to_thread(self._records.get, vm_id)
             if record is None:
                 return False
+            if ended_reason and record.state == VmState.ENDED:
+                return True
             record.state = transition(vm_id, record.state, VmState.DESTROYING)
             record.owner = self._me
+            record.ended_reason = ended_reason
             try:
                 await uninterrupted(partial(self._records.save, record))
             except StateConflict:
@@ -492,7 +510,16 @@ class VMManager:
         if errors:
             raise CleanupFailed(record.vm_id, errors)
         with contextlib.suppress(StateConflict):  # another destroy finished first
-            await uninterrupted(partial(self._records.delete, record))
+            if record.ended_reason:
+                record.state = transition(record.vm_id, record.state, VmState.ENDED)
+                record.holds_resources = False
+                record.pid = record.pid_start_time = None
+                record.owner = ""
+                await uninterrupted(partial(self._records.save, record))
+                self._notify(record, "ended")
+            else:
+                await uninterrupted(partial(self._records.delete, record))
+                self._notify(record, "destroyed")
 
     async def reconcile(self) -> list[str]:
         """After a (re)start: settle every VM no live process is working on, and remove orphans of ours.
@@ -554,7 +581,7 @@ class VMManager:
                 record.owner = self._me
                 await uninterrupted(partial(self._records.save, record))
                 await self._finish_destroy(record)
-                return [f"finished destroying {vm_id}"]
+                return [f"finished {'ending' if record.ended_reason else 'destroying'} {vm_id}"]
             if record.state == VmState.READY and alive:
                 self.watch(record)
                 return [f"{vm_id}: VMM {record.pid} alive, watching"]
@@ -601,6 +628,7 @@ class VMManager:
             if not _reported_in_record(exc):
                 raise
             return
+        self._notify(record, "ready")
         self.watch(record)
 
 

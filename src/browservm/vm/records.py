@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,8 @@ class VmRecord:
     holds_resources: bool = True  # False once a failed VM's TAP, lease, disk and VMM are released
     keep: bool = False  # keep a failed VM's resources for diagnosis (--keep-failed)
     owner: str = ""  # "PID:start time" of the process working on it, while it is creating or destroying
+    viewer_epoch: str = field(default_factory=lambda: secrets.token_hex(8))  # in every viewer token's signature
+    ended_reason: str = ""  # why it was stopped on purpose (state ended): reaped for idleness, lifetime, ...
     version: int = field(default=0, compare=False)  # of the stored row this was read at
 
     def to_json(self) -> dict[str, Any]:

@@ -3,7 +3,9 @@
     creating ──► booting ──► ready
         │           │          │
         └───────────┴──────────┴──► failed
-        └───────────┴──────────┴──────┴──► destroying  (then the record is gone)
+        └───────────┴──────────┴──────┴──► destroying ──► (the record is gone)
+                                                   └──► ended  (stopped on purpose, e.g. reaped;
+                                                                the record stays to say why)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class VmState(enum.Enum):
     READY = "ready"  # every hop passed: the desktop answers RFB
     FAILED = "failed"  # a hop failed or the VMM died; `failure` says which and why
     DESTROYING = "destroying"
+    ENDED = "ended"  # stopped on purpose and released; `ended_reason` says why
 
 
 _ALLOWED = {
@@ -26,7 +29,8 @@ _ALLOWED = {
     VmState.BOOTING: {VmState.READY, VmState.FAILED, VmState.DESTROYING},
     VmState.READY: {VmState.FAILED, VmState.DESTROYING},
     VmState.FAILED: {VmState.DESTROYING},
-    VmState.DESTROYING: {VmState.DESTROYING},  # a destroy interrupted by a crash is simply run again
+    VmState.DESTROYING: {VmState.DESTROYING, VmState.ENDED},  # an interrupted destroy is simply run again
+    VmState.ENDED: {VmState.DESTROYING},
 }
 
 

@@ -20,6 +20,7 @@ from browservm.vmm.spec import VmSpec
 
 class VmmDriver(Protocol):
     name: str
+    placement: Placement  # where its VMMs run, and why there (for diagnostics)
 
     def accel(self, kernel: Path) -> str: ...
 

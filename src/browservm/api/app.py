@@ -1,0 +1,326 @@
+"""The controller's HTTP API: routes that translate HTTP to ControllerService calls, and errors to
+status codes, in one place.
+
+    operator (API key: `Authorization: Bearer KEY`, or the session cookie the login form sets)
+      POST   /v1/vms[?wait=true]          create: 202 with the record while it boots (200 when waited for)
+      GET    /v1/vms, /v1/vms/{id}        records, with viewers and idle time
+      DELETE /v1/vms/{id}                 destroy (idempotent)
+      GET    /v1/vms/{id}/console?lines=N the serial console's last lines
+      GET    /v1/vms/{id}/events          Server-Sent Events: each hop as it passes, then ready/failed
+      POST   /v1/vms/{id}/viewer          a viewer link with a short-lived token bound to the VM
+      GET    /readyz /metrics /openapi.json /docs /
+    anyone
+      GET    /healthz
+    viewer (its token)
+      GET    /view/{id}?token=            the noVNC page
+      GET    /view/{id}/state?token=      what the page shows while the VM boots
+      WS     /v1/vms/{id}/vnc?token=      the desktop, through the proxy (closes 44xx with a reason)
+
+Errors are `{"error": {"type", "message", ...}}`: 422 a bad field (named), 404 an unknown VM,
+409 a VM in the wrong state, 429 a limit, 413 a body over 64 KiB, 401 no or a wrong key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import swagger_ui_bundle  # type: ignore[import-untyped]
+from fastapi import Depends, FastAPI, Query, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from browservm import __version__
+from browservm.api.models import ConsoleOut, CreateVm, ErrorOut, ViewerOut, VmOut
+from browservm.api.service import ControllerService
+from browservm.api.tokens import TokenRefused
+from browservm.errors import (
+    BrowserVMError,
+    CleanupFailed,
+    InvalidInput,
+    LimitExceeded,
+    StateConflict,
+    VmNotFound,
+    WrongState,
+)
+from browservm.ids import validate_vm_id
+from browservm.vm import hops
+
+log = logging.getLogger("browservm.api")
+MAX_BODY = 64 * 1024
+NOVNC_DIR = Path("/usr/share/novnc")
+SESSION_COOKIE = "browservm_session"
+_STATIC = resources.files("browservm.api") / "static"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, kind: str, message: str, **fields: str | None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"type": kind, "message": message, **{k: v for k, v in fields.items() if v is not None}}
+
+
+def _error(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def _status_of(exc: BrowserVMError) -> tuple[int, dict[str, str | None]]:
+    """One place for what each kind of error means in HTTP."""
+    if isinstance(exc, InvalidInput):
+        return 422, {"field": exc.field}
+    if isinstance(exc, VmNotFound):
+        return 404, {}
+    if isinstance(exc, LimitExceeded):
+        return 429, {"limit": exc.limit}
+    if isinstance(exc, WrongState):
+        return 409, {"state": exc.state}
+    if isinstance(exc, StateConflict):
+        return 409, {"state": exc.found or "deleted"}
+    if isinstance(exc, CleanupFailed):
+        return 500, {}
+    return 503, {}  # the host cannot do it now: network, VMM, state directory
+
+
+class BodyLimit:
+    """413 for a request body over `limit` bytes, announced or streamed, before the app reads it all."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.limit:
+            response = _error(413, {"type": "BodyTooLarge", "message": f"the body is over {self.limit} bytes"})
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise ApiError(413, "BodyTooLarge", f"the body is over {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def session_value(service: ControllerService) -> str:
+    """The operator session cookie: derived from the API key, so a new key ends old sessions."""
+    return hmac.new(service.api_key.encode(), b"browservm operator session", hashlib.sha256).hexdigest()
+
+
+def build_app(service: ControllerService) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        # Shutdown of the service itself is the server's (serve.py): viewers first, then this.
+
+    app = FastAPI(title="browservm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None, description="Isolated browser microVMs: create one per user session, "
+                  "watch it come up hop by hop, open its desktop in a browser.")
+    app.add_middleware(BodyLimit)
+
+    def operator(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), service.api_key.encode()):
+            return
+        cookie = request.cookies.get(SESSION_COOKIE, "")
+        if cookie and hmac.compare_digest(cookie.encode(), session_value(service).encode()):
+            # A cookie goes with any request the browser makes, even one a foreign page causes:
+            # changes also need a header such a page cannot set.
+            if request.method in ("GET", "HEAD") or request.headers.get("x-browservm") == "1":
+                return
+            raise ApiError(403, "Forbidden", "a change signed in by cookie needs the X-Browservm: 1 header")
+        raise ApiError(401, "Unauthorized", "missing or wrong API key: send `Authorization: Bearer <key>` "
+                                            "(the key is in the state directory's api.key)")
+
+    authorized = [Depends(operator)]
+    errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut}
+                                              for code in (401, 403, 404, 409, 413, 422, 429)}
+
+    # --- error mapping, in one place ---------------------------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return _error(exc.status, exc.body, headers)
+
+    @app.exception_handler(BrowserVMError)
+    async def browservm_error(request: Request, exc: BrowserVMError) -> JSONResponse:
+        status, fields = _status_of(exc)
+        if status >= 500:
+            log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return _error(status, {"type": type(exc).__name__, "message": str(exc),
+                               **{k: v for k, v in fields.items() if v is not None}})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+        field = ".".join(where) or "body"
+        return _error(422, {"type": "InvalidInput", "field": field, "message": f"{field}: {first.get('msg')}"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, {"type": "HTTPError", "message": str(exc.detail)})
+
+    # --- health, metrics, docs ---------------------------------------------------------------
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, bool]:
+        """Liveness: the controller answers."""
+        return {"ok": True}
+
+    @app.get("/readyz", tags=["health"], dependencies=authorized, responses=errors)
+    async def readyz() -> JSONResponse:
+        """Readiness: the store answers, the host network is as `host up` makes it, a VMM can run."""
+        checks = await service.readiness()
+        healthy = all(ok for ok, _ in checks.values())
+        return JSONResponse({"ok": healthy, "checks": {name: {"ok": ok, "detail": detail}
+                                                      for name, (ok, detail) in checks.items()}},
+                            status_code=200 if healthy else 503)
+
+    @app.get("/metrics", tags=["health"], dependencies=authorized, response_class=PlainTextResponse)
+    async def metrics() -> Response:
+        return Response(await asyncio.to_thread(service.metrics.render),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=authorized)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=authorized)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="browservm API",
+                                   swagger_js_url="/swagger/swagger-ui-bundle.js",
+                                   swagger_css_url="/swagger/swagger-ui.css", swagger_favicon_url="")
+
+    # --- VMs -----------------------------------------------------------------------------------
+
+    @app.post("/v1/vms", tags=["vms"], status_code=202, dependencies=authorized, responses=errors)
+    async def create_vm(body: CreateVm, wait: bool = False) -> JSONResponse:
+        """Create a VM. It boots in the background (202, state `creating`); `?wait=true` returns when it is
+        ready or failed (200). Follow it with GET /v1/vms/{id} or /v1/vms/{id}/events."""
+        record = await service.create(body, wait)
+        return JSONResponse(service.describe(record).model_dump(), status_code=200 if wait else 202)
+
+    @app.get("/v1/vms", tags=["vms"], dependencies=authorized, responses=errors)
+    async def list_vms() -> list[VmOut]:
+        return [service.describe(record) for record in await service.all()]
+
+    @app.get("/v1/vms/{vm_id}", tags=["vms"], dependencies=authorized, responses=errors)
+    async def get_vm(vm_id: str) -> VmOut:
+        """State, address, the failing hop with reason and hint, each hop's time, viewers, idle time."""
+        return service.describe(await service.get(validate_vm_id(vm_id)))
+
+    @app.delete("/v1/vms/{vm_id}", tags=["vms"], dependencies=authorized, responses=errors)
+    async def delete_vm(vm_id: str) -> dict[str, str | bool]:
+        """Stop the VM and release everything it had. Idempotent: `removed` is false when it was not there."""
+        return {"vm_id": vm_id, "removed": await service.destroy(validate_vm_id(vm_id))}
+
+    @app.get("/v1/vms/{vm_id}/console", tags=["vms"], dependencies=authorized, responses=errors)
+    async def console(vm_id: str, lines: Annotated[int, Query(ge=1, le=10_000)] = 50) -> ConsoleOut:
+        return ConsoleOut(vm_id=vm_id, lines=await service.console(validate_vm_id(vm_id), lines))
+
+    @app.get("/v1/vms/{vm_id}/events", tags=["vms"], dependencies=authorized, responses=errors,
+             response_class=StreamingResponse)
+    async def events(vm_id: str) -> StreamingResponse:
+        """Server-Sent Events: `stage` for each hop as it passes (those already passed first), then one of
+        `ready`, `failed` (with the hop and reason), `ended` or `destroyed`, and the stream ends."""
+        await service.get(validate_vm_id(vm_id))  # a 404 now, not an empty stream
+
+        async def stream() -> AsyncIterator[str]:
+            async for event in service.stream(vm_id):
+                yield event.sse()
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    @app.post("/v1/vms/{vm_id}/viewer", tags=["viewer"], dependencies=authorized, responses=errors)
+    async def viewer(vm_id: str) -> ViewerOut:
+        """A link to the VM's desktop for a browser, valid for the configured time (default 10 minutes)."""
+        return await service.viewer(validate_vm_id(vm_id))
+
+    # --- the viewer: its own token, no API key --------------------------------------------------
+
+    @app.get("/view/{vm_id}", tags=["viewer"], response_class=HTMLResponse)
+    async def view(vm_id: str, token: str = "") -> HTMLResponse:
+        page = (_STATIC / "viewer.html").read_text()
+        return HTMLResponse(page, headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+
+    @app.get("/view/{vm_id}/state", tags=["viewer"])
+    async def view_state(vm_id: str, token: str = "") -> JSONResponse:
+        """What the viewer page shows while the VM boots: its state, the last hop passed, a failure."""
+        try:
+            record = await service.check_token(vm_id, token)
+        except TokenRefused as exc:
+            return _error(401, {"type": "TokenRefused", "message": exc.reason})
+        except (VmNotFound, InvalidInput):
+            return _error(404, {"type": "VmNotFound", "message": f"no VM {vm_id[:63]}"})
+        failure = record.failure
+        return JSONResponse({"state": record.state.value, "stages": list(record.stages),
+                             "hops": list(hops.NAMES), "browser_ready": hops.DESKTOP_COMPLETE in record.stages,
+                             "failure": None if failure is None else {"hop": failure.hop, "reason": failure.reason},
+                             "ended_reason": record.ended_reason or None},
+                            headers={"Cache-Control": "no-store"})
+
+    @app.websocket("/v1/vms/{vm_id}/vnc")
+    async def vnc(websocket: WebSocket, vm_id: str, token: str = "") -> None:
+        await service.connect_viewer(websocket, vm_id, token)
+
+    # --- the operator's page ---------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False, response_model=None)
+    async def operator_page(request: Request) -> HTMLResponse | RedirectResponse:
+        try:
+            operator(request)
+        except ApiError:
+            return RedirectResponse("/login", status_code=303)
+        return HTMLResponse((_STATIC / "operator.html").read_text(), headers={"Cache-Control": "no-store"})
+
+    @app.get("/login", include_in_schema=False)
+    async def login_form(failed: bool = False) -> HTMLResponse:
+        page = (_STATIC / "login.html").read_text()
+        return HTMLResponse(page.replace("{{message}}", "That key is not right." if failed else ""))
+
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request) -> RedirectResponse:
+        form = await request.form()
+        key = str(form.get("key", "")).strip()
+        if not hmac.compare_digest(key.encode(), service.api_key.encode()):
+            return RedirectResponse("/login?failed=true", status_code=303)
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(SESSION_COOKIE, session_value(service), httponly=True, samesite="strict",
+                            secure=service.settings.base_url.startswith("https:"))
+        return response
+
+    if NOVNC_DIR.is_dir():
+        app.mount("/novnc", StaticFiles(directory=NOVNC_DIR), name="novnc")
+    swagger = _swagger_assets()
+    if swagger is not None:
+        app.mount("/swagger", StaticFiles(directory=swagger), name="swagger")
+    return app
+
+
+def _swagger_assets() -> Path | None:
+    """Swagger UI's files from the swagger-ui-bundle package: the docs page works without internet."""
+    path = Path(swagger_ui_bundle.swagger_ui_path)
+    return path if path.is_dir() else None
+

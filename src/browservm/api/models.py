@@ -1,0 +1,86 @@
+"""The shapes of the REST API, as pydantic models: what a client sends and what it gets back.
+
+Requests forbid unknown fields and take numbers strictly (no "1", no 1.0, no true), so a
+mistyped field is a 422 that names it rather than a VM with a surprising size.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from browservm.vm.records import VmRecord
+
+
+class CreateVm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user: StrictStr = Field(min_length=1, max_length=64, description="whose VM it is; limits count per user")
+    vcpus: StrictInt | None = Field(None, description="virtual CPUs (default 1)")
+    mem_mib: StrictInt | None = Field(None, description="memory in MiB (default 1024)")
+
+
+class FailureOut(BaseModel):
+    hop: str = Field(description="the hop that failed, from the one list of hops")
+    reason: str
+    hint: str
+    evidence: list[str] = Field(description="the last console lines")
+    cleanup: list[str] = Field(description="resources that could not be released, each with its error")
+
+
+class VmOut(BaseModel):
+    vm_id: str
+    state: str = Field(description="creating, booting, ready, failed, destroying or ended")
+    user: str
+    vcpus: int
+    mem_mib: int
+    created_at: float
+    uptime_s: float
+    address: str
+    tap: str
+    mac: str
+    driver: str
+    accel: str
+    pid: int | None
+    stages: dict[str, float] = Field(description="seconds after creation each hop passed")
+    failure: FailureOut | None
+    ended_reason: str
+    viewers: int = Field(description="viewers connected now")
+    idle_s: float | None = Field(description="seconds without a viewer; null while one is connected")
+
+    @classmethod
+    def of(cls, record: VmRecord, viewers: int, idle_s: float | None) -> VmOut:
+        failure = record.failure
+        return cls(
+            vm_id=record.vm_id, state=record.state.value, user=record.user, vcpus=record.vcpus,
+            mem_mib=record.mem_mib, created_at=record.created_at, uptime_s=round(time.time() - record.created_at, 1),
+            address=record.address, tap=record.tap, mac=record.mac, driver=record.driver, accel=record.accel,
+            pid=record.pid, stages=record.stages, ended_reason=record.ended_reason, viewers=viewers,
+            idle_s=None if idle_s is None else round(idle_s, 1),
+            failure=None if failure is None else FailureOut(hop=failure.hop, reason=failure.reason, hint=failure.hint,
+                                                            evidence=list(failure.evidence),
+                                                            cleanup=list(failure.cleanup)))
+
+
+class ViewerOut(BaseModel):
+    url: str = Field(description="the viewer page, carrying the token")
+    token: str
+    expires_at: int = Field(description="unix seconds")
+
+
+class ConsoleOut(BaseModel):
+    vm_id: str
+    lines: list[str]
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+    field: str | None = None
+    limit: str | None = None
+    state: str | None = None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,440 @@
+"""The WebSocket relay between a person's browser (noVNC) and a VM's desktop (websockify on :6080).
+
+    browser ──WS /v1/vms/{id}/vnc──► uvicorn ─ ViewerProxy.serve ──TCP opened in the VM network's
+                                                                    namespace, WS──► VM :6080/websockify
+
+The route checks nothing itself before calling `serve`; `serve` does, in this order:
+
+1. Accept the WebSocket, echoing the `binary` subprotocol when the browser offers it. Always first:
+   a browser cannot see why a handshake was refused (it reports 1006, the symptom of the incident
+   in ../shared/seeds/), so every refusal is a close with a code and a reason the page can show.
+2. `await resolve()`: the route's own checks (token, VM lookup). It returns the `Upstream` or raises
+   `Refused(code, reason)`.
+3. The last three readiness hops, each with `connect_timeout`: net.tcp (a TCP connection made
+   inside the VM network's namespace), ws.upgrade (answered with 101), rfb.banner (the first
+   message through the WebSocket; RFB servers speak first). A failure closes with 4502 and
+   "<hop>: <reason>", hop names from browservm.vm.hops.
+4. The relay, until one side ends it.
+
+Close codes sent to the viewer (`serve` returns the code; when the viewer itself left, the code it
+closed with, or 1005/1006):
+
+    4401 4404 4409  whatever the route's `Refused` says (bad token, unknown VM, VM not ready)
+    4502            a hop to the VM failed before the relay started: "net.tcp: ...", "ws.upgrade: ...",
+                    "rfb.banner: ..."
+    4410            `ended` was set: the VM was deleted or died ("the VM was deleted", or `Ended.reason`)
+    1000            the VM's websockify closed the WebSocket normally (e.g. the VNC server exited)
+    1011            the connection to the VM failed mid-stream (reset, no close frame, a message over
+                    `max_message`, keepalive timeout), or the controller failed (logged)
+    1001            `shutdown()`: "the controller is shutting down"
+    1003            the browser sent a text frame: RFB is binary and websockify itself refuses text
+                    frames with 1003, so the proxy refuses them first, with a reason the page shows
+
+Reasons are cut to the 123 UTF-8 bytes a close frame can carry (`close_reason`).
+
+Flow control. Each connection has two pumps, one per direction, and each awaits its send before it
+reads the next message from the other side; nothing else queues. A slow viewer therefore stops the
+upstream pump, the websockets client stops reading once `queue_limit` frames wait, and the guest's
+TCP window closes; a slow guest stops the viewer pump, and uvicorn stops reading from the browser
+after each message until the app takes it. What a viewer can hold in the controller is about
+`queue_limit` + 2 messages per direction plus the 64 KiB write buffers; websockify sends at most
+64 KiB per message, so about half a MiB, and `max_message` bounds what a hostile guest can make it
+(tests/unit/test_proxy.py measures it; bench/proxy_bench.py measures memory per idle viewer).
+
+Nothing from the guest is trusted for sizes: messages are bounded by `max_message` (a larger one
+fails the connection with 1009 upstream and 1011 to the viewer), the upgrade and the banner by
+`connect_timeout`, redirects are not followed, and a guest that stops answering pings is dropped.
+Text frames from the guest are relayed as binary: the RFB stream is bytes, the frame type means
+nothing to it.
+
+Keepalive. Starlette's WebSocket cannot send pings; uvicorn sends them to the browser itself
+(`ws_ping_interval`, `ws_ping_timeout`, 20 s each by default) and closes a browser that does not
+answer. `ping_interval` here is the upstream leg's: the websockets client pings the guest's
+websockify that often and fails the relay (1011) if no pong comes within the same interval, so a
+frozen VM does not keep an idle viewer open forever.
+
+What the service must configure in uvicorn (uvicorn.Config / command-line flags):
+
+    ws_per_message_deflate=False   browsers offer permessage-deflate and uvicorn accepts it by
+                                   default; on a VNC stream it costs ~54 CPU s/GiB instead of ~4
+                                   (../shared/LAB-NOTES.md). The upstream leg has it off here.
+    ws_ping_interval, ws_ping_timeout   keep them set (the defaults, 20 s, are right): they are the
+                                   only pings the browser leg gets.
+    ws_max_size                    the browser leg's message limit; keep it equal to `max_message`
+                                   (both default to 16 MiB).
+    shutdown order                 uvicorn's own shutdown closes every WebSocket with 1012 before the
+                                   lifespan shutdown runs, so call `await proxy.shutdown()` before
+                                   that (e.g. in an override of uvicorn.Server.shutdown), or viewers
+                                   see 1012 instead of 1001.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from typing import Any, Literal, Protocol
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidHandshake, InvalidStatus
+from websockets.typing import Subprotocol
+
+from browservm.errors import HostNetworkError, ProbeFailed
+from browservm.hostnet.netns import NetworkNamespace
+from browservm.vm.hops import NET_TCP, RFB_BANNER, WS_UPGRADE
+
+log = logging.getLogger(__name__)
+
+# Close codes of the viewer WebSocket, one list for the route, the proxy and the viewer page.
+BAD_TOKEN = 4401
+UNKNOWN_VM = 4404
+VM_NOT_READY = 4409
+VM_ENDED = 4410
+VM_UNREACHABLE = 4502
+NORMAL = 1000
+GOING_AWAY = 1001
+UNSUPPORTED_DATA = 1003
+INTERNAL_ERROR = 1011
+
+SHUTTING_DOWN = "the controller is shutting down"
+VM_DELETED = "the VM was deleted"
+MAX_REASON_BYTES = 123  # RFC 6455 5.5: control frames carry 125 bytes, 2 of them the code
+_WRITE_LIMIT = 64 * 1024  # the upstream's write buffer; send() waits while more is unsent
+
+Direction = Literal["to_vm", "to_viewer"]
+
+
+def close_reason(text: str) -> str:
+    """`text` as a close reason: at most 123 UTF-8 bytes, cut between characters, marked with "…"."""
+    encoded = text.encode()
+    if len(encoded) <= MAX_REASON_BYTES:
+        return text
+    return encoded[:MAX_REASON_BYTES - len("…".encode())].decode(errors="ignore") + "…"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where a VM's websockify is: an address in the VM network, reached from inside `netns`."""
+
+    netns: NetworkNamespace
+    address: IPv4Address
+    port: int = 6080
+    path: str = "/websockify"
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.address}:{self.port}{self.path}"
+
+
+class Refused(Exception):
+    """Raised by the route's resolve(): close the accepted WebSocket with `code` and `reason`."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        if not 3000 <= code <= 4999:
+            raise ValueError(f"a refusal's close code is an application code, 3000-4999 (got {code})")
+        super().__init__(f"{code} {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class Ended(asyncio.Event):
+    """The `ended` to give `serve`: one per VM, shared by its viewers; `end(reason)` closes them all
+    with 4410 and that reason. A plain asyncio.Event works too, with the reason "the VM was deleted"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reason = VM_DELETED
+
+    def end(self, reason: str) -> None:
+        self.reason = reason
+        self.set()
+
+
+class ProxyEvents(Protocol):
+    """What the service counts. Called on the event loop: must neither block nor raise."""
+
+    def opened(self) -> None:
+        """A viewer's WebSocket was accepted; every `opened` is followed by one `closed`."""
+
+    def closed(self, code: int) -> None:
+        """That WebSocket ended, with the code `serve` returns (refusals and failures included)."""
+
+    def bytes(self, direction: Direction, n: int) -> None:
+        """One message of `n` bytes was relayed; called after the send completed."""
+
+
+class NoEvents:
+    """The default ProxyEvents: counts nothing."""
+
+    def opened(self) -> None:
+        pass
+
+    def closed(self, code: int) -> None:
+        pass
+
+    def bytes(self, direction: Direction, n: int) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class _Close:
+    """How one viewer's connection ends: the code and reason it is closed with."""
+
+    code: int
+    reason: str
+    viewer_gone: bool = False  # the viewer closed or vanished first: nothing to send it
+
+
+@dataclass(eq=False)  # kept in a set: identity, not field values
+class _Viewer:
+    """Everything of one connection; nothing is shared between connections but the proxy's set of them."""
+
+    websocket: WebSocket
+    stop: asyncio.Future[None]  # resolved by shutdown()
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    upstream: ClientConnection | None = None
+
+
+class _NoRedirects(connect):
+    """The websockets client, except that a redirect from the guest is an upgrade failure: a guest
+    must not send the controller to another address."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
+def _upstream_closed(closed: ConnectionClosed, max_message: int) -> _Close:
+    """The viewer's close when the guest's side of an established relay ends."""
+    if isinstance(closed, ConnectionClosedOK):
+        said = f": {closed.rcvd.reason}" if closed.rcvd is not None and closed.rcvd.reason else ""
+        return _Close(NORMAL, f"the VM's desktop closed the connection{said}")
+    if closed.sent is not None and closed.sent.code == 1009:
+        return _Close(INTERNAL_ERROR, f"the VM sent a message larger than {max_message} bytes")
+    if closed.rcvd is not None:
+        return _Close(INTERNAL_ERROR, f"the VM's websockify closed the connection with {closed.rcvd.code} "
+                                      f"{closed.rcvd.reason!r}")
+    if closed.sent is not None:
+        return _Close(INTERNAL_ERROR, f"the connection to the VM failed: {closed.sent.reason or closed.sent.code}")
+    return _Close(INTERNAL_ERROR, "the connection to the VM broke without a close frame")
+
+
+class ViewerProxy:
+    """Relays viewers' WebSockets to their VMs' websockify; see the module's docstring.
+
+    `queue_limit` is how many frames from the guest may wait for a slow viewer before the controller
+    stops reading from the guest (the websockets client's `max_queue`).
+    """
+
+    def __init__(self, events: ProxyEvents | None = None, *, ping_interval: float = 20.0,
+                 connect_timeout: float = 10.0, max_message: int = 16 * 2**20, queue_limit: int = 4,
+                 close_timeout: float = 5.0) -> None:
+        self._events: ProxyEvents = events if events is not None else NoEvents()
+        self._ping_interval = ping_interval
+        self._connect_timeout = connect_timeout
+        self._max_message = max_message
+        self._queue_limit = queue_limit
+        self._close_timeout = close_timeout
+        self._viewers: set[_Viewer] = set()
+        self._shutting_down = False
+
+    @property
+    def viewers(self) -> int:
+        """How many viewers are connected (or being connected) now."""
+        return len(self._viewers)
+
+    async def serve(self, websocket: WebSocket, resolve: Callable[[], Awaitable[Upstream]],
+                    ended: asyncio.Event) -> int:
+        """Accept, check, connect and relay one viewer until it ends; the close code used."""
+        offered = websocket.scope.get("subprotocols", [])
+        await websocket.accept(subprotocol="binary" if "binary" in offered else None)
+        self._events.opened()
+        viewer = _Viewer(websocket, asyncio.get_running_loop().create_future())
+        self._viewers.add(viewer)
+        if self._shutting_down:
+            viewer.stop.set_result(None)
+        code = INTERNAL_ERROR
+        work = asyncio.create_task(self._connect_and_relay(viewer, resolve))
+        ending = asyncio.create_task(ended.wait())
+        try:
+            waits: set[asyncio.Future[Any]] = {work, ending, viewer.stop}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                outcome = work.result()
+            else:
+                work.cancel()
+                await asyncio.wait({work})
+                if ending.done():
+                    outcome = _Close(VM_ENDED, ended.reason if isinstance(ended, Ended) else VM_DELETED)
+                else:
+                    outcome = _Close(GOING_AWAY, SHUTTING_DOWN)
+            code = outcome.code
+            await self._finish(viewer, outcome)
+        finally:
+            work.cancel()
+            ending.cancel()
+            if viewer.upstream is not None:
+                # Only does anything when serve itself was cancelled before _finish closed it.
+                viewer.upstream.transport.abort()
+            self._viewers.discard(viewer)
+            viewer.done.set()
+            self._events.closed(code)
+        return code
+
+    async def shutdown(self) -> None:
+        """Close every viewer with 1001 "the controller is shutting down" and wait until each is closed;
+        viewers that connect from now on are closed the same way."""
+        self._shutting_down = True
+        viewers = list(self._viewers)
+        for viewer in viewers:
+            if not viewer.stop.done():
+                viewer.stop.set_result(None)
+        await asyncio.gather(*(viewer.done.wait() for viewer in viewers))
+
+    async def _connect_and_relay(self, viewer: _Viewer, resolve: Callable[[], Awaitable[Upstream]]) -> _Close:
+        try:
+            try:
+                upstream = await resolve()
+            except Refused as refused:
+                return _Close(refused.code, refused.reason)
+            try:
+                banner = await self._connect(viewer, upstream)
+            except ProbeFailed as failed:
+                return _Close(VM_UNREACHABLE, f"{failed.hop}: {failed.reason}")
+            return await self._relay(viewer, banner)
+        except Exception:
+            # A bug, or resolve() failing other than by Refused: the viewer learns that much, the log the rest.
+            log.exception("viewer proxy failed")
+            return _Close(INTERNAL_ERROR, "the controller failed; its log says why")
+
+    async def _connect(self, viewer: _Viewer, upstream: Upstream) -> bytes:
+        """net.tcp, ws.upgrade and rfb.banner, each within connect_timeout; the banner's message."""
+        sock = await self._open_socket(upstream)
+        timeout = self._connect_timeout
+        try:
+            viewer.upstream = await _NoRedirects(
+                upstream.url, sock=sock, proxy=None, compression=None, subprotocols=[Subprotocol("binary")],
+                open_timeout=timeout, ping_interval=self._ping_interval, ping_timeout=self._ping_interval,
+                close_timeout=self._close_timeout, max_size=self._max_message, max_queue=self._queue_limit,
+                write_limit=_WRITE_LIMIT)
+        except InvalidStatus as exc:
+            response = exc.response
+            raise ProbeFailed(WS_UPGRADE, f"expected 101 Switching Protocols, got {response.status_code} "
+                                          f"{response.reason_phrase}") from None
+        except TimeoutError:
+            raise ProbeFailed(WS_UPGRADE, f"no answer to the upgrade within {timeout:g} s") from None
+        except (InvalidHandshake, OSError) as exc:
+            cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+            raise ProbeFailed(WS_UPGRADE, f"{exc}{cause}") from None
+        finally:
+            if viewer.upstream is None:
+                sock.close()  # the client aborts its transport on failure; this covers failing before one
+        try:
+            return await asyncio.wait_for(viewer.upstream.recv(decode=False), timeout)
+        except TimeoutError:
+            raise ProbeFailed(RFB_BANNER, f"nothing came through the WebSocket within {timeout:g} s: "
+                                          "the VNC server behind websockify is silent") from None
+        except ConnectionClosed as closed:
+            said = f"{closed.rcvd.code} {closed.rcvd.reason!r}" if closed.rcvd is not None else "no close frame"
+            raise ProbeFailed(RFB_BANNER, f"websockify closed the WebSocket ({said}) before the VNC server "
+                                          "spoke") from None
+
+    async def _open_socket(self, upstream: Upstream) -> socket.socket:
+        """A TCP connection to the guest, made inside the VM network's namespace (readiness.open_tcp's way)."""
+        where = f"{upstream.address}:{upstream.port}"
+        try:
+            with upstream.netns.entered():
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        except (HostNetworkError, OSError) as exc:
+            raise ProbeFailed(NET_TCP, f"cannot open a socket towards {where}: {exc}") from None
+        try:
+            sock.setblocking(False)
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (str(upstream.address),
+                                                                                  upstream.port)),
+                                   self._connect_timeout)
+        except TimeoutError:
+            sock.close()
+            raise ProbeFailed(NET_TCP, f"no answer from {where} within {self._connect_timeout:g} s") from None
+        except OSError as exc:
+            sock.close()
+            # asyncio's strerror is "Connect call failed (...)": the errno's own words say more
+            raise ProbeFailed(NET_TCP, f"{where}: {os.strerror(exc.errno) if exc.errno else exc}") from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _relay(self, viewer: _Viewer, banner: bytes) -> _Close:
+        """Both directions at once until one ends; how the connection ends."""
+        upstream = viewer.upstream
+        assert upstream is not None
+        try:
+            await viewer.websocket.send_bytes(banner)
+        except WebSocketDisconnect as gone:
+            return _Close(gone.code, "the viewer left", viewer_gone=True)
+        self._events.bytes("to_viewer", len(banner))
+        pumps = {asyncio.create_task(self._viewer_to_vm(viewer.websocket, upstream)),
+                 asyncio.create_task(self._vm_to_viewer(viewer.websocket, upstream))}
+        try:
+            done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.wait(pumps)
+        outcomes = [pump.result() for pump in done]
+        # Both can end at once (the viewer left while the guest closed): a viewer that is gone gets nothing.
+        return next((outcome for outcome in outcomes if outcome.viewer_gone), outcomes[0])
+
+    async def _viewer_to_vm(self, websocket: WebSocket, upstream: ClientConnection) -> _Close:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return _Close(message.get("code", 1005), message.get("reason") or "the viewer left",
+                              viewer_gone=True)
+            data = message.get("bytes")
+            if data is None:
+                return _Close(UNSUPPORTED_DATA, "text frames are not relayed: the desktop speaks binary (RFB)")
+            try:
+                await upstream.send(data)  # waits while the upstream's write buffer is over _WRITE_LIMIT
+            except ConnectionClosed as closed:
+                return _upstream_closed(closed, self._max_message)
+            self._events.bytes("to_vm", len(data))
+
+    async def _vm_to_viewer(self, websocket: WebSocket, upstream: ClientConnection) -> _Close:
+        while True:
+            try:
+                data = await upstream.recv(decode=False)
+            except ConnectionClosed as closed:
+                return _upstream_closed(closed, self._max_message)
+            try:
+                await websocket.send_bytes(data)  # uvicorn waits while its write buffer is over 64 KiB
+            except WebSocketDisconnect as gone:
+                return _Close(gone.code, "the viewer left", viewer_gone=True)
+            except RuntimeError:
+                # uvicorn's answer to a send after it closed the connection itself (its ping timeout)
+                return _Close(1006, "the viewer stopped answering", viewer_gone=True)
+            self._events.bytes("to_viewer", len(data))
+
+    async def _finish(self, viewer: _Viewer, outcome: _Close) -> None:
+        """Close both legs at once, each within close_timeout."""
+        closing = []
+        if not outcome.viewer_gone:
+            closing.append(self._close_viewer(viewer.websocket, outcome))
+        if viewer.upstream is not None:
+            leaving = outcome.viewer_gone or outcome.code == GOING_AWAY
+            closing.append(viewer.upstream.close(GOING_AWAY if leaving else NORMAL))
+        await asyncio.gather(*closing)
+
+    async def _close_viewer(self, websocket: WebSocket, outcome: _Close) -> None:
+        try:
+            await asyncio.wait_for(websocket.close(outcome.code, close_reason(outcome.reason)), self._close_timeout)
+        except (WebSocketDisconnect, RuntimeError):
+            pass  # it left, or uvicorn closed it (ping timeout), while we were closing
+        except TimeoutError:
+            # A viewer that reads nothing keeps uvicorn's write buffer full, and uvicorn waits for
+            # room before it writes a close; its own ping timeout ends that connection.
+            log.info("viewer did not take its close (%d) within %g s", outcome.code, self._close_timeout)

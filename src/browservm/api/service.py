@@ -1,0 +1,284 @@
+"""The controller service: the VM manager plus what a server adds around it.
+
+    viewers     who is looking at which VM, since when nobody is (for the reaper and the API)
+    tokens      viewer links, signed and bound to one VM (tokens.py)
+    events      each VM's hops as they pass, for Server-Sent Events (events.py)
+    metrics     Prometheus (metrics.py)
+    reaper      ends a VM nobody has looked at for `idle_timeout`, or older than `max_lifetime`
+    proxy       the WebSocket relay from a viewer to its VM's desktop (proxy.py)
+
+Routes (app.py) only translate HTTP to calls on this class. Everything here runs on the event
+loop; what blocks (the store, the console file, the host network) goes to threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from ipaddress import IPv4Address
+
+from starlette.websockets import WebSocket
+
+from browservm.api.events import EventBus, VmEvent
+from browservm.api.metrics import Metrics
+from browservm.api.models import CreateVm, ViewerOut, VmOut
+from browservm.api.proxy import Direction, Ended, Refused, Upstream, ViewerProxy
+from browservm.api.tokens import TokenRefused, ViewerTokens
+from browservm.controller import Controller
+from browservm.errors import BrowserVMError, VmNotFound, WrongState
+from browservm.ids import validate_vm_id
+from browservm.inotify import DirectoryWatch
+from browservm.vm.console import ConsoleLog
+from browservm.vm.records import VmRecord, VmRecords
+from browservm.vm.state import VmState
+
+log = logging.getLogger("browservm.service")
+_LIVE = (VmState.CREATING, VmState.BOOTING, VmState.READY)
+_REAP_EVERY_S = 10.0
+
+
+class _Metered:
+    """The proxy's events, counted in Prometheus metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def opened(self) -> None:
+        self._metrics.viewers.inc()
+
+    def closed(self, code: int) -> None:
+        self._metrics.viewers.dec()
+        self._metrics.proxy_closes.labels(code=str(code)).inc()
+
+    def bytes(self, direction: Direction, n: int) -> None:
+        self._metrics.proxy_bytes.labels(direction=direction).inc(n)
+
+
+class ControllerService:
+    def __init__(self, controller: Controller, *, api_key: str, tokens: ViewerTokens,
+                 proxy: ViewerProxy | None = None) -> None:
+        self.settings = controller.settings
+        self.manager = controller.manager
+        self.network = controller.network
+        self._records = VmRecords(controller.store)  # for the metrics scrape, which runs in a thread
+        self.api_key = api_key
+        self.tokens = tokens
+        self.metrics = Metrics(self._states)
+        self.proxy = proxy or ViewerProxy(_Metered(self.metrics))
+        self.events = EventBus()
+        self._viewers: dict[str, int] = {}
+        self._idle_since: dict[str, float] = {}
+        self._gone: dict[str, Ended] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = time.time()
+        self.stopping = asyncio.Event()
+        self.manager.on_change = self._changed
+
+    # --- life ---------------------------------------------------------------------------
+
+    async def start(self) -> list[str]:
+        """Host network up, reconcile with what runs, then watch VMs and reap idle ones. One line per action."""
+        changes = await asyncio.to_thread(self.network.up)
+        actions = [f"host network: {c.action} {c.piece}" for c in changes if c.action != "unchanged"]
+        actions += await self.manager.reconcile()
+        await self.manager.watch_all()
+        self._tasks = [asyncio.create_task(self._watch_store()), asyncio.create_task(self._reap())]
+        return actions
+
+    async def stop_serving(self) -> None:
+        """Before the server closes connections: viewers get 1001 with a reason, event streams end."""
+        self.stopping.set()
+        await self.proxy.shutdown()
+        self.events.close()
+
+    async def stop(self) -> None:
+        """Tasks stop; VMs keep running (re-found at the next start) unless stop_vms_on_exit."""
+        await self.stop_serving()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.settings.stop_vms_on_exit:
+            for record in await self.manager.all():
+                if record.state in (*_LIVE, VmState.FAILED):
+                    await self.manager.destroy(record.vm_id, ended_reason="the controller stopped")
+        await self.manager.close()
+
+    async def _watch_store(self) -> None:
+        """VMs created by other browservm processes (the CLI) appear in the store: watch them too."""
+        async with DirectoryWatch(self.settings.state_dir) as watch:
+            while True:
+                await self.manager.watch_all()
+                await watch.changed()
+
+    # --- what the manager tells ---------------------------------------------------------
+
+    def _changed(self, record: VmRecord, event: str) -> None:
+        failure = record.failure
+        self.events.publish(VmEvent(
+            vm_id=record.vm_id, event=event, state=record.state.value, seconds=record.stages.get(event),
+            hop=failure.hop if failure and event == "failed" else None,
+            reason=(failure.reason if failure and event == "failed" else record.ended_reason or None)))
+        if event in record.stages:
+            self.metrics.stage_seconds.labels(stage=event).observe(record.stages[event])
+        if event == "ready":
+            self._idle_since[record.vm_id] = time.time()
+        if event == "failed" and failure is not None:
+            self.metrics.failures.labels(hop=failure.hop).inc()
+        if event in ("failed", "ended", "destroyed"):
+            reason = {"failed": f"the VM failed at {failure.hop if failure else '?'}: "
+                                f"{failure.reason if failure else ''}",
+                      "ended": f"the VM was stopped: {record.ended_reason}",
+                      "destroyed": "the VM was deleted"}[event]
+            gone = self._gone.pop(record.vm_id, None)
+            if gone is not None:
+                gone.end(reason)
+            self._idle_since.pop(record.vm_id, None)
+
+    def _states(self) -> list[VmState]:
+        """For the metrics scrape, in its thread."""
+        return [record.state for record in self._records.all()]
+
+    async def readiness(self) -> dict[str, tuple[bool, str]]:
+        """/readyz: the store answers, the host network is as `host up` makes it, a VMM can run."""
+        checks: dict[str, tuple[bool, str]] = {}
+        try:
+            await asyncio.to_thread(self._records.all)
+            checks["store"] = (True, str(self.settings.database))
+        except BrowserVMError as exc:
+            checks["store"] = (False, str(exc))
+        try:
+            wrong = [c for c in await asyncio.to_thread(self.network.status) if not c.ok]
+            checks["host network"] = (not wrong, "; ".join(f"{c.piece}: {c.detail}" for c in wrong)
+                                      or "as `host up` makes it")
+        except BrowserVMError as exc:
+            checks["host network"] = (False, str(exc))
+        driver = self.manager.driver
+        checks["vmm"] = (True, f"{driver.name}; VMMs run in {driver.placement.name}: {driver.placement.reason}")
+        return checks
+
+    # --- VMs ----------------------------------------------------------------------------
+
+    async def create(self, request: CreateVm, wait: bool) -> VmRecord:
+        record, task = await self.manager.start(request.user, request.vcpus or 1, request.mem_mib or 1024)
+        if not wait:
+            return record
+        return await asyncio.shield(task)  # a client that leaves does not take the VM with it
+
+    async def get(self, vm_id: str) -> VmRecord:
+        record = await self.manager.get(vm_id)
+        if record is None:
+            raise VmNotFound(vm_id)
+        return record
+
+    async def all(self) -> list[VmRecord]:
+        return await self.manager.all()
+
+    async def destroy(self, vm_id: str) -> bool:
+        return await self.manager.destroy(vm_id)
+
+    async def console(self, vm_id: str, lines: int) -> list[str]:
+        await self.get(vm_id)
+        return await asyncio.to_thread(ConsoleLog(self.manager.console(vm_id).path).tail, lines)
+
+    def describe(self, record: VmRecord) -> VmOut:
+        viewers = self._viewers.get(record.vm_id, 0)
+        since = self._idle_since.get(record.vm_id)
+        idle = None if viewers or since is None else time.time() - since
+        return VmOut.of(record, viewers, idle)
+
+    async def stream(self, vm_id: str) -> AsyncIterator[VmEvent]:
+        """The hops the VM passed so far, then each new one, until ready, failed, ended or destroyed."""
+        subscription = self.events.subscribe(vm_id)  # before the record is read: nothing slips in between
+        try:
+            record = await self.get(vm_id)
+            for stage, seconds in record.stages.items():
+                yield VmEvent(vm_id, stage, record.state.value, seconds=seconds)
+            if record.state in (VmState.READY, VmState.FAILED, VmState.ENDED):
+                failure = record.failure
+                yield VmEvent(vm_id, record.state.value, record.state.value, hop=failure.hop if failure else None,
+                              reason=failure.reason if failure else record.ended_reason or None)
+                return
+            async for event in subscription:
+                if event.event not in record.stages:
+                    yield event
+        finally:
+            subscription.close()
+
+    # --- viewers -------------------------------------------------------------------------
+
+    async def viewer(self, vm_id: str) -> ViewerOut:
+        record = await self.get(vm_id)
+        if record.state not in _LIVE:
+            raise WrongState(vm_id, record.state.value, "only a VM that is booting or ready can be viewed")
+        token, expires = self.tokens.issue(vm_id, record.viewer_epoch)
+        return ViewerOut(url=f"{self.settings.base_url}/view/{vm_id}?token={token}", token=token, expires_at=expires)
+
+    async def check_token(self, vm_id: str, token: str) -> VmRecord:
+        """The VM, if `token` opens it; TokenRefused or VmNotFound otherwise."""
+        validate_vm_id(vm_id)
+        record = await self.manager.get(vm_id)
+        if record is None:
+            # Checked first: a token for a deleted VM could tell nothing else anyway.
+            raise VmNotFound(vm_id)
+        self.tokens.check(token, vm_id, record.viewer_epoch)
+        return record
+
+    async def connect_viewer(self, websocket: WebSocket, vm_id: str, token: str) -> int:
+        """Relay one viewer to its VM's desktop; the close code it ended with."""
+        counted = False
+        gone = self._gone.setdefault(vm_id, Ended())
+
+        async def resolve() -> Upstream:
+            nonlocal counted
+            try:
+                record = await self.check_token(vm_id, token)
+            except TokenRefused as exc:
+                raise Refused(4401, exc.reason) from None
+            except (VmNotFound, ValueError):
+                raise Refused(4404, f"no VM {vm_id[:63]}") from None
+            if record.state != VmState.READY:
+                failure = record.failure
+                detail = f" at {failure.hop}: {failure.reason}" if failure else ""
+                raise Refused(4409, f"the VM is {record.state.value}{detail}")
+            self._viewers[vm_id] = self._viewers.get(vm_id, 0) + 1
+            self._idle_since.pop(vm_id, None)
+            counted = True
+            return Upstream(self.network.netns, IPv4Address(record.address.split("/")[0]))
+
+        try:
+            return await self.proxy.serve(websocket, resolve, gone)
+        finally:
+            if counted:
+                self._viewers[vm_id] -= 1
+                if not self._viewers[vm_id]:
+                    del self._viewers[vm_id]
+                    self._idle_since[vm_id] = time.time()
+
+    # --- reaper --------------------------------------------------------------------------
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(min(_REAP_EVERY_S, self.settings.idle_timeout / 4))
+            for vm_id, reason in self.due_for_reaping(await self.manager.all(), time.time()).items():
+                log.info("reaping %s: %s", vm_id, reason)
+                with contextlib.suppress(Exception):  # the next round tries again; destroy logs its own errors
+                    await self.manager.destroy(vm_id, ended_reason=reason)
+
+    def due_for_reaping(self, records: list[VmRecord], now: float) -> dict[str, str]:
+        """VM id -> why, for every ready VM past its lifetime or without a viewer for too long."""
+        due = {}
+        for record in records:
+            if record.state != VmState.READY:
+                continue
+            if now - record.created_at > self.settings.max_lifetime:
+                due[record.vm_id] = f"reaped: older than the maximum lifetime of {self.settings.max_lifetime} s"
+            elif not self._viewers.get(record.vm_id):
+                since = self._idle_since.setdefault(record.vm_id, max(self._started, record.created_at))
+                if now - since > self.settings.idle_timeout:
+                    due[record.vm_id] = f"reaped: no viewer for {self.settings.idle_timeout} s"
+        return due

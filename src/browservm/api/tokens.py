@@ -1,0 +1,57 @@
+"""Viewer tokens: short-lived, signed, bound to one VM, revoked with it.
+
+    v1.<vm id>.<expires, unix seconds>.<HMAC-SHA256 of (vm id, the VM's viewer epoch, expires)>
+
+The viewer epoch is a random value in the VM's record. It is in the signature but not in the
+token, so a token works only while that record exists: deleting the VM revokes every token of
+it, and a VM that later gets the same id has a new epoch and does not accept an old token.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+from collections.abc import Callable
+
+_VERSION = "v1"
+MAX_TOKEN_LENGTH = 256
+
+
+class TokenRefused(Exception):
+    """The token cannot open this VM's desktop; `reason` says why, in words a viewer page can show."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ViewerTokens:
+    def __init__(self, key: bytes, ttl: float = 600.0, clock: Callable[[], float] = time.time) -> None:
+        self._key = key
+        self.ttl = ttl
+        self._clock = clock
+
+    def _signature(self, vm_id: str, epoch: str, expires: int) -> str:
+        mac = hmac.new(self._key, f"{vm_id}\0{epoch}\0{expires}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+    def issue(self, vm_id: str, epoch: str) -> tuple[str, int]:
+        expires = int(self._clock() + self.ttl)
+        return f"{_VERSION}.{vm_id}.{expires}.{self._signature(vm_id, epoch, expires)}", expires
+
+    def check(self, token: str, vm_id: str, epoch: str) -> None:
+        """Return if `token` opens `vm_id` now; TokenRefused otherwise."""
+        if not token or len(token) > MAX_TOKEN_LENGTH:
+            raise TokenRefused("no viewer token, or not one of ours")
+        parts = token.split(".")
+        if len(parts) != 4 or parts[0] != _VERSION or not parts[2].isdigit():
+            raise TokenRefused("the viewer token is malformed")
+        token_vm, expires = parts[1], int(parts[2])
+        if token_vm != vm_id:
+            raise TokenRefused(f"the viewer token is for another VM ({token_vm[:63]})")
+        if not hmac.compare_digest(parts[3], self._signature(vm_id, epoch, expires)):
+            raise TokenRefused("the viewer token is not valid for this VM (revoked, or not signed by this controller)")
+        if expires < self._clock():
+            raise TokenRefused("the viewer token has expired; ask for a new viewer link")

@@ -1,0 +1,106 @@
+"""`browservm serve`: the controller service on uvicorn, in this process.
+
+Order of life: the state directory's lock, host network up, reconcile, then the HTTP API. On
+SIGTERM or Ctrl-C: stop accepting, close viewers with 1001 and a reason, end event streams,
+let requests finish, stop the manager's tasks. VMs keep running and are re-found at the next
+start, unless --stop-vms-on-exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import socket
+import sys
+
+import uvicorn
+
+from browservm.api.app import build_app
+from browservm.api.keys import api_key, signing_key
+from browservm.api.service import ControllerService
+from browservm.api.tokens import ViewerTokens
+from browservm.config import Settings
+from browservm.controller import ServeLock, open_controller
+from browservm.errors import OperationFailed
+
+_MAX_MESSAGE = 16 * 2**20
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser],
+               common: argparse.ArgumentParser) -> None:
+    serve = commands.add_parser("serve", parents=[common], help="the controller: HTTP API, viewer proxy, "
+                                "operator page; reconciles with what runs, then watches every VM until stopped")
+    serve.add_argument("--listen", metavar="ADDRESS:PORT", help="where the API listens (default 127.0.0.1:8080)")
+    serve.add_argument("--public-url", metavar="URL", help="how browsers reach the controller, for viewer links")
+    serve.add_argument("--idle-timeout", type=int, metavar="SECONDS",
+                       help="reap a VM without a viewer for this long (default 900)")
+    serve.add_argument("--max-lifetime", type=int, metavar="SECONDS", help="reap a VM older than this (default 7200)")
+    serve.add_argument("--viewer-ttl", type=int, metavar="SECONDS", help="viewer links expire after (default 600)")
+    serve.add_argument("--stop-vms-on-exit", action="store_true", default=None,
+                       help="destroy every VM when the controller stops (default: leave them running)")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, with the service told first when it shuts down: a viewer learns why it is closed."""
+
+    def __init__(self, config: uvicorn.Config, service: ControllerService) -> None:
+        super().__init__(config)
+        self._service = service
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self._service.stop_serving()
+        await super().shutdown(sockets)
+
+
+def _listen(settings: Settings) -> socket.socket:
+    host, port = settings.listen_address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(512)
+    except OSError as exc:
+        sock.close()
+        raise OperationFailed(f"listen on {settings.listen}", exc) from None
+    return sock
+
+
+def run(settings: Settings) -> int:
+    with ServeLock(settings.state_dir), open_controller(settings) as controller:
+        key, key_file = api_key(settings.state_dir, settings.api_key)
+        service = ControllerService(controller, api_key=key,
+                                    tokens=ViewerTokens(signing_key(settings.state_dir), ttl=settings.viewer_ttl))
+        listener = _listen(settings)
+        return asyncio.run(_serve(service, listener, key_file))
+
+
+async def _serve(service: ControllerService, listener: socket.socket, key_file: object) -> int:
+    settings = service.settings
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
+    config = uvicorn.Config(
+        build_app(service), lifespan="on", log_level="warning", access_log=False,
+        # Browsers offer permessage-deflate; on a VNC stream it costs ~13x the CPU (LAB-NOTES).
+        ws_per_message_deflate=False, ws_max_size=_MAX_MESSAGE, ws_ping_interval=20.0, ws_ping_timeout=20.0,
+        timeout_graceful_shutdown=10)
+    server = _Server(config, service)
+    try:
+        for action in await service.start():
+            print(f"reconcile: {action}", flush=True)
+        vms = len(await service.all())
+        where = f" (VM network in namespace {settings.netns})" if settings.netns else ""
+        print(f"serve: listening on {settings.base_url}{where}; watching {vms} VM(s); stop with SIGTERM or Ctrl-C",
+              flush=True)
+        print(f"  API key:        {key_file or 'given in settings (BROWSERVM_API_KEY)'}", flush=True)
+        print(f"  operator page:  {settings.base_url}/   API docs: {settings.base_url}/docs", flush=True)
+        state = f" --state-dir {settings.state_dir}" if str(settings.state_dir) != "/var/lib/browservm" else ""
+        print(f"  a desktop in your browser: browservm vm create --url {settings.base_url}{state}   "
+              "(prints the viewer link)", flush=True)
+        await server.serve(sockets=[listener])
+    finally:
+        await service.stop()
+        listener.close()
+    print("serve: stopped; VMs left running" if not settings.stop_vms_on_exit else "serve: stopped, VMs destroyed",
+          flush=True)
+    return 0

@@ -1,0 +1,206 @@
+"""Fakes for the manager's orchestration tests: TAPs as a set, the guest's hops as gates, and a real
+process (`sleep`) as the VMM, so exit watching and stopping are real. Shared by the manager's and
+the API's unit tests; what they stand in for is tested for real in tests/integration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+from browservm.errors import HostNetworkError, ProbeFailed, VmmError
+from browservm.hostnet.netns import NetworkNamespace
+from browservm.ipam import Ipam, Lease
+from browservm.netplan import NetworkPlan
+from browservm.store import Store
+from browservm.vm.console import ConsoleLog
+from browservm.vm.manager import Deadlines, Images, Limits, VMManager
+from browservm.vm.readiness import Connection, GuestNetwork
+from browservm.vm.records import VmRecords
+from browservm.vmm import process
+from browservm.vmm.placement import NoCgroup, Placement
+from browservm.vmm.process import VmmProcess
+from browservm.vmm.spec import VmSpec
+
+
+class FakeNetwork:
+    """TAPs as a set; `block` makes each call block its thread as a slow netlink round trip would."""
+
+    def __init__(self) -> None:
+        self.netns = NetworkNamespace(None)
+        self.taps: set[str] = set()
+        self.calls: list[str] = []
+        self.block = 0.0
+        self.remove_fails = False
+
+    def add_tap(self, lease: Lease) -> None:
+        time.sleep(self.block)
+        self.calls.append(f"add {lease.vm_id}")
+        self.taps.add(lease.vm_id)
+
+    def remove_tap(self, vm_id: str) -> bool:
+        time.sleep(self.block)
+        if self.remove_fails:
+            raise HostNetworkError("delete TAP", "Device or resource busy", device=f"tap-{vm_id}")
+        self.calls.append(f"remove {vm_id}")
+        present = vm_id in self.taps
+        self.taps.discard(vm_id)
+        return present
+
+    def owned_taps(self) -> dict[str, str]:
+        return {f"tap-{vm_id}": vm_id for vm_id in self.taps}
+
+
+class SleepDriver:
+    """Starts `sleep` as the VM's "VMM": a real process to watch, stop and find."""
+
+    name = "fake"
+    placement: Placement = NoCgroup("a fake driver's process: placement does not matter")
+
+    def __init__(self) -> None:
+        self.block = 0.0
+        self.fail_start = False
+        self.started: dict[VmmProcess, str] = {}
+
+    def accel(self, kernel: Path) -> str:
+        time.sleep(self.block)  # as the KVM probe boot would
+        return "tcg"
+
+    def start(self, spec: VmSpec, netns: NetworkNamespace) -> VmmProcess:
+        assert spec.overlay is not None and spec.overlay.exists()  # the disk exists before the VMM starts
+        if self.fail_start:
+            raise VmmError(spec.vm_id, "start", "cannot run fake-vmm: No such file or directory")
+        time.sleep(self.block)
+        child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        start_time = process.start_time(child.pid)
+        assert start_time is not None
+        vmm = VmmProcess(child.pid, start_time)
+        self.started[vmm] = spec.vm_id
+        return vmm
+
+    def stop(self, spec: VmSpec, vmm: VmmProcess, timeout: float) -> None:
+        process.signal_process(vmm, signal.SIGKILL)
+        assert process.wait_exit(vmm, timeout)
+
+    def release(self, vm_id: str) -> None:
+        pass
+
+    def is_vmm_of(self, vmm: VmmProcess, directory: Path) -> bool:
+        return self.started.get(vmm) == directory.name and process.alive(vmm)
+
+    def running(self, vm_root: Path) -> dict[VmmProcess, str]:
+        return {vmm: vm_id for vmm, vm_id in self.started.items() if process.alive(vmm)}
+
+    def alive(self) -> list[VmmProcess]:
+        return [vmm for vmm in self.started if process.alive(vmm)]
+
+
+@dataclass
+class FakeConnection:
+    probes: FakeProbes
+
+    async def upgrade(self) -> None:
+        await self.probes.gate("ws.upgrade")
+
+    async def banner(self) -> str:
+        await self.probes.gate("rfb.banner")
+        return "RFB 003.008"
+
+    def close(self) -> None:
+        self.probes.closed += 1
+
+
+@dataclass
+class FakeProbes:
+    """Every hop passes at once, except those told to hang (until released) or fail."""
+
+    ipam: Ipam
+    hang: dict[str, asyncio.Event] = field(default_factory=dict)
+    fail: dict[str, str] = field(default_factory=dict)
+    cancelled: list[str] = field(default_factory=list)
+    reached: dict[str, asyncio.Event] = field(default_factory=dict)
+    closed: int = 0
+
+    def hang_at(self, hop: str) -> asyncio.Event:
+        self.hang[hop] = asyncio.Event()
+        self.reached[hop] = asyncio.Event()
+        return self.hang[hop]
+
+    async def gate(self, hop: str) -> None:
+        if hop in self.reached:
+            self.reached[hop].set()
+        if hop in self.hang:
+            try:
+                await self.hang[hop].wait()
+            except asyncio.CancelledError:
+                self.cancelled.append(hop)
+                raise
+        if hop in self.fail:
+            raise ProbeFailed(hop, self.fail[hop])
+
+    async def guest_network(self, console: ConsoleLog, timeout: float) -> GuestNetwork:
+        await self.gate("guest.network")
+        return GuestNetwork("configurator", "browservm-net: status=ok")
+
+    async def arp(self, netns: NetworkNamespace, bridge: str, source: IPv4Address, target: IPv4Address,
+                  timeout: float) -> str:
+        await self.gate("net.arp")
+        return next(lease.mac for lease in self.ipam.leases() if lease.address.ip == target)
+
+    async def desktop_ready(self, console: ConsoleLog, timeout: float) -> None:
+        await self.gate("desktop.ready")
+
+    async def desktop_complete(self, console: ConsoleLog, timeout: float) -> None:
+        await self.gate("desktop.complete")
+
+    async def connect(self, netns: NetworkNamespace, address: IPv4Address, port: int,
+                      timeout: float) -> Connection:
+        await self.gate("net.tcp")
+        return FakeConnection(self)
+
+
+@dataclass
+class Parts:
+    store: Store
+    ipam: Ipam
+    network: FakeNetwork
+    driver: SleepDriver
+    vm_root: Path
+    images: Images
+
+    def manager(self, probes: FakeProbes | None = None, images_delay: float = 0.0,
+                limits: Limits | None = None) -> VMManager:
+        def images() -> Images:
+            time.sleep(images_delay)  # as resolving (or building) the kernel and image would
+            return self.images
+        return VMManager(records=VmRecords(self.store), ipam=self.ipam, network=self.network, driver=self.driver,
+                         images=images, vm_root=self.vm_root, limits=limits or Limits(max_vms=4, max_vms_per_user=2),
+                         deadlines=Deadlines(stop=5), probes=probes or FakeProbes(self.ipam))
+
+    def leftovers(self) -> dict[str, object]:
+        return {"taps": self.network.taps, "leases": self.ipam.leases(), "vmms": self.driver.alive(),
+                "directories": list(self.vm_root.iterdir()) if self.vm_root.exists() else []}
+
+
+NOTHING: dict[str, object] = {"taps": set(), "leases": [], "vmms": [], "directories": []}
+
+
+
+def make_parts(tmp_path: Path) -> Parts:
+    store = Store(tmp_path / "state.sqlite3")
+    ipam = Ipam(store, NetworkPlan.build(IPv4Network("192.168.100.0/24"), "br0"))
+    template = tmp_path / "template.ext4"
+    template.write_bytes(b"\0" * 4096)
+    images = Images(kernel=tmp_path / "vmlinux", rootfs=tmp_path / "rootfs.ext4", disk_template=template)
+    return Parts(store, ipam, FakeNetwork(), SleepDriver(), tmp_path / "vms", images)
+
+
+def stop_all(parts: Parts) -> None:
+    for vmm in parts.driver.alive():
+        process.signal_process(vmm, signal.SIGKILL)
+    parts.store.close()
