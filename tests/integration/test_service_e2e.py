@@ -1,0 +1,181 @@
+"""The path a person uses, end to end: browser -> controller -> VM, with a real guest under QEMU, the real
+`browservm serve`, and Debian's Chromium (driven by Playwright) running the noVNC viewer page.
+
+One serve, one VM for the viewer checks; a second VM whose VMM is killed while viewed; then serve is
+stopped with SIGTERM (viewers get 1001, the VM survives) and a new serve re-finds the VM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
+
+from .conftest import Controllers
+
+pytestmark = [pytest.mark.host, pytest.mark.vm]
+CHROMIUM = Path("/usr/bin/chromium")
+_BOOT_S = 300.0
+
+# Reads the noVNC canvas and counts its distinct colours: an empty canvas has one (or none).
+_DISTINCT_COLOURS = """() => {
+  const canvas = document.querySelector('#screen canvas');
+  if (!canvas || !canvas.width) return 0;
+  const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+  const seen = new Set();
+  for (let i = 0; i < data.length; i += 4 * 97) seen.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
+  return seen.size;
+}"""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Serve:
+    """`browservm serve` as a subprocess, its output kept line by line."""
+
+    def __init__(self, controllers: Controllers, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "browservm", "serve", "--netns", controllers.netns,
+             "--state-dir", str(controllers.state_dir), "--kernel", str(controllers.kernel),
+             "--rootfs", str(controllers.rootfs), "--vmm", "qemu", "--listen", f"127.0.0.1:{port}"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "BROWSERVM_MAX_VMS_PER_USER": "8"})
+        self.lines: list[str] = []
+        self._listening = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        assert self._listening.wait(120), "serve did not start listening:\n" + "\n".join(self.lines)
+        self.key = (controllers.state_dir / "api.key").read_text().strip()
+        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=_BOOT_S,
+                                 trust_env=False)
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip())
+            if line.startswith("serve: listening"):
+                self._listening.set()
+
+    def create(self) -> dict[str, Any]:
+        response = self.http.post("/v1/vms", params={"wait": "true"}, json={"user": "e2e"})
+        assert response.status_code == 200, response.text
+        vm: dict[str, Any] = response.json()
+        assert vm["state"] == "ready", vm
+        return vm
+
+    def viewer_url(self, vm_id: str) -> str:
+        response = self.http.post(f"/v1/vms/{vm_id}/viewer")
+        assert response.status_code == 200, response.text
+        url: str = response.json()["url"]
+        return url
+
+    def stop(self) -> int:
+        self.http.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium (scripts/install.sh installs it)")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"])
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+def status_of(page: Page) -> dict[str, str]:
+    result: dict[str, str] = page.eval_on_selector(
+        "#status", "s => ({state: s.dataset.state, code: s.dataset.closeCode || '', text: s.textContent})")
+    return result
+
+
+def wait_status(page: Page, state: str, timeout_s: float = 120.0) -> dict[str, str]:
+    page.wait_for_selector(f"#status[data-state='{state}']", timeout=timeout_s * 1000)
+    return status_of(page)
+
+
+def test_a_person_opens_the_desktop_through_the_controller_and_is_told_why_it_ends(
+        controllers: Controllers, browser: Browser) -> None:
+    controllers.open()  # host up, so serve's own is unchanged
+    port = _free_port()
+    serve = Serve(controllers, port)
+    try:
+        vm = serve.create()
+        page = browser.new_page()
+        page.goto(serve.viewer_url(vm["vm_id"]))
+        wait_status(page, "connected")
+        deadline = time.monotonic() + 60
+        while (colours := page.evaluate(_DISTINCT_COLOURS)) < 2 and time.monotonic() < deadline:
+            page.wait_for_timeout(250)
+        assert colours >= 2, "the desktop never drew anything on the canvas"
+        assert serve.http.get(f"/v1/vms/{vm['vm_id']}").json()["viewers"] == 1
+
+        # The same page with a bad token: told why, in words, not "1006".
+        bad = browser.new_page()
+        bad.goto(f"{serve.url}/view/{vm['vm_id']}?token=v1.{vm['vm_id']}.9999999999.forged")
+        refused = wait_status(bad, "refused")
+        assert refused["code"] == "4401" and "not valid for this VM" in refused["text"], refused
+
+        # The operator page: with the key the VM is listed; without it, no data (the sign-in form).
+        operator = browser.new_page()
+        operator.goto(f"{serve.url}/")
+        assert operator.url.endswith("/login")
+        operator.fill("input[name=key]", "wrong")
+        operator.click("button[type=submit]")
+        assert "not right" in operator.inner_text("#message")
+        operator.fill("input[name=key]", serve.key)
+        operator.click("button[type=submit]")
+        operator.wait_for_selector(f"tr[data-vm-id='{vm['vm_id']}']", timeout=30_000)
+        assert "ready" in operator.inner_text(f"tr[data-vm-id='{vm['vm_id']}']")
+
+        # A second VM, viewed, whose VMM is killed: the viewer is told it is gone (4410), the API says failed.
+        doomed = serve.create()
+        victim = browser.new_page()
+        victim.goto(serve.viewer_url(doomed["vm_id"]))
+        wait_status(victim, "connected")
+        os.kill(doomed["pid"], signal.SIGKILL)
+        gone = wait_status(victim, "closed", 30)
+        assert gone["code"] == "4410" and "failed at vmm.exited" in gone["text"], gone
+        shown = serve.http.get(f"/v1/vms/{doomed['vm_id']}").json()
+        assert shown["state"] == "failed" and shown["failure"]["hop"] == "vmm.exited"
+
+        # SIGTERM to serve: the viewer gets 1001 with a reason, the VM keeps running.
+        assert serve.stop() == 0
+        stopped = wait_status(page, "closed", 30)
+        assert stopped["code"] == "1001" and "shutting down" in stopped["text"], stopped
+        assert Path(f"/proc/{vm['pid']}").exists()
+        assert any(line.startswith("serve: stopped; VMs left running") for line in serve.lines), serve.lines
+
+        # A new serve re-finds the VM, and a new viewer connects.
+        serve = Serve(controllers, _free_port())
+        assert f"reconcile: {vm['vm_id']}: VMM {vm['pid']} alive, watching" in serve.lines, serve.lines
+        again = browser.new_page()
+        again.goto(serve.viewer_url(vm["vm_id"]))
+        wait_status(again, "connected")
+        assert json.loads(serve.http.get(f"/v1/vms/{vm['vm_id']}").text)["state"] == "ready"
+    finally:
+        serve.stop()
