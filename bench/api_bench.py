@@ -26,13 +26,13 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the fakes live with the unit tests
 
-from browservm.api.app import build_app  # noqa: E402
-from browservm.api.service import ControllerService  # noqa: E402
-from browservm.api.tokens import ViewerTokens  # noqa: E402
-from browservm.config import load_settings  # noqa: E402
-from browservm.controller import Controller  # noqa: E402
-from browservm.vm.manager import Limits  # noqa: E402
-from tests.unit.fakes import make_parts, stop_all  # noqa: E402
+from browservm.api.app import build_app
+from browservm.api.service import ControllerService
+from browservm.api.tokens import ViewerTokens
+from browservm.config import load_settings
+from browservm.controller import Controller
+from browservm.vm.manager import Limits
+from tests.unit.fakes import make_parts, stop_all
 
 TARGET_MS = 10.0
 
