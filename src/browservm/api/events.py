@@ -50,6 +50,13 @@ class Subscription:
             if event.event in TERMINAL:
                 return
 
+    async def wake(self, timeout: float) -> bool:
+        """Wait for the next event or `timeout`; False once the bus has closed (the controller stops)."""
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout) is not None
+        except TimeoutError:
+            return True
+
     def close(self) -> None:
         self._bus.unsubscribe(self)
 

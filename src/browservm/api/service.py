@@ -38,6 +38,7 @@ from browservm.vm.state import VmState
 log = logging.getLogger("browservm.service")
 _LIVE = (VmState.CREATING, VmState.BOOTING, VmState.READY)
 _REAP_EVERY_S = 10.0
+_STREAM_POLL_S = 2.0
 
 
 class _Metered:
@@ -192,20 +193,31 @@ class ControllerService:
         return VmOut.of(record, viewers, idle)
 
     async def stream(self, vm_id: str) -> AsyncIterator[VmEvent]:
-        """The hops the VM passed so far, then each new one, until ready, failed, ended or destroyed."""
+        """The hops the VM passed so far, then each new one, until ready, failed, ended or destroyed.
+
+        The record is the source of truth and events only wake the stream: a VM that another
+        process (the CLI) is creating sends no events here, so the record is also read every 2 s.
+        """
         subscription = self.events.subscribe(vm_id)  # before the record is read: nothing slips in between
+        sent: set[str] = set()
         try:
-            record = await self.get(vm_id)
-            for stage, seconds in record.stages.items():
-                yield VmEvent(vm_id, stage, record.state.value, seconds=seconds)
-            if record.state in (VmState.READY, VmState.FAILED, VmState.ENDED):
-                failure = record.failure
-                yield VmEvent(vm_id, record.state.value, record.state.value, hop=failure.hop if failure else None,
-                              reason=failure.reason if failure else record.ended_reason or None)
-                return
-            async for event in subscription:
-                if event.event not in record.stages:
-                    yield event
+            while True:
+                record = await self.manager.get(vm_id)
+                if record is None:
+                    yield VmEvent(vm_id, "destroyed", "deleted")
+                    return
+                for stage, seconds in record.stages.items():
+                    if stage not in sent:
+                        sent.add(stage)
+                        yield VmEvent(vm_id, stage, record.state.value, seconds=seconds)
+                if record.state in (VmState.READY, VmState.FAILED, VmState.ENDED):
+                    failure = record.failure
+                    yield VmEvent(vm_id, record.state.value, record.state.value,
+                                  hop=failure.hop if failure else None,
+                                  reason=failure.reason if failure else record.ended_reason or None)
+                    return
+                if not await subscription.wake(_STREAM_POLL_S):
+                    return
         finally:
             subscription.close()
 
