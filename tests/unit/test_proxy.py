@@ -1,0 +1,645 @@
+"""ViewerProxy against real programs on loopback: uvicorn serving a Starlette route that calls
+`serve`, Debian's websockify in front of small asyncio TCP servers (the "VNC server"), and
+WebSocket servers that misbehave on purpose where websockify would not. The viewers are the
+`websockets` client, as noVNC would be: binary frames, no compression.
+
+No root: NetworkNamespace(None) is the test's own namespace. Every wait is for a condition, with a
+deadline; the only sleeps are the slow viewer's pauses, which are what makes it slow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import serve as ws_serve
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
+
+from browservm.api.proxy import (
+    MAX_REASON_BYTES,
+    Direction,
+    Ended,
+    Refused,
+    Upstream,
+    ViewerProxy,
+    close_reason,
+)
+from browservm.hostnet.netns import NetworkNamespace
+
+WEBSOCKIFY = "/usr/bin/websockify"
+BANNER = b"RFB 003.008\n"
+DEADLINE = 15.0  # for any one condition; a passing run meets each in well under a second
+LOCALHOST = IPv4Address("127.0.0.1")
+MiB = 2**20
+BINARY = Subprotocol("binary")
+
+needs_websockify = pytest.mark.skipif(not Path(WEBSOCKIFY).exists(), reason=f"{WEBSOCKIFY} is not installed")
+
+
+# --- the controller, as the service runs it ---------------------------------------------------------
+
+
+@dataclass
+class Recorder:
+    """ProxyEvents that remember."""
+
+    opened_count: int = 0
+    closed_codes: list[int] = field(default_factory=list)
+    relayed: dict[str, int] = field(default_factory=lambda: {"to_vm": 0, "to_viewer": 0})
+
+    def opened(self) -> None:
+        self.opened_count += 1
+
+    def closed(self, code: int) -> None:
+        self.closed_codes.append(code)
+
+    def bytes(self, direction: Direction, n: int) -> None:
+        self.relayed[direction] += n
+
+
+def to(upstream: Upstream) -> Callable[[], Awaitable[Upstream]]:
+    async def resolve() -> Upstream:
+        return upstream
+    return resolve
+
+
+def local(port: int) -> Upstream:
+    return Upstream(NetworkNamespace(None), LOCALHOST, port)
+
+
+@dataclass
+class Controller:
+    url: str
+    served: asyncio.Queue[int]  # the code each serve() returned, in order
+
+    def viewer(self, *, subprotocols: list[str] | None = None, max_queue: int = 16) -> connect:
+        offered = [Subprotocol(name) for name in (["binary"] if subprotocols is None else subprotocols)]
+        return connect(self.url, compression=None, proxy=None, subprotocols=offered or None, max_size=None,
+                       max_queue=max_queue, ping_interval=None, open_timeout=DEADLINE)
+
+    async def next_served(self) -> int:
+        return await asyncio.wait_for(self.served.get(), DEADLINE)
+
+
+@contextlib.asynccontextmanager
+async def controller(proxy: ViewerProxy, resolve: Callable[[], Awaitable[Upstream]],
+                     ended: asyncio.Event | None = None) -> AsyncIterator[Controller]:
+    """uvicorn on 127.0.0.1 with one route, `/v1/vms/{id}/vnc`, that hands its WebSocket to `proxy`."""
+    served: asyncio.Queue[int] = asyncio.Queue()
+    vm_ended = ended if ended is not None else asyncio.Event()
+
+    async def vnc(websocket: WebSocket) -> None:
+        served.put_nowait(await proxy.serve(websocket, resolve, vm_ended))
+
+    app = Starlette(routes=[WebSocketRoute("/v1/vms/{vm_id}/vnc", vnc)])
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, ws_per_message_deflate=False, lifespan="off", log_config=None,
+                                           log_level="warning", timeout_graceful_shutdown=2))
+    # Connections wait in the listener's backlog until uvicorn runs: no need to wait for it to start.
+    running = asyncio.create_task(server.serve(sockets=[listener]))
+    try:
+        yield Controller(f"ws://127.0.0.1:{listener.getsockname()[1]}/v1/vms/vm-1/vnc?token=t", served)
+    finally:
+        server.should_exit = True
+        await running
+        listener.close()
+
+
+async def close_of(viewer: ClientConnection) -> tuple[int | None, str | None]:
+    """Read until the controller closes the viewer; its code and reason."""
+    with contextlib.suppress(ConnectionClosed):
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                await viewer.recv()
+    return viewer.close_code, viewer.close_reason
+
+
+async def within(awaitable: Awaitable[Any]) -> Any:
+    return await asyncio.wait_for(awaitable, DEADLINE)
+
+
+# --- the VM's side: websockify and what stands behind it ---------------------------------------------
+
+
+@dataclass
+class Websockify:
+    """Debian's websockify on 127.0.0.1:`port`, relaying to whatever serves `target` (a listening socket)."""
+
+    port: int
+    target: socket.socket
+
+    @property
+    def upstream(self) -> Upstream:
+        return local(self.port)
+
+    @contextlib.asynccontextmanager
+    async def serving(self, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                              Awaitable[None]]) -> AsyncIterator[None]:
+        """`handler` answers websockify's connections to the target: it is the VNC server."""
+        async with await asyncio.start_server(handler, sock=self.target):
+            yield
+
+
+@pytest.fixture
+def websockify(tmp_path: Path) -> Iterator[Websockify]:
+    """websockify in inetd mode on a listening socket made here: it is listening before it starts,
+    so nothing waits for it to come up. Killed with its per-connection children at the end."""
+    if not Path(WEBSOCKIFY).exists():
+        pytest.skip(f"{WEBSOCKIFY} is not installed")
+    target = socket.create_server(("127.0.0.1", 0))
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    with (tmp_path / "websockify.log").open("wb") as log:
+        process = subprocess.Popen([WEBSOCKIFY, "--inetd", f"127.0.0.1:{target.getsockname()[1]}"],
+                                   stdin=listener.fileno(), stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    port = listener.getsockname()[1]
+    listener.close()
+    try:
+        yield Websockify(port, target)
+    finally:
+        # Its own session: the group is websockify and the processes it forked for connections.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
+        target.close()
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A VNC-like server: the banner first, then every byte back, until the viewer goes."""
+    writer.write(BANNER)
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+@contextlib.asynccontextmanager
+async def websocket_upstream(handler: Callable[[ServerConnection], Awaitable[None]]) -> AsyncIterator[Upstream]:
+    """A WebSocket server standing in for a misbehaving guest."""
+    async with ws_serve(handler, "127.0.0.1", 0, compression=None, ping_interval=None,
+                        select_subprotocol=lambda _, offered: BINARY if BINARY in offered else None) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        yield local(port)
+
+
+@contextlib.asynccontextmanager
+async def tcp_upstream(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                         Awaitable[None]]) -> AsyncIterator[Upstream]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    async with server:
+        yield local(server.sockets[0].getsockname()[1])
+
+
+def accept_key(key: str) -> str:
+    digest = hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode(), usedforsecurity=False).digest()
+    return base64.b64encode(digest).decode()
+
+
+async def upgrade_by_hand(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer a WebSocket upgrade without a WebSocket library, so what comes after it is ours to decide."""
+    lines = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    key = headers["sec-websocket-key"]
+    writer.write(f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Accept: {accept_key(key)}\r\nSec-WebSocket-Protocol: binary\r\n\r\n".encode())
+
+
+# --- tests -------------------------------------------------------------------------------------------
+
+
+def test_close_reason_fits_a_close_frame_and_cuts_between_characters() -> None:
+    assert close_reason("short") == "short"
+    long = "é" * 100  # 200 bytes
+    cut = close_reason(long)
+    assert len(cut.encode()) <= MAX_REASON_BYTES
+    assert cut.endswith("…") and set(cut[:-1]) == {"é"}
+    assert close_reason("x" * 123) == "x" * 123
+
+
+def test_a_refusal_is_an_application_close_code() -> None:
+    with pytest.raises(ValueError, match="3000-4999"):
+        Refused(1000, "not a refusal")
+
+
+@pytest.mark.parametrize(("code", "reason"), [(4401, "the viewer token has expired"),
+                                              (4404, "no VM vm-1"),
+                                              (4409, "the VM is not ready: net.arp")])
+def test_refusals_close_the_accepted_websocket_with_their_code(code: int, reason: str) -> None:
+    async def scenario() -> None:
+        events = Recorder()
+
+        async def resolve() -> Upstream:
+            raise Refused(code, reason)
+
+        async with controller(ViewerProxy(events), resolve) as ctl, ctl.viewer() as viewer:
+            # accepted first, with the subprotocol the browser offered: the page can read the close
+            assert viewer.subprotocol == "binary"
+            assert await close_of(viewer) == (code, reason)
+            assert await ctl.next_served() == code
+        assert events.opened_count == 1 and events.closed_codes == [code]
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_resolve_closes_1011_without_its_details() -> None:
+    async def scenario() -> None:
+        async def resolve() -> Upstream:
+            raise KeyError("the secret internals")
+
+        async with controller(ViewerProxy(), resolve) as ctl, ctl.viewer(subprotocols=[]) as viewer:
+            assert viewer.subprotocol is None
+            assert await close_of(viewer) == (1011, "the controller failed; its log says why")
+
+    asyncio.run(scenario())
+
+
+@needs_websockify
+def test_bytes_both_ways_intact_through_websockify(websockify: Websockify) -> None:
+    """Several MiB each way at once, in random chunk sizes, compared by SHA-256 at the far ends."""
+    size = 6 * MiB
+    rng = random.Random(8)
+    to_vm, to_viewer = rng.randbytes(size), rng.randbytes(size)
+
+    async def scenario() -> None:
+        events = Recorder()
+        vm_received: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def vnc(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            async def send() -> None:
+                writer.write(BANNER)
+                offset = 0
+                while offset < size:
+                    step = rng.randint(1, 256 * 1024)
+                    writer.write(to_viewer[offset:offset + step])
+                    await writer.drain()
+                    offset += step
+
+            async def receive() -> None:
+                digest, got = hashlib.sha256(), 0
+                while got < size and (data := await reader.read(65536)):
+                    digest.update(data)
+                    got += len(data)
+                vm_received.set_result(digest.digest())
+
+            await asyncio.gather(send(), receive())
+            await reader.read()  # hold the connection until the viewer goes: websockify drops data on close
+
+        async with websockify.serving(vnc), controller(ViewerProxy(events), to(websockify.upstream)) as ctl:
+            async with ctl.viewer() as viewer:
+                async def send() -> None:
+                    offset = 0
+                    while offset < size:
+                        step = rng.randint(1, 256 * 1024)
+                        await viewer.send(to_vm[offset:offset + step])
+                        offset += step
+
+                async def receive() -> bytes:
+                    # a byte stream: the banner and the data come in whatever messages websockify makes
+                    digest, got = hashlib.sha256(), 0
+                    while got < len(BANNER) + size:
+                        message = await viewer.recv(decode=False)
+                        digest.update(message)
+                        got += len(message)
+                    assert got == len(BANNER) + size
+                    return digest.digest()
+
+                _, viewer_received = await within(asyncio.gather(send(), receive()))
+                assert viewer_received == hashlib.sha256(BANNER + to_viewer).digest()
+                assert await within(vm_received) == hashlib.sha256(to_vm).digest()
+            assert await ctl.next_served() == 1000  # the viewer's own close
+        assert events.relayed == {"to_vm": size, "to_viewer": size + len(BANNER)}
+
+    asyncio.run(scenario())
+
+
+@needs_websockify
+def test_a_slow_viewer_keeps_the_controller_memory_bounded(websockify: Websockify) -> None:
+    """The VM floods 64 MiB as fast as it can; the viewer reads at about 25 MiB/s, several times
+    slower than the relay can go. Everything in this process but the VM's fixed 1 MiB block is the
+    controller and the viewer, and it grows by a few MiB: the backlog waits in the VM's sockets."""
+    block = random.Random(9).randbytes(MiB)
+    blocks = 64
+    read_pause = 0.04  # after each MiB read: the viewer is slow by design, this is not a wait for a condition
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(BANNER)
+        for _ in range(blocks):
+            writer.write(block)
+            await writer.drain()
+        await reader.read()
+
+    async def scenario() -> tuple[int, int]:
+        events = Recorder()
+        async with (websockify.serving(flood), controller(ViewerProxy(events), to(websockify.upstream)) as ctl,
+                    ctl.viewer(max_queue=2) as viewer):
+            first = await within(viewer.recv(decode=False))
+            assert first.startswith(BANNER)
+            baseline, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            digest, got = hashlib.sha256(first[len(BANNER):]), len(first) - len(BANNER)
+            most_ahead = 0
+            next_pause = MiB
+            while got < blocks * MiB:
+                message = await within(viewer.recv(decode=False))
+                digest.update(message)
+                got += len(message)
+                most_ahead = max(most_ahead, events.relayed["to_viewer"] - len(BANNER) - got)
+                if got >= next_pause:
+                    next_pause += MiB
+                    await asyncio.sleep(read_pause)
+            _, peak = tracemalloc.get_traced_memory()
+        expected = hashlib.sha256()
+        for _ in range(blocks):
+            expected.update(block)
+        assert digest.digest() == expected.digest()
+        return peak - baseline, most_ahead
+
+    tracemalloc.start()
+    try:
+        growth, most_ahead = asyncio.run(scenario())
+    finally:
+        tracemalloc.stop()
+    print(f"peak growth of traced memory: {growth / MiB:.2f} MiB; the controller was at most "
+          f"{most_ahead / MiB:.2f} MiB ahead of the viewer")
+    assert growth < 6 * MiB
+
+
+def test_net_tcp_nothing_listening_closes_4502() -> None:
+    async def scenario() -> None:
+        # bound but not listening: connections to it are refused, and no one else can take the port
+        with socket.socket() as bound:
+            bound.bind(("127.0.0.1", 0))
+            port = bound.getsockname()[1]
+            async with controller(ViewerProxy(), to(local(port))) as ctl, ctl.viewer() as viewer:
+                assert await close_of(viewer) == (4502, f"net.tcp: 127.0.0.1:{port}: Connection refused")
+
+    asyncio.run(scenario())
+
+
+def test_net_tcp_no_answer_times_out_with_4502() -> None:
+    async def scenario() -> None:
+        # A listener whose one-place backlog is taken drops further SYNs: connecting hangs, as to a VM
+        # that does not answer.
+        with socket.create_server(("127.0.0.1", 0), backlog=0) as full, socket.socket() as filler:
+            filler.connect(full.getsockname())
+            port = full.getsockname()[1]
+            async with controller(ViewerProxy(connect_timeout=0.5), to(local(port))) as ctl, ctl.viewer() as viewer:
+                assert await close_of(viewer) == (4502, f"net.tcp: no answer from 127.0.0.1:{port} within 0.5 s")
+
+    asyncio.run(scenario())
+
+
+def test_ws_upgrade_answered_with_200_closes_4502() -> None:
+    async def http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nhi")
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> None:
+        async with (tcp_upstream(http) as upstream, controller(ViewerProxy(), to(upstream)) as ctl,
+                    ctl.viewer() as viewer):
+            assert await close_of(viewer) == (4502, "ws.upgrade: expected 101 Switching Protocols, got 200 OK")
+
+    asyncio.run(scenario())
+
+
+def test_ws_upgrade_never_answered_times_out_with_4502() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    async def scenario() -> None:
+        async with tcp_upstream(silent) as upstream, \
+                controller(ViewerProxy(connect_timeout=0.5), to(upstream)) as ctl, ctl.viewer() as viewer:
+            assert await close_of(viewer) == (4502, "ws.upgrade: no answer to the upgrade within 0.5 s")
+
+    asyncio.run(scenario())
+
+
+def test_rfb_banner_upstream_closes_at_once_closes_4502() -> None:
+    async def closes(connection: ServerConnection) -> None:
+        await connection.close()
+
+    async def scenario() -> None:
+        async with (websocket_upstream(closes) as upstream, controller(ViewerProxy(), to(upstream)) as ctl,
+                    ctl.viewer() as viewer):
+            assert await close_of(viewer) == (
+                4502, "rfb.banner: websockify closed the WebSocket (1000 '') before the VNC server spoke")
+
+    asyncio.run(scenario())
+
+
+@needs_websockify
+def test_rfb_banner_vnc_server_not_running_closes_4502(websockify: Websockify) -> None:
+    websockify.target.close()  # websockify runs, the VNC server behind it does not
+
+    async def scenario() -> None:
+        async with controller(ViewerProxy(), to(websockify.upstream)) as ctl, ctl.viewer() as viewer:
+            code, reason = await close_of(viewer)
+            assert (code, reason) == (4502, "rfb.banner: websockify closed the WebSocket (1011 'Failed to "
+                                            "connect to downstream server') before the VNC server spoke")
+
+    asyncio.run(scenario())
+
+
+def test_rfb_banner_silent_after_the_upgrade_times_out_with_4502() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await upgrade_by_hand(reader, writer)
+        await reader.read()
+
+    async def scenario() -> None:
+        async with (tcp_upstream(silent) as upstream,
+                    controller(ViewerProxy(connect_timeout=1.0, close_timeout=0.5), to(upstream)) as ctl,
+                    ctl.viewer() as viewer):
+            assert await close_of(viewer) == (4502, "rfb.banner: nothing came through the WebSocket within 1 s: "
+                                                    "the VNC server behind websockify is silent")
+
+    asyncio.run(scenario())
+
+
+@needs_websockify
+@pytest.mark.parametrize("ended", [Ended(), asyncio.Event()], ids=["Ended", "Event"])
+def test_ended_mid_session_closes_4410_and_the_upstream(websockify: Websockify, ended: asyncio.Event) -> None:
+    vm_side_closed = asyncio.Event()
+
+    async def vnc(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await echo(reader, writer)
+        vm_side_closed.set()
+
+    async def scenario() -> None:
+        async with (websockify.serving(vnc), controller(ViewerProxy(), to(websockify.upstream), ended) as ctl,
+                    ctl.viewer() as viewer):
+            assert await within(viewer.recv()) == BANNER
+            await viewer.send(b"ping")
+            assert await within(viewer.recv()) == b"ping"
+            if isinstance(ended, Ended):
+                ended.end("the VM failed: vmm.exited")
+                expected = "the VM failed: vmm.exited"
+            else:
+                ended.set()
+                expected = "the VM was deleted"
+            assert await close_of(viewer) == (4410, expected)
+            assert await ctl.next_served() == 4410
+            await within(vm_side_closed.wait())
+
+    asyncio.run(scenario())
+
+
+@needs_websockify
+def test_upstream_closing_normally_closes_1000(websockify: Websockify) -> None:
+    async def quits(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(BANNER)
+        await reader.readexactly(3)
+        writer.close()
+
+    async def scenario() -> None:
+        async with (websockify.serving(quits), controller(ViewerProxy(), to(websockify.upstream)) as ctl,
+                    ctl.viewer() as viewer):
+            assert await within(viewer.recv()) == BANNER
+            await viewer.send(b"bye")
+            assert await close_of(viewer) == (1000, "the VM's desktop closed the connection: Target closed")
+
+    asyncio.run(scenario())
+
+
+def test_upstream_breaking_mid_stream_closes_1011() -> None:
+    async def breaks(connection: ServerConnection) -> None:
+        await connection.send(BANNER)
+        await connection.recv()
+        connection.transport.abort()
+
+    async def scenario() -> None:
+        async with (websocket_upstream(breaks) as upstream, controller(ViewerProxy(), to(upstream)) as ctl,
+                    ctl.viewer() as viewer):
+            assert await within(viewer.recv()) == BANNER
+            await viewer.send(b"x")
+            assert await close_of(viewer) == (1011, "the connection to the VM broke without a close frame")
+
+    asyncio.run(scenario())
+
+
+def test_a_message_over_max_message_from_the_vm_closes_1011() -> None:
+    async def oversized(connection: ServerConnection) -> None:
+        await connection.send(BANNER)
+        await connection.send(b"\0" * (64 * 1024 + 1))
+        await connection.wait_closed()
+
+    async def scenario() -> None:
+        async with websocket_upstream(oversized) as upstream, \
+                controller(ViewerProxy(max_message=64 * 1024), to(upstream)) as ctl, ctl.viewer() as viewer:
+            assert await within(viewer.recv()) == BANNER
+            assert await close_of(viewer) == (1011, "the VM sent a message larger than 65536 bytes")
+
+    asyncio.run(scenario())
+
+
+def test_a_vm_that_stops_answering_pings_closes_1011() -> None:
+    """Upgrade, banner, then silence: no pong ever. The upstream leg's keepalive ends the relay."""
+    async def frozen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await upgrade_by_hand(reader, writer)
+        writer.write(bytes([0x82, len(BANNER)]) + BANNER)
+        await reader.read()
+
+    async def scenario() -> None:
+        async with tcp_upstream(frozen) as upstream, \
+                controller(ViewerProxy(ping_interval=0.2, close_timeout=0.5), to(upstream)) as ctl, \
+                ctl.viewer() as viewer:
+            assert await within(viewer.recv()) == BANNER
+            assert await close_of(viewer) == (1011, "the connection to the VM failed: keepalive ping timeout")
+
+    asyncio.run(scenario())
+
+
+@needs_websockify
+def test_a_text_frame_from_the_viewer_closes_1003(websockify: Websockify) -> None:
+    async def scenario() -> None:
+        async with (websockify.serving(echo), controller(ViewerProxy(), to(websockify.upstream)) as ctl,
+                    ctl.viewer() as viewer):
+            assert await within(viewer.recv()) == BANNER
+            await viewer.send("text")
+            assert await close_of(viewer) == (1003, "text frames are not relayed: the desktop speaks binary (RFB)")
+
+    asyncio.run(scenario())
+
+
+@needs_websockify
+def test_two_viewers_on_one_vm_are_independent_and_one_can_reconnect(websockify: Websockify) -> None:
+    connections_closed = 0
+    closed_at_vm = asyncio.Condition()
+
+    async def vnc(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections_closed
+        await echo(reader, writer)
+        async with closed_at_vm:
+            connections_closed += 1
+            closed_at_vm.notify_all()
+
+    async def round_trip(viewer: ClientConnection, data: bytes) -> None:
+        await viewer.send(data)
+        assert await within(viewer.recv()) == data
+
+    async def scenario() -> None:
+        events = Recorder()
+        proxy = ViewerProxy(events)
+        async with (websockify.serving(vnc), controller(proxy, to(websockify.upstream)) as ctl,
+                    ctl.viewer() as second):
+            async with ctl.viewer() as first:
+                assert await within(first.recv()) == BANNER
+                assert await within(second.recv()) == BANNER
+                await asyncio.gather(round_trip(first, b"one" * 1000), round_trip(second, b"two" * 1000))
+                assert proxy.viewers == 2
+            assert await ctl.next_served() == 1000
+            async with closed_at_vm:  # the first viewer's leaving closed its own upstream only
+                await within(closed_at_vm.wait_for(lambda: connections_closed == 1))
+            await round_trip(second, b"still here")
+            async with ctl.viewer() as again:  # the first viewer reconnects
+                assert await within(again.recv()) == BANNER
+                await round_trip(again, b"back")
+                await round_trip(second, b"both")
+        assert events.opened_count == 3 and events.closed_codes == [1000, 1000, 1000]
+
+    asyncio.run(scenario())
+
+
+@needs_websockify
+def test_shutdown_closes_every_viewer_with_1001_and_waits(websockify: Websockify) -> None:
+    async def scenario() -> None:
+        proxy = ViewerProxy()
+        async with websockify.serving(echo), controller(proxy, to(websockify.upstream)) as ctl:
+            async with ctl.viewer() as first, ctl.viewer() as second:
+                assert await within(first.recv()) == BANNER
+                assert await within(second.recv()) == BANNER
+                await within(proxy.shutdown())
+                assert proxy.viewers == 0
+                assert await close_of(first) == (1001, "the controller is shutting down")
+                assert await close_of(second) == (1001, "the controller is shutting down")
+                assert [await ctl.next_served(), await ctl.next_served()] == [1001, 1001]
+            async with ctl.viewer() as late:  # after shutdown began: accepted, then closed the same way
+                assert await close_of(late) == (1001, "the controller is shutting down")
+
+    asyncio.run(scenario())
