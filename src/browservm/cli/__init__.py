@@ -13,6 +13,7 @@ from pathlib import Path
 from browservm import __version__
 from browservm.cli import image as image_cli
 from browservm.cli import kernel as kernel_cli
+from browservm.cli import remote as remote_cli
 from browservm.cli import serve as serve_cli
 from browservm.cli import vm as vm_cli
 from browservm.config import Settings, load_settings
@@ -117,6 +118,9 @@ def _host(args: argparse.Namespace) -> int:
 
 def _report_error(exc: BrowserVMError, as_json: bool) -> None:
     if as_json:
+        if isinstance(exc, remote_cli.ControllerError):  # the controller's own error object, as it sent it
+            print(json.dumps({"error": exc.body}, indent=2))
+            return
         fields = {k: v for k, v in vars(exc).items() if isinstance(v, (str, int, float, type(None)))}
         print(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc), **fields}}, indent=2))
     else:

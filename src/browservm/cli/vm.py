@@ -1,51 +1,94 @@
-"""`browservm vm ...` and `browservm serve`: the argument parsing and output of the VM commands."""
+"""`browservm vm ...`: the argument parsing and output of the VM commands.
+
+Two modes, one output. Without `--url` the commands drive VMs in this process (the manager, as
+`serve` runs it); with `--url URL` (or BROWSERVM_URL) they ask a running controller over its REST
+API (remote.py). Both print from the same JSON view of a VM, so `--json` and the human lines agree
+field by field; remote.py names the few fields only one side has.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from browservm.config import Settings
 from browservm.controller import Controller, open_controller
+from browservm.errors import InvalidInput
 from browservm.progress import Progress
 from browservm.vm.records import VmRecord
 from browservm.vm.state import VmState
 from browservm.vmm import process
 from browservm.vmm.process import VmmProcess
 
+_LIVE = (VmState.CREATING.value, VmState.BOOTING.value, VmState.READY.value)
+
+
+class OptionUnavailable(InvalidInput):
+    """An option (or command) this mode does not offer: local mode has no viewer, the API no --keep-failed."""
+
+    def __init__(self, option: str, reason: str) -> None:
+        super().__init__(option, None, reason)
+
+    def __str__(self) -> str:
+        return self.reason  # "(got None)" would say nothing here
+
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser],
                common: argparse.ArgumentParser) -> None:
-    vm = commands.add_parser("vm", help="browser VMs: create, list, show, console, remove")
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--url", metavar="URL",
+                        help="ask the controller at URL (`browservm serve`) instead of driving VMs in this process "
+                             "(also BROWSERVM_URL; the API key is <state-dir>/api.key or BROWSERVM_API_KEY)")
+    parents = [common, remote]
+    vm = commands.add_parser("vm", help="browser VMs: create, list, show, console, viewer, remove")
     actions = vm.add_subparsers(dest="action", required=True)
-    create = actions.add_parser("create", parents=[common], help="boot a VM; returns when its desktop answers")
+    create = actions.add_parser("create", parents=parents, help="boot a VM; returns when its desktop answers")
     create.add_argument("--user", default="default", help="whose VM it is (limits count per user)")
     create.add_argument("--vcpus", type=int, default=1)
     create.add_argument("--mem", type=int, default=1024, metavar="MiB")
     create.add_argument("--keep-failed", action="store_true",
-                        help="keep a failed VM's VMM, TAP, lease and disk for diagnosis")
+                        help="keep a failed VM's VMM, TAP, lease and disk for diagnosis (local mode only)")
     create.add_argument("--boot-arg", action="append", default=[], metavar="WORD",
-                        help="an extra kernel argument (repeatable)")
-    actions.add_parser("ls", parents=[common], help="every VM with its state, address and VMM")
-    show = actions.add_parser("show", parents=[common], help="one VM in full, with the time of each stage")
+                        help="an extra kernel argument (repeatable; local mode only)")
+    actions.add_parser("ls", parents=parents, help="every VM with its state, address and VMM")
+    show = actions.add_parser("show", parents=parents, help="one VM in full, with the time of each stage")
     show.add_argument("vm_id")
-    console = actions.add_parser("console", parents=[common], help="the VM's serial console")
+    console = actions.add_parser("console", parents=parents, help="the VM's serial console")
     console.add_argument("vm_id")
     console.add_argument("--lines", type=int, default=50, help="how many of the last lines (default 50)")
-    console.add_argument("--follow", action="store_true", help="keep printing new lines")
-    remove = actions.add_parser("rm", parents=[common], help="destroy VMs (idempotent)")
+    console.add_argument("--follow", action="store_true", help="keep printing new lines (local mode only)")
+    viewer = actions.add_parser("viewer", parents=parents,
+                                help="a link that opens the VM's desktop in a browser (needs --url)")
+    viewer.add_argument("vm_id")
+    remove = actions.add_parser("rm", parents=parents, help="destroy VMs (idempotent)")
     remove.add_argument("vm_ids", nargs="+", metavar="VM_ID")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    url = args.url if args.url is not None else os.environ.get("BROWSERVM_URL", "")
+    if url:
+        # Imported here, not at the top: remote.py prints with this module's functions.
+        from browservm.cli import remote  # noqa: PLC0415
+        return remote.run(args, settings, url)
+    if args.action == "viewer":
+        # Checked before the controller is opened: saying this needs no root and no state directory.
+        raise OptionUnavailable("url", "`vm viewer` needs --url URL (or BROWSERVM_URL): viewer links are made and "
+                                       "served by a running controller (`browservm serve`), not by this command")
     with open_controller(settings) as controller:
         actions: dict[str, Callable[[Controller, argparse.Namespace], int]] = {
             "create": _create, "ls": _list, "show": _show, "console": _console, "rm": _remove}
         return actions[args.action](controller, args)
+
+
+def print_stage(name: str, seconds: float) -> None:
+    """One line per stage as it passes, on stderr so --json output stays clean."""
+    print(f"  [{seconds:7.2f}s] {name}", file=sys.stderr, flush=True)
 
 
 def _create(controller: Controller, args: argparse.Namespace) -> int:
@@ -54,15 +97,11 @@ def _create(controller: Controller, args: argparse.Namespace) -> int:
     changes = [c for c in controller.network.up() if c.action != "unchanged"]
     for change in changes:
         progress.note(f"host network: {change.action} {change.piece}")
-
-    def stage(name: str, seconds: float) -> None:
-        print(f"  [{seconds:7.2f}s] {name}", file=sys.stderr, flush=True)
-
     # Ctrl-C cancels the create, which releases what it made, as for any failure.
     record = asyncio.run(controller.manager.create(
         args.user, args.vcpus, args.mem, keep_failed=args.keep_failed, extra_boot_args=tuple(args.boot_arg),
-        on_stage=stage))
-    _print_record(record, args.json)
+        on_stage=print_stage))
+    print_vm(record_view(record), args.json)
     return 0 if record.state == VmState.READY else 1
 
 
@@ -71,17 +110,13 @@ def _alive(record: VmRecord) -> bool:
             and process.alive(VmmProcess(record.pid, record.pid_start_time)))
 
 
+def record_view(record: VmRecord) -> dict[str, Any]:
+    """What local mode prints for a VM (`--json`, and the human lines are made from it)."""
+    return {**record.to_json(), "vmm_alive": _alive(record)}
+
+
 def _list(controller: Controller, args: argparse.Namespace) -> int:
-    records = asyncio.run(controller.manager.all())
-    if args.json:
-        print(json.dumps([{**r.to_json(), "vmm_alive": _alive(r)} for r in records], indent=2))
-        return 0
-    print(f"{'ID':<16} {'STATE':<10} {'USER':<12} {'ADDRESS':<18} {'TAP':<16} {'PID':<8} UPTIME")
-    for r in records:
-        pid = "-" if r.pid is None else (str(r.pid) if _alive(r) else f"{r.pid}!")
-        uptime = f"{time.time() - r.created_at:.0f}s" if _alive(r) else "-"
-        print(f"{r.vm_id:<16} {r.state.value:<10} {r.user[:12]:<12} {r.address or '-':<18} {r.tap or '-':<16} "
-              f"{pid:<8} {uptime}")
+    print_vms([record_view(r) for r in asyncio.run(controller.manager.all())], args.json)
     return 0
 
 
@@ -90,34 +125,75 @@ def _show(controller: Controller, args: argparse.Namespace) -> int:
     if record is None:
         print(f"browservm: no VM {args.vm_id}", file=sys.stderr)
         return 1
-    _print_record(record, args.json)
+    print_vm(record_view(record), args.json)
     return 0
 
 
-def _print_record(record: VmRecord, as_json: bool) -> None:
+# --- output, from a VM's JSON view: local mode's record_view() or the API's VmOut --------------
+#
+# `vmm_alive` is in local views only (checked here, by PID and start time); a remote view has
+# what the controller recorded, with `uptime_s` (its clock) instead. Lines for fields a view
+# lacks (the API does not report gateway, bridge, guest network, directory) are left out.
+
+
+def _pid_and_uptime(view: dict[str, Any]) -> tuple[str, str, str]:
+    """The PID for `ls`, the PID for `show`, and the uptime."""
+    pid = view.get("pid")
+    alive = view.get("vmm_alive")
+    if alive is None:  # remote: the controller watches each VMM and marks its VM failed when it exits
+        uptime = f"{view.get('uptime_s', 0.0):.0f}" if view.get("state") in _LIVE else ""
+        return ("-" if pid is None else str(pid), "-" if pid is None else f"{pid} (as the controller recorded it)",
+                uptime)
+    uptime = f"{time.time() - view['created_at']:.0f}" if alive else ""
+    return ("-" if pid is None else (str(pid) if alive else f"{pid}!"),
+            f"{pid} ({'alive' if alive else 'not running'})", uptime)
+
+
+def print_vms(views: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
-        print(json.dumps({**record.to_json(), "vmm_alive": _alive(record)}, indent=2))
+        print(json.dumps(views, indent=2))
         return
-    print(f"{record.vm_id}: {record.state.value}")
-    for label, value in (("user", record.user), ("address", record.address), ("gateway", record.gateway),
-                         ("tap", record.tap), ("mac", record.mac), ("bridge", record.bridge),
-                         ("vmm", f"{record.driver} ({record.accel})"),
-                         ("network", f"configured by the {record.guest_network_by or '?'}"),
-                         ("pid", f"{record.pid} ({'alive' if _alive(record) else 'not running'})"),
-                         ("uptime", f"{time.time() - record.created_at:.0f} s" if _alive(record) else "-"),
-                         ("directory", record.directory)):
-        print(f"  {label:<10} {value}")
-    if record.stages:
-        print("  stages     " + "  ".join(f"{name} {seconds:.2f}s" for name, seconds in record.stages.items()))
-    if record.failure is not None:
-        failure = record.failure
-        print(f"\n  failed at  {failure.hop}\n  reason     {failure.reason}\n  hint       {failure.hint}")
-        for problem in failure.cleanup:
-            print(f"  cleanup    {problem} (still held: `vm rm {record.vm_id}` tries again)")
-        if failure.evidence:
+    print(f"{'ID':<16} {'STATE':<10} {'USER':<12} {'ADDRESS':<18} {'TAP':<16} {'PID':<8} UPTIME")
+    for v in views:
+        pid, _, uptime = _pid_and_uptime(v)
+        print(f"{v['vm_id']:<16} {v['state']:<10} {v['user'][:12]:<12} {v['address'] or '-':<18} "
+              f"{v['tap'] or '-':<16} {pid:<8} {uptime + 's' if uptime else '-'}")
+
+
+def print_vm(view: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(view, indent=2))
+        return
+    _, pid, uptime = _pid_and_uptime(view)
+    print(f"{view['vm_id']}: {view['state']}")
+    network_by = view.get("guest_network_by")
+    for label, key, value in (
+            ("user", "user", view["user"]), ("address", "address", view.get("address")),
+            ("gateway", "gateway", view.get("gateway")), ("tap", "tap", view.get("tap")),
+            ("mac", "mac", view.get("mac")), ("bridge", "bridge", view.get("bridge")),
+            ("vmm", "driver", f"{view.get('driver')} ({view.get('accel')})"),
+            ("network", "guest_network_by", f"configured by the {network_by or '?'}"),
+            ("pid", "pid", pid), ("uptime", "created_at", f"{uptime} s" if uptime else "-"),
+            ("directory", "directory", view.get("directory")),
+            ("viewers", "viewers", _viewers(view)), ("ended", "ended_reason", view.get("ended_reason"))):
+        if key in view and (label != "ended" or value):
+            print(f"  {label:<10} {value}")
+    if view.get("stages"):
+        print("  stages     " + "  ".join(f"{name} {seconds:.2f}s" for name, seconds in view["stages"].items()))
+    failure = view.get("failure")
+    if failure is not None:
+        print(f"\n  failed at  {failure['hop']}\n  reason     {failure['reason']}\n  hint       {failure['hint']}")
+        for problem in failure["cleanup"]:
+            print(f"  cleanup    {problem} (still held: `vm rm {view['vm_id']}` tries again)")
+        if failure["evidence"]:
             print("  console (last lines):")
-            for line in failure.evidence:
+            for line in failure["evidence"]:
                 print(f"    {line}")
+
+
+def _viewers(view: dict[str, Any]) -> str:
+    idle = view.get("idle_s")
+    return f"{view.get('viewers')} connected" + (f", none for {idle:.0f} s" if idle is not None else "")
 
 
 def _console(controller: Controller, args: argparse.Namespace) -> int:
@@ -138,11 +214,14 @@ def _console(controller: Controller, args: argparse.Namespace) -> int:
     return 0
 
 
-def _remove(controller: Controller, args: argparse.Namespace) -> int:
-    results = {vm_id: asyncio.run(controller.manager.destroy(vm_id)) for vm_id in args.vm_ids}
-    if args.json:
+def print_removed(results: dict[str, bool], as_json: bool) -> None:
+    if as_json:
         print(json.dumps({vm_id: "removed" if done else "absent" for vm_id, done in results.items()}))
     else:
         for vm_id, done in results.items():
             print(f"{vm_id}: {'removed' if done else 'no such VM (nothing to do)'}")
+
+
+def _remove(controller: Controller, args: argparse.Namespace) -> int:
+    print_removed({vm_id: asyncio.run(controller.manager.destroy(vm_id)) for vm_id in args.vm_ids}, args.json)
     return 0
