@@ -254,7 +254,7 @@ def test_viewer_prints_a_link_and_local_mode_says_it_needs_a_controller(
 
 
 def test_a_bad_field_exits_2_naming_it(served: Served, cli: Cli) -> None:
-    code, out, err = cli("create", "--vcpus", "0")
+    code, out, err = cli("create", "--vcpus", "99")
     assert (code, out) == (2, "") and err.startswith("browservm: error: vcpus: must be between 1 and 8")
     code, out, _ = cli("create", "--mem", "16", "--json")
     error = json.loads(out)["error"]
