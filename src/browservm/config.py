@@ -98,8 +98,8 @@ class Settings(BaseSettings):
     @classmethod
     def _listen(cls, value: str) -> str:
         host, _, port = value.rpartition(":")
-        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError("must be ADDRESS:PORT, for example 127.0.0.1:8080")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be ADDRESS:PORT, for example 127.0.0.1:8080 (port 0: any free port)")
         return value
 
     @property

@@ -123,6 +123,12 @@ def minimal_image() -> RootfsImage:
     return RootfsBuilder(CommandRunner(), Progress()).build("minimal")
 
 
+@pytest.fixture(scope="session")
+def full_image() -> RootfsImage:
+    """The golden image with Chromium, what a person sees: about three minutes the first time, then cached."""
+    return RootfsBuilder(CommandRunner(), Progress()).build("full")
+
+
 # --- a controller in a namespace of its own, with real guests under QEMU --------------------
 
 class Controllers:

@@ -118,13 +118,13 @@ class Serving:
     """`browservm serve` as a subprocess, its output read line by line."""
 
     def __init__(self, controllers: Controllers) -> None:
-        self.process = subprocess.Popen(_command(controllers, "serve"), stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, env=_env())
+        self.process = subprocess.Popen(_command(controllers, "serve", "--listen", "127.0.0.1:0"),
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
         self.lines: list[str] = []
         assert self.process.stdout is not None
         for line in self.process.stdout:
             self.lines.append(line.rstrip())
-            if line.startswith("serve: watching"):
+            if line.startswith("serve: listening"):
                 return
         raise AssertionError("serve ended before watching:\n" + "\n".join(self.lines))
 

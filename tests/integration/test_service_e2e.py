@@ -1,5 +1,6 @@
-"""The path a person uses, end to end: browser -> controller -> VM, with a real guest under QEMU, the real
-`browservm serve`, and Debian's Chromium (driven by Playwright) running the noVNC viewer page.
+"""The path a person uses, end to end: browser -> controller -> VM, with a real guest under QEMU (the `full`
+image: Chromium on the VM's desktop), the real `browservm serve`, and Debian's Chromium on the host
+(driven by Playwright) running the noVNC viewer page.
 
 One serve, one VM for the viewer checks; a second VM whose VMM is killed while viewed; then serve is
 stopped with SIGTERM (viewers get 1001, the VM survives) and a new serve re-finds the VM.
@@ -22,6 +23,8 @@ from typing import Any
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
+
+from browservm.images.rootfs import RootfsImage
 
 from .conftest import Controllers
 
@@ -49,12 +52,12 @@ def _free_port() -> int:
 class Serve:
     """`browservm serve` as a subprocess, its output kept line by line."""
 
-    def __init__(self, controllers: Controllers, port: int) -> None:
+    def __init__(self, controllers: Controllers, port: int, rootfs: Path) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "browservm", "serve", "--netns", controllers.netns,
              "--state-dir", str(controllers.state_dir), "--kernel", str(controllers.kernel),
-             "--rootfs", str(controllers.rootfs), "--vmm", "qemu", "--listen", f"127.0.0.1:{port}"],
+             "--rootfs", str(rootfs), "--vmm", "qemu", "--listen", f"127.0.0.1:{port}"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "BROWSERVM_MAX_VMS_PER_USER": "8"})
         self.lines: list[str] = []
@@ -119,19 +122,18 @@ def wait_status(page: Page, state: str, timeout_s: float = 120.0) -> dict[str, s
 
 
 def test_a_person_opens_the_desktop_through_the_controller_and_is_told_why_it_ends(
-        controllers: Controllers, browser: Browser) -> None:
+        controllers: Controllers, browser: Browser, full_image: RootfsImage) -> None:
     controllers.open()  # host up, so serve's own is unchanged
-    port = _free_port()
-    serve = Serve(controllers, port)
+    serve = Serve(controllers, _free_port(), full_image.path)
     try:
         vm = serve.create()
         page = browser.new_page()
         page.goto(serve.viewer_url(vm["vm_id"]))
         wait_status(page, "connected")
         deadline = time.monotonic() + 60
-        while (colours := page.evaluate(_DISTINCT_COLOURS)) < 2 and time.monotonic() < deadline:
+        while (colours := page.evaluate(_DISTINCT_COLOURS)) < 16 and time.monotonic() < deadline:
             page.wait_for_timeout(250)
-        assert colours >= 2, "the desktop never drew anything on the canvas"
+        assert colours >= 16, f"the canvas shows {colours} colour(s): no browser window on the desktop"
         assert serve.http.get(f"/v1/vms/{vm['vm_id']}").json()["viewers"] == 1
 
         # The same page with a bad token: told why, in words, not "1006".
@@ -171,7 +173,7 @@ def test_a_person_opens_the_desktop_through_the_controller_and_is_told_why_it_en
         assert any(line.startswith("serve: stopped; VMs left running") for line in serve.lines), serve.lines
 
         # A new serve re-finds the VM, and a new viewer connects.
-        serve = Serve(controllers, _free_port())
+        serve = Serve(controllers, _free_port(), full_image.path)
         assert f"reconcile: {vm['vm_id']}: VMM {vm['pid']} alive, watching" in serve.lines, serve.lines
         again = browser.new_page()
         again.goto(serve.viewer_url(vm["vm_id"]))

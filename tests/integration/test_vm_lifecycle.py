@@ -100,12 +100,15 @@ def test_a_restarted_controller_finds_its_vms_and_cleans_up_the_one_that_died_me
     survivor, victim = (json.loads(c.stdout) for c in created)
     serving = subprocess.Popen([sys.executable, "-m", "browservm", "serve", "--netns", controllers.netns,
                                 "--state-dir", str(controllers.state_dir), "--kernel", str(controllers.kernel),
-                                "--rootfs", str(controllers.rootfs), "--vmm", "qemu"],
+                                "--rootfs", str(controllers.rootfs), "--vmm", "qemu", "--listen", "127.0.0.1:0"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert serving.stdout is not None
-    assert "serve: watching 2 VM(s)" in next(line for line in serving.stdout if line.startswith("serve:"))
-    serving.kill()
-    serving.wait(timeout=30)
+    try:
+        assert serving.stdout is not None
+        listening = next(line for line in serving.stdout if line.startswith("serve:"))
+        assert "watching 2 VM(s)" in listening, listening
+    finally:
+        serving.kill()
+        serving.wait(timeout=30)
     os.kill(victim["pid"], signal.SIGKILL)  # "destroyed" while no controller runs
 
     controller = controllers.open()

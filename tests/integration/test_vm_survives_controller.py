@@ -113,8 +113,9 @@ def test_a_vm_outlives_its_controllers_killed_with_their_cgroup_and_the_next_con
         vmm = VmmProcess(created["pid"], created["pid_start_time"])
         vm_directory = Path(created["directory"])
 
-        serve = subprocess.Popen(in_cgroup(service_cgroup, browservm_argv(controllers, "serve")),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        serve_argv = browservm_argv(controllers, "serve", "--listen", "127.0.0.1:0")
+        serve = subprocess.Popen(in_cgroup(service_cgroup, serve_argv), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
         started.append(serve)
         assert "watching 1 VM(s)" in Lines(serve).until("serve:")
         in_service = (service_cgroup / "cgroup.procs").read_text().split()
@@ -134,7 +135,7 @@ def test_a_vm_outlives_its_controllers_killed_with_their_cgroup_and_the_next_con
         assert banner == "RFB 003.008"
 
         # The next controller, outside that cgroup, re-finds the VM and watches it.
-        restarted = subprocess.Popen(browservm_argv(controllers, "serve"), stdout=subprocess.PIPE,
+        restarted = subprocess.Popen(serve_argv, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
         started.append(restarted)
         lines = Lines(restarted)

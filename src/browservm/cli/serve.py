@@ -82,12 +82,16 @@ def _listen(settings: Settings) -> socket.socket:
 
 
 def run(settings: Settings) -> int:
-    with ServeLock(settings.state_dir), open_controller(settings) as controller:
-        key, key_file = api_key(settings.state_dir, settings.api_key)
-        service = ControllerService(controller, api_key=key,
-                                    tokens=ViewerTokens(signing_key(settings.state_dir), ttl=settings.viewer_ttl))
+    with ServeLock(settings.state_dir):
         listener = _listen(settings)
-        return asyncio.run(_serve(service, listener, key_file))
+        # Port 0 asks the kernel for a free port: links and messages name the one it gave.
+        host, port = listener.getsockname()[:2]
+        settings = settings.model_copy(update={"listen": f"{host}:{port}"})
+        with listener, open_controller(settings) as controller:
+            key, key_file = api_key(settings.state_dir, settings.api_key)
+            tokens = ViewerTokens(signing_key(settings.state_dir), ttl=settings.viewer_ttl)
+            service = ControllerService(controller, api_key=key, tokens=tokens)
+            return asyncio.run(_serve(service, listener, key_file))
 
 
 async def _serve(service: ControllerService, listener: socket.socket, key_file: object) -> int:

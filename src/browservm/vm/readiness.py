@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -170,7 +171,8 @@ async def open_tcp(netns: NetworkNamespace, address: IPv4Address, port: int,
         raise ProbeFailed(NET_TCP, f"no answer from {address}:{port} within {timeout:g} s") from None
     except OSError as exc:
         sock.close()
-        raise ProbeFailed(NET_TCP, f"{address}:{port}: {exc.strerror}") from None
+        # asyncio's strerror reads "Connect call failed (...)": the errno's own words say more
+        raise ProbeFailed(NET_TCP, f"{address}:{port}: {os.strerror(exc.errno) if exc.errno else exc}") from None
     except BaseException:
         sock.close()
         raise
