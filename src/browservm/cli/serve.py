@@ -103,6 +103,9 @@ async def _serve(service: ControllerService, listener: socket.socket, key_file: 
         ws_per_message_deflate=False, ws_max_size=_MAX_MESSAGE, ws_ping_interval=20.0, ws_ping_timeout=20.0,
         timeout_graceful_shutdown=10)
     server = _Server(config, service)
+    # From here on SIGTERM means "stop gracefully", also while reconciling, before uvicorn runs.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, server.handle_exit)
     try:
         for action in await service.start():
             print(f"reconcile: {action}", flush=True)
