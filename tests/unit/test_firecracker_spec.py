@@ -62,7 +62,8 @@ def spec_for(vm_id: str, tmp_path: Path, overlay: bool = True) -> VmSpec:
     ip = IpConfig.static(IPv4Interface("192.168.100.7/24"), IPv4Address("192.168.100.1"), hostname=vm_id)
     return VmSpec(vm_id=vm_id, vcpus=2, mem_mib=1024, kernel=tmp_path / "vmlinux", rootfs=tmp_path / "rootfs.ext4",
                   overlay=tmp_path / "overlay.ext4" if overlay else None, boot_args=build_boot_args(BootArgs(ip=ip)),
-                  tap=names.tap, mac=names.mac, directory=tmp_path)
+                  tap=names.tap, mac=names.mac, directory=tmp_path,
+                  config_disk=tmp_path / "config.img" if overlay else None)
 
 
 @pytest.mark.parametrize("overlay", [True, False])
@@ -86,10 +87,12 @@ def test_the_boot_args_are_the_whole_line_with_the_vms_address(tmp_path: Path) -
     assert cfg is not None and str(cfg.client) == "192.168.100.7"
 
 
-def test_the_root_drive_is_shared_read_only_and_the_overlay_is_writable(tmp_path: Path) -> None:
-    root, overlay = firecracker_config(spec_for("vm-abc", tmp_path))["drives"]
+def test_the_root_drive_is_shared_read_only_the_overlay_writable_and_the_config_disk_read_only(
+        tmp_path: Path) -> None:
+    root, overlay, config = firecracker_config(spec_for("vm-abc", tmp_path))["drives"]
     assert root["is_root_device"] and root["is_read_only"]
     assert not overlay["is_root_device"] and not overlay["is_read_only"]
+    assert config["drive_id"] == "config" and config["is_read_only"] and not config["is_root_device"]
 
 
 def test_the_graceful_stop_request_is_a_valid_action(definitions: dict[str, Any]) -> None:
@@ -113,7 +116,7 @@ def test_argv(tmp_path: Path) -> None:
 def test_the_jail_holds_links_to_the_images_and_a_valid_config_with_chroot_paths(
         definitions: dict[str, Any], tmp_path: Path) -> None:
     spec = spec_for("vm-abc", tmp_path)
-    for path in (spec.kernel, spec.rootfs, spec.overlay):
+    for path in (spec.kernel, spec.rootfs, spec.overlay, spec.config_disk):
         assert path is not None
         path.write_bytes(b"x")
     options = JailerOptions(uid=os.getuid(), gid=os.getgid(), chroot_base=tmp_path / "jail")
@@ -124,7 +127,7 @@ def test_the_jail_holds_links_to_the_images_and_a_valid_config_with_chroot_paths
     config = json.loads((root / "vm-config.json").read_text())
     validate(definitions, "FullVmConfiguration", config)
     assert config["boot-source"]["kernel_image_path"] == "/vmlinux"
-    assert [d["path_on_host"] for d in config["drives"]] == ["/rootfs.ext4", "/overlay.ext4"]
+    assert [d["path_on_host"] for d in config["drives"]] == ["/rootfs.ext4", "/overlay.ext4", "/config.img"]
     assert config["network-interfaces"][0]["host_dev_name"] == spec.tap
     assert spec.control_socket.readlink() == root / "run" / "firecracker.sock"
 

@@ -43,7 +43,7 @@ SERVICES = {
 }
 # The modules the guest carries, unchanged, so it parses ip= exactly as the host wrote it.
 GUEST_MODULES = ("__init__.py", "errors.py", "bootargs.py", "markers.py",
-                 "guest/__init__.py", "guest/netconfig.py", "guest/desktop.py")
+                 "guest/__init__.py", "guest/netconfig.py", "guest/desktop.py", "guest/configdisk.py")
 GUEST_PROGRAMS = {"browservm-net": "browservm.guest.netconfig", "browservm-desktop": "browservm.guest.desktop"}
 GUEST_UNITS = ("browservm-net.service", "browservm-desktop.service")
 # Timers that would wake a throwaway VM for housekeeping it never needs.

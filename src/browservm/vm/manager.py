@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -42,6 +43,7 @@ from typing import Protocol, TypeVar
 from browservm.bootargs import BootArgs, IpConfig, build_boot_args
 from browservm.errors import BrowserVMError, CleanupFailed, InvalidInput, ProbeFailed, StateConflict, VmmError
 from browservm.faults import crash_point
+from browservm.guest import configdisk
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.ids import new_vm_id, validate_vm_id
 from browservm.images.disk import clone_sparse
@@ -59,6 +61,12 @@ from browservm.vmm.spec import VmSpec
 
 T = TypeVar("T")
 DESKTOP_PORT = 6080
+CONFIG_DISK = "config.img"
+
+
+def new_secrets() -> dict[str, str]:
+    """Per-VM secrets, made at its start and carried to the guest on its config disk only."""
+    return {"agent": secrets.token_hex(32), "vnc": secrets.token_urlsafe(6)[:8]}  # VNC passwords: 8 characters
 _CONSOLE_EVIDENCE = 20
 _LIVE = (VmState.CREATING, VmState.BOOTING, VmState.READY)
 
@@ -270,6 +278,8 @@ class VMManager:
 
     def _spawn(self, record: VmRecord, images: Images, extra_boot_args: tuple[str, ...]) -> None:
         spec = self._spec(record, images, extra_boot_args)
+        assert spec.config_disk is not None
+        configdisk.write(spec.config_disk, {"vm_id": record.vm_id, "secrets": new_secrets()})
         record.accel = self._driver.accel(spec.kernel)
         vmm = self._driver.start(spec, self._network.netns)
         record.pid, record.pid_start_time = vmm.pid, vmm.start_time
@@ -284,7 +294,7 @@ class VMManager:
         directory = Path(record.directory)
         return VmSpec(vm_id=record.vm_id, vcpus=record.vcpus, mem_mib=record.mem_mib, kernel=images.kernel,
                       rootfs=images.rootfs, overlay=directory / "overlay.ext4", boot_args=boot_args, tap=record.tap,
-                      mac=record.mac, directory=directory)
+                      mac=record.mac, directory=directory, config_disk=directory / CONFIG_DISK)
 
     async def _readiness(self, record: VmRecord, report: StageCallback) -> None:
         """The readiness hops, in order, each within its deadline and raced against the VMM's exit."""
@@ -401,6 +411,15 @@ class VMManager:
                 spec = VmSpec(record.vm_id, record.vcpus, record.mem_mib, Path(), Path(), None, "", record.tap,
                               record.mac, directory)
                 self._driver.stop(spec, vmm, self._deadlines.stop)
+
+    def secrets(self, vm_id: str) -> dict[str, str]:
+        """The secrets the VM's config disk carries (the agent's key, the desktop's password). Blocking."""
+        try:
+            document = configdisk.read(self._vm_root / validate_vm_id(vm_id) / CONFIG_DISK)
+        except (OSError, configdisk.ConfigDiskError) as exc:
+            raise VmmError(vm_id, "read config disk", str(exc)) from exc
+        secrets: dict[str, str] = document.get("secrets", {})
+        return secrets
 
     # --- find ----------------------------------------------------------------------------
 

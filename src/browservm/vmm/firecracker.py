@@ -38,6 +38,9 @@ def firecracker_config(spec: VmSpec) -> dict[str, Any]:
     if spec.overlay is not None:
         drives.append({"drive_id": "overlay", "path_on_host": str(spec.overlay), "is_root_device": False,
                        "is_read_only": False})
+        if spec.config_disk is not None:  # /dev/vdc: secrets travel here, never on the kernel command line
+            drives.append({"drive_id": "config", "path_on_host": str(spec.config_disk), "is_root_device": False,
+                           "is_read_only": True})
     return {
         "boot-source": {"kernel_image_path": str(spec.kernel), "boot_args": spec.boot_args},
         "drives": drives,
@@ -86,7 +89,8 @@ def jail_cgroup(cgroup2_root: Path, vm_id: str, firecracker: str = FIRECRACKER) 
 def jailed_spec(spec: VmSpec) -> VmSpec:
     """The spec as Firecracker sees it from inside its chroot."""
     return dataclasses.replace(spec, kernel=Path("/vmlinux"), rootfs=Path("/rootfs.ext4"),
-                               overlay=None if spec.overlay is None else Path("/overlay.ext4"), directory=Path("/"))
+                               overlay=None if spec.overlay is None else Path("/overlay.ext4"), directory=Path("/"),
+                               config_disk=None if spec.config_disk is None else Path("/config.img"))
 
 
 def prepare_jail(spec: VmSpec, options: JailerOptions, firecracker: str = FIRECRACKER) -> Path:
@@ -96,11 +100,13 @@ def prepare_jail(spec: VmSpec, options: JailerOptions, firecracker: str = FIRECR
     try:
         (root / "run").mkdir(parents=True)
         for source, target in ((spec.kernel, inside.kernel), (spec.rootfs, inside.rootfs),
-                               (spec.overlay, inside.overlay)):
+                               (spec.overlay, inside.overlay), (spec.config_disk, inside.config_disk)):
             if source is not None and target is not None:
                 os.link(source, root / target.name)
         if spec.overlay is not None:
             os.chown(root / "overlay.ext4", options.uid, options.gid)  # the VM's own disk: writable by it
+        if spec.config_disk is not None:
+            os.chown(root / "config.img", options.uid, options.gid)  # 0600: for this VM's Firecracker alone
         (root / "vm-config.json").write_text(json.dumps(firecracker_config(inside), indent=2))
         (root / "vmm.log").touch()
         for owned in (root / "run", root / "vmm.log"):

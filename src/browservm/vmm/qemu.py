@@ -33,7 +33,7 @@ class Accel:
 
 def qemu_argv(spec: VmSpec, accel: str, qemu: str = QEMU) -> list[str]:
     """The whole QEMU command line for `spec` (a value: tested without running anything)."""
-    paths = [spec.kernel, spec.rootfs, spec.console_log, spec.control_socket, spec.overlay]
+    paths = [spec.kernel, spec.rootfs, spec.console_log, spec.control_socket, spec.overlay, spec.config_disk]
     for path in paths:
         if path is not None and "," in str(path):
             raise VmmError(spec.vm_id, "configure", f"QEMU cannot take a path with a comma: {path}")
@@ -51,6 +51,9 @@ def qemu_argv(spec: VmSpec, accel: str, qemu: str = QEMU) -> list[str]:
     if spec.overlay is not None:
         argv += ["-drive", f"id=overlay,file={spec.overlay},format=raw,if=none",
                  "-device", "virtio-blk-device,drive=overlay"]
+    if spec.overlay is not None and spec.config_disk is not None:  # /dev/vdc: after the overlay, or it'd be vdb
+        argv += ["-drive", f"id=config,file={spec.config_disk},format=raw,if=none,readonly=on",
+                 "-device", "virtio-blk-device,drive=config"]
     argv += [
         "-netdev", f"tap,id=net0,ifname={spec.tap},script=no,downscript=no",
         "-device", f"virtio-net-device,netdev=net0,mac={spec.mac}",

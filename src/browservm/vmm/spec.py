@@ -18,6 +18,7 @@ class VmSpec:
     tap: str
     mac: str
     directory: Path  # per-VM: console log, VMM log, sockets, generated config
+    config_disk: Path | None = None  # secrets and settings (guest/configdisk.py): the third disk, read-only
 
     @property
     def console_log(self) -> Path:
