@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -89,9 +88,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
-from browservm.errors import HostNetworkError, ProbeFailed
+from browservm.errors import ProbeFailed
 from browservm.hostnet.netns import NetworkNamespace
-from browservm.vm.hops import NET_TCP, RFB_BANNER, WS_UPGRADE
+from browservm.vm.hops import RFB_BANNER, WS_UPGRADE
+from browservm.vm.readiness import connect_socket
 
 log = logging.getLogger(__name__)
 
@@ -349,29 +349,8 @@ class ViewerProxy:
                                           "spoke") from None
 
     async def _open_socket(self, upstream: Upstream) -> socket.socket:
-        """A TCP connection to the guest, made inside the VM network's namespace (readiness.open_tcp's way)."""
-        where = f"{upstream.address}:{upstream.port}"
-        try:
-            with upstream.netns.entered():
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        except (HostNetworkError, OSError) as exc:
-            raise ProbeFailed(NET_TCP, f"cannot open a socket towards {where}: {exc}") from None
-        try:
-            sock.setblocking(False)
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (str(upstream.address),
-                                                                                  upstream.port)),
-                                   self._connect_timeout)
-        except TimeoutError:
-            sock.close()
-            raise ProbeFailed(NET_TCP, f"no answer from {where} within {self._connect_timeout:g} s") from None
-        except OSError as exc:
-            sock.close()
-            # asyncio's strerror is "Connect call failed (...)": the errno's own words say more
-            raise ProbeFailed(NET_TCP, f"{where}: {os.strerror(exc.errno) if exc.errno else exc}") from None
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        """A TCP connection to the guest, made inside the VM network's namespace, as the probes make theirs."""
+        return await connect_socket(upstream.netns, upstream.address, upstream.port, self._connect_timeout)
 
     async def _relay(self, viewer: _Viewer, banner: bytes) -> _Close:
         """Both directions at once until one ends; how the connection ends."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Protocol
 
-from browservm.errors import ProbeFailed
+from browservm.errors import HostNetworkError, ProbeFailed
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.markers import parse_marker
 from browservm.vm.console import ConsoleLog
@@ -158,13 +158,18 @@ async def wait_desktop_complete(console: ConsoleLog, timeout: float) -> None:
     await _wait_desktop_marker(console, DESKTOP_COMPLETE, "desktop", timeout)
 
 
-async def open_tcp(netns: NetworkNamespace, address: IPv4Address, port: int,
-                   timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """One TCP connection to the VM, made from inside its network namespace."""
-    with netns.entered():
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
+async def connect_socket(netns: NetworkNamespace, address: IPv4Address, port: int, timeout: float) -> socket.socket:
+    """A connected, non-blocking TCP socket to the VM, made inside its network namespace (net.tcp).
+
+    The socket keeps that namespace, so this works from a controller running outside it.
+    """
     try:
+        with netns.entered():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    except (HostNetworkError, OSError) as exc:
+        raise ProbeFailed(NET_TCP, f"cannot open a socket towards {address}:{port}: {exc}") from None
+    try:
+        sock.setblocking(False)
         await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (str(address), port)), timeout)
     except TimeoutError:
         sock.close()
@@ -176,7 +181,13 @@ async def open_tcp(netns: NetworkNamespace, address: IPv4Address, port: int,
     except BaseException:
         sock.close()
         raise
-    return await asyncio.open_connection(sock=sock)
+    return sock
+
+
+async def open_tcp(netns: NetworkNamespace, address: IPv4Address, port: int,
+                   timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """One TCP connection to the VM as asyncio streams (net.tcp)."""
+    return await asyncio.open_connection(sock=await connect_socket(netns, address, port, timeout))
 
 
 class DesktopConnection:
