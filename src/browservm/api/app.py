@@ -31,12 +31,14 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import parse_qs
 
 import swagger_ui_bundle  # type: ignore[import-untyped]
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
@@ -94,7 +96,12 @@ def _status_of(exc: BrowserVMError) -> tuple[int, dict[str, str | None]]:
 
 
 class BodyLimit:
-    """413 for a request body over `limit` bytes, announced or streamed, before the app reads it all."""
+    """413 for a request body over `limit` bytes, announced or streamed, before the app reads any of it.
+
+    The body is read here (at most `limit` bytes) and handed on whole. Refusing a streamed body from
+    inside the app's own read does not work: FastAPI turns any error raised there into its 400
+    "There was an error parsing the body".
+    """
 
     def __init__(self, app: ASGIApp, limit: int = MAX_BODY) -> None:
         self.app = app
@@ -104,22 +111,35 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > self.limit:
-            response = _error(413, {"type": "BodyTooLarge", "message": f"the body is over {self.limit} bytes"})
-            await response(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await self._refuse(scope, receive, send)
             return
+        chunks: list[bytes] = []
         seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":
+                pending = [message]  # the client left while sending: the app learns it at its first read
+                break
+            chunk = message.get("body", b"")
+            seen += len(chunk)
             if seen > self.limit:
-                raise ApiError(413, "BodyTooLarge", f"the body is over {self.limit} bytes")
-            return message
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+                break
 
-        await self.app(scope, limited, send)
+        async def replay() -> Message:
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = _error(413, {"type": "BodyTooLarge", "message": f"the body is over {self.limit} bytes"})
+        await response(scope, receive, send)
 
 
 def session_value(service: ControllerService) -> str:
@@ -175,13 +195,25 @@ def build_app(service: ControllerService) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        where = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+        # A body that is not JSON at all is located by a character offset, which names no field.
+        where = [] if first.get("type") == "json_invalid" else [
+            str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
         field = ".".join(where) or "body"
         return _error(422, {"type": "InvalidInput", "field": field, "message": f"{field}: {first.get('msg')}"})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, {"type": "HTTPError", "message": str(exc.detail)})
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            # FastAPI's 400 for a JSON body that is not even UTF-8: bad input like any other undecodable body.
+            return _error(422, {"type": "InvalidInput", "field": "body", "message": "body: not UTF-8 JSON"})
+        headers = dict(exc.headers) if exc.headers else {}
+        if exc.status_code == 405:
+            # A 405 says which methods the path has. Starlette's names those of the first route that matched
+            # the path only, and /v1/vms and /v1/vms/{id} are two routes each.
+            headers["Allow"] = ", ".join(sorted({method for route in app.routes if isinstance(route, APIRoute)
+                                                 and route.path_regex.match(request.url.path)
+                                                 for method in route.methods or ()}))
+        return _error(exc.status_code, {"type": "HTTPError", "message": str(exc.detail)}, headers or None)
 
     # --- health, metrics, docs ---------------------------------------------------------------
 
@@ -302,8 +334,10 @@ def build_app(service: ControllerService) -> FastAPI:
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> RedirectResponse:
-        form = await request.form()
-        key = str(form.get("key", "")).strip()
+        # The form is urlencoded (login.html), read with the standard library: request.form() needs
+        # python-multipart, which browservm does not depend on (without it every login was a 500).
+        form = parse_qs((await request.body()).decode(errors="replace"))
+        key = form.get("key", [""])[0].strip()
         if not hmac.compare_digest(key.encode(), service.api_key.encode()):
             return RedirectResponse("/login?failed=true", status_code=303)
         response = RedirectResponse("/", status_code=303)

@@ -28,7 +28,7 @@ from browservm.api.models import CreateVm, ViewerOut, VmOut
 from browservm.api.proxy import Direction, Ended, Refused, Upstream, ViewerProxy
 from browservm.api.tokens import TokenRefused, ViewerTokens
 from browservm.controller import Controller
-from browservm.errors import BrowserVMError, VmNotFound, WrongState
+from browservm.errors import BrowserVMError, StateConflict, VmNotFound, WrongState
 from browservm.ids import validate_vm_id
 from browservm.inotify import DirectoryWatch
 from browservm.vm.console import ConsoleLog
@@ -72,7 +72,7 @@ class ControllerService:
         self.events = EventBus()
         self._viewers: dict[str, int] = {}
         self._idle_since: dict[str, float] = {}
-        self._gone: dict[str, Ended] = {}
+        self._gone: dict[str, set[Ended]] = {}  # each viewer's, by VM: ended with it
         self._tasks: list[asyncio.Task[None]] = []
         self._started = time.time()
         self.stopping = asyncio.Event()
@@ -135,8 +135,7 @@ class ControllerService:
                                 f"{failure.reason if failure else ''}",
                       "ended": f"the VM was stopped: {record.ended_reason}",
                       "destroyed": "the VM was deleted"}[event]
-            gone = self._gone.pop(record.vm_id, None)
-            if gone is not None:
+            for gone in self._gone.pop(record.vm_id, set()):
                 gone.end(reason)
             self._idle_since.pop(record.vm_id, None)
 
@@ -147,17 +146,19 @@ class ControllerService:
     async def readiness(self) -> dict[str, tuple[bool, str]]:
         """/readyz: the store answers, the host network is as `host up` makes it, a VMM can run."""
         checks: dict[str, tuple[bool, str]] = {}
+        # A check that cannot run is a failing check, whatever it raises (SQLite's own errors, netlink's):
+        # /readyz answers 503 naming it, not a 500 that names nothing.
         try:
             await asyncio.to_thread(self._records.all)
             checks["store"] = (True, str(self.settings.database))
-        except BrowserVMError as exc:
-            checks["store"] = (False, str(exc))
+        except Exception as exc:
+            checks["store"] = (False, _why(exc))
         try:
             wrong = [c for c in await asyncio.to_thread(self.network.status) if not c.ok]
             checks["host network"] = (not wrong, "; ".join(f"{c.piece}: {c.detail}" for c in wrong)
                                       or "as `host up` makes it")
-        except BrowserVMError as exc:
-            checks["host network"] = (False, str(exc))
+        except Exception as exc:
+            checks["host network"] = (False, _why(exc))
         driver = self.manager.driver
         checks["vmm"] = (True, f"{driver.name}; VMMs run in {driver.placement.name}: {driver.placement.reason}")
         return checks
@@ -165,10 +166,21 @@ class ControllerService:
     # --- VMs ----------------------------------------------------------------------------
 
     async def create(self, request: CreateVm, wait: bool) -> VmRecord:
-        record, task = await self.manager.start(request.user, request.vcpus or 1, request.mem_mib or 1024)
+        # Defaults only for what was left out: 0 is a size the manager refuses, not "the default".
+        record, task = await self.manager.start(request.user, 1 if request.vcpus is None else request.vcpus,
+                                                1024 if request.mem_mib is None else request.mem_mib)
         if not wait:
             return record
-        return await asyncio.shield(task)  # a client that leaves does not take the VM with it
+        try:
+            return await asyncio.shield(task)  # a client that leaves does not take the VM with it
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if not task.cancelled() or (me is not None and me.cancelling()):
+                raise  # this request was cancelled (its client left); the VM carries on
+        # The create itself was cancelled, by a DELETE of this VM or the controller stopping: the waiting
+        # client gets a 409 saying what became of its VM, not a cancellation escaping into the server.
+        current = await self.manager.get(record.vm_id)
+        raise StateConflict(record.vm_id, VmState.READY.value, None if current is None else current.state.value)
 
     async def get(self, vm_id: str) -> VmRecord:
         record = await self.manager.get(vm_id)
@@ -243,7 +255,10 @@ class ControllerService:
     async def connect_viewer(self, websocket: WebSocket, vm_id: str, token: str) -> int:
         """Relay one viewer to its VM's desktop; the close code it ended with."""
         counted = False
-        gone = self._gone.setdefault(vm_id, Ended())
+        # One per connection, registered only while it lasts: an entry kept per VM id would let anyone
+        # grow the controller's memory with connections to ids that do not exist.
+        gone = Ended()
+        self._gone.setdefault(vm_id, set()).add(gone)
 
         async def resolve() -> Upstream:
             nonlocal counted
@@ -265,6 +280,11 @@ class ControllerService:
         try:
             return await self.proxy.serve(websocket, resolve, gone)
         finally:
+            watching = self._gone.get(vm_id)
+            if watching is not None:
+                watching.discard(gone)
+                if not watching:
+                    del self._gone[vm_id]
             if counted:
                 self._viewers[vm_id] -= 1
                 if not self._viewers[vm_id]:
@@ -294,3 +314,11 @@ class ControllerService:
                 if now - since > self.settings.idle_timeout:
                     due[record.vm_id] = f"reaped: no viewer for {self.settings.idle_timeout} s"
         return due
+
+
+def _why(exc: Exception) -> str:
+    """An error as a readiness check's detail: ours say it in words, others need their kind too."""
+    if isinstance(exc, BrowserVMError):
+        return str(exc)
+    log.warning("readiness check failed", exc_info=exc)
+    return f"{type(exc).__name__}: {exc}"

@@ -46,7 +46,8 @@ class ViewerTokens:
         if not token or len(token) > MAX_TOKEN_LENGTH:
             raise TokenRefused("no viewer token, or not one of ours")
         parts = token.split(".")
-        if len(parts) != 4 or parts[0] != _VERSION or not parts[2].isdigit():
+        # ASCII digits only: str.isdigit also takes superscripts and circled numbers, which int() refuses.
+        if len(parts) != 4 or parts[0] != _VERSION or not (parts[2].isascii() and parts[2].isdigit()):
             raise TokenRefused("the viewer token is malformed")
         token_vm, expires = parts[1], int(parts[2])
         if token_vm != vm_id:
