@@ -45,6 +45,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from browservm import __version__
+from browservm.api import diagnose, logins
 from browservm.api.models import ConsoleOut, CreateVm, ErrorOut, ViewerOut, VmOut
 from browservm.api.service import ControllerService
 from browservm.api.tokens import TokenRefused
@@ -345,6 +346,8 @@ def build_app(service: ControllerService) -> FastAPI:
                             secure=service.settings.base_url.startswith("https:"))
         return response
 
+    logins.mount(app, service)
+    diagnose.mount(app, service)
     if NOVNC_DIR.is_dir():
         app.mount("/novnc", StaticFiles(directory=NOVNC_DIR), name="novnc")
     swagger = _swagger_assets()

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from ipaddress import IPv4Address
 
 from starlette.websockets import WebSocket
@@ -74,6 +74,8 @@ class ControllerService:
         self._idle_since: dict[str, float] = {}
         self._gone: dict[str, set[Ended]] = {}  # each viewer's, by VM: ended with it
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: list[Callable[[], Awaitable[None]]] = []
+        self._stop_hooks: list[Callable[[], Awaitable[None]]] = []
         self._started = time.time()
         self.stopping = asyncio.Event()
         self.manager.on_change = self._changed
@@ -87,7 +89,17 @@ class ControllerService:
         actions += await self.manager.reconcile()
         await self.manager.watch_all()
         self._tasks = [asyncio.create_task(self._watch_store()), asyncio.create_task(self._reap())]
+        self._tasks += [asyncio.ensure_future(work()) for work in self._background]
         return actions
+
+    def run_in_background(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run `work` from start() until stop(), as one of the service's own tasks (for the parts built
+        on the service: logins, drift checks). Register before start()."""
+        self._background.append(work)
+
+    def on_stop(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Await `hook` at stop(), before the service's tasks are cancelled (newest first)."""
+        self._stop_hooks.append(hook)
 
     async def stop_serving(self) -> None:
         """Before the server closes connections: viewers get 1001 with a reason, event streams end."""
@@ -98,6 +110,8 @@ class ControllerService:
     async def stop(self) -> None:
         """Tasks stop; VMs keep running (re-found at the next start) unless stop_vms_on_exit."""
         await self.stop_serving()
+        for hook in reversed(self._stop_hooks):
+            await hook()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

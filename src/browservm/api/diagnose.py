@@ -1,0 +1,14 @@
+"""Diagnosis (issue 11): GET /v1/doctor and GET /v1/vms/{id}/diagnose over the doctor's hops."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from browservm.api.service import ControllerService
+
+
+def mount(app: FastAPI, service: ControllerService) -> None:
+    """Add this part's routes to `app`, and its tasks to `service` (`run_in_background`, `on_stop`)."""
