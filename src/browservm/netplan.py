@@ -56,10 +56,14 @@ class NetworkPlan:
     segments: tuple[Segment, ...]
     uplink: str | None
     guest_ports: tuple[int, ...]
+    # Egress through the uplink beyond the public internet (allow), or less of it (deny; wins over allow).
+    egress_allow: tuple[IPv4Network, ...] = ()
+    egress_deny: tuple[IPv4Network, ...] = ()
 
     @classmethod
     def build(cls, subnet: IPv4Network, bridge: str, uplink: str | None = None,
-              guest_ports: tuple[int, ...] = ()) -> NetworkPlan:
+              guest_ports: tuple[int, ...] = (), *, egress_allow: tuple[IPv4Network, ...] = (),
+              egress_deny: tuple[IPv4Network, ...] = ()) -> NetworkPlan:
         if subnet.prefixlen > 30:
             raise InvalidInput("subnet", str(subnet), "must leave room for a gateway and a VM (/30 or larger)")
         fits_one_bridge = subnet.prefixlen >= SEGMENT_PREFIX
@@ -72,7 +76,12 @@ class NetworkPlan:
         if uplink is not None and uplink in names:
             raise InvalidInput("uplink", uplink, "must not be one of the VM bridges")
         segments = tuple(Segment(i, name, net) for i, (name, net) in enumerate(zip(names, networks, strict=True)))
-        return cls(subnet=subnet, segments=segments, uplink=uplink, guest_ports=guest_ports)
+        for field, networks_given in (("egress_allow", egress_allow), ("egress_deny", egress_deny)):
+            for network in networks_given:
+                if not isinstance(network, IPv4Network):
+                    raise InvalidInput(field, network, "must be IPv4 networks in CIDR notation, e.g. 10.1.0.0/16")
+        return cls(subnet=subnet, segments=segments, uplink=uplink, guest_ports=guest_ports,
+                   egress_allow=tuple(egress_allow), egress_deny=tuple(egress_deny))
 
     @property
     def bridges(self) -> tuple[str, ...]:

@@ -46,7 +46,8 @@ def test_host_up_creates_each_piece_inside_the_namespace_and_a_second_run_change
         "sysctl net.ipv4.ip_forward": "updated",
         "bridge br0": "created",
         "address 192.168.100.1/24 on br0": "created",
-        "nftables table inet browservm": "created",
+        "routing rule br0": "created",
+        "nftables tables inet+bridge browservm": "created",
     }
     assert run("cat", "/proc/sys/net/ipv4/ip_forward", netns=ns).stdout.strip() == "1"
     table_before = nft_table(ns)
@@ -142,6 +143,8 @@ def test_a_subnet_larger_than_a_slash_22_spans_one_bridge_per_segment(
 def test_down_removes_only_what_up_created(namespaces: Namespaces, tmp_path: Path) -> None:
     ns = namespaces.create()  # the namespace, the bridge and its address were there before browservm
     run("ip", "link", "add", "br0", "type", "bridge", netns=ns)
+    # Labelled as browservm labels its bridges (say, by another state directory): `up` may use it.
+    run("ip", "link", "set", "br0", "alias", "browservm bridge", netns=ns)
     run("ip", "addr", "add", "192.168.100.1/24", "dev", "br0", netns=ns)
     run("ip", "link", "add", "keep0", "type", "veth", "peer", "name", "keep1", netns=ns)
 
@@ -158,6 +161,7 @@ def test_down_removes_only_what_up_created(namespaces: Namespaces, tmp_path: Pat
     links = run("ip", "-br", "addr", netns=ns).stdout
     assert "192.168.100.1/24" in links and "keep0" in links
     assert run("nft", "list", "ruleset", netns=ns).stdout.strip() == ""
+    assert "br0" not in run("ip", "rule", "show", netns=ns).stdout
     assert run("cat", "/proc/sys/net/ipv4/ip_forward", netns=ns).stdout.strip() == "0"
 
 
@@ -197,14 +201,14 @@ def test_status_names_each_broken_piece(namespaces: Namespaces, tmp_path: Path) 
         assert result.returncode == 1
         report = {line.split()[1] + " " + line.split()[2]: line for line in result.stdout.splitlines()}
         assert report["bridge br0"].startswith("FAIL") and "lacks 192.168.100.1/24" in report["bridge br0"]
-        assert "changed since browservm installed it" in report["nftables table"]
+        assert "changed since browservm installed it" in report["nftables tables"]
         assert "orphan: VM vm-gone holds no lease" in report["tap fc-stray"]
         assert "tap fc-theirs" not in report
         assert f"VM vm-lost has no TAP {lease.tap}" in report[f"lease {lease.address.ip}"]
 
         repaired = browservm("host", "up", "--json", state=tmp_path, netns=ns)
         actions = {c["piece"]: c["action"] for c in json.loads(repaired.stdout)["changes"]}
-        assert actions["nftables table inet browservm"] == "updated"
+        assert actions["nftables tables inet+bridge browservm"] == "updated"
         assert actions["address 192.168.100.1/24 on br0"] == "created"
     browservm("host", "down", "--force", state=tmp_path, netns=ns)
 

@@ -1,23 +1,60 @@
-"""browservm's own nftables table: NAT to the uplink and isolation of the VMs.
+"""browservm's own nftables tables: what a VM may send, where it may go, NAT to the uplink.
 
 `render_ruleset` is a pure function from the network plan to nft JSON objects;
-`Nftables` only applies and lists them with `nft -j`. The table is replaced in
-one nft transaction, so there is never a moment with half a ruleset.
+`Nftables` only applies and lists them with `nft -j`. Both tables are replaced
+in one nft transaction, so there is never a moment with half a ruleset.
+`VmPorts` adds and removes one VM's set elements in-process through
+libnftables, because it runs on every VM's start (about 0.06 ms, against
+several ms for an `nft` process).
 
-What the table enforces (family inet, table "browservm"):
-  input       VMs reach the host only for replies and the configured guest ports
-  forward     no VM-to-VM traffic (routed, or bridged when br_netfilter sees it);
-              VMs reach only the uplink; only replies reach VMs
+Table `bridge browservm` sees every frame that enters a bridge, before the
+bridge learns its source address or forwards it (priority -300 on prerouting):
+  prerouting  a frame from a VM port (a port in interface group VM_PORT_GROUP,
+              which only `attach_port` sets) must carry that VM's MAC, ARP from
+              it must claim that VM's MAC and address, IPv4 from it that VM's
+              address; it may not be a DHCP server; anything but IPv4 and ARP
+              (IPv6, router advertisements, VLAN tags) is dropped. Each check is
+              one lookup in a set keyed by the port's name (`iifname . field`),
+              so its cost does not grow with the number of VMs.
+              A frame from any other port is marked FOREIGN and may not claim a
+              VM address or a VM MAC.
+  forward     nothing is forwarded from or to a VM port: VMs talk to the host only
+              (port isolation says the same, outside nftables).
+Why `iifname` and an interface group rather than `meta ibrname`: `ibrname` needs
+CONFIG_NFT_BRIDGE_META, which Debian's and these machines' kernels lack (nft
+refuses the rule), and bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING) is
+missing here too. A port without its set elements fails closed: it is in the
+group, so its frames are checked, and nothing matches.
+
+Table `inet browservm`:
+  prerouting  from a VM bridge: the source must be in the VM subnet and pass
+              reverse-path filtering (`fib saddr . iif`); then the packet is
+              marked VM_CHECKED. A policy-routing rule outside nftables
+              (hostnet/rules.py) refuses to route an unmarked packet from a VM
+              bridge, so a flushed ruleset fails closed.
+  input       VMs reach the host only for replies and the configured guest
+              ports; frames that came from a foreign port reach nothing
+  forward     no VM-to-VM traffic; VMs reach only the uplink, and through it
+              only the public internet (link-local incl. 169.254.169.254,
+              loopback, RFC 1918, CGNAT, multicast and reserved space are
+              dropped) unless the allowlist says otherwise; the denylist wins
+              over both. If browservm turned forwarding on, nothing else is
+              forwarded: the host routes for its VMs only.
   postrouting VM traffic leaving through the uplink is masqueraded
 Bridge ports are also isolated (see links.py), which stops VM-to-VM frames at
-layer 2 even if this table is flushed by another tool.
+layer 2 even if these tables are flushed by another tool.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import subprocess
+import threading
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 from typing import Any
 
 from browservm.errors import HostNetworkError
@@ -25,7 +62,28 @@ from browservm.netplan import NetworkPlan
 
 FAMILY = "inet"
 TABLE = "browservm"
+BRIDGE_FAMILY = "bridge"
+TABLES = ((FAMILY, TABLE), (BRIDGE_FAMILY, TABLE))
+VM_PORT_GROUP = 0x62766D01  # "bvm" 1: the interface group of every VM port
+MARK_VM_CHECKED = 0x00100000  # set by inet prerouting on what a VM sent and the checks passed
+MARK_FOREIGN = 0x00200000  # set by bridge prerouting on frames from a port that is not a VM's
+VM_SETS = ("vm_mac", "vm_ip4")  # their elements come and go with the VMs
 _NFT_TIMEOUT_S = 30
+
+# Never reachable from a VM by default (RFC 6890 special-purpose space, plus private ranges).
+DEFAULT_EGRESS_BLOCKED = tuple(IPv4Network(n) for n in (
+    "0.0.0.0/8",        # "this network"
+    "10.0.0.0/8",       # RFC 1918
+    "100.64.0.0/10",    # CGNAT (RFC 6598)
+    "127.0.0.0/8",      # loopback
+    "169.254.0.0/16",   # link-local, incl. the cloud metadata service 169.254.169.254
+    "172.16.0.0/12",    # RFC 1918
+    "192.0.0.0/24",     # IETF protocol assignments
+    "192.168.0.0/16",   # RFC 1918
+    "198.18.0.0/15",    # benchmarking
+    "224.0.0.0/4",      # multicast
+    "240.0.0.0/4",      # reserved, and the limited broadcast address
+))
 
 NftObject = dict[str, Any]
 
@@ -42,57 +100,200 @@ def _meta(key: str) -> NftObject:
     return {"meta": {"key": key}}
 
 
-def _rule(chain: str, comment: str, *expr: NftObject) -> NftObject:
-    return {"rule": {"family": FAMILY, "table": TABLE, "chain": chain, "comment": comment, "expr": list(expr)}}
+def _payload(protocol: str, field: str) -> NftObject:
+    return {"payload": {"protocol": protocol, "field": field}}
 
 
-def _chain(name: str, kind: str, hook: str, prio: int) -> NftObject:
-    return {"chain": {"family": FAMILY, "table": TABLE, "name": name, "type": kind,
-                      "hook": hook, "prio": prio, "policy": "accept"}}
+def _prefix(network: IPv4Network) -> NftObject:
+    return {"prefix": {"addr": str(network.network_address), "len": network.prefixlen}}
 
 
-def render_ruleset(plan: NetworkPlan) -> list[NftObject]:
+def _concat(*parts: NftObject) -> NftObject:
+    return {"concat": list(parts)}
+
+
+def _set_mark(bit: int) -> NftObject:
+    return {"mangle": {"key": _meta("mark"), "value": {"|": [_meta("mark"), bit]}}}
+
+
+def _has_mark(bit: int) -> NftObject:
+    return _match({"&": [_meta("mark"), bit]}, 0, op="!=")
+
+
+_COUNTER: NftObject = {"counter": None}
+_ACCEPT: NftObject = {"accept": None}
+_DROP: NftObject = {"drop": None}
+
+
+class _Table:
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self.objects: list[NftObject] = [{"table": {"family": family, "name": TABLE}}]
+
+    def chain(self, name: str, kind: str | None = None, hook: str | None = None, prio: int = 0) -> None:
+        chain: NftObject = {"family": self.family, "table": TABLE, "name": name}
+        if kind is not None:
+            chain |= {"type": kind, "hook": hook, "prio": prio, "policy": "accept"}
+        self.objects.append({"chain": chain})
+
+    def set(self, name: str, kind: str | list[str], elements: list[Any] | None = None,
+            interval: bool = False) -> None:
+        body: NftObject = {"family": self.family, "table": TABLE, "name": name, "type": kind}
+        if interval:
+            body["flags"] = ["interval"]
+        if elements:
+            body["elem"] = elements
+        self.objects.append({"set": body})
+
+    def rule(self, chain: str, comment: str, *expr: NftObject) -> None:
+        self.objects.append({"rule": {"family": self.family, "table": TABLE, "chain": chain,
+                                      "comment": comment, "expr": list(expr)}})
+
+
+def _bridge_table(plan: NetworkPlan) -> list[NftObject]:
+    t = _Table(BRIDGE_FAMILY)
+    t.set("vm_mac", ["ifname", "ether_addr"])
+    t.set("vm_ip4", ["ifname", "ipv4_addr"])
+    t.chain("prerouting", "filter", "prerouting", -300)
+    t.chain("forward", "filter", "forward", -300)
+    t.chain("foreign")
+    t.chain("vm_arp")
+    t.chain("vm_ip4")
+    not_vm_port = _match(_meta("iifgroup"), VM_PORT_GROUP, op="!=")
+    arp = _match(_payload("ether", "type"), "arp")
+    ip4 = _match(_payload("ether", "type"), "ip")
+    ip6 = _match(_payload("ether", "type"), "ip6")
+    subnet = _prefix(plan.subnet)
+
+    t.rule("prerouting", "browservm: frames from ports that are not VMs' are checked apart", not_vm_port,
+           {"jump": {"target": "foreign"}})
+    t.rule("prerouting", "browservm: a frame from a VM port with another source MAC (spoofing, FDB poisoning)",
+           _match(_concat(_meta("iifname"), _payload("ether", "saddr")), "@vm_mac", op="!="), _COUNTER, _DROP)
+    t.rule("prerouting", "browservm: ARP from a VM", arp, {"jump": {"target": "vm_arp"}})
+    t.rule("prerouting", "browservm: IPv4 from a VM", ip4, {"jump": {"target": "vm_ip4"}})
+    t.rule("prerouting", "browservm: router advertisement from a VM",
+           ip6, _match(_payload("icmpv6", "type"), "nd-router-advert"), _COUNTER, _DROP)
+    t.rule("prerouting", "browservm: IPv6 from a VM", ip6, _COUNTER, _DROP)
+    t.rule("prerouting", "browservm: a VM sends only IPv4 and ARP", _COUNTER, _DROP)
+
+    for field, value in (("htype", 1), ("ptype", "ip"), ("hlen", 6), ("plen", 4)):
+        t.rule("vm_arp", f"browservm: ARP that is not Ethernet/IPv4 ({field})",
+               _match(_payload("arp", field), value, op="!="), _COUNTER, _DROP)
+    t.rule("vm_arp", "browservm: ARP naming another MAC than the VM's",
+           _match(_concat(_meta("iifname"), _payload("arp", "saddr ether")), "@vm_mac", op="!="), _COUNTER, _DROP)
+    t.rule("vm_arp", "browservm: ARP claiming another address than the VM's (ARP spoofing)",
+           _match(_concat(_meta("iifname"), _payload("arp", "saddr ip")), "@vm_ip4", op="!="), _COUNTER, _DROP)
+    t.rule("vm_arp", "browservm: ARP from the VM's own MAC and address", _ACCEPT)
+
+    t.rule("vm_ip4", "browservm: IPv4 from another address than the VM's (forged source)",
+           _match(_concat(_meta("iifname"), _payload("ip", "saddr")), "@vm_ip4", op="!="), _COUNTER, _DROP)
+    t.rule("vm_ip4", "browservm: a VM may not answer as a DHCP server",
+           _match(_payload("udp", "sport"), 67), _COUNTER, _DROP)
+    t.rule("vm_ip4", "browservm: IPv4 from the VM's own MAC and address", _ACCEPT)
+
+    t.rule("foreign", "browservm: tell the inet table this came from a port that is not a VM's",
+           _set_mark(MARK_FOREIGN))
+    t.rule("foreign", "browservm: a port that is not a VM's claims a VM address",
+           ip4, _match(_payload("ip", "saddr"), subnet), _COUNTER, _DROP)
+    t.rule("foreign", "browservm: a port that is not a VM's claims a VM address in ARP",
+           arp, _match(_payload("arp", "saddr ip"), subnet), _COUNTER, _DROP)
+    t.rule("foreign", "browservm: a port that is not a VM's sends from a VM MAC",
+           _match({"&": [_payload("ether", "saddr"), "ff:ff:00:00:00:00"]}, "02:fc:00:00:00:00"), _COUNTER, _DROP)
+
+    # A VM talks to the host only: the bridge forwards nothing from a VM port or to one.
+    t.rule("forward", "browservm: no VM-to-VM or VM-to-other-port frames",
+           _match(_meta("iifgroup"), VM_PORT_GROUP), _COUNTER, _DROP)
+    t.rule("forward", "browservm: no frames from other ports to VMs",
+           _match(_meta("oifgroup"), VM_PORT_GROUP), _COUNTER, _DROP)
+    return t.objects
+
+
+def _inet_table(plan: NetworkPlan, confine_forwarding: bool) -> list[NftObject]:
+    t = _Table(FAMILY)
     bridges = _one_or_set(list(plan.bridges))
     from_vms = _match(_meta("iifname"), bridges)
     to_vms = _match(_meta("oifname"), bridges)
     replies = _match({"ct": {"key": "state"}}, ["established", "related"], op="in")
-    counter: NftObject = {"counter": None}
-    accept: NftObject = {"accept": None}
-    drop: NftObject = {"drop": None}
+    if plan.uplink is not None:
+        blocked = list(collapse_addresses(DEFAULT_EGRESS_BLOCKED))
+        t.set("egress_blocked", "ipv4_addr", [_prefix(n) for n in blocked], interval=True)
+        t.set("egress_allow", "ipv4_addr", [_prefix(n) for n in collapse_addresses(plan.egress_allow)],
+              interval=True)
+        t.set("egress_deny", "ipv4_addr", [_prefix(n) for n in collapse_addresses(plan.egress_deny)],
+              interval=True)
+    t.chain("prerouting", "filter", "prerouting", -150)
+    t.chain("input", "filter", "input", 0)
+    t.chain("forward", "filter", "forward", 0)
+    t.chain("postrouting", "nat", "postrouting", 100)
 
-    objects: list[NftObject] = [
-        {"table": {"family": FAMILY, "name": TABLE}},
-        _chain("input", "filter", "input", 0),
-        _chain("forward", "filter", "forward", 0),
-        _chain("postrouting", "nat", "postrouting", 100),
-        _rule("input", "browservm: replies to connections the host opened", from_vms, replies, accept),
-    ]
+    t.rule("prerouting", "browservm: VMs speak IPv4 only", from_vms, _match(_meta("nfproto"), "ipv6"),
+           _COUNTER, _DROP)
+    t.rule("prerouting", "browservm: a source outside the VM subnet",
+           from_vms, _match(_payload("ip", "saddr"), _prefix(plan.subnet), op="!="), _COUNTER, _DROP)
+    t.rule("prerouting", "browservm: reverse-path filter: a source not routed back through its bridge",
+           from_vms, _match({"fib": {"result": "oif", "flags": ["saddr", "iif"]}}, False), _COUNTER, _DROP)
+    t.rule("prerouting", "browservm: checked; the policy-routing rule routes only what carries this mark",
+           from_vms, _set_mark(MARK_VM_CHECKED))
+
+    t.rule("input", "browservm: frames from a port that is not a VM's reach nothing",
+           from_vms, _has_mark(MARK_FOREIGN), _COUNTER, _DROP)
+    t.rule("input", "browservm: replies to connections the host opened", from_vms, replies, _ACCEPT)
     if plan.guest_ports:
         gateways = _one_or_set([str(s.gateway.ip) for s in plan.segments])
         ports = _one_or_set(list(plan.guest_ports))
-        objects.append(_rule(
-            "input", "browservm: the controller's guest-facing ports", from_vms,
-            _match({"payload": {"protocol": "ip", "field": "daddr"}}, gateways),
-            _match({"payload": {"protocol": "tcp", "field": "dport"}}, ports), accept))
-    objects += [
-        _rule("input", "browservm: VMs may not reach the host's services", from_vms, counter, drop),
-        _rule("forward", "browservm: no VM-to-VM traffic", from_vms, to_vms, counter, drop),
-    ]
+        t.rule("input", "browservm: the controller's guest-facing ports", from_vms,
+               _match(_payload("ip", "daddr"), gateways), _match(_payload("tcp", "dport"), ports), _ACCEPT)
+    t.rule("input", "browservm: VMs may not reach the host's services", from_vms, _COUNTER, _DROP)
+
+    t.rule("forward", "browservm: no VM-to-VM traffic", from_vms, to_vms, _COUNTER, _DROP)
+    t.rule("forward", "browservm: frames from a port that is not a VM's are not routed",
+           from_vms, _has_mark(MARK_FOREIGN), _COUNTER, _DROP)
     if plan.uplink is not None:
-        uplink = plan.uplink
-        objects.append(_rule("forward", "browservm: VMs reach the outside through the uplink",
-                             from_vms, _match(_meta("oifname"), uplink), accept))
-    objects += [
-        _rule("forward", "browservm: replies to VMs", to_vms, replies, accept),
-        _rule("forward", "browservm: VMs reach nothing but the uplink", from_vms, counter, drop),
-        _rule("forward", "browservm: nothing else opens connections to VMs", to_vms, counter, drop),
-    ]
+        to_uplink = _match(_meta("oifname"), plan.uplink)
+        daddr = _payload("ip", "daddr")
+        t.rule("forward", "browservm: egress denylist", from_vms, to_uplink, _match(daddr, "@egress_deny"),
+               _COUNTER, _DROP)
+        t.rule("forward", "browservm: egress allowlist", from_vms, to_uplink, _match(daddr, "@egress_allow"),
+               _ACCEPT)
+        t.rule("forward", "browservm: not the public internet (link-local, metadata, private, CGNAT, multicast)",
+               from_vms, to_uplink, _match(daddr, "@egress_blocked"), _COUNTER, _DROP)
+        t.rule("forward", "browservm: VMs reach the public internet through the uplink", from_vms, to_uplink,
+               _ACCEPT)
+    t.rule("forward", "browservm: replies to VMs", to_vms, replies, _ACCEPT)
+    t.rule("forward", "browservm: VMs reach nothing but the uplink", from_vms, _COUNTER, _DROP)
+    t.rule("forward", "browservm: nothing else opens connections to VMs", to_vms, _COUNTER, _DROP)
+    if confine_forwarding:
+        t.rule("forward", "browservm turned forwarding on: the host routes for its VMs only, for no one else",
+               _match(_meta("nfproto"), "ipv4"), _COUNTER, _DROP)
+
     if plan.uplink is not None:
-        subnet = {"prefix": {"addr": str(plan.subnet.network_address), "len": plan.subnet.prefixlen}}
-        objects.append(_rule("postrouting", "browservm: masquerade VM traffic to the uplink",
-                             _match({"payload": {"protocol": "ip", "field": "saddr"}}, subnet),
-                             _match(_meta("oifname"), plan.uplink), {"masquerade": None}))
-    return objects
+        t.rule("postrouting", "browservm: masquerade VM traffic to the uplink",
+               _match(_payload("ip", "saddr"), _prefix(plan.subnet)),
+               _match(_meta("oifname"), plan.uplink), {"masquerade": None})
+    return t.objects
+
+
+def render_ruleset(plan: NetworkPlan, *, confine_forwarding: bool = False) -> list[NftObject]:
+    """Both tables, without the per-VM set elements (`vm_elements` renders those)."""
+    return _inet_table(plan, confine_forwarding) + _bridge_table(plan)
+
+
+@dataclass(frozen=True)
+class VmPort:
+    """What one VM port may send: from `tap`, only `mac`, and as IPv4 or in ARP only `address`."""
+
+    tap: str
+    mac: str
+    address: IPv4Address
+
+
+def vm_elements(ports: list[VmPort]) -> list[NftObject]:
+    if not ports:
+        return []
+    def element(name: str, values: list[NftObject]) -> NftObject:
+        return {"element": {"family": BRIDGE_FAMILY, "table": TABLE, "name": name, "elem": values}}
+    return [element("vm_mac", [{"concat": [p.tap, p.mac]} for p in ports]),
+            element("vm_ip4", [{"concat": [p.tap, str(p.address)]} for p in ports])]
 
 
 def ruleset_digest(objects: list[NftObject]) -> str:
@@ -100,7 +301,7 @@ def ruleset_digest(objects: list[NftObject]) -> str:
 
 
 def normalise_listing(listing: list[NftObject]) -> list[NftObject]:
-    """A listing without what changes on its own: handles, counter values, nft's version."""
+    """A listing without what changes on its own: handles, counter values, nft's version, VMs' elements."""
     def clean(value: Any) -> Any:
         if isinstance(value, dict):
             if "counter" in value and len(value) == 1:
@@ -109,7 +310,32 @@ def normalise_listing(listing: list[NftObject]) -> list[NftObject]:
         if isinstance(value, list):
             return [clean(v) for v in value]
         return value
-    return [clean(obj) for obj in listing if "metainfo" not in obj]
+    cleaned = []
+    for obj in listing:
+        if "metainfo" in obj:
+            continue
+        body = obj.get("set")
+        if body is not None and body.get("name") in VM_SETS and body.get("family") == BRIDGE_FAMILY:
+            cleaned.append(clean({"set": {k: v for k, v in body.items() if k != "elem"}}))
+        else:
+            cleaned.append(clean(obj))
+    return cleaned
+
+
+def listed_ports(listing: list[NftObject]) -> dict[str, tuple[str | None, str | None]]:
+    """TAP -> (MAC, address) as the VM sets hold them."""
+    found: dict[str, list[str | None]] = {}
+    for obj in listing:
+        body = obj.get("set")
+        if body is None or body.get("family") != BRIDGE_FAMILY or body.get("name") not in VM_SETS:
+            continue
+        position = VM_SETS.index(body["name"])
+        for listed in body.get("elem", []):
+            # An element with options (a comment, a timeout) is wrapped in {"elem": {"val": ...}}.
+            elem = listed["elem"]["val"] if "elem" in listed else listed
+            tap, value = elem["concat"]
+            found.setdefault(tap, [None, None])[position] = value
+    return {tap: (mac, address) for tap, (mac, address) in found.items()}
 
 
 class Nftables:
@@ -129,34 +355,134 @@ class Nftables:
         except subprocess.TimeoutExpired:
             raise HostNetworkError(step, f"nft did not finish within {_NFT_TIMEOUT_S} s", netns=self._netns) from None
 
-    def replace_table(self, objects: list[NftObject]) -> None:
-        """Install `objects` as the whole of our table, atomically."""
-        table = {"table": {"family": FAMILY, "name": TABLE}}
-        commands = [{"add": table}, {"delete": table}] + [{"add": obj} for obj in objects]
-        proc = self._run("install nftables table", ["-f", "-"], json.dumps({"nftables": commands}))
+    def replace_table(self, objects: list[NftObject], elements: list[NftObject] | None = None) -> None:
+        """Install `objects` (and `elements`) as the whole of our tables, atomically."""
+        commands: list[NftObject] = []
+        for family, name in TABLES:
+            table = {"table": {"family": family, "name": name}}
+            commands += [{"add": table}, {"delete": table}]
+        commands += [{"add": obj} for obj in objects + (elements or [])]
+        proc = self._run("install nftables tables", ["-f", "-"], json.dumps({"nftables": commands}))
         if proc.returncode != 0:
-            raise HostNetworkError("install nftables table", proc.stderr.strip() or f"nft exited {proc.returncode}",
+            raise HostNetworkError("install nftables tables", proc.stderr.strip() or f"nft exited {proc.returncode}",
                                    netns=self._netns)
 
     def list_table(self) -> list[NftObject] | None:
-        """Our table as nft lists it, or None when it does not exist."""
-        proc = self._run("list nftables table", ["list", "table", FAMILY, TABLE])
+        """Our tables as nft lists them (VMs' elements included), or None when neither exists."""
+        proc = self._run("list nftables tables", ["list", "ruleset"])
         if proc.returncode != 0:
-            if "No such file or directory" in proc.stderr:
-                return None
-            raise HostNetworkError("list nftables table", proc.stderr.strip(), netns=self._netns)
+            raise HostNetworkError("list nftables tables", proc.stderr.strip(), netns=self._netns)
         try:
-            listing: list[NftObject] = json.loads(proc.stdout)["nftables"]
+            listing: list[NftObject] = json.loads(proc.stdout or '{"nftables": []}')["nftables"]
         except (ValueError, KeyError) as exc:
-            raise HostNetworkError("list nftables table", f"unreadable nft output: {exc}", netns=self._netns) from exc
-        return listing
+            raise HostNetworkError("list nftables tables", f"unreadable nft output: {exc}",
+                                   netns=self._netns) from exc
+        ours = [obj for obj in listing if _is_ours(obj)]
+        return ours or None
 
     def delete_table(self) -> bool:
-        """Delete our table; False if it was not there."""
-        if self.list_table() is None:
+        """Delete our tables; False if neither was there."""
+        listing = self.list_table()
+        if listing is None:
             return False
-        table = {"table": {"family": FAMILY, "name": TABLE}}
-        proc = self._run("delete nftables table", ["-f", "-"], json.dumps({"nftables": [{"delete": table}]}))
+        present = [{"delete": obj} for obj in listing if "table" in obj]
+        proc = self._run("delete nftables tables", ["-f", "-"], json.dumps({"nftables": present}))
         if proc.returncode != 0:
-            raise HostNetworkError("delete nftables table", proc.stderr.strip(), netns=self._netns)
+            raise HostNetworkError("delete nftables tables", proc.stderr.strip(), netns=self._netns)
         return True
+
+
+def _is_ours(obj: NftObject) -> bool:
+    for kind, body in obj.items():
+        if kind == "metainfo" or not isinstance(body, dict):
+            return False
+        table = body.get("name") if kind == "table" else body.get("table")
+        return (body.get("family"), table) in TABLES
+    return False
+
+
+class _Lib:
+    """libnftables (Debian's libnftables1, a dependency of the nft program) through ctypes.
+
+    Debian's python3-nftables binding is for the system Python, not our venv,
+    and is itself this ctypes wrapper.
+    """
+
+    def __init__(self) -> None:
+        path = ctypes.util.find_library("nftables") or "libnftables.so.1"
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError as exc:
+            raise HostNetworkError("load libnftables", f"{exc} (apt-get install libnftables1)") from None
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        self._lib = lib
+        # One command at a time per process: a context is cheap (25 us), libnftables' globals are not shared safely.
+        self._lock = threading.Lock()
+
+    def run(self, command: str) -> str | None:
+        """Run `command` in the namespace of the calling thread; None on success, else nft's error text."""
+        with self._lock:
+            # A context per call: its netlink socket belongs to the namespace the thread is in now.
+            ctx = self._lib.nft_ctx_new(0)
+            if not ctx:
+                return "nft_ctx_new failed"
+            try:
+                self._lib.nft_ctx_buffer_output(ctx)
+                self._lib.nft_ctx_buffer_error(ctx)
+                if self._lib.nft_run_cmd_from_buffer(ctx, command.encode()) == 0:
+                    return None
+                error = self._lib.nft_ctx_get_error_buffer(ctx)
+                return (error or b"").decode(errors="replace").strip() or "nft failed"
+            finally:
+                self._lib.nft_ctx_free(ctx)
+
+
+_lib: _Lib | None = None
+_lib_lock = threading.Lock()
+
+
+def _library() -> _Lib:
+    global _lib  # noqa: PLW0603 - loaded once per process, on first use
+    with _lib_lock:
+        if _lib is None:
+            _lib = _Lib()
+        return _lib
+
+
+class VmPorts:
+    """One VM port's set elements, added or removed in one nft transaction, in-process."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self._netns = netns  # for error messages only
+
+    def add(self, port: VmPort) -> None:
+        mac = f'add element {BRIDGE_FAMILY} {TABLE} vm_mac {{ "{port.tap}" . {port.mac} }}'
+        ip4 = f'add element {BRIDGE_FAMILY} {TABLE} vm_ip4 {{ "{port.tap}" . {port.address} }}'
+        error = _library().run(f"{mac}\n{ip4}\n")
+        if error is not None:
+            if "No such file or directory" in error:
+                error = f"browservm's nftables table {BRIDGE_FAMILY} {TABLE} is missing; run `browservm host up`"
+            raise HostNetworkError("allow the VM's addresses on its port", error.splitlines()[0],
+                                   device=port.tap, netns=self._netns)
+
+    def remove(self, port: VmPort) -> None:
+        """Remove the port's elements; those already gone are no error."""
+        lib = _library()
+        mac = f'delete element {BRIDGE_FAMILY} {TABLE} vm_mac {{ "{port.tap}" . {port.mac} }}'
+        ip4 = f'delete element {BRIDGE_FAMILY} {TABLE} vm_ip4 {{ "{port.tap}" . {port.address} }}'
+        if lib.run(f"{mac}\n{ip4}\n") is None:
+            return
+        # One of them is missing (a half-made port, a restored table): a batch is all or nothing, so one by one.
+        for command in (mac, ip4):
+            error = lib.run(command)
+            if error is not None and "No such file or directory" not in error:
+                raise HostNetworkError("remove the VM's addresses from its port", error,
+                                       device=port.tap, netns=self._netns)

@@ -12,24 +12,39 @@ never an object of ours that nothing records.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
 import json
+import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface
 from typing import Concatenate, ParamSpec, TypeVar
 
 from browservm.errors import HostNetworkError
 from browservm.faults import crash_point
-from browservm.hostnet.firewall import Nftables, normalise_listing, render_ruleset, ruleset_digest
+from browservm.hostnet.firewall import (
+    VM_PORT_GROUP,
+    Nftables,
+    VmPort,
+    VmPorts,
+    listed_ports,
+    normalise_listing,
+    render_ruleset,
+    ruleset_digest,
+    vm_elements,
+)
 from browservm.hostnet.links import BRIDGE_ALIAS, LinkInfo, Links, attach_port, create_tap, tap_alias
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.hostnet.rtnl import RtnlSocket
+from browservm.hostnet.rules import PolicyRules, rule_pref
 from browservm.hostnet.sysctl import Sysctl
 from browservm.ids import names_for
 from browservm.ipam import Ipam, Lease
@@ -37,6 +52,9 @@ from browservm.netplan import NetworkPlan, Segment
 from browservm.store import Store
 
 IP_FORWARD = "net.ipv4.ip_forward"
+FIREWALL = "nftables tables inet+bridge browservm"
+_DRIFT_KEPT = 20  # drift events kept in the store
+_log = logging.getLogger("browservm.hostnet")
 
 
 @dataclass(frozen=True)
@@ -123,9 +141,15 @@ def _confined(method: Callable[Concatenate[HostNetwork, P], R]) -> Callable[Conc
 class HostNetwork:
     def __init__(self, plan: NetworkPlan, store: Store, netns: NetworkNamespace, *,
                  tap_owner: tuple[int, int] = (0, 0), nft: Nftables | None = None,
-                 sysctl: Sysctl | None = None) -> None:
+                 sysctl: Sysctl | None = None, adopt_bridge: bool = False) -> None:
         self.plan = plan
         self.netns = netns
+        self._adopt_bridge = adopt_bridge
+        self._ports = VmPorts(netns.name)
+        self._rules = PolicyRules(netns.name)
+        # Held while a VM port and its set elements change, and while the tables are replaced,
+        # so a restore never drops the elements of a port being added.
+        self._port_lock = threading.Lock()
         self._store = store
         self._records = _Records(store)
         self._tap_owner = tap_owner
@@ -182,7 +206,9 @@ class HostNetwork:
             self._check_no_overlap(links)
             for segment in self.plan.segments:
                 changes += self._up_bridge(links, segment)
-            changes.append(self._up_firewall())
+            changes += [self._up_rule(segment) for segment in self.plan.segments]
+            with self._port_lock:
+                changes.append(self._up_firewall(links))
         return changes
 
     def _up_netns(self, name: str) -> Change:
@@ -233,6 +259,16 @@ class HostNetwork:
         elif bridge.kind != "bridge":
             raise HostNetworkError("check bridge", f"exists but is a {bridge.kind or 'plain'} link, not a bridge",
                                    device=segment.bridge, netns=self.netns.name)
+        elif (foreign := self._not_ours(links, bridge)) is not None:
+            if not self._adopt_bridge:
+                raise HostNetworkError(
+                    "check bridge", f"exists and was not created by browservm ({foreign}); it may be this "
+                    "host's LAN bridge: configure another --bridge, or pass --adopt-bridge to use it anyway",
+                    device=segment.bridge, netns=self.netns.name)
+            _log.warning("adopting bridge %s, which browservm did not create: %s", segment.bridge, foreign)
+            if not bridge.up:
+                links.set_up(bridge)
+            changes.append(Change(piece, "adopted", f"WARNING: not created by browservm: {foreign}"))
         elif not bridge.up:
             # If ours, label it as creating it would have: an interrupted `up` can leave it down and unlabelled.
             ours = self._records.get("bridge", segment.bridge) is not None
@@ -251,19 +287,61 @@ class HostNetwork:
             changes.append(Change(f"address {gateway} on {segment.bridge}", "created"))
         return changes
 
-    def _up_firewall(self) -> Change:
-        piece = "nftables table inet browservm"
-        desired = render_ruleset(self.plan)
+    def _not_ours(self, links: Links, bridge: LinkInfo) -> str | None:
+        """What makes an existing bridge someone else's, or None if browservm made it.
+
+        Ours: recorded as created by this state directory, or labelled by any
+        browservm. Anything else (commonly a KVM host's LAN bridge) is named
+        with its ports and addresses.
+        """
+        if self._records.get("bridge", bridge.name) is not None or bridge.alias == BRIDGE_ALIAS:
+            return None
+        ports = sorted(link.name for link in links.all() if link.master == bridge.index)
+        addresses = [str(a) for a in links.addresses(bridge)]
+        what = [f"ports {', '.join(ports)}" if ports else "no ports",
+                f"addresses {', '.join(addresses)}" if addresses else "no addresses",
+                f"alias {bridge.alias!r}" if bridge.alias else "no browservm label"]
+        return "; ".join(what)
+
+    def _up_rule(self, segment: Segment) -> Change:
+        piece = f"routing rule {segment.bridge}"
+        pref = rule_pref(segment.index)
+        if self._rules.present(segment.bridge, pref):
+            return Change(piece, "unchanged")
+        with self._records.intent("rule", f"{segment.bridge} {pref}"):
+            self._rules.add(segment.bridge, pref)
+        return Change(piece, "created", "unchecked packets from VMs are not routed")
+
+    def _desired_firewall(self) -> list[dict[str, object]]:
+        # If browservm turned forwarding on, it must not turn this host into a router for anyone else.
+        confine = self._records.get("sysctl", IP_FORWARD) is not None
+        return render_ruleset(self.plan, confine_forwarding=confine)
+
+    def _vm_ports(self, links: Links) -> list[VmPort]:
+        """The VM ports that exist now (attached TAPs of ours with a lease), as the sets must hold them."""
+        leases = {lease.vm_id: lease for lease in self._leases()}
+        ports = []
+        for link, vm_id in self._our_taps(links, list(leases.values())).items():
+            lease = leases.get(vm_id)
+            if lease is not None and link.name == lease.tap and link.master is not None:
+                ports.append(VmPort(lease.tap, lease.mac, lease.address.ip))
+        return ports
+
+    def _up_firewall(self, links: Links, piece: str = FIREWALL) -> Change:
+        desired = self._desired_firewall()
         digest = ruleset_digest(desired)
         recorded = self._records.get("nft", "inet browservm")
         current = self._nft.list_table()
+        ports = self._vm_ports(links)
         if recorded is not None and current is not None:
             record = json.loads(recorded)
-            if record["digest"] == digest and record["listing"] == normalise_listing(current):
+            if record["digest"] == digest and record["listing"] == normalise_listing(current) \
+                    and self._missing_elements(current, ports) == []:
                 return Change(piece, "unchanged", digest)
         # No listing yet: the table is only known once nft lists it back, after the install.
         with self._records.intent("nft", "inet browservm", json.dumps({"digest": digest, "listing": None})):
-            self._nft.replace_table(desired)
+            # The running VMs' elements go in the same transaction: their ports are never without them.
+            self._nft.replace_table(desired, vm_elements(ports))
         crash_point("host.nft.created")
         installed = self._nft.list_table()
         if installed is None:
@@ -272,6 +350,52 @@ class HostNetwork:
         self._records.add("nft", "inet browservm",
                           json.dumps({"digest": digest, "listing": normalise_listing(installed)}))
         return Change(piece, "created" if current is None else "updated", digest)
+
+    @staticmethod
+    def _missing_elements(listing: list[dict[str, object]], ports: list[VmPort]) -> list[str]:
+        held = listed_ports(listing)
+        return [p.tap for p in ports if held.get(p.tap) != (p.mac, str(p.address))]
+
+    # --- drift: someone else changed our tables ----------------------------------------
+
+    @_confined
+    def check_and_restore(self) -> list[Change]:
+        """Put back our tables and routing rules if anything removed or changed them; what it restored.
+
+        Blocking, for a background task every few seconds: when nothing drifted
+        it costs one `nft list ruleset` and one `ip rule show` (a few ms). Each
+        restoration is logged and recorded in the store (`drift_events`), and
+        `status()` reports drift until it is repaired. Does nothing before `host up`.
+        """
+        if self._records.get("nft", "inet browservm") is None or not self.netns.exists():
+            return []
+        changes = []
+        with self._inside() as links:
+            for segment in self.plan.segments:
+                if self._records.get("rule", f"{segment.bridge} {rule_pref(segment.index)}") is not None:
+                    change = self._up_rule(segment)
+                    if change.action != "unchanged":
+                        changes.append(Change(change.piece, "restored", "it was removed"))
+            with self._port_lock:
+                check = self._check_firewall(links)
+                if not check.ok:
+                    change = self._up_firewall(links)
+                    if change.action != "unchanged":
+                        changes.append(Change(FIREWALL, "restored", check.detail))
+        for change in changes:
+            _log.warning("host network drift: %s %s (%s)", change.action, change.piece, change.detail)
+            self._record_drift(change)
+        return changes
+
+    def _record_drift(self, change: Change) -> None:
+        now = time.time()
+        self._records.add("drift", f"{now:.6f}", f"{change.piece}: {change.detail}")
+        for stale in self._records.names("drift")[:-_DRIFT_KEPT]:
+            self._records.remove("drift", stale)
+
+    def drift_events(self) -> list[tuple[float, str]]:
+        """(time, what was restored) for the latest restorations, oldest first."""
+        return [(float(name), self._records.get("drift", name) or "") for name in self._records.names("drift")]
 
     @_confined
     def status(self) -> list[Check]:
@@ -286,7 +410,18 @@ class HostNetwork:
             checks.append(Check(f"sysctl {IP_FORWARD}", forwarding == "1", forwarding))
             for segment in self.plan.segments:
                 checks.append(self._check_bridge(links, segment))
-            checks.append(self._check_firewall())
+                checks += self._check_foreign_ports(links, segment)
+                pref = rule_pref(segment.index)
+                present = self._rules.present(segment.bridge, pref)
+                checks.append(Check(f"routing rule {segment.bridge}", present,
+                                    f"pref {pref}: unchecked packets from VMs are not routed" if present
+                                    else "missing: a flushed ruleset would not fail closed; run `host up`"))
+            checks.append(self._check_firewall(links))
+            events = self.drift_events()
+            if events:
+                when, what = events[-1]
+                checks.append(Check("nftables drift", True, f"restored {len(events)} time(s), last at "
+                                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))}: {what}"))
             if self.plan.uplink is not None:
                 uplink = links.get(self.plan.uplink)
                 checks.append(Check(f"uplink {self.plan.uplink}", uplink is not None and uplink.up,
@@ -309,8 +444,18 @@ class HostNetwork:
         detail = "; ".join(problems) if problems else f"up, {segment.gateway}"
         return Check(piece, not problems, detail)
 
-    def _check_firewall(self) -> Check:
-        piece = "nftables table inet browservm"
+    def _check_foreign_ports(self, links: Links, segment: Segment) -> list[Check]:
+        """A port on our bridge that is not a VM's TAP: its frames reach no VM and not the host."""
+        bridge = links.get(segment.bridge)
+        if bridge is None:
+            return []
+        mine = {link.name for link in self._our_taps(links, self._leases())}
+        return [Check(f"port {link.name}", False, f"on {segment.bridge} but not a VM's TAP (kind "
+                      f"{link.kind or 'plain'}, alias {link.alias!r}): its frames are dropped; remove it")
+                for link in links.all() if link.master == bridge.index and link.name not in mine]
+
+    def _check_firewall(self, links: Links) -> Check:
+        piece = FIREWALL
         current = self._nft.list_table()
         if current is None:
             return Check(piece, False, "missing")
@@ -320,10 +465,14 @@ class HostNetwork:
         record = json.loads(recorded)
         if record["listing"] is None:
             return Check(piece, False, "its installation was interrupted; run `host up`")
-        if record["digest"] != ruleset_digest(render_ruleset(self.plan)):
+        if record["digest"] != ruleset_digest(self._desired_firewall()):
             return Check(piece, False, "installed for another configuration; run `host up`")
         if record["listing"] != normalise_listing(current):
             return Check(piece, False, "changed since browservm installed it; run `host up`")
+        missing = self._missing_elements(current, self._vm_ports(links))
+        if missing:
+            return Check(piece, False, f"lacks the addresses of VM ports {', '.join(sorted(missing))}: "
+                         "their frames are dropped; run `host up`")
         return Check(piece, True, f"as installed ({record['digest']})")
 
     def _check_taps(self, links: Links) -> list[Check]:
@@ -350,6 +499,8 @@ class HostNetwork:
                 problems.append("down")
             if link.index not in isolated:
                 problems.append("not isolated: it can reach other VMs")
+            if link.group != VM_PORT_GROUP:
+                problems.append(f"in interface group {link.group}, not {VM_PORT_GROUP:#x}: its frames are unchecked")
             if link.tap_owner is not None and link.tap_owner != self._tap_owner:
                 problems.append(f"owned by {link.tap_owner[0]}:{link.tap_owner[1]}, not "
                                 f"{self._tap_owner[0]}:{self._tap_owner[1]}")
@@ -389,7 +540,7 @@ class HostNetwork:
             # The namespace is gone, and with it everything browservm made inside it.
             changes = self._release_vms(None, force)
             changes.append(Change(f"netns {self.netns.name}", "unchanged", "not present"))
-            for kind in ("nft", "address", "bridge", "sysctl", "netns"):
+            for kind in ("nft", "rule", "drift", "address", "bridge", "sysctl", "netns"):
                 for name in self._records.names(kind):
                     self._records.remove(kind, name)
         else:
@@ -431,7 +582,14 @@ class HostNetwork:
         if self._records.get("nft", "inet browservm") is not None:
             removed = self._nft.delete_table()
             self._records.remove("nft", "inet browservm")
-            changes.append(Change("nftables table inet browservm", "removed" if removed else "unchanged"))
+            changes.append(Change(FIREWALL, "removed" if removed else "unchanged"))
+        for name in self._records.names("rule"):
+            bridge_name, _, pref = name.partition(" ")
+            present = self._rules.delete(bridge_name, int(pref))
+            self._records.remove("rule", name)
+            changes.append(Change(f"routing rule {bridge_name}", *_removed(present)))
+        for name in self._records.names("drift"):
+            self._records.remove("drift", name)
         # A record may name an object that never got created (`up` records before it creates).
         for name in self._records.names("address"):
             bridge_name, _, address = name.partition(" ")
@@ -457,42 +615,96 @@ class HostNetwork:
     # --- one TAP per VM ------------------------------------------------------------
 
     def add_tap(self, lease: Lease) -> None:
-        """Create the VM's TAP, owned by the VMM user, as an up and isolated port of its bridge.
+        """Create the VM's TAP, owned by the VMM user, as an up, isolated and checked port of its bridge.
 
-        In the calling thread, without pyroute2: this is on every VM's start-up path.
+        In the calling thread, without pyroute2 or an nft process: this is on every VM's start-up path.
         """
         with self.netns.entered():
             index = create_tap(lease.tap, *self._tap_owner, netns=self.netns.name)
             # A crash here leaves a TAP without its alias; `remove_tap` and `owned_taps` know it by its name.
             crash_point("net.tap.created")
-            rtnl = RtnlSocket()
+            self._attach(lease, index)
+
+    def attach_link(self, lease: Lease) -> None:
+        """Make the existing link named `lease.tap` the VM's port, as `add_tap` does with the TAP it creates.
+
+        For a device made by someone else for the VM (a stand-in guest's veth in
+        the tests, a VMM that makes its own TAP). Removed by `remove_tap`.
+        """
+        with self.netns.entered():
             try:
+                index = socket.if_nametoindex(lease.tap)
+            except OSError:
+                raise HostNetworkError("attach link", "does not exist", device=lease.tap,
+                                       netns=self.netns.name) from None
+            self._attach(lease, index)
+
+    def _attach(self, lease: Lease, index: int) -> None:
+        """Attach the port, then allow its VM's addresses on it.
+
+        The port joins the bridge in VM_PORT_GROUP in the same message, so from
+        its first frame it is checked; until its elements are in, nothing matches
+        and every frame is dropped. A failure leaves neither port nor elements.
+        """
+        port = VmPort(lease.tap, lease.mac, lease.address.ip)
+        rtnl = RtnlSocket()
+        try:
+            with self._port_lock:
                 attach_port(rtnl, index, lease.tap, lease.bridge, tap_alias(lease.vm_id, self.owner),
-                            netns=self.netns.name)
-            except BaseException:
-                rtnl.delete_link(index)
-                raise
-            finally:
-                rtnl.close()
+                            netns=self.netns.name, group=VM_PORT_GROUP, mac=lease.mac, address=lease.address.ip)
+                self._ports.add(port)
+        except BaseException:
+            with contextlib.suppress(HostNetworkError):  # the first error is the one to report
+                self._forget_neighbour(rtnl, lease.bridge, lease.address.ip)
+            rtnl.delete_link(index)
+            raise
+        finally:
+            rtnl.close()
+
+    def _forget_neighbour(self, rtnl: RtnlSocket, bridge: str, address: IPv4Address) -> None:
+        try:
+            rtnl.forget_neighbour(socket.if_nametoindex(bridge), address.packed)
+        except OSError as exc:
+            if exc.errno != errno.ENODEV:  # no bridge, no neighbour entry
+                raise HostNetworkError("forget neighbour", exc.strerror or str(exc), device=bridge,
+                                       netns=self.netns.name) from exc
 
     @_confined
     def remove_tap(self, vm_id: str) -> bool:
-        """Delete the VM's TAP; False if it was already gone. Never deletes a TAP another VM owns.
+        """Delete the VM's TAP, its set elements and its pinned neighbour entry; False if the TAP was gone.
 
-        A TAP with the VM's name and no alias at all is the VM's own, half made by
-        an interrupted `add_tap`: the caller names a VM of its own store, and only
-        that VM's id derives this name.
+        Never deletes a TAP another VM owns. A TAP with the VM's name and no
+        alias at all is the VM's own, half made by an interrupted `add_tap`: the
+        caller names a VM of its own store, and only that VM's id derives this name.
         """
-        tap = names_for(vm_id).tap
+        names = names_for(vm_id)
+        tap = names.tap
         with self._inside() as links:
             link = links.get(tap)
-            if link is None:
-                return False
-            if link.vm_of(self.owner) != vm_id and not link.half_made_tap:
+            if link is not None and link.vm_of(self.owner) != vm_id and not link.half_made_tap:
                 raise HostNetworkError("delete TAP", f"belongs to {link.alias or 'someone else'}, not VM {vm_id}",
                                        device=tap, netns=self.netns.name)
-            links.delete(link.index, link.name)
-            return True
+            with self._port_lock:
+                if link is not None:
+                    links.delete(link.index, link.name)  # the port first: it never carries unchecked frames
+                listing = self._nft.list_table() if link is None else None
+                lease = Ipam(self._store, self.plan).get(vm_id)
+                address = lease.address.ip if lease is not None else None
+                if address is None:
+                    # The lease went first (an interrupted release): the sets still know the address.
+                    listing = listing if listing is not None else self._nft.list_table()
+                    held = listed_ports(listing or []).get(tap, (None, None))[1]
+                    address = IPv4Address(held) if held is not None else None
+                if address is not None:
+                    self._ports.remove(VmPort(tap, names.mac, address))
+                    rtnl = RtnlSocket()
+                    try:
+                        for segment in self.plan.segments:
+                            if address in segment.network:
+                                self._forget_neighbour(rtnl, segment.bridge, address)
+                    finally:
+                        rtnl.close()
+            return link is not None
 
     @_confined
     def owned_taps(self) -> dict[str, str]:

@@ -19,7 +19,7 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
@@ -56,6 +56,7 @@ class LinkInfo:
     alias: str | None
     mac: str
     tap_owner: tuple[int, int] | None  # uid, gid of a TAP
+    group: int = 0  # the interface group; VM ports are in firewall.VM_PORT_GROUP
 
     def vm_of(self, owner: str) -> str | None:
         """The VM id in the alias of a TAP that the controller tagged `owner` made, else None."""
@@ -90,6 +91,7 @@ def _link_info(msg: Any) -> LinkInfo:
         alias=msg.get("ifalias"),
         mac=msg.get("address"),
         tap_owner=owner,
+        group=msg.get("group") or 0,
     )
 
 
@@ -189,14 +191,20 @@ def create_tap(name: str, uid: int, gid: int, netns: str | None) -> int:
         raise HostNetworkError("create TAP", reason, device=name, netns=netns) from None
 
 
-def attach_port(rtnl: RtnlSocket, index: int, name: str, bridge: str, alias: str, *, netns: str | None) -> None:
-    """Make link `index` an up, isolated port of `bridge`: isolated ports cannot talk to each other."""
+def attach_port(rtnl: RtnlSocket, index: int, name: str, bridge: str, alias: str, *, netns: str | None,
+                group: int = 0, mac: str | None = None, address: IPv4Address | None = None) -> None:
+    """Make link `index` an up, isolated port of `bridge`: isolated ports cannot talk to each other.
+
+    A VM port also gets its group, and its VM's `mac` and `address` pinned (see rtnl.py).
+    """
     try:
         bridge_index = socket.if_nametoindex(bridge)
     except OSError:
         raise HostNetworkError(f"attach to {bridge}", f"bridge {bridge} does not exist; run `browservm host up`",
                                device=name, netns=netns) from None
     try:
-        rtnl.make_isolated_port(index, bridge_index, alias)
+        rtnl.make_isolated_port(index, bridge_index, alias, group=group,
+                                mac=None if mac is None else bytes.fromhex(mac.replace(":", "")),
+                                address=None if address is None else address.packed)
     except OSError as exc:
         raise HostNetworkError(f"attach to {bridge}", exc.strerror or str(exc), device=name, netns=netns) from exc
