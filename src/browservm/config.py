@@ -6,9 +6,10 @@ import pwd
 import re
 from ipaddress import IPv4Network
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from browservm.errors import InvalidInput
 
@@ -43,6 +44,22 @@ class Settings(BaseSettings):
     idle_timeout: int = Field(900, ge=10, description="seconds a VM may have no viewer before it is reaped")
     max_lifetime: int = Field(7200, ge=60, description="seconds a VM may live at most before it is reaped")
     stop_vms_on_exit: bool = Field(False, description="destroy every VM when the controller stops")
+    # The VMs' egress and the bridge (issue 10)
+    egress_allow: Annotated[tuple[IPv4Network, ...], NoDecode] = Field(
+        (), description="CIDRs VMs may reach through the uplink beyond the public internet (e.g. an internal "
+                        "proxy); comma-separated")
+    egress_deny: Annotated[tuple[IPv4Network, ...], NoDecode] = Field(
+        (), description="CIDRs VMs may not reach through the uplink; wins over egress_allow; comma-separated")
+    adopt_bridge: bool = Field(False, description="use a bridge browservm did not create (warns): it may be the "
+                                                  "host's LAN bridge")
+
+    @field_validator("egress_allow", "egress_deny", mode="before")
+    @classmethod
+    def _cidr_list(cls, value: object) -> object:
+        # From the environment or a flag, a list is a comma-separated string.
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
 
     @field_validator("bridge", "uplink")
     @classmethod

@@ -128,8 +128,8 @@ class Lab:
         return guest
 
     def bridge_mac(self) -> bytes:
-        with NetworkNamespace(self.ctl).entered():
-            return bytes.fromhex(Path("/sys/class/net/br0/address").read_text().strip().replace(":", ""))
+        link = json.loads(run("ip", "-j", "link", "show", "br0", netns=self.ctl).stdout)[0]
+        return bytes.fromhex(str(link["address"]).replace(":", ""))
 
     def neighbour(self, address: str) -> str | None:
         entries = json.loads(run("ip", "-j", "neigh", "show", address, "dev", "br0", netns=self.ctl).stdout or "[]")
