@@ -38,6 +38,7 @@ from browservm.cli.vm import OptionUnavailable
 from browservm.config import Settings
 from browservm.errors import BrowserVMError, InvalidInput, StateError, WrongState
 from browservm.ids import validate_vm_id
+from browservm.vm.console import terminal_safe
 
 # Fields of a VM's JSON that only one mode has (every other field agrees, by name and value).
 # Local: what the record keeps that the API does not report, and the VMM checked alive by this process.
@@ -376,7 +377,7 @@ def _show(client: ControllerClient, args: argparse.Namespace) -> int:
 
 def _console(client: ControllerClient, args: argparse.Namespace) -> int:
     for line in client.console(args.vm_id, args.lines):
-        print(line)
+        print(terminal_safe(line))
     return 0
 
 

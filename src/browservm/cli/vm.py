@@ -21,6 +21,7 @@ from browservm.config import Settings
 from browservm.controller import Controller, open_controller
 from browservm.errors import InvalidInput
 from browservm.progress import Progress
+from browservm.vm.console import terminal_safe
 from browservm.vm.records import VmRecord
 from browservm.vm.state import VmState
 from browservm.vmm import process
@@ -182,13 +183,14 @@ def print_vm(view: dict[str, Any], as_json: bool) -> None:
         print("  stages     " + "  ".join(f"{name} {seconds:.2f}s" for name, seconds in view["stages"].items()))
     failure = view.get("failure")
     if failure is not None:
-        print(f"\n  failed at  {failure['hop']}\n  reason     {failure['reason']}\n  hint       {failure['hint']}")
+        print(f"\n  failed at  {failure['hop']}\n  reason     {terminal_safe(failure['reason'])}\n"
+              f"  hint       {failure['hint']}")
         for problem in failure["cleanup"]:
             print(f"  cleanup    {problem} (still held: `vm rm {view['vm_id']}` tries again)")
         if failure["evidence"]:
             print("  console (last lines):")
             for line in failure["evidence"]:
-                print(f"    {line}")
+                print(f"    {terminal_safe(line)}")
 
 
 def _viewers(view: dict[str, Any]) -> str:
@@ -202,10 +204,10 @@ def _console(controller: Controller, args: argparse.Namespace) -> int:
         print(f"browservm: no console log for {args.vm_id} ({console.path})", file=sys.stderr)
         return 1
     for line in console.tail(args.lines):
-        print(line)
+        print(terminal_safe(line))
     if args.follow:
         def show(line: str) -> bool:
-            print(line, flush=True)
+            print(terminal_safe(line), flush=True)
             return False
         try:
             asyncio.run(console.wait_for(show, float("inf")))

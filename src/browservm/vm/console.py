@@ -74,3 +74,9 @@ class ConsoleLog:
                     await asyncio.sleep(0)  # let others run between two chunks of a long console
                 elif not await watch.changed(remaining):
                     return None
+
+
+def terminal_safe(line: str) -> str:
+    """A console line as text a terminal shows and does not obey: the guest wrote it, and escape
+    sequences in it could retitle, recolour or rewrite an operator's terminal."""
+    return "".join(c if c.isprintable() or c == "\t" else f"\\x{ord(c):02x}" for c in line)

@@ -33,6 +33,7 @@ import os
 import secrets
 import shutil
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -112,6 +113,12 @@ class VmNetwork(Protocol):
     def remove_tap(self, vm_id: str) -> bool: ...
 
     def owned_taps(self) -> dict[str, str]: ...
+
+
+def normalise_user(user: str) -> str:
+    """One spelling per person: NFKC, case-folded, without surrounding spaces, so "Ann", " ann " and
+    the same letters in full width share one per-user limit."""
+    return unicodedata.normalize("NFKC", user).strip().casefold()
 
 
 def this_process() -> str:
@@ -197,6 +204,7 @@ class VMManager:
         Returns at once with the record (state `creating`) and the task that ends with the final one.
         """
         self.check_request(user, vcpus, mem_mib, extra_boot_args)
+        user = normalise_user(user)
         images = await self._resolve_images()
         vm_id = new_vm_id()
         record = VmRecord(vm_id=vm_id, user=user, vcpus=vcpus, mem_mib=mem_mib, keep=keep_failed,
@@ -212,7 +220,7 @@ class VMManager:
 
     def check_request(self, user: str, vcpus: int, mem_mib: int, extra_boot_args: tuple[str, ...] = ()) -> None:
         """Refuse bad input (InvalidInput naming the field) before anything is allocated."""
-        if not isinstance(user, str) or not user or len(user) > 64 or not user.isprintable():
+        if not isinstance(user, str) or not 1 <= len(normalise_user(user)) <= 64 or not user.isprintable():
             raise InvalidInput("user", user, "must be 1-64 printable characters")
         for field, value, (low, high), unit in (("vcpus", vcpus, self._limits.vcpus, ""),
                                                 ("mem_mib", mem_mib, self._limits.mem_mib, " MiB")):
