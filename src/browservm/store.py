@@ -74,7 +74,12 @@ class Store:
                 if "version" not in columns:  # a state directory from schema 2
                     db.execute("ALTER TABLE vms ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
                 db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-            os.chmod(path, 0o600)
+            # Whatever existed before: the store holds leases, VM records and (issue 9) sealed
+            # credentials, and SQLite's -wal and -shm files hold the same data.
+            os.chmod(path.parent, 0o700)
+            for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                if file.exists():
+                    os.chmod(file, 0o600)
         except (OSError, sqlite3.Error) as exc:
             raise StateError(str(path), f"cannot open the state database: {exc}") from exc
 
