@@ -368,3 +368,17 @@ def test_variants_of_one_user_name_share_one_per_user_limit(parts: Parts) -> Non
     with pytest.raises(InvalidInput) as excinfo:
         asyncio.run(manager.create(user="   "))
     assert excinfo.value.field == "user"
+
+
+@pytest.mark.parametrize("word", ["init=/bin/sh", "root=/dev/vdb", "rw", "--", "systemd.debug_shell=1",
+                                  "systemd.unit=emergency.target", "console=tty0", "single"])
+def test_extra_boot_arguments_are_an_allowlist(parts: Parts, word: str) -> None:
+    manager = parts.manager()
+    with pytest.raises(InvalidInput) as excinfo:
+        asyncio.run(manager.create(extra_boot_args=(word,)))
+    assert excinfo.value.field == "extra" and "not an allowed extra kernel argument" in excinfo.value.reason
+    assert parts.leftovers() == NOTHING
+
+
+def test_allowed_extra_boot_arguments_pass(parts: Parts) -> None:
+    parts.manager().check_request("ann", 1, 1024, ("browservm.net=off", "loglevel=7"))

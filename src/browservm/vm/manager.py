@@ -63,6 +63,9 @@ from browservm.vmm.spec import VmSpec
 T = TypeVar("T")
 DESKTOP_PORT = 6080
 CONFIG_DISK = "config.img"
+# Extra kernel arguments a request may add: ones that tune, never ones that choose what runs.
+EXTRA_BOOT_ARGS = frozenset({"loglevel", "printk.time", "random.trust_cpu", "clocksource", "tsc",
+                             "no_timer_check", "mitigations", "systemd.show_status"})
 
 
 def new_secrets() -> dict[str, str]:
@@ -229,6 +232,12 @@ class VMManager:
             if not low <= value <= high:
                 raise InvalidInput(field, value, f"must be between {low} and {high}{unit}")
         build_boot_args(BootArgs(ip=None, extra=extra_boot_args))
+        for word in extra_boot_args:
+            key = word.partition("=")[0]
+            if not (key in EXTRA_BOOT_ARGS or key.startswith("browservm.")):
+                raise InvalidInput("extra", word, "not an allowed extra kernel argument (allowed: browservm.*, "
+                                                  f"{', '.join(sorted(EXTRA_BOOT_ARGS))}): the rest could change "
+                                                  "what boots (init=, root=, rw, --, a debug shell) or hide it")
 
     async def _resolve_images(self) -> Images:
         async with self._images_lock:
