@@ -85,9 +85,17 @@ class Settings(BaseSettings):
     @field_validator("kernel", "rootfs")
     @classmethod
     def _existing_file(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"{value} is not a file")
-        return value
+        """An existing regular file, as an absolute path without links: what QEMU gets can never be
+        read as one of its protocols (`nbd:...`, `file:...`) or change under it through a link."""
+        if value is None:
+            return None
+        try:
+            resolved = value.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise ValueError(f"{value} does not exist") from None
+        if not resolved.is_file():
+            raise ValueError(f"{value} is not a regular file")
+        return resolved
 
     @field_validator("netns")
     @classmethod
