@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from browservm import __version__
 from browservm.errors import CommandFailed, ImageBuildError
 from browservm.progress import Progress, cache_dir, exclusive
 from browservm.runner import CommandRunner
@@ -36,16 +37,41 @@ _DESKTOP = ("systemd", "systemd-sysv", "dbus", "iproute2", "procps", "python3",
 PROFILES: dict[str, tuple[str, ...]] = {
     "minimal": _DESKTOP,
     "full": (*_DESKTOP, "chromium", "fonts-dejavu-core"),
+    # full + a terminal for the login tool's window (+ the OAuth files and Node tools below)
+    "oauth": (*_DESKTOP, "chromium", "fonts-dejavu-core", "xterm"),
 }
 SERVICES = {
     "minimal": ("xvfb", "openbox", "x11vnc", "websockify"),
     "full": ("xvfb", "openbox", "x11vnc", "websockify", "chromium"),
+    "oauth": ("xvfb", "openbox", "x11vnc", "websockify", "chromium"),
 }
 # The modules the guest carries, unchanged, so it parses ip= exactly as the host wrote it.
 GUEST_MODULES = ("__init__.py", "errors.py", "bootargs.py", "markers.py",
                  "guest/__init__.py", "guest/netconfig.py", "guest/desktop.py", "guest/configdisk.py")
 GUEST_PROGRAMS = {"browservm-net": "browservm.guest.netconfig", "browservm-desktop": "browservm.guest.desktop"}
 GUEST_UNITS = ("browservm-net.service", "browservm-desktop.service")
+# The OAuth agent and what it runs (issue 9), only in the `oauth` profile: the other profiles' files,
+# and so their cache keys, stay as they were.
+OAUTH_MODULES = ("guest/agent.py", "guest/toolrun.py", "guest/opener.py", "guest/sample_login.py")
+OAUTH_PROGRAMS = {"browservm-agent": "browservm.guest.agent", "browservm-toolrun": "browservm.guest.toolrun",
+                  "browservm-opener": "browservm.guest.opener",
+                  "browservm-sample-login": "browservm.guest.sample_login"}
+OAUTH_UNITS = ("browservm-agent.service",)
+PROFILE_EXTRAS = {"oauth": (OAUTH_MODULES, OAUTH_PROGRAMS, OAUTH_UNITS)}
+# The login tools, from the npm registry, pinned exactly (checked against the installed package.json),
+# with a Node the three accept (Debian's nodejs 18 is older than Claude Code's >= 22 and Gemini's >= 20):
+# the npm package `node` carries the official Node binary. Part of the image's key.
+NPM_TOOLS: dict[str, tuple[tuple[str, str, str], ...]] = {"oauth": (
+    # (name, npm package, exact version)
+    ("node", "node", "22.23.3"),
+    ("claude", "@anthropic-ai/claude-code", "2.1.332"),
+    ("codex", "@openai/codex", "0.171.0"),
+    ("gemini", "@google/gemini-cli", "0.61.0"),
+)}
+TOOLS_DIR = "opt/browservm/tools"  # in the image; its node_modules/.bin holds each tool's executable
+TOOLS_MANIFEST = "etc/browservm/tools.json"
+# What a tool may call to open a page: our opener, found on PATH before anything Debian's.
+OPENER_NAMES = ("xdg-open", "x-www-browser", "sensible-browser")
 # Timers that would wake a throwaway VM for housekeeping it never needs.
 MASKED_UNITS = ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer")
 DESKTOP_USER, DESKTOP_UID = "browser", 1000
@@ -68,15 +94,22 @@ class RootfsImage:
                 "packages": len(self.packages), "build_seconds": round(self.build_seconds, 1)}
 
 
-def guest_files() -> dict[str, bytes]:
+def guest_files(profile: str = "full") -> dict[str, bytes]:
     """Path inside the image -> content, for everything browservm puts into the guest."""
     package = resources.files("browservm")
-    files = {f"usr/lib/browservm/browservm/{m}": package.joinpath(m).read_bytes() for m in GUEST_MODULES}
+    modules: tuple[str, ...] = GUEST_MODULES
+    units: tuple[str, ...] = GUEST_UNITS
+    programs = dict(GUEST_PROGRAMS)
+    if profile in PROFILE_EXTRAS:
+        extra_modules, extra_programs, extra_units = PROFILE_EXTRAS[profile]
+        modules, units = (*modules, *extra_modules), (*units, *extra_units)
+        programs.update(extra_programs)
+    files = {f"usr/lib/browservm/browservm/{m}": package.joinpath(m).read_bytes() for m in modules}
     guest = package.joinpath("guest", "files")
     files["usr/lib/browservm/overlay-init"] = guest.joinpath("overlay-init").read_bytes()
-    for unit in GUEST_UNITS:
+    for unit in units:
         files[f"etc/systemd/system/{unit}"] = guest.joinpath(unit).read_bytes()
-    for program, module in GUEST_PROGRAMS.items():
+    for program, module in programs.items():
         # -I: ignore the environment; -S: skip site, which costs seconds under software emulation.
         files[f"usr/lib/browservm/bin/{program}"] = (
             "#!/usr/bin/python3 -IS\nimport sys\n\nsys.path.insert(0, '/usr/lib/browservm')\n"
@@ -120,7 +153,9 @@ class RootfsBuilder:
         parts: list[object] = [_KEY_SCHEME, SUITE, profile, PROFILES[profile], SERVICES[profile],
                                MASKED_UNITS, _EXCLUDED_PATHS, self._sources.options()]
         parts += [(str(p), p.read_text()) for p in self._sources.files()]
-        parts += sorted((path, hashlib.sha256(data).hexdigest()) for path, data in guest_files().items())
+        parts += sorted((path, hashlib.sha256(data).hexdigest()) for path, data in guest_files(profile).items())
+        if profile in NPM_TOOLS:  # only there, so the other profiles' keys stay as they were
+            parts.append(["npm", NPM_TOOLS[profile], TOOLS_DIR, OPENER_NAMES])
         digest.update(json.dumps(parts, sort_keys=True, default=str).encode())
         return digest.hexdigest()[:16]
 
@@ -167,6 +202,9 @@ class RootfsBuilder:
 
         self._progress.stage("customise", "guest files, user, units")
         self._customise(root, profile)
+        if profile in NPM_TOOLS:
+            self._progress.stage("tools", ", ".join(f"{p}@{v}" for _, p, v in NPM_TOOLS[profile]))
+            self._install_tools(root, profile, log)
         packages = dict(line.split("\t", 1) for line in self._runner.output(
             ["chroot", str(root), "dpkg-query", "-W", "-f", "${Package}\t${Version}\n"]).decode().splitlines())
         shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)
@@ -193,7 +231,7 @@ class RootfsBuilder:
         return built
 
     def _customise(self, root: Path, profile: str) -> None:
-        for relative, content in guest_files().items():
+        for relative, content in guest_files(profile).items():
             target = root / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content)
@@ -207,9 +245,48 @@ class RootfsBuilder:
         chroot = ["chroot", str(root)]
         self._runner.output([*chroot, "useradd", "--create-home", "--uid", str(DESKTOP_UID),
                              "--shell", "/bin/bash", DESKTOP_USER])
-        self._runner.output([*chroot, "systemctl", "enable", *GUEST_UNITS])
+        self._runner.output([*chroot, "systemctl", "enable", *GUEST_UNITS,
+                             *(PROFILE_EXTRAS[profile][2] if profile in PROFILE_EXTRAS else ())])
         self._runner.output([*chroot, "systemctl", "mask", *MASKED_UNITS])
         self._runner.output([*chroot, "systemctl", "set-default", "multi-user.target"])
+
+    def _install_tools(self, root: Path, profile: str, log: Path) -> None:
+        """The npm packages with the host's npm (the image has none), then links on PATH and a manifest.
+
+        Install scripts are not run (npm 11 runs none unless allowed): each package ships its
+        executable in its tarball or in a platform package npm picks as an optional dependency.
+        """
+        prefix = root / TOOLS_DIR
+        prefix.mkdir(parents=True)
+        pins = NPM_TOOLS[profile]
+        (prefix / "package.json").write_text(json.dumps(
+            {"name": "browservm-tools", "private": True, "dependencies": {p: v for _, p, v in pins}}, indent=2))
+        self._run(["npm", "install", "--prefix", str(prefix), "--ignore-scripts", "--no-audit", "--no-fund",
+                   "--omit=dev", "--no-update-notifier", "--save-exact"], log, "tools")
+        manifest: dict[str, dict[str, str]] = {}
+        for name, package, version in pins:
+            meta = json.loads((prefix / "node_modules" / package / "package.json").read_text())
+            if meta.get("version") != version:
+                raise ImageBuildError("tools", f"npm installed {package} {meta.get('version')}, not {version}")
+            executable = prefix / "node_modules" / ".bin" / name
+            target = executable.resolve()
+            if not target.is_relative_to(prefix) or not os.access(target, os.X_OK):
+                raise ImageBuildError("tools", f"{package} {version} has no executable {name} for this machine")
+            inside = "/" + str(target.relative_to(root))
+            link = root / "usr/local/bin" / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(inside)
+            manifest[name] = {"package": package, "version": version, "executable": f"/usr/local/bin/{name}",
+                              "target": inside}
+        for name in OPENER_NAMES:
+            (root / "usr/local/bin" / name).symlink_to("/usr/lib/browservm/bin/browservm-opener")
+        manifest["sample"] = {"package": "browservm", "version": __version__,
+                              "executable": "/usr/lib/browservm/bin/browservm-sample-login",
+                              "target": "/usr/lib/browservm/bin/browservm-sample-login"}
+        manifest["opener"] = {"package": "browservm", "version": __version__,
+                              "executable": "/usr/lib/browservm/bin/browservm-opener",
+                              "target": "/usr/lib/browservm/bin/browservm-opener"}
+        (root / TOOLS_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
     def _run(self, argv: list[str], log: Path, step: str) -> None:
         try:
