@@ -1,14 +1,72 @@
-"""Diagnosis (issue 11): GET /v1/doctor and GET /v1/vms/{id}/diagnose over the doctor's hops."""
+"""Diagnosis (issue 11): GET /v1/doctor and GET /v1/vms/{id}/diagnose over the doctor's hops.
+
+Both answer with the JSON of `browservm doctor --json` (doctor/report.py), operator key required.
+The doctor is async and its blocking reads run in threads of their own: the event loop never waits.
+An unknown VM is a 404 and a malformed id a 422, through the app's one error mapping.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import TYPE_CHECKING
+
+from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
+
+from browservm.doctor import Doctor, DriverVmms, Sources
+from browservm.ids import validate_vm_id
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from browservm.api.service import ControllerService
 
+SESSION_COOKIE = "browservm_session"  # as app.py sets it
+
+
+class Unauthorized(Exception):
+    """Raised by the key check; answered as app.py answers a missing key."""
+
+
+def service_sources(service: ControllerService) -> Sources:
+    """The doctor looks through the service's own parts: its host network, records and VMM driver."""
+    settings = service.settings
+    network = service.network
+    driver = service.manager.driver
+    return Sources(plan=network.plan, netns=network.netns, vmm_choice=settings.vmm, kernel=settings.kernel,
+                   rootfs=settings.rootfs, status=network.status, record=service.manager.get,
+                   records=service.manager.all, vmms=DriverVmms(getattr(driver, "jail_root", None)))
+
 
 def mount(app: FastAPI, service: ControllerService) -> None:
     """Add this part's routes to `app`, and its tasks to `service` (`run_in_background`, `on_stop`)."""
+    doctor = Doctor(service_sources(service))
+
+    def operator(request: Request) -> None:
+        """The operator's key, checked as app.py checks it: a bearer key, or the session cookie (reads only)."""
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), service.api_key.encode()):
+            return
+        session = hmac.new(service.api_key.encode(), b"browservm operator session", hashlib.sha256).hexdigest()
+        cookie = request.cookies.get(SESSION_COOKIE, "")
+        if cookie and hmac.compare_digest(cookie.encode(), session.encode()):
+            return  # both routes are GETs: a cookie needs no extra header for them
+        raise Unauthorized
+
+    @app.exception_handler(Unauthorized)
+    async def unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
+        return JSONResponse({"error": {"type": "Unauthorized", "message": "missing or wrong API key: send "
+                                       "`Authorization: Bearer <key>` (the key is in the state directory's api.key)"}},
+                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/v1/doctor", tags=["doctor"], dependencies=[Depends(operator)])
+    async def host_doctor() -> JSONResponse:
+        """The host's pieces: namespace, bridge, forwarding, nftables, uplink, VMM, kernel and image."""
+        return JSONResponse((await doctor.host()).to_json())
+
+    @app.get("/v1/vms/{vm_id}/diagnose", tags=["doctor"], dependencies=[Depends(operator)])
+    async def diagnose_vm(vm_id: str) -> JSONResponse:
+        """One VM's hops in order, stopping at the first broken one: verdict, hop, cause, evidence, fix."""
+        return JSONResponse((await doctor.vm(validate_vm_id(vm_id))).to_json())

@@ -11,6 +11,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 from browservm import __version__
+from browservm.cli import doctor as doctor_cli
 from browservm.cli import image as image_cli
 from browservm.cli import kernel as kernel_cli
 from browservm.cli import remote as remote_cli
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     image_cli.add_parser(commands, common)
     vm_cli.add_parser(commands, common)
     serve_cli.add_parser(commands, common)
+    doctor_cli.add_parser(commands, common)
     return parser
 
 
@@ -132,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands: dict[str, Callable[[argparse.Namespace], int]] = {
             "host": _host, "kernel": kernel_cli.run, "image": lambda a: image_cli.run(a, _settings(a)),
-            "vm": lambda a: vm_cli.run(a, _settings(a)), "serve": lambda a: serve_cli.run(_settings(a))}
+            "vm": lambda a: vm_cli.run(a, _settings(a)), "serve": lambda a: serve_cli.run(_settings(a)),
+            "doctor": lambda a: doctor_cli.run(a, _settings(a))}
         return commands[args.command](args)
     except BrowserVMError as exc:
         _report_error(exc, getattr(args, "json", False))
