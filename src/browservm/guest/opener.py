@@ -20,6 +20,7 @@ Stdlib-only: it runs in the guest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -43,24 +44,27 @@ class OpenFailed(Exception):
 
 
 def _request(method: str, url: str, body: dict[str, Any] | None = None,
-             headers: dict[str, str] | None = None) -> Any:
+             headers: dict[str, str] | None = None) -> bytes:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method, headers={  # noqa: S310 - http to loopback only
         "Content-Type": "application/json", **(headers or {})})
     with _DIRECT.open(request, timeout=_TIMEOUT_S) as response:
-        payload = response.read(65536)
-    return json.loads(payload) if payload.strip() else None
+        payload: bytes = response.read(65536)
+    return payload
 
 
 def open_in_chromium(url: str, devtools: str = DEFAULT_DEVTOOLS, chromium: str = "chromium") -> str:
     """Open `url` in a new tab of the running Chromium and bring it to the front; how it was done."""
     try:
-        target = _request("PUT", f"http://{devtools}/json/new?{quote(url, safe='')}")
-        if isinstance(target, dict) and isinstance(target.get("id"), str):
-            _request("GET", f"http://{devtools}/json/activate/{quote(target['id'], safe='')}")
-        return "devtools"
+        target = json.loads(_request("PUT", f"http://{devtools}/json/new?{quote(url, safe='')}"))
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
+    else:
+        # The tab is open: from here on nothing may open it a second time.
+        if isinstance(target, dict) and isinstance(target.get("id"), str):
+            with contextlib.suppress(OSError):  # answers "Target activated" (text, whatever its type says)
+                _request("GET", f"http://{devtools}/json/activate/{quote(target['id'], safe='')}")
+        return "devtools"
     try:
         # Chromium hands the URL to the instance already running for this user and returns; when none
         # runs, this one stays, so it is not waited for.
