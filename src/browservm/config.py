@@ -8,7 +8,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from browservm.errors import InvalidInput
@@ -44,6 +44,14 @@ class Settings(BaseSettings):
     idle_timeout: int = Field(900, ge=10, description="seconds a VM may have no viewer before it is reaped")
     max_lifetime: int = Field(7200, ge=60, description="seconds a VM may live at most before it is reaped")
     stop_vms_on_exit: bool = Field(False, description="destroy every VM when the controller stops")
+    # Logins (issue 9)
+    providers_file: Path | None = Field(None, description="the operator's providers catalog (TOML or JSON), "
+                                                          "on top of the one shipped in browservm/oauth")
+    vault_key: SecretStr | None = Field(None, description="the credential vault's AES key, 64 hex digits (default: "
+                                                          "made at first start, kept in <state-dir>/vault.key)")
+    login_mem_mib: int = Field(2048, ge=256, le=16384, description="memory of a login's VM (Chromium and the tool)")
+    login_agent_wait: int = Field(90, ge=1, le=3600, description="seconds a login waits for the VM's agent to answer "
+                                                                 "once the VM is ready")
     # The VMs' egress and the bridge (issue 10)
     egress_allow: Annotated[tuple[IPv4Network, ...], NoDecode] = Field(
         (), description="CIDRs VMs may reach through the uplink beyond the public internet (e.g. an internal "
@@ -80,6 +88,13 @@ class Settings(BaseSettings):
     def _profile(cls, value: str) -> str:
         if value not in ("full", "minimal"):
             raise ValueError("must be full or minimal")
+        return value
+
+    @field_validator("providers_file")
+    @classmethod
+    def _providers_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file")
         return value
 
     @field_validator("kernel", "rootfs")

@@ -45,8 +45,34 @@ CREATE TABLE IF NOT EXISTS host_objects (
     created_at REAL NOT NULL,
     PRIMARY KEY (kind, name)
 );
+-- Logins (issue 9, oauth/records.py): who, which provider, when, outcome, which VM (never a secret).
+CREATE TABLE IF NOT EXISTS logins (
+    login_id   TEXT PRIMARY KEY,
+    user       TEXT NOT NULL,
+    provider   TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    running    INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    data       TEXT NOT NULL,
+    version    INTEGER NOT NULL DEFAULT 0
+);
+-- One running login per user and provider, held by SQLite itself.
+CREATE UNIQUE INDEX IF NOT EXISTS logins_one_running ON logins (user, provider) WHERE running;
+CREATE INDEX IF NOT EXISTS logins_by_time ON logins (created_at);
+-- The credential vault (oauth/vault.py): AES-GCM ciphertext only, bound to user and provider.
+CREATE TABLE IF NOT EXISTS credentials (
+    user        TEXT NOT NULL,
+    provider    TEXT NOT NULL,
+    login_id    TEXT NOT NULL,
+    captured_at REAL NOT NULL,
+    key_id      TEXT NOT NULL,
+    sealed      BLOB NOT NULL,
+    PRIMARY KEY (user, provider)
+);
 """
-_SCHEMA_VERSION = 3
+# 4: the logins and credentials tables. A schema-3 database gets them from the CREATE ... IF NOT EXISTS
+# statements above at its next open (its other tables are unchanged), then is marked 4.
+_SCHEMA_VERSION = 4
 _BUSY_TIMEOUT_S = 30.0
 
 
