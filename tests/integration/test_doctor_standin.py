@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from browservm.doctor import Doctor, Report, Sources
-from browservm.doctor.report import FAIL, OK, SKIPPED
+from browservm.doctor.report import OK, SKIPPED
 from browservm.doctor.vmmview import VmmView
 from browservm.hostnet.host import HostNetwork
 from browservm.hostnet.netns import NetworkNamespace
@@ -88,10 +88,8 @@ class Desktop:
                 return
             with client:
                 client.settimeout(2)
-                try:
+                with contextlib.suppress(OSError):
                     self._answer(client)
-                except OSError:
-                    pass
 
     def _answer(self, client: socket.socket) -> None:
         request = b""
@@ -258,6 +256,11 @@ def _drop_rule(lab: Lab) -> None:
     subprocess.run(["ip", "netns", "exec", lab.ctl, "nft", "-f", "-"], input=script, text=True, check=True)
 
 
+def _kill(sleeper: subprocess.Popen[bytes]) -> None:
+    sleeper.kill()
+    sleeper.wait()
+
+
 def _set_forwarding(lab: Lab, value: str) -> None:
     with NetworkNamespace(lab.ctl).entered():
         Path("/proc/sys/net/ipv4/ip_forward").write_text(value + "\n")
@@ -295,7 +298,7 @@ FAULTS: list[Fault] = [
     ("tap-deleted", "net.tap", "tap.missing",
      lambda lab: run("ip", "link", "del", lab.lease.tap, netns=lab.ctl), lambda lab: None),
     ("vmm-killed", "vmm.spawn", "vmm.dead",
-     lambda lab: (lab.sleeper.kill(), lab.sleeper.wait()), lambda lab: None),
+     lambda lab: _kill(lab.sleeper), lambda lab: None),
 ]
 
 
@@ -342,12 +345,13 @@ def _snapshot(netns: str) -> dict[str, Any]:
                     "net/bridge/bridge-nf-call-iptables", "net/bridge/bridge-nf-call-arptables"):
             with contextlib.suppress(FileNotFoundError):
                 sysctls[key] = Path("/proc/sys", key).read_text()
-    return without({
+    snapshot: dict[str, Any] = without({
         "links": ip_json("link", "show"), "addresses": ip_json("addr", "show"),
         "routes": ip_json("route", "show", "table", "all"), "rules": ip_json("rule", "show"),
         "neighbours": ip_json("neigh", "show"),
         "nft": json.loads(run("nft", "-j", "list", "ruleset", netns=netns).stdout)["nftables"][1:],
         "sysctls": sysctls}, volatile)
+    return snapshot
 
 
 def test_a_doctor_run_changes_nothing_in_the_vm_namespace(lab: Lab) -> None:
