@@ -15,6 +15,7 @@ from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 
 from browservm.doctor import Doctor, DriverVmms, Sources
+from browservm.doctor.local import plan_of
 from browservm.ids import validate_vm_id
 
 if TYPE_CHECKING:
@@ -34,8 +35,9 @@ def service_sources(service: ControllerService) -> Sources:
     settings = service.settings
     network = service.network
     driver = service.manager.driver
-    return Sources(plan=network.plan, netns=network.netns, vmm_choice=settings.vmm, kernel=settings.kernel,
-                   rootfs=settings.rootfs, status=network.status, record=service.manager.get,
+    # The plan from settings, as the controller built its network's: the service's parts stay opaque here.
+    return Sources(plan=plan_of(settings), netns=network.netns, vmm_choice=settings.vmm, kernel=settings.kernel,
+                   rootfs=settings.rootfs, status=lambda: network.status(), record=service.manager.get,
                    records=service.manager.all, vmms=DriverVmms(getattr(driver, "jail_root", None)))
 
 
