@@ -24,7 +24,7 @@ from .test_isolation import (
     GUEST_PORT,
     VNC_PORT,
     arp,
-    bridge_netfilter,  # noqa: F401 - the fixture, run with br_netfilter off and on
+    bridge_netfilter_fixture,  # noqa: F401 - the fixture, run with br_netfilter off and on
     can_connect,
     capture,
     counter,

@@ -183,7 +183,8 @@ def _bridge_table(plan: NetworkPlan) -> list[NftObject]:
            _match(_concat(_meta("iifname"), _payload("arp", "saddr ether")), "@vm_mac", op="!="), _COUNTER, _DROP)
     t.rule("vm_arp", "browservm: ARP claiming another address than the VM's (ARP spoofing)",
            _match(_concat(_meta("iifname"), _payload("arp", "saddr ip")), "@vm_ip4", op="!="), _COUNTER, _DROP)
-    t.rule("vm_arp", "browservm: ARP from the VM's own MAC and address", _ACCEPT)
+    # The host answers ARP only if the target routes (rules.py): the mark says this ARP passed its checks.
+    t.rule("vm_arp", "browservm: ARP from the VM's own MAC and address", _set_mark(MARK_VM_CHECKED), _ACCEPT)
 
     t.rule("vm_ip4", "browservm: IPv4 from another address than the VM's (forged source)",
            _match(_concat(_meta("iifname"), _payload("ip", "saddr")), "@vm_ip4", op="!="), _COUNTER, _DROP)

@@ -306,11 +306,17 @@ class HostNetwork:
     def _up_rule(self, segment: Segment) -> Change:
         piece = f"routing rule {segment.bridge}"
         pref = rule_pref(segment.index)
-        if self._rules.present(segment.bridge, pref):
+        present = self._rules.present(segment.bridge, pref)
+        # In a namespace of our own, local delivery too waits for the check (rules.py).
+        move_local = bool(self._records.names("netns")) and self._rules.local_first()
+        if present and not move_local:
             return Change(piece, "unchanged")
-        with self._records.intent("rule", f"{segment.bridge} {pref}"):
-            self._rules.add(segment.bridge, pref)
-        return Change(piece, "created", "unchecked packets from VMs are not routed")
+        if not present:
+            with self._records.intent("rule", f"{segment.bridge} {pref}"):
+                self._rules.add(segment.bridge, pref)
+        if move_local:
+            self._rules.move_local_after_ours()
+        return Change(piece, "updated" if present else "created", "unchecked packets from VMs are not routed")
 
     def _desired_firewall(self) -> list[dict[str, object]]:
         # If browservm turned forwarding on, it must not turn this host into a router for anyone else.

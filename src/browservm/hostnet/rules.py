@@ -6,6 +6,14 @@ are not nftables state, so `nft flush ruleset` (Debian's nftables service does
 it on every reload) leaves this rule in place, and until the tables are back
 nothing a VM sends is forwarded anywhere: the uplink, the metadata address,
 other networks. Set up by `host up`, not per VM: `ip` subprocesses are fine.
+
+Local delivery (a VM to the host's own addresses) is decided by the `local`
+table, which the kernel consults first (pref 0). In a namespace browservm
+created for itself, `host up` moves that lookup after our rules
+(LOCAL_PREF), so an unmarked packet from a VM reaches no host service either.
+In a namespace it did not create (the host's own), the `local` rule is left
+alone: there, until `check_and_restore` puts the tables back (seconds), a VM
+could reach host services listening on the gateway address.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from browservm.errors import HostNetworkError
 from browservm.hostnet.firewall import MARK_VM_CHECKED
 
 RULE_PREF_BASE = 100  # before the main table (32766) and what usually sits in between
+LOCAL_PREF = 1000  # where the local table's lookup goes in a namespace of our own: after our rules
+FAMILIES = ("-4", "-6")
 _TIMEOUT_S = 30
 
 
@@ -40,12 +50,15 @@ class PolicyRules:
             raise HostNetworkError(step, proc.stderr.strip() or f"ip exited {proc.returncode}", netns=self._netns)
         return proc.stdout
 
-    def _listing(self) -> list[dict[str, Any]]:
-        rules: list[dict[str, Any]] = json.loads(self._ip("list routing rules", "-j", "-4", "rule", "show") or "[]")
+    def _listing(self, family: str = "-4") -> list[dict[str, Any]]:
+        rules: list[dict[str, Any]] = json.loads(self._ip("list routing rules", "-j", family, "rule", "show") or "[]")
         return rules
 
     def present(self, bridge: str, pref: int) -> bool:
-        for rule in self._listing():
+        return all(self._present(family, bridge, pref) for family in FAMILIES)
+
+    def _present(self, family: str, bridge: str, pref: int) -> bool:
+        for rule in self._listing(family):
             if (rule.get("priority") == pref and rule.get("iif") == bridge and rule.get("action") == "prohibit"
                     and int(str(rule.get("fwmark", "0")), 0) == 0
                     and int(str(rule.get("fwmask", "0")), 0) == MARK_VM_CHECKED):
@@ -56,10 +69,29 @@ class PolicyRules:
         return ["pref", str(pref), "iif", bridge, "fwmark", f"0/{MARK_VM_CHECKED:#x}", "prohibit"]
 
     def add(self, bridge: str, pref: int) -> None:
-        self._ip(f"add routing rule for {bridge}", "-4", "rule", "add", *self._spec(bridge, pref))
+        for family in FAMILIES:
+            if not self._present(family, bridge, pref):
+                self._ip(f"add routing rule for {bridge}", family, "rule", "add", *self._spec(bridge, pref))
 
     def delete(self, bridge: str, pref: int) -> bool:
-        if not self.present(bridge, pref):
-            return False
-        self._ip(f"delete routing rule for {bridge}", "-4", "rule", "del", *self._spec(bridge, pref))
-        return True
+        found = False
+        for family in FAMILIES:
+            if self._present(family, bridge, pref):
+                self._ip(f"delete routing rule for {bridge}", family, "rule", "del", *self._spec(bridge, pref))
+                found = True
+        return found
+
+    def local_first(self) -> bool:
+        """Whether the local table is still looked up before our rules (pref 0), in either family."""
+        return any(rule.get("priority") == 0 and rule.get("table") == "local"
+                   for family in FAMILIES for rule in self._listing(family))
+
+    def move_local_after_ours(self) -> None:
+        """Look the local table up at LOCAL_PREF instead of 0; added first, so it is never missing."""
+        for family in FAMILIES:
+            rules = self._listing(family)
+            if not any(r.get("priority") == LOCAL_PREF and r.get("table") == "local" for r in rules):
+                self._ip("move the local table's rule", family, "rule", "add", "pref", str(LOCAL_PREF),
+                         "lookup", "local")
+            if any(r.get("priority") == 0 and r.get("table") == "local" for r in rules):
+                self._ip("move the local table's rule", family, "rule", "del", "pref", "0", "lookup", "local")
