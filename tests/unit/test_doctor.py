@@ -41,7 +41,8 @@ def test_foreign_rules_that_drop_the_desktop_port_the_subnet_or_a_bridge_are_fou
     subnet = {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
                         "right": {"prefix": {"addr": "192.168.0.0", "len": 16}}}}
     other = {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 22}}
-    ruleset: list[dict[str, Any]] = [rule("intruder", sport, {"drop": None}), rule("intruder", subnet, {"counter": None}, {"drop": None}),
+    ruleset: list[dict[str, Any]] = [
+        rule("intruder", sport, {"drop": None}), rule("intruder", subnet, {"counter": None}, {"drop": None}),
                rule("intruder", other, {"drop": None}), rule("browservm", sport, {"drop": None}),
                rule("intruder", sport, {"accept": None}),
                {"chain": {"family": "ip", "table": "filter", "name": "FORWARD", "hook": "forward", "prio": 0,
