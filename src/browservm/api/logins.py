@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 
 _USER = r"^[^\x00-\x1f\x7f]{1,64}$"
 _PROVIDER = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+User = Annotated[str, Path(pattern=_USER)]  # at module level: FastAPI resolves route annotations by name here
+ProviderName = Annotated[str, Path(pattern=_PROVIDER)]
 
 
 class CreateLogin(BaseModel):
@@ -185,8 +187,6 @@ def mount(app: FastAPI, service: ControllerService) -> None:
     authorized = [Depends(operator)]
     responses: dict[int | str, dict[str, Any]] = {code: {"description": "an error: {\"error\": {type, message}}"}
                                                   for code in (401, 404, 409, 422, 429, 503)}
-    User = Annotated[str, Path(pattern=_USER)]
-    ProviderName = Annotated[str, Path(pattern=_PROVIDER)]
 
     @app.post("/v1/logins", tags=["logins"], status_code=202, dependencies=authorized, responses=responses)
     async def start_login(body: CreateLogin) -> StartedOut:

@@ -47,6 +47,7 @@ VAULT = "vault"
 VM = "vm"
 _STREAM_POLL_S = 2.0
 _AGENT_RETRY_S = 0.2
+_VM_CHECK_S = 0.5
 _POLL_FAILURES = 3  # consecutive failed polls before the agent counts as gone
 _DEADLINE_GRACE_S = 2.0  # the agent's own deadline (the same timeout) normally ends it first
 _CANCEL_WAIT_S = 15.0
@@ -269,6 +270,7 @@ class LoginService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + provider.timeout_s + _DEADLINE_GRACE_S
         failures = 0
+        next_vm_check = loop.time() + _VM_CHECK_S
         while True:
             try:
                 status = await agent.status()
@@ -282,6 +284,11 @@ class LoginService:
                 continue
             if await self._settle(login, provider, agent, status):
                 return
+            if loop.time() >= next_vm_check:  # a VM that died while its agent's answers still came (or were cached)
+                next_vm_check = loop.time() + _VM_CHECK_S
+                hop, reason = await self._blame(vm.vm_id, "", "")
+                if hop:
+                    raise _Failed(hop, reason)
             if loop.time() >= deadline:
                 with contextlib.suppress(AgentError):
                     await agent.cancel()

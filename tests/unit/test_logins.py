@@ -1,0 +1,455 @@
+"""The login routes in-process, against a fake agent: a small real HTTP server on 127.0.0.1 that speaks the
+agent's contract (DESIGN.md), scripted per test. The app, service, manager, store and vault are the real
+ones (test_api.py's served controller: fake host network and guest hops, a `sleep` as the VMM).
+
+Each failure path ends as the issue says: the tool exits non-zero (failed, with its status and output),
+the person never approves (timed-out, VM destroyed), a cancel while waiting, the agent gone (failed
+naming the hop), the VM dies (failed, vmm.exited). After every test no VM is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from browservm.guest import configdisk
+from browservm.guest.agent import credentials_digest
+from browservm.hostnet.netns import NetworkNamespace
+from browservm.netplan import NetworkPlan
+from browservm.oauth.agent import AgentEndpoint
+from browservm.oauth.records import LoginRecords
+from browservm.oauth.service import LoginService
+from browservm.vm.records import VmRecord
+from browservm.vmm import process
+
+from .test_api import DEADLINE, Served, ServedNetwork, serve_fakes
+
+TOKEN = "sample-access-token-9f8e7d6c5b4a"
+REFRESH = "sample-refresh-token-1a2b3c4d5e6f"
+PATH = "/home/browser/.sample/credentials.json"
+CREDENTIALS = {PATH: json.dumps({"access_token": TOKEN, "refresh_token": REFRESH, "token_type": "Bearer"}).encode()}
+
+
+class PlannedNetwork(ServedNetwork):
+    """The served fake network, with the plan the doctor's routes (api/diagnose.py) read at mount."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plan = NetworkPlan.build(IPv4Network("192.168.100.0/24"), "br0")
+
+
+class FakeAgent:
+    """The guest agent's contract on 127.0.0.1, scripted: `mode` says what the tool does after POST /v1/login.
+
+    approve   waiting-for-user at once; `approve()` then makes it captured
+    fail      failed with exit status 3 and its output
+    never     waiting-for-user until cancelled
+    """
+
+    def __init__(self, mode: str = "approve") -> None:
+        self.mode = mode
+        self.token = ""
+        self.state = "idle"
+        self.requests: list[tuple[str, str]] = []
+        self.login: dict[str, Any] | None = None
+        self.handed_over = False
+        self.lock = threading.Lock()
+        agent = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _answer(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _route(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                if self.headers.get("Authorization") != f"Bearer {agent.token}":
+                    self._answer(401, {"error": "unauthorized"})
+                    return
+                with agent.lock:
+                    agent.requests.append((method, self.path))
+                    status, answer = agent.handle(method, self.path, body)
+                self._answer(status, answer)
+
+            def do_GET(self) -> None:
+                self._route("GET")
+
+            def do_POST(self) -> None:
+                self._route("POST")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def endpoint(self, record: VmRecord) -> AgentEndpoint:
+        """The service's `agent_endpoint`: this agent, holding the VM's own secret from its config disk."""
+        self.token = configdisk.read(Path(record.directory) / "config.img")["secrets"]["agent"]
+        return AgentEndpoint(NetworkNamespace(None), IPv4Address("127.0.0.1"), self.port)
+
+    def handle(self, method: str, path: str, body: Any) -> tuple[int, dict[str, Any]]:
+        if (method, path) == ("GET", "/v1/status"):
+            return 200, self.status()
+        if (method, path) == ("POST", "/v1/login"):
+            if self.state in ("starting", "waiting-for-user"):
+                return 409, {"error": "a login is running"}
+            self.login = body
+            self.state = {"fail": "failed"}.get(self.mode, "waiting-for-user")
+            return 202, {"state": "starting"}
+        if (method, path) == ("POST", "/v1/handover"):
+            if self.handed_over:
+                return 410, {"error": "handed over already"}
+            if self.state != "captured":
+                return 409, {"error": "nothing captured"}
+            self.handed_over = True
+            return 200, {"files": {p: base64.b64encode(d).decode() for p, d in CREDENTIALS.items()},
+                         "sha256": credentials_digest(CREDENTIALS)}
+        if (method, path) == ("POST", "/v1/cancel"):
+            if self.state not in ("starting", "waiting-for-user"):
+                return 409, {"state": self.state}
+            self.state = "cancelled"
+            return 200, {"state": "cancelled"}
+        return 404, {"error": "no such route"}
+
+    def status(self) -> dict[str, Any]:
+        failed = self.state == "failed"
+        return {"state": self.state, "provider": self.login["provider"] if self.login else None,
+                "auth_url_host": "issuer.test:9000" if self.state != "idle" else None,
+                "exit_status": 3 if failed else None,
+                "output": ["Opening the browser", "error: the issuer answered 500"] if failed else [],
+                "reason": "the tool exited before its credentials were there" if failed else None}
+
+    def approve(self) -> None:
+        with self.lock:
+            self.state = "captured"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def agent() -> Iterator[FakeAgent]:
+    fake = FakeAgent()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def logins_served(tmp_path: Path, agent: FakeAgent) -> Iterator[Callable[..., tuple[Served, LoginService]]]:
+    made: list[Served] = []
+
+    def make(providers: str | None = None, **settings: object) -> tuple[Served, LoginService]:
+        if providers is not None:
+            path = tmp_path / f"providers{len(made)}.toml"
+            path.write_text(providers)
+            settings["providers_file"] = path
+        served = serve_fakes(tmp_path / f"state{len(made)}", PlannedNetwork(), **settings)
+        made.append(served)
+        logins: LoginService = served.app.state.logins
+        logins.agent_endpoint = agent.endpoint
+        logins.poll_s = 0.02
+        return served, logins
+
+    yield make
+    for served in made:
+        for vmm in served.parts.driver.alive():
+            process.signal_process(vmm, signal.SIGKILL)
+        served.parts.store.close()
+
+
+async def wait_state(client: httpx.AsyncClient, login_id: str, *states: str) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE
+    while True:
+        response = await client.get(f"/v1/logins/{login_id}")
+        assert response.status_code == 200, response.text
+        login: dict[str, Any] = response.json()
+        if login["state"] in states:
+            return login
+        assert loop.time() < deadline, f"not {states} within {DEADLINE} s: {login}"
+        await asyncio.sleep(0.01)
+
+
+async def post_login(client: httpx.AsyncClient, **body: object) -> dict[str, Any]:
+    response = await client.post("/v1/logins", json={"user": "ann", "provider": "sample", **body})
+    assert response.status_code == 202, response.text
+    started: dict[str, Any] = response.json()
+    return started
+
+
+def test_a_login_is_captured_sealed_handed_back_and_its_vm_destroyed(
+        logins_served: Callable[..., tuple[Served, LoginService]], agent: FakeAgent) -> None:
+    served, logins = logins_served()
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        started = await post_login(client)
+        assert started["state"] == "booting" and started["vm_id"].startswith("vm-")
+        assert started["viewer_url"].startswith(f"https://browservm.example/view/{started['vm_id']}?token=")
+        login_id = started["login_id"]
+        waiting = await wait_state(client, login_id, "waiting-for-user")
+        assert waiting["auth_url_host"] == "issuer.test:9000"
+        assert agent.login == logins.catalog.get("sample").agent_request()
+        agent.approve()
+        captured = await wait_state(client, login_id, "captured")
+        assert captured["files"] == 1 and captured["sha256"] == credentials_digest(CREDENTIALS)
+        assert list(captured["states"]) == ["booting", "starting", "waiting-for-user", "captured"]
+        await wait_state_destroyed(client, login_id)
+        assert (await client.get(f"/v1/vms/{started['vm_id']}")).status_code == 404
+        response = await client.get("/v1/users/ann/credentials/sample")
+        assert response.status_code == 200 and response.headers["cache-control"] == "no-store"
+        stored = response.json()
+        assert {p: base64.b64decode(d) for p, d in stored["files"].items()} == CREDENTIALS
+        assert stored["login_id"] == login_id
+        events = await client.get(f"/v1/logins/{login_id}/events")
+        assert [line.split(": ", 1)[1] for line in events.text.splitlines() if line.startswith("event:")][-1] \
+            == "captured"
+        assert agent.handed_over and ("POST", "/v1/handover") in agent.requests
+        listed = (await client.get("/v1/logins", params={"user": "ann"})).json()
+        assert [login["login_id"] for login in listed] == [login_id]
+        assert (await client.delete("/v1/users/ann/credentials/sample")).json()["removed"] is True
+        assert (await client.get("/v1/users/ann/credentials/sample")).status_code == 404
+        assert (await client.delete("/v1/users/ann/credentials/sample")).json()["removed"] is False
+
+    served.run(scenario)
+    state_dir = served.service.settings.state_dir
+    for path in state_dir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert TOKEN.encode() not in data and REFRESH.encode() not in data, path
+
+
+async def wait_state_destroyed(client: httpx.AsyncClient, login_id: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE
+    while not (await client.get(f"/v1/logins/{login_id}")).json()["vm_destroyed"]:
+        assert loop.time() < deadline, "the login's VM was not destroyed"
+        await asyncio.sleep(0.01)
+
+
+def test_a_tool_that_exits_non_zero_fails_the_login_with_its_status_and_output(
+        logins_served: Callable[..., tuple[Served, LoginService]], agent: FakeAgent) -> None:
+    served, _ = logins_served()
+    agent.mode = "fail"
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        login = await wait_state(client, (await post_login(client))["login_id"], "failed")
+        assert login["hop"] == "tool" and login["exit_status"] == 3
+        assert "the tool exited with status 3" in login["reason"]
+        assert login["output"] == ["Opening the browser", "error: the issuer answered 500"]
+        await wait_state_destroyed(client, login["login_id"])
+        assert (await client.get("/v1/users/ann/credentials/sample")).status_code == 404
+
+    served.run(scenario)
+
+
+def test_a_person_who_never_approves_times_out_and_the_vm_is_destroyed(
+        logins_served: Callable[..., tuple[Served, LoginService]], agent: FakeAgent) -> None:
+    served, _ = logins_served(providers="[providers.sample]\ntimeout_s = 1\n")
+    agent.mode = "never"
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        started = await post_login(client)
+        login = await wait_state(client, started["login_id"], "timed-out")
+        assert "within the provider's 1 s" in login["reason"] and login["hop"] is None
+        assert ("POST", "/v1/cancel") in agent.requests  # the tool was stopped
+        await wait_state_destroyed(client, login["login_id"])
+        assert (await client.get(f"/v1/vms/{started['vm_id']}")).status_code == 404
+
+    served.run(scenario)
+
+
+def test_cancel_while_waiting_stops_the_tool_and_destroys_the_vm(
+        logins_served: Callable[..., tuple[Served, LoginService]], agent: FakeAgent) -> None:
+    served, _ = logins_served()
+    agent.mode = "never"
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        started = await post_login(client)
+        await wait_state(client, started["login_id"], "waiting-for-user")
+        response = await client.delete(f"/v1/logins/{started['login_id']}")
+        assert response.status_code == 200, response.text
+        assert response.json()["cancelled"] is True and response.json()["login"]["state"] == "cancelled"
+        assert ("POST", "/v1/cancel") in agent.requests and agent.state == "cancelled"
+        await wait_state_destroyed(client, started["login_id"])
+        again = await client.delete(f"/v1/logins/{started['login_id']}")
+        assert again.json()["cancelled"] is False and again.json()["login"]["state"] == "cancelled"
+
+    served.run(scenario)
+
+
+def test_the_agent_gone_fails_the_login_naming_the_hop(
+        logins_served: Callable[..., tuple[Served, LoginService]], agent: FakeAgent) -> None:
+    served, _ = logins_served()
+    agent.mode = "never"
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        started = await post_login(client)
+        await wait_state(client, started["login_id"], "waiting-for-user")
+        agent.close()  # the agent is killed in the guest: nothing listens on its port any more
+        login = await wait_state(client, started["login_id"], "failed")
+        assert login["hop"] == "agent.connect" and "Connection refused" in login["reason"]
+        await wait_state_destroyed(client, started["login_id"])
+
+    served.run(scenario)
+
+
+def test_an_agent_that_never_answers_fails_with_the_hop_and_says_the_image_has_none(
+        logins_served: Callable[..., tuple[Served, LoginService]], agent: FakeAgent) -> None:
+    served, logins = logins_served()
+    logins.agent_wait_s = 0.5
+    agent.close()
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        login = await wait_state(client, (await post_login(client))["login_id"], "failed")
+        assert login["hop"] == "agent.connect" and "carries no OAuth agent" in login["reason"]
+        assert login["states"].keys() == {"booting", "failed"}
+
+    served.run(scenario)
+
+
+def test_a_vm_that_dies_fails_the_login(logins_served: Callable[..., tuple[Served, LoginService]],
+                                        agent: FakeAgent) -> None:
+    served, _ = logins_served()
+    agent.mode = "never"
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        started = await post_login(client)
+        await wait_state(client, started["login_id"], "waiting-for-user")
+        for vmm in served.parts.driver.alive():
+            process.signal_process(vmm, signal.SIGKILL)  # the VMM dies; the agent (here) still answers
+        login = await wait_state(client, started["login_id"], "failed")
+        assert login["hop"] == "vmm.exited" and "the VMM process exited" in login["reason"], login
+
+    served.run(scenario)
+
+
+def test_a_wrong_agent_key_fails_with_agent_auth(logins_served: Callable[..., tuple[Served, LoginService]],
+                                                 agent: FakeAgent) -> None:
+    served, logins = logins_served()
+
+    def wrong(record: VmRecord) -> AgentEndpoint:
+        endpoint = agent.endpoint(record)
+        agent.token = "0" * 64  # another VM's agent
+        return endpoint
+    logins.agent_endpoint = wrong
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        login = await wait_state(client, (await post_login(client))["login_id"], "failed")
+        assert login["hop"] == "agent.auth"
+
+    served.run(scenario)
+
+
+def test_keep_vm_and_a_given_vm(logins_served: Callable[..., tuple[Served, LoginService]], agent: FakeAgent) -> None:
+    served, _ = logins_served()
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        vm = (await client.post("/v1/vms", params={"wait": True}, json={"user": "ann"})).json()
+        started = await post_login(client, vm_id=vm["vm_id"], keep_vm=True)
+        assert started["vm_id"] == vm["vm_id"]
+        await wait_state(client, started["login_id"], "waiting-for-user")
+        agent.approve()
+        login = await wait_state(client, started["login_id"], "captured")
+        assert not login["vm_destroyed"] and login["keep_vm"]
+        assert (await client.get(f"/v1/vms/{vm['vm_id']}")).json()["state"] == "ready"
+        other = await client.post("/v1/logins", json={"user": "bob", "provider": "sample", "vm_id": vm["vm_id"]})
+        assert other.status_code == 422 and other.json()["error"]["field"] == "vm_id"
+
+    served.run(scenario)
+
+
+def test_one_running_login_per_user_and_provider(logins_served: Callable[..., tuple[Served, LoginService]],
+                                                 agent: FakeAgent) -> None:
+    served, _ = logins_served()
+    agent.mode = "never"
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        first = await post_login(client)
+        second = await client.post("/v1/logins", json={"user": "ann", "provider": "sample"})
+        assert second.status_code == 409, second.text
+        assert first["login_id"] in second.json()["error"]["message"]
+        assert second.json()["error"]["type"] == "LoginRunning"
+        await client.delete(f"/v1/logins/{first['login_id']}")
+        await wait_state_destroyed(client, first["login_id"])
+
+    served.run(scenario)
+
+
+def test_bad_requests_are_refused_with_the_one_error_shape(
+        logins_served: Callable[..., tuple[Served, LoginService]]) -> None:
+    served, _ = logins_served()
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        unknown = await client.post("/v1/logins", json={"user": "ann", "provider": "nope"})
+        assert unknown.status_code == 422 and unknown.json()["error"]["field"] == "provider"
+        for body, field in (({"user": "ann"}, "provider"), ({"user": "", "provider": "sample"}, "user"),
+                            ({"user": "ann", "provider": "sample", "keep_vm": "yes"}, "keep_vm"),
+                            ({"user": "ann", "provider": "sample", "vm_id": "../x"}, "vm_id"),
+                            ({"user": "ann", "provider": "sample", "extra": 1}, "extra")):
+            response = await client.post("/v1/logins", json=body)
+            assert response.status_code == 422 and response.json()["error"]["field"] == field, response.text
+        missing = await client.post("/v1/logins", json={"user": "ann", "provider": "sample",
+                                                        "vm_id": "vm-0123456789ab"})
+        assert missing.status_code == 404
+        assert (await client.get("/v1/logins/login-0123456789ab")).status_code == 404
+        assert (await client.get("/v1/logins/login-nope")).status_code == 422
+        assert (await client.get("/v1/logins/login-0123456789ab/events")).status_code == 404
+        assert (await client.get("/v1/users/ann/credentials/codex")).status_code == 404
+        async with served.client(headers={}) as anonymous:
+            for method, path in (("POST", "/v1/logins"), ("GET", "/v1/logins"), ("GET", "/v1/providers"),
+                                 ("GET", "/v1/users/ann/credentials/sample"),
+                                 ("DELETE", "/v1/users/ann/credentials/sample")):
+                response = await anonymous.request(method, path, json={"user": "ann", "provider": "sample"})
+                assert response.status_code == 401, (method, path)
+        providers = (await client.get("/v1/providers")).json()
+        assert [p["name"] for p in providers] == ["claude-code", "codex", "gemini-cli", "sample"]
+
+    served.run(scenario)
+
+
+def test_a_controller_that_stops_ends_running_logins_and_their_vms(
+        logins_served: Callable[..., tuple[Served, LoginService]], agent: FakeAgent) -> None:
+    served, _ = logins_served()
+    agent.mode = "never"
+    login_id = ""
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        nonlocal login_id
+        login_id = (await post_login(client))["login_id"]
+        await wait_state(client, login_id, "waiting-for-user")
+
+    served.run(scenario)  # stops the service at the end
+    record = LoginRecords(served.parts.store).get(login_id)
+    assert record is not None and record.state.value == "failed" and record.hop == "controller"
+    assert record.vm_destroyed
+
+
+def test_a_bad_catalog_stops_the_controller_at_its_start(tmp_path: Path) -> None:
+    path = tmp_path / "providers.toml"
+    path.write_text("[providers.codex]\ntimeout_s = -1\n")
+    with pytest.raises(Exception, match=r"provider 'codex', field 'timeout_s'"):
+        serve_fakes(tmp_path / "state", PlannedNetwork(), providers_file=path)
+
