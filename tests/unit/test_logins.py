@@ -22,7 +22,9 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
+from browservm import cli
 from browservm.guest import configdisk
 from browservm.guest.agent import credentials_digest
 from browservm.hostnet.netns import NetworkNamespace
@@ -33,7 +35,8 @@ from browservm.oauth.service import LoginService
 from browservm.vm.records import VmRecord
 from browservm.vmm import process
 
-from .test_api import DEADLINE, Served, ServedNetwork, serve_fakes
+from .fakes import NOTHING
+from .test_api import DEADLINE, KEY, Served, ServedNetwork, serve_fakes
 
 TOKEN = "sample-access-token-9f8e7d6c5b4a"
 REFRESH = "sample-refresh-token-1a2b3c4d5e6f"
@@ -453,3 +456,76 @@ def test_a_bad_catalog_stops_the_controller_at_its_start(tmp_path: Path) -> None
     with pytest.raises(Exception, match=r"provider 'codex', field 'timeout_s'"):
         serve_fakes(tmp_path / "state", PlannedNetwork(), providers_file=path)
 
+
+
+# --- the CLI against a real server -----------------------------------------------------------------
+
+class Running:
+    """The served app on uvicorn, on 127.0.0.1 in a thread of its own (its own event loop); the service stops
+    on that loop when the server does."""
+
+    def __init__(self, served: Served) -> None:
+        self.served = served
+        self.server = uvicorn.Server(uvicorn.Config(served.app, host="127.0.0.1", port=0, log_level="warning",
+                                                    lifespan="off"))
+        self.thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
+        self.thread.start()
+        for _ in range(500):
+            if self.server.started:
+                break
+            threading.Event().wait(0.01)
+        assert self.server.started
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def _main(self) -> None:
+        try:
+            await self.server.serve()
+        finally:
+            await self.served.service.stop()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+def _approve_when_waiting(agent: FakeAgent) -> threading.Thread:
+    def approve() -> None:
+        for _ in range(1500):
+            if agent.state == "waiting-for-user":
+                agent.approve()
+                return
+            threading.Event().wait(0.01)
+    thread = threading.Thread(target=approve, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("mode", ["approve", "fail"])
+def test_cli_login_prints_the_viewer_and_each_state_and_exits_by_the_outcome(
+        logins_served: Callable[..., tuple[Served, LoginService]], agent: FakeAgent, mode: str,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    served, _ = logins_served()
+    agent.mode = mode
+    running = Running(served)
+    monkeypatch.setenv("BROWSERVM_API_KEY", KEY)
+    try:
+        approver = _approve_when_waiting(agent)
+        code = cli.main(["login", "sample", "--user", "ann", "--url", running.url,
+                         "--state-dir", str(served.service.settings.state_dir)])
+        approver.join(1)
+    finally:
+        running.stop()
+    out, err = capsys.readouterr()
+    assert "viewer     https://browservm.example/view/vm-" in out
+    if mode == "approve":
+        assert code == 0, err
+        assert "waiting-for-user" in err and "sign in at issuer.test:9000 in the viewer" in err
+        assert "captured: 1 file(s), sha256 " + credentials_digest(CREDENTIALS) in out
+    else:
+        assert code == 1
+        assert "browservm: login failed at tool: the tool exited with status 3" in err
+        assert "  | error: the issuer answered 500" in err
+    assert TOKEN not in out + err
+    assert served.parts.leftovers() == NOTHING

@@ -14,6 +14,7 @@ from browservm import __version__
 from browservm.cli import doctor as doctor_cli
 from browservm.cli import image as image_cli
 from browservm.cli import kernel as kernel_cli
+from browservm.cli import login as login_cli
 from browservm.cli import remote as remote_cli
 from browservm.cli import serve as serve_cli
 from browservm.cli import vm as vm_cli
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     image_cli.add_parser(commands, common)
     vm_cli.add_parser(commands, common)
     serve_cli.add_parser(commands, common)
+    login_cli.add_parser(commands, common)
     doctor_cli.add_parser(commands, common)
     return parser
 
@@ -135,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands: dict[str, Callable[[argparse.Namespace], int]] = {
             "host": _host, "kernel": kernel_cli.run, "image": lambda a: image_cli.run(a, _settings(a)),
             "vm": lambda a: vm_cli.run(a, _settings(a)), "serve": lambda a: serve_cli.run(_settings(a)),
-            "doctor": lambda a: doctor_cli.run(a, _settings(a))}
+            "doctor": lambda a: doctor_cli.run(a, _settings(a)), "login": lambda a: login_cli.run(a, _settings(a))}
         return commands[args.command](args)
     except BrowserVMError as exc:
         _report_error(exc, getattr(args, "json", False))
