@@ -104,7 +104,7 @@ class Desktop:
                         f"Sec-WebSocket-Accept: {accept_key(key)}\r\nSec-WebSocket-Protocol: binary\r\n\r\n").encode())
         if self.mode == "rfb":
             client.sendall(b"\x82\x0cRFB 003.008\n")
-            time.sleep(0.5)
+            client.recv(1)  # until the doctor hangs up (the socket's timeout bounds it)
         else:  # websockify could not reach x11vnc: it closes the WebSocket before any RFB byte
             reason = b"Failed to connect to downstream server"
             client.sendall(bytes([0x88, 2 + len(reason)]) + (1011).to_bytes(2, "big") + reason)
@@ -183,6 +183,13 @@ CONSOLE = """[    0.000000] Linux version 6.1.0 (stand-in)
 
 @pytest.fixture
 def lab(namespaces: Namespaces, tmp_path: Path) -> Iterator[Lab]:
+    with stand_in(namespaces, tmp_path) as made:
+        yield made
+
+
+@contextlib.contextmanager
+def stand_in(namespaces: Namespaces, tmp_path: Path) -> Iterator[Lab]:
+    """A controller namespace with browservm's host network and one healthy stand-in guest on it."""
     ctl, guest = namespaces.name("ctl"), namespaces.create("guest")
     plan = NetworkPlan.build(IPv4Network("192.168.100.0/24"), "br0")
     store = Store(tmp_path / "state.sqlite3")

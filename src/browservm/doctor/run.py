@@ -187,12 +187,14 @@ class Doctor:
     async def host(self) -> Report:
         """Every piece the VMs depend on, and what a VM would boot with."""
         started = time.monotonic()
-        view, checks, status_error = await self._host_state()
-        vmm, images = await asyncio.gather(self._vmm_piece(), self._images_pieces())
-        results = [*self._network_pieces(view, checks, status_error, for_vm=False), vmm, *images]
+        (view, checks, status_error, read), vmm, images = await asyncio.gather(
+            self._host_state(), self._vmm_piece(), self._images_pieces())
+        results = [*self._network_pieces(view, checks, status_error, read, for_vm=False), vmm, *images]
         return Report("host", None, results, time.monotonic() - started)
 
-    async def _host_state(self) -> tuple[HostView | None, list[Check], str | None]:
+    async def _host_state(self) -> tuple[HostView | None, list[Check], str | None, float]:
+        """The namespace snapshot and `host status`, side by side; and how long that took."""
+        started = time.monotonic()
         async def view() -> HostView | None:
             try:
                 return await bounded(lambda: read_host_view(self._s.netns), self._d.host, "reading the namespace")
@@ -210,12 +212,14 @@ class Doctor:
                 return [], f"{type(exc).__name__}: {exc}"
 
         snapshot, (checks, error) = await asyncio.gather(view(), status())
-        return snapshot, checks, error
+        return snapshot, checks, error, time.monotonic() - started
 
-    def _network_pieces(self, view: HostView | None, checks: list[Check], status_error: str | None, *,
-                        for_vm: bool) -> list[HopResult]:
-        netns = HopResult(HOST_NETNS)
-        pieces = [netns] + [HopResult(name) for name in (HOST_BRIDGE, HOST_FORWARDING, HOST_FIREWALL, HOST_UPLINK)]
+    def _network_pieces(self, view: HostView | None, checks: list[Check], status_error: str | None, seconds: float,
+                        *, for_vm: bool) -> list[HopResult]:
+        """The host network's pieces, judged from one snapshot: each carries the snapshot's time."""
+        netns = HopResult(HOST_NETNS, seconds=seconds)
+        pieces = [netns] + [HopResult(name, seconds=seconds)
+                            for name in (HOST_BRIDGE, HOST_FORWARDING, HOST_FIREWALL, HOST_UPLINK)]
         if view is None:
             netns.found(Finding("probe.error", f"reading the VM network's namespace took over {self._d.host:g} s"))
             for piece in pieces[1:]:
@@ -465,8 +469,8 @@ class Doctor:
             raise DoctorTimeout("reading the VM's record", self._d.host) from None
         if record is None:
             raise VmNotFound(vm_id)
-        (view, checks, status_error), others = await asyncio.gather(self._host_state(), self._other_records())
-        pieces = self._network_pieces(view, checks, status_error, for_vm=True)
+        (view, checks, status_error, read), others = await asyncio.gather(self._host_state(), self._other_records())
+        pieces = self._network_pieces(view, checks, status_error, read, for_vm=True)
         walk = _Walk(self, record, view, others)
         results = pieces + await walk.run()
         return Report("vm", vm_id, results, time.monotonic() - started)
