@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from browservm.errors import InvalidInput
+from browservm.images.rootfs import PROFILES
 
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _NETNS = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -86,8 +87,8 @@ class Settings(BaseSettings):
     @field_validator("image_profile")
     @classmethod
     def _profile(cls, value: str) -> str:
-        if value not in ("full", "minimal"):
-            raise ValueError("must be full or minimal")
+        if value not in PROFILES:
+            raise ValueError(f"must be one of {', '.join(PROFILES)}")
         return value
 
     @field_validator("providers_file")

@@ -22,6 +22,7 @@ from browservm.config import Settings, load_settings
 from browservm.errors import BrowserVMError, InvalidInput, OperationFailed
 from browservm.hostnet.host import Change, Check, HostNetwork
 from browservm.hostnet.netns import NetworkNamespace
+from browservm.images.rootfs import PROFILES
 from browservm.netplan import NetworkPlan
 from browservm.store import Store
 
@@ -41,7 +42,7 @@ def _common_options() -> argparse.ArgumentParser:
                         help="VMM driver (default auto: Firecracker where it can run, else QEMU)")
     common.add_argument("--kernel", metavar="VMLINUX", type=Path, help="guest kernel (default: build ours)")
     common.add_argument("--rootfs", metavar="IMAGE", type=Path, help="golden image (default: build ours)")
-    common.add_argument("--profile", choices=("full", "minimal"), dest="image_profile",
+    common.add_argument("--profile", choices=tuple(PROFILES), dest="image_profile",
                         help="image to build when --rootfs is not given (default full, with Chromium)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     return common
