@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 from browservm.doctor import Doctor, DriverVmms, Sources
 from browservm.doctor.local import plan_of
+from browservm.hostnet.host import Check
 from browservm.ids import validate_vm_id
 
 if TYPE_CHECKING:
@@ -35,9 +36,13 @@ def service_sources(service: ControllerService) -> Sources:
     settings = service.settings
     network = service.network
     driver = service.manager.driver
+    def status() -> list[Check]:
+        # Looked up when asked, not at mount: a service may be built on network parts without a status().
+        return network.status()
+
     # The plan from settings, as the controller built its network's: the service's parts stay opaque here.
     return Sources(plan=plan_of(settings), netns=network.netns, vmm_choice=settings.vmm, kernel=settings.kernel,
-                   rootfs=settings.rootfs, status=lambda: network.status(), record=service.manager.get,
+                   rootfs=settings.rootfs, status=status, record=service.manager.get,
                    records=service.manager.all, vmms=DriverVmms(getattr(driver, "jail_root", None)))
 
 
