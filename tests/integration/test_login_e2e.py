@@ -1,0 +1,155 @@
+"""An OAuth login as a person does it, end to end: `POST /v1/logins {provider: sample}` to a real
+`browservm serve`, the `oauth` image booted under QEMU, the sample tool's consent page opened in the
+VM's Chromium, the person's approval sent as a real Enter key from noVNC (Debian's Chromium on the
+host, driven by Playwright) through the controller's proxy, the credentials captured, sealed in the
+vault, handed back equal to what the guest wrote (the agent's console marker, read from the guest's
+side), the VM destroyed, and no plaintext of the token left anywhere on the host.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import sync_playwright
+
+from browservm.guest.agent import credentials_digest
+from browservm.images.kernel_build import WITH_IP_PNP, BuiltKernel
+from browservm.images.rootfs import RootfsBuilder, RootfsImage
+from browservm.markers import parse_marker
+from browservm.progress import Progress
+from browservm.runner import CommandRunner
+from tests.support.oauth_server import listen
+
+from .conftest import Controllers, Namespaces
+
+pytestmark = [pytest.mark.host, pytest.mark.vm]
+CHROMIUM = Path("/usr/bin/chromium")
+AUTH_PORT = 18443
+_WAIT_S = 600.0
+
+
+@pytest.fixture(scope="session")
+def oauth_image() -> RootfsImage:
+    return RootfsBuilder(CommandRunner(), Progress()).build("oauth")
+
+
+@pytest.fixture
+def controllers(namespaces: Namespaces, tmp_path: Path, built: dict[str, BuiltKernel],
+                oauth_image: RootfsImage) -> Iterator[Controllers]:
+    spaces = Controllers(namespaces, tmp_path / "state", built[WITH_IP_PNP.name].vmlinux, oauth_image.path)
+    try:
+        yield spaces
+    finally:
+        spaces.cleanup()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_for(client: httpx.Client, login_id: str, states: set[str], timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        login: dict[str, Any] = client.get(f"/v1/logins/{login_id}").json()
+        if login["state"] in states:
+            return login
+        assert login["state"] not in ("failed", "timed-out", "cancelled"), login
+        assert time.monotonic() < deadline, f"still {login['state']} after {timeout:g} s: {login}"
+        time.sleep(0.5)
+
+
+def test_a_person_approves_in_the_viewer_and_the_controller_keeps_exactly_what_the_tool_wrote(
+        controllers: Controllers, tmp_path: Path) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium (scripts/install.sh installs it)")
+    controller = controllers.open()  # host up, with the auth server's port open to VMs below
+    gateway = str(controller.network.plan.segments[0].gateway.ip)
+    providers = tmp_path / "providers.toml"
+    providers.write_text(
+        "[providers.sample]\ncommand = [\"/usr/lib/browservm/bin/browservm-sample-login\", \"--issuer\", "
+        f"\"http://{gateway}:{AUTH_PORT}\", \"--credentials\", \"/home/browser/.sample/credentials.json\", "
+        "\"--port\", \"0\"]\nrequired_keys = [\"access_token\", \"refresh_token\"]\n")
+    port = _free_port()
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "browservm", "serve", "--netns", controllers.netns, "--state-dir",
+         str(controllers.state_dir), "--kernel", str(controllers.kernel), "--rootfs", str(controllers.rootfs),
+         "--vmm", "qemu", "--listen", f"127.0.0.1:{port}", "--guest-port", str(AUTH_PORT)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "BROWSERVM_PROVIDERS_FILE": str(providers)})
+    output: list[str] = []
+    listening = threading.Event()
+
+    def read() -> None:
+        assert serve.stdout is not None
+        for line in serve.stdout:
+            output.append(line)
+            if line.startswith("serve: listening"):
+                listening.set()
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert listening.wait(120), "".join(output)
+        key = (controllers.state_dir / "api.key").read_text().strip()
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
+                              timeout=120, trust_env=False)
+        with listen(host=gateway, port=AUTH_PORT, netns=controller.network.netns) as server:
+            started = client.post("/v1/logins", json={"user": "e2e", "provider": "sample", "keep_vm": True})
+            assert started.status_code == 202, started.text
+            login = started.json()
+            waiting = _wait_for(client, login["login_id"], {"waiting-for-user"}, _WAIT_S)
+            assert waiting["auth_url_host"] == f"{gateway}:{AUTH_PORT}"
+
+            with sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                                     args=["--no-sandbox", "--disable-gpu"])
+                try:
+                    page = browser.new_page()
+                    page.goto(login["viewer_url"])
+                    page.wait_for_selector("#status[data-state='connected']", timeout=120_000)
+                    # The consent page has the keyboard in the VM (the opener activated its tab), and its one
+                    # button is focused: the person presses Enter, through noVNC and the controller's proxy.
+                    page.evaluate("window.browservmRfb.focus()")
+                    deadline = time.monotonic() + 120
+                    while client.get(f"/v1/logins/{login['login_id']}").json()["state"] == "waiting-for-user":
+                        assert time.monotonic() < deadline, "the approval never reached the consent page"
+                        page.keyboard.press("Enter")
+                        page.wait_for_timeout(3000)
+                finally:
+                    browser.close()
+            captured = _wait_for(client, login["login_id"], {"captured"}, 120)
+
+        sealed = client.get("/v1/users/e2e/credentials/sample")
+        assert sealed.status_code == 200, sealed.text
+        files = {path: base64.b64decode(data) for path, data in sealed.json()["files"].items()}
+        written = json.loads(files["/home/browser/.sample/credentials.json"])
+        assert (written["access_token"], written["refresh_token"]) == (server.access_token, server.refresh_token)
+        # What the guest itself says it wrote: the agent's marker on the VM's console.
+        console = client.get(f"/v1/vms/{captured['vm_id']}/console", params={"lines": 10_000}).json()["lines"]
+        markers = [m[1] for line in console if (m := parse_marker(line)) and m[0] == "agent" and "sha256" in m[1]]
+        assert markers and markers[-1]["sha256"] == credentials_digest(files) == captured["sha256"]
+
+        assert client.delete(f"/v1/vms/{captured['vm_id']}").json()["removed"]
+        client.close()
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=60)
+
+    # Nothing on the host holds the token in the clear: not the state directory (database, logs,
+    # consoles, what is left of VM directories), not the controller's output.
+    token = server.access_token.encode()
+    leaks = [str(path) for path in controllers.state_dir.rglob("*") if path.is_file() and token in path.read_bytes()]
+    assert leaks == [] and server.access_token not in "".join(output)
