@@ -29,7 +29,13 @@ from browservm.vmm.firecracker import JailerOptions
 
 
 def plan_for(settings: Settings) -> NetworkPlan:
-    return NetworkPlan.build(settings.subnet, settings.bridge, settings.uplink, settings.guest_ports)
+    return NetworkPlan.build(settings.subnet, settings.bridge, settings.uplink, settings.guest_ports,
+                             egress_allow=settings.egress_allow, egress_deny=settings.egress_deny)
+
+
+def host_network(settings: Settings, store: Store) -> HostNetwork:
+    return HostNetwork(plan_for(settings), store, NetworkNamespace(settings.netns), tap_owner=settings.vmm_ids,
+                       adopt_bridge=settings.adopt_bridge)
 
 
 def resolve_images(settings: Settings, progress: Progress) -> Images:
@@ -55,9 +61,8 @@ class Controller:
 def open_controller(settings: Settings, progress: Progress | None = None,
                     deadlines: Deadlines | None = None) -> Iterator[Controller]:
     progress = progress or Progress()
-    plan = plan_for(settings)
-    with Store(settings.database) as store, \
-            HostNetwork(plan, store, NetworkNamespace(settings.netns), tap_owner=settings.vmm_ids) as network:
+    with Store(settings.database) as store, host_network(settings, store) as network:
+        plan = network.plan
         manager = VMManager(
             records=VmRecords(store), ipam=Ipam(store, plan), network=network,
             driver=choose_driver(settings.vmm, jailer=jailer_options(settings)),

@@ -39,6 +39,7 @@ log = logging.getLogger("browservm.service")
 _LIVE = (VmState.CREATING, VmState.BOOTING, VmState.READY)
 _REAP_EVERY_S = 10.0
 _STREAM_POLL_S = 2.0
+_FIREWALL_CHECK_S = 2.0
 
 
 class _Metered:
@@ -88,7 +89,8 @@ class ControllerService:
         actions = [f"host network: {c.action} {c.piece}" for c in changes if c.action != "unchanged"]
         actions += await self.manager.reconcile()
         await self.manager.watch_all()
-        self._tasks = [asyncio.create_task(self._watch_store()), asyncio.create_task(self._reap())]
+        self._tasks = [asyncio.create_task(self._watch_store()), asyncio.create_task(self._reap()),
+                       asyncio.create_task(self._keep_firewall())]
         self._tasks += [asyncio.ensure_future(work()) for work in self._background]
         return actions
 
@@ -129,6 +131,17 @@ class ControllerService:
             while True:
                 await self.manager.watch_all()
                 await watch.changed()
+
+    async def _keep_firewall(self) -> None:
+        """Put our nftables tables and routing rules back within seconds when another tool removes or
+        changes them (Debian's nftables service flushes the ruleset on reload); VMs reach nothing
+        meanwhile (the host network fails closed), and each restoration is logged and recorded."""
+        while True:
+            await asyncio.sleep(_FIREWALL_CHECK_S)
+            try:
+                await asyncio.to_thread(self.network.check_and_restore)
+            except BrowserVMError as exc:
+                log.warning("host network drift check: %s", exc)
 
     # --- what the manager tells ---------------------------------------------------------
 

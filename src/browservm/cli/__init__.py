@@ -19,11 +19,10 @@ from browservm.cli import remote as remote_cli
 from browservm.cli import serve as serve_cli
 from browservm.cli import vm as vm_cli
 from browservm.config import Settings, load_settings
+from browservm.controller import host_network
 from browservm.errors import BrowserVMError, InvalidInput, OperationFailed
-from browservm.hostnet.host import Change, Check, HostNetwork
-from browservm.hostnet.netns import NetworkNamespace
+from browservm.hostnet.host import Change, Check
 from browservm.images.rootfs import PROFILES
-from browservm.netplan import NetworkPlan
 from browservm.store import Store
 
 
@@ -35,6 +34,12 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument("--subnet", metavar="CIDR", help="VM subnet (default 192.168.100.0/24)")
     common.add_argument("--bridge", metavar="NAME", help="bridge name (default br0)")
     common.add_argument("--uplink", metavar="IFACE", help="interface VM traffic is masqueraded to")
+    common.add_argument("--egress-allow", metavar="CIDR", action="append",
+                        help="let VMs reach this otherwise blocked range through the uplink (repeatable)")
+    common.add_argument("--egress-deny", metavar="CIDR", action="append",
+                        help="never let VMs reach this range (repeatable; wins over --egress-allow)")
+    common.add_argument("--adopt-bridge", action="store_true", default=None,
+                        help="use a bridge browservm did not create (it may be this host's LAN bridge: careful)")
     common.add_argument("--vmm-user", metavar="USER", help="user that owns the TAPs (default root)")
     common.add_argument("--guest-port", metavar="PORT", type=int, action="append", dest="guest_ports",
                         help="TCP port on the gateway that VMs may reach (repeatable)")
@@ -78,17 +83,15 @@ def _settings(args: argparse.Namespace) -> Settings:
         except ValueError as exc:
             raise InvalidInput("subnet", args.subnet, str(exc)) from None
     service = {name: getattr(args, name, None) for name in (
-        "listen", "public_url", "idle_timeout", "max_lifetime", "viewer_ttl", "stop_vms_on_exit")}
+        "listen", "public_url", "idle_timeout", "max_lifetime", "viewer_ttl", "stop_vms_on_exit", "adopt_bridge")}
+    for name in ("egress_allow", "egress_deny"):
+        if getattr(args, name, None):
+            service[name] = ",".join(getattr(args, name))
     return load_settings(netns=args.netns, state_dir=args.state_dir, subnet=subnet, bridge=args.bridge,
                          uplink=args.uplink, vmm_user=args.vmm_user,
                          guest_ports=tuple(args.guest_ports) if args.guest_ports else None,
                          vmm=args.vmm, kernel=args.kernel, rootfs=args.rootfs, image_profile=args.image_profile,
                          **service)
-
-
-def _host_network(settings: Settings, store: Store) -> HostNetwork:
-    plan = NetworkPlan.build(settings.subnet, settings.bridge, settings.uplink, settings.guest_ports)
-    return HostNetwork(plan, store, NetworkNamespace(settings.netns), tap_owner=settings.vmm_ids)
 
 
 def _print_changes(changes: list[Change], as_json: bool) -> int:
@@ -112,7 +115,7 @@ def _print_checks(checks: list[Check], as_json: bool) -> int:
 
 def _host(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    with Store(settings.database) as store, _host_network(settings, store) as network:
+    with Store(settings.database) as store, host_network(settings, store) as network:
         actions: dict[str, Callable[[], int]] = {
             "up": lambda: _print_changes(network.up(), args.json),
             "status": lambda: _print_checks(network.status(), args.json),
