@@ -227,14 +227,17 @@ def _inet_table(plan: NetworkPlan, confine_forwarding: bool) -> list[NftObject]:
     t.chain("forward", "filter", "forward", 0)
     t.chain("postrouting", "nat", "postrouting", 100)
 
-    t.rule("prerouting", "browservm: VMs speak IPv4 only", from_vms, _match(_meta("nfproto"), "ipv6"),
-           _COUNTER, _DROP)
-    t.rule("prerouting", "browservm: a source outside the VM subnet",
-           from_vms, _match(_payload("ip", "saddr"), _prefix(plan.subnet), op="!="), _COUNTER, _DROP)
-    t.rule("prerouting", "browservm: reverse-path filter: a source not routed back through its bridge",
-           from_vms, _match({"fib": {"result": "oif", "flags": ["saddr", "iif"]}}, False), _COUNTER, _DROP)
-    t.rule("prerouting", "browservm: checked; the policy-routing rule routes only what carries this mark",
-           from_vms, _set_mark(MARK_VM_CHECKED))
+    t.chain("from_vm")
+    t.rule("prerouting", "browservm: what VMs send", from_vms, {"jump": {"target": "from_vm"}})
+    t.rule("from_vm", "browservm: VMs speak IPv4 only", _match(_meta("nfproto"), "ipv6"), _COUNTER, _DROP)
+    t.rule("from_vm", "browservm: a source outside the VM subnet",
+           _match(_payload("ip", "saddr"), _prefix(plan.subnet), op="!="), _COUNTER, _DROP)
+    # Once per connection, not per packet: an established flow keeps the source its first packet had.
+    t.rule("from_vm", "browservm: reverse-path filter: a source not routed back through its bridge",
+           _match({"ct": {"key": "state"}}, ["new", "invalid", "untracked"], op="in"),
+           _match({"fib": {"result": "oif", "flags": ["saddr", "iif"]}}, False), _COUNTER, _DROP)
+    t.rule("from_vm", "browservm: checked; the policy-routing rule routes only what carries this mark",
+           _set_mark(MARK_VM_CHECKED))
 
     t.rule("input", "browservm: frames from a port that is not a VM's reach nothing",
            from_vms, _has_mark(MARK_FOREIGN), _COUNTER, _DROP)
