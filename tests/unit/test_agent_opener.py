@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,11 +62,21 @@ def _tabs(devtools: str) -> list[str]:
         return [t["url"] for t in json.loads(response.read()) if t.get("type") == "page"]
 
 
+def _has_tab(devtools: str, url: str, timeout: float = 15.0) -> bool:
+    """Whether a tab shows `url` within `timeout`: a new tab lists an empty URL until it commits one."""
+    deadline = time.monotonic() + timeout
+    while url not in (tabs := _tabs(devtools)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return bool(tabs)
+
+
 def test_the_url_opens_in_a_tab_exactly_as_the_tool_gave_it(chromium: str) -> None:
     url = ("http://127.0.0.1:9/authorize?response_type=code&redirect_uri=http%3A%2F%2F127.0.0.1%3A1455%2Fauth%2F"
            "callback&scope=openid%20profile&state=a%26b")
     assert opener.open_in_chromium(url, chromium) == "devtools"
-    assert url in _tabs(chromium)
+    assert _has_tab(chromium, url)
 
 
 def test_without_devtools_the_url_goes_to_the_chromium_command(tmp_path: Path) -> None:
@@ -103,7 +114,7 @@ def test_the_opener_tells_the_agent_which_host_to_expect(chromium: str, tmp_path
         assert done.returncode == 0, done.stderr
         status = agent.status()
         assert (status["state"], status["auth_url_host"]) == ("waiting-for-user", "accounts.example.test")
-        assert "https://accounts.example.test/o/oauth2/auth?x=1" in _tabs(chromium)
+        assert _has_tab(chromium, "https://accounts.example.test/o/oauth2/auth?x=1")
         agent.cancel()
     finally:
         server.shutdown()

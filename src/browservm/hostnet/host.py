@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import hashlib
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -26,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
 
 from browservm.errors import HostNetworkError
@@ -138,6 +141,30 @@ def _confined(method: Callable[Concatenate[HostNetwork, P], R]) -> Callable[Conc
     return confined
 
 
+class _PortLock:
+    """Held while VM ports and their set elements change and while our tables are replaced, by every
+    process of this state directory at once (a thread lock, then an flock): `vm create` processes
+    and a `serve` each write the same sets, and a table replaced from a port list read a moment
+    earlier would drop the elements of a port another process has just added."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._threads = threading.Lock()
+
+    def __enter__(self) -> None:
+        self._threads.acquire()
+        try:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._threads.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)  # the flock goes with the descriptor
+        self._threads.release()
+
+
 class HostNetwork:
     def __init__(self, plan: NetworkPlan, store: Store, netns: NetworkNamespace, *,
                  tap_owner: tuple[int, int] = (0, 0), nft: Nftables | None = None,
@@ -149,7 +176,7 @@ class HostNetwork:
         self._rules = PolicyRules(netns.name)
         # Held while a VM port and its set elements change, and while the tables are replaced,
         # so a restore never drops the elements of a port being added.
-        self._port_lock = threading.Lock()
+        self._port_lock = _PortLock(store.path.parent / "hostnet.lock")
         self._store = store
         self._records = _Records(store)
         self._tap_owner = tap_owner
