@@ -490,10 +490,12 @@ class Running:
         assert not self.thread.is_alive()
 
 
-def _approve_when_waiting(agent: FakeAgent) -> threading.Thread:
+def _approve_when_waiting(agent: FakeAgent, seen: Callable[[], bool] = lambda: True) -> threading.Thread:
+    """Approve once the agent waits for the person and `seen()` says the controller noticed it (a person
+    approves what the viewer shows, never faster than the controller's poll)."""
     def approve() -> None:
         for _ in range(1500):
-            if agent.state == "waiting-for-user":
+            if agent.state == "waiting-for-user" and seen():
                 agent.approve()
                 return
             threading.Event().wait(0.01)
@@ -511,7 +513,11 @@ def test_cli_login_prints_the_viewer_and_each_state_and_exits_by_the_outcome(
     running = Running(served)
     monkeypatch.setenv("BROWSERVM_API_KEY", KEY)
     try:
-        approver = _approve_when_waiting(agent)
+        def controller_saw_it() -> bool:
+            listed = httpx.get(f"{running.url}/v1/logins", headers={"Authorization": f"Bearer {KEY}"},
+                               timeout=5, trust_env=False).json()
+            return any(login["state"] == "waiting-for-user" for login in listed)
+        approver = _approve_when_waiting(agent, controller_saw_it)
         code = cli.main(["login", "sample", "--user", "ann", "--url", running.url,
                          "--state-dir", str(served.service.settings.state_dir)])
         approver.join(1)

@@ -23,7 +23,6 @@ Errors are `{"error": {"type", "message", ...}}`: 422 a bad field (named), 404 a
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import logging
 from collections.abc import AsyncIterator
@@ -46,6 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from browservm import __version__
 from browservm.api import diagnose, logins
+from browservm.api.auth import SESSION_COOKIE, ApiError, require_operator, session_value
 from browservm.api.models import ConsoleOut, CreateVm, ErrorOut, ViewerOut, VmOut
 from browservm.api.service import ControllerService
 from browservm.api.tokens import TokenRefused
@@ -64,15 +64,7 @@ from browservm.vm import hops
 log = logging.getLogger("browservm.api")
 MAX_BODY = 64 * 1024
 NOVNC_DIR = Path("/usr/share/novnc")
-SESSION_COOKIE = "browservm_session"
 _STATIC = resources.files("browservm.api") / "static"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, kind: str, message: str, **fields: str | None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = {"type": kind, "message": message, **{k: v for k, v in fields.items() if v is not None}}
 
 
 def _error(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
@@ -143,11 +135,6 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def session_value(service: ControllerService) -> str:
-    """The operator session cookie: derived from the API key, so a new key ends old sessions."""
-    return hmac.new(service.api_key.encode(), b"browservm operator session", hashlib.sha256).hexdigest()
-
-
 def build_app(service: ControllerService) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -159,20 +146,7 @@ def build_app(service: ControllerService) -> FastAPI:
                   "watch it come up hop by hop, open its desktop in a browser.")
     app.add_middleware(BodyLimit)
 
-    def operator(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), service.api_key.encode()):
-            return
-        cookie = request.cookies.get(SESSION_COOKIE, "")
-        if cookie and hmac.compare_digest(cookie.encode(), session_value(service).encode()):
-            # A cookie goes with any request the browser makes, even one a foreign page causes:
-            # changes also need a header such a page cannot set.
-            if request.method in ("GET", "HEAD") or request.headers.get("x-browservm") == "1":
-                return
-            raise ApiError(403, "Forbidden", "a change signed in by cookie needs the X-Browservm: 1 header")
-        raise ApiError(401, "Unauthorized", "missing or wrong API key: send `Authorization: Bearer <key>` "
-                                            "(the key is in the state directory's api.key)")
+    operator = require_operator(service.api_key)
 
     authorized = [Depends(operator)]
     errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut}
@@ -342,7 +316,7 @@ def build_app(service: ControllerService) -> FastAPI:
         if not hmac.compare_digest(key.encode(), service.api_key.encode()):
             return RedirectResponse("/login?failed=true", status_code=303)
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(SESSION_COOKIE, session_value(service), httponly=True, samesite="strict",
+        response.set_cookie(SESSION_COOKIE, session_value(service.api_key), httponly=True, samesite="strict",
                             secure=service.settings.base_url.startswith("https:"))
         return response
 

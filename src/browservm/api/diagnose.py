@@ -7,13 +7,12 @@ An unknown VM is a 404 and a malformed id a 422, through the app's one error map
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from typing import TYPE_CHECKING
 
-from fastapi import Depends, Request
+from fastapi import Depends
 from fastapi.responses import JSONResponse
 
+from browservm.api.auth import require_operator
 from browservm.doctor import Doctor, DriverVmms, Sources
 from browservm.doctor.local import plan_of
 from browservm.hostnet.host import Check
@@ -23,13 +22,6 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from browservm.api.service import ControllerService
-
-SESSION_COOKIE = "browservm_session"  # as app.py sets it
-
-
-class Unauthorized(Exception):
-    """Raised by the key check; answered as app.py answers a missing key."""
-
 
 def service_sources(service: ControllerService) -> Sources:
     """The doctor looks through the service's own parts: its host network, records and VMM driver."""
@@ -50,23 +42,7 @@ def mount(app: FastAPI, service: ControllerService) -> None:
     """Add this part's routes to `app`, and its tasks to `service` (`run_in_background`, `on_stop`)."""
     doctor = Doctor(service_sources(service))
 
-    def operator(request: Request) -> None:
-        """The operator's key, checked as app.py checks it: a bearer key, or the session cookie (reads only)."""
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), service.api_key.encode()):
-            return
-        session = hmac.new(service.api_key.encode(), b"browservm operator session", hashlib.sha256).hexdigest()
-        cookie = request.cookies.get(SESSION_COOKIE, "")
-        if cookie and hmac.compare_digest(cookie.encode(), session.encode()):
-            return  # both routes are GETs: a cookie needs no extra header for them
-        raise Unauthorized
-
-    @app.exception_handler(Unauthorized)
-    async def unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
-        return JSONResponse({"error": {"type": "Unauthorized", "message": "missing or wrong API key: send "
-                                       "`Authorization: Bearer <key>` (the key is in the state directory's api.key)"}},
-                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    operator = require_operator(service.api_key)
 
     @app.get("/v1/doctor", tags=["doctor"], dependencies=[Depends(operator)])
     async def host_doctor() -> JSONResponse:

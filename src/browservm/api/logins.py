@@ -18,7 +18,6 @@ or no credentials, 409 a login already running for the user and provider (or a s
 from __future__ import annotations
 
 import base64
-import hmac
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -27,6 +26,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from starlette.responses import StreamingResponse
 
+from browservm.api.auth import require_operator
 from browservm.ids import validate_vm_id
 from browservm.oauth.catalog import load_catalog
 from browservm.oauth.errors import (
@@ -150,9 +150,6 @@ def make_logins(service: ControllerService) -> LoginService:
 
 def mount(app: FastAPI, service: ControllerService) -> None:
     """Add this part's routes to `app`, and its tasks to `service` (`run_in_background`, `on_stop`)."""
-    # Here, not at the top: app.py imports this module before it has defined these.
-    from browservm.api.app import SESSION_COOKIE, ApiError, session_value  # noqa: PLC0415
-
     # A wrong catalog or vault key stops the controller at its start, naming the file, provider and field:
     # better than a controller that takes logins it cannot run.
     logins = make_logins(service)
@@ -165,18 +162,7 @@ def mount(app: FastAPI, service: ControllerService) -> None:
     service.run_in_background(reconcile)
     service.on_stop(logins.stop)
 
-    def operator(request: Request) -> None:
-        # As app.py's: the key, or the session cookie plus X-Browservm: 1 for a change.
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), service.api_key.encode()):
-            return
-        cookie = request.cookies.get(SESSION_COOKIE, "")
-        if cookie and hmac.compare_digest(cookie.encode(), session_value(service).encode()):
-            if request.method in ("GET", "HEAD") or request.headers.get("x-browservm") == "1":
-                return
-            raise ApiError(403, "Forbidden", "a change signed in by cookie needs the X-Browservm: 1 header")
-        raise ApiError(401, "Unauthorized", "missing or wrong API key: send `Authorization: Bearer <key>` "
-                                            "(the key is in the state directory's api.key)")
+    operator = require_operator(service.api_key)
 
     @app.exception_handler(LoginError)
     async def login_error(request: Request, exc: LoginError) -> JSONResponse:
