@@ -241,14 +241,14 @@ class LoginService:
     async def _ready_vm(self, login: LoginRecord) -> VmRecord:
         """The login's VM once ready; _Failed with the VM's own hop and reason if it fails first."""
         while True:
-            vm = await self._manager.get(login.vm_id)
+            vm = await self._manager.settled(login.vm_id)
             if vm is None:
                 raise _Failed(VM, f"the VM {login.vm_id} was deleted before it was ready")
             if vm.state == VmState.READY:
                 return vm
             if vm.state not in (VmState.CREATING, VmState.BOOTING):
                 raise _Failed(*_vm_failure(vm))
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.25)  # created by another process (a given vm_id): only its record tells
 
     async def _agent_up(self, agent: AgentClient, vm: VmRecord) -> None:
         """Wait for the agent to answer GET /v1/status (it starts with the desktop, maybe after it)."""

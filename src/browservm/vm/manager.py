@@ -444,6 +444,13 @@ class VMManager:
         validate_vm_id(vm_id)
         return await asyncio.to_thread(self._records.get, vm_id)
 
+    async def settled(self, vm_id: str) -> VmRecord | None:
+        """The VM's record once a create of it in this process has ended (at once when none runs here)."""
+        creating = self._creating.get(vm_id)
+        if creating is not None:
+            await asyncio.wait({creating})  # its outcome is in the record; the create's own caller sees errors
+        return await self.get(vm_id)
+
     async def all(self) -> list[VmRecord]:
         return await asyncio.to_thread(self._records.all)
 
