@@ -2,6 +2,11 @@
 
     Xvfb -> Openbox -> x11vnc (localhost only) -> websockify :6080 (serving noVNC) -> Chromium
 
+x11vnc asks for the VM's own VNC password, which the host put on the config disk: only the
+controller's proxy knows it, so no other local user of the host can open this desktop. Before
+the desktop starts, systemd runs `browservm-desktop --install-vnc-password FILE --owner USER` as
+root (the config disk is root's); x11vnc reads that file and deletes it (`-passwdfile rm:`).
+
 Each part's readiness is read from the part itself, never guessed with a
 timer: Xvfb writes its display number to `-displayfd` once it accepts
 clients; x11vnc prints `PORT=` once it listens; websockify is handed a socket
@@ -23,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import pwd
 import signal
 import socket
 import sys
@@ -31,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from browservm.guest import configdisk
 from browservm.markers import format_marker
 
 DEFAULT_CONFIG = Path("/etc/browservm/desktop.json")
@@ -48,6 +55,7 @@ class DesktopConfig:
     novnc_dir: str = "/usr/share/novnc"
     start_url: str = "about:blank"
     devtools_port: int = 9222
+    vnc_password_file: str | None = None  # None: no password (a desktop run outside a VM, as in tests)
 
     @classmethod
     def load(cls, path: Path) -> DesktopConfig:
@@ -127,8 +135,15 @@ class Desktop:
         self._marker("openbox", "started", pid=proc.pid)
 
     async def x11vnc(self) -> None:
+        password = self.config.vnc_password_file
+        if password is None:
+            auth = ["-nopw"]
+        elif os.path.exists(password):
+            auth = ["-passwdfile", f"rm:{password}"]
+        else:  # fail closed: a desktop without its password would be open to every local user of the host
+            raise StartFailed(f"no VNC password at {password} (browservm-desktop --install-vnc-password did not run)")
         proc = await self._spawn("x11vnc", "x11vnc", "-display", self.config.display, "-localhost",
-                                 "-rfbport", str(self.config.vnc_port), "-forever", "-shared", "-nopw",
+                                 "-rfbport", str(self.config.vnc_port), "-forever", "-shared", *auth,
                                  stdout=asyncio.subprocess.PIPE)
         assert proc.stdout is not None
         await self._await_line("x11vnc", proc.stdout, "PORT=")
@@ -203,10 +218,36 @@ async def _run_until_signalled(desktop: Desktop) -> int:
         return 0
 
 
+def install_vnc_password(target: Path, owner: str, disk: Path = configdisk.GUEST_DEVICE) -> None:
+    """Copy the config disk's VNC password to `target`, readable by `owner` only."""
+    password = configdisk.read(disk).get("secrets", {}).get("vnc")
+    if not isinstance(password, str) or not password.isalnum() or not 6 <= len(password) <= 8:
+        raise configdisk.ConfigDiskError("the config disk carries no VNC password (secrets.vnc, 6-8 letters or digits)")
+    account = pwd.getpwnam(owner)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchown(fd, account.pw_uid, account.pw_gid)
+        os.write(fd, password.encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="browservm-desktop", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--install-vnc-password", type=Path, metavar="FILE",
+                        help="(as root, before the desktop starts) write the config disk's VNC password to FILE")
+    parser.add_argument("--owner", default="browser", help="the account FILE is for")
+    parser.add_argument("--config-disk", type=Path, default=configdisk.GUEST_DEVICE)
     args = parser.parse_args(argv)
+    if args.install_vnc_password is not None:
+        try:
+            install_vnc_password(args.install_vnc_password, args.owner, args.config_disk)
+        except (OSError, KeyError, configdisk.ConfigDiskError) as exc:
+            print(format_marker("ready", service="desktop", state="failed", reason=f"VNC password: {exc}"),
+                  flush=True)
+            return 1
+        return 0
     return asyncio.run(_run_until_signalled(Desktop(DesktopConfig.load(args.config))))
 
 

@@ -30,7 +30,7 @@ from browservm.progress import Progress, cache_dir, exclusive
 from browservm.runner import CommandRunner
 
 SUITE = "bookworm"
-_KEY_SCHEME = 1  # bump when the steps below change what a key's image would hold
+_KEY_SCHEME = 2  # bump when the steps below change what a key's image would hold
 
 _DESKTOP = ("systemd", "systemd-sysv", "dbus", "iproute2", "procps", "python3",
             "xvfb", "openbox", "x11vnc", "websockify", "novnc")
@@ -77,6 +77,7 @@ OPENER_NAMES = ("xdg-open", "x-www-browser", "sensible-browser")
 # Timers that would wake a throwaway VM for housekeeping it never needs.
 MASKED_UNITS = ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer")
 DESKTOP_USER, DESKTOP_UID = "browser", 1000
+VNC_PASSWORD_FILE = "/run/browservm-desktop/vnc.pass"  # noqa: S105 - a path; browservm-desktop.service writes it
 _APT_OPTIONS = ("Acquire::Check-Valid-Until", "Acquire::Check-Date", "Acquire::http::Proxy", "Acquire::https::Proxy")
 _SOURCE_FILES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
 _EXCLUDED_PATHS = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*")
@@ -239,7 +240,10 @@ class RootfsBuilder:
             target.write_bytes(content)
             executable = relative.startswith("usr/lib/browservm/bin/") or relative.endswith("overlay-init")
             target.chmod(0o755 if executable else 0o644)
-        desktop = {"services": list(SERVICES[profile])}
+        # mmdebstrap keeps its --aptopt options (the build machine's package proxy among them) in
+        # the image; the guest must not learn of, or use, the build machine's proxy.
+        (root / "etc/apt/apt.conf.d/99mmdebstrap").unlink(missing_ok=True)
+        desktop = {"services": list(SERVICES[profile]), "vnc_password_file": VNC_PASSWORD_FILE}
         (root / "etc/browservm").mkdir(exist_ok=True)
         (root / "etc/browservm/desktop.json").write_text(json.dumps(desktop) + "\n")
         for mountpoint in ("overlay", "rom"):

@@ -32,6 +32,7 @@ import dataclasses
 import os
 import secrets
 import shutil
+import string
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable
@@ -70,7 +71,10 @@ EXTRA_BOOT_ARGS = frozenset({"loglevel", "printk.time", "random.trust_cpu", "clo
 
 def new_secrets() -> dict[str, str]:
     """Per-VM secrets, made at its start and carried to the guest on its config disk only."""
-    return {"agent": secrets.token_hex(32), "vnc": secrets.token_urlsafe(6)[:8]}  # VNC passwords: 8 characters
+    # VNC passwords: 8 characters (all RFB's DES key holds), letters and digits only, which x11vnc's
+    # password file reads literally.
+    vnc = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(8))
+    return {"agent": secrets.token_hex(32), "vnc": vnc}
 _CONSOLE_EVIDENCE = 20
 _LIVE = (VmState.CREATING, VmState.BOOTING, VmState.READY)
 
