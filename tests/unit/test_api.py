@@ -33,9 +33,10 @@ from browservm.api.service import ControllerService
 from browservm.api.tokens import ViewerTokens
 from browservm.config import load_settings
 from browservm.controller import Controller
+from browservm.guest import configdisk
 from browservm.hostnet.host import Change, Check, HostNetwork
 from browservm.vm import hops
-from browservm.vm.manager import Limits
+from browservm.vm.manager import CONFIG_DISK, Limits
 from browservm.vm.records import Failure, VmRecord, VmRecords
 from browservm.vm.state import VmState
 
@@ -795,6 +796,8 @@ def test_a_viewer_is_counted_while_connected_and_closed_with_4410_when_its_vm_is
     record = VmRecord(vm_id="vm-0000000000ee", user="ann", vcpus=1, mem_mib=1024, state=VmState.READY,
                       directory=str(served.parts.vm_root / "vm-0000000000ee"), address="127.0.0.2/8")
     VmRecords(served.parts.store).insert(record, max_total=100, max_per_user=100)
+    Path(record.directory).mkdir(parents=True)
+    configdisk.write(Path(record.directory) / CONFIG_DISK, {"secrets": {"vnc": "abcd1234"}})
     token, _ = served.service.tokens.issue(record.vm_id, record.viewer_epoch)
     try:
         with TestClient(served.app) as client, \

@@ -13,8 +13,10 @@ The route hands `serve` the WebSocket before it checks anything; its checks go i
    `Refused(code, reason)`.
 3. The last three readiness hops, each with `connect_timeout`: net.tcp (a TCP connection made
    inside the VM network's namespace), ws.upgrade (answered with 101), rfb.banner (the first
-   message through the WebSocket; RFB servers speak first). A failure closes with 4502 and
-   "<hop>: <reason>", hop names from browservm.vm.hops.
+   bytes through the WebSocket; RFB servers speak first); then, when the Upstream carries the VM's
+   VNC password, rfb.auth: the proxy authenticates to the VM and offers the viewer no
+   authentication (browservm.api.rfb), so the password never leaves the host. A failure closes
+   with 4502 and "<hop>: <reason>", hop names from browservm.vm.hops.
 4. The relay, until one side ends it.
 
 Close codes sent to the viewer (`serve` returns the code; when the viewer itself left, the code it
@@ -22,7 +24,9 @@ closed with, or 1005/1006):
 
     4401 4404 4409  whatever the route's `Refused` says (bad token, unknown VM, VM not ready)
     4502            a hop to the VM failed before the relay started: "net.tcp: ...", "ws.upgrade: ...",
-                    "rfb.banner: ..."
+                    "rfb.banner: ...", "rfb.auth: ..."
+    1002            the viewer broke the RFB handshake the proxy offered it (or left it unanswered
+                    for `connect_timeout`)
     4410            `ended` was set: the VM was deleted or died ("the VM was deleted", or `Ended.reason`)
     1000            the VM's websockify closed the WebSocket normally (e.g. the VNC server exited)
     1011            the connection to the VM failed mid-stream (reset, no close frame, a message over
@@ -88,9 +92,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
+from browservm.api import rfb
 from browservm.errors import ProbeFailed
 from browservm.hostnet.netns import NetworkNamespace
-from browservm.vm.hops import RFB_BANNER, WS_UPGRADE
+from browservm.vm.hops import RFB_AUTH, RFB_BANNER, WS_UPGRADE
 from browservm.vm.readiness import connect_socket
 
 log = logging.getLogger(__name__)
@@ -103,6 +108,7 @@ VM_ENDED = 4410
 VM_UNREACHABLE = 4502
 NORMAL = 1000
 GOING_AWAY = 1001
+PROTOCOL_ERROR = 1002
 UNSUPPORTED_DATA = 1003
 INTERNAL_ERROR = 1011
 
@@ -124,12 +130,14 @@ def close_reason(text: str) -> str:
 
 @dataclass(frozen=True)
 class Upstream:
-    """Where a VM's websockify is: an address in the VM network, reached from inside `netns`."""
+    """Where a VM's websockify is: an address in the VM network, reached from inside `netns`; and
+    the VM's VNC password, when its desktop has one (the proxy then authenticates for the viewer)."""
 
     netns: NetworkNamespace
     address: IPv4Address
     port: int = 6080
     path: str = "/websockify"
+    vnc_password: str | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -203,6 +211,25 @@ class _Viewer:
     stop: asyncio.Future[None]  # resolved by shutdown()
     done: asyncio.Event = field(default_factory=asyncio.Event)
     upstream: ClientConnection | None = None
+
+
+class _Ends(Exception):
+    """How the viewer's side ended, found while reading from it."""
+
+    def __init__(self, close: _Close) -> None:
+        super().__init__(close.reason)
+        self.close = close
+
+
+def _data_or_end(message: Any) -> bytes:
+    """The bytes of one message from the viewer, or _Ends: it left, or sent text."""
+    if message["type"] == "websocket.disconnect":
+        raise _Ends(_Close(message.get("code", 1005), message.get("reason") or "the viewer left", viewer_gone=True))
+    data = message.get("bytes")
+    if data is None:
+        raise _Ends(_Close(UNSUPPORTED_DATA, "text frames are not relayed: the desktop speaks binary (RFB)"))
+    assert isinstance(data, bytes)
+    return data
 
 
 class _NoRedirects(connect):
@@ -307,10 +334,15 @@ class ViewerProxy:
             except Refused as refused:
                 return _Close(refused.code, refused.reason)
             try:
-                banner = await self._connect(viewer, upstream)
+                first = await self._connect(viewer, upstream)
             except ProbeFailed as failed:
                 return _Close(VM_UNREACHABLE, f"{failed.hop}: {failed.reason}")
-            return await self._relay(viewer, banner)
+            if upstream.vnc_password is not None:
+                try:
+                    await self._greet(viewer)
+                except _Ends as ends:
+                    return ends.close
+            return await self._relay(viewer, first)
         except Exception:
             # A bug, or resolve() failing other than by Refused: the viewer learns that much, the log the rest.
             log.exception("viewer proxy failed")
@@ -338,8 +370,10 @@ class ViewerProxy:
         finally:
             if viewer.upstream is None:
                 sock.close()  # the client aborts its transport on failure; this covers failing before one
+        connection = viewer.upstream
+        reader = rfb.MessageReader(lambda: connection.recv(decode=False))
         try:
-            return await asyncio.wait_for(viewer.upstream.recv(decode=False), timeout)
+            version = await asyncio.wait_for(reader.read(len(rfb.VERSION)), timeout)
         except TimeoutError:
             raise ProbeFailed(RFB_BANNER, f"nothing came through the WebSocket within {timeout:g} s: "
                                           "the VNC server behind websockify is silent") from None
@@ -347,20 +381,52 @@ class ViewerProxy:
             said = f"{closed.rcvd.code} {closed.rcvd.reason!r}" if closed.rcvd is not None else "no close frame"
             raise ProbeFailed(RFB_BANNER, f"websockify closed the WebSocket ({said}) before the VNC server "
                                           "spoke") from None
+        if upstream.vnc_password is None:
+            return version + reader.rest()
+        try:
+            await asyncio.wait_for(rfb.authenticate(reader, connection.send, version, upstream.vnc_password),
+                                   timeout)
+        except rfb.HandshakeFailed as exc:
+            raise ProbeFailed(RFB_AUTH, str(exc)) from None
+        except TimeoutError:
+            raise ProbeFailed(RFB_AUTH, f"the VNC server did not finish authentication within {timeout:g} s") from None
+        except ConnectionClosed:
+            raise ProbeFailed(RFB_AUTH, "the VNC server closed the connection during authentication") from None
+        return reader.rest()
+
+    async def _greet(self, viewer: _Viewer) -> None:
+        """The viewer's side of the handshake: RFB with no authentication (the proxy did it)."""
+        websocket = viewer.websocket
+
+        async def receive() -> bytes:
+            return _data_or_end(await websocket.receive())
+
+        try:
+            await asyncio.wait_for(rfb.greet(rfb.MessageReader(receive), websocket.send_bytes),
+                                   self._connect_timeout)
+        except rfb.HandshakeFailed as exc:
+            raise _Ends(_Close(PROTOCOL_ERROR, str(exc))) from None
+        except TimeoutError:
+            raise _Ends(_Close(PROTOCOL_ERROR, "the viewer did not answer the RFB handshake within "
+                                               f"{self._connect_timeout:g} s")) from None
+        except WebSocketDisconnect as gone:
+            raise _Ends(_Close(gone.code, "the viewer left", viewer_gone=True)) from None
 
     async def _open_socket(self, upstream: Upstream) -> socket.socket:
         """A TCP connection to the guest, made inside the VM network's namespace, as the probes make theirs."""
         return await connect_socket(upstream.netns, upstream.address, upstream.port, self._connect_timeout)
 
-    async def _relay(self, viewer: _Viewer, banner: bytes) -> _Close:
-        """Both directions at once until one ends; how the connection ends."""
+    async def _relay(self, viewer: _Viewer, first: bytes) -> _Close:
+        """Both directions at once until one ends; how the connection ends. `first`: what the VM
+        sent that the viewer has not had yet."""
         upstream = viewer.upstream
         assert upstream is not None
-        try:
-            await viewer.websocket.send_bytes(banner)
-        except WebSocketDisconnect as gone:
-            return _Close(gone.code, "the viewer left", viewer_gone=True)
-        self._events.bytes("to_viewer", len(banner))
+        if first:
+            try:
+                await viewer.websocket.send_bytes(first)
+            except WebSocketDisconnect as gone:
+                return _Close(gone.code, "the viewer left", viewer_gone=True)
+            self._events.bytes("to_viewer", len(first))
         pumps = {asyncio.create_task(self._viewer_to_vm(viewer.websocket, upstream)),
                  asyncio.create_task(self._vm_to_viewer(viewer.websocket, upstream))}
         try:
@@ -375,13 +441,10 @@ class ViewerProxy:
 
     async def _viewer_to_vm(self, websocket: WebSocket, upstream: ClientConnection) -> _Close:
         while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return _Close(message.get("code", 1005), message.get("reason") or "the viewer left",
-                              viewer_gone=True)
-            data = message.get("bytes")
-            if data is None:
-                return _Close(UNSUPPORTED_DATA, "text frames are not relayed: the desktop speaks binary (RFB)")
+            try:
+                data = _data_or_end(await websocket.receive())
+            except _Ends as ends:
+                return ends.close
             try:
                 await upstream.send(data)  # waits while the upstream's write buffer is over _WRITE_LIMIT
             except ConnectionClosed as closed:

@@ -25,13 +25,14 @@ from starlette.websockets import WebSocket
 from browservm.api.events import EventBus, VmEvent
 from browservm.api.metrics import Metrics
 from browservm.api.models import CreateVm, ViewerOut, VmOut
-from browservm.api.proxy import Direction, Ended, Refused, Upstream, ViewerProxy
+from browservm.api.proxy import VM_UNREACHABLE, Direction, Ended, Refused, Upstream, ViewerProxy
 from browservm.api.tokens import TokenRefused, ViewerTokens
 from browservm.controller import Controller
-from browservm.errors import BrowserVMError, StateConflict, VmNotFound, WrongState
+from browservm.errors import BrowserVMError, StateConflict, VmmError, VmNotFound, WrongState
 from browservm.ids import validate_vm_id
 from browservm.inotify import DirectoryWatch
 from browservm.vm.console import ConsoleLog
+from browservm.vm.hops import RFB_AUTH
 from browservm.vm.records import VmRecord, VmRecords
 from browservm.vm.state import VmState
 
@@ -302,7 +303,12 @@ class ControllerService:
             self._viewers[vm_id] = self._viewers.get(vm_id, 0) + 1
             self._idle_since.pop(vm_id, None)
             counted = True
-            return Upstream(self.network.netns, IPv4Address(record.address.split("/")[0]))
+            try:
+                secrets = await asyncio.to_thread(self.manager.secrets, vm_id)
+            except VmmError as exc:
+                raise Refused(VM_UNREACHABLE, f"{RFB_AUTH}: {exc.reason}") from None
+            return Upstream(self.network.netns, IPv4Address(record.address.split("/")[0]),
+                            vnc_password=secrets.get("vnc"))
 
         try:
             return await self.proxy.serve(websocket, resolve, gone)

@@ -3,6 +3,7 @@ and the doctor prints comes from this list, in the order a VM passes them.
 
     net.lease  net.tap  disk.clone  vmm.spawn                                  resources
     guest.network  net.arp  desktop.ready  net.tcp  ws.upgrade  rfb.banner     readiness
+    rfb.auth                                                                   a viewer's path only
     desktop.complete                                                           what a person sees
 
 Two more names describe how a VM can fail outside that order: `vmm.exited` (its VMM process
@@ -31,6 +32,7 @@ DESKTOP_READY = "desktop.ready"
 NET_TCP = "net.tcp"
 WS_UPGRADE = "ws.upgrade"
 RFB_BANNER = "rfb.banner"
+RFB_AUTH = "rfb.auth"
 DESKTOP_COMPLETE = "desktop.complete"
 VMM_EXITED = "vmm.exited"
 CONTROLLER = "controller"
@@ -60,6 +62,10 @@ HOPS: tuple[Hop, ...] = (
         "something answers on :6080 but it is not websockify"),
     Hop(RFB_BANNER, "the VNC server's RFB 003.008 banner comes through the WebSocket",
         "websockify runs but cannot reach x11vnc on localhost:5901"),
+    # Only the viewer's path passes it (the proxy authenticates for the viewer): readiness needs no password.
+    Hop(RFB_AUTH, "the VNC server accepts the VM's own password, which only the controller knows",
+        "the guest's x11vnc did not take the password on the VM's config disk: the image's desktop is not "
+        "browservm's, or the config disk was replaced; recreate the VM"),
     # RFB answers some 20 s (under emulation) before Chromium's window is there: until this hop a
     # viewer would show an empty grey screen.
     Hop(DESKTOP_COMPLETE, "every part of the desktop is up: the browser on screen (in the minimal profile, "
@@ -68,7 +74,7 @@ HOPS: tuple[Hop, ...] = (
 )
 RESOURCES = (NET_LEASE, NET_TAP, DISK_CLONE, VMM_SPAWN)
 READINESS = (GUEST_NETWORK, NET_ARP, DESKTOP_READY, NET_TCP, WS_UPGRADE, RFB_BANNER, DESKTOP_COMPLETE)
-NAMES = tuple(hop.name for hop in HOPS)
+NAMES = RESOURCES + READINESS  # what a create passes, in order
 
 _EXTRA_HINTS = {
     VMM_EXITED: "the VMM process exited; its own log and the console tail say why",

@@ -1,0 +1,115 @@
+"""The RFB handshake the proxy makes on a viewer's behalf, so the VM's VNC password stays on the host.
+
+Each VM's x11vnc asks for that VM's own password (from its config disk): without it, any local
+user of the host could open any desktop. Only the controller knows it, so the proxy speaks both
+ends of the RFB 3.8 handshake (RFC 6143, 7.1-7.2) and then relays the rest untouched:
+
+    VM's VNC server  <── client role: VNC authentication (DES of the challenge) ──  proxy
+    proxy            ── server role: "no authentication" ──>  viewer (noVNC)
+
+Everything the VM sends is bounded before it is used: the version line is 12 bytes, a failure
+reason at most MAX_REASON bytes, a security list at most 255 types.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Awaitable, Callable
+
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
+VERSION = b"RFB 003.008\n"
+NO_AUTH, VNC_AUTH = 1, 2
+MAX_REASON = 1024
+_VERSION = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
+
+
+class HandshakeFailed(Exception):
+    """The other side broke the handshake; the message says how, for a person."""
+
+
+class MessageReader:
+    """Exact reads out of a stream of messages (WebSocket frames split RFB anywhere)."""
+
+    def __init__(self, receive: Callable[[], Awaitable[bytes]]) -> None:
+        self._receive = receive
+        self._buffer = bytearray()
+
+    async def read(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            self._buffer += await self._receive()
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return data
+
+    def rest(self) -> bytes:
+        """What came after the last read: the first bytes of the relay."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
+
+def parse_version(line: bytes) -> tuple[int, int]:
+    match = _VERSION.fullmatch(line)
+    if match is None:
+        raise HandshakeFailed(f"not an RFB version line: {line[:12]!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def vnc_response(password: str, challenge: bytes) -> bytes:
+    """RFB's VNC authentication: the challenge encrypted with DES, keyed by the password's first
+    8 bytes with each byte's bits in reverse order (a quirk every VNC server expects)."""
+    key = bytes(int(f"{byte:08b}"[::-1], 2) for byte in password.encode()[:8].ljust(8, b"\0"))
+    # Three equal keys make single DES; ECB of one 16-byte challenge is what RFC 6143 7.2.2 specifies.
+    encryptor = Cipher(TripleDES(key * 3), modes.ECB()).encryptor()  # noqa: S305
+    return encryptor.update(challenge) + encryptor.finalize()
+
+
+async def _reason(reader: MessageReader) -> str:
+    (length,) = struct.unpack(">I", await reader.read(4))
+    if length > MAX_REASON:
+        return f"(a reason of {length} bytes, not read)"
+    return (await reader.read(length)).decode(errors="replace")
+
+
+async def authenticate(reader: MessageReader, send: Callable[[bytes], Awaitable[None]], version: bytes,
+                       password: str) -> None:
+    """Client role, after the server's `version` line was read: VNC authentication with `password`
+    up to a successful SecurityResult. The server then waits for the viewer's ClientInit."""
+    major, minor = parse_version(version)
+    if (major, minor) < (3, 7):
+        raise HandshakeFailed(f"the VNC server speaks RFB {major}.{minor}; the proxy needs 3.7 or later")
+    await send(VERSION if minor >= 8 else b"RFB 003.007\n")
+    (count,) = await reader.read(1)
+    if count == 0:
+        raise HandshakeFailed(f"the VNC server refused the connection: {await _reason(reader)}")
+    offered = await reader.read(count)
+    if VNC_AUTH not in offered:
+        # A desktop without its password would be open to every local user: not one to show.
+        raise HandshakeFailed(f"the VNC server does not ask for the VM's password (it offers security types "
+                              f"{list(offered)}); the image's desktop is not browservm's")
+    await send(bytes([VNC_AUTH]))
+    await send(vnc_response(password, await reader.read(16)))
+    (result,) = struct.unpack(">I", await reader.read(4))
+    if result != 0:
+        said = await _reason(reader) if minor >= 8 else "no reason given"
+        raise HandshakeFailed(f"the VNC server refused the VM's password: {said}")
+
+
+async def greet(reader: MessageReader, send: Callable[[bytes], Awaitable[None]]) -> None:
+    """Server role towards the viewer: RFB 3.3, 3.7 or 3.8 as it asks, with no authentication."""
+    await send(VERSION)
+    major, minor = parse_version(await reader.read(12))
+    if major != 3 or minor < 3:
+        raise HandshakeFailed(f"the viewer asked for RFB {major}.{minor}")
+    if minor < 7:
+        await send(struct.pack(">I", NO_AUTH))  # 3.3: the server chooses, and says nothing more
+        return
+    await send(bytes([1, NO_AUTH]))
+    (chosen,) = await reader.read(1)
+    if chosen != NO_AUTH:
+        raise HandshakeFailed(f"the viewer chose security type {chosen}; only {NO_AUTH} (none) is offered")
+    if minor >= 8:
+        await send(struct.pack(">I", 0))
