@@ -22,6 +22,7 @@ import json
 import select
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ GATEWAY = "192.168.100.1"
 GUEST_PORT = 8089
 HOST_SERVICE_PORT = 9099
 VNC_PORT = 6080
+NOBODY = 65534
 ETH_P_ALL, ETH_P_IP, ETH_P_ARP, ETH_P_IPV6 = 0x0003, 0x0800, 0x0806, 0x86DD
 
 
@@ -262,3 +264,21 @@ def test_vms_reach_only_the_guest_port_and_not_each_other(
             net.network.up()
             assert not can_connect(a.netns, GATEWAY, HOST_SERVICE_PORT)
             assert can_connect(a.netns, GATEWAY, GUEST_PORT), "the restored table lacks the VMs' elements"
+
+
+def test_another_local_user_cannot_open_a_vms_desktop(namespaces: Namespaces, tmp_path: Path) -> None:
+    # A real unprivileged account (nobody) and root, the controller's user, both in the controller's namespace:
+    # without a namespace of its own the VM network is reachable by every local user but for this rule.
+    def connect_as(uid: int, address: str) -> subprocess.CompletedProcess[str]:
+        return run("ip", "netns", "exec", net.ctl, "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                   "bash", "-c", f"exec 3<>/dev/tcp/{address}/{VNC_PORT}", check=False)
+
+    with lab(namespaces, tmp_path) as net:
+        net.up()
+        guest = net.guest("vm-aa")
+        with listening(guest.netns, guest.ip, VNC_PORT):
+            before = counter(net.ctl, "inet", "only the controller connects to VMs (TCP)")
+            refused = connect_as(NOBODY, guest.ip)
+            assert refused.returncode != 0 and "Connection refused" in refused.stderr, refused
+            assert counter(net.ctl, "inet", "only the controller connects to VMs (TCP)") == before + 1
+            assert connect_as(0, guest.ip).returncode == 0, "control: the controller's user connects"

@@ -56,7 +56,7 @@ def test_egress_lists_are_collapsed_and_deny_is_checked_before_allow() -> None:
 def test_forwarding_is_confined_only_when_browservm_turned_it_on() -> None:
     assert not any("routes for its VMs only" in c for c in comments(render_ruleset(plan()), "inet"))
     confined = comments(render_ruleset(plan(), confine_forwarding=True), "inet")
-    assert confined[-1].endswith("for no one else")
+    assert any(c.endswith("for no one else") for c in confined)
 
 
 def test_a_listing_without_the_vms_elements_compares_equal_and_the_elements_are_read_back() -> None:

@@ -40,6 +40,9 @@ Table `inet browservm`:
               dropped) unless the allowlist says otherwise; the denylist wins
               over both. If browservm turned forwarding on, nothing else is
               forwarded: the host routes for its VMs only.
+  output      only the controller's user (root) opens connections to VMs: another
+              local user's connection to a VM's desktop or agent is refused, even
+              on a host where the VM network is not in a namespace of its own
   postrouting VM traffic leaving through the uplink is masqueraded
 Bridge ports are also isolated (see links.py), which stops VM-to-VM frames at
 layer 2 even if these tables are flushed by another tool.
@@ -209,7 +212,7 @@ def _bridge_table(plan: NetworkPlan) -> list[NftObject]:
     return t.objects
 
 
-def _inet_table(plan: NetworkPlan, confine_forwarding: bool) -> list[NftObject]:
+def _inet_table(plan: NetworkPlan, confine_forwarding: bool, controller_uid: int) -> list[NftObject]:
     t = _Table(FAMILY)
     bridges = _one_or_set(list(plan.bridges))
     from_vms = _match(_meta("iifname"), bridges)
@@ -225,6 +228,7 @@ def _inet_table(plan: NetworkPlan, confine_forwarding: bool) -> list[NftObject]:
     t.chain("prerouting", "filter", "prerouting", -150)
     t.chain("input", "filter", "input", 0)
     t.chain("forward", "filter", "forward", 0)
+    t.chain("output", "filter", "output", 0)
     t.chain("postrouting", "nat", "postrouting", 100)
 
     t.chain("from_vm")
@@ -270,6 +274,13 @@ def _inet_table(plan: NetworkPlan, confine_forwarding: bool) -> list[NftObject]:
         t.rule("forward", "browservm turned forwarding on: the host routes for its VMs only, for no one else",
                _match(_meta("nfproto"), "ipv4"), _COUNTER, _DROP)
 
+    not_controller = _match(_meta("skuid"), controller_uid, op="!=")
+    new = _match({"ct": {"key": "state"}}, "new")
+    t.rule("output", "browservm: only the controller connects to VMs (TCP)", to_vms, new, not_controller,
+           _match(_meta("l4proto"), "tcp"), _COUNTER, {"reject": {"type": "tcp reset"}})
+    t.rule("output", "browservm: only the controller connects to VMs", to_vms, new, not_controller, _COUNTER,
+           {"reject": None})
+
     if plan.uplink is not None:
         t.rule("postrouting", "browservm: masquerade VM traffic to the uplink",
                _match(_payload("ip", "saddr"), _prefix(plan.subnet)),
@@ -277,9 +288,10 @@ def _inet_table(plan: NetworkPlan, confine_forwarding: bool) -> list[NftObject]:
     return t.objects
 
 
-def render_ruleset(plan: NetworkPlan, *, confine_forwarding: bool = False) -> list[NftObject]:
+def render_ruleset(plan: NetworkPlan, *, confine_forwarding: bool = False, controller_uid: int = 0
+                   ) -> list[NftObject]:
     """Both tables, without the per-VM set elements (`vm_elements` renders those)."""
-    return _inet_table(plan, confine_forwarding) + _bridge_table(plan)
+    return _inet_table(plan, confine_forwarding, controller_uid) + _bridge_table(plan)
 
 
 @dataclass(frozen=True)

@@ -348,7 +348,7 @@ class HostNetwork:
     def _desired_firewall(self) -> list[dict[str, object]]:
         # If browservm turned forwarding on, it must not turn this host into a router for anyone else.
         confine = self._records.get("sysctl", IP_FORWARD) is not None
-        return render_ruleset(self.plan, confine_forwarding=confine)
+        return render_ruleset(self.plan, confine_forwarding=confine, controller_uid=os.geteuid())
 
     def _vm_ports(self, links: Links) -> list[VmPort]:
         """The VM ports that exist now (attached TAPs of ours with a lease), as the sets must hold them."""
