@@ -142,12 +142,16 @@ class Controllers:
         self.rootfs = rootfs
         self._stack = contextlib.ExitStack()
 
-    def settings(self, kernel: Path | None = None, vmm: str = "qemu") -> Settings:
+    def settings(self, kernel: Path | None = None, vmm: str = "qemu", rootfs: Path | None = None) -> Settings:
         return load_settings(netns=self.netns, state_dir=self.state_dir, kernel=kernel or self.kernel,
-                             rootfs=self.rootfs, vmm=vmm, max_vms_per_user=8)
+                             rootfs=rootfs or self.rootfs, vmm=vmm, max_vms_per_user=8)
 
-    def open(self, kernel: Path | None = None, deadlines: Deadlines | None = None, vmm: str = "qemu") -> Controller:
-        controller = self._stack.enter_context(open_controller(self.settings(kernel, vmm), deadlines=deadlines))
+    def open(self, kernel: Path | None = None, deadlines: Deadlines | None = None, vmm: str = "qemu",
+             rootfs: Path | None = None) -> Controller:
+        """A controller on this namespace and state directory; `kernel` and `rootfs` replace the defaults
+        for the VMs it creates (a test-only image, say)."""
+        controller = self._stack.enter_context(open_controller(self.settings(kernel, vmm, rootfs),
+                                                               deadlines=deadlines))
         controller.network.up()
         return controller
 
