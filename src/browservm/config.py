@@ -32,7 +32,13 @@ class Settings(BaseSettings):
     kernel: Path | None = Field(None, description="guest kernel (ELF vmlinux); default: build ours")
     rootfs: Path | None = Field(None, description="golden root filesystem image; default: build ours")
     image_profile: str = Field("full", description="full (with Chromium) or minimal, when building the image")
-    jailer: bool = Field(False, description="run Firecracker through its jailer, as vmm_user, in a chroot")
+    jailer: bool = Field(False, description="run Firecracker through its jailer, in a chroot, as the VM's own "
+                                            "uid (vm_uids) or else vmm_user")
+    vm_uids: bool = Field(True, description="run each VM's VMM as a uid of its own (QEMU -runas, the jailer's "
+                                            "--uid), never as root")
+    vm_uid_base: int = Field(0x70000000, ge=65536, le=2**32 - 2**24 - 2,
+                             description="the first of the 2^24 uids VMMs run as (uid = base + the VM address's "
+                                         "low 24 bits); no account needs to exist")
     disk_mib: int = Field(4096, description="size of each VM's writable overlay disk")
     max_vms: int = Field(32, ge=1, description="VMs this host runs at most")
     max_vms_per_user: int = Field(4, ge=1, description="VMs one user may have at once")

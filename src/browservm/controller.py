@@ -69,7 +69,9 @@ def open_controller(settings: Settings, progress: Progress | None = None,
             images=lambda: resolve_images(settings, progress),
             vm_root=settings.state_dir / "vms",
             limits=Limits(max_vms=settings.max_vms, max_vms_per_user=settings.max_vms_per_user),
-            deadlines=deadlines)
+            deadlines=deadlines,
+            # Only root can hand a VMM another uid; a controller that is not root runs VMMs as itself.
+            vm_uid_base=settings.vm_uid_base if settings.vm_uids and os.geteuid() == 0 else None)
         yield Controller(settings, store, network, manager)
 
 

@@ -37,6 +37,14 @@ def leftovers(controllers: Controllers) -> dict[str, list[Any]]:
     }
 
 
+def vmm_credentials(pid: int) -> tuple[int, str, str]:
+    """A running VMM's real uid, seccomp mode and core-file limit."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+    core = next(line.split()[4] for line in limits if line.startswith("Max core file size"))
+    return int(status["Uid"].split()[0]), status["Seccomp"].strip(), core
+
+
 def test_three_vms_created_at_once_all_pass_every_hop_and_leave_nothing_behind(controllers: Controllers) -> None:
     controller = controllers.open()
     manager = controller.manager
@@ -51,6 +59,10 @@ def test_three_vms_created_at_once_all_pass_every_hop_and_leave_nothing_behind(c
     for record in records:
         assert list(record.stages)[-1] == "desktop.complete"
         assert record.pid is not None and Path(f"/proc/{record.pid}").exists()
+    # Each VMM dropped root for a uid of its own, under a seccomp filter, with no core dumps.
+    credentials = [vmm_credentials(r.pid) for r in records if r.pid is not None]
+    assert len({uid for uid, _, _ in credentials}) == 3 and all(uid >= 65536 for uid, _, _ in credentials)
+    assert all(seccomp == "2" and core == "0" for _, seccomp, core in credentials), credentials
 
     for record in records:
         assert asyncio.run(manager.destroy(record.vm_id))

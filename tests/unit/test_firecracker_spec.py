@@ -8,6 +8,7 @@ instead of being silently ignored by Firecracker.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from ipaddress import IPv4Address, IPv4Interface
@@ -138,3 +139,16 @@ def test_the_jail_holds_links_to_the_images_and_a_valid_config_with_chroot_paths
     assert "cpu.max=200000 100000" in argv  # both vCPUs
     assert f"memory.max={(1024 + 128) * 2**20}" in argv
     assert argv[argv.index("--") + 1:] == ["--api-sock", "/run/firecracker.sock", "--config-file", "/vm-config.json"]
+
+
+def test_a_vm_with_a_uid_of_its_own_runs_jailed_as_it_and_owns_its_disks(tmp_path: Path) -> None:
+    spec = dataclasses.replace(spec_for("vm-abc", tmp_path), run_as=0x70000007)
+    for path in (spec.kernel, spec.rootfs, spec.overlay, spec.config_disk):
+        assert path is not None
+        path.write_bytes(b"x")
+    options = JailerOptions(uid=os.getuid(), gid=os.getgid(), chroot_base=tmp_path / "jail")
+    root = prepare_jail(spec, options, firecracker="/usr/bin/firecracker")
+    argv = jailer_argv(spec, options, jailer="/usr/bin/jailer", firecracker="/usr/bin/firecracker")
+    assert (argv[argv.index("--uid") + 1], argv[argv.index("--gid") + 1]) == (str(0x70000007), str(0x70000007))
+    assert {(root / name).stat().st_uid for name in ("overlay.ext4", "config.img", "run", "vmm.log")} == {0x70000007}
+    assert (root / "rootfs.ext4").stat().st_uid != 0x70000007  # the shared image stays the host's

@@ -122,6 +122,15 @@ class VmNetwork(Protocol):
     def owned_taps(self) -> dict[str, str]: ...
 
 
+def vm_uid(base: int, address: str) -> int:
+    """The uid (and gid) a VM's VMM runs as: one per VM, from its address's low 24 bits.
+
+    VM addresses are unique and all in one private subnet (at most 10.0.0.0/8, 24 bits of host),
+    so no two live VMs share a uid, and a uid means the same VM for as long as it lives.
+    """
+    return base + (int(IPv4Interface(address).ip) & 0xFFFFFF)
+
+
 def normalise_user(user: str) -> str:
     """One spelling per person: NFKC, case-folded, without surrounding spaces, so "Ann", " ann " and
     the same letters in full width share one per-user limit."""
@@ -141,7 +150,8 @@ def owner_alive(owner: str) -> bool:
 class VMManager:
     def __init__(self, *, records: VmRecords, ipam: Ipam, network: VmNetwork, driver: VmmDriver,
                  images: Callable[[], Images], vm_root: Path, limits: Limits | None = None,
-                 deadlines: Deadlines | None = None, probes: Probes | None = None) -> None:
+                 deadlines: Deadlines | None = None, probes: Probes | None = None,
+                 vm_uid_base: int | None = None) -> None:
         self._records = records
         self._ipam = ipam
         self._network = network
@@ -153,6 +163,7 @@ class VMManager:
         self._limits = limits or Limits()
         self._deadlines = deadlines or Deadlines()
         self._probes = probes or GuestProbes()
+        self._vm_uid_base = vm_uid_base  # None: VMMs run as the controller's user
         self._me = this_process()
         self._tasks: set[asyncio.Task[object]] = set()
         self._creating: dict[str, asyncio.Task[VmRecord]] = {}
@@ -315,7 +326,8 @@ class VMManager:
         directory = Path(record.directory)
         return VmSpec(vm_id=record.vm_id, vcpus=record.vcpus, mem_mib=record.mem_mib, kernel=images.kernel,
                       rootfs=images.rootfs, overlay=directory / "overlay.ext4", boot_args=boot_args, tap=record.tap,
-                      mac=record.mac, directory=directory, config_disk=directory / CONFIG_DISK)
+                      mac=record.mac, directory=directory, config_disk=directory / CONFIG_DISK,
+                      run_as=None if self._vm_uid_base is None else vm_uid(self._vm_uid_base, record.address))
 
     async def _readiness(self, record: VmRecord, report: StageCallback) -> None:
         """The readiness hops, in order, each within its deadline and raced against the VMM's exit."""

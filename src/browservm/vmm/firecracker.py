@@ -93,9 +93,15 @@ def jailed_spec(spec: VmSpec) -> VmSpec:
                                config_disk=None if spec.config_disk is None else Path("/config.img"))
 
 
+def jail_ids(spec: VmSpec, options: JailerOptions) -> tuple[int, int]:
+    """The uid and gid the jailed Firecracker runs as: the VM's own when it has one."""
+    return (spec.run_as, spec.run_as) if spec.run_as is not None else (options.uid, options.gid)
+
+
 def prepare_jail(spec: VmSpec, options: JailerOptions, firecracker: str = FIRECRACKER) -> Path:
     """Put what Firecracker needs into its chroot (hard links: no copy of the golden image)."""
     root = jail_root(spec.vm_id, options, firecracker)
+    uid, gid = jail_ids(spec, options)
     inside = jailed_spec(spec)
     try:
         (root / "run").mkdir(parents=True)
@@ -104,13 +110,13 @@ def prepare_jail(spec: VmSpec, options: JailerOptions, firecracker: str = FIRECR
             if source is not None and target is not None:
                 os.link(source, root / target.name)
         if spec.overlay is not None:
-            os.chown(root / "overlay.ext4", options.uid, options.gid)  # the VM's own disk: writable by it
+            os.chown(root / "overlay.ext4", uid, gid)  # the VM's own disk: writable by it
         if spec.config_disk is not None:
-            os.chown(root / "config.img", options.uid, options.gid)  # 0600: for this VM's Firecracker alone
+            os.chown(root / "config.img", uid, gid)  # 0600: for this VM's Firecracker alone
         (root / "vm-config.json").write_text(json.dumps(firecracker_config(inside), indent=2))
         (root / "vmm.log").touch()
         for owned in (root / "run", root / "vmm.log"):
-            os.chown(owned, options.uid, options.gid)
+            os.chown(owned, uid, gid)
         # Firecracker makes its API socket inside the chroot; the controller reaches it through this link.
         spec.control_socket.symlink_to(root / _JAILED_API_SOCKET.lstrip("/"))
     except OSError as exc:
@@ -123,8 +129,8 @@ def prepare_jail(spec: VmSpec, options: JailerOptions, firecracker: str = FIRECR
 def jailer_argv(spec: VmSpec, options: JailerOptions, jailer: str = JAILER,
                 firecracker: str = FIRECRACKER) -> list[str]:
     """The jailer command for a VM whose chroot `prepare_jail` filled."""
-    argv = [jailer, "--id", spec.vm_id, "--exec-file", firecracker,
-            "--uid", str(options.uid), "--gid", str(options.gid),
+    uid, gid = jail_ids(spec, options)
+    argv = [jailer, "--id", spec.vm_id, "--exec-file", firecracker, "--uid", str(uid), "--gid", str(gid),
             "--chroot-base-dir", str(options.chroot_base), "--cgroup-version", "2"]
     if options.limit_cpu:
         period = 100_000

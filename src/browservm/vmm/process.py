@@ -14,6 +14,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import resource
 import select
 import shutil
 import signal
@@ -62,7 +63,7 @@ def start_time(pid: int) -> int | None:
 # --- spawn -------------------------------------------------------------------------------------
 
 def spawn(argv: Sequence[str], log: Path, netns: NetworkNamespace, vm_id: str, *, directory: Path,
-          placement: Placement) -> VmmProcess:
+          placement: Placement, rlimits: Sequence[tuple[int, int]] = ()) -> VmmProcess:
     """Start a VMM that is not the caller's child, in the VM's cgroup, namespace and directory.
 
     Double fork: the intermediate child calls setsid, forks the VMM-to-be, reports its PID and
@@ -70,13 +71,14 @@ def spawn(argv: Sequence[str], log: Path, netns: NetworkNamespace, vm_id: str, *
     the controller's process tree does not reach it. Before exec the VMM joins the VM's cgroup
     (placement), enters `directory` (part of its identity, see is_vmm_of) and waits until the
     caller has read its start time, so the identity recorded is the one of the process that
-    execs. Anything that fails before or at exec comes back through a close-on-exec pipe as
-    step and errno, the way subprocess reports exec failures.
+    execs. `rlimits` ((resource, value) pairs) are set, soft and hard, before exec. Anything that
+    fails before or at exec comes back through a close-on-exec pipe as step and errno, the way
+    subprocess reports exec failures.
     """
     wrapped = placement.wrap(argv, vm_id)
     cgroup_procs = placement.prepare(vm_id)
     try:
-        vmm = _spawn(wrapped, log, netns, vm_id, directory=directory, cgroup_procs=cgroup_procs)
+        vmm = _spawn(wrapped, log, netns, vm_id, directory=directory, cgroup_procs=cgroup_procs, rlimits=rlimits)
         if list(wrapped) != list(argv):
             _wait_for_handover(vmm, wrapped[0], argv[0], log, vm_id)
         return vmm
@@ -137,6 +139,7 @@ class _Child:
     args: list[bytes]
     env: dict[bytes, bytes]
     cgroup_procs: bytes | None
+    rlimits: tuple[tuple[int, int], ...]
     directory: bytes
     stdin: int
     stdout: int
@@ -146,7 +149,7 @@ class _Child:
 
 
 def _spawn(argv: Sequence[str], log: Path, netns: NetworkNamespace, vm_id: str, *, directory: Path,
-           cgroup_procs: Path | None) -> VmmProcess:
+           cgroup_procs: Path | None, rlimits: Sequence[tuple[int, int]]) -> VmmProcess:
     program = argv[0]
     try:
         # Above 2, so the dup2()s onto 0, 1 and 2 in the child cannot overwrite one another.
@@ -161,7 +164,7 @@ def _spawn(argv: Sequence[str], log: Path, netns: NetworkNamespace, vm_id: str, 
         err_r, err_w = _pipe(pipes)  # VMM -> caller: step and errno; EOF at a successful exec
         child = _Child(
             executables=_candidates(program), args=[os.fsencode(arg) for arg in argv], env=dict(os.environb),
-            cgroup_procs=None if cgroup_procs is None else os.fsencode(cgroup_procs),
+            cgroup_procs=None if cgroup_procs is None else os.fsencode(cgroup_procs), rlimits=tuple(rlimits),
             directory=os.fsencode(directory), stdin=devnull, stdout=out, pid_w=pid_w, go_r=go_r, err_w=err_w)
         with netns.entered():
             try:
@@ -223,6 +226,8 @@ def _failure_reason(step: str, code: int, program: str, directory: Path, cgroup_
     strerror = os.strerror(code) if code else f"the child failed at {step} before exec"
     if step == "chdir":
         return f"cannot enter the VM directory {directory}: {strerror}"
+    if step == "rlimit":
+        return f"cannot set the VMM's resource limits: {strerror}"
     if step == "cgroup" and cgroup_procs is not None:
         return f"cannot join cgroup {cgroup_procs.parent}: {strerror}"
     return f"cannot run {program}: {strerror}"
@@ -261,6 +266,9 @@ def _vmm(child: _Child) -> None:
         for signum in (signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        step = "rlimit"
+        for which, value in child.rlimits:
+            resource.setrlimit(which, (value, value))
         if child.cgroup_procs is not None:
             step = "cgroup"
             procs = os.open(child.cgroup_procs, os.O_WRONLY | os.O_CLOEXEC)

@@ -19,6 +19,7 @@ class VmSpec:
     mac: str
     directory: Path  # per-VM: console log, VMM log, sockets, generated config
     config_disk: Path | None = None  # secrets and settings (guest/configdisk.py): the third disk, read-only
+    run_as: int | None = None  # the VM's own uid (and gid) the VMM drops to; None: the controller's user
 
     @property
     def console_log(self) -> Path:
