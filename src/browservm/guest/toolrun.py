@@ -5,12 +5,16 @@ The agent starts it inside the desktop's terminal window as the desktop user:
     browservm-toolrun --log L --status S --pids P [--mkdir DIR]... -- COMMAND...
 
 It makes each `--mkdir` directory (mode 0700: the tools' config directories, which some refuse to
-create themselves), writes "RUNNER_PID TOOL_PID" to P (both lead process groups of their own: the
-agent kills those groups), starts COMMAND on a new pseudo-terminal (tools draw for a terminal and
-read keys from it), and copies what the tool prints to the window and to L, and what the person
-types to the tool. L is kept under 1 MiB (its last 64 KiB are kept when it grows past that). When
-the tool ends, its exit status goes to S as {"exit_status": N} (128 + the signal's number when a
-signal ended it), written whole by rename. Stdlib-only: it runs in the guest.
+create themselves), writes the files the provider's entry asks for (`BROWSERVM_TOOL_FILES` in its
+environment: a JSON object {absolute path under $HOME: text}, written 0600 as the desktop user, the
+variable itself kept from the tool; Gemini CLI's settings are one), writes "RUNNER_PID TOOL_PID" to
+P (both lead process groups of their own: the agent kills those groups), starts COMMAND on a new
+pseudo-terminal (tools draw for a terminal and read keys from it), and copies what the tool prints
+to the window and to L, and what the person types to the tool. L is kept under 1 MiB (its last 64
+KiB are kept when it grows past that). When the tool ends, its exit status goes to S as
+{"exit_status": N} (128 + the signal's number when a signal ended it), written whole by rename; when
+the files cannot be written the tool does not start, L says why and S holds 2. Stdlib-only: it runs
+in the guest.
 """
 
 from __future__ import annotations
@@ -32,6 +36,37 @@ from pathlib import Path
 
 LOG_LIMIT = 1024 * 1024
 LOG_KEEP = 64 * 1024
+# Files a provider needs before its tool starts, from the catalog (oauth/catalog.py `files`), carried in the
+# environment so the agent's contract (command, env, ...) stays as it is.
+FILES_ENV = "BROWSERVM_TOOL_FILES"
+
+
+class BadFiles(Exception):
+    pass
+
+
+def write_files(spec: str, home: Path) -> list[Path]:
+    """Write each {path: text} of `spec` (JSON) under `home`, mode 0600, replacing what was there."""
+    try:
+        files = json.loads(spec)
+    except ValueError:
+        raise BadFiles(f"{FILES_ENV} is not JSON") from None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise BadFiles(f"{FILES_ENV} is not an object of texts")
+    written = []
+    for name, text in files.items():
+        path = Path(name)
+        if not path.is_absolute() or os.path.normpath(name) != name or not path.is_relative_to(home) or path == home:
+            raise BadFiles(f"{name[:200]!r} is not a normalised path under {home}")
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # No link followed: the desktop user's own home, but a file of theirs is written, never one it points at.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, text.encode())
+        finally:
+            os.close(fd)
+        written.append(path)
+    return written
 
 
 class Log:
@@ -94,6 +129,18 @@ def run(command: Sequence[str], log_path: Path, status_path: Path, pids_path: Pa
     for directory in directories:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     log = Log(log_path)
+    files = os.environ.pop(FILES_ENV, None)  # popped: the tool inherits this environment
+    try:
+        write_files(files or "{}", Path.home())
+    except (BadFiles, OSError) as exc:
+        # The tool never starts; its log and status say why, as for a command that cannot run.
+        message = f"browservm-toolrun: cannot write the tool's files: {exc}\n".encode()
+        log.write(message)
+        with contextlib.suppress(OSError):
+            _write_all(2, message)
+        log.close()
+        _write_status(status_path, 2)
+        return 2
     pid, master = pty.fork()
     if pid == 0:  # the tool: a session of its own on the new terminal, so its group is its pid
         try:

@@ -16,8 +16,18 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from browservm.guest.toolrun import FILES_ENV
 from browservm.oauth.errors import CatalogError, UnknownProvider
 
 # The desktop user's home in the image (images/rootfs.py DESKTOP_USER is "browser"): the agent accepts
@@ -28,6 +38,7 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _CALLBACK = re.compile(r"any|127\.0\.0\.1:\d{1,5}|localhost:\d{1,5}")
 MAX_TIMEOUT_S = 3600  # the agent's own bound
+MAX_FILES_JSON = 4096  # `files` travel as one environment variable: the agent's bound on a value
 
 
 def _guest_path(value: str, field: str) -> str:
@@ -52,6 +63,9 @@ class Provider(BaseModel):
     credentials: list[StrictStr] = Field(min_length=1, max_length=16)
     required_keys: list[StrictStr] = Field(default_factory=list, max_length=64)
     timeout_s: StrictInt = Field(ge=1, le=MAX_TIMEOUT_S)
+    files: dict[StrictStr, StrictStr] = Field(
+        default_factory=dict, max_length=16,
+        description="written (0600, as the desktop user) before the tool starts: {absolute path: text}")
 
     @field_validator("name")
     @classmethod
@@ -75,6 +89,8 @@ class Provider(BaseModel):
         for name, word in value.items():
             if _ENV_NAME.fullmatch(name) is None:
                 raise ValueError(f"{name[:64]!r} is not a variable name")
+            if name == FILES_ENV:
+                raise ValueError(f"{FILES_ENV} is the runner's: give the files as `files`")
             if "\0" in word or len(word) > 4096:
                 raise ValueError(f"{name}: at most 4096 characters, no NUL")
         return value
@@ -98,6 +114,25 @@ class Provider(BaseModel):
             raise ValueError("a path is given twice")
         return value
 
+    @field_validator("files")
+    @classmethod
+    def _files(cls, value: dict[str, str]) -> dict[str, str]:
+        for path in value:
+            _guest_path(path, "files")
+            if not PurePosixPath(path).is_relative_to(GUEST_HOME) or PurePosixPath(path) == GUEST_HOME:
+                raise ValueError(f"{path!r} is not under the desktop user's home {GUEST_HOME}")
+        if len(_files_json(value)) > MAX_FILES_JSON:
+            raise ValueError(f"at most {MAX_FILES_JSON} characters in all, as JSON")
+        return value
+
+    @model_validator(mode="after")
+    def _files_are_not_credentials(self) -> Provider:
+        # A file written before the tool starts that is also a credentials file would be "captured" unsigned-in.
+        both = sorted(set(self.files) & set(self.credentials))
+        if both:
+            raise ValueError(f"files: {both[0]!r} is a credentials file; the tool must write it")
+        return self
+
     @field_validator("required_keys")
     @classmethod
     def _keys(cls, value: list[str]) -> list[str]:
@@ -106,10 +141,18 @@ class Provider(BaseModel):
         return value
 
     def agent_request(self) -> dict[str, Any]:
-        """The body of the agent's POST /v1/login (DESIGN.md, "The OAuth agent's contract")."""
-        return {"provider": self.name, "command": list(self.command), "env": dict(self.env),
+        """The body of the agent's POST /v1/login (DESIGN.md, "The OAuth agent's contract"); `files` ride in
+        `env` as FILES_ENV, which the guest's runner takes out and writes before it starts the tool."""
+        env = dict(self.env)
+        if self.files:
+            env[FILES_ENV] = _files_json(self.files)
+        return {"provider": self.name, "command": list(self.command), "env": env,
                 "credentials": list(self.credentials), "required_keys": list(self.required_keys),
                 "timeout_s": self.timeout_s}
+
+
+def _files_json(files: dict[str, str]) -> str:
+    return json.dumps(files, sort_keys=True, separators=(",", ":"))
 
 
 class Catalog:
