@@ -16,6 +16,7 @@ from browservm.errors import InvalidVmId, VmmError
 from browservm.vmm.placement import (
     NoCgroup,
     OwnCgroup,
+    ResourceLimits,
     SystemdScope,
     cgroup2_mount,
     choose_placement,
@@ -144,3 +145,41 @@ def test_the_service_unit_runs_serve_restarts_on_failure_and_reads_its_settings_
     assert "KillMode" not in service  # the default (control-group) is safe: VMs are not in it
     assert "scope of its own" in text and "KillMode" in text  # and the file says why
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+LIMITS = ResourceLimits(cpus=2, memory_mib=2048, tasks=258)
+
+
+def test_a_scope_carries_the_vms_cpu_memory_and_task_limits() -> None:
+    argv = systemd_run_argv(["qemu-system-x86_64"], "vm-1", limits=LIMITS)
+    assert argv[argv.index("--") - 3:argv.index("--")] == [
+        "--property=CPUQuota=200%", "--property=MemoryMax=2048M", "--property=TasksMax=258"]
+
+
+def cgroup_tree(tmp_path: Path, delegated: str) -> OwnCgroup:
+    """A directory laid out as a cgroup v2 root whose subtree_control delegates `delegated`."""
+    (tmp_path / "cgroup.subtree_control").write_text(delegated + "\n")
+    placement = OwnCgroup(tmp_path)
+    (tmp_path / "browservm-vms" / "vm-1").mkdir(parents=True)
+    (tmp_path / "browservm-vms" / "vm-1" / "cgroup.procs").write_text("")
+    return placement
+
+
+def test_own_cgroup_writes_every_limit_the_hierarchy_delegates(tmp_path: Path) -> None:
+    placement = cgroup_tree(tmp_path, "cpuset cpu io memory pids")
+    assert placement.enforced == ("cpu", "memory", "pids") and "not enforced" not in placement.reason
+    placement.prepare("vm-1", LIMITS)
+    cgroup = tmp_path / "browservm-vms" / "vm-1"
+    assert (tmp_path / "browservm-vms" / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
+    assert (cgroup / "cpu.max").read_text() == "200000 100000"
+    assert (cgroup / "memory.max").read_text() == str(2048 * 2**20)
+    assert (cgroup / "pids.max").read_text() == "258"
+
+
+def test_own_cgroup_says_which_limits_it_cannot_enforce_and_writes_none_of_them(tmp_path: Path) -> None:
+    placement = cgroup_tree(tmp_path, "pids")
+    assert placement.enforced == ("pids",)
+    assert "its cpu, memory limits are not enforced" in placement.reason
+    placement.prepare("vm-1", LIMITS)
+    assert sorted(p.name for p in (tmp_path / "browservm-vms" / "vm-1").iterdir()) == ["cgroup.procs", "pids.max"]
+    assert "no CPU, memory or task limits" in NoCgroup("no cgroup v2 hierarchy").reason

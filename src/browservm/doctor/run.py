@@ -66,6 +66,7 @@ from browservm.vm.readiness import IP_IGNORED, DesktopConnection, GuestNetwork, 
 from browservm.vm.records import VmRecord
 from browservm.vm.state import VmState
 from browservm.vmm import firecracker, process
+from browservm.vmm.placement import choose_placement
 from browservm.vmm.process import VmmProcess
 from browservm.vmm.qemu import QEMU
 
@@ -374,6 +375,9 @@ class Doctor:
                 result.checked.append("/dev/kvm is usable: QEMU probes once per kernel whether KVM really runs it "
                                       "(else TCG)" if kvm else "/dev/kvm is missing or not accessible: QEMU uses "
                                       "TCG (software emulation; a minimal desktop takes about 30 s)")
+        # Not a fault on the path to a desktop, but what an operator must know about a hostile guest.
+        placement = await bounded(choose_placement, self._d.version, "where VMMs run (cgroups)")
+        result.checked.append(f"VMM placement: {placement.reason}")
         result.seconds = time.monotonic() - started
         return result
 

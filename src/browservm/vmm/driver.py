@@ -14,7 +14,7 @@ from browservm.hostnet.netns import NetworkNamespace
 from browservm.vmm import firecracker, placement, process
 from browservm.vmm.placement import Placement, choose_placement
 from browservm.vmm.process import VmmProcess
-from browservm.vmm.qemu import QEMU, AccelProbe, qemu_argv, qemu_rlimits
+from browservm.vmm.qemu import QEMU, AccelProbe, qemu_argv, qemu_limits, qemu_rlimits
 from browservm.vmm.spec import VmSpec
 
 
@@ -69,7 +69,7 @@ class QemuDriver:
     def start(self, spec: VmSpec, netns: NetworkNamespace) -> VmmProcess:
         argv = qemu_argv(spec, self.accel(spec.kernel), self._qemu)
         return process.spawn(argv, spec.vmm_log, netns, spec.vm_id, directory=spec.directory,
-                             placement=self.placement, rlimits=qemu_rlimits(spec))
+                             placement=self.placement, rlimits=qemu_rlimits(spec), limits=qemu_limits(spec))
 
     def stop(self, spec: VmSpec, vmm: VmmProcess, timeout: float) -> None:
         _kill(spec, vmm, self._quit(spec), timeout)

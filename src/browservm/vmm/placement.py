@@ -15,6 +15,11 @@ into a cgroup made for its VM before it runs a single instruction of the VMM:
 - `NoCgroup`: no writable cgroup v2 hierarchy. VMMs still run in sessions of their own, but
   stop with the controller's cgroup; `reason` says why, for diagnostics.
 
+The VM's cgroup also bounds what its VMM may take (`ResourceLimits`: CPU time, memory, tasks):
+systemd applies them as the scope's properties; `OwnCgroup` writes `cpu.max`, `memory.max` and
+`pids.max` where the hierarchy delegates those controllers to it, and `enforced` says which it
+could, so the doctor can say which limits a host does not enforce, instead of pretending.
+
 Every method is idempotent: the manager may release a VM that never started, or twice.
 """
 
@@ -28,6 +33,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -42,15 +48,37 @@ CGROUP_BASE = "browservm-vms"
 _RELEASE_TIMEOUT_S = 10.0
 
 
+CONTROLLERS = ("cpu", "memory", "pids")
+
+
+@dataclass(frozen=True)
+class ResourceLimits:
+    """What one VM's VMM may take at most."""
+
+    cpus: int  # CPU time: this many CPUs' worth
+    memory_mib: int  # the guest's memory plus the VMM's own
+    tasks: int  # processes and threads
+
+    def cgroup_files(self) -> dict[str, str]:
+        """The cgroup v2 interface files and values, per controller."""
+        period = 100_000
+        return {"cpu": f"cpu.max={self.cpus * period} {period}", "memory": f"memory.max={self.memory_mib * 2**20}",
+                "pids": f"pids.max={self.tasks}"}
+
+    def systemd_properties(self) -> list[str]:
+        return [f"CPUQuota={self.cpus * 100}%", f"MemoryMax={self.memory_mib}M", f"TasksMax={self.tasks}"]
+
+
 class Placement(Protocol):
     name: str  # "systemd", "cgroup" or "none"
     reason: str  # why this placement, in a sentence (diagnostics)
+    enforced: tuple[str, ...]  # which of CONTROLLERS bound a VM's VMM
 
-    def wrap(self, argv: Sequence[str], vm_id: str) -> list[str]:
+    def wrap(self, argv: Sequence[str], vm_id: str, limits: ResourceLimits | None = None) -> list[str]:
         """The command that runs `argv` in this VM's place (the same PID runs the VMM in the end)."""
         ...
 
-    def prepare(self, vm_id: str) -> Path | None:
+    def prepare(self, vm_id: str, limits: ResourceLimits | None = None) -> Path | None:
         """Make the VM's cgroup if the VMM has to join it itself: its `cgroup.procs`, else None."""
         ...
 
@@ -60,13 +88,14 @@ class Placement(Protocol):
 
 
 def systemd_run_argv(argv: Sequence[str], vm_id: str, slice_name: str = SLICE,
-                     systemd_run: str = "systemd-run") -> list[str]:
+                     systemd_run: str = "systemd-run", limits: ResourceLimits | None = None) -> list[str]:
     """`argv` wrapped to run in the transient scope `browservm-<vm_id>.scope` (a value)."""
     validate_vm_id(vm_id)
+    properties = [f"--property={p}" for p in limits.systemd_properties()] if limits is not None else []
     # --collect: the unit is forgotten when it ends, even if the VMM failed, so the same name
     # never blocks a later VM and nothing piles up in `systemctl --failed`.
     return [systemd_run, "--scope", "--quiet", "--collect", f"--unit={scope_unit(vm_id)}",
-            f"--slice={slice_name}", f"--description=browservm VM {vm_id}", "--", *argv]
+            f"--slice={slice_name}", f"--description=browservm VM {vm_id}", *properties, "--", *argv]
 
 
 def scope_unit(vm_id: str) -> str:
@@ -113,6 +142,15 @@ def systemd_is_init(runtime: Path = SYSTEMD_RUNTIME, init_comm: Path = INIT_COMM
         return runtime.is_dir() and init_comm.read_text().strip() == "systemd"
     except OSError:
         return False
+
+
+def delegated_controllers(root: Path) -> tuple[str, ...]:
+    """Which of CONTROLLERS the hierarchy at `root` hands to its children (so to ours)."""
+    try:
+        delegated = (root / "cgroup.subtree_control").read_text().split()
+    except OSError:
+        return ()
+    return tuple(c for c in CONTROLLERS if c in delegated)
 
 
 def _cgroup_pids(cgroup: Path) -> list[int]:
@@ -176,18 +214,27 @@ class OwnCgroup:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.base = root / CGROUP_BASE
-        self.reason = f"each VMM runs in a cgroup of its own under {self.base}"
+        self.enforced = delegated_controllers(root)
+        missing = [c for c in CONTROLLERS if c not in self.enforced]
+        limits = (f"; its {', '.join(missing)} limits are not enforced: the hierarchy does not delegate "
+                  f"{'that controller' if len(missing) == 1 else 'those controllers'} ({root}/cgroup.subtree_control)"
+                  if missing else "")
+        self.reason = f"each VMM runs in a cgroup of its own under {self.base}{limits}"
 
     def cgroup(self, vm_id: str) -> Path:
         return self.base / validate_vm_id(vm_id)
 
-    def wrap(self, argv: Sequence[str], vm_id: str) -> list[str]:
+    def wrap(self, argv: Sequence[str], vm_id: str, limits: ResourceLimits | None = None) -> list[str]:
         return list(argv)
 
-    def prepare(self, vm_id: str) -> Path:
+    def prepare(self, vm_id: str, limits: ResourceLimits | None = None) -> Path:
         cgroup = self.cgroup(vm_id)
         try:
-            cgroup.mkdir(parents=True, exist_ok=True)
+            self.base.mkdir(exist_ok=True)
+            if self.enforced:
+                # A controller reaches a cgroup only through every ancestor's subtree_control.
+                (self.base / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in self.enforced))
+            cgroup.mkdir(exist_ok=True)
             holding = _cgroup_pids(cgroup)
         except OSError as exc:
             raise VmmError(vm_id, "place", f"cannot make cgroup {cgroup}: {exc.strerror}") from exc
@@ -195,6 +242,15 @@ class OwnCgroup:
             # Its release would kill them: refuse rather than share a cgroup with another VM.
             raise VmmError(vm_id, "place", f"cgroup {cgroup} already holds processes {holding}: "
                                            "another VM with this id is running")
+        if limits is not None:
+            for controller, setting in limits.cgroup_files().items():
+                if controller in self.enforced:
+                    name, _, value = setting.partition("=")
+                    try:
+                        (cgroup / name).write_text(value)
+                    except OSError as exc:
+                        raise VmmError(vm_id, "place", f"cannot set {cgroup / name} to {value}: "
+                                                       f"{exc.strerror}") from exc
         return cgroup / "cgroup.procs"
 
     def release(self, vm_id: str) -> None:
@@ -212,14 +268,15 @@ class SystemdScope:
         self._systemctl = systemctl
         self.slice = slice_name
         self.reason = f"each VMM runs in a transient scope browservm-<vm id>.scope in {slice_name}"
+        self.enforced: tuple[str, ...] = CONTROLLERS  # systemd enables what a unit's properties need
 
-    def wrap(self, argv: Sequence[str], vm_id: str) -> list[str]:
+    def wrap(self, argv: Sequence[str], vm_id: str, limits: ResourceLimits | None = None) -> list[str]:
         # systemd-run would only say so after it made the scope, in the VMM's log: say it now.
         if shutil.which(argv[0]) is None:
             raise VmmError(vm_id, "start", f"cannot run {argv[0]}: {os.strerror(errno.ENOENT)}")
-        return systemd_run_argv(argv, vm_id, self.slice, self._systemd_run)
+        return systemd_run_argv(argv, vm_id, self.slice, self._systemd_run, limits)
 
-    def prepare(self, vm_id: str) -> Path | None:
+    def prepare(self, vm_id: str, limits: ResourceLimits | None = None) -> Path | None:
         return None
 
     def release(self, vm_id: str) -> None:
@@ -240,13 +297,15 @@ class NoCgroup:
 
     name = "none"
 
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
+    enforced: tuple[str, ...] = ()
 
-    def wrap(self, argv: Sequence[str], vm_id: str) -> list[str]:
+    def __init__(self, reason: str) -> None:
+        self.reason = reason + "; no CPU, memory or task limits are enforced on VMMs"
+
+    def wrap(self, argv: Sequence[str], vm_id: str, limits: ResourceLimits | None = None) -> list[str]:
         return list(argv)
 
-    def prepare(self, vm_id: str) -> Path | None:
+    def prepare(self, vm_id: str, limits: ResourceLimits | None = None) -> Path | None:
         return None
 
     def release(self, vm_id: str) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from browservm.errors import VmmError
 from browservm.hostnet.netns import NetworkNamespace
-from browservm.vmm.placement import Placement
+from browservm.vmm.placement import Placement, ResourceLimits
 
 # Executable names (prefixes: release builds are called e.g. firecracker-v1.7.0-x86_64). The jailer
 # is there because it *becomes* Firecracker: until it chroots and execs, it is a VMM being born.
@@ -63,7 +63,8 @@ def start_time(pid: int) -> int | None:
 # --- spawn -------------------------------------------------------------------------------------
 
 def spawn(argv: Sequence[str], log: Path, netns: NetworkNamespace, vm_id: str, *, directory: Path,
-          placement: Placement, rlimits: Sequence[tuple[int, int]] = ()) -> VmmProcess:
+          placement: Placement, rlimits: Sequence[tuple[int, int]] = (),
+          limits: ResourceLimits | None = None) -> VmmProcess:
     """Start a VMM that is not the caller's child, in the VM's cgroup, namespace and directory.
 
     Double fork: the intermediate child calls setsid, forks the VMM-to-be, reports its PID and
@@ -71,12 +72,12 @@ def spawn(argv: Sequence[str], log: Path, netns: NetworkNamespace, vm_id: str, *
     the controller's process tree does not reach it. Before exec the VMM joins the VM's cgroup
     (placement), enters `directory` (part of its identity, see is_vmm_of) and waits until the
     caller has read its start time, so the identity recorded is the one of the process that
-    execs. `rlimits` ((resource, value) pairs) are set, soft and hard, before exec. Anything that
-    fails before or at exec comes back through a close-on-exec pipe as step and errno, the way
-    subprocess reports exec failures.
+    execs. `limits` go to the VM's cgroup (placement); `rlimits` ((resource, value) pairs) are set,
+    soft and hard, before exec. Anything that fails before or at exec comes back through a
+    close-on-exec pipe as step and errno, the way subprocess reports exec failures.
     """
-    wrapped = placement.wrap(argv, vm_id)
-    cgroup_procs = placement.prepare(vm_id)
+    wrapped = placement.wrap(argv, vm_id, limits)
+    cgroup_procs = placement.prepare(vm_id, limits)
     try:
         vmm = _spawn(wrapped, log, netns, vm_id, directory=directory, cgroup_procs=cgroup_procs, rlimits=rlimits)
         if list(wrapped) != list(argv):

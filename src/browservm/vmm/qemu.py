@@ -20,6 +20,7 @@ from pathlib import Path
 
 from browservm.errors import VmmError
 from browservm.progress import cache_dir
+from browservm.vmm.placement import ResourceLimits
 from browservm.vmm.spec import VmSpec
 
 QEMU = "qemu-system-x86_64"
@@ -39,6 +40,16 @@ SANDBOX = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
 # Threads of the VM's own uid (vCPUs, I/O workers, up to 64 by default, and a few more): a VMM
 # that goes beyond is broken or taken over. No core dumps: they would hold the guest's memory.
 MAX_THREADS = 256
+
+
+# QEMU's own memory beside the guest's: under TCG its translation cache alone takes hundreds of
+# MiB (a 1 GiB desktop VM was measured at 1.66 GiB resident). A ceiling, not a budget.
+OVERHEAD_MIB = 1024
+
+
+def qemu_limits(spec: VmSpec) -> ResourceLimits:
+    """The VM's cgroup limits: its vCPUs' worth of CPU, its memory plus QEMU's, its threads."""
+    return ResourceLimits(cpus=spec.vcpus, memory_mib=spec.mem_mib + OVERHEAD_MIB, tasks=MAX_THREADS + spec.vcpus)
 
 
 def qemu_rlimits(spec: VmSpec) -> list[tuple[int, int]]:
