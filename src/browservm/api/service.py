@@ -41,6 +41,7 @@ _LIVE = (VmState.CREATING, VmState.BOOTING, VmState.READY)
 _REAP_EVERY_S = 10.0
 _STREAM_POLL_S = 2.0
 _FIREWALL_CHECK_S = 2.0
+_CONSOLE_CAP_S = 5.0
 
 
 class _Metered:
@@ -91,7 +92,7 @@ class ControllerService:
         actions += await self.manager.reconcile()
         await self.manager.watch_all()
         self._tasks = [asyncio.create_task(self._watch_store()), asyncio.create_task(self._reap()),
-                       asyncio.create_task(self._keep_firewall())]
+                       asyncio.create_task(self._keep_firewall()), asyncio.create_task(self._cap_consoles())]
         self._tasks += [asyncio.ensure_future(work()) for work in self._background]
         return actions
 
@@ -143,6 +144,19 @@ class ControllerService:
                 await asyncio.to_thread(self.network.check_and_restore)
             except BrowserVMError as exc:
                 log.warning("host network drift check: %s", exc)
+
+    async def _cap_consoles(self) -> None:
+        """A guest that floods its console fills at most console.MAX_DISK of the host's disk, plus what
+        it prints in one interval."""
+        while True:
+            await asyncio.sleep(_CONSOLE_CAP_S)
+            try:
+                freed = await asyncio.to_thread(self.manager.cap_consoles)
+            except BrowserVMError as exc:
+                log.warning("console cap: %s", exc)
+                continue
+            for vm_id, count in freed.items():
+                log.info("%s: freed %d bytes from the middle of its console log", vm_id, count)
 
     # --- what the manager tells ---------------------------------------------------------
 

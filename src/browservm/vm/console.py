@@ -8,12 +8,19 @@ The guest writes this file: everything about it is bounded before the host
 keeps it (bytes per read, characters per line, lines remembered), so a guest
 that floods its console costs the controller a bounded amount of memory and
 time per wake-up.
+
+On disk, a console is capped (`cap_console`): past MAX_DISK bytes the middle of the file is
+punched out (a hole, as `fallocate --punch-hole` makes), keeping its start (the boot, with the
+markers the doctor reads) and its latest output; the file keeps its length, so the VMM writes on
+where it was and readers skip the hole's zeros.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +29,12 @@ from browservm.inotify import DirectoryWatch
 READ_CHUNK = 256 * 1024  # per read: a flood is read over several wake-ups of the event loop
 MAX_LINE = 4096  # characters kept of one line
 MAX_LINES = 5000  # lines remembered
+MAX_DISK = 8 * 2**20  # bytes a console may hold on disk
+KEEP_HEAD = 1 * 2**20  # of those, the first ones: the boot
+_BLOCK = 4096
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 
 
 class ConsoleLog:
@@ -42,6 +55,7 @@ class ConsoleLog:
             return []
         self.more = len(data) == READ_CHUNK
         self._offset += len(data)
+        data = data.replace(b"\0", b"")  # a hole cap_console punched (nothing a console prints)
         chunks = (self._partial + data).split(b"\n")
         self._partial = chunks.pop()[:MAX_LINE]
         new = [chunk[:MAX_LINE].decode(errors="replace").rstrip("\r") for chunk in chunks]
@@ -74,6 +88,31 @@ class ConsoleLog:
                     await asyncio.sleep(0)  # let others run between two chunks of a long console
                 elif not await watch.changed(remaining):
                     return None
+
+
+def cap_console(path: Path, max_disk: int = MAX_DISK, keep_head: int = KEEP_HEAD) -> int:
+    """Free what `path` holds beyond `max_disk` bytes, from its middle; the bytes freed. Blocking.
+
+    Keeps `keep_head` bytes at the start and the latest `max_disk - keep_head` at the end.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0
+    try:
+        stat = os.fstat(fd)
+        if stat.st_blocks * 512 <= max_disk:
+            return 0
+        start = -(-keep_head // _BLOCK) * _BLOCK
+        end = -(-(stat.st_size - (max_disk - keep_head)) // _BLOCK) * _BLOCK  # rounded up: within max_disk
+        if end <= start:
+            return 0
+        if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, start, end - start) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"cannot free the middle of the console log: {os.strerror(code)}", str(path))
+        return stat.st_blocks * 512 - os.fstat(fd).st_blocks * 512
+    finally:
+        os.close(fd)
 
 
 def terminal_safe(line: str) -> str:

@@ -51,7 +51,7 @@ from browservm.ids import new_vm_id, validate_vm_id
 from browservm.images.disk import clone_sparse
 from browservm.ipam import Ipam, Lease
 from browservm.vm import hops
-from browservm.vm.console import ConsoleLog
+from browservm.vm.console import ConsoleLog, cap_console
 from browservm.vm.readiness import GuestProbes, Probes
 from browservm.vm.records import Failure, VmRecord, VmRecords
 from browservm.vm.state import VmState, transition
@@ -444,6 +444,21 @@ class VMManager:
                 spec = VmSpec(record.vm_id, record.vcpus, record.mem_mib, Path(), Path(), None, "", record.tap,
                               record.mac, directory)
                 self._driver.stop(spec, vmm, self._deadlines.stop)
+
+    def cap_consoles(self) -> dict[str, int]:
+        """Keep every VM's console log within console.MAX_DISK on disk: VM id -> bytes freed. Blocking.
+
+        A guest can print without end; without this its console would fill the host's disk.
+        """
+        freed = {}
+        for directory in self._vm_root.iterdir() if self._vm_root.is_dir() else ():
+            try:
+                count = cap_console(directory / "console.log")
+            except OSError as exc:
+                raise VmmError(directory.name, "cap console", f"{exc.filename}: {exc.strerror}") from exc
+            if count:
+                freed[directory.name] = count
+        return freed
 
     def secrets(self, vm_id: str) -> dict[str, str]:
         """The secrets the VM's config disk carries (the agent's key, the desktop's password). Blocking."""
