@@ -112,30 +112,44 @@ os.replace(temporary, result)
 
 
 class Approval:
-    """The server answers the consent page's request only when `approve` is called: that is the approval."""
+    """The server answers the consent page's request only once `approve` is called: that is the approval.
+
+    Chromium may send the page's request more than once (a retry on a fresh connection) and renders only
+    the answer on the connection it still waits on, so an approval answers every request held until then
+    and lets later ones through, until `hold` starts the next run.
+    """
 
     def __init__(self, server: TestAuthorizationServer) -> None:
         self._answer = server.authorize_page
-        self._pending: queue.Queue[threading.Event] = queue.Queue()
+        self._changed = threading.Condition()
+        self._approved = False
+        self._held_now = 0
+        self.answered = 0  # requests answered since `hold`: more than one means Chromium asked again
         server.authorize_page = self._held  # type: ignore[method-assign]  # the handler looks it up on the instance
 
     def _held(self, request: Any) -> Any:
-        release = threading.Event()
-        self._pending.put(release)
-        release.wait(WAIT_S)
+        with self._changed:
+            self._held_now += 1
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: self._approved, timeout=WAIT_S)
+            self._held_now -= 1
+            self.answered += 1
         return self._answer(request)
 
-    def approve(self, timeout: float) -> float:
-        """Wait for the page's request to arrive, release it; the host's time of the release."""
-        release = self._pending.get(timeout=timeout)
-        released = time.perf_counter()
-        release.set()
-        return released
+    def hold(self) -> None:
+        with self._changed:
+            self._approved = False
+            self.answered = 0
 
-    def drain(self) -> None:
-        """Release anything left from an earlier run (a page reloaded), so no stale request is approved later."""
-        while not self._pending.empty():
-            self._pending.get_nowait().set()
+    def approve(self, timeout: float) -> float:
+        """Wait for the page's request to arrive, answer it; the host's time of the answer."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._held_now > 0, timeout):
+                raise TimeoutError(f"no request for the consent page within {timeout:g} s")
+            self._approved = True
+            released = time.perf_counter()
+            self._changed.notify_all()
+        return released
 
 
 class Marks:
@@ -185,7 +199,7 @@ def _events(response: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def through_controller(api: httpx.Client, approval: Approval, vm_id: str, provider: str) -> Pair:
-    approval.drain()
+    approval.hold()
     started = time.perf_counter()
     answer = api.post("/v1/logins", json={"user": "bench", "provider": provider, "vm_id": vm_id, "keep_vm": True})
     if answer.status_code != 202:
@@ -205,7 +219,7 @@ def through_controller(api: httpx.Client, approval: Approval, vm_id: str, provid
 
 
 def tool_alone(agent: AgentClient, approval: Approval, marks: Marks, issuer: str, gateway: str, run: str) -> Pair:
-    approval.drain()
+    approval.hold()
     result = f"/home/browser/.bench/result-{run}.json"
     command = ["/usr/bin/python3", "-I", "-S", "-c", WRAPPER, issuer, gateway, str(MARK_PORT),
                f"/home/browser/.bench/tool-{run}.json", result]
@@ -342,10 +356,12 @@ def _runs(api: httpx.Client, secrets: Callable[[str], dict[str, str]], approval:
     for n in range(warmup + runs):
         kind = "warm-up" if n < warmup else f"run {n - warmup + 1}/{runs}"
         pair = through_controller(api, approval, vm_id, f"bench-{n}")
-        progress.stage(kind, f"controller+agent: open {pair.open_s:.3f} s, approve {pair.approve_s:.3f} s")
+        progress.stage(kind, f"controller+agent: open {pair.open_s:.3f} s, approve {pair.approve_s:.3f} s "
+                             f"({approval.answered} page request(s))")
         time.sleep(SETTLE_S)
         single = tool_alone(agent, approval, marks, issuer, gateway, str(n))
-        progress.stage(kind, f"tool alone: open {single.open_s:.3f} s, approve {single.approve_s:.3f} s")
+        progress.stage(kind, f"tool alone: open {single.open_s:.3f} s, approve {single.approve_s:.3f} s "
+                             f"({approval.answered} page request(s))")
         time.sleep(SETTLE_S)
         if n >= warmup:
             full.append(pair)
