@@ -16,6 +16,7 @@ from browservm.images.rootfs import PROFILES
 
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _NETNS = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_PRIVATE = tuple(IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
 
 
 class Settings(BaseSettings):
@@ -131,6 +132,9 @@ class Settings(BaseSettings):
     def _subnet(cls, value: IPv4Network) -> IPv4Network:
         if not 16 <= value.prefixlen <= 30:
             raise ValueError("prefix length must be between /16 and /30")
+        if not any(value.subnet_of(private) for private in _PRIVATE):
+            raise ValueError("must be private unicast space (RFC 1918: inside 10.0.0.0/8, 172.16.0.0/12 or "
+                             "192.168.0.0/16): VMs must not take addresses someone else routes")
         return value
 
     @field_validator("guest_ports")

@@ -223,6 +223,22 @@ def test_a_subnet_already_in_use_in_the_namespace_is_refused(namespaces: Namespa
     assert "br0" not in run("ip", "-br", "link", netns=ns).stdout
 
 
+def test_a_subnet_another_route_leads_into_is_refused_and_a_public_one_never_accepted(
+        namespaces: Namespaces, tmp_path: Path) -> None:
+    ns = namespaces.create()
+    # A route, not an address: a LAN or VPN reached through another link, whose traffic VMs would take over.
+    run("ip", "link", "add", "vpn0", "type", "veth", "peer", "name", "vpn1", netns=ns)
+    run("ip", "link", "set", "vpn0", "up", netns=ns)
+    run("ip", "route", "add", "192.168.100.128/25", "dev", "vpn0", netns=ns)
+    result = browservm("host", "up", state=tmp_path, netns=ns)
+    assert result.returncode == 1
+    assert "a route to 192.168.100.128/25 via vpn0 overlaps the VM subnet 192.168.100.0/24" in result.stderr
+    assert "br0" not in run("ip", "-br", "link", netns=ns).stdout
+    # A subnet outside private space is refused before anything is looked at, naming the field.
+    public = browservm("host", "up", "--subnet", "8.8.0.0/24", state=tmp_path, netns=ns)
+    assert public.returncode != 0 and "subnet" in public.stderr and "RFC 1918" in public.stderr
+
+
 def test_a_tap_that_exists_is_not_silently_reused_and_another_vms_tap_is_not_deleted(
         namespaces: Namespaces, tmp_path: Path) -> None:
     ns = namespaces.name()

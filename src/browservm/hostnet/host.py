@@ -263,8 +263,13 @@ class HostNetwork:
         return Change(f"sysctl {IP_FORWARD}", "updated", f"{current} -> 1")
 
     def _check_no_overlap(self, links: Links) -> None:
+        """The VM subnet must be nobody else's: no address of another link in it, and no route into it
+        (a VPN or a static route to a LAN behind another interface would be shadowed, or would
+        shadow the VMs)."""
         ours = set(self.plan.bridges)
+        names = {}
         for link in links.all():
+            names[link.index] = link.name
             if link.name in ours:
                 continue
             for address in links.addresses(link):
@@ -272,6 +277,12 @@ class HostNetwork:
                     raise HostNetworkError(
                         "check subnet", f"{address} on {link.name} overlaps the VM subnet {self.plan.subnet}; "
                         "configure another subnet", device=link.name, netns=self.netns.name)
+        for destination, oif in links.routes():
+            device = names.get(oif) if oif is not None else None
+            if device not in ours and destination.overlaps(self.plan.subnet):
+                raise HostNetworkError(
+                    "check subnet", f"a route to {destination}{f' via {device}' if device else ''} overlaps the VM "
+                    f"subnet {self.plan.subnet}; configure another subnet", device=device, netns=self.netns.name)
 
     def _up_bridge(self, links: Links, segment: Segment) -> list[Change]:
         changes = []

@@ -19,7 +19,7 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
@@ -34,6 +34,7 @@ TAP_ALIAS_PREFIX = "browservm vm="  # then the VM id and " owner=" the tag of th
 _TUNSETIFF = 0x400454CA
 _TUNSETPERSIST = 0x400454CB
 _TUNSETOWNER = 0x400454CC
+_MAIN_TABLE = 254  # RT_TABLE_MAIN
 _TUNSETGROUP = 0x400454CE
 # The flags Firecracker opens its TAP with: a TAP without packet info, with virtio-net headers.
 _IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
@@ -124,6 +125,18 @@ class Links:
     def all(self) -> list[LinkInfo]:
         with self._step("list links", None):
             return [_link_info(msg) for msg in self._ipr.get_links()]
+
+    def routes(self) -> list[tuple[IPv4Network, int | None]]:
+        """The main table's IPv4 routes, but the default route: (destination, output link index)."""
+        with self._step("list routes", None):
+            msgs = self._ipr.get_routes(family=socket.AF_INET, table=_MAIN_TABLE)
+        found = []
+        for msg in msgs:
+            if msg["dst_len"] == 0:
+                continue
+            destination = IPv4Network(f"{msg.get('RTA_DST')}/{msg['dst_len']}", strict=False)
+            found.append((destination, msg.get("RTA_OIF")))
+        return found
 
     def create_bridge(self, name: str, mac: str) -> LinkInfo:
         with self._step("create bridge", name):
