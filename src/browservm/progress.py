@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -11,11 +12,48 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
+from browservm.errors import BrowserVMError
 
-def cache_dir(kind: str) -> Path:
+
+class UntrustedCache(BrowserVMError):
+    """Root was about to use built kernels or images from a directory another user controls."""
+
+    def __init__(self, directory: Path, reason: str) -> None:
+        self.directory = directory
+        self.reason = reason
+        super().__init__(f"cache directory {directory}: {reason}; a local user could swap the kernel or image "
+                         "VMs boot. Point XDG_CACHE_HOME at a directory only root can write")
+
+
+def cache_path(kind: str) -> Path:
     """Built artefacts are rebuildable, so they live in the user's cache, not in the state directory."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "browservm" / kind
+
+
+def cache_dir(kind: str) -> Path:
+    """`cache_path(kind)`, once it is known that only we (and root) control it and every directory
+    above it: what is in it is booted as VMs."""
+    path = cache_path(kind)
+    check_trusted(path)
+    return path
+
+
+def check_trusted(path: Path, uid: int | None = None) -> None:
+    """Raise UntrustedCache unless every existing directory from `path` up to / is owned by `uid`
+    (default: ours) or root and writable by no one else; a sticky directory (/tmp) may be shared,
+    as others cannot replace what is ours inside it."""
+    me = os.geteuid() if uid is None else uid
+    resolved = Path(os.path.realpath(path))  # a link's target is what gets read
+    for directory in (resolved, *resolved.parents):
+        try:
+            st = directory.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_uid not in (0, me):
+            raise UntrustedCache(directory, f"owned by uid {st.st_uid}")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+            raise UntrustedCache(directory, f"writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
 
 
 class Progress:

@@ -13,12 +13,11 @@ from browservm.images.kernel_build import (
     WITH_IP_PNP,
     WITHOUT_IP_PNP,
     KernelBuilder,
-    default_cache_dir,
 )
 from browservm.images.kernel_bzimage import PayloadDecompressor
 from browservm.images.kernel_image import extract_vmlinux, read_kernel_image
 from browservm.images.kernel_inspect import inspect_kernel, render_text
-from browservm.progress import Progress
+from browservm.progress import Progress, cache_path
 from browservm.runner import CommandRunner
 
 
@@ -36,7 +35,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     build.add_argument("--without-ip-pnp", action="store_true",
                        help="leave CONFIG_IP_PNP out, as the incident's kernel did (ip= is then ignored)")
     build.add_argument("--cache-dir", type=Path, metavar="DIR",
-                       help=f"built kernels and build trees (default {default_cache_dir()})")
+                       help=f"built kernels and build trees (default {cache_path('kernels')})")
     build.add_argument("--jobs", type=int, metavar="N", default=os.cpu_count() or 1,
                        help="parallel make jobs (default: the number of CPUs)")
     build.add_argument("--json", action="store_true", help="machine-readable output")
