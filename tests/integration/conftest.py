@@ -41,6 +41,8 @@ def run(*argv: str, netns: str | None = None, check: bool = True) -> subprocess.
     return subprocess.run([*prefix, *argv], capture_output=True, text=True, check=check, timeout=60)
 
 
+# Each VM reserves room for its whole disk (VMManager._check_room): many VMs at once fit on small CI disks.
+TEST_DISK_MIB = 1024
 _VOLATILE = {"stats64", "operstate", "linkmode", "valid_life_time", "preferred_life_time", "expires"}
 
 
@@ -144,7 +146,8 @@ class Controllers:
 
     def settings(self, kernel: Path | None = None, vmm: str = "qemu", rootfs: Path | None = None) -> Settings:
         return load_settings(netns=self.netns, state_dir=self.state_dir, kernel=kernel or self.kernel,
-                             rootfs=rootfs or self.rootfs, vmm=vmm, max_vms_per_user=8)
+                             rootfs=rootfs or self.rootfs, vmm=vmm, max_vms_per_user=8,
+                             disk_mib=TEST_DISK_MIB)
 
     def open(self, kernel: Path | None = None, deadlines: Deadlines | None = None, vmm: str = "qemu",
              rootfs: Path | None = None) -> Controller:

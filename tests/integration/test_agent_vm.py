@@ -31,7 +31,7 @@ from browservm.vm.state import VmState
 from tests.support.agent_client import AgentClient, drive_login, sample_login
 from tests.support.oauth_server import listen
 
-from .conftest import Controllers, Namespaces
+from .conftest import TEST_DISK_MIB, Controllers, Namespaces
 
 pytestmark = [pytest.mark.host, pytest.mark.vm]
 AUTH_PORT = 18443  # the test's authorization server, on the gateway: the one port VMs may reach there
@@ -44,9 +44,10 @@ def oauth_image() -> RootfsImage:
 
 
 class OAuthControllers(Controllers):
-    def settings(self, kernel: Path | None = None, vmm: str = "qemu") -> Settings:
+    def settings(self, kernel: Path | None = None, vmm: str = "qemu", rootfs: Path | None = None) -> Settings:
         return load_settings(netns=self.netns, state_dir=self.state_dir, kernel=kernel or self.kernel,
-                             rootfs=self.rootfs, vmm=vmm, max_vms_per_user=8, guest_ports=(AUTH_PORT,))
+                             rootfs=rootfs or self.rootfs, vmm=vmm, max_vms_per_user=8, guest_ports=(AUTH_PORT,),
+                             disk_mib=TEST_DISK_MIB)
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from browservm.vm.records import VmRecord, VmRecords
 from browservm.vm.state import VmState
 from browservm.vmm.placement import CGROUP_BASE, cgroup2_root
 
-from .conftest import Controllers, run, vmm_pids_under
+from .conftest import TEST_DISK_MIB, Controllers, run, vmm_pids_under
 
 pytestmark = [pytest.mark.host, pytest.mark.vm]
 
@@ -49,7 +49,8 @@ def _command(controllers: Controllers, *args: str) -> list[str]:
 
 
 def _env(crash_at: str | None = None) -> dict[str, str]:
-    env = {**os.environ, "BROWSERVM_MAX_VMS_PER_USER": "64", "BROWSERVM_MAX_VMS": "64"}
+    env = {**os.environ, "BROWSERVM_MAX_VMS_PER_USER": "64", "BROWSERVM_MAX_VMS": "64",
+           "BROWSERVM_DISK_MIB": str(TEST_DISK_MIB)}
     env.pop(CRASH_AT, None)
     if crash_at is not None:
         env[CRASH_AT] = crash_at

@@ -78,6 +78,19 @@ def test_an_os_error_is_a_failure_of_its_stage_with_the_reason_not_a_traceback(p
     assert parts.leftovers() == NOTHING
 
 
+def test_a_vm_whose_disk_could_not_fill_up_is_refused_at_disk_clone(parts: Parts) -> None:
+    big = parts.vm_root.parent / "huge-template.ext4"
+    with big.open("wb") as template:
+        template.truncate(2**43)  # sparse: 8 TiB, more than this file system holds
+    parts.images = Images(parts.images.kernel, parts.images.rootfs, disk_template=big)
+    record = asyncio.run(parts.manager().create())
+    assert record.state == VmState.FAILED and record.failure is not None
+    assert record.failure.hop == "disk.clone"
+    assert record.failure.reason.startswith("No space left on device for this VM's disk: ")
+    assert "this one by 8192.0 GiB" in record.failure.reason
+    assert parts.leftovers() == NOTHING
+
+
 def test_a_host_network_error_fails_at_net_tap(parts: Parts) -> None:
     def refuse(lease: Lease) -> None:
         raise HostNetworkError("attach to br0", "bridge br0 does not exist; run `browservm host up`")

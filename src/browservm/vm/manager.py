@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import os
 import secrets
 import shutil
@@ -51,7 +52,7 @@ from browservm.ids import new_vm_id, validate_vm_id
 from browservm.images.disk import clone_sparse
 from browservm.ipam import Ipam, Lease
 from browservm.vm import hops
-from browservm.vm.console import ConsoleLog, cap_console
+from browservm.vm.console import MAX_DISK, ConsoleLog, cap_console
 from browservm.vm.readiness import GuestProbes, Probes
 from browservm.vm.records import Failure, VmRecord, VmRecords
 from browservm.vm.state import VmState, transition
@@ -305,8 +306,29 @@ class VMManager:
 
     def _clone_disk(self, record: VmRecord, images: Images) -> None:
         directory = Path(record.directory)
-        directory.mkdir(mode=0o700, parents=True)
+        directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._check_room(images.disk_template.stat().st_size)
+        directory.mkdir(mode=0o700)
         clone_sparse(images.disk_template, directory / "overlay.ext4")
+
+    def _check_room(self, disk_size: int) -> None:
+        """Refuse a VM whose disk could not fill up once every VM's disk is full (a sparse copy takes
+        room only as the guest writes): guests fill their own disks, never the host's."""
+        owed = 0
+        for overlay in self._vm_root.glob("*/overlay.ext4"):
+            try:
+                st = overlay.stat()
+            except FileNotFoundError:
+                continue  # released meanwhile
+            owed += max(0, st.st_size - st.st_blocks * 512) + MAX_DISK  # and its console
+        usage = os.statvfs(self._vm_root)
+        free = usage.f_bavail * usage.f_frsize
+        needed = owed + disk_size + MAX_DISK
+        if needed > free:
+            raise OSError(errno.ENOSPC, f"No space left on device for this VM's disk: {free / 2**30:.1f} GiB free, "
+                                        f"the VMs' disks may still grow by {owed / 2**30:.1f} GiB and this one by "
+                                        f"{disk_size / 2**30:.1f} GiB (a smaller BROWSERVM_DISK_MIB, or fewer VMs)",
+                          str(self._vm_root))
 
     def _spawn(self, record: VmRecord, images: Images, extra_boot_args: tuple[str, ...]) -> None:
         spec = self._spec(record, images, extra_boot_args)
