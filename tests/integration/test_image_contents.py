@@ -1,0 +1,28 @@
+"""What the built guest image carries, and what it must not: read from the image file (debugfs), no boot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from browservm.images.rootfs import VNC_PASSWORD_FILE, RootfsImage
+from tests.support.derived_image import DerivedImageError, read_guest_file
+
+pytestmark = pytest.mark.host
+
+
+def test_the_build_machines_package_proxy_is_not_in_the_image(minimal_image: RootfsImage) -> None:
+    # mmdebstrap keeps its --aptopt options (the build machine's Acquire::http::Proxy among them) in
+    # 99mmdebstrap; a guest must not learn of, or reach through, the build machine's proxy.
+    listing = read_guest_file(minimal_image.path, "/etc/apt/apt.conf.d/01autoremove")  # the directory is there
+    assert listing
+    with pytest.raises(DerivedImageError, match="not found"):
+        read_guest_file(minimal_image.path, "/etc/apt/apt.conf.d/99mmdebstrap")
+
+
+def test_the_desktop_asks_for_the_vms_own_vnc_password(minimal_image: RootfsImage) -> None:
+    config = json.loads(read_guest_file(minimal_image.path, "/etc/browservm/desktop.json"))
+    assert config["vnc_password_file"] == VNC_PASSWORD_FILE
+    unit = read_guest_file(minimal_image.path, "/etc/systemd/system/browservm-desktop.service").decode()
+    assert f"--install-vnc-password {VNC_PASSWORD_FILE}" in unit
