@@ -24,11 +24,13 @@ two kinds alternate in that one VM, after `--warmup` unmeasured runs of each:
                     host's clock stamps its arrival.
 
 The approval is the same in both: the server holds its answer to the consent page's request until this
-script releases it (the release is the instant of approval), then redirects Chromium to the tool's
-loopback listener. So both intervals of a pair contain the same browser work (Chromium following the
-redirect) and the same tool work (the code exchange, the file); what the first adds is the terminal
-window, the runner, the opener, the agent, its polling by the controller, the handover, the vault and the
-record. Target: <= 100 ms added to each. Nothing here asserts a time; it prints the medians.
+script releases it (the release is the instant of approval), at the earliest READ_S after the request
+arrived (a person reads the page first; Chromium has finished opening the tab by then), then redirects
+Chromium to the tool's loopback listener. So both intervals of a pair contain the same browser work
+(Chromium following the redirect) and the same tool work (the code exchange, the file); what the first
+adds is the terminal window, the runner, the opener, the agent, its polling by the controller, the
+handover, the vault and the record. Target: <= 100 ms added to each. Nothing here asserts a time; it
+prints the medians.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ TARGET_MS = 100.0
 AUTH_PORT = 18443  # the authorization server, on the gateway
 MARK_PORT = 18444  # the tool-alone wrapper's one byte
 SAMPLE = "/usr/lib/browservm/bin/browservm-sample-login"
+READ_S = 3.0  # how long the consent page waits for the approval, at least
 SETTLE_S = 5.0  # between runs: the last login's terminal and tool are stopped and the guest's CPU is idle again
 WAIT_S = 300.0
 
@@ -114,9 +117,12 @@ os.replace(temporary, result)
 class Approval:
     """The server answers the consent page's request only once `approve` is called: that is the approval.
 
-    Chromium may send the page's request more than once (a retry on a fresh connection) and renders only
-    the answer on the connection it still waits on, so an approval answers every request held until then
-    and lets later ones through, until `hold` starts the next run.
+    The person reads the page before approving: an approval comes READ_S after the page's request arrived
+    (and, through the controller, once the login says `waiting-for-user`), so Chromium has finished opening
+    the tab in both kinds of run and only what follows the approval is timed. Chromium may send the page's
+    request more than once (its opener falls back to a second tab when DevTools answers late) and renders
+    only one answer, so an approval answers every request held until then and lets later ones through,
+    until `hold` starts the next run.
     """
 
     def __init__(self, server: TestAuthorizationServer) -> None:
@@ -124,11 +130,14 @@ class Approval:
         self._changed = threading.Condition()
         self._approved = False
         self._held_now = 0
+        self._arrived: float | None = None  # the first request since `hold`
         self.answered = 0  # requests answered since `hold`: more than one means Chromium asked again
         server.authorize_page = self._held  # type: ignore[method-assign]  # the handler looks it up on the instance
 
     def _held(self, request: Any) -> Any:
         with self._changed:
+            if self._arrived is None:
+                self._arrived = time.perf_counter()
             self._held_now += 1
             self._changed.notify_all()
             self._changed.wait_for(lambda: self._approved, timeout=WAIT_S)
@@ -139,13 +148,17 @@ class Approval:
     def hold(self) -> None:
         with self._changed:
             self._approved = False
+            self._arrived = None
             self.answered = 0
 
     def approve(self, timeout: float) -> float:
-        """Wait for the page's request to arrive, answer it; the host's time of the answer."""
+        """Wait for the page's request, give the person READ_S, answer it; the host's time of the answer."""
         with self._changed:
-            if not self._changed.wait_for(lambda: self._held_now > 0, timeout):
+            if not self._changed.wait_for(lambda: self._held_now > 0, timeout) or self._arrived is None:
                 raise TimeoutError(f"no request for the consent page within {timeout:g} s")
+            arrived = self._arrived
+        time.sleep(max(0.0, arrived + READ_S - time.perf_counter()))
+        with self._changed:
             self._approved = True
             released = time.perf_counter()
             self._changed.notify_all()
