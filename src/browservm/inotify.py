@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import select
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -52,3 +54,24 @@ class DirectoryWatch:
         except BlockingIOError:
             pass
         return True
+
+
+def wait_for_file(path: Path, timeout: float) -> bool:
+    """Block until `path` exists (woken by its directory's inotify events), at most `timeout` s."""
+    fd = _libc.inotify_init1(os.O_CLOEXEC)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+    try:
+        if _libc.inotify_add_watch(fd, os.fsencode(path.parent), _IN_CREATE | _IN_MOVED_TO) < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"cannot watch {path.parent}: {os.strerror(code)}")
+        deadline = time.monotonic() + timeout
+        while not path.exists():  # looked at after the watch is set: no creation slips between
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if select.select([fd], [], [], remaining)[0]:
+                os.read(fd, 65536)
+        return True
+    finally:
+        os.close(fd)

@@ -97,8 +97,8 @@ def desktop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Desktop]:
         spaces.cleanup()
 
 
-def test_x11vnc_took_the_password_and_deleted_its_file(desktop: Desktop) -> None:
-    assert not desktop.password_file.exists()
+def test_only_the_password_files_owner_reads_it(desktop: Desktop) -> None:
+    assert desktop.password_file.stat().st_mode & 0o777 == 0o600
 
 
 def test_a_client_without_the_password_is_refused(desktop: Desktop) -> None:
@@ -166,3 +166,22 @@ def test_a_wrong_password_is_an_rfb_auth_failure(desktop: Desktop) -> None:
     code, reason = asyncio.run(scenario())
     assert code == 4502 and reason is not None
     assert reason.startswith("rfb.auth: the VNC server refused the VM's password"), reason
+
+
+def test_a_new_password_in_the_file_takes_over_at_the_next_client(desktop: Desktop) -> None:
+    # What a VM restored from a snapshot does (guest/identity.py): its own password, no restart.
+    async def close_with(password: str) -> tuple[int | None, str | None]:
+        async with controller(ViewerProxy(), to(desktop.upstream(password))) as ctl, ctl.viewer() as viewer:
+            return await close_of(viewer)
+
+    async def session_with(password: str) -> int:
+        async with controller(ViewerProxy(), to(desktop.upstream(password))) as ctl, ctl.viewer() as viewer:
+            return (await rfb_session(viewer))[3]
+
+    desktop.password_file.write_text("Rotated9\n")
+    try:
+        assert asyncio.run(session_with("Rotated9")) == 0
+        code, reason = asyncio.run(close_with(PASSWORD))
+        assert code == 4502 and reason is not None and reason.startswith("rfb.auth:")
+    finally:
+        desktop.password_file.write_text(PASSWORD + "\n")

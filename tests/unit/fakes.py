@@ -9,6 +9,7 @@ import asyncio
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -66,6 +67,9 @@ class SleepDriver:
         self.block = 0.0
         self.fail_start = False
         self.started: dict[VmmProcess, str] = {}
+        self.saved: list[str] = []
+        self.restored: list[str] = []
+        self.links_up: list[str] = []
 
     def accel(self, kernel: Path) -> str:
         time.sleep(self.block)  # as the KVM probe boot would
@@ -98,6 +102,25 @@ class SleepDriver:
 
     def alive(self) -> list[VmmProcess]:
         return [vmm for vmm in self.started if process.alive(vmm)]
+
+    # Snapshots: the state file holds the VM id it was taken of; a restore is a start that reads it.
+    def snapshot_inputs(self, spec: VmSpec) -> dict[str, str]:
+        return {"vmm": "sleep", "devices": f"{spec.vcpus}x{spec.mem_mib}"}
+
+    def save(self, spec: VmSpec, target: Path) -> None:
+        target.write_text(spec.vm_id)
+        self.saved.append(spec.vm_id)
+
+    def restore(self, spec: VmSpec, netns: NetworkNamespace, state: Path,
+                before_resume: Callable[[], None]) -> VmmProcess:
+        assert state.read_text() in self.saved
+        vmm = self.start(spec, netns)
+        before_resume()
+        self.restored.append(spec.vm_id)
+        return vmm
+
+    def link_up(self, spec: VmSpec) -> None:
+        self.links_up.append(spec.vm_id)
 
 
 @dataclass

@@ -60,3 +60,15 @@ def write(path: Path, document: dict[str, Any]) -> None:
 def read(path: Path = GUEST_DEVICE) -> dict[str, Any]:
     with path.open("rb") as stream:
         return decode(stream.read(SIZE))
+
+
+def rewrite(path: Path, document: dict[str, Any]) -> None:
+    """Replace the document in place (the same file, which a running VMM holds open as the guest's
+    disk), durably: the guest reads it past its page cache (guest/identity.py)."""
+    data = encode(document)
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -5,7 +5,9 @@
 x11vnc asks for the VM's own VNC password, which the host put on the config disk: only the
 controller's proxy knows it, so no other local user of the host can open this desktop. Before
 the desktop starts, systemd runs `browservm-desktop --install-vnc-password FILE --owner USER` as
-root (the config disk is root's); x11vnc reads that file and deletes it (`-passwdfile rm:`).
+root (the config disk is root's) into a directory only USER reads; x11vnc rereads that file
+before each new client (`-passwdfile read:`), so a VM restored from a snapshot takes its own
+password (guest/identity.py rewrites the file) without a restart.
 
 Each part's readiness is read from the part itself, never guessed with a
 timer: Xvfb writes its display number to `-displayfd` once it accepts
@@ -139,7 +141,7 @@ class Desktop:
         if password is None:
             auth = ["-nopw"]
         elif os.path.exists(password):
-            auth = ["-passwdfile", f"rm:{password}"]
+            auth = ["-passwdfile", f"read:{password}"]
         else:  # fail closed: a desktop without its password would be open to every local user of the host
             raise StartFailed(f"no VNC password at {password} (browservm-desktop --install-vnc-password did not run)")
         proc = await self._spawn("x11vnc", "x11vnc", "-display", self.config.display, "-localhost",

@@ -46,10 +46,11 @@ SERVICES = {
     "oauth": ("xvfb", "openbox", "x11vnc", "websockify", "chromium"),
 }
 # The modules the guest carries, unchanged, so it parses ip= exactly as the host wrote it.
-GUEST_MODULES = ("__init__.py", "errors.py", "bootargs.py", "markers.py",
-                 "guest/__init__.py", "guest/netconfig.py", "guest/desktop.py", "guest/configdisk.py")
-GUEST_PROGRAMS = {"browservm-net": "browservm.guest.netconfig", "browservm-desktop": "browservm.guest.desktop"}
-GUEST_UNITS = ("browservm-net.service", "browservm-desktop.service")
+GUEST_MODULES = ("__init__.py", "errors.py", "bootargs.py", "markers.py", "guest/__init__.py",
+                 "guest/netconfig.py", "guest/desktop.py", "guest/configdisk.py", "guest/identity.py")
+GUEST_PROGRAMS = {"browservm-net": "browservm.guest.netconfig", "browservm-desktop": "browservm.guest.desktop",
+                  "browservm-identity": "browservm.guest.identity"}
+GUEST_UNITS = ("browservm-net.service", "browservm-desktop.service", "browservm-identity.service")
 # The OAuth agent and what it runs (issue 9), only in the `oauth` profile: the other profiles' files,
 # and so their cache keys, stay as they were.
 OAUTH_MODULES = ("guest/agent.py", "guest/toolrun.py", "guest/opener.py", "guest/sample_login.py")

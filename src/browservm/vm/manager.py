@@ -55,6 +55,7 @@ from browservm.vm import hops
 from browservm.vm.console import MAX_DISK, ConsoleLog, cap_console
 from browservm.vm.readiness import GuestProbes, Probes
 from browservm.vm.records import Failure, VmRecord, VmRecords
+from browservm.vm.snapshots import Snapshot, Snapshots
 from browservm.vm.state import VmState, transition
 from browservm.vm.waiting import ExitWatch, VmmExited, race, uninterrupted, wait_out
 from browservm.vmm import process
@@ -76,6 +77,9 @@ def new_secrets() -> dict[str, str]:
     # password file reads literally.
     vnc = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(8))
     return {"agent": secrets.token_hex(32), "vnc": vnc}
+
+
+SNAPSHOT_USER = "browservm-snapshot"  # whose VM a snapshot is made of
 _CONSOLE_EVIDENCE = 20
 _LIVE = (VmState.CREATING, VmState.BOOTING, VmState.READY)
 
@@ -152,7 +156,7 @@ class VMManager:
     def __init__(self, *, records: VmRecords, ipam: Ipam, network: VmNetwork, driver: VmmDriver,
                  images: Callable[[], Images], vm_root: Path, limits: Limits | None = None,
                  deadlines: Deadlines | None = None, probes: Probes | None = None,
-                 vm_uid_base: int | None = None) -> None:
+                 vm_uid_base: int | None = None, snapshots: Snapshots | None = None) -> None:
         self._records = records
         self._ipam = ipam
         self._network = network
@@ -165,6 +169,8 @@ class VMManager:
         self._deadlines = deadlines or Deadlines()
         self._probes = probes or GuestProbes()
         self._vm_uid_base = vm_uid_base  # None: VMMs run as the controller's user
+        self.snapshots = snapshots or Snapshots(vm_root.parent / "snapshots")
+        self._snapshot_lock = asyncio.Lock()  # one snapshot made at a time
         self._me = this_process()
         self._tasks: set[asyncio.Task[object]] = set()
         self._creating: dict[str, asyncio.Task[VmRecord]] = {}
@@ -204,10 +210,10 @@ class VMManager:
 
     async def create(self, user: str = "default", vcpus: int = 1, mem_mib: int = 1024, *,
                      keep_failed: bool = False, extra_boot_args: tuple[str, ...] = (),
-                     on_stage: StageCallback | None = None) -> VmRecord:
+                     on_stage: StageCallback | None = None, restore: bool = False) -> VmRecord:
         """Boot a VM and return once its desktop answers, or its record says which hop failed."""
         _, task = await self.start(user, vcpus, mem_mib, keep_failed=keep_failed, extra_boot_args=extra_boot_args,
-                                   on_stage=on_stage)
+                                   on_stage=on_stage, restore=restore)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -217,17 +223,22 @@ class VMManager:
 
     async def start(self, user: str = "default", vcpus: int = 1, mem_mib: int = 1024, *,
                     keep_failed: bool = False, extra_boot_args: tuple[str, ...] = (),
-                    on_stage: StageCallback | None = None) -> tuple[VmRecord, asyncio.Task[VmRecord]]:
+                    on_stage: StageCallback | None = None,
+                    restore: bool = False) -> tuple[VmRecord, asyncio.Task[VmRecord]]:
         """Check the request, write the VM's record, and boot it in a task of the manager's own.
 
-        Returns at once with the record (state `creating`) and the task that ends with the final one.
+        With `restore`, the VM starts from the snapshot of its inputs when there is one (a cold
+        boot otherwise; `snapshot` makes one). Returns at once with the record (state `creating`)
+        and the task that ends with the final one.
         """
         self.check_request(user, vcpus, mem_mib, extra_boot_args)
         user = normalise_user(user)
         images = await self._resolve_images()
+        snapshot = await self.snapshot_of(vcpus, mem_mib) if restore and not extra_boot_args else None
         vm_id = new_vm_id()
         record = VmRecord(vm_id=vm_id, user=user, vcpus=vcpus, mem_mib=mem_mib, keep=keep_failed,
-                          directory=str(self._vm_root / vm_id), driver=self._driver.name, owner=self._me)
+                          directory=str(self._vm_root / vm_id), driver=self._driver.name, owner=self._me,
+                          started_from="restored" if snapshot else "cold", snapshot=snapshot.key if snapshot else "")
         await uninterrupted(partial(self._records.insert, record, max_total=self._limits.max_vms,
                                     max_per_user=self._limits.max_vms_per_user))
         crash_point("record:done")
@@ -264,10 +275,15 @@ class VMManager:
     async def _create(self, record: VmRecord, images: Images, extra_boot_args: tuple[str, ...],
                       report: StageCallback) -> VmRecord:
         try:
+            snapshot = self.snapshots.get(record.snapshot) if record.snapshot else None
+            if record.snapshot and snapshot is None:
+                raise VmmError(record.vm_id, "restore", f"snapshot {record.snapshot} is gone")
+            spawn = (partial(self._spawn, record, images, extra_boot_args) if snapshot is None
+                     else partial(self._restore, record, images, snapshot))
             for stage, work in ((hops.NET_LEASE, partial(self._lease, record)),
                                 (hops.NET_TAP, partial(self._add_tap, record)),
-                                (hops.DISK_CLONE, partial(self._clone_disk, record, images)),
-                                (hops.VMM_SPAWN, partial(self._spawn, record, images, extra_boot_args))):
+                                (hops.DISK_CLONE, partial(self._clone_disk, record, images, snapshot)),
+                                (hops.VMM_SPAWN, spawn)):
                 await uninterrupted(work)
                 await self._passed(record, stage, report)
             await self._readiness(record, report)
@@ -304,12 +320,13 @@ class VMManager:
                                     gateway=IPv4Address(record.gateway), bridge=record.bridge, tap=record.tap,
                                     mac=record.mac))
 
-    def _clone_disk(self, record: VmRecord, images: Images) -> None:
+    def _clone_disk(self, record: VmRecord, images: Images, snapshot: Snapshot | None = None) -> None:
+        source = images.disk_template if snapshot is None else snapshot.overlay  # the disk as it was then
         directory = Path(record.directory)
         directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._check_room(images.disk_template.stat().st_size)
+        self._check_room(source.stat().st_size)
         directory.mkdir(mode=0o700)
-        clone_sparse(images.disk_template, directory / "overlay.ext4")
+        clone_sparse(source, directory / "overlay.ext4")
 
     def _check_room(self, disk_size: int) -> None:
         """Refuse a VM whose disk could not fill up once every VM's disk is full (a sparse copy takes
@@ -338,6 +355,27 @@ class VMManager:
         vmm = self._driver.start(spec, self._network.netns)
         record.pid, record.pid_start_time = vmm.pid, vmm.start_time
         crash_point("vmm.spawn:unrecorded")
+        record.state = transition(record.vm_id, record.state, VmState.BOOTING)
+
+    def _restore(self, record: VmRecord, images: Images, snapshot: Snapshot) -> None:
+        """vmm.spawn for a VM from a snapshot: the VMM resumes offline, and the guest takes this VM's
+        identity from its config disk (guest/identity.py) before readiness brings its link up."""
+        spec = self._spec(record, images, ())
+        config_disk = spec.config_disk
+        assert config_disk is not None
+        identity: dict[str, object] = {"mac": record.mac, "address": record.address, "gateway": record.gateway,
+                                       "entropy": secrets.token_hex(64), "time": time.time()}
+        document = {"vm_id": record.vm_id, "secrets": new_secrets(), "identity": identity}
+        configdisk.write(config_disk, document)
+
+        def before_resume() -> None:
+            # The clock the guest steps to: the host's, as close as can be to the moment it resumes.
+            identity["time"] = time.time()
+            configdisk.rewrite(config_disk, document)
+
+        record.accel = self._driver.accel(spec.kernel)
+        vmm = self._driver.restore(spec, self._network.netns, snapshot.state, before_resume)
+        record.pid, record.pid_start_time = vmm.pid, vmm.start_time
         record.state = transition(record.vm_id, record.state, VmState.BOOTING)
 
     def _spec(self, record: VmRecord, images: Images, extra_boot_args: tuple[str, ...]) -> VmSpec:
@@ -372,6 +410,8 @@ class VMManager:
             network = await hop(hops.GUEST_NETWORK, probes.guest_network(console, deadlines.guest_network),
                                 deadlines.guest_network + 1)
             record.guest_network_by = network.by
+            if record.started_from != "cold":  # it has taken its own identity: connect it
+                await uninterrupted(partial(self._driver.link_up, self._spec(record, await self._resolve_images(), ())))
             mac = await hop(hops.NET_ARP, probes.arp(netns, record.bridge, IPv4Address(record.gateway), address,
                                                      deadlines.arp), deadlines.arp + 1)
             if mac != record.mac:
@@ -466,6 +506,47 @@ class VMManager:
                 spec = VmSpec(record.vm_id, record.vcpus, record.mem_mib, Path(), Path(), None, "", record.tap,
                               record.mac, directory)
                 self._driver.stop(spec, vmm, self._deadlines.stop)
+
+    # --- snapshots -----------------------------------------------------------------------
+
+    async def _snapshot_key(self, vcpus: int, mem_mib: int) -> tuple[str, dict[str, str]]:
+        images = await self._resolve_images()
+        spec = VmSpec("vm", vcpus, mem_mib, images.kernel, images.rootfs, Path("/vm/overlay"), "", "tap",
+                      "02:00:00:00:00:00", Path("/vm"), Path("/vm/config"))
+        vmm = await asyncio.to_thread(self._driver.snapshot_inputs, spec)
+        return await asyncio.to_thread(self.snapshots.key, images.kernel, images.rootfs, vcpus, mem_mib, vmm)
+
+    async def snapshot_of(self, vcpus: int = 1, mem_mib: int = 1024) -> Snapshot | None:
+        """The snapshot made with today's inputs for VMs of this size, if there is one."""
+        key, _ = await self._snapshot_key(vcpus, mem_mib)
+        return await asyncio.to_thread(self.snapshots.get, key)
+
+    async def snapshot(self, vcpus: int = 1, mem_mib: int = 1024) -> Snapshot:
+        """The snapshot for VMs of this size: made now, from a VM booted until its browser is on
+        screen, unless one exists for today's inputs. One at a time; the VM it was made of is gone after."""
+        async with self._snapshot_lock:
+            key, inputs = await self._snapshot_key(vcpus, mem_mib)
+            found = await asyncio.to_thread(self.snapshots.get, key)
+            if found is not None:
+                return found
+            record = await self.create(SNAPSHOT_USER, vcpus, mem_mib)
+            if record.state != VmState.READY:
+                failure = record.failure
+                raise VmmError(record.vm_id, "snapshot", f"the VM to snapshot failed at "
+                                                         f"{failure.hop if failure else '?'}: "
+                                                         f"{failure.reason if failure else ''}")
+            staged = await asyncio.to_thread(self.snapshots.staging, key)
+            try:
+                spec = self._spec(record, await self._resolve_images(), ())
+                await uninterrupted(partial(self._driver.save, spec, staged / "state"))
+                await uninterrupted(partial(clone_sparse, Path(record.directory) / "overlay.ext4",
+                                            staged / "overlay.ext4"))
+                return await asyncio.to_thread(self.snapshots.publish, staged, key, inputs, record.vm_id)
+            except BaseException:
+                await asyncio.to_thread(self.snapshots.discard, staged)
+                raise
+            finally:
+                await self.destroy(record.vm_id)
 
     def cap_consoles(self) -> dict[str, int]:
         """Keep every VM's console log within console.MAX_DISK on disk: VM id -> bytes freed. Blocking.

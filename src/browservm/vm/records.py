@@ -58,6 +58,8 @@ class VmRecord:
     keep: bool = False  # keep a failed VM's resources for diagnosis (--keep-failed)
     owner: str = ""  # "PID:start time" of the process working on it, while it is creating or destroying
     viewer_epoch: str = field(default_factory=lambda: secrets.token_hex(8))  # in every viewer token's signature
+    started_from: str = "cold"  # "cold" (booted), "restored" (from a snapshot) or "pooled" (a restored VM kept ready)
+    snapshot: str = ""  # the snapshot's key, when restored or pooled
     ended_reason: str = ""  # why it was stopped on purpose (state ended): reaped for idleness, lifetime, ...
     version: int = field(default=0, compare=False)  # of the stored row this was read at
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from browservm.errors import InvalidInput, VmmError
 from browservm.hostnet.netns import NetworkNamespace
-from browservm.vmm import firecracker, placement, process
+from browservm.vmm import firecracker, placement, process, snapshot
 from browservm.vmm.placement import Placement, choose_placement
 from browservm.vmm.process import VmmProcess
 from browservm.vmm.qemu import QEMU, AccelProbe, qemu_argv, qemu_limits, qemu_rlimits
@@ -40,6 +43,24 @@ class VmmDriver(Protocol):
 
     def running(self, vm_root: Path) -> dict[VmmProcess, str]:
         """Every running VMM of a VM directory under `vm_root`, with its VM id (process.owned_vmms)."""
+        ...
+
+    def snapshot_inputs(self, spec: VmSpec) -> dict[str, str]:
+        """What a snapshot of a VM like `spec` depends on besides its kernel and image (the VMM binary,
+        its device model): a snapshot is used only where all of these are the same."""
+        ...
+
+    def save(self, spec: VmSpec, target: Path) -> None:
+        """Write the running VM's whole state to `target`; the VM is left paused, its link down."""
+        ...
+
+    def restore(self, spec: VmSpec, netns: NetworkNamespace, state: Path,
+                before_resume: Callable[[], None]) -> VmmProcess:
+        """Start a VMM from `state` with `spec`'s own disks, TAP and console; it resumes offline."""
+        ...
+
+    def link_up(self, spec: VmSpec) -> None:
+        """Connect a restored VM to its bridge."""
         ...
 
 
@@ -83,6 +104,34 @@ class QemuDriver:
     def running(self, vm_root: Path) -> dict[VmmProcess, str]:
         return process.owned_vmms(vm_root)
 
+    def snapshot_inputs(self, spec: VmSpec) -> dict[str, str]:
+        binary = shutil.which(self._qemu) or self._qemu
+        stat = os.stat(binary)
+        # The device model with every per-VM value blanked: what must be equal for a state to load.
+        blank = dataclasses.replace(spec, vm_id="vm", tap="tap", mac="02:00:00:00:00:00", directory=Path("/vm"),
+                                    overlay=Path("/vm/overlay"), config_disk=Path("/vm/config"), run_as=None,
+                                    boot_args="", kernel=Path("/kernel"), rootfs=Path("/rootfs"))
+        return {"vmm": f"{binary} {stat.st_size} {stat.st_mtime_ns}", "accel": self.accel(spec.kernel),
+                "devices": " ".join(qemu_argv(blank, self.accel(spec.kernel), "qemu"))}
+
+    def save(self, spec: VmSpec, target: Path) -> None:
+        snapshot.save_state(spec.vm_id, spec.control_socket, target)
+
+    def restore(self, spec: VmSpec, netns: NetworkNamespace, state: Path,
+                before_resume: Callable[[], None]) -> VmmProcess:
+        argv = [*qemu_argv(spec, self.accel(spec.kernel), self._qemu), "-incoming", "defer", "-S"]
+        vmm = process.spawn(argv, spec.vmm_log, netns, spec.vm_id, directory=spec.directory,
+                            placement=self.placement, rlimits=qemu_rlimits(spec), limits=qemu_limits(spec))
+        try:
+            snapshot.restore_state(spec.vm_id, spec.control_socket, state, before_resume)
+        except BaseException:
+            _kill(spec, vmm, False, 10)
+            raise
+        return vmm
+
+    def link_up(self, spec: VmSpec) -> None:
+        snapshot.link_up(spec.vm_id, spec.control_socket)
+
     def _quit(self, spec: VmSpec) -> bool:
         """Ask QEMU to quit through QMP (it flushes and closes its disks); False if it cannot be asked."""
         try:
@@ -98,6 +147,9 @@ class QemuDriver:
         except OSError:
             return False
         return True
+
+
+_NO_FIRECRACKER_SNAPSHOTS = "snapshot restore is built for QEMU only; Firecracker VMs boot cold"
 
 
 class FirecrackerDriver:
@@ -156,6 +208,20 @@ class FirecrackerDriver:
 
     def is_vmm_of(self, vmm: VmmProcess, directory: Path) -> bool:
         return process.is_vmm_of(vmm, directory, self.jail_root(directory.name))
+
+    # Snapshots are built for QEMU; Firecracker's /snapshot/create and /snapshot/load are not used yet.
+    def snapshot_inputs(self, spec: VmSpec) -> dict[str, str]:
+        raise VmmError(spec.vm_id, "snapshot", _NO_FIRECRACKER_SNAPSHOTS)
+
+    def save(self, spec: VmSpec, target: Path) -> None:
+        raise VmmError(spec.vm_id, "snapshot", _NO_FIRECRACKER_SNAPSHOTS)
+
+    def restore(self, spec: VmSpec, netns: NetworkNamespace, state: Path,
+                before_resume: Callable[[], None]) -> VmmProcess:
+        raise VmmError(spec.vm_id, "restore", _NO_FIRECRACKER_SNAPSHOTS)
+
+    def link_up(self, spec: VmSpec) -> None:
+        raise VmmError(spec.vm_id, "link up", _NO_FIRECRACKER_SNAPSHOTS)
 
     def running(self, vm_root: Path) -> dict[VmmProcess, str]:
         return process.owned_vmms(vm_root, self.jail_base)

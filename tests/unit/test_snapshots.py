@@ -1,0 +1,86 @@
+"""Snapshot and restore, as the manager orchestrates them (fake VMM: `sleep`; the real QEMU path is
+tests/integration/test_restore.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from browservm.guest import configdisk
+from browservm.vm.manager import CONFIG_DISK
+from browservm.vm.state import VmState
+
+from .fakes import NOTHING, Parts, make_parts, stop_all
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> Iterator[Parts]:
+    made = make_parts(tmp_path)
+    for image in (made.images.kernel, made.images.rootfs):
+        image.write_bytes(b"image " + image.name.encode())
+    try:
+        yield made
+    finally:
+        stop_all(made)
+
+
+def test_a_snapshot_is_made_once_from_a_ready_vm_which_is_gone_after(parts: Parts) -> None:
+    manager = parts.manager()
+    snapshot = asyncio.run(manager.snapshot())
+    assert parts.driver.saved and snapshot.state.exists() and snapshot.overlay.exists()
+    assert snapshot.made_from == parts.driver.saved[0]
+    assert parts.leftovers() == NOTHING  # the VM it was made of is destroyed
+    assert asyncio.run(manager.snapshot()) == snapshot and len(parts.driver.saved) == 1  # made once
+    assert not any(p.name.startswith(".") for p in snapshot.directory.parent.iterdir())  # no staging left
+
+
+def test_a_restored_vm_gets_the_snapshots_disk_its_own_identity_and_its_link_after_guest_network(
+        parts: Parts) -> None:
+    manager = parts.manager()
+    snapshot = asyncio.run(manager.snapshot())
+    snapshot.overlay.chmod(0o600)
+    snapshot.overlay.write_bytes(b"the desktop's disk at the snapshot")
+    record = asyncio.run(manager.create("ann", restore=True))
+    assert record.state == VmState.READY, record.failure
+    assert (record.started_from, record.snapshot) == ("restored", snapshot.key)
+    assert parts.driver.restored == [record.vm_id] and parts.driver.links_up == [record.vm_id]
+    directory = Path(record.directory)
+    assert (directory / "overlay.ext4").read_bytes() == b"the desktop's disk at the snapshot"
+    document = configdisk.read(directory / CONFIG_DISK)
+    identity = document["identity"]
+    assert document["vm_id"] == record.vm_id
+    assert (identity["mac"], identity["address"], identity["gateway"]) == (record.mac, record.address,
+                                                                          record.gateway)
+    assert len(bytes.fromhex(identity["entropy"])) == 64 and identity["time"] >= record.created_at
+    assert document["secrets"]["vnc"] and document["secrets"]["agent"]
+
+
+def test_without_a_snapshot_a_restore_request_boots_cold(parts: Parts) -> None:
+    record = asyncio.run(parts.manager().create(restore=True))
+    assert record.state == VmState.READY and (record.started_from, record.snapshot) == ("cold", "")
+    assert parts.driver.restored == []
+
+
+def test_a_snapshot_is_never_used_with_another_image(parts: Parts) -> None:
+    manager = parts.manager()
+    first = asyncio.run(manager.snapshot())
+    assert asyncio.run(manager.snapshot_of()) == first
+    parts.images.rootfs.unlink()
+    parts.images.rootfs.write_bytes(b"another image")  # a new file: another inode, size and time
+    assert asyncio.run(manager.snapshot_of()) is None
+    record = asyncio.run(manager.create(restore=True))
+    assert record.started_from == "cold"
+    second = asyncio.run(manager.snapshot())
+    assert second.key != first.key and second.inputs["rootfs"] != first.inputs["rootfs"]
+
+
+def test_snapshots_are_per_size(parts: Parts) -> None:
+    manager = parts.manager()
+    asyncio.run(manager.snapshot(vcpus=1, mem_mib=1024))
+    assert asyncio.run(manager.snapshot_of(vcpus=2, mem_mib=1024)) is None
+    assert asyncio.run(manager.snapshot_of(vcpus=1, mem_mib=1024)) is not None
+    assert os.listdir(parts.vm_root) == []
