@@ -87,7 +87,8 @@ browser = stamp + ".sh"
 opener = ("import sys; sys.path.insert(0, '/usr/lib/browservm'); "
           "from browservm.guest.opener import open_in_chromium; open_in_chromium(sys.argv[1])")
 with open(browser, "w") as script:
-    script.write('#!/bin/sh\ndate +%%s.%%N > %s\nexec /usr/bin/python3 -IS -c "%s" "$1"\n' % (stamp, opener))
+    script.write('#!/bin/sh\ndate +%%s.%%N > %s\n/usr/bin/python3 -IS -c "%s" "$1"\ndate +%%s.%%N > %s.done\n'
+                 % (stamp, opener, stamp))
 os.chmod(browser, 0o700)
 mark = socket.create_connection((gateway, int(port)), timeout=30)
 watch = CredentialsWatch([credentials])
@@ -103,9 +104,10 @@ while True:
     watch.drain()
 mark.sendall(b"w" if written else b"f")
 status = tool.wait()
-with open(stamp) as opened:
-    open_s = float(opened.read()) - started
-document = json.dumps({"open_s": open_s, "written": written, "exit_status": status})
+with open(stamp) as opened, open(stamp + ".done") as done:
+    called = float(opened.read())
+    opener_s = float(done.read()) - called
+document = json.dumps({"open_s": called - started, "opener_s": opener_s, "written": written, "exit_status": status})
 temporary = result + ".new"
 fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 os.write(fd, document.encode())
@@ -199,6 +201,8 @@ class Marks:
 class Pair:
     open_s: float
     approve_s: float
+    starting_s: float = 0.0  # through the controller: POST -> `starting` (before the agent is asked)
+    opener_s: float = 0.0  # tool alone: the opener's part, from its start to the tab open in Chromium
 
 
 def _events(response: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -218,14 +222,16 @@ def through_controller(api: httpx.Client, approval: Approval, vm_id: str, provid
     if answer.status_code != 202:
         raise RuntimeError(f"POST /v1/logins answered {answer.status_code}: {answer.text}")
     login_id = answer.json()["login_id"]
-    waiting = released = 0.0
+    starting = waiting = released = 0.0
     with api.stream("GET", f"/v1/logins/{login_id}/events") as events:
         for state, login in _events(events):
-            if state == "waiting-for-user" and not waiting:
+            if state == "starting" and not starting:
+                starting = time.perf_counter()
+            elif state == "waiting-for-user" and not waiting:
                 waiting = time.perf_counter()
                 released = approval.approve(WAIT_S)
             elif state == "captured":
-                return Pair(waiting - started, time.perf_counter() - released)
+                return Pair(waiting - started, time.perf_counter() - released, starting_s=starting - started)
             elif state in FINAL_STATES:
                 raise RuntimeError(f"login {login_id} ended {state}: {login}")
     raise RuntimeError(f"the event stream of login {login_id} ended before `captured`")
@@ -250,7 +256,7 @@ def tool_alone(agent: AgentClient, approval: Approval, marks: Marks, issuer: str
     if status["state"] != "captured" or handover.status != 200:
         raise RuntimeError(f"no result from the wrapper: {status} {handover}")
     document = json.loads(base64.b64decode(handover.body["files"][result]))
-    return Pair(float(document["open_s"]), arrived - released)
+    return Pair(float(document["open_s"]), arrived - released, opener_s=float(document["opener_s"]))
 
 
 def _providers_file(path: Path, issuer: str, count: int) -> None:
@@ -401,6 +407,14 @@ def main() -> None:
     print(f"  {'':<36} {'controller+agent':<27} {'tool alone':<27} {'added':<11} ratio (added / target)")
     print(_row("POST /v1/logins -> waiting-for-user", [p.open_s for p in full], [p.open_s for p in alone]))
     print(_row("approval -> captured", [p.approve_s for p in full], [p.approve_s for p in alone]))
+    starting_ms = statistics.median(p.starting_s for p in full) * 1000
+    opener_ms = statistics.median(p.opener_s for p in alone) * 1000
+    added_ms = (statistics.median(p.open_s for p in full) - statistics.median(p.open_s for p in alone)) * 1000
+    rest_ms = added_ms - starting_ms - opener_ms
+    print(f"  of the {added_ms:.0f} ms added before waiting-for-user (medians): POST -> starting (the controller, "
+          f"before the agent is asked) {starting_ms:.0f} ms; the opener (Python start-up, DevTools tab; timed in "
+          f"the tool-alone runs) {opener_ms:.0f} ms; the rest (the agent starting the terminal, xterm, the "
+          f"runner, the opener telling the agent, the controller's 0.1 s poll) {rest_ms:.0f} ms")
 
 
 if __name__ == "__main__":
