@@ -5,9 +5,9 @@ test_isolation.py makes guests), with the VM's MAC and address, a record in the 
 file with the markers a guest prints, and a desktop on :6080 that the test controls: websockify
 with x11vnc behind it (upgrade, then "RFB 003.008"), websockify without x11vnc (upgrade, then a
 close frame before any RFB byte: what websockify does when it cannot reach x11vnc), or nothing
-(TCP refused). The in-guest faults ("websockify stopped", "x11vnc stopped") are tested here only:
-the guest image has no way in for a test without changing guest files, which this work may not.
-Its "VMM" is a sleeping process (the doctor is given a VmmInspector for it).
+(TCP refused). The in-guest faults ("websockify stopped", "x11vnc stopped") are tested here in
+milliseconds, and against real guests in test_doctor_vm.py (booted from test-only copies of the
+image). Its "VMM" is a sleeping process (the doctor is given a VmmInspector for it).
 
 Every run must finish within 5 s; a snapshot of the controller namespace (links, addresses,
 routes, neighbours, nft ruleset, sysctls) is the same before and after a run.

@@ -4,13 +4,17 @@ One booted VM is shared by the cases that do not kill it; each case breaks exact
 asserts the hop and cause code the doctor names, restores it, and checks the VM is OK again.
 The two cases that cannot be undone (TAP deleted, VMM killed) come last. The incident (the
 no-IP_PNP kernel with the configurator disabled) is a VM of its own, kept after it failed.
-Every run must finish within 5 s. The in-guest faults (websockify or x11vnc stopped) are in
-test_doctor_standin.py: nothing in the guest lets a test stop them without changing guest files.
+The in-guest faults are VMs of their own too, booted side by side from test-only copies of the
+image (tests/support/derived_image.py; the production image and its build stay as they are):
+"x11vnc stopped" leaves x11vnc out of the copy's desktop.json, "websockify stopped" replaces
+websockify with a stand-in that closes :6080 after the desktop reported it ready.
+Every run must finish within 5 s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -32,6 +36,7 @@ from browservm.images.rootfs import RootfsImage
 from browservm.ipam import Ipam
 from browservm.vm.records import VmRecord, VmRecords
 from browservm.vm.state import VmState
+from tests.support.derived_image import GuestFile, derive_image, read_guest_file
 
 from .conftest import Controllers, Namespaces, run
 
@@ -183,6 +188,109 @@ def test_the_incident_is_named_on_the_kept_failed_vm(shared: Shared, built: dict
         assert any("CONFIG_IP_PNP=n" in line for line in document["evidence"])
     finally:
         asyncio.run(controller.manager.destroy(record.vm_id))
+
+
+# --- in-guest faults: real guests booted from test-only images (tests/support/derived_image.py) ------
+
+DESKTOP_JSON = "/etc/browservm/desktop.json"
+WEBSOCKIFY = "/usr/bin/websockify"
+# browservm-desktop hands websockify :6080's listening socket as its stdin and then reports it ready.
+# This stand-in closes that socket and stays alive: nothing listens on :6080 (TCP refused) although the
+# console said websockify was ready, and the supervisor sees no part exit (it would restart the desktop).
+WEBSOCKIFY_GONE = b"""#!/bin/sh
+# test-only (tests/integration/test_doctor_vm.py): websockify stopped, :6080 closed
+exec sleep infinity <&-
+"""
+
+
+def desktop_without(image: Path, service: str) -> dict[str, GuestFile]:
+    """The image's desktop.json with `service` left out of "services", every other key as it was."""
+    config = json.loads(read_guest_file(image, DESKTOP_JSON))
+    assert service in config["services"], config
+    config["services"] = [part for part in config["services"] if part != service]
+    return {DESKTOP_JSON: GuestFile(json.dumps(config).encode() + b"\n")}
+
+
+@dataclass(frozen=True)
+class InGuestFault:
+    name: str
+    hop: str  # what the doctor must name
+    cause: str
+    create_hops: tuple[str, ...]  # where the create itself may fail
+    files: Callable[[Path], dict[str, GuestFile]]  # what the derived image changes, given the built image
+
+
+IN_GUEST = [
+    # Not by leaving websockify out of desktop.json: a websockify that never starts is never reported
+    # ready, and the doctor rightly stops at desktop.ready (desktop.not_ready) before any connect.
+    # The create may still connect between the ready marker and the stand-in closing the socket:
+    # that connection is reset, so it fails at ws.upgrade instead of net.tcp.
+    InGuestFault("websockify-stopped", "net.tcp", "desktop.port_closed", ("net.tcp", "ws.upgrade"),
+                 lambda image: {WEBSOCKIFY: GuestFile(WEBSOCKIFY_GONE, 0o755)}),
+    # websockify starts and upgrades, then finds nothing on 127.0.0.1:5901 and closes the WebSocket.
+    InGuestFault("x11vnc-stopped", "rfb.banner", "vnc.unreachable", ("rfb.banner",),
+                 lambda image: desktop_without(image, "x11vnc")),
+]
+
+
+InGuestVms = dict[str, tuple[Controller, VmRecord]]
+
+
+@contextlib.contextmanager
+def in_guest_vms_booted(controllers: Controllers, source: Path, directory: Path) -> Iterator[InGuestVms]:
+    """One VM per in-guest fault, each from its own image derived from `source` (made in `directory`),
+    booted side by side and kept after its create fails (its VMM keeps running); destroyed, and the
+    images deleted, even on failure. Also used by bench/doctor_bench.py --real-guests."""
+    images = [directory / f"{fault.name}.ext4" for fault in IN_GUEST]
+    opened: dict[str, Controller] = {}
+    before: set[str] | None = None  # the VMs there were before (the shared one): never destroyed here
+    try:
+        for fault, image in zip(IN_GUEST, images, strict=True):
+            derive_image(source, image, fault.files(source))
+            opened[fault.name] = controllers.open(rootfs=image)
+        before = {record.vm_id for record in asyncio.run(next(iter(opened.values())).manager.all())}
+
+        async def boot() -> list[VmRecord]:
+            # Side by side: two guests under TCG on 2 cores take little longer than one.
+            return await asyncio.gather(*(c.manager.create(keep_failed=True) for c in opened.values()))
+
+        started = time.monotonic()
+        records = asyncio.run(boot())
+        print(f"\nin-guest fault VMs: both creates ended in {time.monotonic() - started:.0f} s")
+        yield {name: (opened[name], record) for name, record in zip(opened, records, strict=True)}
+    finally:
+        try:
+            if before is not None:
+                manager = next(iter(opened.values())).manager
+                for record in asyncio.run(manager.all()):
+                    if record.vm_id not in before:
+                        asyncio.run(manager.destroy(record.vm_id))
+        finally:
+            for image in images:
+                image.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def in_guest_vms(shared: Shared, minimal_image: RootfsImage, tmp_path: Path) -> Iterator[InGuestVms]:
+    with in_guest_vms_booted(shared.controllers, minimal_image.path, tmp_path) as vms:
+        yield vms
+
+
+def test_in_guest_faults_are_named_on_real_guests(shared: Shared, in_guest_vms: InGuestVms) -> None:
+    documents = {name: shared.diagnose(name, record.vm_id, controller).to_json()
+                 for name, (controller, record) in in_guest_vms.items()}
+    found = {name: (document["verdict"], document["hop"], document["cause"]) for name, document in documents.items()}
+    assert found == {f.name: ("FAIL", f.hop, f.cause) for f in IN_GUEST}, json.dumps(documents, indent=1)
+    for fault in IN_GUEST:
+        record, document = in_guest_vms[fault.name][1], documents[fault.name]
+        # The create failed too, past desktop.ready: the guest's desktop came that far.
+        assert record.state == VmState.FAILED and record.failure is not None, record
+        assert record.failure.hop in fault.create_hops, (fault.name, record.failure)
+        statuses = [(h["hop"], h["status"]) for h in document["hops"]]
+        at = [h for h, _ in statuses].index(fault.hop)
+        assert all(status == "ok" for _, status in statuses[:at]), (fault.name, statuses)
+        assert all(status == "skipped" for _, status in statuses[at + 1:]), (fault.name, statuses)
+        assert document["evidence"] and document["fix"], (fault.name, document)
 
 
 def test_last_tap_deleted_then_vmm_killed(shared: Shared) -> None:
