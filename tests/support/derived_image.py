@@ -21,7 +21,7 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,16 +52,20 @@ def read_guest_file(image: Path, path: str) -> bytes:
     return _debugfs(image, ["-R", f"cat {path}"], f"reading {path}")
 
 
-def derive_image(source: Path, destination: Path, files: Mapping[str, GuestFile]) -> Path:
+def derive_image(source: Path, destination: Path, files: Mapping[str, GuestFile],
+                 directories: Iterable[str] = ()) -> Path:
     """A sparse copy of `source` at `destination` (a new file) with `files` (guest path -> file) written
-    into it, replacing what was there. Each file's directory must exist in the image. The copy ends
-    read-only (0444), as the cached image is, since a VM must never write to its golden image."""
-    for path in files:
+    into it, replacing what was there. Each file's directory must exist in the image or be one of
+    `directories`, which are made first, in the order given, where missing (root's, 0755: a parent
+    before its child; a drop-in directory such as /etc/systemd/system/multi-user.target.d, say).
+    The copy ends read-only (0444), as the cached image is, since a VM must never write to its golden image."""
+    directories = list(directories)
+    for path in [*directories, *files]:
         _check_path(path)
     clone_sparse(source, destination)  # O_EXCL: never overwrites anything, the cache least of all
     try:
         with tempfile.TemporaryDirectory(prefix="derived-image-") as scratch:
-            script = []
+            script = [f"mkdir {path}" for path in directories if not _exists(destination, path)]
             for index, (path, file) in enumerate(files.items()):
                 local = Path(scratch, str(index))
                 local.write_bytes(file.content)
@@ -72,6 +76,9 @@ def derive_image(source: Path, destination: Path, files: Mapping[str, GuestFile]
             commands = Path(scratch, "commands")
             commands.write_text("\n".join(script) + "\n")
             _debugfs(destination, ["-w", "-f", str(commands)], "changing files")
+        for path in directories:
+            if "Type: directory" not in _debugfs(destination, ["-R", f"stat {path}"], f"checking {path}").decode():
+                raise DerivedImageError(f"{path} in {destination} is not a directory")
         for path, file in files.items():
             _verify(destination, path, file)
         os.chmod(destination, 0o444)
