@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     idle_timeout: int = Field(900, ge=10, description="seconds a VM may have no viewer before it is reaped")
     max_lifetime: int = Field(7200, ge=60, description="seconds a VM may live at most before it is reaped")
     stop_vms_on_exit: bool = Field(False, description="destroy every VM when the controller stops")
+    snapshots: bool = Field(False, description="restore new VMs from a snapshot of a booted desktop (QEMU), made "
+                                               "in the background at the first create; cold boots until then")
+    pool: int = Field(0, ge=0, le=64, description="VMs kept restored and ready for the next requests (implies "
+                                                  "snapshots)")
+    pool_max_age: int = Field(3600, ge=60, description="seconds before a pooled VM is replaced by a fresh one")
+    pool_memory_mib: int = Field(8192, ge=256, description="VM memory the pool may hold at most")
     # Logins (issue 9)
     providers_file: Path | None = Field(None, description="the operator's providers catalog (TOML or JSON), "
                                                           "on top of the one shipped in browservm/oauth")

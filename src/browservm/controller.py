@@ -72,6 +72,7 @@ def open_controller(settings: Settings, progress: Progress | None = None,
             deadlines=deadlines,
             # Only root can hand a VMM another uid; a controller that is not root runs VMMs as itself.
             vm_uid_base=settings.vm_uid_base if settings.vm_uids and os.geteuid() == 0 else None)
+        manager.restore_by_default = settings.snapshots or settings.pool > 0
         yield Controller(settings, store, network, manager)
 
 

@@ -41,10 +41,16 @@ def test_a_new_vm_id_on_the_disk_is_applied_once_and_announced(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     disk = tmp_path / "config.img"
     configdisk.write(disk, {"vm_id": "vm-golden"})
-    applier, stop = Recording(), threading.Event()
-    watcher = threading.Thread(target=watch, args=(disk, applier, ["xvfb", "websockify"], 0.01, stop.is_set))
+    applier, stop, watching = Recording(), threading.Event(), threading.Event()
+
+    def done() -> bool:  # first asked once the daemon has read the disk as it was at its start
+        watching.set()
+        return stop.is_set()
+
+    watcher = threading.Thread(target=watch, args=(disk, applier, ["xvfb", "websockify"], 0.01, done))
     watcher.start()
     try:
+        assert watching.wait(5)
         configdisk.rewrite(disk, {"vm_id": "vm-clone", "identity": IDENTITY})
         for _ in range(500):
             if applier.applied:

@@ -47,6 +47,13 @@ class Metrics:
                                    ["direction"], registry=self.registry)
         self.proxy_closes = Counter("browservm_proxy_closes", "viewer connections closed, by close code",
                                     ["code"], registry=self.registry)
+        self.pool_claims = Counter("browservm_pool_claims", "requests for a VM the warm pool could serve, by "
+                                   "outcome (hit: a pooled VM; miss: restored or booted instead)", ["outcome"],
+                                   registry=self.registry)
+        self.claim_seconds = Histogram("browservm_pool_claim_seconds", "seconds to hand a pooled VM to a user",
+                                       buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.2, 0.5, 1), registry=self.registry)
+        self.snapshot_age = Gauge("browservm_snapshot_age_seconds", "age of the newest snapshot VMs are restored from",
+                                  registry=self.registry)
 
     def render(self) -> bytes:
         """The text exposition format. Blocking (reads the store): call it in a thread."""

@@ -33,6 +33,7 @@ from browservm.ids import validate_vm_id
 from browservm.inotify import DirectoryWatch
 from browservm.vm.console import ConsoleLog
 from browservm.vm.hops import RFB_AUTH
+from browservm.vm.pool import POOL_USER, PoolSettings, WarmPool
 from browservm.vm.records import VmRecord, VmRecords
 from browservm.vm.state import VmState
 
@@ -78,6 +79,15 @@ class ControllerService:
         self._gone: dict[str, set[Ended]] = {}  # each viewer's, by VM: ended with it
         self._tasks: list[asyncio.Task[None]] = []
         self._background: list[Callable[[], Awaitable[None]]] = []
+        self.pool: WarmPool | None = None
+        if self.settings.pool:
+            self.pool = WarmPool(self.manager, self._records, PoolSettings(
+                size=self.settings.pool, max_age=self.settings.pool_max_age,
+                memory_mib=self.settings.pool_memory_mib), max_per_user=lambda: self.settings.max_vms_per_user)
+            self.pool.on_claim = self._claimed
+            self.manager.pool = self.pool
+            self.run_in_background(self.pool.run)
+        self.metrics.snapshot_age.set_function(self._snapshot_age)
         self._stop_hooks: list[Callable[[], Awaitable[None]]] = []
         self._started = time.time()
         self.stopping = asyncio.Event()
@@ -160,7 +170,19 @@ class ControllerService:
 
     # --- what the manager tells ---------------------------------------------------------
 
+    def _claimed(self, hit: bool, seconds: float) -> None:
+        self.metrics.pool_claims.labels(outcome="hit" if hit else "miss").inc()
+        if hit:
+            self.metrics.claim_seconds.observe(seconds)
+
+    def _snapshot_age(self) -> float:
+        """For the metrics scrape, in its thread: the newest snapshot's age, or 0 without one."""
+        ages = [snapshot.age for snapshot in self.manager.snapshots.all()]
+        return min(ages) if ages else 0.0
+
     def _changed(self, record: VmRecord, event: str) -> None:
+        if self.pool is not None:
+            self.pool.notice(record, event)
         failure = record.failure
         self.events.publish(VmEvent(
             vm_id=record.vm_id, event=event, state=record.state.value, seconds=record.stages.get(event),
@@ -352,7 +374,7 @@ class ControllerService:
         """VM id -> why, for every ready VM past its lifetime or without a viewer for too long."""
         due = {}
         for record in records:
-            if record.state != VmState.READY:
+            if record.state != VmState.READY or record.user == POOL_USER:  # the pool recycles its own
                 continue
             if now - record.created_at > self.settings.max_lifetime:
                 due[record.vm_id] = f"reaped: older than the maximum lifetime of {self.settings.max_lifetime} s"

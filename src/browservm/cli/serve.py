@@ -40,6 +40,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser],
                        help="reap a VM without a viewer for this long (default 900)")
     serve.add_argument("--max-lifetime", type=int, metavar="SECONDS", help="reap a VM older than this (default 7200)")
     serve.add_argument("--viewer-ttl", type=int, metavar="SECONDS", help="viewer links expire after (default 600)")
+    serve.add_argument("--snapshots", action="store_true", default=None,
+                       help="restore new VMs from a snapshot of a booted desktop (made at the first create)")
+    serve.add_argument("--pool", type=int, metavar="N", help="keep N VMs restored and ready (default 0)")
     serve.add_argument("--stop-vms-on-exit", action="store_true", default=None,
                        help="destroy every VM when the controller stops (default: leave them running)")
 

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import logging
 import os
 import secrets
 import shutil
@@ -53,6 +54,7 @@ from browservm.images.disk import clone_sparse
 from browservm.ipam import Ipam, Lease
 from browservm.vm import hops
 from browservm.vm.console import MAX_DISK, ConsoleLog, cap_console
+from browservm.vm.pool import POOL_USER, WarmPool
 from browservm.vm.readiness import GuestProbes, Probes
 from browservm.vm.records import Failure, VmRecord, VmRecords
 from browservm.vm.snapshots import Snapshot, Snapshots
@@ -64,6 +66,7 @@ from browservm.vmm.process import VmmProcess
 from browservm.vmm.spec import VmSpec
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 DESKTOP_PORT = 6080
 CONFIG_DISK = "config.img"
 # Extra kernel arguments a request may add: ones that tune, never ones that choose what runs.
@@ -171,6 +174,8 @@ class VMManager:
         self._vm_uid_base = vm_uid_base  # None: VMMs run as the controller's user
         self.snapshots = snapshots or Snapshots(vm_root.parent / "snapshots")
         self._snapshot_lock = asyncio.Lock()  # one snapshot made at a time
+        self.restore_by_default = False  # start(): restore from a snapshot unless told otherwise
+        self.pool: WarmPool | None = None  # where start() takes a ready VM from first
         self._me = this_process()
         self._tasks: set[asyncio.Task[object]] = set()
         self._creating: dict[str, asyncio.Task[VmRecord]] = {}
@@ -210,7 +215,7 @@ class VMManager:
 
     async def create(self, user: str = "default", vcpus: int = 1, mem_mib: int = 1024, *,
                      keep_failed: bool = False, extra_boot_args: tuple[str, ...] = (),
-                     on_stage: StageCallback | None = None, restore: bool = False) -> VmRecord:
+                     on_stage: StageCallback | None = None, restore: bool | None = None) -> VmRecord:
         """Boot a VM and return once its desktop answers, or its record says which hop failed."""
         _, task = await self.start(user, vcpus, mem_mib, keep_failed=keep_failed, extra_boot_args=extra_boot_args,
                                    on_stage=on_stage, restore=restore)
@@ -224,23 +229,36 @@ class VMManager:
     async def start(self, user: str = "default", vcpus: int = 1, mem_mib: int = 1024, *,
                     keep_failed: bool = False, extra_boot_args: tuple[str, ...] = (),
                     on_stage: StageCallback | None = None,
-                    restore: bool = False) -> tuple[VmRecord, asyncio.Task[VmRecord]]:
+                    restore: bool | None = None) -> tuple[VmRecord, asyncio.Task[VmRecord]]:
         """Check the request, write the VM's record, and boot it in a task of the manager's own.
 
-        With `restore`, the VM starts from the snapshot of its inputs when there is one (a cold
-        boot otherwise; `snapshot` makes one). Returns at once with the record (state `creating`)
-        and the task that ends with the final one.
+        A ready VM from the warm pool comes first, when there is one (its task is already done).
+        With `restore` (default: `restore_by_default`) the VM starts from the snapshot of its inputs;
+        without one it boots cold while the snapshot is made in the background. Returns at once with
+        the record (state `creating`) and the task that ends with the final one.
         """
         self.check_request(user, vcpus, mem_mib, extra_boot_args)
         user = normalise_user(user)
+        plain = not extra_boot_args and not keep_failed
+        ours = user in (POOL_USER, SNAPSHOT_USER)  # the pool's own VMs and the one a snapshot is made of
+        if self.pool is not None and not ours and plain and self.pool.fits(vcpus, mem_mib):
+            claimed = await self.pool.claim(user)
+            if claimed is not None:
+                self._notify(claimed, "ready")
+                return claimed, self._own(_already(claimed))
         images = await self._resolve_images()
-        snapshot = await self.snapshot_of(vcpus, mem_mib) if restore and not extra_boot_args else None
+        restore = self.restore_by_default if restore is None else restore
+        snapshot = await self.snapshot_of(vcpus, mem_mib) if restore and plain else None
+        if restore and plain and snapshot is None and not self._snapshot_lock.locked():
+            self._own(self._snapshot_quietly(vcpus, mem_mib))
         vm_id = new_vm_id()
         record = VmRecord(vm_id=vm_id, user=user, vcpus=vcpus, mem_mib=mem_mib, keep=keep_failed,
                           directory=str(self._vm_root / vm_id), driver=self._driver.name, owner=self._me,
                           started_from="restored" if snapshot else "cold", snapshot=snapshot.key if snapshot else "")
+        # The pool holds as many VMs as its settings say, whatever the limit of one person.
+        per_user = self._limits.max_vms if user == POOL_USER else self._limits.max_vms_per_user
         await uninterrupted(partial(self._records.insert, record, max_total=self._limits.max_vms,
-                                    max_per_user=self._limits.max_vms_per_user))
+                                    max_per_user=per_user))
         crash_point("record:done")
         task = self._own(self._create(dataclasses.replace(record), images, extra_boot_args,
                                       on_stage or (lambda stage, seconds: None)))
@@ -529,7 +547,7 @@ class VMManager:
             found = await asyncio.to_thread(self.snapshots.get, key)
             if found is not None:
                 return found
-            record = await self.create(SNAPSHOT_USER, vcpus, mem_mib)
+            record = await self.create(SNAPSHOT_USER, vcpus, mem_mib, restore=False)  # booted: what a snapshot is of
             if record.state != VmState.READY:
                 failure = record.failure
                 raise VmmError(record.vm_id, "snapshot", f"the VM to snapshot failed at "
@@ -547,6 +565,13 @@ class VMManager:
                 raise
             finally:
                 await self.destroy(record.vm_id)
+
+    async def _snapshot_quietly(self, vcpus: int, mem_mib: int) -> None:
+        """Make the snapshot in the background; a failure is logged, and VMs keep booting cold."""
+        try:
+            await self.snapshot(vcpus, mem_mib)
+        except (BrowserVMError, OSError) as exc:
+            log.warning("snapshot for %d vCPU / %d MiB VMs: %s", vcpus, mem_mib, exc)
 
     def cap_consoles(self) -> dict[str, int]:
         """Keep every VM's console log within console.MAX_DISK on disk: VM id -> bytes freed. Blocking.
@@ -807,6 +832,10 @@ class VMManager:
             return
         self._notify(record, "ready")
         self.watch(record)
+
+
+async def _already(record: VmRecord) -> VmRecord:
+    return record
 
 
 def _reported_in_record(exc: BaseException) -> bool:

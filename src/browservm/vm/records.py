@@ -115,6 +115,22 @@ class VmRecords:
                 raise self._conflict(db, record)
         record.version += 1
 
+    def claim(self, record: VmRecord, from_user: str, max_per_user: int) -> bool:
+        """Give `record` (changed to its new user) to that user if it still belongs to `from_user` at
+        the version it was read and the user is under the limit; False if someone else took it."""
+        with self._store.transaction() as db:
+            mine = db.execute("SELECT count(*) FROM vms WHERE holds_resources AND user = ?",
+                              (record.user,)).fetchone()[0]
+            if mine >= max_per_user:
+                raise LimitExceeded("max_vms_per_user", max_per_user, f"user {record.user!r} already has {mine} VMs")
+            updated = db.execute(
+                "UPDATE vms SET user = ?, data = ?, version = version + 1 WHERE vm_id = ? AND version = ? AND user = ?",
+                (record.user, json.dumps(record.to_json()), record.vm_id, record.version, from_user)).rowcount
+        if updated != 1:
+            return False
+        record.version += 1
+        return True
+
     def delete(self, record: VmRecord) -> None:
         """Remove the record if it is still the version it was read at; else StateConflict."""
         with self._store.transaction() as db:

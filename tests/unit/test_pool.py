@@ -1,0 +1,124 @@
+"""The warm pool with the fake VMM: claims, fallbacks, refills, deaths, ages, the memory budget."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from browservm.vm.manager import Limits, VMManager
+from browservm.vm.pool import OVERHEAD_MIB, POOL_USER, PoolSettings, WarmPool
+from browservm.vm.records import VmRecords
+from browservm.vm.state import VmState
+from browservm.vmm import process
+from browservm.vmm.process import VmmProcess
+
+from .fakes import Parts, make_parts, stop_all
+
+DEADLINE = 20.0
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> Iterator[Parts]:
+    made = make_parts(tmp_path)
+    for image in (made.images.kernel, made.images.rootfs):
+        image.write_bytes(b"image " + image.name.encode())
+    try:
+        yield made
+    finally:
+        stop_all(made)
+
+
+@asynccontextmanager
+async def pooled(parts: Parts, size: int = 2, memory_mib: int = 8192,
+                 clock: list[float] | None = None) -> AsyncIterator[tuple[VMManager, WarmPool]]:
+    manager = parts.manager(limits=Limits(max_vms=8, max_vms_per_user=2))
+    settings = PoolSettings(size=size, max_age=600, memory_mib=memory_mib)
+    now = clock if clock is not None else []
+    pool = WarmPool(manager, VmRecords(parts.store), settings, max_per_user=lambda: 2,
+                    clock=(lambda: now[0]) if now else __import__("time").time)
+    manager.pool, manager.on_change = pool, pool.notice
+    manager.restore_by_default = True
+    running = asyncio.create_task(pool.run())
+    try:
+        yield manager, pool
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await manager.close()
+
+
+def test_a_claim_takes_a_ready_pooled_vm_then_the_pool_refills(parts: Parts) -> None:
+    async def scenario() -> None:
+        async with pooled(parts) as (manager, pool):
+            assert await pool.wait_filled(DEADLINE)
+            snapshot = await manager.snapshot_of()
+            assert snapshot is not None  # made first: pooled VMs are restored
+            pooled_vms = {r.vm_id for r in await manager.all() if r.user == POOL_USER}
+            record, task = await manager.start("ann")
+            assert await asyncio.wait_for(task, 1) is record and record.vm_id in pooled_vms
+            assert (record.user, record.started_from, record.state) == ("ann", "pooled", VmState.READY)
+            stored = await manager.get(record.vm_id)
+            assert stored is not None and stored.user == "ann" and stored.viewer_epoch == record.viewer_epoch
+            assert pool.stats.hits == 1
+            assert await pool.wait_filled(DEADLINE)
+            assert len([r for r in await manager.all() if r.user == POOL_USER]) == 2
+    asyncio.run(scenario())
+
+
+def test_two_claims_at_once_never_get_the_same_vm_and_an_empty_pool_falls_back(parts: Parts) -> None:
+    async def scenario() -> None:
+        async with pooled(parts, size=1) as (manager, pool):
+            assert await pool.wait_filled(DEADLINE)
+            (a, _), (b, b_task) = await asyncio.gather(manager.start("ann"), manager.start("bob"))
+            assert a.vm_id != b.vm_id
+            assert sorted([a.started_from, b.started_from]) == ["pooled", "restored"]
+            assert (await asyncio.wait_for(b_task, DEADLINE)).state == VmState.READY
+            assert (pool.stats.hits, pool.stats.misses) == (1, 1)
+    asyncio.run(scenario())
+
+
+def test_a_pooled_vm_that_dies_is_replaced(parts: Parts) -> None:
+    async def scenario() -> None:
+        async with pooled(parts, size=1) as (manager, pool):
+            assert await pool.wait_filled(DEADLINE)
+            victim = next(r for r in await manager.all() if r.user == POOL_USER)
+            assert victim.pid is not None and victim.pid_start_time is not None
+            process.signal_process(VmmProcess(victim.pid, victim.pid_start_time), signal.SIGKILL)
+            async with asyncio.timeout(DEADLINE):
+                while True:
+                    ready = [r for r in await manager.all() if r.user == POOL_USER and r.state == VmState.READY]
+                    if ready and victim.vm_id not in {r.vm_id for r in ready}:
+                        break
+                    await pool.wait_filled(1)
+            assert await manager.get(victim.vm_id) is None  # removed, not left failed
+    asyncio.run(scenario())
+
+
+def test_the_pool_never_holds_more_memory_than_its_budget(parts: Parts) -> None:
+    async def scenario() -> None:
+        async with pooled(parts, size=5, memory_mib=2 * (1024 + OVERHEAD_MIB) + 100) as (manager, pool):
+            assert pool.settings.target == 2
+            assert await pool.wait_filled(DEADLINE)
+            await asyncio.sleep(0.2)  # a pool that overshot would be making a third one now
+            assert len([r for r in await manager.all() if r.user == POOL_USER]) == 2
+    asyncio.run(scenario())
+
+
+def test_a_pooled_vm_past_its_age_is_recycled(parts: Parts) -> None:
+    async def scenario() -> None:
+        clock = [__import__("time").time()]
+        async with pooled(parts, size=1, clock=clock) as (manager, pool):
+            assert await pool.wait_filled(DEADLINE)
+            old = next(r for r in await manager.all() if r.user == POOL_USER)
+            clock[0] += 601
+            pool.notice(old, "destroyed")  # any news wakes the pool, which then looks at ages
+            async with asyncio.timeout(DEADLINE):
+                while await manager.get(old.vm_id) is not None:
+                    await pool.wait_filled(1)
+            clock[0] = __import__("time").time() + 601  # the new one is young against this clock
+    asyncio.run(scenario())
