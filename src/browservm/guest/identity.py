@@ -44,6 +44,7 @@ from browservm.markers import format_marker
 POLL_S = 0.25
 DEVICE = "eth0"
 _RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+_RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
 _COMMAND_TIMEOUT_S = 10
 _AGENT_UNIT = "browservm-agent.service"
 
@@ -101,10 +102,13 @@ def _run(*argv: str) -> None:
 
 
 def reseed(entropy: bytes, urandom: Path = Path("/dev/urandom")) -> None:
-    """Mix `entropy` into the kernel's pool and credit it: the clones' RNGs part ways at once."""
+    """Mix `entropy` into the kernel's pool, credit it, and reseed the CRNG from the pool now: without
+    the last step every clone's getrandom() would go on giving the same bytes until the kernel's own
+    next reseed (up to a minute later)."""
     request = struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy
     with urandom.open("wb") as stream:
         fcntl.ioctl(stream.fileno(), _RNDADDENTROPY, request)
+        fcntl.ioctl(stream.fileno(), _RNDRESEEDCRNG)
 
 
 @dataclass

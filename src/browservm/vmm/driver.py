@@ -88,9 +88,25 @@ class QemuDriver:
         return self._accel[kernel]
 
     def start(self, spec: VmSpec, netns: NetworkNamespace) -> VmmProcess:
-        argv = qemu_argv(spec, self.accel(spec.kernel), self._qemu)
-        return process.spawn(argv, spec.vmm_log, netns, spec.vm_id, directory=spec.directory,
-                             placement=self.placement, rlimits=qemu_rlimits(spec), limits=qemu_limits(spec))
+        return self._spawn(spec, netns)
+
+    def _spawn(self, spec: VmSpec, netns: NetworkNamespace, *extra: str) -> VmmProcess:
+        """QEMU for `spec`; a VM with a uid of its own owns its disk, handed over as a descriptor."""
+        overlay_fd = None
+        if spec.run_as is not None and spec.overlay is not None:
+            try:
+                os.chown(spec.overlay, spec.run_as, spec.run_as)
+                overlay_fd = os.open(spec.overlay, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                raise VmmError(spec.vm_id, "start", f"{spec.overlay}: {exc.strerror}") from exc
+        try:
+            argv = [*qemu_argv(spec, self.accel(spec.kernel), self._qemu, overlay_fd), *extra]
+            return process.spawn(argv, spec.vmm_log, netns, spec.vm_id, directory=spec.directory,
+                                 placement=self.placement, rlimits=qemu_rlimits(spec), limits=qemu_limits(spec),
+                                 pass_fds=() if overlay_fd is None else (overlay_fd,))
+        finally:
+            if overlay_fd is not None:
+                os.close(overlay_fd)
 
     def stop(self, spec: VmSpec, vmm: VmmProcess, timeout: float) -> None:
         _kill(spec, vmm, self._quit(spec), timeout)
@@ -119,9 +135,7 @@ class QemuDriver:
 
     def restore(self, spec: VmSpec, netns: NetworkNamespace, state: Path,
                 before_resume: Callable[[], None]) -> VmmProcess:
-        argv = [*qemu_argv(spec, self.accel(spec.kernel), self._qemu), "-incoming", "defer", "-S"]
-        vmm = process.spawn(argv, spec.vmm_log, netns, spec.vm_id, directory=spec.directory,
-                            placement=self.placement, rlimits=qemu_rlimits(spec), limits=qemu_limits(spec))
+        vmm = self._spawn(spec, netns, "-incoming", "defer", "-S")
         try:
             snapshot.restore_state(spec.vm_id, spec.control_socket, state, before_resume)
         except BaseException:

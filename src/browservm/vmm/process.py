@@ -64,7 +64,7 @@ def start_time(pid: int) -> int | None:
 
 def spawn(argv: Sequence[str], log: Path, netns: NetworkNamespace, vm_id: str, *, directory: Path,
           placement: Placement, rlimits: Sequence[tuple[int, int]] = (),
-          limits: ResourceLimits | None = None) -> VmmProcess:
+          limits: ResourceLimits | None = None, pass_fds: Sequence[int] = ()) -> VmmProcess:
     """Start a VMM that is not the caller's child, in the VM's cgroup, namespace and directory.
 
     Double fork: the intermediate child calls setsid, forks the VMM-to-be, reports its PID and
@@ -73,13 +73,15 @@ def spawn(argv: Sequence[str], log: Path, netns: NetworkNamespace, vm_id: str, *
     (placement), enters `directory` (part of its identity, see is_vmm_of) and waits until the
     caller has read its start time, so the identity recorded is the one of the process that
     execs. `limits` go to the VM's cgroup (placement); `rlimits` ((resource, value) pairs) are set,
-    soft and hard, before exec. Anything that fails before or at exec comes back through a
-    close-on-exec pipe as step and errno, the way subprocess reports exec failures.
+    soft and hard, before exec; `pass_fds` stay open in the VMM under the same numbers. Anything
+    that fails before or at exec comes back through a close-on-exec pipe as step and errno, the
+    way subprocess reports exec failures.
     """
     wrapped = placement.wrap(argv, vm_id, limits)
     cgroup_procs = placement.prepare(vm_id, limits)
     try:
-        vmm = _spawn(wrapped, log, netns, vm_id, directory=directory, cgroup_procs=cgroup_procs, rlimits=rlimits)
+        vmm = _spawn(wrapped, log, netns, vm_id, directory=directory, cgroup_procs=cgroup_procs, rlimits=rlimits,
+                     pass_fds=pass_fds)
         if list(wrapped) != list(argv):
             _wait_for_handover(vmm, wrapped[0], argv[0], log, vm_id)
         return vmm
@@ -141,6 +143,7 @@ class _Child:
     env: dict[bytes, bytes]
     cgroup_procs: bytes | None
     rlimits: tuple[tuple[int, int], ...]
+    pass_fds: tuple[int, ...]
     directory: bytes
     stdin: int
     stdout: int
@@ -150,7 +153,8 @@ class _Child:
 
 
 def _spawn(argv: Sequence[str], log: Path, netns: NetworkNamespace, vm_id: str, *, directory: Path,
-           cgroup_procs: Path | None, rlimits: Sequence[tuple[int, int]]) -> VmmProcess:
+           cgroup_procs: Path | None, rlimits: Sequence[tuple[int, int]],
+           pass_fds: Sequence[int] = ()) -> VmmProcess:
     program = argv[0]
     try:
         # Above 2, so the dup2()s onto 0, 1 and 2 in the child cannot overwrite one another.
@@ -166,6 +170,7 @@ def _spawn(argv: Sequence[str], log: Path, netns: NetworkNamespace, vm_id: str, 
         child = _Child(
             executables=_candidates(program), args=[os.fsencode(arg) for arg in argv], env=dict(os.environb),
             cgroup_procs=None if cgroup_procs is None else os.fsencode(cgroup_procs), rlimits=tuple(rlimits),
+            pass_fds=tuple(pass_fds),
             directory=os.fsencode(directory), stdin=devnull, stdout=out, pid_w=pid_w, go_r=go_r, err_w=err_w)
         with netns.entered():
             try:
@@ -259,10 +264,12 @@ def _vmm(child: _Child) -> None:
         os.dup2(child.stdin, 0)
         os.dup2(child.stdout, 1)
         os.dup2(child.stdout, 2)
-        keep = sorted((child.go_r, child.err_w))  # every other descriptor the controller holds stays with it
-        os.closerange(3, keep[0])
-        os.closerange(keep[0] + 1, keep[1])
-        os.closerange(keep[1] + 1, os.sysconf("SC_OPEN_MAX"))
+        # Every other descriptor the controller holds stays with it.
+        keep = sorted({child.go_r, child.err_w, *child.pass_fds})
+        for low, high in zip([2, *keep], [*keep, os.sysconf("SC_OPEN_MAX")], strict=True):
+            os.closerange(low + 1, high)
+        for fd in child.pass_fds:
+            os.set_inheritable(fd, True)
         # Python ignores SIGPIPE and SIGXFSZ, and ignored signals stay ignored across exec.
         for signum in (signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(signum, signal.SIG_DFL)

@@ -60,12 +60,16 @@ def qemu_rlimits(spec: VmSpec) -> list[tuple[int, int]]:
     return limits
 
 
-def qemu_argv(spec: VmSpec, accel: str, qemu: str = QEMU) -> list[str]:
+def qemu_argv(spec: VmSpec, accel: str, qemu: str = QEMU, overlay_fd: int | None = None) -> list[str]:
     """The whole QEMU command line for `spec` (a value: tested without running anything).
 
     QEMU opens every file and device it needs (disks, TAP, console, control socket, /dev/kvm) at
     start, as root, then drops to the VM's own uid (`-runas`) under a seccomp filter (`-sandbox`):
     a guest that escapes into QEMU holds neither root nor another VM's files.
+
+    With `overlay_fd` (an open descriptor QEMU inherits) the VM's disk is named through it: QEMU
+    reopens the disk when a snapshot is saved or restored, as its own uid, which may read the
+    disk (it owns it) but not walk the state directory (root's, 0700) to it.
     """
     paths = [spec.kernel, spec.rootfs, spec.console_log, spec.control_socket, spec.overlay, spec.config_disk]
     for path in paths:
@@ -83,7 +87,8 @@ def qemu_argv(spec: VmSpec, accel: str, qemu: str = QEMU) -> list[str]:
         "-device", "virtio-blk-device,drive=root",
     ]
     if spec.overlay is not None:
-        argv += ["-drive", f"id=overlay,file={spec.overlay},format=raw,if=none",
+        overlay = spec.overlay if overlay_fd is None else f"/proc/self/fd/{overlay_fd}"
+        argv += ["-drive", f"id=overlay,file={overlay},format=raw,if=none",
                  "-device", "virtio-blk-device,drive=overlay"]
     if spec.overlay is not None and spec.config_disk is not None:  # /dev/vdc: after the overlay, or it'd be vdb
         argv += ["-drive", f"id=config,file={spec.config_disk},format=raw,if=none,readonly=on",

@@ -31,7 +31,8 @@ def _migrated(qmp: Qmp, timeout: float) -> None:
         status = qmp.wait_event("MIGRATION", timeout)["data"]["status"]
         if status in _TERMINAL:
             if status != "completed":
-                raise QmpError(f"the migration stream {status}")
+                said = qmp.execute("query-migrate").get("error-desc", "no reason given")
+                raise QmpError(f"the migration stream {status}: {said}")
             return
 
 
