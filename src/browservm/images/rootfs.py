@@ -71,6 +71,9 @@ NPM_TOOLS: dict[str, tuple[tuple[str, str, str], ...]] = {"oauth": (
     ("codex", "@openai/codex", "0.171.0"),
     ("gemini", "@google/gemini-cli", "0.61.0"),
 )}
+# Where a package's .bin entry is a placeholder its install script would replace (scripts are not
+# run): the real executable, from the platform package npm installed beside it.
+TOOL_EXECUTABLES = {"claude": "@anthropic-ai/claude-code-linux-x64/claude"}
 TOOLS_DIR = "opt/browservm/tools"  # in the image; its node_modules/.bin holds each tool's executable
 TOOLS_MANIFEST = "etc/browservm/tools.json"
 # What a tool may call to open a page: our opener, found on PATH before anything Debian's.
@@ -159,7 +162,7 @@ class RootfsBuilder:
         parts += [(str(p), p.read_text()) for p in self._sources.files()]
         parts += sorted((path, hashlib.sha256(data).hexdigest()) for path, data in guest_files(profile).items())
         if profile in NPM_TOOLS:  # only there, so the other profiles' keys stay as they were
-            parts.append(["npm", NPM_TOOLS[profile], TOOLS_DIR, OPENER_NAMES])
+            parts.append(["npm", NPM_TOOLS[profile], TOOLS_DIR, OPENER_NAMES, TOOL_EXECUTABLES])
         digest.update(json.dumps(parts, sort_keys=True, default=str).encode())
         return digest.hexdigest()[:16]
 
@@ -275,10 +278,11 @@ class RootfsBuilder:
             meta = json.loads((prefix / "node_modules" / package / "package.json").read_text())
             if meta.get("version") != version:
                 raise ImageBuildError("tools", f"npm installed {package} {meta.get('version')}, not {version}")
-            executable = prefix / "node_modules" / ".bin" / name
+            executable = prefix / "node_modules" / (TOOL_EXECUTABLES.get(name) or f".bin/{name}")
             target = executable.resolve()
-            if not target.is_relative_to(prefix) or not os.access(target, os.X_OK):
-                raise ImageBuildError("tools", f"{package} {version} has no executable {name} for this machine")
+            if not target.is_relative_to(prefix) or not _runnable(target):
+                raise ImageBuildError("tools", f"{package} {version} has no executable {name} for this machine "
+                                               f"({target} is not a program or script the kernel can run)")
             inside = "/" + str(target.relative_to(root))
             link = root / "usr/local/bin" / name
             link.parent.mkdir(parents=True, exist_ok=True)
@@ -300,6 +304,15 @@ class RootfsBuilder:
             self._runner.logged(argv, log=log)
         except CommandFailed as exc:
             raise ImageBuildError(step, str(exc), log=str(log)) from exc
+
+
+def _runnable(path: Path) -> bool:
+    """Executable and something exec() takes: an ELF binary or a #! script (not a placeholder)."""
+    if not path.is_file() or not os.access(path, os.X_OK):
+        return False
+    with path.open("rb") as stream:
+        head = stream.read(4)
+    return head == b"\x7fELF" or head.startswith(b"#!")
 
 
 def _usage(root: Path) -> tuple[int, int]:
