@@ -773,7 +773,7 @@ class _Walk:
     async def _desktop_marker(self, result: HopResult, service: str, code: str, fatal: bool = True) -> None:
         lines = await self._read_console()
         result.checked.append(f"console: browservm-ready service={service} state=ready")
-        ready = None
+        ready = whole = None
         for line in lines:
             marker = parse_marker(line)
             if marker is None or marker[0] != "ready":
@@ -783,8 +783,14 @@ class _Walk:
                 self._exits.append(line.strip())
             elif fields.get("service") == service and fields.get("state") == "ready":
                 ready = line.strip()
+            elif fields.get("service") == "desktop" and fields.get("state") == "ready":
+                whole = line.strip()
         if ready is not None:
             result.checked.append(ready)
+        elif whole is not None:
+            result.found(Finding(code, f"the desktop reported ready without {service}: the image's "
+                                       "/etc/browservm/desktop.json leaves it out", [whole, *self._exits[-2:]],
+                                 fatal=fatal))
         else:
             result.found(Finding(code, f"the desktop supervisor never reported {service} ready", self._exits[-3:],
                                  fatal=fatal))

@@ -136,13 +136,18 @@ async def _wait_desktop_marker(console: ConsoleLog, hop: str, service: str, time
     def ready_or_failure(line: str) -> bool:
         marker = parse_marker(line)
         return marker is not None and marker[0] == "ready" and (
-            marker[1].get("service") == service or marker[1].get("state") in ("failed", "exited"))
+            marker[1].get("service") in (service, "desktop") or marker[1].get("state") in ("failed", "exited"))
 
     line = await console.wait_for(ready_or_failure, timeout)
     if line is None:
         raise ProbeFailed(hop, f"{service} did not report ready within {timeout:g} s")
     marker = parse_marker(line)
     assert marker is not None
+    started = marker[1].get("services", "").split(",")
+    if marker[1].get("service") == "desktop" and service != "desktop" and service not in started:
+        # The whole desktop is up without this part: waiting longer cannot help.
+        raise ProbeFailed(hop, f"the desktop reported ready without {service} (it started {', '.join(started)}): "
+                               "the image's /etc/browservm/desktop.json leaves it out")
     if marker[1].get("state") != "ready":
         raise ProbeFailed(hop, f"{marker[1].get('service')} {marker[1].get('state')}: "
                                f"{marker[1].get('reason') or 'code ' + marker[1].get('code', '?')}")
