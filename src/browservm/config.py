@@ -58,6 +58,9 @@ class Settings(BaseSettings):
                                                   "snapshots)")
     pool_max_age: int = Field(3600, ge=60, description="seconds before a pooled VM is replaced by a fresh one")
     pool_memory_mib: int = Field(8192, ge=256, description="VM memory the pool may hold at most")
+    pool_vm_mib: int = Field(1024, ge=256, le=16384, description="memory of each pooled VM: only requests of that "
+                                                                 "size (1 vCPU) are served from the pool; logins ask "
+                                                                 "for login_mem_mib")
     # Logins (issue 9)
     providers_file: Path | None = Field(None, description="the operator's providers catalog (TOML or JSON), "
                                                           "on top of the one shipped in browservm/oauth")

@@ -31,6 +31,7 @@ from browservm.images.rootfs import RootfsBuilder, RootfsImage
 from browservm.markers import parse_marker
 from browservm.progress import Progress
 from browservm.runner import CommandRunner
+from browservm.vm.pool import POOL_USER
 from tests.support.oauth_server import listen
 
 from .conftest import Controllers, Namespaces
@@ -39,6 +40,7 @@ pytestmark = [pytest.mark.host, pytest.mark.vm]
 CHROMIUM = Path("/usr/bin/chromium")
 AUTH_PORT = 18443
 _WAIT_S = 600.0
+_POOL_S = 900.0  # a snapshot VM's whole boot, then a restore
 
 
 @pytest.fixture(scope="session")
@@ -73,8 +75,22 @@ def _wait_for(client: httpx.Client, login_id: str, states: set[str], timeout: fl
         time.sleep(0.5)
 
 
+def _wait_pooled(client: httpx.Client, timeout: float) -> None:
+    """Until the controller's pool holds a ready VM."""
+    deadline = time.monotonic() + timeout
+    while True:
+        vms = client.get("/v1/vms").json()
+        if any(vm["user"] == POOL_USER and vm["state"] == "ready" for vm in vms):
+            return
+        failed = [vm for vm in vms if vm["state"] == "failed"]
+        assert not failed, failed
+        assert time.monotonic() < deadline, f"no pooled VM ready after {timeout:g} s: {vms}"
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("started_from", ["cold", "pooled"])
 def test_a_person_approves_in_the_viewer_and_the_controller_keeps_exactly_what_the_tool_wrote(
-        controllers: Controllers, tmp_path: Path) -> None:
+        controllers: Controllers, tmp_path: Path, started_from: str) -> None:
     if not CHROMIUM.exists():
         pytest.skip("needs Debian's chromium (scripts/install.sh installs it)")
     controller = controllers.open()  # host up, with the auth server's port open to VMs below
@@ -88,9 +104,10 @@ def test_a_person_approves_in_the_viewer_and_the_controller_keeps_exactly_what_t
     serve = subprocess.Popen(
         [sys.executable, "-m", "browservm", "serve", "--netns", controllers.netns, "--state-dir",
          str(controllers.state_dir), "--kernel", str(controllers.kernel), "--rootfs", str(controllers.rootfs),
-         "--vmm", "qemu", "--listen", f"127.0.0.1:{port}", "--guest-port", str(AUTH_PORT)],
+         "--vmm", "qemu", "--listen", f"127.0.0.1:{port}", "--guest-port", str(AUTH_PORT),
+         *(["--pool", "1"] if started_from == "pooled" else [])],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "BROWSERVM_PROVIDERS_FILE": str(providers)})
+        env={**os.environ, "BROWSERVM_PROVIDERS_FILE": str(providers), "BROWSERVM_POOL_VM_MIB": "2048"})
     output: list[str] = []
     listening = threading.Event()
 
@@ -106,10 +123,14 @@ def test_a_person_approves_in_the_viewer_and_the_controller_keeps_exactly_what_t
         key = (controllers.state_dir / "api.key").read_text().strip()
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
                               timeout=120, trust_env=False)
+        if started_from == "pooled":  # the pool first makes its snapshot, then restores a VM from it
+            _wait_pooled(client, _POOL_S)
         with listen(host=gateway, port=AUTH_PORT, netns=controller.network.netns) as server:
             started = client.post("/v1/logins", json={"user": "e2e", "provider": "sample", "keep_vm": True})
             assert started.status_code == 202, started.text
             login = started.json()
+            vm = client.get(f"/v1/vms/{login['vm_id']}").json()
+            assert vm["started_from"] == started_from, vm
             waiting = _wait_for(client, login["login_id"], {"waiting-for-user"}, _WAIT_S)
             assert waiting["auth_url_host"] == f"{gateway}:{AUTH_PORT}"
 

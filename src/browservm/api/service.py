@@ -82,8 +82,8 @@ class ControllerService:
         self.pool: WarmPool | None = None
         if self.settings.pool:
             self.pool = WarmPool(self.manager, self._records, PoolSettings(
-                size=self.settings.pool, max_age=self.settings.pool_max_age,
-                memory_mib=self.settings.pool_memory_mib), max_per_user=lambda: self.settings.max_vms_per_user)
+                size=self.settings.pool, max_age=self.settings.pool_max_age, memory_mib=self.settings.pool_memory_mib,
+                mem_mib=self.settings.pool_vm_mib), max_per_user=lambda: self.settings.max_vms_per_user)
             self.pool.on_claim = self._claimed
             self.manager.pool = self.pool
             self.run_in_background(self.pool.run)
