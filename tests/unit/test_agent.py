@@ -180,6 +180,25 @@ def test_a_login_goes_starting_waiting_captured_and_hands_over_exactly_once(runn
     assert final["state"] == "captured"
 
 
+def test_an_earlier_logins_credentials_are_not_taken_for_this_ones(running: Running, tmp_path: Path) -> None:
+    # A VM given to a second login still holds what the first one's tool wrote.
+    fifo = tmp_path / "approve"
+    os.mkfifo(fifo)
+    creds = running.home / ".fake" / "creds.json"
+    creds.parent.mkdir(parents=True)
+    creds.write_text('{"access_token": "old", "refresh_token": "old"}')
+    tool = running.tool("fake-login", OPENS_THEN_WAITS_THEN_WRITES)
+    client = running.client
+    answer = client.request("POST", "/v1/login", running.login([tool, str(fifo), str(creds)], env=_DEVTOOLS_CLOSED))
+    assert answer.status == 202
+    assert client.wait_for(["waiting-for-user"], 30)["state"] == "waiting-for-user"  # not captured at once
+    assert not creds.exists()
+    fifo.write_text("approved\n")
+    assert client.wait_for(["captured"], 30)["state"] == "captured"
+    handover = client.request("POST", "/v1/handover")
+    assert json.loads(base64.b64decode(handover.body["files"][str(creds)]))["access_token"] == "at-123"
+
+
 def test_the_digest_is_the_one_the_docstring_defines() -> None:
     files = {"/home/browser/b.json": b'{"b":1}', "/home/browser/a.json": b"{}"}
     expected = hashlib.sha256(b"/home/browser/a.json\n2\n{}" + b"/home/browser/b.json\n7\n" + b'{"b":1}').hexdigest()

@@ -365,6 +365,18 @@ class Agent:
             self._finish(login, FAILED, f"the desktop's display {self.config.display} did not come up")
             return
         user = self.config.user
+        # What an earlier login in this VM left is not this login's: the tool writes them anew. Removed
+        # as the desktop user, so a link planted in its home can only point at what it may delete anyway.
+        try:
+            removed = subprocess.run(["rm", "-f", "--", *request.credentials], capture_output=True, text=True,
+                                     timeout=_STOP_GRACE_S, check=False, user=user.uid, group=user.gid,
+                                     extra_groups=[] if user.uid is not None else None)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            self._finish(login, FAILED, f"cannot remove an earlier login's credentials: {exc}")
+            return
+        if removed.returncode != 0:
+            self._finish(login, FAILED, f"cannot remove an earlier login's credentials: {removed.stderr.strip()}")
+            return
         watch = CredentialsWatch(request.credentials)  # before the tool runs: no write can slip past it
         try:
             with open(login.directory / "terminal.log", "wb") as terminal_log:
