@@ -220,6 +220,8 @@ def make_parts(tmp_path: Path) -> Parts:
     template = tmp_path / "template.ext4"
     template.write_bytes(b"\0" * 4096)
     images = Images(kernel=tmp_path / "vmlinux", rootfs=tmp_path / "rootfs.ext4", disk_template=template)
+    for image in (images.kernel, images.rootfs):  # what a snapshot's key is made of
+        image.write_bytes(b"image " + image.name.encode())
     return Parts(store, ipam, FakeNetwork(), SleepDriver(), tmp_path / "vms", images)
 
 

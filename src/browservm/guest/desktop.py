@@ -225,13 +225,20 @@ def install_vnc_password(target: Path, owner: str, disk: Path = configdisk.GUEST
     password = configdisk.read(disk).get("secrets", {}).get("vnc")
     if not isinstance(password, str) or not password.isalnum() or not 6 <= len(password) <= 8:
         raise configdisk.ConfigDiskError("the config disk carries no VNC password (secrets.vnc, 6-8 letters or digits)")
+    write_vnc_password(target, password, owner)
+
+
+def write_vnc_password(target: Path, password: str, owner: str) -> None:
+    """`target` holds `password`, readable by `owner` only; replaced whole (x11vnc may read it any time)."""
     account = pwd.getpwnam(owner)
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    staged = target.with_name(target.name + ".new")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.fchown(fd, account.pw_uid, account.pw_gid)
         os.write(fd, password.encode() + b"\n")
     finally:
         os.close(fd)
+    os.replace(staged, target)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

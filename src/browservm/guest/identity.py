@@ -26,7 +26,6 @@ import fcntl
 import json
 import mmap
 import os
-import pwd
 import socket
 import struct
 import subprocess
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from browservm.guest import configdisk
+from browservm.guest.desktop import write_vnc_password
 from browservm.markers import format_marker
 
 POLL_S = 0.25
@@ -136,22 +136,10 @@ class Applier:
         time.clock_settime(time.CLOCK_REALTIME, identity.time + (time.monotonic() - read_at))
         password = document.get("secrets", {}).get("vnc")
         if self.vnc_password_file is not None and isinstance(password, str):
-            self._write_password(password)
+            # x11vnc rereads its password file before each new client (`-passwdfile read:`).
+            write_vnc_password(self.vnc_password_file, password, self.vnc_owner)
         if Path("/etc/systemd/system", _AGENT_UNIT).exists():
             _run("systemctl", "try-restart", _AGENT_UNIT)  # it reads its key from the config disk at start
-
-    def _write_password(self, password: str) -> None:
-        """x11vnc rereads its password file before each new client (`-passwdfile read:`)."""
-        assert self.vnc_password_file is not None
-        account = pwd.getpwnam(self.vnc_owner)
-        staged = self.vnc_password_file.with_suffix(".new")
-        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.fchown(fd, account.pw_uid, account.pw_gid)
-            os.write(fd, password.encode() + b"\n")
-        finally:
-            os.close(fd)
-        os.replace(staged, self.vnc_password_file)
 
 
 def watch(disk: Path, applier: Applier, services: Sequence[str], poll: float = POLL_S,
