@@ -43,8 +43,11 @@ class DirectoryWatch:
         os.close(self._fd)
 
     async def changed(self, timeout: float | None = None) -> bool:
+        # asyncio.timeout, not wait_for: in Python 3.11 wait_for can swallow a cancel that arrives as
+        # the event is set, and a loop around changed() (the service's store watch) would never stop.
         try:
-            await asyncio.wait_for(self._event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._event.wait()
         except TimeoutError:
             return False
         self._event.clear()

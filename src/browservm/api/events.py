@@ -53,7 +53,8 @@ class Subscription:
     async def wake(self, timeout: float) -> bool:
         """Wait for the next event or `timeout`; False once the bus has closed (the controller stops)."""
         try:
-            return await asyncio.wait_for(self.queue.get(), timeout) is not None
+            async with asyncio.timeout(timeout):  # not wait_for: see inotify.DirectoryWatch.changed
+                return await self.queue.get() is not None
         except TimeoutError:
             return True
 

@@ -201,7 +201,8 @@ class LoginService:
             if login.state.final or self._stopping:
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter.wait(), _STREAM_POLL_S)
+                async with asyncio.timeout(_STREAM_POLL_S):  # not wait_for: see inotify.DirectoryWatch.changed
+                    await waiter.wait()
 
     async def credentials(self, user: str, provider: str) -> StoredCredentials:
         return await asyncio.to_thread(self._vault.get, user, provider)
