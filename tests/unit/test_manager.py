@@ -12,7 +12,7 @@ import gc
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +26,7 @@ from browservm.vm.manager import Images, Limits
 from browservm.vm.records import VmRecord, VmRecords
 from browservm.vm.state import VmState
 
-from .fakes import NOTHING, FakeProbes, Parts, make_parts, stop_all
-
-
-@pytest.fixture
-def parts(tmp_path: Path) -> Iterator[Parts]:
-    built = make_parts(tmp_path)
-    yield built
-    stop_all(built)
+from .fakes import NOTHING, FakeProbes, Parts
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [

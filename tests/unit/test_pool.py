@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
-
-import pytest
 
 from browservm.vm.manager import Limits, VMManager
 from browservm.vm.pool import OVERHEAD_MIB, POOL_USER, PoolSettings, WarmPool
@@ -18,18 +15,9 @@ from browservm.vm.state import VmState
 from browservm.vmm import process
 from browservm.vmm.process import VmmProcess
 
-from .fakes import Parts, make_parts, stop_all
+from .fakes import Parts
 
 DEADLINE = 20.0
-
-
-@pytest.fixture
-def parts(tmp_path: Path) -> Iterator[Parts]:
-    made = make_parts(tmp_path)
-    try:
-        yield made
-    finally:
-        stop_all(made)
 
 
 @asynccontextmanager

@@ -5,25 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from browservm.guest import configdisk
 from browservm.vm.manager import CONFIG_DISK
 from browservm.vm.state import VmState
 
-from .fakes import NOTHING, Parts, make_parts, stop_all
-
-
-@pytest.fixture
-def parts(tmp_path: Path) -> Iterator[Parts]:
-    made = make_parts(tmp_path)
-    try:
-        yield made
-    finally:
-        stop_all(made)
+from .fakes import NOTHING, Parts
 
 
 def test_a_snapshot_is_made_once_from_a_ready_vm_which_is_gone_after(parts: Parts) -> None:
