@@ -6,7 +6,7 @@ import pwd
 import re
 from ipaddress import IPv4Network
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     vm_uid_base: int = Field(0x70000000, ge=65536, le=2**32 - 2**24 - 2,
                              description="the first of the 2^24 uids VMMs run as (uid = base + the VM address's "
                                          "low 24 bits); no account needs to exist")
+    desktop_path: Literal["rfb", "websockify"] = Field(
+        "rfb", description="how the controller reaches a VM's desktop: rfb (straight to x11vnc on :5901) or "
+                           "websockify (through the guest's websockify on :6080, the seed's way)")
     disk_mib: int = Field(4096, description="size of each VM's writable overlay disk")
     max_vms: int = Field(32, ge=1, description="VMs this host runs at most")
     max_vms_per_user: int = Field(4, ge=1, description="VMs one user may have at once")

@@ -71,7 +71,8 @@ def open_controller(settings: Settings, progress: Progress | None = None,
             limits=Limits(max_vms=settings.max_vms, max_vms_per_user=settings.max_vms_per_user),
             deadlines=deadlines,
             # Only root can hand a VMM another uid; a controller that is not root runs VMMs as itself.
-            vm_uid_base=settings.vm_uid_base if settings.vm_uids and os.geteuid() == 0 else None)
+            vm_uid_base=settings.vm_uid_base if settings.vm_uids and os.geteuid() == 0 else None,
+            desktop_path=settings.desktop_path)
         manager.restore_by_default = settings.snapshots or settings.pool > 0
         yield Controller(settings, store, network, manager)
 

@@ -5,13 +5,14 @@ The guest's desktop supervisor runs the real Xvfb, x11vnc and websockify in a na
 password installed the way the image's unit installs it (from a config disk). Then: a client
 without the password gets nowhere; the proxy with it relays a working RFB session (ServerInit and
 a framebuffer update come back to the viewer); the proxy with a wrong one is a clear rfb.auth
-failure.
+failure. Each on both desktop paths: RFB straight to x11vnc, and through websockify.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -46,6 +47,8 @@ pytestmark = [
 ]
 
 PASSWORD = "Kq3x9Zt1"
+LOCALHOST = IPv4Address("127.0.0.1")
+VNC_PORT = 5988
 WIDTH, HEIGHT = 1024, 768
 
 
@@ -54,8 +57,12 @@ class Desktop:
     netns: NetworkNamespace
     password_file: Path
 
+    path: str = "rfb"
+
     def upstream(self, password: str | None) -> Upstream:
-        return Upstream(self.netns, IPv4Address("127.0.0.1"), vnc_password=password)
+        if self.path == "rfb":
+            return Upstream(self.netns, LOCALHOST, VNC_PORT, websocket=False, vnc_password=password)
+        return Upstream(self.netns, LOCALHOST, vnc_password=password)
 
     async def websocket(self) -> ClientConnection:
         """A connection to websockify as any local process could make one: no proxy in between."""
@@ -67,7 +74,7 @@ class Desktop:
 
 
 @pytest.fixture(scope="module")
-def desktop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Desktop]:
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Desktop]:
     spaces = Namespaces()
     tmp = tmp_path_factory.mktemp("vncpw")
     proc: subprocess.Popen[str] | None = None
@@ -81,7 +88,7 @@ def desktop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Desktop]:
         assert password_file.stat().st_mode & 0o777 == 0o600
         config = tmp / "desktop.json"
         config.write_text(json.dumps({"services": ["xvfb", "x11vnc", "websockify"], "display": ":88",
-                                      "geometry": f"{WIDTH}x{HEIGHT}x24", "vnc_port": 5988,
+                                      "geometry": f"{WIDTH}x{HEIGHT}x24", "vnc_port": VNC_PORT,
                                       "vnc_password_file": str(password_file)}))
         proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "browservm.guest.desktop",
                                  "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -97,13 +104,19 @@ def desktop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Desktop]:
         spaces.cleanup()
 
 
-def test_only_the_password_files_owner_reads_it(desktop: Desktop) -> None:
-    assert desktop.password_file.stat().st_mode & 0o777 == 0o600
+@pytest.fixture(params=["rfb", "websockify"])
+def desktop(running: Desktop, request: pytest.FixtureRequest) -> Desktop:
+    """The one running desktop, reached by the proxy on each desktop path."""
+    return dataclasses.replace(running, path=request.param)
 
 
-def test_a_client_without_the_password_is_refused(desktop: Desktop) -> None:
+def test_only_the_password_files_owner_reads_it(running: Desktop) -> None:
+    assert running.password_file.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_client_without_the_password_is_refused(running: Desktop) -> None:
     async def scenario() -> tuple[bytes, int]:
-        websocket = await desktop.websocket()
+        websocket = await running.websocket()
         try:
             reader = rfb.MessageReader(lambda: websocket.recv(decode=False))
             assert await within(reader.read(12)) == rfb.VERSION

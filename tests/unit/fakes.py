@@ -20,6 +20,7 @@ from browservm.ipam import Ipam, Lease
 from browservm.netplan import NetworkPlan
 from browservm.store import Store
 from browservm.vm.console import ConsoleLog
+from browservm.vm.desktop_path import RFB
 from browservm.vm.manager import Deadlines, Images, Limits, VMManager
 from browservm.vm.readiness import Connection, GuestNetwork
 from browservm.vm.records import VmRecords
@@ -148,6 +149,9 @@ class FakeProbes:
     cancelled: list[str] = field(default_factory=list)
     reached: dict[str, asyncio.Event] = field(default_factory=dict)
     closed: int = 0
+    listener: str = ""  # what the manager last asked of desktop_ready and connect
+    port: int = 0
+    websocket: bool | None = None
 
     def hang_at(self, hop: str) -> asyncio.Event:
         self.hang[hop] = asyncio.Event()
@@ -175,14 +179,16 @@ class FakeProbes:
         await self.gate("net.arp")
         return next(lease.mac for lease in self.ipam.leases() if lease.address.ip == target)
 
-    async def desktop_ready(self, console: ConsoleLog, timeout: float) -> None:
+    async def desktop_ready(self, console: ConsoleLog, timeout: float, listener: str) -> None:
+        self.listener = listener
         await self.gate("desktop.ready")
 
     async def desktop_complete(self, console: ConsoleLog, timeout: float) -> None:
         await self.gate("desktop.complete")
 
     async def connect(self, netns: NetworkNamespace, address: IPv4Address, port: int,
-                      timeout: float) -> Connection:
+                      timeout: float, websocket: bool) -> Connection:
+        self.port, self.websocket = port, websocket
         await self.gate("net.tcp")
         return FakeConnection(self)
 
@@ -197,13 +203,14 @@ class Parts:
     images: Images
 
     def manager(self, probes: FakeProbes | None = None, images_delay: float = 0.0,
-                limits: Limits | None = None) -> VMManager:
+                limits: Limits | None = None, desktop_path: str = RFB) -> VMManager:
         def images() -> Images:
             time.sleep(images_delay)  # as resolving (or building) the kernel and image would
             return self.images
         return VMManager(records=VmRecords(self.store), ipam=self.ipam, network=self.network, driver=self.driver,
                          images=images, vm_root=self.vm_root, limits=limits or Limits(max_vms=4, max_vms_per_user=2),
-                         deadlines=Deadlines(stop=5), probes=probes or FakeProbes(self.ipam))
+                         deadlines=Deadlines(stop=5), probes=probes or FakeProbes(self.ipam),
+                         desktop_path=desktop_path)
 
     def leftovers(self) -> dict[str, object]:
         return {"taps": self.network.taps, "leases": self.ipam.leases(), "vmms": self.driver.alive(),

@@ -35,12 +35,14 @@ from browservm.config import load_settings
 from browservm.controller import Controller
 from browservm.guest import configdisk
 from browservm.hostnet.host import Change, Check, HostNetwork
-from browservm.vm import hops
+from browservm.vm.desktop_path import RFB, desktop_path
 from browservm.vm.manager import CONFIG_DISK, Limits
 from browservm.vm.records import Failure, VmRecord, VmRecords
 from browservm.vm.state import VmState
 
 from .fakes import NOTHING, FakeNetwork, FakeProbes, Parts, make_parts, stop_all
+
+NAMES = desktop_path(RFB).names  # every hop of a create, on the default desktop path
 
 T = TypeVar("T")
 KEY = "operator-key-for-tests"
@@ -300,14 +302,14 @@ def test_a_created_vm_is_accepted_at_once_then_passes_every_hop_in_order(served:
         assert created["state"] == "creating" and created["failure"] is None and created["stages"] == {}
         assert (created["user"], created["vcpus"], created["mem_mib"]) == ("ann", 2, 512)
         events = await events_of(client, created["vm_id"])
-        assert [name for name, _ in events] == ["stage"] * len(hops.NAMES) + ["ready"]
-        assert [data["event"] for _, data in events] == [*hops.NAMES, "ready"]
+        assert [name for name, _ in events] == ["stage"] * len(NAMES) + ["ready"]
+        assert [data["event"] for _, data in events] == [*NAMES, "ready"]
         assert all(data["vm_id"] == created["vm_id"] for _, data in events)
         got: dict[str, Any] = (await client.get(f"/v1/vms/{created['vm_id']}")).json()
         return got
 
     vm = served.run(scenario)
-    assert vm["state"] == "ready" and list(vm["stages"]) == list(hops.NAMES)
+    assert vm["state"] == "ready" and list(vm["stages"]) == list(NAMES)
     assert vm["viewers"] == 0 and isinstance(vm["idle_s"], float) and 0 <= vm["idle_s"] < DEADLINE
     assert vm["failure"] is None and vm["ended_reason"] == ""
     assert vm["address"].startswith("192.168.100.") and vm["tap"] and vm["mac"].startswith("02:fc:")
@@ -317,7 +319,7 @@ def test_a_created_vm_is_accepted_at_once_then_passes_every_hop_in_order(served:
 def test_waiting_for_a_create_answers_200_with_the_ready_vm(served: Served) -> None:
     async def scenario(client: httpx.AsyncClient) -> None:
         vm = await create(client, wait=True)
-        assert vm["state"] == "ready" and list(vm["stages"]) == list(hops.NAMES)
+        assert vm["state"] == "ready" and list(vm["stages"]) == list(NAMES)
         listed = (await client.get("/v1/vms")).json()
         assert [v["vm_id"] for v in listed] == [vm["vm_id"]] and listed[0]["state"] == "ready"
 
@@ -341,7 +343,7 @@ def test_a_failing_hop_is_named_with_its_reason_in_the_record_and_the_events(ser
         failure = vm["failure"]
         assert (failure["hop"], failure["reason"]) == ("net.arp", "no ARP reply from 192.168.100.2 within 30 s")
         assert failure["hint"] and failure["cleanup"] == [] and isinstance(failure["evidence"], list)
-        assert list(vm["stages"]) == list(hops.NAMES[:hops.NAMES.index("net.arp")])
+        assert list(vm["stages"]) == list(NAMES[:NAMES.index("net.arp")])
         assert (await client.get(f"/v1/vms/{vm['vm_id']}")).json()["failure"] == failure
         events = await events_of(client, vm["vm_id"])
         assert [data["event"] for _, data in events] == [*vm["stages"], "failed"]
@@ -363,7 +365,7 @@ def test_events_follow_a_vm_live_until_it_is_ready(served: Served) -> None:
         await until(lambda: vm["vm_id"] in served.service.events._subscribers, "the stream subscribes")
         release.set()
         events = await reading
-        assert [data["event"] for _, data in events] == [*hops.NAMES, "ready"]
+        assert [data["event"] for _, data in events] == [*NAMES, "ready"]
         assert [name for name, _ in events][-1] == "ready"
         seconds = [data["seconds"] for _, data in events[:-1]]
         assert seconds == sorted(seconds) and all(isinstance(s, float) for s in seconds)
@@ -372,19 +374,19 @@ def test_events_follow_a_vm_live_until_it_is_ready(served: Served) -> None:
 
 
 def test_events_of_a_vm_that_fails_while_watched_end_with_failed(served: Served) -> None:
-    release = served.probes.hang_at("ws.upgrade")
-    served.probes.fail["ws.upgrade"] = "expected 101 Switching Protocols, got 200 OK"
+    release = served.probes.hang_at("rfb.banner")
+    served.probes.fail["rfb.banner"] = "expected 101 Switching Protocols, got 200 OK"
 
     async def scenario(client: httpx.AsyncClient) -> None:
         vm = await create(client, wait=False)
-        await asyncio.wait_for(served.probes.reached["ws.upgrade"].wait(), DEADLINE)
+        await asyncio.wait_for(served.probes.reached["rfb.banner"].wait(), DEADLINE)
         reading = asyncio.ensure_future(events_of(client, vm["vm_id"]))
         await until(lambda: vm["vm_id"] in served.service.events._subscribers, "the stream subscribes")
         release.set()
         events = await reading
-        passed = list(hops.NAMES[:hops.NAMES.index("ws.upgrade")])
+        passed = list(NAMES[:NAMES.index("rfb.banner")])
         assert [data["event"] for _, data in events] == [*passed, "failed"]
-        assert events[-1][1]["hop"] == "ws.upgrade" and "101" in events[-1][1]["reason"]
+        assert events[-1][1]["hop"] == "rfb.banner" and "101" in events[-1][1]["reason"]
 
     served.run(scenario)
 
@@ -493,7 +495,7 @@ def test_a_viewer_link_carries_a_token_for_that_vm(served: Served) -> None:
         assert viewer["url"] == f"{PUBLIC_URL}/view/{vm['vm_id']}?token={viewer['token']}"
         assert viewer["expires_at"] == int(served.clock.now + served.service.tokens.ttl)
         state = (await client.get(f"/view/{vm['vm_id']}/state", params={"token": viewer["token"]})).json()
-        assert state == {"state": "ready", "stages": list(hops.NAMES), "hops": list(hops.NAMES),
+        assert state == {"state": "ready", "stages": list(NAMES), "hops": list(NAMES),
                          "browser_ready": True, "failure": None, "ended_reason": None}
 
     served.run(scenario)

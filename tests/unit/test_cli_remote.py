@@ -46,10 +46,13 @@ from browservm.config import load_settings
 from browservm.controller import Controller
 from browservm.hostnet.host import HostNetwork
 from browservm.vm import hops
+from browservm.vm.desktop_path import RFB, desktop_path
 from browservm.vm.manager import Limits
 from browservm.vm.records import VmRecords
 
 from .fakes import NOTHING, FakeProbes, Parts, make_parts, stop_all
+
+NAMES = desktop_path(RFB).names  # every hop of a create, on the default desktop path
 
 DEADLINE = 30.0  # for any one condition; a passing run meets each in well under a second
 KEY = "test-api-key-0123456789"
@@ -151,7 +154,7 @@ def test_create_prints_each_stage_then_the_record_and_a_viewer_link_that_opens(s
     code, out, err = cli("create", "--user", "ann")
     assert code == 0, err
     reported = [line.split("] ", 1)[1] for line in err.splitlines() if line.startswith("  [")]
-    assert reported == list(hops.NAMES)  # each once, in order, as local mode prints them
+    assert reported == list(NAMES)  # each once, in order, as local mode prints them
     vm_id = created(out)
     assert out.startswith(f"{vm_id}: ready\n  user       ann\n")
     viewer = next(line.split()[1] for line in out.splitlines() if line.startswith("  viewer "))
@@ -202,15 +205,15 @@ def test_human_show_and_ls_print_local_modes_lines_less_what_the_api_does_not_re
 
 
 def test_a_failed_create_prints_the_hop_reason_and_hint_and_exits_1(served: Served, cli: Cli) -> None:
-    served.probes.fail["ws.upgrade"] = "expected '101 Switching Protocols', got 'HTTP/1.1 200'"
+    served.probes.fail["rfb.banner"] = "expected '101 Switching Protocols', got 'HTTP/1.1 200'"
     code, out, err = cli("create")
     assert code == 1
     reported = [line.split("] ", 1)[1] for line in err.splitlines() if line.startswith("  [")]
-    assert reported == list(hops.NAMES[:hops.NAMES.index("ws.upgrade")])
-    assert "\n  failed at  ws.upgrade\n  reason     expected '101 Switching Protocols'" in out
+    assert reported == list(NAMES[:NAMES.index("rfb.banner")])
+    assert "\n  failed at  rfb.banner\n  reason     expected '101 Switching Protocols'" in out
     assert "  viewer     " not in out and served.parts.leftovers() == NOTHING
     code, out, _ = cli("create", "--json")
-    assert code == 1 and json.loads(out)["failure"]["hop"] == "ws.upgrade" and "viewer" not in json.loads(out)
+    assert code == 1 and json.loads(out)["failure"]["hop"] == "rfb.banner" and "viewer" not in json.loads(out)
 
 
 # --- rm, console, viewer ---------------------------------------------------------------------------
@@ -332,7 +335,7 @@ def test_python_m_browservm_with_url_and_key_from_the_environment_follows_hops_a
         proc.wait()
     assert proc.returncode == 0, err
     lines = (seen + err).splitlines()
-    assert [line.split("] ", 1)[1] for line in lines if line.startswith("  [")] == list(hops.NAMES)
+    assert [line.split("] ", 1)[1] for line in lines if line.startswith("  [")] == list(NAMES)
     assert ": ready\n" in out and "/view/vm-" in out
 
 
@@ -367,7 +370,7 @@ def test_a_quiet_stream_is_checked_and_followed_again(served: Served) -> None:
         vm_id = client.create_vm("ann", 1, 512)["vm_id"]
         record = follow(client, vm_id, lambda name, seconds: stages.append(name))
     assert hang.is_set() and checks[0] in ("creating", "booting") and record["state"] == "ready"
-    assert stages == list(hops.NAMES)  # the second subscription's replay of passed stages is not reported twice
+    assert stages == list(NAMES)  # the second subscription's replay of passed stages is not reported twice
 
 
 def test_a_stream_the_controller_ends_while_the_vm_boots_says_so(served: Served) -> None:

@@ -43,11 +43,31 @@ def test_bad_requests_are_refused_before_anything_is_allocated(
 
 
 def test_a_vm_passes_every_hop_in_the_order_of_the_one_vocabulary(parts: Parts) -> None:
-    manager = parts.manager()
+    probes = FakeProbes(parts.ipam)
+    manager = parts.manager(probes)
     record = asyncio.run(manager.create())
-    assert record.state == VmState.READY and record.owner == ""
-    assert tuple(record.stages) == hops.NAMES
+    assert record.state == VmState.READY and record.owner == "" and record.desktop_path == "rfb"
+    # Straight to x11vnc: no WebSocket upgrade on the way.
+    assert tuple(record.stages) == tuple(name for name in hops.NAMES if name != hops.WS_UPGRADE)
+    assert (probes.listener, probes.port, probes.websocket) == ("x11vnc", 5901, False)
     assert asyncio.run(manager.destroy(record.vm_id)) and parts.leftovers() == NOTHING
+
+
+def test_on_the_websockify_path_a_vm_passes_the_upgrade_too_and_keeps_its_path(parts: Parts) -> None:
+    probes = FakeProbes(parts.ipam)
+    record = asyncio.run(parts.manager(probes, desktop_path="websockify").create())
+    assert tuple(record.stages) == hops.NAMES and record.desktop_path == "websockify"
+    assert (probes.listener, probes.port, probes.websocket) == ("websockify", 6080, True)
+    # The record, not the manager's setting, decides how this VM is reached from now on.
+    stored = asyncio.run(parts.manager(probes).get(record.vm_id))
+    assert stored is not None and stored.desktop_path == "websockify"
+    assert asyncio.run(parts.manager().destroy(record.vm_id)) and parts.leftovers() == NOTHING
+
+
+def test_an_unknown_desktop_path_is_refused_by_name(parts: Parts) -> None:
+    with pytest.raises(InvalidInput) as excinfo:
+        parts.manager(desktop_path="vnc")
+    assert excinfo.value.field == "desktop_path" and "rfb, websockify" in excinfo.value.reason
 
 
 def test_a_failed_start_releases_everything_and_names_its_own_stage(parts: Parts) -> None:
@@ -95,7 +115,7 @@ def test_a_host_network_error_fails_at_net_tap(parts: Parts) -> None:
 
 def test_a_failing_probe_names_its_hop_and_the_vmm_is_stopped(parts: Parts) -> None:
     probes = FakeProbes(parts.ipam, fail={"ws.upgrade": "expected '101 Switching Protocols', got 'HTTP/1.1 200'"})
-    record = asyncio.run(parts.manager(probes).create())
+    record = asyncio.run(parts.manager(probes, desktop_path="websockify").create())
     assert record.failure is not None and record.failure.hop == "ws.upgrade"
     assert probes.closed == 1  # the desktop connection was closed
     assert parts.leftovers() == NOTHING
@@ -207,7 +227,7 @@ def _open_fds() -> dict[str, str]:
     return found
 
 
-@pytest.mark.parametrize("hop", ["guest.network", "net.arp", "desktop.ready", "ws.upgrade", "rfb.banner",
+@pytest.mark.parametrize("hop", ["guest.network", "net.arp", "desktop.ready", "rfb.banner",
                                  "desktop.complete"])
 def test_cancelling_a_create_during_a_hop_leaves_nothing_running(parts: Parts, hop: str) -> None:
     probes = FakeProbes(parts.ipam)

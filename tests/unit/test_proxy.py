@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import socket
+import struct
 import subprocess
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -36,6 +37,7 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
+from browservm.api import rfb
 from browservm.api.proxy import (
     MAX_REASON_BYTES,
     Direction,
@@ -643,3 +645,183 @@ def test_shutdown_closes_every_viewer_with_1001_and_waits(websockify: Websockify
                 assert await close_of(late) == (1001, "the controller is shutting down")
 
     asyncio.run(scenario())
+
+
+# --- the rfb path: RFB straight on TCP to the VM's x11vnc ---------------------------------------------
+
+
+def rfb_at(upstream: Upstream, password: str | None = None) -> Upstream:
+    """The same server, reached the rfb way: no WebSocket, RFB from the first byte."""
+    return Upstream(upstream.netns, upstream.address, upstream.port, websocket=False, vnc_password=password)
+
+
+def test_rfb_path_bytes_both_ways_intact() -> None:
+    """Several MiB each way at once, in random chunk sizes, compared by SHA-256 at the far ends."""
+    size = 6 * MiB
+    rng = random.Random(12)
+    to_vm, to_viewer = rng.randbytes(size), rng.randbytes(size)
+
+    async def scenario() -> None:
+        events = Recorder()
+        vm_received: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def vnc(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            async def send() -> None:
+                writer.write(BANNER)
+                for offset in range(0, size, 200_000):
+                    writer.write(to_viewer[offset:offset + 200_000])
+                    await writer.drain()
+
+            async def receive() -> None:
+                vm_received.set_result(hashlib.sha256(await reader.readexactly(size)).digest())
+
+            await asyncio.gather(send(), receive())
+            await reader.read()
+
+        async with tcp_upstream(vnc) as upstream, controller(ViewerProxy(events), to(rfb_at(upstream))) as ctl:
+            async with ctl.viewer() as viewer:
+                async def send() -> None:
+                    offset = 0
+                    while offset < size:
+                        step = rng.randint(1, 256 * 1024)
+                        await viewer.send(to_vm[offset:offset + step])
+                        offset += step
+
+                async def receive() -> bytes:
+                    digest, got = hashlib.sha256(), 0
+                    while got < len(BANNER) + size:
+                        message = await viewer.recv(decode=False)
+                        assert len(message) <= 64 * 1024  # the guest's bytes, read at most 64 KiB at a time
+                        digest.update(message)
+                        got += len(message)
+                    assert got == len(BANNER) + size
+                    return digest.digest()
+
+                _, viewer_received = await within(asyncio.gather(send(), receive()))
+                assert viewer_received == hashlib.sha256(BANNER + to_viewer).digest()
+                assert await within(vm_received) == hashlib.sha256(to_vm).digest()
+            assert await ctl.next_served() == 1000
+        assert events.relayed == {"to_vm": size, "to_viewer": size + len(BANNER)}
+
+    asyncio.run(scenario())
+
+
+class VncServer:
+    """A VNC server that asks for `password` (RFC 6143 7.2.2), then sends ServerInit-like bytes and
+    echoes; it keeps every byte the proxy sent it."""
+
+    def __init__(self, password: str) -> None:
+        self.password = password
+        self.challenge = os.urandom(16)
+        self.after_auth = b"SERVER-INIT"
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(BANNER)
+        assert await reader.readexactly(12) == BANNER
+        writer.write(bytes([1, 2]) + self.challenge)  # one security type: VNC authentication
+        assert await reader.readexactly(1) == bytes([2])
+        if await reader.readexactly(16) != rfb.vnc_response(self.password, self.challenge):
+            reason = b"password check failed"
+            writer.write(struct.pack(">II", 1, len(reason)) + reason)
+            writer.close()
+            return
+        writer.write(struct.pack(">I", 0) + self.after_auth)
+        await echo_after(reader, writer)
+
+
+async def echo_after(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def no_auth_handshake(viewer: ClientConnection) -> bytes:
+    """The viewer's side of the handshake the proxy offers (RFB 3.8, no authentication); the bytes
+    the viewer received during it."""
+    received = await within(viewer.recv())
+    assert received == BANNER
+    await viewer.send(BANNER)
+    types = await within(viewer.recv())
+    assert types == bytes([1, 1])
+    await viewer.send(bytes([1]))
+    result = await within(viewer.recv())
+    assert result == struct.pack(">I", 0)
+    return received + types + result
+
+
+def test_rfb_path_the_proxy_authenticates_and_the_password_stays_on_the_host() -> None:
+    server = VncServer("s3cret-pw")
+
+    async def scenario() -> None:
+        async with tcp_upstream(server) as upstream, \
+                controller(ViewerProxy(), to(rfb_at(upstream, "s3cret-pw"))) as ctl, ctl.viewer() as viewer:
+            seen = await no_auth_handshake(viewer)
+            seen += await within(viewer.recv())
+            assert seen.endswith(server.after_auth)
+            await viewer.send(b"key event")
+            assert await within(viewer.recv()) == b"key event"
+            response = rfb.vnc_response("s3cret-pw", server.challenge)
+            assert b"s3cret-pw" not in seen and response not in seen and server.challenge not in seen
+
+    asyncio.run(scenario())
+
+
+def test_rfb_path_a_wrong_password_is_an_rfb_auth_failure() -> None:
+    async def scenario() -> None:
+        async with tcp_upstream(VncServer("right-pw")) as upstream, \
+                controller(ViewerProxy(), to(rfb_at(upstream, "wrong-pw"))) as ctl, ctl.viewer() as viewer:
+            assert await close_of(viewer) == (
+                4502, "rfb.auth: the VNC server refused the VM's password: password check failed")
+
+    asyncio.run(scenario())
+
+
+def test_rfb_path_a_vnc_server_that_closes_at_once_is_an_rfb_banner_failure() -> None:
+    async def closes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async def scenario() -> None:
+        async with tcp_upstream(closes) as upstream, controller(ViewerProxy(), to(rfb_at(upstream))) as ctl, \
+                ctl.viewer() as viewer:
+            assert await close_of(viewer) == (4502, "rfb.banner: the VNC server closed the connection before it spoke")
+
+    asyncio.run(scenario())
+
+
+def test_rfb_path_a_silent_vnc_server_times_out_as_rfb_banner() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    async def scenario() -> None:
+        async with tcp_upstream(silent) as upstream, \
+                controller(ViewerProxy(connect_timeout=0.5), to(rfb_at(upstream))) as ctl, ctl.viewer() as viewer:
+            assert await close_of(viewer) == (4502, "rfb.banner: nothing came within 0.5 s: the VNC server is silent")
+
+    asyncio.run(scenario())
+
+
+def test_rfb_path_the_vm_closing_is_1000_and_a_reset_is_1011() -> None:
+    async def quits(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(BANNER)
+        await reader.readexactly(3)
+        writer.close()
+
+    async def resets(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(BANNER)
+        await reader.readexactly(3)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends RST
+        writer.transport.abort()
+
+    async def ends(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> tuple[
+            int | None, str | None]:
+        async with tcp_upstream(handler) as upstream, controller(ViewerProxy(), to(rfb_at(upstream))) as ctl, \
+                ctl.viewer() as viewer:
+            assert await within(viewer.recv()) == BANNER
+            await viewer.send(b"bye")
+            return await close_of(viewer)
+
+    assert asyncio.run(ends(quits)) == (1000, "the VM's desktop closed the connection")
+    code, reason = asyncio.run(ends(resets))
+    assert code == 1011 and reason == "the connection to the VM failed: Connection reset by peer"

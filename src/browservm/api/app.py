@@ -60,6 +60,7 @@ from browservm.errors import (
 )
 from browservm.ids import validate_vm_id
 from browservm.vm import hops
+from browservm.vm.desktop_path import desktop_path
 
 log = logging.getLogger("browservm.api")
 MAX_BODY = 64 * 1024
@@ -283,7 +284,8 @@ def build_app(service: ControllerService) -> FastAPI:
             return _error(404, {"type": "VmNotFound", "message": f"no VM {vm_id[:63]}"})
         failure = record.failure
         return JSONResponse({"state": record.state.value, "stages": list(record.stages),
-                             "hops": list(hops.NAMES), "browser_ready": hops.DESKTOP_COMPLETE in record.stages,
+                             "hops": list(desktop_path(record.desktop_path).names),
+                             "browser_ready": hops.DESKTOP_COMPLETE in record.stages,
                              "failure": None if failure is None else {"hop": failure.hop, "reason": failure.reason},
                              "ended_reason": record.ended_reason or None},
                             headers={"Cache-Control": "no-store"})

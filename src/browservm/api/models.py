@@ -48,6 +48,8 @@ class VmOut(BaseModel):
     ended_reason: str
     started_from: str = Field(description="cold (booted), restored (from a snapshot) or pooled (taken ready)")
     snapshot: str = Field(description="the snapshot it was restored from (its key), or empty")
+    desktop_path: str = Field(description="how the controller reaches its desktop: rfb (x11vnc on :5901) or "
+                                          "websockify (:6080)")
     viewers: int = Field(description="viewers connected now")
     idle_s: float | None = Field(description="seconds without a viewer; null while one is connected")
 
@@ -59,7 +61,7 @@ class VmOut(BaseModel):
             mem_mib=record.mem_mib, created_at=record.created_at, uptime_s=round(time.time() - record.created_at, 1),
             address=record.address, tap=record.tap, mac=record.mac, driver=record.driver, accel=record.accel,
             pid=record.pid, stages=record.stages, ended_reason=record.ended_reason, viewers=viewers,
-            started_from=record.started_from, snapshot=record.snapshot,
+            started_from=record.started_from, snapshot=record.snapshot, desktop_path=record.desktop_path,
             idle_s=None if idle_s is None else round(idle_s, 1),
             failure=None if failure is None else FailureOut(hop=failure.hop, reason=failure.reason, hint=failure.hint,
                                                             evidence=list(failure.evidence),

@@ -1,7 +1,11 @@
-"""The WebSocket relay between a person's browser (noVNC) and a VM's desktop (websockify on :6080).
+"""The relay between a person's browser (noVNC, over a WebSocket) and a VM's desktop.
 
     browser ──WS /v1/vms/{id}/vnc──► uvicorn ─ ViewerProxy.serve ──TCP opened in the VM network's
-                                                                    namespace, WS──► VM :6080/websockify
+                                                                    namespace──► VM :5901 x11vnc (RFB)
+                                                                             or  VM :6080 websockify (WS)
+
+Which of the two a VM uses is its record's desktop path (vm/desktop_path.py); `Upstream.websocket`
+carries it here, and api/upstream.py holds the two kinds of leg.
 
 The route hands `serve` the WebSocket before it checks anything; its checks go in `resolve`.
 `serve` does, in this order:
@@ -11,9 +15,9 @@ The route hands `serve` the WebSocket before it checks anything; its checks go i
    in ../shared/seeds/), so every refusal is a close with a code and a reason the page can show.
 2. `await resolve()`: the route's own checks (token, VM lookup). It returns the `Upstream` or raises
    `Refused(code, reason)`.
-3. The last three readiness hops, each with `connect_timeout`: net.tcp (a TCP connection made
-   inside the VM network's namespace), ws.upgrade (answered with 101), rfb.banner (the first
-   bytes through the WebSocket; RFB servers speak first); then, when the Upstream carries the VM's
+3. The last readiness hops, each with `connect_timeout`: net.tcp (a TCP connection made inside
+   the VM network's namespace), ws.upgrade (answered with 101; websockify's path only), rfb.banner
+   (the VNC server's first bytes; RFB servers speak first); then, when the Upstream carries the VM's
    VNC password, rfb.auth: the proxy authenticates to the VM and offers the viewer no
    authentication (browservm.api.rfb), so the password never leaves the host. A failure closes
    with 4502 and "<hop>: <reason>", hop names from browservm.vm.hops.
@@ -28,7 +32,8 @@ closed with, or 1005/1006):
     1002            the viewer broke the RFB handshake the proxy offered it (or left it unanswered
                     for `connect_timeout`)
     4410            `ended` was set: the VM was deleted or died ("the VM was deleted", or `Ended.reason`)
-    1000            the VM's websockify closed the WebSocket normally (e.g. the VNC server exited)
+    1000            the VM's desktop ended the connection normally (x11vnc closed it, or websockify
+                    closed the WebSocket because the VNC server exited)
     1011            the connection to the VM failed mid-stream (reset, no close frame, a message over
                     `max_message`, keepalive timeout), or the controller failed (logged)
     1001            `shutdown()`: "the controller is shutting down"
@@ -44,7 +49,8 @@ TCP window closes; a slow guest stops the viewer pump, and uvicorn stops reading
 after each message until the app takes it. What a viewer can hold in the controller is about
 `queue_limit` + 2 messages per direction plus the 64 KiB write buffers; websockify sends at most
 64 KiB per message, so about half a MiB, and `max_message` bounds what a hostile guest can make it
-(tests/unit/test_proxy.py measures it).
+(tests/unit/test_proxy.py measures it). On the rfb path the guest's bytes are read 64 KiB at a
+time, only when the viewer took the last read: the guest cannot make the controller hold more.
 
 Measured by bench/proxy_bench.py on 2 shared, saturated cores: 0.6-1.1 CPU s/GiB in the controller
 per direction, +0.1-0.2 ms median per round trip, about 50 KiB of RSS per idle viewer.
@@ -58,8 +64,8 @@ nothing to it.
 Keepalive. Starlette's WebSocket cannot send pings; uvicorn sends them to the browser itself
 (`ws_ping_interval`, `ws_ping_timeout`, 20 s each by default) and closes a browser that does not
 answer. `ping_interval` here is the upstream leg's: the websockets client pings the guest's
-websockify that often and fails the relay (1011) if no pong comes within the same interval, so a
-frozen VM does not keep an idle viewer open forever.
+websockify that often and fails the relay (1011) if no pong comes within the same interval; on
+the rfb path TCP keepalive does the same. A frozen VM does not keep an idle viewer open forever.
 
 What the service must configure in uvicorn (uvicorn.Config / command-line flags):
 
@@ -88,14 +94,12 @@ from ipaddress import IPv4Address
 from typing import Any, Literal, Protocol
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidHandshake, InvalidStatus
-from websockets.typing import Subprotocol
 
 from browservm.api import rfb
+from browservm.api.upstream import GOING_AWAY, INTERNAL_ERROR, NORMAL, Leg, TcpLeg, UpstreamEnded, WebSocketLeg
 from browservm.errors import ProbeFailed
 from browservm.hostnet.netns import NetworkNamespace
-from browservm.vm.hops import RFB_AUTH, RFB_BANNER, WS_UPGRADE
+from browservm.vm.hops import RFB_AUTH, RFB_BANNER
 from browservm.vm.readiness import connect_socket
 
 log = logging.getLogger(__name__)
@@ -106,16 +110,12 @@ UNKNOWN_VM = 4404
 VM_NOT_READY = 4409
 VM_ENDED = 4410
 VM_UNREACHABLE = 4502
-NORMAL = 1000
-GOING_AWAY = 1001
 PROTOCOL_ERROR = 1002
 UNSUPPORTED_DATA = 1003
-INTERNAL_ERROR = 1011
 
 SHUTTING_DOWN = "the controller is shutting down"
 VM_DELETED = "the VM was deleted"
 MAX_REASON_BYTES = 123  # RFC 6455 5.5: control frames carry 125 bytes, 2 of them the code
-_WRITE_LIMIT = 64 * 1024  # the upstream's write buffer; send() waits while more is unsent
 
 Direction = Literal["to_vm", "to_viewer"]
 
@@ -130,7 +130,8 @@ def close_reason(text: str) -> str:
 
 @dataclass(frozen=True)
 class Upstream:
-    """Where a VM's websockify is: an address in the VM network, reached from inside `netns`; and
+    """Where a VM's desktop is: an address in the VM network, reached from inside `netns`, a port,
+    and whether RFB goes inside a WebSocket there (websockify) or straight on TCP (x11vnc); and
     the VM's VNC password, when its desktop has one (the proxy then authenticates for the viewer)."""
 
     netns: NetworkNamespace
@@ -138,6 +139,7 @@ class Upstream:
     port: int = 6080
     path: str = "/websockify"
     vnc_password: str | None = field(default=None, repr=False)
+    websocket: bool = True
 
     @property
     def url(self) -> str:
@@ -210,7 +212,7 @@ class _Viewer:
     websocket: WebSocket
     stop: asyncio.Future[None]  # resolved by shutdown()
     done: asyncio.Event = field(default_factory=asyncio.Event)
-    upstream: ClientConnection | None = None
+    upstream: Leg | None = None
 
 
 class _Ends(Exception):
@@ -232,33 +234,10 @@ def _data_or_end(message: Any) -> bytes:
     return data
 
 
-class _NoRedirects(connect):
-    """The websockets client, except that a redirect from the guest is an upgrade failure: a guest
-    must not send the controller to another address."""
-
-    def process_redirect(self, exc: Exception) -> Exception | str:
-        return exc
-
-
-def _upstream_closed(closed: ConnectionClosed, max_message: int) -> _Close:
-    """The viewer's close when the guest's side of an established relay ends."""
-    if isinstance(closed, ConnectionClosedOK):
-        said = f": {closed.rcvd.reason}" if closed.rcvd is not None and closed.rcvd.reason else ""
-        return _Close(NORMAL, f"the VM's desktop closed the connection{said}")
-    if closed.sent is not None and closed.sent.code == 1009:
-        return _Close(INTERNAL_ERROR, f"the VM sent a message larger than {max_message} bytes")
-    if closed.rcvd is not None:
-        return _Close(INTERNAL_ERROR, f"the VM's websockify closed the connection with {closed.rcvd.code} "
-                                      f"{closed.rcvd.reason!r}")
-    if closed.sent is not None:
-        return _Close(INTERNAL_ERROR, f"the connection to the VM failed: {closed.sent.reason or closed.sent.code}")
-    return _Close(INTERNAL_ERROR, "the connection to the VM broke without a close frame")
-
-
 class ViewerProxy:
-    """Relays viewers' WebSockets to their VMs' websockify; see the module's docstring.
+    """Relays viewers' WebSockets to their VMs' desktops; see the module's docstring.
 
-    `queue_limit` is how many frames from the guest may wait for a slow viewer before the controller
+    `queue_limit` is how many frames from websockify may wait for a slow viewer before the controller
     stops reading from the guest (the websockets client's `max_queue`).
     """
 
@@ -311,7 +290,7 @@ class ViewerProxy:
             ending.cancel()
             if viewer.upstream is not None:
                 # Only does anything when serve itself was cancelled before _finish closed it.
-                viewer.upstream.transport.abort()
+                viewer.upstream.abort()
             self._viewers.discard(viewer)
             viewer.done.set()
             self._events.closed(code)
@@ -349,48 +328,38 @@ class ViewerProxy:
             return _Close(INTERNAL_ERROR, "the controller failed; its log says why")
 
     async def _connect(self, viewer: _Viewer, upstream: Upstream) -> bytes:
-        """net.tcp, ws.upgrade and rfb.banner, each within connect_timeout; the banner's message."""
+        """net.tcp, ws.upgrade (websockify's path) and rfb.banner, each within connect_timeout, then
+        rfb.auth when there is a password; what the VM sent that the viewer has not had yet."""
         sock = await self._open_socket(upstream)
         timeout = self._connect_timeout
-        try:
-            viewer.upstream = await _NoRedirects(
-                upstream.url, sock=sock, proxy=None, compression=None, subprotocols=[Subprotocol("binary")],
-                open_timeout=timeout, ping_interval=self._ping_interval, ping_timeout=self._ping_interval,
-                close_timeout=self._close_timeout, max_size=self._max_message, max_queue=self._queue_limit,
-                write_limit=_WRITE_LIMIT)
-        except InvalidStatus as exc:
-            response = exc.response
-            raise ProbeFailed(WS_UPGRADE, f"expected 101 Switching Protocols, got {response.status_code} "
-                                          f"{response.reason_phrase}") from None
-        except TimeoutError:
-            raise ProbeFailed(WS_UPGRADE, f"no answer to the upgrade within {timeout:g} s") from None
-        except (InvalidHandshake, OSError) as exc:
-            cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
-            raise ProbeFailed(WS_UPGRADE, f"{exc}{cause}") from None
-        finally:
-            if viewer.upstream is None:
-                sock.close()  # the client aborts its transport on failure; this covers failing before one
-        connection = viewer.upstream
-        reader = rfb.MessageReader(lambda: connection.recv(decode=False))
+        if upstream.websocket:
+            viewer.upstream = await WebSocketLeg.open(
+                sock, upstream.url, timeout=timeout, ping_interval=self._ping_interval,
+                close_timeout=self._close_timeout, max_message=self._max_message, queue_limit=self._queue_limit)
+        else:
+            try:
+                viewer.upstream = await TcpLeg.open(sock, self._ping_interval, self._close_timeout)
+            except BaseException:
+                sock.close()
+                raise
+        leg = viewer.upstream
+        reader = rfb.MessageReader(leg.recv)
+        through = " through the WebSocket" if upstream.websocket else ""
         try:
             version = await asyncio.wait_for(reader.read(len(rfb.VERSION)), timeout)
         except TimeoutError:
-            raise ProbeFailed(RFB_BANNER, f"nothing came through the WebSocket within {timeout:g} s: "
-                                          "the VNC server behind websockify is silent") from None
-        except ConnectionClosed as closed:
-            said = f"{closed.rcvd.code} {closed.rcvd.reason!r}" if closed.rcvd is not None else "no close frame"
-            raise ProbeFailed(RFB_BANNER, f"websockify closed the WebSocket ({said}) before the VNC server "
-                                          "spoke") from None
+            raise ProbeFailed(RFB_BANNER, f"nothing came{through} within {timeout:g} s: {leg.silence}") from None
+        except UpstreamEnded as ended:
+            raise ProbeFailed(RFB_BANNER, ended.early) from None
         if upstream.vnc_password is None:
             return version + reader.rest()
         try:
-            await asyncio.wait_for(rfb.authenticate(reader, connection.send, version, upstream.vnc_password),
-                                   timeout)
+            await asyncio.wait_for(rfb.authenticate(reader, leg.send, version, upstream.vnc_password), timeout)
         except rfb.HandshakeFailed as exc:
             raise ProbeFailed(RFB_AUTH, str(exc)) from None
         except TimeoutError:
             raise ProbeFailed(RFB_AUTH, f"the VNC server did not finish authentication within {timeout:g} s") from None
-        except ConnectionClosed:
+        except UpstreamEnded:
             raise ProbeFailed(RFB_AUTH, "the VNC server closed the connection during authentication") from None
         return reader.rest()
 
@@ -439,24 +408,24 @@ class ViewerProxy:
         # Both can end at once (the viewer left while the guest closed): a viewer that is gone gets nothing.
         return next((outcome for outcome in outcomes if outcome.viewer_gone), outcomes[0])
 
-    async def _viewer_to_vm(self, websocket: WebSocket, upstream: ClientConnection) -> _Close:
+    async def _viewer_to_vm(self, websocket: WebSocket, upstream: Leg) -> _Close:
         while True:
             try:
                 data = _data_or_end(await websocket.receive())
             except _Ends as ends:
                 return ends.close
             try:
-                await upstream.send(data)  # waits while the upstream's write buffer is over _WRITE_LIMIT
-            except ConnectionClosed as closed:
-                return _upstream_closed(closed, self._max_message)
+                await upstream.send(data)  # waits while the upstream's write buffer is over WRITE_LIMIT
+            except UpstreamEnded as ended:
+                return _Close(ended.code, ended.reason)
             self._events.bytes("to_vm", len(data))
 
-    async def _vm_to_viewer(self, websocket: WebSocket, upstream: ClientConnection) -> _Close:
+    async def _vm_to_viewer(self, websocket: WebSocket, upstream: Leg) -> _Close:
         while True:
             try:
-                data = await upstream.recv(decode=False)
-            except ConnectionClosed as closed:
-                return _upstream_closed(closed, self._max_message)
+                data = await upstream.recv()
+            except UpstreamEnded as ended:
+                return _Close(ended.code, ended.reason)
             try:
                 await websocket.send_bytes(data)  # uvicorn waits while its write buffer is over 64 KiB
             except WebSocketDisconnect as gone:

@@ -32,6 +32,7 @@ from browservm.errors import BrowserVMError, StateConflict, VmmError, VmNotFound
 from browservm.ids import validate_vm_id
 from browservm.inotify import DirectoryWatch
 from browservm.vm.console import ConsoleLog
+from browservm.vm.desktop_path import desktop_path
 from browservm.vm.hops import RFB_AUTH
 from browservm.vm.pool import POOL_USER, PoolSettings, WarmPool
 from browservm.vm.records import VmRecord, VmRecords
@@ -343,8 +344,9 @@ class ControllerService:
                 secrets = await asyncio.to_thread(self.manager.secrets, vm_id)
             except VmmError as exc:
                 raise Refused(VM_UNREACHABLE, f"{RFB_AUTH}: {exc.reason}") from None
-            return Upstream(self.network.netns, IPv4Address(record.address.split("/")[0]),
-                            vnc_password=secrets.get("vnc"))
+            path = desktop_path(record.desktop_path)
+            return Upstream(self.network.netns, IPv4Address(record.address.split("/")[0]), port=path.port,
+                            websocket=path.websocket, vnc_password=secrets.get("vnc"))
 
         try:
             return await self.proxy.serve(websocket, resolve, gone)

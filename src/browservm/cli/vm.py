@@ -176,6 +176,7 @@ def print_vm(view: dict[str, Any], as_json: bool) -> None:
             ("network", "guest_network_by", f"configured by the {network_by or '?'}"),
             ("started", "started_from", view.get("started_from", "cold") + (
                 f" from snapshot {view['snapshot']}" if view.get("snapshot") else "")),
+            ("desktop", "desktop_path", view.get("desktop_path")),
             ("pid", "pid", pid), ("uptime", "created_at", f"{uptime} s" if uptime else "-"),
             ("directory", "directory", view.get("directory")),
             ("viewers", "viewers", _viewers(view)), ("ended", "ended_reason", view.get("ended_reason"))):

@@ -8,8 +8,9 @@
                       no other record or neighbour entry claims the VM's address or MAC
            guest.network  the console's IP-Config or browservm-net line (which, and what it set)
            net.arp    ARP on the bridge answered from the VM's MAC
-           desktop.ready  the desktop supervisor's websockify marker
-           net.tcp  ws.upgrade  rfb.banner   through the readiness probes (vm/readiness.py)
+           desktop.ready  the desktop supervisor's marker for the VM's desktop path's listener
+           net.tcp  ws.upgrade  rfb.banner   through the readiness probes (vm/readiness.py); ws.upgrade
+                      only on the websockify path (vm/desktop_path.py)
            desktop.complete  the supervisor's last marker
 The VM walk stops at the first failing hop (later ones are `skipped`); host pieces are all
 checked. The verdict is the first failure in that order, with its cause code (causes.py).
@@ -62,6 +63,7 @@ from browservm.ids import validate_vm_id
 from browservm.markers import parse_marker
 from browservm.netplan import NetworkPlan
 from browservm.vm import hops
+from browservm.vm.desktop_path import PATHS, desktop_path
 from browservm.vm.readiness import IP_IGNORED, DesktopConnection, GuestNetwork, arp_probe, guest_network_line
 from browservm.vm.records import VmRecord
 from browservm.vm.state import VmState
@@ -71,7 +73,6 @@ from browservm.vmm.process import VmmProcess
 from browservm.vmm.qemu import QEMU
 
 T = TypeVar("T")
-DESKTOP_PORT = 6080
 CONSOLE_HEAD = CONSOLE_TAIL = 1 << 20  # bytes of a console read from each end: the guest writes it
 _VM_HOPS = (hops.VMM_SPAWN, hops.NET_TAP, hops.GUEST_NETWORK, hops.NET_ARP, hops.DESKTOP_READY, hops.NET_TCP,
             hops.WS_UPGRADE, hops.RFB_BANNER, hops.DESKTOP_COMPLETE)
@@ -310,8 +311,10 @@ class Doctor:
                                      [f"{check.piece}: {check.detail}"]))
         result.checked.append("equal to what `host up` would write" if checks else
                               "equal to what `host up` would write: not checked (no state directory)")
-        drops = foreign_drops(view.ruleset, plan.subnet, plan.bridges, DESKTOP_PORT)
-        result.checked.append(f"no rule outside browservm's tables drops :{DESKTOP_PORT}, {plan.subnet} or "
+        drops = [drop for path in PATHS.values()
+                 for drop in foreign_drops(view.ruleset, plan.subnet, plan.bridges, path.port)]
+        ports = ", ".join(f":{path.port}" for path in PATHS.values())
+        result.checked.append(f"no rule outside browservm's tables drops {ports}, {plan.subnet} or "
                               f"{', '.join(plan.bridges)}")
         if drops:
             evidence = list(drops)
@@ -510,6 +513,7 @@ class _Walk:
         self._console: list[str] | None = None
         self._address = IPv4Address(record.address.split("/")[0]) if record.address else None
         self._connection: DesktopConnection | None = None
+        self._path = desktop_path(record.desktop_path)
         self._exits: list[str] = []  # desktop parts the console says failed or exited
 
     async def run(self) -> list[HopResult]:
@@ -521,7 +525,7 @@ class _Walk:
         results: list[HopResult] = []
         stopped = False
         try:
-            for name in _VM_HOPS:
+            for name in (name for name in _VM_HOPS if name in self._path.names):
                 result = HopResult(name)
                 results.append(result)
                 if stopped:
@@ -765,7 +769,7 @@ class _Walk:
     # desktop.ready, desktop.complete
 
     async def _desktop_ready(self, result: HopResult) -> None:
-        await self._desktop_marker(result, "websockify", "desktop.not_ready")
+        await self._desktop_marker(result, self._path.listener, "desktop.not_ready")
 
     async def _desktop_complete(self, result: HopResult) -> None:
         await self._desktop_marker(result, "desktop", "desktop.incomplete", fatal=False)
@@ -799,13 +803,15 @@ class _Walk:
             result.found(Finding("desktop.part_failed", f"the console says a desktop part stopped: {self._exits[-1]}",
                                  self._exits[-3:], fatal=False))
 
-    # net.tcp, ws.upgrade, rfb.banner: the readiness probes' one implementation
+    # net.tcp, ws.upgrade (websockify's path), rfb.banner: the readiness probes' one implementation
 
     async def _tcp(self, result: HopResult) -> None:
         assert self._address is not None
-        result.checked.append(f"TCP connect to {self._address}:{DESKTOP_PORT} from the VM namespace")
+        port = self._path.port
+        result.checked.append(f"TCP connect to {self._address}:{port} ({self._path.listener}) from the VM namespace")
         try:
-            self._connection = await DesktopConnection.open(self._s.netns, self._address, DESKTOP_PORT, self._d.tcp)
+            self._connection = await DesktopConnection.open(self._s.netns, self._address, port, self._d.tcp,
+                                                            self._path.websocket)
         except ProbeFailed as exc:
             result.found(self._tcp_cause(exc.reason))
             return
@@ -813,21 +819,22 @@ class _Walk:
 
     def _tcp_cause(self, reason: str) -> Finding:
         evidence = [f"connect: {reason}", *self._exits[-2:]]
+        port, listener = self._path.port, self._path.listener
         if "refused" in reason:
-            return Finding("desktop.port_closed", f"{self._address}:{DESKTOP_PORT} refuses connections: nothing "
-                                                  "listens there (websockify is not running)", evidence)
+            return Finding("desktop.port_closed", f"{self._address}:{port} refuses connections: nothing "
+                                                  f"listens there ({listener} is not running)", evidence)
         if "unreachable" in reason.lower() or "no route" in reason.lower():
             return Finding("tcp.unreachable", f"no route to {self._address}: {reason}", evidence)
         plan = self._s.plan
-        drops = foreign_drops(self._view.ruleset if self._view else None, plan.subnet, plan.bridges, DESKTOP_PORT)
+        drops = foreign_drops(self._view.ruleset if self._view else None, plan.subnet, plan.bridges, port)
         if drops:
-            return Finding("firewall.foreign_drop", f"connections to :{DESKTOP_PORT} are dropped by a rule outside "
+            return Finding("firewall.foreign_drop", f"connections to :{port} are dropped by a rule outside "
                                                     "browservm's tables", [*drops, *evidence])
-        return Finding("tcp.timeout", f"{self._address}:{DESKTOP_PORT} does not answer: {reason}", evidence)
+        return Finding("tcp.timeout", f"{self._address}:{port} does not answer: {reason}", evidence)
 
     async def _upgrade(self, result: HopResult) -> None:
         assert self._connection is not None
-        result.checked.append(f"WebSocket upgrade on :{DESKTOP_PORT} answered with 101")
+        result.checked.append(f"WebSocket upgrade on :{self._path.port} answered with 101")
         try:
             await asyncio.wait_for(self._connection.upgrade(), self._d.websocket)
         except TimeoutError:
@@ -837,7 +844,8 @@ class _Walk:
 
     async def _banner(self, result: HopResult) -> None:
         assert self._connection is not None
-        result.checked.append("RFB 003.008 through the WebSocket")
+        result.checked.append("RFB 003.008 through the WebSocket" if self._path.websocket else
+                              f"RFB 003.008 from {self._path.listener}")
         try:
             banner = await asyncio.wait_for(self._connection.banner(), self._d.rfb)
         except TimeoutError:

@@ -1,9 +1,12 @@
 """browservm-desktop: starts the guest's desktop in order and says when each part is ready.
 
-    Xvfb -> Openbox -> x11vnc (localhost only) -> websockify :6080 (serving noVNC) -> Chromium
+    Xvfb -> Openbox -> x11vnc :5901 -> websockify :6080 (serving noVNC) -> Chromium
 
 x11vnc asks for the VM's own VNC password, which the host put on the config disk: only the
-controller's proxy knows it, so no other local user of the host can open this desktop. Before
+controller's proxy knows it, so no other local user of the host can open this desktop. With that
+password x11vnc listens on every address of the guest: the controller's proxy speaks RFB to it
+straight (the rfb path, vm/desktop_path.py); websockify stays for the seed's path. Without a
+password (a desktop run outside a VM, as in tests) it listens on localhost only. Before
 the desktop starts, systemd runs `browservm-desktop --install-vnc-password FILE --owner USER` as
 root (the config disk is root's) into a directory only USER reads; x11vnc rereads that file
 before each new client (`-passwdfile read:`), so a VM restored from a snapshot takes its own
@@ -139,12 +142,12 @@ class Desktop:
     async def x11vnc(self) -> None:
         password = self.config.vnc_password_file
         if password is None:
-            auth = ["-nopw"]
+            auth = ["-nopw", "-localhost"]
         elif os.path.exists(password):
             auth = ["-passwdfile", f"read:{password}"]
         else:  # fail closed: a desktop without its password would be open to every local user of the host
             raise StartFailed(f"no VNC password at {password} (browservm-desktop --install-vnc-password did not run)")
-        proc = await self._spawn("x11vnc", "x11vnc", "-display", self.config.display, "-localhost",
+        proc = await self._spawn("x11vnc", "x11vnc", "-display", self.config.display,
                                  "-rfbport", str(self.config.vnc_port), "-forever", "-shared", *auth,
                                  stdout=asyncio.subprocess.PIPE)
         assert proc.stdout is not None

@@ -6,6 +6,8 @@ Creating a VM is the list of hops in hops.py, run in order:
     guest.network  net.arp  desktop.ready  net.tcp  ws.upgrade  rfb.banner     readiness
     desktop.complete                                                           the browser on screen
 
+(ws.upgrade only on the websockify path: vm/desktop_path.py)
+
 Built to live inside a long-running server that serves many requests at once:
 
 - Nothing blocks the event loop. Every blocking step (SQLite, netlink, files, spawning, the KVM
@@ -54,6 +56,8 @@ from browservm.images.disk import clone_sparse
 from browservm.ipam import Ipam, Lease
 from browservm.vm import hops
 from browservm.vm.console import MAX_DISK, ConsoleLog, cap_console
+from browservm.vm.desktop_path import RFB
+from browservm.vm.desktop_path import desktop_path as desktop_path_named
 from browservm.vm.pool import POOL_USER, WarmPool
 from browservm.vm.readiness import GuestProbes, Probes
 from browservm.vm.records import Failure, VmRecord, VmRecords
@@ -67,7 +71,6 @@ from browservm.vmm.spec import VmSpec
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-DESKTOP_PORT = 6080
 CONFIG_DISK = "config.img"
 # Extra kernel arguments a request may add: ones that tune, never ones that choose what runs.
 EXTRA_BOOT_ARGS = frozenset({"loglevel", "printk.time", "random.trust_cpu", "clocksource", "tsc",
@@ -159,7 +162,8 @@ class VMManager:
     def __init__(self, *, records: VmRecords, ipam: Ipam, network: VmNetwork, driver: VmmDriver,
                  images: Callable[[], Images], vm_root: Path, limits: Limits | None = None,
                  deadlines: Deadlines | None = None, probes: Probes | None = None,
-                 vm_uid_base: int | None = None, snapshots: Snapshots | None = None) -> None:
+                 vm_uid_base: int | None = None, snapshots: Snapshots | None = None,
+                 desktop_path: str = RFB) -> None:
         self._records = records
         self._ipam = ipam
         self._network = network
@@ -172,6 +176,7 @@ class VMManager:
         self._deadlines = deadlines or Deadlines()
         self._probes = probes or GuestProbes()
         self._vm_uid_base = vm_uid_base  # None: VMMs run as the controller's user
+        self.desktop_path = desktop_path_named(desktop_path)  # new VMs' records keep it
         self.snapshots = snapshots or Snapshots(vm_root.parent / "snapshots")
         self._snapshot_lock = asyncio.Lock()  # one snapshot made at a time
         self.restore_by_default = False  # start(): restore from a snapshot unless told otherwise
@@ -254,7 +259,8 @@ class VMManager:
         vm_id = new_vm_id()
         record = VmRecord(vm_id=vm_id, user=user, vcpus=vcpus, mem_mib=mem_mib, keep=keep_failed,
                           directory=str(self._vm_root / vm_id), driver=self._driver.name, owner=self._me,
-                          started_from="restored" if snapshot else "cold", snapshot=snapshot.key if snapshot else "")
+                          started_from="restored" if snapshot else "cold", snapshot=snapshot.key if snapshot else "",
+                          desktop_path=self.desktop_path.name)
         # The pool holds as many VMs as its settings say, whatever the limit of one person.
         per_user = self._limits.max_vms if user == POOL_USER else self._limits.max_vms_per_user
         await uninterrupted(partial(self._records.insert, record, max_total=self._limits.max_vms,
@@ -435,11 +441,14 @@ class VMManager:
             if mac != record.mac:
                 raise ProbeFailed(hops.NET_ARP, f"{address} answered from {mac}, not from this VM's MAC "
                                                 f"{record.mac}: another machine holds the address")
-            await hop(hops.DESKTOP_READY, probes.desktop_ready(console, deadlines.desktop), deadlines.desktop)
-            connection = await hop(hops.NET_TCP, probes.connect(netns, address, DESKTOP_PORT, deadlines.tcp),
-                                   deadlines.tcp + 1)
+            path = desktop_path_named(record.desktop_path)
+            await hop(hops.DESKTOP_READY, probes.desktop_ready(console, deadlines.desktop, path.listener),
+                      deadlines.desktop)
+            connection = await hop(hops.NET_TCP, probes.connect(netns, address, path.port, deadlines.tcp,
+                                                                path.websocket), deadlines.tcp + 1)
             try:
-                await hop(hops.WS_UPGRADE, connection.upgrade(), deadlines.websocket)
+                if path.websocket:
+                    await hop(hops.WS_UPGRADE, connection.upgrade(), deadlines.websocket)
                 await hop(hops.RFB_BANNER, connection.banner(), deadlines.rfb)
             finally:
                 connection.close()
@@ -845,7 +854,8 @@ def _reported_in_record(exc: BaseException) -> bool:
 
 def _next_stage(record: VmRecord) -> str:
     """The first hop the record has not passed: where its creator was when it stopped."""
-    return next((name for name in hops.NAMES if name not in record.stages), hops.NAMES[-1])
+    names = desktop_path_named(record.desktop_path).names
+    return next((name for name in names if name not in record.stages), names[-1])
 
 
 def _bare_spec(vm_id: str, directory: Path) -> VmSpec:

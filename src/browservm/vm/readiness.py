@@ -5,11 +5,13 @@ manager, the doctor and the tests.
                    kernel's `IP-Config: Complete` line; the kernel's `Unknown kernel command line
                    parameters "... ip=..."` line is evidence that it ignored ip=
     net.arp        the VM answers ARP for its address on its bridge, with its own MAC
-    desktop.ready  the guest's desktop supervisor reports websockify listening
-    net.tcp        :6080 accepts a connection                          \
-    ws.upgrade     the upgrade request is answered with 101             > DesktopConnection, the one
-    rfb.banner     the VNC server's banner comes through the WebSocket /  implementation of the three
+    desktop.ready  the guest's desktop supervisor reports the path's listener up (x11vnc, or websockify)
+    net.tcp        the path's port (:5901, or :6080) accepts a connection  \
+    ws.upgrade     (websockify path only) the upgrade is answered with 101  > DesktopConnection, the one
+    rfb.banner     the VNC server's banner comes through                   /  implementation of the three
     desktop.complete  the desktop supervisor reports every part up: the browser on screen
+
+Which path a VM's desktop is reached by is vm/desktop_path.py's.
 
 Sockets are opened inside the VM network's namespace and keep it, so the
 probes work from a controller that itself runs outside that namespace.
@@ -39,7 +41,7 @@ from browservm.vm.hops import (
     RFB_BANNER,
     WS_UPGRADE,
 )
-from browservm.vm.wsprobe import rfb_banner, websocket_upgrade
+from browservm.vm.wsprobe import raw_rfb_banner, rfb_banner, websocket_upgrade
 
 _ETH_P_ARP = 0x0806
 _SIOCGIFHWADDR = 0x8927
@@ -153,9 +155,9 @@ async def _wait_desktop_marker(console: ConsoleLog, hop: str, service: str, time
                                f"{marker[1].get('reason') or 'code ' + marker[1].get('code', '?')}")
 
 
-async def wait_desktop_ready(console: ConsoleLog, timeout: float) -> None:
-    """desktop.ready: the desktop supervisor reports websockify listening on :6080."""
-    await _wait_desktop_marker(console, DESKTOP_READY, "websockify", timeout)
+async def wait_desktop_ready(console: ConsoleLog, timeout: float, listener: str = "websockify") -> None:
+    """desktop.ready: the desktop supervisor reports `listener` (x11vnc or websockify) listening."""
+    await _wait_desktop_marker(console, DESKTOP_READY, listener, timeout)
 
 
 async def wait_desktop_complete(console: ConsoleLog, timeout: float) -> None:
@@ -196,28 +198,31 @@ async def open_tcp(netns: NetworkNamespace, address: IPv4Address, port: int,
 
 
 class DesktopConnection:
-    """The last three hops on one connection: TCP to :6080, the WebSocket upgrade, the RFB banner.
+    """The last hops on one connection: TCP, the WebSocket upgrade (`websocket`: websockify's
+    path), the RFB banner.
 
     The one implementation of them: the manager runs the steps one by one (each its own hop with
     its own deadline), `desktop_banner` runs them in a row for everyone else.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str,
+                 websocket: bool = True) -> None:
         self._reader = reader
         self._writer = writer
         self._host = host
+        self.websocket = websocket
 
     @classmethod
     async def open(cls, netns: NetworkNamespace, address: IPv4Address, port: int,
-                   timeout: float) -> DesktopConnection:
+                   timeout: float, websocket: bool = True) -> DesktopConnection:
         reader, writer = await open_tcp(netns, address, port, timeout)
-        return cls(reader, writer, f"{address}:{port}")
+        return cls(reader, writer, f"{address}:{port}", websocket)
 
     async def upgrade(self) -> None:
         await websocket_upgrade(self._reader, self._writer, self._host)
 
     async def banner(self) -> str:
-        banner = await rfb_banner(self._reader)
+        banner = await (rfb_banner(self._reader) if self.websocket else raw_rfb_banner(self._reader))
         if banner != "RFB 003.008":
             raise ProbeFailed(RFB_BANNER, f"unexpected protocol version {banner!r}")
         return banner
@@ -226,11 +231,14 @@ class DesktopConnection:
         self._writer.close()
 
 
-async def desktop_banner(netns: NetworkNamespace, address: IPv4Address, port: int, timeout: float) -> str:
-    """net.tcp -> ws.upgrade -> rfb.banner, each with `timeout` and each failure naming its hop."""
-    connection = await DesktopConnection.open(netns, address, port, timeout)
+async def desktop_banner(netns: NetworkNamespace, address: IPv4Address, port: int, timeout: float,
+                         websocket: bool = True) -> str:
+    """net.tcp -> ws.upgrade (`websocket` only) -> rfb.banner, each with `timeout` and each failure
+    naming its hop."""
+    connection = await DesktopConnection.open(netns, address, port, timeout, websocket)
+    steps = ((WS_UPGRADE, connection.upgrade),) if websocket else ()
     try:
-        for hop, step in ((WS_UPGRADE, connection.upgrade), (RFB_BANNER, connection.banner)):
+        for hop, step in (*steps, (RFB_BANNER, connection.banner)):
             try:
                 result = await asyncio.wait_for(step(), timeout)
             except TimeoutError:
@@ -257,12 +265,12 @@ class Probes(Protocol):
     async def arp(self, netns: NetworkNamespace, bridge: str, source: IPv4Address, target: IPv4Address,
                   timeout: float) -> str: ...
 
-    async def desktop_ready(self, console: ConsoleLog, timeout: float) -> None: ...
+    async def desktop_ready(self, console: ConsoleLog, timeout: float, listener: str) -> None: ...
 
     async def desktop_complete(self, console: ConsoleLog, timeout: float) -> None: ...
 
     async def connect(self, netns: NetworkNamespace, address: IPv4Address, port: int,
-                      timeout: float) -> Connection: ...
+                      timeout: float, websocket: bool) -> Connection: ...
 
 
 class GuestProbes:
@@ -275,12 +283,12 @@ class GuestProbes:
                   timeout: float) -> str:
         return await arp_probe(netns, bridge, source, target, timeout)
 
-    async def desktop_ready(self, console: ConsoleLog, timeout: float) -> None:
-        await wait_desktop_ready(console, timeout)
+    async def desktop_ready(self, console: ConsoleLog, timeout: float, listener: str) -> None:
+        await wait_desktop_ready(console, timeout, listener)
 
     async def desktop_complete(self, console: ConsoleLog, timeout: float) -> None:
         await wait_desktop_complete(console, timeout)
 
     async def connect(self, netns: NetworkNamespace, address: IPv4Address, port: int,
-                      timeout: float) -> Connection:
-        return await DesktopConnection.open(netns, address, port, timeout)
+                      timeout: float, websocket: bool) -> Connection:
+        return await DesktopConnection.open(netns, address, port, timeout, websocket)

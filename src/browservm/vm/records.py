@@ -60,6 +60,9 @@ class VmRecord:
     viewer_epoch: str = field(default_factory=lambda: secrets.token_hex(8))  # in every viewer token's signature
     started_from: str = "cold"  # "cold" (booted), "restored" (from a snapshot) or "pooled" (a restored VM kept ready)
     snapshot: str = ""  # the snapshot's key, when restored or pooled
+    # How the controller reaches its desktop (vm/desktop_path.py); records from before there was a
+    # choice went through websockify.
+    desktop_path: str = "websockify"
     ended_reason: str = ""  # why it was stopped on purpose (state ended): reaped for idleness, lifetime, ...
     version: int = field(default=0, compare=False)  # of the stored row this was read at
 

@@ -1,4 +1,5 @@
-"""The last two hops to a VM's desktop: the WebSocket upgrade on :6080 and the RFB banner behind it.
+"""The last two hops to a VM's desktop: the WebSocket upgrade on :6080 and the RFB banner behind it
+(or, on the rfb path, the banner straight from x11vnc on :5901).
 
 A browser that gets WebSocket close code 1006 learns nothing; this probe
 says which of the two failed and what came back instead. It speaks just
@@ -81,3 +82,15 @@ async def rfb_banner(reader: asyncio.StreamReader) -> str:
     if not banner.startswith("RFB "):
         raise ProbeFailed(RFB_BANNER, f"expected an RFB banner, got {payload[:40]!r}")
     return banner
+
+
+async def raw_rfb_banner(reader: asyncio.StreamReader) -> str:
+    """The VNC server's protocol banner, read straight from its TCP connection (the rfb path)."""
+    try:
+        line = await reader.readexactly(12)  # "RFB xxx.yyy\n": RFC 6143 7.1.1
+    except asyncio.IncompleteReadError as exc:
+        raise ProbeFailed(RFB_BANNER, f"the VNC server closed the connection after {exc.partial[:12]!r}, before "
+                                      "its banner (is x11vnc refusing this address?)") from None
+    if not line.startswith(b"RFB "):
+        raise ProbeFailed(RFB_BANNER, f"expected an RFB banner, got {line!r}")
+    return line.decode(errors="replace").strip()

@@ -1,0 +1,196 @@
+"""The proxy's leg to a VM's desktop, one of two kinds (vm/desktop_path.py says which a VM uses):
+
+    TcpLeg        RFB straight on TCP to x11vnc (the rfb path): bytes as they come, in reads of at
+                  most CHUNK bytes, so nothing the guest sends makes the controller buffer more
+    WebSocketLeg  RFB inside a WebSocket to the guest's websockify (the websockify path): messages
+                  bounded by `max_message`, no redirects followed, pings as keepalive
+
+Both present the proxy the same four calls; how the VM's side ended comes back as `UpstreamEnded`,
+with the close code and reason the viewer gets, so the relay does not care which kind it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from typing import Protocol
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidHandshake, InvalidStatus
+from websockets.typing import Subprotocol
+
+from browservm.errors import ProbeFailed
+from browservm.vm.hops import WS_UPGRADE
+
+NORMAL = 1000
+GOING_AWAY = 1001
+INTERNAL_ERROR = 1011
+CHUNK = 64 * 1024  # bytes per read from the guest: what one message to the viewer holds at most
+WRITE_LIMIT = 64 * 1024  # bytes unsent towards the guest before a send waits
+
+
+class UpstreamEnded(Exception):
+    """The VM's side of the connection ended: `code` and `reason` for the viewer; `early` says it in
+    the words of the RFB banner hop, for an end that came before the VNC server spoke."""
+
+    def __init__(self, code: int, reason: str, early: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.early = early
+
+
+class Leg(Protocol):
+    silence: str  # what the VNC server saying nothing means, for the rfb.banner hop
+
+    async def recv(self) -> bytes:
+        """The next bytes from the VM, or UpstreamEnded."""
+        ...
+
+    async def send(self, data: bytes) -> None:
+        """Send, waiting while WRITE_LIMIT bytes are unsent; UpstreamEnded if the VM's side is gone."""
+        ...
+
+    async def close(self, code: int) -> None:
+        """End the connection (`code`: why, where the kind has close codes)."""
+        ...
+
+    def abort(self) -> None:
+        """Drop the connection at once (the proxy's own cleanup when it is cancelled)."""
+        ...
+
+
+class TcpLeg:
+    silence = "the VNC server is silent"
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, close_timeout: float) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._close_timeout = close_timeout
+
+    @classmethod
+    async def open(cls, sock: socket.socket, keepalive: float, close_timeout: float) -> TcpLeg:
+        """Streams over the connected `sock`. A VM that stops answering (frozen, or its network
+        gone) is dropped after about twice `keepalive` seconds: TCP keepalive while the line is idle,
+        TCP_USER_TIMEOUT while data waits for an acknowledgement."""
+        seconds = max(1, round(keepalive))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, seconds)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 2000 * seconds)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # RFB is small messages both ways
+        reader, writer = await asyncio.open_connection(sock=sock, limit=CHUNK)
+        writer.transport.set_write_buffer_limits(high=WRITE_LIMIT)
+        return cls(reader, writer, close_timeout)
+
+    async def recv(self) -> bytes:
+        try:
+            data = await self._reader.read(CHUNK)
+        except OSError as exc:
+            raise self._failed(exc) from None
+        if not data:
+            raise UpstreamEnded(NORMAL, "the VM's desktop closed the connection",
+                                "the VNC server closed the connection before it spoke")
+        return data
+
+    async def send(self, data: bytes) -> None:
+        try:
+            self._writer.write(data)
+            await self._writer.drain()
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    async def close(self, code: int) -> None:
+        self._writer.close()
+        try:
+            async with asyncio.timeout(self._close_timeout):
+                await self._writer.wait_closed()
+        except (OSError, TimeoutError):
+            self._writer.transport.abort()
+
+    def abort(self) -> None:
+        self._writer.transport.abort()
+
+    @staticmethod
+    def _failed(exc: OSError) -> UpstreamEnded:
+        if exc.errno == errno.ETIMEDOUT:
+            reason = "the VM stopped answering (TCP keepalive timed out)"
+        else:
+            reason = f"the connection to the VM failed: {exc.strerror or exc}"
+        return UpstreamEnded(INTERNAL_ERROR, reason, reason)
+
+
+class _NoRedirects(connect):
+    """The websockets client, except that a redirect from the guest is an upgrade failure: a guest
+    must not send the controller to another address."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
+class WebSocketLeg:
+    silence = "the VNC server behind websockify is silent"
+
+    def __init__(self, connection: ClientConnection, max_message: int) -> None:
+        self._connection = connection
+        self._max_message = max_message
+
+    @classmethod
+    async def open(cls, sock: socket.socket, url: str, *, timeout: float, ping_interval: float, close_timeout: float,
+                   max_message: int, queue_limit: int) -> WebSocketLeg:
+        """The WebSocket upgrade (ws.upgrade) over the connected `sock`: ProbeFailed if it is refused."""
+        connection = None
+        try:
+            connection = await _NoRedirects(
+                url, sock=sock, proxy=None, compression=None, subprotocols=[Subprotocol("binary")],
+                open_timeout=timeout, ping_interval=ping_interval, ping_timeout=ping_interval,
+                close_timeout=close_timeout, max_size=max_message, max_queue=queue_limit, write_limit=WRITE_LIMIT)
+        except InvalidStatus as exc:
+            response = exc.response
+            raise ProbeFailed(WS_UPGRADE, f"expected 101 Switching Protocols, got {response.status_code} "
+                                          f"{response.reason_phrase}") from None
+        except TimeoutError:
+            raise ProbeFailed(WS_UPGRADE, f"no answer to the upgrade within {timeout:g} s") from None
+        except (InvalidHandshake, OSError) as exc:
+            cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+            raise ProbeFailed(WS_UPGRADE, f"{exc}{cause}") from None
+        finally:
+            if connection is None:
+                sock.close()  # the client aborts its transport on failure; this covers failing before one
+        return cls(connection, max_message)
+
+    async def recv(self) -> bytes:
+        try:
+            return await self._connection.recv(decode=False)
+        except ConnectionClosed as closed:
+            raise self._ended(closed) from None
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self._connection.send(data)
+        except ConnectionClosed as closed:
+            raise self._ended(closed) from None
+
+    async def close(self, code: int) -> None:
+        await self._connection.close(code)
+
+    def abort(self) -> None:
+        self._connection.transport.abort()
+
+    def _ended(self, closed: ConnectionClosed) -> UpstreamEnded:
+        said = f"{closed.rcvd.code} {closed.rcvd.reason!r}" if closed.rcvd is not None else "no close frame"
+        early = f"websockify closed the WebSocket ({said}) before the VNC server spoke"
+        if isinstance(closed, ConnectionClosedOK):
+            reason = f": {closed.rcvd.reason}" if closed.rcvd is not None and closed.rcvd.reason else ""
+            return UpstreamEnded(NORMAL, f"the VM's desktop closed the connection{reason}", early)
+        if closed.sent is not None and closed.sent.code == 1009:
+            return UpstreamEnded(INTERNAL_ERROR, f"the VM sent a message larger than {self._max_message} bytes",
+                                 early)
+        if closed.rcvd is not None:
+            return UpstreamEnded(INTERNAL_ERROR, f"the VM's websockify closed the connection with {said}", early)
+        if closed.sent is not None:
+            return UpstreamEnded(INTERNAL_ERROR, "the connection to the VM failed: "
+                                                 f"{closed.sent.reason or closed.sent.code}", early)
+        return UpstreamEnded(INTERNAL_ERROR, "the connection to the VM broke without a close frame", early)
