@@ -739,13 +739,13 @@ async def echo_after(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
 async def no_auth_handshake(viewer: ClientConnection) -> bytes:
     """The viewer's side of the handshake the proxy offers (RFB 3.8, no authentication); the bytes
     the viewer received during it."""
-    received = await within(viewer.recv())
+    received: bytes = await within(viewer.recv(decode=False))
     assert received == BANNER
     await viewer.send(BANNER)
-    types = await within(viewer.recv())
+    types: bytes = await within(viewer.recv(decode=False))
     assert types == bytes([1, 1])
     await viewer.send(bytes([1]))
-    result = await within(viewer.recv())
+    result: bytes = await within(viewer.recv(decode=False))
     assert result == struct.pack(">I", 0)
     return received + types + result
 
