@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import os
+import re
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any
@@ -26,9 +28,13 @@ from browservm.vmm.firecracker import (
     ctrl_alt_del_request,
     firecracker_argv,
     firecracker_config,
+    firecracker_restore_argv,
+    in_vm_directory,
     jailer_argv,
+    logger_config,
     prepare_jail,
 )
+from browservm.vmm.firecracker_snapshot import snapshot_create_request, snapshot_load_request, vm_state_request
 from browservm.vmm.spec import VmSpec
 
 # Firecracker's specification is reference data kept beside the repository, never copied into it.
@@ -48,14 +54,40 @@ def strict(node: Any) -> Any:
     return node
 
 
+@functools.cache
+def api_spec() -> dict[str, Any]:
+    """Firecracker's specification, every object in it strict."""
+    spec: dict[str, Any] = strict(yaml.safe_load(SPEC_PATH.read_text()))
+    return spec
+
+
 @pytest.fixture(scope="module")
 def definitions() -> dict[str, Any]:
-    spec = yaml.safe_load(SPEC_PATH.read_text())
-    return strict(copy.deepcopy(spec["definitions"]))  # type: ignore[no-any-return]
+    definitions: dict[str, Any] = copy.deepcopy(api_spec()["definitions"])
+    return definitions
 
 
 def validate(definitions: dict[str, Any], name: str, document: object) -> None:
     jsonschema.validate(document, {"$ref": f"#/definitions/{name}", "definitions": definitions})
+
+
+def validate_request(method: str, path: str, body: object) -> None:
+    """`body` sent as `method path` is what the specification's operation at that path takes: the
+    path and method exist, and the body is valid against that operation's body parameter."""
+    def matches(template: str) -> bool:
+        parts = re.split(r"(\{[^}]+\})", template)  # /drives/{drive_id}: a parameter is one path segment
+        return re.fullmatch("".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts), path) is not None
+
+    paths: dict[str, Any] = api_spec()["paths"]
+    template = next((t for t in paths if matches(t)), None)
+    assert template is not None, f"Firecracker's API has no path {path}"
+    operation = paths[template].get(method.lower())
+    assert operation is not None, f"Firecracker's API takes no {method} on {template}"
+    schemas = [p["schema"] for p in operation.get("parameters", []) if p["in"] == "body"]
+    if not schemas:
+        assert body is None, f"{method} {template} takes no body"
+        return
+    jsonschema.validate(body, {**schemas[0], "definitions": api_spec()["definitions"]})
 
 
 def spec_for(vm_id: str, tmp_path: Path, overlay: bool = True) -> VmSpec:
@@ -152,3 +184,49 @@ def test_a_vm_with_a_uid_of_its_own_runs_jailed_as_it_and_owns_its_disks(tmp_pat
     assert (argv[argv.index("--uid") + 1], argv[argv.index("--gid") + 1]) == (str(0x70000007), str(0x70000007))
     assert {(root / name).stat().st_uid for name in ("overlay.ext4", "config.img", "run", "vmm.log")} == {0x70000007}
     assert (root / "rootfs.ext4").stat().st_uid != 0x70000007  # the shared image stays the host's
+
+
+def test_an_unjailed_firecracker_gets_the_vms_own_disks_relative_to_its_directory(
+        definitions: dict[str, Any], tmp_path: Path) -> None:
+    spec = spec_for("vm-abc", tmp_path)
+    config = firecracker_config(in_vm_directory(spec))
+    validate(definitions, "FullVmConfiguration", config)
+    # The snapshot records these; a clone run in its own directory opens its own disks by them.
+    assert [d["path_on_host"] for d in config["drives"]] == [str(spec.rootfs), "overlay.ext4", "config.img"]
+    other = firecracker_config(in_vm_directory(spec_for("vm-def", tmp_path / "elsewhere")))
+    assert [d["path_on_host"] for d in other["drives"][1:]] == ["overlay.ext4", "config.img"]
+
+
+def test_a_restoring_firecracker_has_its_api_socket_and_no_config(tmp_path: Path) -> None:
+    spec = spec_for("vm-abc", tmp_path)
+    assert firecracker_restore_argv(spec, "/usr/bin/firecracker") == [
+        "/usr/bin/firecracker", "--id", "vm-abc", "--api-sock", str(spec.control_socket)]
+
+
+def test_the_snapshot_requests_are_valid_firecracker_requests(tmp_path: Path) -> None:
+    spec = spec_for("vm-abc", tmp_path)
+    state, memory = tmp_path / "state", tmp_path / "state.mem"
+    validate_request("PATCH", "/vm", vm_state_request("Paused"))
+    validate_request("PATCH", "/vm", vm_state_request("Resumed"))
+    validate_request("PUT", "/snapshot/create", snapshot_create_request(state, memory))
+    validate_request("PUT", "/logger", logger_config(spec))
+    load = snapshot_load_request(state, memory, {"fc-snapshotvm": spec.tap})
+    validate_request("PUT", "/snapshot/load", load)
+    assert load["mem_backend"] == {"backend_type": "File", "backend_path": str(memory)}
+    assert load["network_overrides"] == [{"iface_id": "fc-snapshotvm", "host_dev_name": spec.tap}]
+    assert load["resume_vm"] is False  # resumed only after before_resume()
+    assert "clock_realtime" not in load  # kvmclock resumes where it was, as under QEMU
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("PATCH", "/vm", {"state": "Running"}),  # not one of Paused, Resumed
+    ("PUT", "/vm", {"state": "Paused"}),  # /vm takes PATCH only
+    ("PUT", "/snapshot/load", {"snapshot_path": "s", "mem_backend": {"backend_type": "File", "path": "m"}}),
+    ("PUT", "/snapshot/load", {"snapshot_path": "s", "network_overrides": [{"iface_id": "a", "host_dev": "t"}]}),
+    ("PUT", "/snapshot/create", {"snapshot_path": "s", "mem_file": "m"}),
+    ("PATCH", "/drives/overlay", {"drive_id": "overlay", "is_read_only": False}),  # not a PartialDrive field
+    ("PUT", "/snapshots/load", {"snapshot_path": "s"}),
+])
+def test_a_request_firecracker_would_refuse_is_caught(method: str, path: str, body: object) -> None:
+    with pytest.raises((jsonschema.ValidationError, AssertionError)):
+        validate_request(method, path, body)

@@ -5,6 +5,11 @@ name from ids.py: a hard-coded `iface_id` was half of the incident this
 product exists to end. Firecracker replaces its default kernel command line
 once `boot_args` is set, so the generated line is the whole line.
 
+An unjailed Firecracker runs in its VM's directory (process.spawn puts it there) and is given
+the VM's own disks by paths relative to it (`in_vm_directory`), as a jailed one is given fixed
+names in its chroot: a snapshot records drive paths as given, and a clone started in its own
+directory then opens its own disks (firecracker_snapshot.py).
+
 Generated configs and API request bodies are checked in the tests against
 Firecracker's own API specification. Firecracker needs a KVM host; where it
 cannot run, `available()` says why.
@@ -30,6 +35,31 @@ FIRECRACKER = "firecracker"
 JAILER = "jailer"
 
 
+VM_CONFIG = "vm-config.json"  # in the VM's directory (or its jail): also what the doctor reads
+
+
+def in_vm_directory(spec: VmSpec) -> VmSpec:
+    """The spec as an unjailed Firecracker sees it from its working directory, the VM's directory:
+    the VM's own disks by paths relative to it; the shared images stay where they are.
+
+    A snapshot's state records each drive's path as Firecracker was given it, and /snapshot/load
+    opens exactly that path (PATCH /drives exists only after the load, and by then the VM the
+    snapshot was taken of, with its directory, is gone). Relative names are the same for every
+    VM, so a VM restored in its own directory opens its own overlay and config disk.
+    """
+    def own(path: Path | None) -> Path | None:
+        if path is None or not path.is_relative_to(spec.directory):
+            return path
+        return path.relative_to(spec.directory)
+
+    return dataclasses.replace(spec, overlay=own(spec.overlay), config_disk=own(spec.config_disk))
+
+
+def logger_config(spec: VmSpec) -> dict[str, Any]:
+    """Firecracker's own log, to vmm.log (the file must exist: Firecracker does not create it)."""
+    return {"log_path": str(spec.vmm_log), "level": "Info", "show_level": True}
+
+
 def firecracker_config(spec: VmSpec) -> dict[str, Any]:
     """The `--config-file` document for `spec` (a value: tested without running anything)."""
     drives: list[dict[str, Any]] = [
@@ -46,14 +76,30 @@ def firecracker_config(spec: VmSpec) -> dict[str, Any]:
         "drives": drives,
         "network-interfaces": [{"iface_id": spec.tap, "host_dev_name": spec.tap, "guest_mac": spec.mac}],
         "machine-config": {"vcpu_count": spec.vcpus, "mem_size_mib": spec.mem_mib, "smt": False},
-        "logger": {"log_path": str(spec.vmm_log), "level": "Info", "show_level": True},
+        "logger": logger_config(spec),
     }
+
+
+def write_vm_config(spec: VmSpec) -> Path:
+    """Write the `--config-file` of an unjailed Firecracker (disks relative to the VM's directory)."""
+    config = spec.directory / VM_CONFIG
+    try:
+        config.write_text(json.dumps(firecracker_config(in_vm_directory(spec)), indent=2))
+    except OSError as exc:
+        raise VmmError(spec.vm_id, "start", f"cannot write {config}: {exc.strerror}") from exc
+    return config
 
 
 def firecracker_argv(spec: VmSpec, config_path: Path, firecracker: str = FIRECRACKER) -> list[str]:
     # The guest's serial console is Firecracker's stdout, which the driver sends to console.log.
     return [firecracker, "--id", spec.vm_id, "--api-sock", str(spec.control_socket),
             "--config-file", str(config_path)]
+
+
+def firecracker_restore_argv(spec: VmSpec, firecracker: str = FIRECRACKER) -> list[str]:
+    """A Firecracker waiting for /snapshot/load: no config file (a restored VM's devices, memory and
+    vCPUs come from the snapshot; only the logger may be set before the load)."""
+    return [firecracker, "--id", spec.vm_id, "--api-sock", str(spec.control_socket)]
 
 
 @dataclass(frozen=True)
@@ -180,11 +226,22 @@ class FirecrackerApi:
         finally:
             connection.close()
         if response.status >= 300:
-            raise VmmError(self._vm_id, f"API {method} {path}", f"HTTP {response.status}: {text.strip()}")
+            raise VmmError(self._vm_id, f"API {method} {path}", f"HTTP {response.status}: {_fault(text)}")
         return json.loads(text) if text.strip() else None
 
     def send_ctrl_alt_del(self) -> None:
         self.request("PUT", "/actions", ctrl_alt_del_request())
+
+
+def _fault(text: str) -> str:
+    """Firecracker's reason for refusing a request: the `fault_message` of its Error body."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text.strip() or "no reason given"
+    if isinstance(body, dict) and isinstance(body.get("fault_message"), str):
+        return str(body["fault_message"])
+    return text.strip()
 
 
 def ctrl_alt_del_request() -> dict[str, str]:
