@@ -13,10 +13,7 @@ deleted before the next):
                                      begin once GET /metrics shows browservm_snapshot_age_seconds > 0
   pool     serve --pool 1            the pool restores from the same snapshot (same inputs, same key);
                                      each claim is of a VM that has waited in the full pool for
-                                     --pool-idle seconds (default 25), as pooled VMs do between requests:
-                                     a restored VM's Chromium is still painting its window for about
-                                     17 s after its `ready` here (see "ready -> screen" in the output),
-                                     and a claim that comes sooner shows that instead of the pool
+                                     --pool-idle seconds (default 10), as pooled VMs do between requests
 
 A session: POST /v1/vms -> its `ready` event (SSE; `ready` comes after `desktop.complete`, which is
 checked) -> POST /v1/vms/{id}/viewer -> the proxy's WebSocket with that token -> RFB 3.8 with no
@@ -27,17 +24,9 @@ browser. Three times per session, from the POST:
   viewer     viewer connected: the first FramebufferUpdate's header has arrived
   screen     browser on screen: the first complete frame the test below accepts
 
-"Browser on screen", judged by the pixels. The bare desktop is one flat colour: Openbox draws no
-wallpaper, and Xvfb + Openbox + x11vnc from the same Debian packages, started by the image's own desktop
-supervisor on this host (services xvfb, openbox, x11vnc) and grabbed the same way, give 1280x800 pixels
-of 0x000000 and nothing else. Chromium, maximised on about:blank, covers it with a white page under a
-toolbar of antialiased text and icons. So a frame shows the browser when at least MIN_COVERED (50 %) of
-its sampled pixels are not the bare desktop's colour AND it has at least MIN_COLOURS (16) distinct
-colours: the bare desktop measures 0 % and 1 colour, a maximised Chromium nearly 100 % and far more than
-16 colours (both printed per run), so each threshold sits far from both sides; together they also refuse
-a window mapped but not yet painted (black), a white rectangle without its toolbar (few colours), and a
-desktop with only a stray tooltip or terminal (little covered). 16 colours is also what
-tests/integration/test_service_e2e.py asks of the noVNC canvas.
+"Browser on screen" is judged by the pixels, as browservm/vm/screen.py judges it before it lets a
+snapshot be made (at least half the screen not the bare desktop's black, at least 16 colours; the
+coverage and colours are printed per run).
 
 Also per session: the serve process's CPU time (utime + stime of all its threads, /proc/<pid>/stat)
 from the POST to browser on screen, and its VMM's VmRSS at that moment; for the pool, each pooled VM's
@@ -79,50 +68,22 @@ import httpx
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
-from browservm.api import rfb
+from browservm import rfb
 from browservm.config import Settings, load_settings
 from browservm.controller import open_controller, resolve_images
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.progress import Progress
+from browservm.vm.screen import Screen, watch
 
 POOL_USER = "browservm-pool"  # browservm.vm.pool.POOL_USER: whose VMs the pooled ones are
 BOOT_S = 300.0  # POST -> ready, at most (a cold full boot takes over a minute under TCG)
 SCREEN_S = 60.0  # ready -> browser on screen, at most
 SNAPSHOT_S = 400.0  # the snapshot's cold boot and save, at most
 SETTLE_S = 5.0  # after a delete: the previous VM's teardown is off the CPUs
-POOL_IDLE_S = 25.0  # a pooled VM's wait in the full pool before its claim (its refill restore done, Chromium painted)
+POOL_IDLE_S = 10.0  # a pooled VM's wait in the full pool before its claim (the refill restore off the CPUs)
 TICK = os.sysconf("SC_CLK_TCK")
 
-# Browser on screen (see the docstring).
-BARE_DESKTOP = 0x000000  # Xvfb + Openbox with nothing on it (measured, see the docstring)
-MIN_COVERED = 0.5
-MIN_COLOURS = 16
-SAMPLE_STEP = 17  # every 17th pixel: prime to the width, so the samples run diagonally over the screen
-
-# SetPixelFormat: 32 bits per pixel, depth 24, little-endian, true colour, 8 bits each, red at bit 16:
-# each pixel reads as one native uint32 0x00RRGGBB.
-PIXEL_FORMAT = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
-
-
 # --- a viewer: RFB through the controller's proxy ---------------------------------------------------
-
-
-@dataclass
-class Screen:
-    viewer_at: float  # perf_counter: the first FramebufferUpdate's header arrived
-    first_frame_at: float  # the first update complete
-    screen_at: float  # the first complete frame that shows the browser
-    covered: float  # its share of sampled pixels not the bare desktop's colour
-    colours: int  # its distinct colours (sampled)
-
-
-def browser_shown(frame: bytes) -> tuple[bool, float, int]:
-    """(browser on screen?, share not the bare desktop's colour, distinct colours) of one 0x00RRGGBB frame.
-    Sampled (SAMPLE_STEP): some 60,000 pixels of 1,024,000, a few ms of Python per frame."""
-    pixels = memoryview(frame).cast("I")[::SAMPLE_STEP]
-    counts = Counter(p & 0xFFFFFF for p in pixels)
-    covered = 1.0 - counts.get(BARE_DESKTOP, 0) / len(pixels)
-    return covered >= MIN_COVERED and len(counts) >= MIN_COLOURS, covered, len(counts)
 
 
 async def watch_screen(url: str, deadline_s: float) -> Screen:
@@ -139,45 +100,7 @@ async def watch_screen(url: str, deadline_s: float) -> Screen:
         await viewer.send(bytes([rfb.NO_AUTH]))
         if await reader.read(4) != struct.pack(">I", 0):
             raise RuntimeError("the proxy refused the security handshake")
-        await viewer.send(b"\x01")  # ClientInit: shared
-        width, height = struct.unpack(">HH", await reader.read(4))
-        await reader.read(16)  # the server's pixel format: replaced by ours
-        (name_length,) = struct.unpack(">I", await reader.read(4))
-        await reader.read(name_length)
-        await viewer.send(b"\x00\x00\x00\x00" + PIXEL_FORMAT)  # SetPixelFormat
-        await viewer.send(struct.pack(">BxHi", 2, 1, 0))  # SetEncodings: raw only
-        frame = bytearray(width * height * 4)
-        viewer_at = first_frame_at = 0.0
-        incremental = 0  # the first request asks for the whole screen; later ones for what changed
-        while True:
-            await viewer.send(struct.pack(">BBHHHH", 3, incremental, 0, 0, width, height))
-            incremental = 1
-            while True:  # skip what is not a FramebufferUpdate
-                (kind,) = await reader.read(1)
-                if kind == 0:
-                    break
-                if kind == 2:  # Bell
-                    continue
-                if kind == 3:  # ServerCutText
-                    (length,) = struct.unpack(">3xI", await reader.read(7))
-                    await reader.read(length)
-                    continue
-                raise RuntimeError(f"unexpected RFB server message type {kind}")
-            viewer_at = viewer_at or time.perf_counter()
-            (rects,) = struct.unpack(">xH", await reader.read(3))
-            for _ in range(rects):
-                x, y, w, h, encoding = struct.unpack(">HHHHi", await reader.read(12))
-                if encoding != 0:
-                    raise RuntimeError(f"the server sent encoding {encoding}; raw (0) was asked for")
-                data = await reader.read(w * h * 4)
-                for row in range(h):  # into the framebuffer, row by row
-                    start = ((y + row) * width + x) * 4
-                    frame[start:start + w * 4] = data[row * w * 4:(row + 1) * w * 4]
-            now = time.perf_counter()
-            first_frame_at = first_frame_at or now
-            shown, covered, colours = browser_shown(bytes(frame))
-            if shown:
-                return Screen(viewer_at, first_frame_at, now, covered, colours)
+        return await watch(reader, viewer.send)
 
 
 # --- serve as a subprocess ----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
-from browservm.api import rfb
+from browservm import rfb
 from browservm.api.proxy import Upstream, ViewerProxy
 from browservm.guest import configdisk
 from browservm.guest.desktop import install_vnc_password

@@ -17,6 +17,7 @@ from pathlib import Path
 from browservm.errors import HostNetworkError, ProbeFailed, VmmError
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.ipam import Ipam, Lease
+from browservm.markers import format_marker
 from browservm.netplan import NetworkPlan
 from browservm.store import Store
 from browservm.vm.console import ConsoleLog
@@ -152,6 +153,8 @@ class FakeProbes:
     listener: str = ""  # what the manager last asked of desktop_ready and connect
     port: int = 0
     websocket: bool | None = None
+    desktop: tuple[str, ...] = ()  # the parts the desktop says it started (a marker desktop_complete writes)
+    screens: list[tuple[int, str]] = field(default_factory=list)  # browser_on_screen's port and password
 
     def hang_at(self, hop: str) -> asyncio.Event:
         self.hang[hop] = asyncio.Event()
@@ -184,7 +187,16 @@ class FakeProbes:
         await self.gate("desktop.ready")
 
     async def desktop_complete(self, console: ConsoleLog, timeout: float) -> None:
+        if self.desktop:
+            with console.path.open("a") as log:
+                log.write(format_marker("ready", service="desktop", state="ready", services=",".join(self.desktop))
+                          + "\n")
         await self.gate("desktop.complete")
+
+    async def browser_on_screen(self, netns: NetworkNamespace, address: IPv4Address, port: int, password: str,
+                                timeout: float) -> None:
+        self.screens.append((port, password))
+        await self.gate("browser.screen")
 
     async def connect(self, netns: NetworkNamespace, address: IPv4Address, port: int,
                       timeout: float, websocket: bool) -> Connection:

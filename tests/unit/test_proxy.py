@@ -37,7 +37,7 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
-from browservm.api import rfb
+from browservm import rfb
 from browservm.api.proxy import (
     MAX_REASON_BYTES,
     Direction,

@@ -7,11 +7,15 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
+
+from browservm.errors import VmmError
 from browservm.guest import configdisk
 from browservm.vm.manager import CONFIG_DISK
+from browservm.vm.snapshots import Snapshot
 from browservm.vm.state import VmState
 
-from .fakes import NOTHING, Parts
+from .fakes import NOTHING, FakeProbes, Parts
 
 
 def test_a_snapshot_is_made_once_from_a_ready_vm_which_is_gone_after(parts: Parts) -> None:
@@ -22,6 +26,43 @@ def test_a_snapshot_is_made_once_from_a_ready_vm_which_is_gone_after(parts: Part
     assert parts.leftovers() == NOTHING  # the VM it was made of is destroyed
     assert asyncio.run(manager.snapshot()) == snapshot and len(parts.driver.saved) == 1  # made once
     assert not any(p.name.startswith(".") for p in snapshot.directory.parent.iterdir())  # no staging left
+
+
+def test_a_snapshot_waits_for_the_browser_painted_when_the_desktop_has_one(parts: Parts) -> None:
+    probes = FakeProbes(parts.ipam, desktop=("xvfb", "openbox", "x11vnc", "chromium"))
+    painted = probes.hang_at("browser.screen")
+    manager = parts.manager(probes)
+
+    async def scenario() -> Snapshot:
+        making = asyncio.create_task(manager.snapshot())
+        await asyncio.wait_for(probes.reached["browser.screen"].wait(), 10)
+        assert not parts.driver.saved  # nothing saved while Chromium may still be painting
+        [record] = await manager.all()
+        password = configdisk.read(Path(record.directory) / CONFIG_DISK)["secrets"]["vnc"]
+        assert probes.screens == [(5901, password)]  # x11vnc itself, with the VM's own password
+        painted.set()
+        return await asyncio.wait_for(making, 10)
+
+    snapshot = asyncio.run(scenario())
+    assert parts.driver.saved and snapshot.state.exists()
+
+
+def test_a_browser_that_never_shows_fails_the_snapshot_and_leaves_nothing(parts: Parts) -> None:
+    probes = FakeProbes(parts.ipam, desktop=("xvfb", "chromium"),
+                        fail={"browser.screen": "the browser was not on screen within 180 s (40 frames, ...)"})
+    manager = parts.manager(probes)
+    with pytest.raises(VmmError) as excinfo:
+        asyncio.run(manager.snapshot())
+    assert "never showed its browser" in excinfo.value.reason and "40 frames" in excinfo.value.reason
+    assert not parts.driver.saved and asyncio.run(manager.snapshot_of()) is None
+    assert parts.leftovers() == NOTHING
+    assert not manager.snapshots.root.exists() or not any(manager.snapshots.root.iterdir())  # no staging left
+
+
+def test_a_desktop_without_a_browser_is_saved_without_looking_at_its_screen(parts: Parts) -> None:
+    probes = FakeProbes(parts.ipam, desktop=("xvfb", "openbox", "x11vnc", "websockify"))
+    asyncio.run(parts.manager(probes).snapshot())
+    assert parts.driver.saved and probes.screens == []
 
 
 def test_a_restored_vm_gets_the_snapshots_disk_its_own_identity_and_its_link_after_guest_network(

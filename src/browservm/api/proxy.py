@@ -19,7 +19,7 @@ The route hands `serve` the WebSocket before it checks anything; its checks go i
    the VM network's namespace), ws.upgrade (answered with 101; websockify's path only), rfb.banner
    (the VNC server's first bytes; RFB servers speak first); then, when the Upstream carries the VM's
    VNC password, rfb.auth: the proxy authenticates to the VM and offers the viewer no
-   authentication (browservm.api.rfb), so the password never leaves the host. A failure closes
+   authentication (browservm.rfb), so the password never leaves the host. A failure closes
    with 4502 and "<hop>: <reason>", hop names from browservm.vm.hops.
 4. The relay, until one side ends it.
 
@@ -95,7 +95,7 @@ from typing import Any, Literal, Protocol
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from browservm.api import rfb
+from browservm import rfb
 from browservm.api.upstream import GOING_AWAY, INTERNAL_ERROR, NORMAL, Leg, TcpLeg, UpstreamEnded, WebSocketLeg
 from browservm.errors import ProbeFailed
 from browservm.hostnet.netns import NetworkNamespace

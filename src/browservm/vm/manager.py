@@ -54,13 +54,15 @@ from browservm.hostnet.netns import NetworkNamespace
 from browservm.ids import new_vm_id, validate_vm_id
 from browservm.images.disk import clone_sparse
 from browservm.ipam import Ipam, Lease
+from browservm.rfb import HandshakeFailed
 from browservm.vm import hops
 from browservm.vm.console import MAX_DISK, ConsoleLog, cap_console
-from browservm.vm.desktop_path import RFB
+from browservm.vm.desktop_path import PATHS, RFB
 from browservm.vm.desktop_path import desktop_path as desktop_path_named
 from browservm.vm.pool import POOL_USER, WarmPool
-from browservm.vm.readiness import GuestProbes, Probes
+from browservm.vm.readiness import GuestProbes, Probes, desktop_services
 from browservm.vm.records import Failure, VmRecord, VmRecords
+from browservm.vm.screen import ScreenError
 from browservm.vm.snapshots import Snapshot, Snapshots
 from browservm.vm.state import VmState, transition
 from browservm.vm.waiting import ExitWatch, VmmExited, race, uninterrupted, wait_out
@@ -107,6 +109,7 @@ class Deadlines:
     tcp: float = 10.0
     websocket: float = 180.0
     rfb: float = 60.0
+    screen: float = 180.0  # a snapshot's VM: desktop.complete -> the browser painted
     stop: float = 10.0
 
 
@@ -564,6 +567,7 @@ class VMManager:
                                                          f"{failure.reason if failure else ''}")
             staged = await asyncio.to_thread(self.snapshots.staging, key)
             try:
+                await self._browser_painted(record)
                 spec = self._spec(record, await self._resolve_images(), ())
                 await uninterrupted(partial(self._driver.save, spec, staged / "state"))
                 await uninterrupted(partial(clone_sparse, Path(record.directory) / "overlay.ext4",
@@ -574,6 +578,23 @@ class VMManager:
                 raise
             finally:
                 await self.destroy(record.vm_id)
+
+    async def _browser_painted(self, record: VmRecord) -> None:
+        """Wait until the browser is on the VM's screen, judged by its pixels, when its desktop has one.
+
+        desktop.complete says Chromium runs, some 13 s (under emulation) before it has painted its
+        window: a snapshot taken then would make every clone paint it again.
+        """
+        lines = await asyncio.to_thread(ConsoleLog(Path(record.directory) / "console.log").tail, 5000)
+        if "chromium" not in desktop_services(lines):
+            return
+        password = (await asyncio.to_thread(self.secrets, record.vm_id))["vnc"]
+        timeout = self._deadlines.screen
+        try:
+            await self._probes.browser_on_screen(self._network.netns, IPv4Address(record.address.split("/")[0]),
+                                                 PATHS[RFB].port, password, timeout)
+        except (ProbeFailed, TimeoutError, ScreenError, HandshakeFailed, OSError) as exc:
+            raise VmmError(record.vm_id, "snapshot", f"the VM to snapshot never showed its browser: {exc}") from exc
 
     async def _snapshot_quietly(self, vcpus: int, mem_mib: int) -> None:
         """Make the snapshot in the background; a failure is logged, and VMs keep booting cold."""

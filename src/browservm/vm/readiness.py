@@ -41,6 +41,7 @@ from browservm.vm.hops import (
     RFB_BANNER,
     WS_UPGRADE,
 )
+from browservm.vm.screen import wait_browser_on_screen
 from browservm.vm.wsprobe import raw_rfb_banner, rfb_banner, websocket_upgrade
 
 _ETH_P_ARP = 0x0806
@@ -160,6 +161,15 @@ async def wait_desktop_ready(console: ConsoleLog, timeout: float, listener: str 
     await _wait_desktop_marker(console, DESKTOP_READY, listener, timeout)
 
 
+def desktop_services(lines: list[str]) -> tuple[str, ...]:
+    """The parts the desktop supervisor said it started, from its last whole-desktop marker."""
+    for line in reversed(lines):
+        marker = parse_marker(line)
+        if marker is not None and marker[0] == "ready" and marker[1].get("service") == "desktop":
+            return tuple(filter(None, marker[1].get("services", "").split(",")))
+    return ()
+
+
 async def wait_desktop_complete(console: ConsoleLog, timeout: float) -> None:
     """desktop.complete: the desktop supervisor reports every part up, the browser on screen."""
     await _wait_desktop_marker(console, DESKTOP_COMPLETE, "desktop", timeout)
@@ -272,6 +282,11 @@ class Probes(Protocol):
     async def connect(self, netns: NetworkNamespace, address: IPv4Address, port: int,
                       timeout: float, websocket: bool) -> Connection: ...
 
+    async def browser_on_screen(self, netns: NetworkNamespace, address: IPv4Address, port: int, password: str,
+                                timeout: float) -> None:
+        """The browser painted on the VM's screen, judged by its pixels (vm/screen.py)."""
+        ...
+
 
 class GuestProbes:
     """The real probes: the console, ARP on the bridge, and one DesktopConnection."""
@@ -292,3 +307,11 @@ class GuestProbes:
     async def connect(self, netns: NetworkNamespace, address: IPv4Address, port: int,
                       timeout: float, websocket: bool) -> Connection:
         return await DesktopConnection.open(netns, address, port, timeout, websocket)
+
+    async def browser_on_screen(self, netns: NetworkNamespace, address: IPv4Address, port: int, password: str,
+                                timeout: float) -> None:
+        reader, writer = await open_tcp(netns, address, port, timeout)
+        try:
+            await wait_browser_on_screen(reader, writer, password, timeout)
+        finally:
+            writer.close()
