@@ -260,6 +260,34 @@ def test_a_tap_that_exists_is_not_silently_reused_and_another_vms_tap_is_not_del
         network.down(force=True)
 
 
+def test_a_taps_link_is_held_down_and_brought_up_again_as_a_port_still(namespaces: Namespaces, tmp_path: Path) -> None:
+    """What a restored Firecracker VM's TAP goes through: down before its VMM resumes, up once the
+    guest took its identity; it stays its bridge's isolated port throughout."""
+    ns = namespaces.name()
+    plan = NetworkPlan.build(IPv4Network("192.168.100.0/24"), "br0")
+    store = Store(tmp_path / "state.sqlite3")
+    with HostNetwork(plan, store, NetworkNamespace(ns)) as network:
+        network.up()
+        lease = Ipam(store, plan).lease("vm-a")
+        network.add_tap(lease)
+
+        def link() -> dict[str, Any]:
+            [shown] = json.loads(run("ip", "-j", "-d", "link", "show", lease.tap, netns=ns).stdout)
+            return shown  # type: ignore[no-any-return]
+
+        assert "UP" in link()["flags"]
+        network.set_tap_up(lease.tap, False)
+        assert "UP" not in link()["flags"]
+        network.set_tap_up(lease.tap, True)
+        shown = link()
+        assert "UP" in shown["flags"] and shown["master"] == "br0" and shown["linkinfo"]["info_slave_data"]["isolated"]
+        with pytest.raises(HostNetworkError, match="set TAP up") as excinfo:
+            network.set_tap_up("tap-nothere", True)
+        assert excinfo.value.device == "tap-nothere"
+        network.remove_tap(lease.vm_id)
+        network.down(force=True)
+
+
 def test_a_missing_bridge_is_named_when_a_tap_is_added(namespaces: Namespaces, tmp_path: Path) -> None:
     ns = namespaces.create()
     plan = NetworkPlan.build(IPv4Network("192.168.100.0/24"), "br0")

@@ -58,12 +58,16 @@ class FakeNetwork:
     def owned_taps(self) -> dict[str, str]:
         return {f"tap-{vm_id}": vm_id for vm_id in self.taps}
 
+    def set_tap_up(self, tap: str, up: bool) -> None:
+        self.calls.append(f"{'up' if up else 'down'} {tap}")
+
 
 class SleepDriver:
     """Starts `sleep` as the VM's "VMM": a real process to watch, stop and find."""
 
     name = "fake"
     placement: Placement = NoCgroup("a fake driver's process: placement does not matter")
+    holds_link = True
 
     def __init__(self) -> None:
         self.block = 0.0

@@ -360,6 +360,31 @@ def test_a_whole_login_with_the_sample_tool_and_a_real_authorization_server(runn
     assert stat.S_IMODE(os.stat(creds).st_mode) == 0o600
 
 
+def test_a_new_key_on_the_config_disk_works_at_once_and_the_old_one_stops(tmp_path: Path) -> None:
+    """A pooled VM's claim (vm/pool.py): the host rewrites the config disk under the running agent."""
+    disk = tmp_path / "vdc"
+    configdisk.write(disk, {"vm_id": "vm-1", "secrets": {"agent": SECRET, "vnc": "abcdefgh"}})
+    config = AgentConfig(secret=read_secret(disk), user=DesktopUser("browser", tmp_path), run_dir=tmp_path / "run",
+                         terminal=None, config_disk=disk)
+    agent = Agent(config)
+    api = controller_server(agent, ("127.0.0.1", 0))
+    threading.Thread(target=api.serve_forever, args=(0.05,), daemon=True).start()
+    port = api.server_address[1]
+    try:
+        assert AgentClient("127.0.0.1", port, SECRET).request("GET", "/v1/status").status == 200
+        new = "ef" * 32
+        configdisk.rewrite(disk, {"vm_id": "vm-1", "secrets": {"agent": new, "vnc": "abcdefgh"}})
+        assert AgentClient("127.0.0.1", port, new).request("GET", "/v1/status").status == 200
+        assert AgentClient("127.0.0.1", port, SECRET).request("GET", "/v1/status").status == 401
+        configdisk.rewrite(disk, {"vm_id": "vm-1", "secrets": {"vnc": "abcdefgh"}})  # unreadable: keep the key
+        assert AgentClient("127.0.0.1", port, SECRET).request("GET", "/v1/status").status == 401
+        assert AgentClient("127.0.0.1", port, new).request("GET", "/v1/status").status == 200
+    finally:
+        agent.shutdown()
+        api.shutdown()
+        api.server_close()
+
+
 def test_the_secret_comes_from_the_config_disk(tmp_path: Path) -> None:
     disk = tmp_path / "vdc"
     configdisk.write(disk, {"vm_id": "vm-1", "secrets": {"agent": SECRET, "vnc": "abcdefgh"}})

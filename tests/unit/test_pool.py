@@ -7,8 +7,9 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
-from browservm.vm.manager import Limits, VMManager
+from browservm.vm.manager import CONFIG_DISK, Limits, VMManager
 from browservm.vm.pool import OVERHEAD_MIB, POOL_USER, PoolSettings, WarmPool
 from browservm.vm.records import VmRecords
 from browservm.vm.state import VmState
@@ -45,15 +46,35 @@ def test_a_claim_takes_a_ready_pooled_vm_then_the_pool_refills(parts: Parts) -> 
             assert await pool.wait_filled(DEADLINE)
             snapshot = await manager.snapshot_of()
             assert snapshot is not None  # made first: pooled VMs are restored
-            pooled_vms = {r.vm_id for r in await manager.all() if r.user == POOL_USER}
+            pooled_vms = {r.vm_id: r for r in await manager.all() if r.user == POOL_USER}
+            keys = {vm_id: manager.secrets(vm_id) for vm_id in pooled_vms}
             record, task = await manager.start("ann")
             assert await asyncio.wait_for(task, 1) is record and record.vm_id in pooled_vms
             assert (record.user, record.started_from, record.state) == ("ann", "pooled", VmState.READY)
             stored = await manager.get(record.vm_id)
             assert stored is not None and stored.user == "ann" and stored.viewer_epoch == record.viewer_epoch
+            assert record.viewer_epoch != pooled_vms[record.vm_id].viewer_epoch  # no earlier viewer token works
+            # A new agent key for the claimed VM; its desktop password stays (only the proxy ever had it).
+            now = manager.secrets(record.vm_id)
+            before = keys[record.vm_id]
+            assert now["agent"] != before["agent"] and len(now["agent"]) == 64 and now["vnc"] == before["vnc"]
             assert pool.stats.hits == 1
             assert await pool.wait_filled(DEADLINE)
             assert len([r for r in await manager.all() if r.user == POOL_USER]) == 2
+    asyncio.run(scenario())
+
+
+def test_a_claimed_vm_whose_key_cannot_be_changed_is_not_handed_out(parts: Parts) -> None:
+    async def scenario() -> None:
+        async with pooled(parts, size=1) as (manager, pool):
+            assert await pool.wait_filled(DEADLINE)
+            [broken] = [r for r in await manager.all() if r.user == POOL_USER]
+            (Path(broken.directory) / CONFIG_DISK).unlink()
+            record, task = await manager.start("ann")
+            record = await asyncio.wait_for(task, DEADLINE)
+            assert record.vm_id != broken.vm_id and record.started_from != "pooled"  # fell back to a restore
+            gone = await manager.get(broken.vm_id)
+            assert gone is None or gone.state != VmState.READY  # destroyed, not left to anyone
     asyncio.run(scenario())
 
 

@@ -86,6 +86,19 @@ def test_a_restored_vm_gets_the_snapshots_disk_its_own_identity_and_its_link_aft
     assert document["secrets"]["vnc"] and document["secrets"]["agent"]
 
 
+def test_where_the_vmm_cannot_hold_the_link_the_tap_is_down_until_the_guest_took_its_identity(
+        parts: Parts) -> None:
+    manager = parts.manager()
+    asyncio.run(manager.snapshot())
+    parts.driver.holds_link = False  # as Firecracker, which has no link control
+    parts.network.calls.clear()
+    record = asyncio.run(manager.create("ann", restore=True))
+    assert record.state == VmState.READY, record.failure
+    tap = record.tap
+    assert parts.network.calls == [f"add {record.vm_id}", f"down {tap}", f"up {tap}"]
+    assert parts.driver.links_up == []  # the VMM was not asked
+
+
 def test_without_a_snapshot_a_restore_request_boots_cold(parts: Parts) -> None:
     record = asyncio.run(parts.manager().create(restore=True))
     assert record.state == VmState.READY and (record.started_from, record.snapshot) == ("cold", "")

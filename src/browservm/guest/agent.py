@@ -217,6 +217,7 @@ class AgentConfig:
     secret: str
     user: DesktopUser
     run_dir: Path
+    config_disk: Path | None = None  # reread for a new key (AgentKey); None: the key never changes
     terminal: str | None = "xterm"  # None: no window, the runner runs directly (tests, a head-less image)
     display: str = DEFAULT_DISPLAY
     opener: str = str(BIN / "browservm-opener")
@@ -704,9 +705,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _authorised(self) -> bool:
-        given = self.headers.get("Authorization", "")
-        expected = f"Bearer {self.server.token}"
-        if hmac.compare_digest(given.encode(), expected.encode()):
+        if self.server.key.matches(self.headers.get("Authorization", "")):
             return True
         self.close_connection = True
         self._send(HTTPStatus.UNAUTHORIZED, {"error": "unauthorized"})
@@ -765,12 +764,42 @@ class _HttpError(Exception):
 Route = Callable[[Any], tuple[int, Mapping[str, Any]]]
 
 
+class AgentKey:
+    """The key a request must carry (`Authorization: Bearer <key>`).
+
+    The host may give a running VM a new one (a pooled VM's claim, vm/pool.py, rewrites its config
+    disk): a request whose key does not match makes the agent read the disk again, past its page
+    cache, so the new key works at once and the old one stops working. Only requests that fail pay
+    for the read; they are serialised, so a flood of bad keys costs one read at a time.
+    """
+
+    def __init__(self, key: str, reread: Callable[[], str] | None = None) -> None:
+        self._key = key
+        self._reread = reread
+        self._lock = threading.Lock()
+
+    def matches(self, authorization: str) -> bool:
+        with self._lock:
+            if self._same(authorization):
+                return True
+            if self._reread is None:
+                return False
+            try:
+                self._key = self._reread()
+            except (OSError, configdisk.ConfigDiskError):
+                return False
+            return self._same(authorization)
+
+    def _same(self, authorization: str) -> bool:
+        return hmac.compare_digest(authorization.encode(), f"Bearer {self._key}".encode())
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 16
 
-    def __init__(self, address: tuple[str, int], token: str, routes: dict[tuple[str, str], Route]) -> None:
-        self.token = token
+    def __init__(self, address: tuple[str, int], key: AgentKey, routes: dict[tuple[str, str], Route]) -> None:
+        self.key = key
         self.routes = routes
         super().__init__(address, _Handler)
 
@@ -790,7 +819,8 @@ def controller_server(agent: Agent, address: tuple[str, int]) -> _Server:
         ("POST", "/v1/handover"): lambda _: agent.handover(),
         ("POST", "/v1/cancel"): lambda _: agent.cancel(),
     }
-    return _Server(address, agent.config.secret, routes)
+    disk = agent.config.config_disk
+    return _Server(address, AgentKey(agent.config.secret, None if disk is None else lambda: read_secret(disk)), routes)
 
 
 def opener_server(agent: Agent, port: int = OPENER_PORT) -> _Server:
@@ -800,7 +830,7 @@ def opener_server(agent: Agent, port: int = OPENER_PORT) -> _Server:
             return HTTPStatus.UNPROCESSABLE_ENTITY, {"error": "send {\"url\": ...}"}
         return agent.opened(body["url"])
 
-    return _Server(("127.0.0.1", port), agent.opener_token, {("POST", "/v1/opened"): opened})
+    return _Server(("127.0.0.1", port), AgentKey(agent.opener_token), {("POST", "/v1/opened"): opened})
 
 
 def write_opener_file(agent: Agent, server: _Server) -> Path:
@@ -825,7 +855,7 @@ def write_opener_file(agent: Agent, server: _Server) -> Path:
 
 
 def read_secret(path: Path) -> str:
-    document = configdisk.read(path)
+    document = configdisk.read_uncached(path)
     secret = document.get("secrets", {}).get("agent")
     if not isinstance(secret, str) or re.fullmatch(r"[0-9a-f]{64}", secret) is None:
         raise configdisk.ConfigDiskError("the config disk carries no agent secret (secrets.agent, 64 hex digits)")
@@ -881,7 +911,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         print(format_marker("agent", state="failed", reason=f"{args.config_disk}: {reason}"), flush=True)
         return 1
-    config = AgentConfig(secret=secret, user=user, run_dir=args.run_dir,
+    config = AgentConfig(secret=secret, user=user, run_dir=args.run_dir, config_disk=args.config_disk,
                          terminal=None if args.terminal == "none" else args.terminal, display=args.display,
                          opener=args.opener, toolrun=tuple(args.toolrun.split()))
     try:

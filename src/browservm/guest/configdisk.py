@@ -14,6 +14,7 @@ this module. Stdlib-only: the guest image carries it.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,21 @@ def write(path: Path, document: dict[str, Any]) -> None:
 def read(path: Path = GUEST_DEVICE) -> dict[str, Any]:
     with path.open("rb") as stream:
         return decode(stream.read(SIZE))
+
+
+def read_uncached(path: Path = GUEST_DEVICE) -> dict[str, Any]:
+    """The disk as the host last wrote it, not as the guest's page cache remembers it (the host
+    rewrites it under a running VM: a restore's identity, a claimed VM's new agent key)."""
+    buffer = mmap.mmap(-1, SIZE)  # page-aligned, as O_DIRECT wants
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # a file system without O_DIRECT (tests): no cache to skip
+    try:
+        os.preadv(fd, [buffer], 0)
+    finally:
+        os.close(fd)
+    return decode(bytes(buffer))
 
 
 def rewrite(path: Path, document: dict[str, Any]) -> None:

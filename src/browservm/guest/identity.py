@@ -7,7 +7,9 @@ link held down (QMP `set_link`); this daemon sees the new VM id on the config di
 
     MAC, address and route of eth0   hostname   machine-id   the kernel's RNG (reseeded with the
     host's entropy, credited)   the wall clock (stepped to the host's time written just before
-    the restored VM resumed)   the desktop's VNC password   the OAuth agent (restarted: new key)
+    the restored VM resumed)   the desktop's VNC password
+
+(The OAuth agent takes its new key itself: it rereads the disk when a request's key does not match.)
 
 then prints the markers readiness waits for, and the host brings the link up:
 
@@ -16,7 +18,7 @@ then prints the markers readiness waits for, and the host brings the link up:
 
 The config disk is polled (read past the guest's page cache with O_DIRECT): a disk has no event
 for "the host changed me", and a 4 KiB read four times a second costs nothing. Runs as root.
-Stdlib-only plus iproute2's `ip` and systemd's `systemctl`.
+Stdlib-only plus iproute2's `ip`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import mmap
 import os
 import socket
 import struct
@@ -46,7 +47,6 @@ DEVICE = "eth0"
 _RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
 _RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
 _COMMAND_TIMEOUT_S = 10
-_AGENT_UNIT = "browservm-agent.service"
 
 
 class IdentityError(Exception):
@@ -76,20 +76,6 @@ class Identity:
         if len(identity.entropy) < 32:
             raise IdentityError("the config disk carries less than 32 bytes of entropy")
         return identity
-
-
-def read_disk(path: Path) -> dict[str, Any]:
-    """The config disk as the host last wrote it, not as the guest's page cache remembers it."""
-    buffer = mmap.mmap(-1, configdisk.SIZE)  # page-aligned, as O_DIRECT wants
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-    except OSError:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # a file system without O_DIRECT (tests): no cache to skip
-    try:
-        os.preadv(fd, [buffer], 0)
-    finally:
-        os.close(fd)
-    return configdisk.decode(bytes(buffer))
 
 
 def _run(*argv: str) -> None:
@@ -138,18 +124,16 @@ class Applier:
         if self.vnc_password_file is not None and isinstance(password, str):
             # x11vnc rereads its password file before each new client (`-passwdfile read:`).
             write_vnc_password(self.vnc_password_file, password, self.vnc_owner)
-        if Path("/etc/systemd/system", _AGENT_UNIT).exists():
-            _run("systemctl", "try-restart", _AGENT_UNIT)  # it reads its key from the config disk at start
 
 
 def watch(disk: Path, applier: Applier, services: Sequence[str], poll: float = POLL_S,
           done: Callable[[], bool] = lambda: False) -> None:
     """Apply every new identity the config disk carries, for as long as the VM runs (or until `done`)."""
-    current = read_disk(disk).get("vm_id")
+    current = configdisk.read_uncached(disk).get("vm_id")
     while not done():
         time.sleep(poll)
         try:
-            document = read_disk(disk)
+            document = configdisk.read_uncached(disk)
         except (OSError, configdisk.ConfigDiskError):
             continue  # the host is rewriting it: the next read sees it whole
         read_at = time.monotonic()
@@ -172,7 +156,9 @@ def watch(disk: Path, applier: Applier, services: Sequence[str], poll: float = P
                             machine_id=applier.machine_id.read_text().strip() if applier.machine_id.exists() else "",
                             random=os.urandom(16).hex(), clock=f"{time.time():.3f}"), flush=True)
         # The desktop kept running through the snapshot: say so, as it did at its boot.
-        print(format_marker("ready", service="websockify", state="ready", restored="yes"), flush=True)
+        for listener in ("x11vnc", "websockify"):
+            if listener in services:
+                print(format_marker("ready", service=listener, state="ready", restored="yes"), flush=True)
         print(format_marker("ready", service="desktop", state="ready", services=",".join(services),
                             restored="yes"), flush=True)
 

@@ -669,6 +669,19 @@ class HostNetwork:
             crash_point("net.tap.created")
             self._attach(lease, index)
 
+    def set_tap_up(self, tap: str, up: bool) -> None:
+        """Bring the VM's TAP up or down (a restored Firecracker VM's link is held down this way until it
+        has taken its own identity: Firecracker has no link control of its own)."""
+        with self.netns.entered():
+            rtnl = RtnlSocket()
+            try:
+                rtnl.set_up(socket.if_nametoindex(tap), up)
+            except OSError as exc:
+                raise HostNetworkError("set TAP up" if up else "set TAP down", exc.strerror or str(exc), device=tap,
+                                       netns=self.netns.name) from exc
+            finally:
+                rtnl.close()
+
     def attach_link(self, lease: Lease) -> None:
         """Make the existing link named `lease.tap` the VM's port, as `add_tap` does with the TAP it creates.
 

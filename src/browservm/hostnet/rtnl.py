@@ -112,6 +112,11 @@ class RtnlSocket:
             if exc.errno != errno.ENOENT:
                 raise
 
+    def set_up(self, index: int, up: bool) -> None:
+        """Set link `index` administratively up or down (its IFF_UP flag only)."""
+        message = self._envelope(_RTM_NEWLINK, _IFINFO.pack(_AF_UNSPEC, 0, index, _IFF_UP if up else 0, _IFF_UP))
+        self._send_and_wait(message, {self._sequence})
+
     def delete_link(self, index: int) -> None:
         self._send_and_wait(self._message(_RTM_DELLINK, _AF_UNSPEC, index, b""), {self._sequence})
 

@@ -133,6 +133,8 @@ class VmNetwork(Protocol):
 
     def remove_tap(self, vm_id: str) -> bool: ...
 
+    def set_tap_up(self, tap: str, up: bool) -> None: ...
+
     def owned_taps(self) -> dict[str, str]: ...
 
 
@@ -401,9 +403,18 @@ class VMManager:
             configdisk.rewrite(config_disk, document)
 
         record.accel = self._driver.accel(spec.kernel)
+        if not self._driver.holds_link:  # it wakes as the VM it was taken of: keep that off the bridge
+            self._network.set_tap_up(record.tap, False)
         vmm = self._driver.restore(spec, self._network.netns, snapshot.state, before_resume)
         record.pid, record.pid_start_time = vmm.pid, vmm.start_time
         record.state = transition(record.vm_id, record.state, VmState.BOOTING)
+
+    def _link_up(self, record: VmRecord, images: Images) -> None:
+        """Connect a restored VM to its bridge: through its VMM, or by its TAP where the VMM cannot."""
+        if self._driver.holds_link:
+            self._driver.link_up(self._spec(record, images, ()))
+        else:
+            self._network.set_tap_up(record.tap, True)
 
     def _spec(self, record: VmRecord, images: Images, extra_boot_args: tuple[str, ...]) -> VmSpec:
         ip = IpConfig.static(IPv4Interface(record.address), IPv4Address(record.gateway), hostname=record.vm_id)
@@ -438,7 +449,7 @@ class VMManager:
                                 deadlines.guest_network + 1)
             record.guest_network_by = network.by
             if record.started_from != "cold":  # it has taken its own identity: connect it
-                await uninterrupted(partial(self._driver.link_up, self._spec(record, await self._resolve_images(), ())))
+                await uninterrupted(partial(self._link_up, record, await self._resolve_images()))
             mac = await hop(hops.NET_ARP, probes.arp(netns, record.bridge, IPv4Address(record.gateway), address,
                                                      deadlines.arp), deadlines.arp + 1)
             if mac != record.mac:
@@ -617,6 +628,22 @@ class VMManager:
             if count:
                 freed[directory.name] = count
         return freed
+
+    async def new_agent_key(self, vm_id: str) -> None:
+        """Give the VM's agent a new key on its config disk (a pooled VM's claim): the agent rereads the
+        disk when a request's key does not match, so the new key works at once and the old one stops."""
+        validate_vm_id(vm_id)
+        path = self._vm_root / vm_id / CONFIG_DISK
+
+        def rekey() -> None:
+            try:
+                document = configdisk.read(path)
+                document.setdefault("secrets", {})["agent"] = new_secrets()["agent"]
+                configdisk.rewrite(path, document)
+            except (OSError, configdisk.ConfigDiskError) as exc:
+                raise VmmError(vm_id, "new agent key", f"{path}: {exc}") from exc
+
+        await uninterrupted(rekey)
 
     def secrets(self, vm_id: str) -> dict[str, str]:
         """The secrets the VM's config disk carries (the agent's key, the desktop's password). Blocking."""

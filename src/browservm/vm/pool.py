@@ -8,8 +8,10 @@ The pool's own task keeps it full in the background: it makes the snapshot first
 none, replaces VMs that were claimed or died, recycles those older than `max_age`, and never
 holds more than `memory_mib` of VM memory.
 
-A claimed VM keeps the VNC password and agent key it was restored with: both were made for that
-VM alone and never left the host; its viewer tokens are new (a new viewer epoch).
+A claim gives the VM new viewer tokens (a new viewer epoch) and a new agent key (its config disk
+rewritten; the agent rereads the disk when a request's key does not match, so the new key works at
+once and the old one stops). It keeps the VNC password it was restored with: only the proxy ever
+used it, and a new one would race the first viewer against the guest taking it.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class PoolManager(Protocol):
 
     async def snapshot(self, vcpus: int = ..., mem_mib: int = ...) -> object: ...
 
+    async def new_agent_key(self, vm_id: str) -> None: ...
+
 
 @dataclass
 class PoolStats:
@@ -99,6 +103,13 @@ class WarmPool:
         for record in candidates:
             claimed = await asyncio.to_thread(self._take, record, user)
             if claimed is not None:
+                try:
+                    await self._manager.new_agent_key(claimed.vm_id)
+                except (BrowserVMError, OSError) as exc:
+                    log.warning("warm pool: %s claimed, but its agent key could not be changed: %s", claimed.vm_id,
+                                exc)
+                    await self._manager.destroy(claimed.vm_id)
+                    continue
                 self.stats.hits += 1
                 self.stats.claim_seconds = time.monotonic() - started
                 self._changed.set()  # refill

@@ -23,6 +23,7 @@ from browservm.vmm.spec import VmSpec
 
 class VmmDriver(Protocol):
     name: str
+    holds_link: bool  # it can hold a restored VM's link down (link_up); else the manager holds its TAP down
     placement: Placement  # where its VMMs run, and why there (for diagnostics)
 
     def accel(self, kernel: Path) -> str: ...
@@ -75,6 +76,7 @@ def _kill(spec: VmSpec, vmm: VmmProcess, graceful_exit: bool, timeout: float) ->
 
 class QemuDriver:
     name = "qemu"
+    holds_link = True  # QMP set_link
 
     def __init__(self, probe: AccelProbe | None = None, qemu: str = QEMU, placement: Placement | None = None) -> None:
         self._probe = probe or AccelProbe(qemu)
@@ -173,6 +175,7 @@ _JAILED = ("snapshot restore under the jailer is not built yet: a jailed Firecra
 
 class FirecrackerDriver:
     name = "firecracker"
+    holds_link = False  # no link control: the manager holds a restored VM's TAP down instead
 
     def __init__(self, binary: str = firecracker.FIRECRACKER, jailer: firecracker.JailerOptions | None = None,
                  jailer_binary: str = firecracker.JAILER, placement: Placement | None = None) -> None:
@@ -276,9 +279,9 @@ class FirecrackerDriver:
         return vmm
 
     def link_up(self, spec: VmSpec) -> None:
-        """Nothing to do: Firecracker offers no link control. A restored VM is kept offline by its
-        TAP, held down on the host from before the resume until the guest has taken its identity;
-        bringing that TAP up is the host network's part, in the manager, where it calls this."""
+        """Nothing to do: Firecracker offers no link control (holds_link is False). The manager keeps
+        a restored VM offline by its TAP, held down on the host from before the resume until the
+        guest has taken its identity."""
 
     @staticmethod
     def _touch_log(spec: VmSpec, step: str) -> None:
