@@ -840,7 +840,8 @@ def test_metrics_count_vms_by_state_and_time_each_stage(served: Served) -> None:
     assert {'browservm_vms{state="ready"} 2.0', 'browservm_vms{state="failed"} 1.0',
             'browservm_vms{state="creating"} 0.0', 'browservm_failures_total{hop="rfb.banner"} 1.0',
             'browservm_stage_seconds_count{stage="net.lease"} 3.0',
-            'browservm_stage_seconds_count{stage="desktop.complete"} 2.0', "browservm_viewers 0.0"} <= lines, text
+            'browservm_stage_seconds_count{stage="desktop.complete"} 2.0', "browservm_viewers 0.0",
+            'browservm_ready_seconds_count{started_from="cold"} 2.0'} <= lines, text
     assert any(line.startswith('browservm_stage_seconds_bucket{le="+Inf",stage="rfb.banner"}') for line in lines)
     assert "# TYPE browservm_stage_seconds histogram" in lines
 

@@ -40,6 +40,10 @@ class Metrics:
         self.registry.register(_VmsByState(states))
         self.stage_seconds = Histogram("browservm_stage_seconds", "seconds from create to each hop passing",
                                        ["stage"], buckets=_STAGE_BUCKETS, registry=self.registry)
+        self.ready_seconds = Histogram("browservm_ready_seconds", "seconds from create to ready, by how the VM "
+                                       "started (cold: booted; restored: from a snapshot; pooled claims are "
+                                       "browservm_pool_claim_seconds)", ["started_from"], buckets=_STAGE_BUCKETS,
+                                       registry=self.registry)
         self.failures = Counter("browservm_failures", "VMs failed, by the hop that failed", ["hop"],
                                 registry=self.registry)
         self.viewers = Gauge("browservm_viewers", "viewers connected now", registry=self.registry)

@@ -33,7 +33,7 @@ from browservm.ids import validate_vm_id
 from browservm.inotify import DirectoryWatch
 from browservm.vm.console import ConsoleLog
 from browservm.vm.desktop_path import desktop_path
-from browservm.vm.hops import RFB_AUTH
+from browservm.vm.hops import DESKTOP_COMPLETE, RFB_AUTH
 from browservm.vm.pool import POOL_USER, PoolSettings, WarmPool
 from browservm.vm.records import VmRecord, VmRecords
 from browservm.vm.state import VmState
@@ -193,6 +193,9 @@ class ControllerService:
             self.metrics.stage_seconds.labels(stage=event).observe(record.stages[event])
         if event == "ready":
             self._idle_since[record.vm_id] = time.time()
+            if record.started_from != "pooled" and DESKTOP_COMPLETE in record.stages:
+                self.metrics.ready_seconds.labels(started_from=record.started_from).observe(
+                    record.stages[DESKTOP_COMPLETE])
         if event == "failed" and failure is not None:
             self.metrics.failures.labels(hop=failure.hop).inc()
         if event in ("failed", "ended", "destroyed"):
