@@ -339,11 +339,12 @@ def test_bytes_both_ways_intact_through_websockify(websockify: Websockify) -> No
     asyncio.run(scenario())
 
 
-@needs_websockify
-def test_a_slow_viewer_keeps_the_controller_memory_bounded(websockify: Websockify) -> None:
+@pytest.mark.parametrize("path", ["websockify", "rfb"])
+def test_a_slow_viewer_keeps_the_controller_memory_bounded(path: str, request: pytest.FixtureRequest) -> None:
     """The VM floods 64 MiB as fast as it can; the viewer reads at about 25 MiB/s, several times
     slower than the relay can go. Everything in this process but the VM's fixed 1 MiB block is the
-    controller and the viewer, and it grows by a few MiB: the backlog waits in the VM's sockets."""
+    controller and the viewer, and it grows by a few MiB: the backlog waits in the VM's sockets.
+    On both desktop paths: through websockify, and RFB straight on TCP."""
     block = random.Random(9).randbytes(MiB)
     blocks = 64
     read_pause = 0.04  # after each MiB read: the viewer is slow by design, this is not a wait for a condition
@@ -355,9 +356,21 @@ def test_a_slow_viewer_keeps_the_controller_memory_bounded(websockify: Websockif
             await writer.drain()
         await reader.read()
 
+    @contextlib.asynccontextmanager
+    async def vm() -> AsyncIterator[Upstream]:
+        if path == "rfb":
+            async with tcp_upstream(flood) as upstream:
+                yield rfb_at(upstream)
+            return
+        if not Path(WEBSOCKIFY).exists():
+            pytest.skip(f"{WEBSOCKIFY} is not installed")
+        websockify: Websockify = request.getfixturevalue("websockify")
+        async with websockify.serving(flood):
+            yield websockify.upstream
+
     async def scenario() -> tuple[int, int]:
         events = Recorder()
-        async with (websockify.serving(flood), controller(ViewerProxy(events), to(websockify.upstream)) as ctl,
+        async with (vm() as upstream, controller(ViewerProxy(events), to(upstream)) as ctl,
                     ctl.viewer(max_queue=2) as viewer):
             first = await within(viewer.recv(decode=False))
             assert first.startswith(BANNER)
