@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from browservm.doctor.vmmview import firecracker_view
 from browservm.errors import VmmError
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.inotify import wait_for_file
@@ -249,6 +250,9 @@ def test_restore_loads_the_snapshot_with_this_vms_tap_and_disks_then_resumes(
     assert cmdline[1:] == firecracker_restore_argv(spec, str(binary))  # no --config-file
     # The snapshot's drives are relative paths: they resolve in the clone's own directory.
     assert Path(os.readlink(f"/proc/{vmm.pid}/cwd")) == spec.directory
+    # What the doctor reads of the clone: its own TAP and MAC, as for a cold-booted VM.
+    view = firecracker_view(json.loads((spec.directory / "vm-config.json").read_text()), "vm-config.json")
+    assert (view.tap, view.iface_id, view.mac) == (spec.tap, spec.tap, spec.mac)
 
 
 def test_a_refused_load_kills_the_vmm_and_says_what_firecracker_said(

@@ -267,6 +267,10 @@ class FirecrackerDriver:
         # Checked before anything starts: a state whose drives are not this VM's is refused, not loaded.
         taps = firecracker_snapshot.restore_taps(
             spec.vm_id, firecracker_snapshot.read_snapshot_config(spec.vm_id, state), spec)
+        # Not read by Firecracker here: what this VM runs with, for the doctor (its own TAP by
+        # network_overrides, its disks by relative paths, its MAC as the guest sets it; only the
+        # iface_id inside Firecracker stays the snapshot's).
+        firecracker.write_vm_config(spec)
         self._touch_log(spec, "restore")
         # Firecracker's stdout is the guest's serial console.
         vmm = process.spawn(firecracker.firecracker_restore_argv(spec, self._binary), spec.console_log, netns,
