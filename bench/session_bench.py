@@ -329,7 +329,7 @@ def measure(work: Path, runs: int, pool_idle: float) -> dict[str, list[Session]]
     images = resolve_images(settings, progress)  # built (or found cached) before serve starts, not inside it
     base = [sys.executable, "-m", "browservm", "serve", "--netns", netns_name, "--state-dir", str(state_dir),
             "--vmm", "qemu", "--kernel", str(images.kernel), "--rootfs", str(images.rootfs), "--stop-vms-on-exit"]
-    results: dict[str, list[Session]] = {"cold": [], "restore": [], "pool": []}
+    results: dict[str, list[Session]] = {"cold": [], "restore": [], "pool": [], "pool-ws": []}
     try:
         with serving(base, state_dir) as serve:
             for n in range(runs):
@@ -347,18 +347,21 @@ def measure(work: Path, runs: int, pool_idle: float) -> dict[str, list[Session]]
                 results["restore"].append(one)
                 progress.stage(f"restore {n + 1}/{runs}", _line(one))
                 time.sleep(SETTLE_S)
-        with serving([*base, "--pool", "1"], state_dir) as serve:
-            for n in range(runs):
-                pooled = wait_pool_full(serve, 1, BOOT_S)
-                time.sleep(pool_idle)
-                pooled_rss = rss_bytes(int(pooled[0]["pid"]))
-                cpu_at_post = cpu_seconds(serve.pid)
-                one, vm_id = session(serve)
-                wait_pool_full(serve, 1, BOOT_S)  # the claim's refill: a restore, in serve's background
-                one.pooled_rss, one.refill_cpu_s = pooled_rss, cpu_seconds(serve.pid) - cpu_at_post
-                serve.delete(vm_id)
-                results["pool"].append(one)
-                progress.stage(f"pool {n + 1}/{runs}", _line(one))
+        # The pool twice: the desktop path of today (RFB straight to x11vnc), then the seed's
+        # (through the guest's websockify), which is what viewer connected cost before.
+        for kind, path in (("pool", "rfb"), ("pool-ws", "websockify")):
+            with serving([*base, "--pool", "1", "--desktop-path", path], state_dir) as serve:
+                for n in range(runs):
+                    pooled = wait_pool_full(serve, 1, BOOT_S)
+                    time.sleep(pool_idle)
+                    pooled_rss = rss_bytes(int(pooled[0]["pid"]))
+                    cpu_at_post = cpu_seconds(serve.pid)
+                    one, vm_id = session(serve)
+                    wait_pool_full(serve, 1, BOOT_S)  # the claim's refill: a restore, in serve's background
+                    one.pooled_rss, one.refill_cpu_s = pooled_rss, cpu_seconds(serve.pid) - cpu_at_post
+                    serve.delete(vm_id)
+                    results[kind].append(one)
+                    progress.stage(f"{kind} {n + 1}/{runs}", _line(one))
     finally:
         _teardown(settings, state_dir, netns_name)
     return results
@@ -377,7 +380,7 @@ def _span(sessions: list[Session], attribute: str, unit: float = 1.0, digits: in
 
 
 def report(results: dict[str, list[Session]], runs: int, pool_idle: float) -> None:
-    expected = {"cold": "cold", "restore": "restored", "pool": "pooled"}
+    expected = {"cold": "cold", "restore": "restored", "pool": "pooled", "pool-ws": "pooled"}
     print(f"\nPOST /v1/vms -> browser on screen through the controller, full image, QEMU/TCG, 1 vCPU / 1 GiB; "
           f"{runs} sessions of each, grouped (cold, then restore, then pool; each pooled VM idle {pool_idle:g} s in "
           f"the full pool before its claim); median (min-max), seconds from the POST")
@@ -391,7 +394,7 @@ def report(results: dict[str, list[Session]], runs: int, pool_idle: float) -> No
               f"{_span(sessions, 'screen_s'):<22} {_span(sessions, 'cpu_s'):<20} "
               f"{_span(sessions, 'rss', 2**20, 0):<16} {started}{odd}")
     cold, restore, pool = results["cold"], results["restore"], results["pool"]
-    print(f"  first frame complete (raw, 1280x800 x 4 bytes = 4.1 MB through websockify): "
+    print(f"  first frame complete (raw, 1280x800 x 4 bytes = 4.1 MB through the proxy): "
           f"cold {_span(cold, 'first_frame_s')}, restore {_span(restore, 'first_frame_s')}, "
           f"pool {_span(pool, 'first_frame_s', digits=3)}")
     gaps = {kind: statistics.median(s.screen_s - s.ready_s for s in sessions) for kind, sessions in results.items()}
@@ -407,6 +410,9 @@ def report(results: dict[str, list[Session]], runs: int, pool_idle: float) -> No
           f"serve CPU restore/cold {_median(restore, 'cpu_s') / _median(cold, 'cpu_s'):.2f}, "
           f"pool/cold {_median(pool, 'cpu_s') / _median(cold, 'cpu_s'):.2f}")
     pool_viewer_ms = _median(pool, "viewer_s") * 1000
+    print(f"  pool claim -> viewer connected by desktop path: rfb {pool_viewer_ms:.0f} ms, websockify "
+          f"{_median(results['pool-ws'], 'viewer_s') * 1000:.0f} ms "
+          f"(rfb/websockify {_median(pool, 'viewer_s') / _median(results['pool-ws'], 'viewer_s'):.2f})")
     restore_screen = _median(restore, "screen_s")
     print("  against issue 12's targets:")
     print(f"    pool claim -> viewer connected  {pool_viewer_ms:8.0f} ms  target <= 200 ms   "

@@ -45,6 +45,9 @@ def _common_options() -> argparse.ArgumentParser:
                         help="TCP port on the gateway that VMs may reach (repeatable)")
     common.add_argument("--vmm", choices=("auto", "firecracker", "qemu"),
                         help="VMM driver (default auto: Firecracker where it can run, else QEMU)")
+    common.add_argument("--desktop-path", choices=("rfb", "websockify"),
+                        help="how the controller reaches new VMs' desktops: rfb (x11vnc on :5901, the default) or "
+                             "websockify (:6080, the seed's way)")
     common.add_argument("--kernel", metavar="VMLINUX", type=Path, help="guest kernel (default: build ours)")
     common.add_argument("--rootfs", metavar="IMAGE", type=Path, help="golden image (default: build ours)")
     common.add_argument("--profile", choices=tuple(PROFILES), dest="image_profile",
@@ -92,7 +95,7 @@ def _settings(args: argparse.Namespace) -> Settings:
                          uplink=args.uplink, vmm_user=args.vmm_user,
                          guest_ports=tuple(args.guest_ports) if args.guest_ports else None,
                          vmm=args.vmm, kernel=args.kernel, rootfs=args.rootfs, image_profile=args.image_profile,
-                         **service)
+                         desktop_path=args.desktop_path, **service)
 
 
 def _print_changes(changes: list[Change], as_json: bool) -> int:
