@@ -4,7 +4,7 @@ Run as root, holding the VM lock: flock /tmp/browservm-vm.lock .venv/bin/python 
 
 The `full` image (Chromium), QEMU (TCG on these machines), 1 vCPU and 1 GiB per VM, and the real
 `browservm serve` as a subprocess, its VM network in a namespace this script creates and deletes. The
-three kinds are grouped, one serve each, in this order, `--runs` sessions of each (one VM at a time,
+kinds are grouped, one serve each, in this order, `--runs` sessions of each (one VM at a time,
 deleted before the next):
 
   cold     serve                     every VM boots
@@ -14,6 +14,8 @@ deleted before the next):
   pool     serve --pool 1            the pool restores from the same snapshot (same inputs, same key);
                                      each claim is of a VM that has waited in the full pool for
                                      --pool-idle seconds (default 10), as pooled VMs do between requests
+  pool-ws  serve --pool 1            the same, with --desktop-path websockify: the proxy reaches the
+           --desktop-path websockify  guest through its websockify, as before the rfb path
 
 A session: POST /v1/vms -> its `ready` event (SSE; `ready` comes after `desktop.complete`, which is
 checked) -> POST /v1/vms/{id}/viewer -> the proxy's WebSocket with that token -> RFB 3.8 with no
