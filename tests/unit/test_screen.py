@@ -12,7 +12,14 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from browservm import rfb
-from browservm.vm.screen import MAX_PIXELS, PIXEL_FORMAT, ScreenError, browser_shown, wait_browser_on_screen
+from browservm.vm.screen import (
+    MAX_PIXELS,
+    PIXEL_FORMAT,
+    ScreenError,
+    browser_shown,
+    hang_up,
+    wait_browser_on_screen,
+)
 
 WIDTH, HEIGHT = 64, 40
 PASSWORD = "pw123456"
@@ -111,3 +118,28 @@ def test_what_the_server_may_send_is_bounded(size: tuple[int, int], frames: Fram
     assert MAX_PIXELS < 8192 * 8192
     with pytest.raises(ScreenError, match=said):
         asyncio.run(watch_server(frames, size=size))
+
+
+def test_hang_up_waits_until_the_server_let_the_viewer_go() -> None:
+    """Until x11vnc closed its side it still counts the viewer: a snapshot must not be taken before."""
+    async def scenario(server_closes: bool) -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(bytes(1 << 20))  # a frame still on its way
+            await reader.read()  # the viewer's end
+            if server_closes:
+                writer.close()
+            else:
+                await asyncio.Event().wait()  # keeps the viewer until cancelled: the hang-up's deadline ends it
+
+        listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+        async with listener:
+            reader, writer = await asyncio.open_connection(*listener.sockets[0].getsockname()[:2])
+            try:
+                await hang_up(reader, writer, 0.5)
+                assert reader.at_eof()
+            finally:
+                writer.close()
+
+    asyncio.run(scenario(server_closes=True))
+    with pytest.raises(ScreenError, match=r"did not close the connection within 0\.5 s"):
+        asyncio.run(scenario(server_closes=False))

@@ -41,7 +41,7 @@ from browservm.vm.hops import (
     RFB_BANNER,
     WS_UPGRADE,
 )
-from browservm.vm.screen import wait_browser_on_screen
+from browservm.vm.screen import hang_up, wait_browser_on_screen
 from browservm.vm.wsprobe import raw_rfb_banner, rfb_banner, websocket_upgrade
 
 _ETH_P_ARP = 0x0806
@@ -313,5 +313,6 @@ class GuestProbes:
         reader, writer = await open_tcp(netns, address, port, timeout)
         try:
             await wait_browser_on_screen(reader, writer, password, timeout)
+            await hang_up(reader, writer, timeout)
         finally:
             writer.close()

@@ -134,6 +134,22 @@ async def watch(reader: rfb.MessageReader, send: Callable[[bytes], Awaitable[Non
             return Screen(viewer_at, first_frame_at, now, seen.covered, seen.colours)
 
 
+async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float) -> None:
+    """Close our side, then read (and drop) what the server still sends until it closes its side too:
+    only then has x11vnc let this viewer go. A snapshot taken while it still counted one would wake
+    in every clone with a viewer at an address that is gone, whose frames x11vnc keeps trying to send.
+    ScreenError if the server does not close within `timeout`."""
+    writer.write_eof()
+    try:
+        async with asyncio.timeout(timeout):
+            while await reader.read(1 << 16):
+                pass
+    except TimeoutError:
+        raise ScreenError(f"the VNC server did not close the connection within {timeout:g} s of the viewer "
+                          "leaving") from None
+    writer.close()
+
+
 async def wait_browser_on_screen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, password: str,
                                  timeout: float) -> Screen:
     """Over a new connection to the VM's x11vnc: authenticate with its password and watch until
