@@ -34,6 +34,8 @@ from browservm.hostnet.netns import NetworkNamespace
 from browservm.images.kernel_build import WITH_IP_PNP, WITHOUT_IP_PNP, BuiltKernel
 from browservm.images.rootfs import RootfsImage
 from browservm.ipam import Ipam
+from browservm.vm.desktop_path import RFB, desktop_path
+from browservm.vm.desktop_path import WEBSOCKIFY as WEBSOCKIFY_PATH
 from browservm.vm.records import VmRecord, VmRecords
 from browservm.vm.state import VmState
 from tests.support.derived_image import GuestFile, derive_image, read_guest_file
@@ -94,10 +96,12 @@ class Shared:
         run("bridge", "link", "set", "dev", tap, "isolated", "on", netns=self.ctl)
         run("ip", "link", "set", tap, "up", netns=self.ctl)
 
-    def drop_6080(self) -> None:
+    def drop_desktop_port(self) -> None:
+        """A rule in a table of someone else's drops the VM's desktop port (:5901 on the rfb path)."""
+        port = desktop_path(self.record.desktop_path).port
         script = ("add table inet intruder\n"
                   "add chain inet intruder input { type filter hook input priority -10; }\n"
-                  "add rule inet intruder input tcp sport 6080 drop\n")
+                  f"add rule inet intruder input tcp sport {port} drop\n")
         subprocess.run(["ip", "netns", "exec", self.ctl, "nft", "-f", "-"], input=script, text=True, check=True)
 
     def kill_vmm(self) -> None:
@@ -153,8 +157,8 @@ CASES: list[Case] = [
     ("nft-table-deleted", "host.firewall", "nft.table_missing",
      lambda s: run("nft", "delete", "table", "inet", "browservm", netns=s.ctl),
      lambda s: s.controller.network.up()),
-    ("drop-6080-before-ours", "net.tcp", "firewall.foreign_drop",
-     lambda s: s.drop_6080(), lambda s: run("nft", "delete", "table", "inet", "intruder", netns=s.ctl)),
+    ("drop-desktop-port-before-ours", "net.tcp", "firewall.foreign_drop",
+     lambda s: s.drop_desktop_port(), lambda s: run("nft", "delete", "table", "inet", "intruder", netns=s.ctl)),
     ("recorded-mac-differs", "vmm.spawn", "mac.mismatch",
      lambda s: s.set_mac("02:fc:00:00:00:01"), lambda s: s.set_mac(s.record.mac)),
 ]
@@ -201,6 +205,12 @@ WEBSOCKIFY_GONE = b"""#!/bin/sh
 # test-only (tests/integration/test_doctor_vm.py): websockify stopped, :6080 closed
 exec sleep infinity <&-
 """
+# The seed's x11vnc: listening on localhost only. It starts, says PORT= and is reported ready, but
+# the controller's connection to the guest's :5901 is refused (earlier in PATH than Debian's).
+X11VNC_LOCALHOST = b"""#!/bin/sh
+# test-only (tests/integration/test_doctor_vm.py): x11vnc on localhost only
+exec /usr/bin/x11vnc "$@" -localhost
+"""
 
 
 def desktop_without(image: Path, service: str) -> dict[str, GuestFile]:
@@ -214,6 +224,7 @@ def desktop_without(image: Path, service: str) -> dict[str, GuestFile]:
 @dataclass(frozen=True)
 class InGuestFault:
     name: str
+    path: str  # the VM's desktop path (vm/desktop_path.py): which hops it passes
     hop: str  # what the doctor must name
     cause: str
     create_hops: tuple[str, ...]  # where the create itself may fail
@@ -225,11 +236,13 @@ IN_GUEST = [
     # ready, and the doctor rightly stops at desktop.ready (desktop.not_ready) before any connect.
     # The create may still connect between the ready marker and the stand-in closing the socket:
     # that connection is reset, so it fails at ws.upgrade instead of net.tcp.
-    InGuestFault("websockify-stopped", "net.tcp", "desktop.port_closed", ("net.tcp", "ws.upgrade"),
+    InGuestFault("websockify-stopped", WEBSOCKIFY_PATH, "net.tcp", "desktop.port_closed", ("net.tcp", "ws.upgrade"),
                  lambda image: {WEBSOCKIFY: GuestFile(WEBSOCKIFY_GONE, 0o755)}),
     # websockify starts and upgrades, then finds nothing on 127.0.0.1:5901 and closes the WebSocket.
-    InGuestFault("x11vnc-stopped", "rfb.banner", "vnc.unreachable", ("rfb.banner",),
+    InGuestFault("x11vnc-stopped", WEBSOCKIFY_PATH, "rfb.banner", "vnc.unreachable", ("rfb.banner",),
                  lambda image: desktop_without(image, "x11vnc")),
+    InGuestFault("x11vnc-localhost-only", RFB, "net.tcp", "desktop.port_closed", ("net.tcp",),
+                 lambda image: {"/usr/local/bin/x11vnc": GuestFile(X11VNC_LOCALHOST, 0o755)}),
 ]
 
 
@@ -248,15 +261,16 @@ def in_guest_vms_booted(controllers: Controllers, source: Path, directory: Path)
         for fault, image in zip(IN_GUEST, images, strict=True):
             derive_image(source, image, fault.files(source))
             opened[fault.name] = controllers.open(rootfs=image)
+            opened[fault.name].manager.desktop_path = desktop_path(fault.path)
         before = {record.vm_id for record in asyncio.run(next(iter(opened.values())).manager.all())}
 
         async def boot() -> list[VmRecord]:
-            # Side by side: two guests under TCG on 2 cores take little longer than one.
+            # Side by side: three guests under TCG on 2 cores take little longer than one.
             return await asyncio.gather(*(c.manager.create(keep_failed=True) for c in opened.values()))
 
         started = time.monotonic()
         records = asyncio.run(boot())
-        print(f"\nin-guest fault VMs: both creates ended in {time.monotonic() - started:.0f} s")
+        print(f"\nin-guest fault VMs: every create ended in {time.monotonic() - started:.0f} s")
         yield {name: (opened[name], record) for name, record in zip(opened, records, strict=True)}
     finally:
         try:
