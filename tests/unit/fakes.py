@@ -202,6 +202,10 @@ class FakeProbes:
         self.screens.append((port, password))
         await self.gate("browser.screen")
 
+    async def settled(self, vmm: VmmProcess, timeout: float) -> float:
+        await self.gate("vm.settled")
+        return 0.05
+
     async def connect(self, netns: NetworkNamespace, address: IPv4Address, port: int,
                       timeout: float, websocket: bool) -> Connection:
         self.port, self.websocket = port, websocket

@@ -689,8 +689,28 @@ class VncServer:
         self.password = password
         self.challenge = os.urandom(16)
         self.after_auth = b"SERVER-INIT"
+        self.authenticated = 0  # connections past authentication
+        self.ended = 0  # connections that ended
+        self.close_next = False  # end the next connection right after authentication
+        self._changed = asyncio.Condition()
+
+    async def reach(self, condition: Callable[[], bool]) -> None:
+        """Until `condition` holds (it reads the counters)."""
+        async with self._changed:
+            await self._changed.wait_for(condition)
+
+    async def _count(self, counter: str) -> None:
+        async with self._changed:
+            setattr(self, counter, getattr(self, counter) + 1)
+            self._changed.notify_all()
 
     async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._session(reader, writer)
+        finally:
+            await self._count("ended")
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(BANNER)
         assert await reader.readexactly(12) == BANNER
         writer.write(bytes([1, 2]) + self.challenge)  # one security type: VNC authentication
@@ -700,7 +720,15 @@ class VncServer:
             writer.write(struct.pack(">II", 1, len(reason)) + reason)
             writer.close()
             return
-        writer.write(struct.pack(">I", 0) + self.after_auth)
+        writer.write(struct.pack(">I", 0))
+        await writer.drain()
+        await self._count("authenticated")
+        if self.close_next:
+            self.close_next = False
+            writer.close()
+            return
+        await reader.readexactly(1)  # ClientInit: as x11vnc, nothing more is said before it
+        writer.write(self.after_auth)
         await echo_after(reader, writer)
 
 
@@ -732,12 +760,75 @@ def test_rfb_path_the_proxy_authenticates_and_the_password_stays_on_the_host() -
         async with tcp_upstream(server) as upstream, \
                 controller(ViewerProxy(), to(rfb_at(upstream, "s3cret-pw"))) as ctl, ctl.viewer() as viewer:
             seen = await no_auth_handshake(viewer)
+            await viewer.send(b"\x01")  # ClientInit
             seen += await within(viewer.recv())
             assert seen.endswith(server.after_auth)
             await viewer.send(b"key event")
             assert await within(viewer.recv()) == b"key event"
             response = rfb.vnc_response("s3cret-pw", server.challenge)
             assert b"s3cret-pw" not in seen and response not in seen and server.challenge not in seen
+
+    asyncio.run(scenario())
+
+
+def rfb_key(upstream: Upstream, password: str, key: str) -> Upstream:
+    return Upstream(upstream.netns, upstream.address, upstream.port, websocket=False, vnc_password=password, key=key)
+
+
+def test_a_prepared_connection_goes_to_the_next_viewer_of_its_vm_only() -> None:
+    """A pooled VM's desktop is connected and authenticated before its viewer comes (prepare): the
+    viewer takes that connection; the next viewer, and a viewer of another key, connect themselves."""
+    server = VncServer("pw-ready1")
+
+    async def session(viewer: ClientConnection) -> None:
+        await no_auth_handshake(viewer)
+        await viewer.send(b"\x01")
+        assert await within(viewer.recv()) == server.after_auth
+        await viewer.send(b"ping")
+        assert await within(viewer.recv()) == b"ping"
+
+    async def scenario() -> None:
+        async with tcp_upstream(server) as upstream:
+            vm_a = rfb_key(upstream, "pw-ready1", "vm-a")
+            proxy = ViewerProxy()
+
+            async def resolve_a() -> Upstream:
+                return vm_a
+
+            proxy.prepare("vm-a", resolve_a)
+            async with controller(proxy, resolve_a) as ctl:
+                await within(server.reach(lambda: server.authenticated == 1))
+                async with ctl.viewer() as viewer:
+                    await session(viewer)
+                    assert server.authenticated == 1  # the prepared one: no connection of its own
+                async with ctl.viewer() as again:
+                    await session(again)
+                    assert server.authenticated == 2  # used once: this viewer made its own
+
+    asyncio.run(scenario())
+
+
+def test_a_prepared_connection_is_closed_when_dropped_and_not_used_once_the_vm_closed_it() -> None:
+    server = VncServer("pw-ready2")
+
+    async def scenario() -> None:
+        async with tcp_upstream(server) as upstream:
+            vm_a = rfb_key(upstream, "pw-ready2", "vm-a")
+
+            async def resolve_a() -> Upstream:
+                return vm_a
+
+            proxy = ViewerProxy()
+            proxy.prepare("vm-a", resolve_a)
+            await within(server.reach(lambda: server.authenticated == 1))
+            proxy.drop("vm-a")  # the VM was deleted: its connection goes with it
+            await within(server.reach(lambda: server.ended == 1))
+            server.close_next = True  # the VM ends the next connection while it waits for its viewer
+            proxy.prepare("vm-a", resolve_a)
+            await within(server.reach(lambda: server.ended == 2))
+            async with controller(proxy, resolve_a) as ctl, ctl.viewer() as viewer:
+                await no_auth_handshake(viewer)  # a connection of its own, not the dead one
+                assert server.authenticated == 3
 
     asyncio.run(scenario())
 

@@ -1,5 +1,6 @@
 """vm/screen.py: a viewer that reads raw frames and says when the browser is on screen, against a
 small RFB server on loopback that draws what each test wants; bounds on what the server may send.
+And the other condition a snapshot waits for: the VM idle (vm/readiness.py wait_settled).
 (The real desktop: the snapshot a pooled login uses, tests/integration/test_login_e2e.py.)"""
 
 from __future__ import annotations
@@ -7,11 +8,15 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 
 import pytest
 
 from browservm import rfb
+from browservm.errors import ProbeFailed
+from browservm.vm.readiness import wait_settled
 from browservm.vm.screen import (
     MAX_PIXELS,
     PIXEL_FORMAT,
@@ -20,6 +25,8 @@ from browservm.vm.screen import (
     hang_up,
     wait_browser_on_screen,
 )
+from browservm.vmm import process
+from browservm.vmm.process import VmmProcess
 
 WIDTH, HEIGHT = 64, 40
 PASSWORD = "pw123456"
@@ -143,3 +150,28 @@ def test_hang_up_waits_until_the_server_let_the_viewer_go() -> None:
     asyncio.run(scenario(server_closes=True))
     with pytest.raises(ScreenError, match=r"did not close the connection within 0\.5 s"):
         asyncio.run(scenario(server_closes=False))
+
+
+def test_a_vm_is_settled_once_its_vmm_idles_and_not_while_it_is_busy() -> None:
+    """wait_settled against real processes: one asleep (idle), one spinning (a busy guest)."""
+    idle = subprocess.Popen(["sleep", "60"])
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        def of(child: subprocess.Popen[bytes]) -> VmmProcess:
+            start = process.start_time(child.pid)
+            assert start is not None
+            return VmmProcess(child.pid, start)
+
+        assert asyncio.run(wait_settled(of(idle), 10)) < 0.25
+        with pytest.raises(TimeoutError, match="still used"):
+            asyncio.run(wait_settled(of(busy), 1))
+        gone = of(idle)
+        idle.kill()
+        idle.wait()
+        with pytest.raises(ProbeFailed) as excinfo:
+            asyncio.run(wait_settled(gone, 10))
+        assert excinfo.value.hop == "vmm.exited"
+    finally:
+        for child in (idle, busy):
+            child.kill()
+            child.wait()

@@ -40,7 +40,11 @@ def test_a_snapshot_waits_for_the_browser_painted_when_the_desktop_has_one(parts
         [record] = await manager.all()
         password = configdisk.read(Path(record.directory) / CONFIG_DISK)["secrets"]["vnc"]
         assert probes.screens == [(5901, password)]  # x11vnc itself, with the VM's own password
+        settled = probes.hang_at("vm.settled")
         painted.set()
+        await asyncio.wait_for(probes.reached["vm.settled"].wait(), 10)
+        assert not parts.driver.saved  # nor while the guest is still busy
+        settled.set()
         return await asyncio.wait_for(making, 10)
 
     snapshot = asyncio.run(scenario())

@@ -140,6 +140,7 @@ class Upstream:
     path: str = "/websockify"
     vnc_password: str | None = field(default=None, repr=False)
     websocket: bool = True
+    key: str = ""  # which prepared connection it may take (ViewerProxy.prepare): the VM's id
 
     @property
     def url(self) -> str:
@@ -215,6 +216,19 @@ class _Viewer:
     upstream: Leg | None = None
 
 
+def _retrieved(task: asyncio.Task[tuple[Leg, bytes]]) -> None:
+    """A prepared connection that failed is only a missed head start: the viewer connects itself."""
+    if not task.cancelled() and task.exception() is not None:
+        log.info("a prepared desktop connection failed: %s", task.exception())
+
+
+def _discard(task: asyncio.Task[tuple[Leg, bytes]]) -> None:
+    if not task.done():
+        task.cancel()  # _open closes what it made
+    elif not task.cancelled() and task.exception() is None:
+        task.result()[0].abort()
+
+
 class _Ends(Exception):
     """How the viewer's side ended, found while reading from it."""
 
@@ -251,6 +265,7 @@ class ViewerProxy:
         self._queue_limit = queue_limit
         self._close_timeout = close_timeout
         self._viewers: set[_Viewer] = set()
+        self._warm: dict[str, asyncio.Task[tuple[Leg, bytes]]] = {}
         self._shutting_down = False
 
     @property
@@ -296,10 +311,47 @@ class ViewerProxy:
             self._events.closed(code)
         return code
 
+    def prepare(self, key: str, upstream: Callable[[], Awaitable[Upstream]]) -> None:
+        """Connect to a desktop now, authenticated, for its next viewer (the one whose Upstream has
+        this `key`): it then skips the connection, which under emulation takes x11vnc 0.2-0.3 s. For
+        VMs a viewer is expected at any moment (the warm pool's). Replaces an earlier one for `key`."""
+        if self._shutting_down:
+            return
+        self.drop(key)
+
+        async def connect() -> tuple[Leg, bytes]:
+            return await self._open(await upstream())
+
+        task = asyncio.create_task(connect())
+        task.add_done_callback(_retrieved)
+        self._warm[key] = task
+
+    def drop(self, key: str) -> None:
+        """Forget (and close) the connection prepared for `key`, if there is one."""
+        task = self._warm.pop(key, None)
+        if task is not None:
+            _discard(task)
+
+    def _take_prepared(self, key: str) -> tuple[Leg, bytes] | None:
+        """The prepared connection for `key` when it is ready and still open; else None (and it is gone)."""
+        task = self._warm.pop(key, None) if key else None
+        if task is None:
+            return None
+        if not task.done() or task.cancelled() or task.exception() is not None:
+            _discard(task)
+            return None
+        leg, first = task.result()
+        if leg.closed:
+            leg.abort()
+            return None
+        return leg, first
+
     async def shutdown(self) -> None:
         """Close every viewer with 1001 "the controller is shutting down" and wait until each is closed;
         viewers that connect from now on are closed the same way."""
         self._shutting_down = True
+        for key in list(self._warm):
+            self.drop(key)
         viewers = list(self._viewers)
         for viewer in viewers:
             if not viewer.stop.done():
@@ -312,8 +364,9 @@ class ViewerProxy:
                 upstream = await resolve()
             except Refused as refused:
                 return _Close(refused.code, refused.reason)
+            prepared = self._take_prepared(upstream.key)
             try:
-                first = await self._connect(viewer, upstream)
+                viewer.upstream, first = prepared or await self._open(upstream)
             except ProbeFailed as failed:
                 return _Close(VM_UNREACHABLE, f"{failed.hop}: {failed.reason}")
             if upstream.vnc_password is not None:
@@ -327,22 +380,29 @@ class ViewerProxy:
             log.exception("viewer proxy failed")
             return _Close(INTERNAL_ERROR, "the controller failed; its log says why")
 
-    async def _connect(self, viewer: _Viewer, upstream: Upstream) -> bytes:
-        """net.tcp, ws.upgrade (websockify's path) and rfb.banner, each within connect_timeout, then
-        rfb.auth when there is a password; what the VM sent that the viewer has not had yet."""
+    async def _open(self, upstream: Upstream) -> tuple[Leg, bytes]:
+        """The leg to the VM, past its handshake, and what the VM sent that the viewer has not had yet.
+        Closed again on any failure (or cancellation)."""
         sock = await self._open_socket(upstream)
-        timeout = self._connect_timeout
         if upstream.websocket:
-            viewer.upstream = await WebSocketLeg.open(
-                sock, upstream.url, timeout=timeout, ping_interval=self._ping_interval,
+            leg: Leg = await WebSocketLeg.open(
+                sock, upstream.url, timeout=self._connect_timeout, ping_interval=self._ping_interval,
                 close_timeout=self._close_timeout, max_message=self._max_message, queue_limit=self._queue_limit)
         else:
             try:
-                viewer.upstream = await TcpLeg.open(sock, self._ping_interval, self._close_timeout)
+                leg = await TcpLeg.open(sock, self._ping_interval, self._close_timeout)
             except BaseException:
                 sock.close()
                 raise
-        leg = viewer.upstream
+        try:
+            return leg, await self._handshake(leg, upstream)
+        except BaseException:
+            leg.abort()
+            raise
+
+    async def _handshake(self, leg: Leg, upstream: Upstream) -> bytes:
+        """rfb.banner within connect_timeout, then rfb.auth when there is a password."""
+        timeout = self._connect_timeout
         reader = rfb.MessageReader(leg.recv)
         through = " through the WebSocket" if upstream.websocket else ""
         try:

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from ipaddress import IPv4Address
 
 from starlette.websockets import WebSocket
@@ -181,9 +182,19 @@ class ControllerService:
         ages = [snapshot.age for snapshot in self.manager.snapshots.all()]
         return min(ages) if ages else 0.0
 
+    async def _upstream(self, record: VmRecord) -> Upstream:
+        """Where the proxy finds the VM's desktop, with its VNC password (VmmError if unreadable)."""
+        secrets = await asyncio.to_thread(self.manager.secrets, record.vm_id)
+        path = desktop_path(record.desktop_path)
+        return Upstream(self.network.netns, IPv4Address(record.address.split("/")[0]), port=path.port,
+                        websocket=path.websocket, vnc_password=secrets.get("vnc"), key=record.vm_id)
+
     def _changed(self, record: VmRecord, event: str) -> None:
         if self.pool is not None:
             self.pool.notice(record, event)
+        if event == "ready" and record.user == POOL_USER:
+            # Its claim comes with a viewer soon after: its desktop connection is made now.
+            self.proxy.prepare(record.vm_id, partial(self._upstream, record))
         failure = record.failure
         self.events.publish(VmEvent(
             vm_id=record.vm_id, event=event, state=record.state.value, seconds=record.stages.get(event),
@@ -205,6 +216,7 @@ class ControllerService:
                       "destroyed": "the VM was deleted"}[event]
             for gone in self._gone.pop(record.vm_id, set()):
                 gone.end(reason)
+            self.proxy.drop(record.vm_id)
             self._idle_since.pop(record.vm_id, None)
 
     def _states(self) -> list[VmState]:
@@ -344,12 +356,9 @@ class ControllerService:
             self._idle_since.pop(vm_id, None)
             counted = True
             try:
-                secrets = await asyncio.to_thread(self.manager.secrets, vm_id)
+                return await self._upstream(record)
             except VmmError as exc:
                 raise Refused(VM_UNREACHABLE, f"{RFB_AUTH}: {exc.reason}") from None
-            path = desktop_path(record.desktop_path)
-            return Upstream(self.network.netns, IPv4Address(record.address.split("/")[0]), port=path.port,
-                            websocket=path.websocket, vnc_password=secrets.get("vnc"))
 
         try:
             return await self.proxy.serve(websocket, resolve, gone)

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidHandshake, InvalidStatus
+from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from browservm.errors import ProbeFailed
@@ -44,6 +45,11 @@ class UpstreamEnded(Exception):
 class Leg(Protocol):
     silence: str  # what the VNC server saying nothing means, for the rfb.banner hop
 
+    @property
+    def closed(self) -> bool:
+        """The VM's side is known to have ended (a prepared connection that can no longer be used)."""
+        ...
+
     async def recv(self) -> bytes:
         """The next bytes from the VM, or UpstreamEnded."""
         ...
@@ -68,6 +74,10 @@ class TcpLeg:
         self._reader = reader
         self._writer = writer
         self._close_timeout = close_timeout
+
+    @property
+    def closed(self) -> bool:
+        return self._reader.at_eof() or self._reader.exception() is not None or self._writer.is_closing()
 
     @classmethod
     async def open(cls, sock: socket.socket, keepalive: float, close_timeout: float) -> TcpLeg:
@@ -136,6 +146,10 @@ class WebSocketLeg:
     def __init__(self, connection: ClientConnection, max_message: int) -> None:
         self._connection = connection
         self._max_message = max_message
+
+    @property
+    def closed(self) -> bool:
+        return self._connection.state is not State.OPEN
 
     @classmethod
     async def open(cls, sock: socket.socket, url: str, *, timeout: float, ping_interval: float, close_timeout: float,

@@ -110,6 +110,7 @@ class Deadlines:
     websocket: float = 180.0
     rfb: float = 60.0
     screen: float = 180.0  # a snapshot's VM: desktop.complete -> the browser painted
+    settle: float = 90.0  # a snapshot's VM: the browser painted -> the guest idle
     stop: float = 10.0
 
 
@@ -579,6 +580,7 @@ class VMManager:
             staged = await asyncio.to_thread(self.snapshots.staging, key)
             try:
                 await self._browser_painted(record)
+                await self._settled(record)
                 spec = self._spec(record, await self._resolve_images(), ())
                 await uninterrupted(partial(self._driver.save, spec, staged / "state"))
                 await uninterrupted(partial(clone_sparse, Path(record.directory) / "overlay.ext4",
@@ -606,6 +608,20 @@ class VMManager:
                                                  PATHS[RFB].port, password, timeout)
         except (ProbeFailed, TimeoutError, ScreenError, HandshakeFailed, OSError) as exc:
             raise VmmError(record.vm_id, "snapshot", f"the VM to snapshot never showed its browser: {exc}") from exc
+
+    async def _settled(self, record: VmRecord) -> None:
+        """Wait until the VM is idle. Chromium goes on starting for some 15 s (under emulation) after it
+        painted: a snapshot taken then makes every clone do that work again, at a whole CPU, just when
+        its user arrives (measured: a clone took 17 s to settle, its first viewer waited over 1 s)."""
+        assert record.pid is not None and record.pid_start_time is not None
+        try:
+            share = await self._probes.settled(VmmProcess(record.pid, record.pid_start_time), self._deadlines.settle)
+        except TimeoutError as exc:
+            log.warning("snapshot of %s taken busy: %s", record.vm_id, exc)  # slower clones, not wrong ones
+            return
+        except ProbeFailed as exc:
+            raise VmmError(record.vm_id, "snapshot", f"the VM to snapshot stopped: {exc.reason}") from exc
+        log.info("snapshot of %s: the VM is idle (%.0f%% of a CPU)", record.vm_id, share * 100)
 
     async def _snapshot_quietly(self, vcpus: int, mem_mib: int) -> None:
         """Make the snapshot in the background; a failure is logged, and VMs keep booting cold."""

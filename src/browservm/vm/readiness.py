@@ -39,10 +39,12 @@ from browservm.vm.hops import (
     NET_ARP,
     NET_TCP,
     RFB_BANNER,
+    VMM_EXITED,
     WS_UPGRADE,
 )
 from browservm.vm.screen import hang_up, wait_browser_on_screen
 from browservm.vm.wsprobe import raw_rfb_banner, rfb_banner, websocket_upgrade
+from browservm.vmm.process import VmmProcess, cpu_seconds
 
 _ETH_P_ARP = 0x0806
 _SIOCGIFHWADDR = 0x8927
@@ -159,6 +161,31 @@ async def _wait_desktop_marker(console: ConsoleLog, hop: str, service: str, time
 async def wait_desktop_ready(console: ConsoleLog, timeout: float, listener: str = "websockify") -> None:
     """desktop.ready: the desktop supervisor reports `listener` (x11vnc or websockify) listening."""
     await _wait_desktop_marker(console, DESKTOP_READY, listener, timeout)
+
+
+SETTLE_WINDOW_S = 2.0
+SETTLED_SHARE = 0.25  # of one CPU. Measured under emulation: an idle desktop 6-8 %, a busy one 100 %
+
+
+async def wait_settled(vmm: VmmProcess, timeout: float) -> float:
+    """Until the VM's VMM used less than SETTLED_SHARE of a CPU over SETTLE_WINDOW_S (the guest has
+    done what it was doing); the share it used. TimeoutError naming the last share at the deadline;
+    ProbeFailed(vmm.exited) if the VMM is gone. Sampled: nothing announces that a guest went idle."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    before = await asyncio.to_thread(cpu_seconds, vmm)
+    while before is not None:
+        await asyncio.sleep(SETTLE_WINDOW_S)
+        after = await asyncio.to_thread(cpu_seconds, vmm)
+        if after is None:
+            break
+        share = (after - before) / SETTLE_WINDOW_S
+        if share < SETTLED_SHARE:
+            return share
+        if loop.time() >= deadline:
+            raise TimeoutError(f"the VM still used {share:.0%} of a CPU after {timeout:g} s")
+        before = after
+    raise ProbeFailed(VMM_EXITED, f"the VMM (PID {vmm.pid}) is gone")
 
 
 def desktop_services(lines: list[str]) -> tuple[str, ...]:
@@ -287,6 +314,10 @@ class Probes(Protocol):
         """The browser painted on the VM's screen, judged by its pixels (vm/screen.py)."""
         ...
 
+    async def settled(self, vmm: VmmProcess, timeout: float) -> float:
+        """The VM idle (wait_settled)."""
+        ...
+
 
 class GuestProbes:
     """The real probes: the console, ARP on the bridge, and one DesktopConnection."""
@@ -316,3 +347,6 @@ class GuestProbes:
             await hang_up(reader, writer, timeout)
         finally:
             writer.close()
+
+    async def settled(self, vmm: VmmProcess, timeout: float) -> float:
+        return await wait_settled(vmm, timeout)

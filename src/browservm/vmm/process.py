@@ -35,6 +35,8 @@ _NOT_HERE = (errno.ENOENT, errno.ENOTDIR)
 _DELETED = " (deleted)"  # what the kernel appends to a link whose target was removed or replaced
 _HANDOVER_TIMEOUT_S = 30.0  # systemd-run waits for systemd over D-Bus: slow on a loaded host
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
 
 @dataclass(frozen=True)
 class VmmProcess:
@@ -58,6 +60,19 @@ def _stat(pid: int) -> tuple[str, int] | None:
 def start_time(pid: int) -> int | None:
     stat = _stat(pid)
     return None if stat is None else stat[1]
+
+
+def cpu_seconds(process: VmmProcess) -> float | None:
+    """CPU time the process has used (all its threads, user and system); None once it is gone (or the
+    PID is another process's)."""
+    try:
+        text = Path(f"/proc/{process.pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    if int(fields[19]) != process.start_time:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 # --- spawn -------------------------------------------------------------------------------------
