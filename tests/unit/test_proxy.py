@@ -808,6 +808,26 @@ def test_a_prepared_connection_goes_to_the_next_viewer_of_its_vm_only() -> None:
     asyncio.run(scenario())
 
 
+def test_a_viewer_that_comes_while_its_connection_is_being_prepared_waits_for_that_one() -> None:
+    server = VncServer("pw-ready3")
+
+    async def scenario() -> None:
+        async with tcp_upstream(server) as upstream:
+            vm_a = rfb_key(upstream, "pw-ready3", "vm-a")
+
+            async def resolve_a() -> Upstream:
+                return vm_a
+
+            proxy = ViewerProxy()
+            async with controller(proxy, resolve_a) as ctl:
+                proxy.prepare("vm-a", resolve_a)  # the claim; the viewer follows at once
+                async with ctl.viewer() as viewer:
+                    await no_auth_handshake(viewer)
+                    assert server.authenticated == 1  # one connection: the prepared one
+
+    asyncio.run(scenario())
+
+
 def test_a_prepared_connection_is_closed_when_dropped_and_not_used_once_the_vm_closed_it() -> None:
     server = VncServer("pw-ready2")
 

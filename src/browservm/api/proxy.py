@@ -313,8 +313,10 @@ class ViewerProxy:
 
     def prepare(self, key: str, upstream: Callable[[], Awaitable[Upstream]]) -> None:
         """Connect to a desktop now, authenticated, for its next viewer (the one whose Upstream has
-        this `key`): it then skips the connection, which under emulation takes x11vnc 0.2-0.3 s. For
-        VMs a viewer is expected at any moment (the warm pool's). Replaces an earlier one for `key`."""
+        this `key`), which then skips (part of) the connection: under emulation x11vnc takes 0.2-0.3 s
+        to answer one. For a VM whose viewer comes in a moment (a claimed pooled VM's: its user is
+        loading the viewer page). Not long before: x11vnc naps once a client has been quiet a while,
+        and answers that client's first update request up to seconds late. Replaces an earlier one."""
         if self._shutting_down:
             return
         self.drop(key)
@@ -332,15 +334,19 @@ class ViewerProxy:
         if task is not None:
             _discard(task)
 
-    def _take_prepared(self, key: str) -> tuple[Leg, bytes] | None:
-        """The prepared connection for `key` when it is ready and still open; else None (and it is gone)."""
+    async def _take_prepared(self, key: str) -> tuple[Leg, bytes] | None:
+        """The prepared connection for `key` (awaited if still being made) when it succeeded and is
+        still open; else None (and it is gone)."""
         task = self._warm.pop(key, None) if key else None
         if task is None:
             return None
-        if not task.done() or task.cancelled() or task.exception() is not None:
-            _discard(task)
+        try:
+            leg, first = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            _discard(task)  # no one else will take it
+            raise
+        except Exception:  # it failed (logged by _retrieved): the viewer connects itself, and says why if it fails too
             return None
-        leg, first = task.result()
         if leg.closed:
             leg.abort()
             return None
@@ -364,7 +370,7 @@ class ViewerProxy:
                 upstream = await resolve()
             except Refused as refused:
                 return _Close(refused.code, refused.reason)
-            prepared = self._take_prepared(upstream.key)
+            prepared = await self._take_prepared(upstream.key)
             try:
                 viewer.upstream, first = prepared or await self._open(upstream)
             except ProbeFailed as failed:

@@ -192,8 +192,8 @@ class ControllerService:
     def _changed(self, record: VmRecord, event: str) -> None:
         if self.pool is not None:
             self.pool.notice(record, event)
-        if event == "ready" and record.user == POOL_USER:
-            # Its claim comes with a viewer soon after: its desktop connection is made now.
+        if event == "ready" and record.started_from == "pooled":
+            # Just claimed: its user is loading the viewer page, whose connection can be made meanwhile.
             self.proxy.prepare(record.vm_id, partial(self._upstream, record))
         failure = record.failure
         self.events.publish(VmEvent(
