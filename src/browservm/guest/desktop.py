@@ -147,8 +147,10 @@ class Desktop:
             auth = ["-passwdfile", f"read:{password}"]
         else:  # fail closed: a desktop without its password would be open to every local user of the host
             raise StartFailed(f"no VNC password at {password} (browservm-desktop --install-vnc-password did not run)")
+        # -nonap: idle, x11vnc otherwise takes naps of up to seconds between looking at its clients,
+        # and a viewer of a VM that has waited in the warm pool got its first frame 1-10 s late.
         proc = await self._spawn("x11vnc", "x11vnc", "-display", self.config.display,
-                                 "-rfbport", str(self.config.vnc_port), "-forever", "-shared", *auth,
+                                 "-rfbport", str(self.config.vnc_port), "-forever", "-shared", "-nonap", *auth,
                                  stdout=asyncio.subprocess.PIPE)
         assert proc.stdout is not None
         await self._await_line("x11vnc", proc.stdout, "PORT=")
