@@ -39,10 +39,9 @@ session costs.
 Targets from issue 12 (software emulation here): pool claim -> viewer connected <= 200 ms; restore ->
 browser on screen <= 5 s; cold unchanged or better (the issue's baseline: 45-56 s to rfb.banner,
 about 20 s more to Chromium). Printed beside the medians with the ratios restore/cold and pool/cold;
-nothing asserts a time. On 2 cores: one session of each took 206 s (a cold one about 55 s to browser on
-screen and its delete, the snapshot about 40 s, a restore about 28 s with its settle, a pooled one its idle
-time plus about 10 s), so about 12 minutes with --runs 5 and 8 with --runs 3; a minute more when the
-golden image is built first.
+nothing asserts a time. On 2 cores the whole run with --runs 5 took 502 s (a cold session about 47 s with
+its delete, the snapshot about 65 s, a restore about 7 s with its settle, a pooled one its idle time plus
+about 5 s); a minute more when the golden image is built first.
 """
 
 from __future__ import annotations
