@@ -789,12 +789,8 @@ def test_a_prepared_connection_goes_to_the_next_viewer_of_its_vm_only() -> None:
 
     async def scenario() -> None:
         async with tcp_upstream(server) as upstream:
-            vm_a = rfb_key(upstream, "pw-ready1", "vm-a")
+            resolve_a = to(rfb_key(upstream, "pw-ready1", "vm-a"))
             proxy = ViewerProxy()
-
-            async def resolve_a() -> Upstream:
-                return vm_a
-
             proxy.prepare("vm-a", resolve_a)
             async with controller(proxy, resolve_a) as ctl:
                 await within(server.reach(lambda: server.authenticated == 1))
@@ -813,11 +809,7 @@ def test_a_viewer_that_comes_while_its_connection_is_being_prepared_waits_for_th
 
     async def scenario() -> None:
         async with tcp_upstream(server) as upstream:
-            vm_a = rfb_key(upstream, "pw-ready3", "vm-a")
-
-            async def resolve_a() -> Upstream:
-                return vm_a
-
+            resolve_a = to(rfb_key(upstream, "pw-ready3", "vm-a"))
             proxy = ViewerProxy()
             async with controller(proxy, resolve_a) as ctl:
                 proxy.prepare("vm-a", resolve_a)  # the claim; the viewer follows at once
@@ -833,11 +825,7 @@ def test_a_prepared_connection_is_closed_when_dropped_and_not_used_once_the_vm_c
 
     async def scenario() -> None:
         async with tcp_upstream(server) as upstream:
-            vm_a = rfb_key(upstream, "pw-ready2", "vm-a")
-
-            async def resolve_a() -> Upstream:
-                return vm_a
-
+            resolve_a = to(rfb_key(upstream, "pw-ready2", "vm-a"))
             proxy = ViewerProxy()
             proxy.prepare("vm-a", resolve_a)
             await within(server.reach(lambda: server.authenticated == 1))
