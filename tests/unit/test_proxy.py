@@ -726,6 +726,7 @@ class VncServer:
         if self.close_next:
             self.close_next = False
             writer.close()
+            await writer.wait_closed()
             return
         await reader.readexactly(1)  # ClientInit: as x11vnc, nothing more is said before it
         writer.write(self.after_auth)

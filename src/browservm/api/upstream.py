@@ -70,14 +70,24 @@ class Leg(Protocol):
 class TcpLeg:
     silence = "the VNC server is silent"
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, close_timeout: float) -> None:
+    def __init__(self, sock: socket.socket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 close_timeout: float) -> None:
+        self._sock = sock
         self._reader = reader
         self._writer = writer
         self._close_timeout = close_timeout
 
     @property
     def closed(self) -> bool:
-        return self._reader.at_eof() or self._reader.exception() is not None or self._writer.is_closing()
+        if self._reader.at_eof() or self._reader.exception() is not None or self._writer.is_closing():
+            return True
+        # The kernel knows of a close before the event loop has read it: ask it, consuming nothing.
+        try:
+            return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     @classmethod
     async def open(cls, sock: socket.socket, keepalive: float, close_timeout: float) -> TcpLeg:
@@ -93,7 +103,7 @@ class TcpLeg:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # RFB is small messages both ways
         reader, writer = await asyncio.open_connection(sock=sock, limit=CHUNK)
         writer.transport.set_write_buffer_limits(high=WRITE_LIMIT)
-        return cls(reader, writer, close_timeout)
+        return cls(sock, reader, writer, close_timeout)
 
     async def recv(self) -> bytes:
         try:
