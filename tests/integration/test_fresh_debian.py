@@ -309,7 +309,9 @@ def test_readme_setup_works_on_a_fresh_debian_12(fresh_debian: Chroot) -> None:
     version = chroot.must("browservm", "--version")  # found through PATH, from any directory
     assert version.output.startswith("browservm "), version.output
 
-    chroot.must(".venv/bin/python", "-m", "pytest", "tests/unit", "-q", "-p", "no:cacheprovider",
+    # --tb=native: Debian's Python 3.11.2 fails inside pytest's own traceback formatting ("AST
+    # constructor recursion depth mismatch"), which would hide the failure that is being reported.
+    chroot.must(".venv/bin/python", "-m", "pytest", "tests/unit", "-q", "-p", "no:cacheprovider", "--tb=native",
                 cwd=CLONE, timeout=1200)
     print(f"  fresh Debian: install.sh {install.seconds:.0f}s, second run {again.seconds:.1f}s, "
           f"all steps {time.monotonic() - started:.0f}s", file=sys.stderr)

@@ -691,6 +691,7 @@ class VncServer:
         self.after_auth = b"SERVER-INIT"
         self.authenticated = 0  # connections past authentication
         self.ended = 0  # connections that ended
+        self.close_next = False  # end the next connection right after authentication
         self._changed = asyncio.Condition()
 
     async def reach(self, condition: Callable[[], bool]) -> None:
@@ -722,6 +723,11 @@ class VncServer:
         writer.write(struct.pack(">I", 0))
         await writer.drain()
         await self._count("authenticated")
+        if self.close_next:
+            self.close_next = False
+            writer.close()
+            await writer.wait_closed()
+            return
         await reader.readexactly(1)  # ClientInit: as x11vnc, nothing more is said before it
         writer.write(self.after_auth)
         await echo_after(reader, writer)
@@ -815,7 +821,7 @@ def test_a_viewer_that_comes_while_its_connection_is_being_prepared_waits_for_th
     asyncio.run(scenario())
 
 
-def test_a_prepared_connection_is_closed_when_dropped() -> None:
+def test_a_prepared_connection_is_closed_when_dropped_and_not_used_once_the_vm_closed_it() -> None:
     server = VncServer("pw-ready2")
 
     async def scenario() -> None:
@@ -826,9 +832,12 @@ def test_a_prepared_connection_is_closed_when_dropped() -> None:
             await within(server.reach(lambda: server.authenticated == 1))
             proxy.drop("vm-a")  # the VM was deleted: its connection goes with it
             await within(server.reach(lambda: server.ended == 1))
+            server.close_next = True  # the VM ends the next connection while it waits for its viewer
+            proxy.prepare("vm-a", resolve_a)
+            await within(server.reach(lambda: server.ended == 2))
             async with controller(proxy, resolve_a) as ctl, ctl.viewer() as viewer:
-                await no_auth_handshake(viewer)  # nothing prepared any more: a connection of its own
-                assert server.authenticated == 2
+                await no_auth_handshake(viewer)  # a connection of its own, not the dead one
+                assert server.authenticated == 3
 
     asyncio.run(scenario())
 

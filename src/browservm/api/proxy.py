@@ -223,9 +223,14 @@ def _retrieved(task: asyncio.Task[tuple[Leg, bytes]]) -> None:
 
 
 def _discard(task: asyncio.Task[tuple[Leg, bytes]]) -> None:
-    if not task.done():
-        task.cancel()  # _open closes what it made
-    elif not task.cancelled() and task.exception() is None:
+    # Cancelling is not enough: Python 3.11's wait_for can swallow a cancellation that meets the
+    # read it waits on, and _open then returns a connection that no one would ever close.
+    task.add_done_callback(_abort_made)
+    task.cancel()
+
+
+def _abort_made(task: asyncio.Task[tuple[Leg, bytes]]) -> None:
+    if not task.cancelled() and task.exception() is None:
         task.result()[0].abort()
 
 
@@ -412,7 +417,8 @@ class ViewerProxy:
         reader = rfb.MessageReader(leg.recv)
         through = " through the WebSocket" if upstream.websocket else ""
         try:
-            version = await asyncio.wait_for(reader.read(len(rfb.VERSION)), timeout)
+            async with asyncio.timeout(timeout):
+                version = await reader.read(len(rfb.VERSION))
         except TimeoutError:
             raise ProbeFailed(RFB_BANNER, f"nothing came{through} within {timeout:g} s: {leg.silence}") from None
         except UpstreamEnded as ended:
@@ -420,7 +426,8 @@ class ViewerProxy:
         if upstream.vnc_password is None:
             return version + reader.rest()
         try:
-            await asyncio.wait_for(rfb.authenticate(reader, leg.send, version, upstream.vnc_password), timeout)
+            async with asyncio.timeout(timeout):
+                await rfb.authenticate(reader, leg.send, version, upstream.vnc_password)
         except rfb.HandshakeFailed as exc:
             raise ProbeFailed(RFB_AUTH, str(exc)) from None
         except TimeoutError:
@@ -437,8 +444,8 @@ class ViewerProxy:
             return _data_or_end(await websocket.receive())
 
         try:
-            await asyncio.wait_for(rfb.greet(rfb.MessageReader(receive), websocket.send_bytes),
-                                   self._connect_timeout)
+            async with asyncio.timeout(self._connect_timeout):
+                await rfb.greet(rfb.MessageReader(receive), websocket.send_bytes)
         except rfb.HandshakeFailed as exc:
             raise _Ends(_Close(PROTOCOL_ERROR, str(exc))) from None
         except TimeoutError:
@@ -513,7 +520,8 @@ class ViewerProxy:
 
     async def _close_viewer(self, websocket: WebSocket, outcome: _Close) -> None:
         try:
-            await asyncio.wait_for(websocket.close(outcome.code, close_reason(outcome.reason)), self._close_timeout)
+            async with asyncio.timeout(self._close_timeout):
+                await websocket.close(outcome.code, close_reason(outcome.reason))
         except (WebSocketDisconnect, RuntimeError):
             pass  # it left, or uvicorn closed it (ping timeout), while we were closing
         except TimeoutError:

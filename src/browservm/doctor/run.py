@@ -128,7 +128,8 @@ async def bounded(work: Callable[[], T], timeout: float, what: str) -> T:
 
     threading.Thread(target=target, name=f"doctor {what}", daemon=True).start()
     try:
-        return await asyncio.wait_for(future, timeout)
+        async with asyncio.timeout(timeout):
+            return await future
     except TimeoutError:
         raise DoctorTimeout(what, timeout) from None
 
@@ -471,7 +472,8 @@ class Doctor:
         if self._s.record is None:
             raise VmNotFound(vm_id)
         try:
-            record = await asyncio.wait_for(self._s.record(vm_id), self._d.host)
+            async with asyncio.timeout(self._d.host):
+                record = await self._s.record(vm_id)
         except TimeoutError:
             raise DoctorTimeout("reading the VM's record", self._d.host) from None
         if record is None:
@@ -486,7 +488,8 @@ class Doctor:
         if self._s.records is None:
             return []
         try:
-            return await asyncio.wait_for(self._s.records(), self._d.host)
+            async with asyncio.timeout(self._d.host):
+                return await self._s.records()
         except (TimeoutError, BrowserVMError, OSError):
             return []  # only for conflicts between records: the walk goes on without them
 
@@ -836,7 +839,8 @@ class _Walk:
         assert self._connection is not None
         result.checked.append(f"WebSocket upgrade on :{self._path.port} answered with 101")
         try:
-            await asyncio.wait_for(self._connection.upgrade(), self._d.websocket)
+            async with asyncio.timeout(self._d.websocket):
+                await self._connection.upgrade()
         except TimeoutError:
             result.found(Finding("ws.timeout", f"no answer to the upgrade within {self._d.websocket:g} s"))
         except ProbeFailed as exc:
@@ -847,7 +851,8 @@ class _Walk:
         result.checked.append("RFB 003.008 through the WebSocket" if self._path.websocket else
                               f"RFB 003.008 from {self._path.listener}")
         try:
-            banner = await asyncio.wait_for(self._connection.banner(), self._d.rfb)
+            async with asyncio.timeout(self._d.rfb):
+                banner = await self._connection.banner()
         except TimeoutError:
             result.found(Finding("rfb.timeout", f"the VNC server said nothing within {self._d.rfb:g} s",
                                  self._exits[-2:]))

@@ -183,7 +183,8 @@ class Desktop:
                  "websockify": self.websockify, "chromium": self.chromium}
         for service in self.config.services:
             try:
-                await asyncio.wait_for(steps[service](), _START_DEADLINE_S)
+                async with asyncio.timeout(_START_DEADLINE_S):
+                    await steps[service]()
             except (StartFailed, TimeoutError, OSError) as exc:
                 reason = str(exc) or f"not ready within {_START_DEADLINE_S:g} s"
                 self._marker(service, "failed", reason=reason)

@@ -141,7 +141,8 @@ class AgentClient:
         except ProbeFailed as exc:
             raise AgentError(CONNECT, exc.reason) from None
         try:
-            return await asyncio.wait_for(self._exchange(sock, method, path, body, limit), timeout or self.timeout)
+            async with asyncio.timeout(timeout or self.timeout):
+                return await self._exchange(sock, method, path, body, limit)
         except TimeoutError:
             raise AgentError(PROTOCOL, f"{method} {path}: no complete answer within {timeout or self.timeout:g} s") \
                 from None

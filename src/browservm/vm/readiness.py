@@ -122,7 +122,8 @@ async def arp_probe(netns: NetworkNamespace, bridge: str, source_ip: IPv4Address
             resend_at = min(deadline, loop.time() + _ARP_RESEND_S)
             while (remaining := resend_at - loop.time()) > 0:
                 try:
-                    frame = await asyncio.wait_for(loop.sock_recv(sock, 2048), remaining)
+                    async with asyncio.timeout(remaining):
+                        frame = await loop.sock_recv(sock, 2048)
                 except TimeoutError:
                     break
                 mac = _arp_reply_from(frame, target_ip)
@@ -214,7 +215,8 @@ async def connect_socket(netns: NetworkNamespace, address: IPv4Address, port: in
         raise ProbeFailed(NET_TCP, f"cannot open a socket towards {address}:{port}: {exc}") from None
     try:
         sock.setblocking(False)
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (str(address), port)), timeout)
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, (str(address), port))
     except TimeoutError:
         sock.close()
         raise ProbeFailed(NET_TCP, f"no answer from {address}:{port} within {timeout:g} s") from None
@@ -277,7 +279,8 @@ async def desktop_banner(netns: NetworkNamespace, address: IPv4Address, port: in
     try:
         for hop, step in (*steps, (RFB_BANNER, connection.banner)):
             try:
-                result = await asyncio.wait_for(step(), timeout)
+                async with asyncio.timeout(timeout):
+                    result = await step()
             except TimeoutError:
                 raise ProbeFailed(hop, f"no answer within {timeout:g} s") from None
         assert isinstance(result, str)
