@@ -383,7 +383,7 @@ def _span(sessions: list[Session], attribute: str, unit: float = 1.0, digits: in
 def report(results: dict[str, list[Session]], runs: int, pool_idle: float) -> None:
     expected = {"cold": "cold", "restore": "restored", "pool": "pooled", "pool-ws": "pooled"}
     print(f"\nPOST /v1/vms -> browser on screen through the controller, full image, QEMU/TCG, 1 vCPU / 1 GiB; "
-          f"{runs} sessions of each, grouped (cold, then restore, then pool; each pooled VM idle {pool_idle:g} s in "
+          f"{runs} sessions of each, grouped (cold, restore, pool, pool-ws; each pooled VM idle {pool_idle:g} s in "
           f"the full pool before its claim); median (min-max), seconds from the POST")
     print(f"  {'':<8} {'ready':<22} {'viewer connected':<22} {'browser on screen':<22} "
           f"{'serve CPU s/session':<20} {'QEMU RSS MiB':<16} started as")
@@ -397,7 +397,8 @@ def report(results: dict[str, list[Session]], runs: int, pool_idle: float) -> No
     cold, restore, pool = results["cold"], results["restore"], results["pool"]
     print(f"  first frame complete (raw, 1280x800 x 4 bytes = 4.1 MB through the proxy): "
           f"cold {_span(cold, 'first_frame_s')}, restore {_span(restore, 'first_frame_s')}, "
-          f"pool {_span(pool, 'first_frame_s', digits=3)}")
+          f"pool {_span(pool, 'first_frame_s', digits=3)}, "
+          f"pool-ws {_span(results['pool-ws'], 'first_frame_s', digits=3)}")
     gaps = {kind: statistics.median(s.screen_s - s.ready_s for s in sessions) for kind, sessions in results.items()}
     print("  ready (desktop.complete passed) -> browser on screen: " + ", ".join(f"{kind} {gap:.2f} s"
                                                                              for kind, gap in gaps.items()))

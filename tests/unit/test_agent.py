@@ -374,8 +374,9 @@ def test_a_new_key_on_the_config_disk_works_at_once_and_the_old_one_stops(tmp_pa
         assert AgentClient("127.0.0.1", port, SECRET).request("GET", "/v1/status").status == 200
         new = "ef" * 32
         configdisk.rewrite(disk, {"vm_id": "vm-1", "secrets": {"agent": new, "vnc": "abcdefgh"}})
-        assert AgentClient("127.0.0.1", port, new).request("GET", "/v1/status").status == 200
+        # The old key stops before anyone used the new one (a clone's agent still holds its snapshot's).
         assert AgentClient("127.0.0.1", port, SECRET).request("GET", "/v1/status").status == 401
+        assert AgentClient("127.0.0.1", port, new).request("GET", "/v1/status").status == 200
         configdisk.rewrite(disk, {"vm_id": "vm-1", "secrets": {"vnc": "abcdefgh"}})  # unreadable: keep the key
         assert AgentClient("127.0.0.1", port, SECRET).request("GET", "/v1/status").status == 401
         assert AgentClient("127.0.0.1", port, new).request("GET", "/v1/status").status == 200

@@ -75,6 +75,7 @@ def test_a_claimed_vm_whose_key_cannot_be_changed_is_not_handed_out(parts: Parts
             assert record.vm_id != broken.vm_id and record.started_from != "pooled"  # fell back to a restore
             gone = await manager.get(broken.vm_id)
             assert gone is None or gone.state != VmState.READY  # destroyed, not left to anyone
+            assert await pool.wait_filled(DEADLINE)  # refilled at once, not at the next age check
     asyncio.run(scenario())
 
 

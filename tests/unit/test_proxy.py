@@ -842,6 +842,23 @@ def test_a_prepared_connection_is_closed_when_dropped_and_not_used_once_the_vm_c
     asyncio.run(scenario())
 
 
+def test_a_prepared_connection_no_viewer_takes_in_time_is_closed() -> None:
+    server = VncServer("pw-ready4")
+
+    async def scenario() -> None:
+        async with tcp_upstream(server) as upstream:
+            resolve_a = to(rfb_key(upstream, "pw-ready4", "vm-a"))
+            proxy = ViewerProxy(prepared_for=0.5)
+            proxy.prepare("vm-a", resolve_a)
+            await within(server.reach(lambda: server.authenticated == 1))
+            await within(server.reach(lambda: server.ended == 1))  # its user never came
+            async with controller(proxy, resolve_a) as ctl, ctl.viewer() as viewer:
+                await no_auth_handshake(viewer)
+                assert server.authenticated == 2
+
+    asyncio.run(scenario())
+
+
 def test_rfb_path_a_wrong_password_is_an_rfb_auth_failure() -> None:
     async def scenario() -> None:
         async with tcp_upstream(VncServer("right-pw")) as upstream, \

@@ -49,15 +49,17 @@ TCP window closes; a slow guest stops the viewer pump, and uvicorn stops reading
 after each message until the app takes it. What a viewer can hold in the controller is about
 `queue_limit` + 2 messages per direction plus the 64 KiB write buffers; websockify sends at most
 64 KiB per message, so about half a MiB, and `max_message` bounds what a hostile guest can make it
-(tests/unit/test_proxy.py measures it). On the rfb path the guest's bytes are read 64 KiB at a
-time, only when the viewer took the last read: the guest cannot make the controller hold more.
+(tests/unit/test_proxy.py measures it). On the rfb path the guest's bytes wait in asyncio's
+stream buffer, which stops reading from the socket past 128 KiB (at most one 256 KiB socket read
+more), and are taken 64 KiB at a time when the viewer took the last: under 0.5 MiB per viewer.
 
 Measured by bench/proxy_bench.py on 2 shared, saturated cores: 0.6-1.1 CPU s/GiB in the controller
 per direction, +0.1-0.2 ms median per round trip, about 50 KiB of RSS per idle viewer.
 
 Nothing from the guest is trusted for sizes: messages are bounded by `max_message` (a larger one
 fails the connection with 1009 upstream and 1011 to the viewer), the upgrade and the banner by
-`connect_timeout`, redirects are not followed, and a guest that stops answering pings is dropped.
+`connect_timeout`, redirects are not followed, and a guest that stops answering is dropped (by
+WebSocket pings on the websockify path, by TCP keepalive on the rfb path).
 Text frames from the guest are relayed as binary: the RFB stream is bytes, the frame type means
 nothing to it.
 
@@ -223,8 +225,8 @@ def _retrieved(task: asyncio.Task[tuple[Leg, bytes]]) -> None:
 
 
 def _discard(task: asyncio.Task[tuple[Leg, bytes]]) -> None:
-    # Cancelling is not enough: Python 3.11's wait_for can swallow a cancellation that meets the
-    # read it waits on, and _open then returns a connection that no one would ever close.
+    # Cancelling closes what _open made, unless the cancel comes too late: when the task is done, or
+    # when code it awaits swallows the cancel (asyncio.wait_for in Debian's Python 3.11.2 did).
     task.add_done_callback(_abort_made)
     task.cancel()
 
@@ -262,13 +264,14 @@ class ViewerProxy:
 
     def __init__(self, events: ProxyEvents | None = None, *, ping_interval: float = 20.0,
                  connect_timeout: float = 10.0, max_message: int = 16 * 2**20, queue_limit: int = 4,
-                 close_timeout: float = 5.0) -> None:
+                 close_timeout: float = 5.0, prepared_for: float = 30.0) -> None:
         self._events: ProxyEvents = events if events is not None else NoEvents()
         self._ping_interval = ping_interval
         self._connect_timeout = connect_timeout
         self._max_message = max_message
         self._queue_limit = queue_limit
         self._close_timeout = close_timeout
+        self._prepared_for = prepared_for
         self._viewers: set[_Viewer] = set()
         self._warm: dict[str, asyncio.Task[tuple[Leg, bytes]]] = {}
         self._shutting_down = False
@@ -321,7 +324,8 @@ class ViewerProxy:
         this `key`), which then skips (part of) the connection: under emulation x11vnc takes 0.2-0.3 s
         to answer one. For a VM whose viewer comes in a moment (a claimed pooled VM's: its user is
         loading the viewer page). Not long before: x11vnc naps once a client has been quiet a while,
-        and answers that client's first update request up to seconds late. Replaces an earlier one."""
+        and answers that client's first update request up to seconds late. Replaces an earlier one;
+        closed when no viewer took it within `prepared_for` seconds."""
         if self._shutting_down:
             return
         self.drop(key)
@@ -332,6 +336,12 @@ class ViewerProxy:
         task = asyncio.create_task(connect())
         task.add_done_callback(_retrieved)
         self._warm[key] = task
+        # Its user did not come in time: an unused connection holds the VM's x11vnc and memory here.
+        asyncio.get_running_loop().call_later(self._prepared_for, self._expire, key, task)
+
+    def _expire(self, key: str, task: asyncio.Task[tuple[Leg, bytes]]) -> None:
+        if self._warm.get(key) is task:
+            self.drop(key)
 
     def drop(self, key: str) -> None:
         """Forget (and close) the connection prepared for `key`, if there is one."""

@@ -1,7 +1,8 @@
 """The proxy's leg to a VM's desktop, one of two kinds (vm/desktop_path.py says which a VM uses):
 
     TcpLeg        RFB straight on TCP to x11vnc (the rfb path): bytes as they come, in reads of at
-                  most CHUNK bytes, so nothing the guest sends makes the controller buffer more
+                  most CHUNK bytes from a stream buffer that stops reading the socket past 2 CHUNKs,
+                  so nothing the guest sends makes the controller buffer much more
     WebSocketLeg  RFB inside a WebSocket to the guest's websockify (the websockify path): messages
                   bounded by `max_message`, no redirects followed, pings as keepalive
 

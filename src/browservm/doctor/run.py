@@ -312,8 +312,9 @@ class Doctor:
                                      [f"{check.piece}: {check.detail}"]))
         result.checked.append("equal to what `host up` would write" if checks else
                               "equal to what `host up` would write: not checked (no state directory)")
-        drops = [drop for path in PATHS.values()
-                 for drop in foreign_drops(view.ruleset, plan.subnet, plan.bridges, path.port)]
+        # A rule that drops the subnet or a bridge matches for every port: listed once.
+        drops = list(dict.fromkeys(drop for path in PATHS.values()
+                                   for drop in foreign_drops(view.ruleset, plan.subnet, plan.bridges, path.port)))
         ports = ", ".join(f":{path.port}" for path in PATHS.values())
         result.checked.append(f"no rule outside browservm's tables drops {ports}, {plan.subnet} or "
                               f"{', '.join(plan.bridges)}")

@@ -767,10 +767,11 @@ Route = Callable[[Any], tuple[int, Mapping[str, Any]]]
 class AgentKey:
     """The key a request must carry (`Authorization: Bearer <key>`).
 
-    The host may give a running VM a new one (a pooled VM's claim, vm/pool.py, rewrites its config
-    disk): a request whose key does not match makes the agent read the disk again, past its page
-    cache, so the new key works at once and the old one stops working. Only requests that fail pay
-    for the read; they are serialised, so a flood of bad keys costs one read at a time.
+    The host may give a running VM a new one (a restore's identity, a pooled VM's claim in
+    vm/pool.py: both rewrite its config disk), so with `reread` each request is checked against the
+    key on the disk, read past the page cache (one 4 KiB read): the new key works at once and the
+    old one stops at once, before anyone used the new one. A disk that cannot be read keeps the
+    last key read.
     """
 
     def __init__(self, key: str, reread: Callable[[], str] | None = None) -> None:
@@ -780,18 +781,10 @@ class AgentKey:
 
     def matches(self, authorization: str) -> bool:
         with self._lock:
-            if self._same(authorization):
-                return True
-            if self._reread is None:
-                return False
-            try:
-                self._key = self._reread()
-            except (OSError, configdisk.ConfigDiskError):
-                return False
-            return self._same(authorization)
-
-    def _same(self, authorization: str) -> bool:
-        return hmac.compare_digest(authorization.encode(), f"Bearer {self._key}".encode())
+            if self._reread is not None:
+                with contextlib.suppress(OSError, configdisk.ConfigDiskError):
+                    self._key = self._reread()
+            return hmac.compare_digest(authorization.encode(), f"Bearer {self._key}".encode())
 
 
 class _Server(ThreadingHTTPServer):

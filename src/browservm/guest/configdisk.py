@@ -66,16 +66,18 @@ def read(path: Path = GUEST_DEVICE) -> dict[str, Any]:
 def read_uncached(path: Path = GUEST_DEVICE) -> dict[str, Any]:
     """The disk as the host last wrote it, not as the guest's page cache remembers it (the host
     rewrites it under a running VM: a restore's identity, a claimed VM's new agent key)."""
-    buffer = mmap.mmap(-1, SIZE)  # page-aligned, as O_DIRECT wants
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-    except OSError:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # a file system without O_DIRECT (tests): no cache to skip
-    try:
-        os.preadv(fd, [buffer], 0)
-    finally:
-        os.close(fd)
-    return decode(bytes(buffer))
+    with mmap.mmap(-1, SIZE) as buffer:  # page-aligned, as O_DIRECT wants
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # a file system without O_DIRECT (tests): no cache to skip
+        try:
+            count = os.preadv(fd, [buffer], 0)
+        finally:
+            os.close(fd)
+        if count != SIZE:
+            raise ConfigDiskError(f"{path}: read {count} bytes of the config disk's {SIZE}")
+        return decode(bytes(buffer))
 
 
 def rewrite(path: Path, document: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ link held down (QMP `set_link`); this daemon sees the new VM id on the config di
     host's entropy, credited)   the wall clock (stepped to the host's time written just before
     the restored VM resumed)   the desktop's VNC password
 
-(The OAuth agent takes its new key itself: it rereads the disk when a request's key does not match.)
+(The OAuth agent takes its new key itself: it checks each request against the disk's key.)
 
 then prints the markers readiness waits for, and the host brings the link up:
 
@@ -110,6 +110,7 @@ class Applier:
     def apply(self, identity: Identity, document: dict[str, Any], read_at: float) -> None:
         # One `ip` process for all of it: under emulation each process costs a few hundred milliseconds,
         # and this is on the path of every restored VM. It stops at the first command that fails.
+        # IPv4 (-4) for every command, flushes too: the host drops whatever else a VM sends.
         _run("ip", "-4", "-batch", "-", stdin="\n".join((
             f"link set dev {DEVICE} down",
             f"link set dev {DEVICE} address {identity.mac}",

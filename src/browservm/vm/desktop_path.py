@@ -7,7 +7,7 @@
 
 Under software emulation websockify costs 18-25 s for the first upgrade after boot and about 1 s
 for each later one (it starts a Python process per connection); the rfb path costs a TCP
-handshake. Both ends need the VM's VNC password, which only the controller holds (api/rfb.py),
+handshake. Both ends need the VM's VNC password, which only the controller holds (rfb.py),
 so x11vnc may listen on the guest's address. A VM's record keeps the path it was made with, so
 the readiness hops, the proxy and the doctor agree on it even when the setting changes later.
 """

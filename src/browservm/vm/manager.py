@@ -596,12 +596,16 @@ class VMManager:
         """Wait until the browser is on the VM's screen, judged by its pixels, when its desktop has one.
 
         desktop.complete says Chromium runs, some 13 s (under emulation) before it has painted its
-        window: a snapshot taken then would make every clone paint it again.
+        window: a snapshot taken then would make every clone paint it again. Watched over the rfb
+        path's port whatever the VM's desktop path: x11vnc listens on the guest's address whenever
+        it has a password, and every VM has one.
         """
         lines = await asyncio.to_thread(ConsoleLog(Path(record.directory) / "console.log").tail, 5000)
         if "chromium" not in desktop_services(lines):
             return
-        password = (await asyncio.to_thread(self.secrets, record.vm_id))["vnc"]
+        password = (await asyncio.to_thread(self.secrets, record.vm_id)).get("vnc")
+        if password is None:
+            raise VmmError(record.vm_id, "snapshot", "its config disk has no VNC password to watch its screen with")
         timeout = self._deadlines.screen
         try:
             await self._probes.browser_on_screen(self._network.netns, IPv4Address(record.address.split("/")[0]),
@@ -646,8 +650,8 @@ class VMManager:
         return freed
 
     async def new_agent_key(self, vm_id: str) -> None:
-        """Give the VM's agent a new key on its config disk (a pooled VM's claim): the agent rereads the
-        disk when a request's key does not match, so the new key works at once and the old one stops."""
+        """Give the VM's agent a new key on its config disk (a pooled VM's claim): the agent checks each
+        request against the disk's key, so the new key works at once and the old one stops."""
         validate_vm_id(vm_id)
         path = self._vm_root / vm_id / CONFIG_DISK
 

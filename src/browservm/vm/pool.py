@@ -9,7 +9,7 @@ none, replaces VMs that were claimed or died, recycles those older than `max_age
 holds more than `memory_mib` of VM memory.
 
 A claim gives the VM new viewer tokens (a new viewer epoch) and a new agent key (its config disk
-rewritten; the agent rereads the disk when a request's key does not match, so the new key works at
+rewritten; the agent checks each request against the disk's key, so the new key works at
 once and the old one stops). It keeps the VNC password it was restored with: only the proxy ever
 used it, and a new one would race the first viewer against the guest taking it.
 """
@@ -108,7 +108,11 @@ class WarmPool:
                 except (BrowserVMError, OSError) as exc:
                     log.warning("warm pool: %s claimed, but its agent key could not be changed: %s", claimed.vm_id,
                                 exc)
-                    await self._manager.destroy(claimed.vm_id)
+                    self._changed.set()  # it is no longer the pool's: notice() will not tell of its end
+                    try:
+                        await self._manager.destroy(claimed.vm_id)
+                    except BrowserVMError as failed:  # the user still gets a VM: the next one, or a new one
+                        log.warning("warm pool: %s could not be destroyed: %s", claimed.vm_id, failed)
                     continue
                 self.stats.hits += 1
                 self.stats.claim_seconds = time.monotonic() - started

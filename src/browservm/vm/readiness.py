@@ -49,6 +49,7 @@ from browservm.vmm.process import VmmProcess, cpu_seconds
 _ETH_P_ARP = 0x0806
 _SIOCGIFHWADDR = 0x8927
 _ARP_RESEND_S = 0.2
+HANG_UP_S = 10.0  # x11vnc lets a viewer that left go at once; this bounds one that does not
 IP_IGNORED = 'Unknown kernel command line parameters'
 
 
@@ -347,7 +348,7 @@ class GuestProbes:
         reader, writer = await open_tcp(netns, address, port, timeout)
         try:
             await wait_browser_on_screen(reader, writer, password, timeout)
-            await hang_up(reader, writer, timeout)
+            await hang_up(reader, writer, min(timeout, HANG_UP_S))
         finally:
             writer.close()
 

@@ -33,7 +33,7 @@ BARE_DESKTOP = 0x000000
 MIN_COVERED = 0.5
 MIN_COLOURS = 16
 SAMPLE_STEP = 17  # every 17th pixel: prime to the width, so the samples run diagonally over the screen
-MAX_PIXELS = 4096 * 4096
+MAX_PIXELS = 2560 * 1600  # the desktop's is 1280x800; the judging runs on the controller's event loop
 MAX_TEXT = 1 << 20
 # SetPixelFormat: 32 bits per pixel, depth 24, little-endian, true colour, 8 bits each, red at bit 16:
 # each pixel reads as one native uint32 0x00RRGGBB.
@@ -67,7 +67,7 @@ class Seen:
         return f"{self.frames} frames, the last {self.covered:.0%} covered with {self.colours} colours"
 
 
-def browser_shown(frame: bytes) -> tuple[bool, float, int]:
+def browser_shown(frame: bytes | bytearray) -> tuple[bool, float, int]:
     """(browser on screen?, share not the bare desktop's colour, distinct colours) of one 0x00RRGGBB frame.
     Sampled: some 60,000 pixels of 1,024,000, a few ms of Python per frame."""
     pixels = memoryview(frame).cast("I")[::SAMPLE_STEP]
@@ -128,7 +128,7 @@ async def watch(reader: rfb.MessageReader, send: Callable[[bytes], Awaitable[Non
                 frame[start:start + w * 4] = data[row * w * 4:(row + 1) * w * 4]
         now = time.perf_counter()
         first_frame_at = first_frame_at or now
-        shown, seen.covered, seen.colours = browser_shown(bytes(frame))
+        shown, seen.covered, seen.colours = browser_shown(frame)
         seen.frames += 1
         if shown:
             return Screen(viewer_at, first_frame_at, now, seen.covered, seen.colours)

@@ -86,7 +86,7 @@ def write_vm_config(spec: VmSpec) -> Path:
     try:
         config.write_text(json.dumps(firecracker_config(in_vm_directory(spec)), indent=2))
     except OSError as exc:
-        raise VmmError(spec.vm_id, "start", f"cannot write {config}: {exc.strerror}") from exc
+        raise VmmError(spec.vm_id, "write vm-config.json", f"cannot write {config}: {exc.strerror}") from exc
     return config
 
 
