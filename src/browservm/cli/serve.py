@@ -73,7 +73,10 @@ class _Server(uvicorn.Server):
 def _listen(settings: Settings) -> socket.socket:
     host, port = settings.listen_address
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not left 0: asyncio turns Nagle off only on sockets that say they are TCP.
+    # With it on, every response after a connection's first (uvicorn writes head and body apart)
+    # waited for the client's delayed ACK: 40 ms per API request, and stalls in the viewer's stream.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))

@@ -211,7 +211,8 @@ async def connect_socket(netns: NetworkNamespace, address: IPv4Address, port: in
     """
     try:
         with netns.entered():
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            # IPPROTO_TCP named: asyncio then turns Nagle off on the transports made from it.
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     except (HostNetworkError, OSError) as exc:
         raise ProbeFailed(NET_TCP, f"cannot open a socket towards {address}:{port}: {exc}") from None
     try:
