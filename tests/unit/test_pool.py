@@ -19,13 +19,14 @@ from browservm.vmm.process import VmmProcess
 from .fakes import Parts
 
 DEADLINE = 20.0
+REFILL_DELAY = 0.5
 
 
 @asynccontextmanager
 async def pooled(parts: Parts, size: int = 2, memory_mib: int = 8192,
                  clock: list[float] | None = None) -> AsyncIterator[tuple[VMManager, WarmPool]]:
     manager = parts.manager(limits=Limits(max_vms=8, max_vms_per_user=2))
-    settings = PoolSettings(size=size, max_age=600, memory_mib=memory_mib)
+    settings = PoolSettings(size=size, max_age=600, memory_mib=memory_mib, refill_delay=REFILL_DELAY)
     now = clock if clock is not None else []
     pool = WarmPool(manager, VmRecords(parts.store), settings, max_per_user=lambda: 2,
                     clock=(lambda: now[0]) if now else time.time)
@@ -48,6 +49,7 @@ def test_a_claim_takes_a_ready_pooled_vm_then_the_pool_refills(parts: Parts) -> 
             assert snapshot is not None  # made first: pooled VMs are restored
             pooled_vms = {r.vm_id: r for r in await manager.all() if r.user == POOL_USER}
             keys = {vm_id: manager.secrets(vm_id) for vm_id in pooled_vms}
+            claimed_at = time.time()
             record, task = await manager.start("ann")
             assert await asyncio.wait_for(task, 1) is record and record.vm_id in pooled_vms
             assert (record.user, record.started_from, record.state) == ("ann", "pooled", VmState.READY)
@@ -60,7 +62,11 @@ def test_a_claim_takes_a_ready_pooled_vm_then_the_pool_refills(parts: Parts) -> 
             assert now["agent"] != before["agent"] and len(now["agent"]) == 64 and now["vnc"] == before["vnc"]
             assert pool.stats.hits == 1
             assert await pool.wait_filled(DEADLINE)
-            assert len([r for r in await manager.all() if r.user == POOL_USER]) == 2
+            now_pooled = [r for r in await manager.all() if r.user == POOL_USER]
+            assert len(now_pooled) == 2
+            # The refill left the claimed VM its first moments: it began no sooner than refill_delay after.
+            [refill] = [r for r in now_pooled if r.vm_id not in pooled_vms]
+            assert refill.created_at - claimed_at >= REFILL_DELAY
     asyncio.run(scenario())
 
 

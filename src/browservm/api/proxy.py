@@ -224,6 +224,11 @@ def _retrieved(task: asyncio.Task[tuple[Leg, bytes]]) -> None:
         log.info("a prepared desktop connection failed: %s", task.exception())
 
 
+def _unusable(task: asyncio.Task[tuple[Leg, bytes]]) -> bool:
+    """A prepared connection that failed, or that the VM has closed since."""
+    return task.done() and (task.cancelled() or task.exception() is not None or task.result()[0].closed)
+
+
 def _discard(task: asyncio.Task[tuple[Leg, bytes]]) -> None:
     # Cancelling closes what _open made, unless the cancel comes too late: when the task is done, or
     # when code it awaits swallows the cancel (asyncio.wait_for in Debian's Python 3.11.2 did).
@@ -264,14 +269,13 @@ class ViewerProxy:
 
     def __init__(self, events: ProxyEvents | None = None, *, ping_interval: float = 20.0,
                  connect_timeout: float = 10.0, max_message: int = 16 * 2**20, queue_limit: int = 4,
-                 close_timeout: float = 5.0, prepared_for: float = 30.0) -> None:
+                 close_timeout: float = 5.0) -> None:
         self._events: ProxyEvents = events if events is not None else NoEvents()
         self._ping_interval = ping_interval
         self._connect_timeout = connect_timeout
         self._max_message = max_message
         self._queue_limit = queue_limit
         self._close_timeout = close_timeout
-        self._prepared_for = prepared_for
         self._viewers: set[_Viewer] = set()
         self._warm: dict[str, asyncio.Task[tuple[Leg, bytes]]] = {}
         self._shutting_down = False
@@ -319,25 +323,30 @@ class ViewerProxy:
             self._events.closed(code)
         return code
 
-    def prepare(self, key: str, upstream: Callable[[], Awaitable[Upstream]]) -> None:
+    def prepare(self, key: str, upstream: Callable[[], Awaitable[Upstream]], *, within: float | None = None) -> None:
         """Connect to a desktop now, authenticated, for its next viewer (the one whose Upstream has
-        this `key`), which then skips (part of) the connection: under emulation x11vnc takes 0.2-0.3 s
-        to answer one. For a VM whose viewer comes in a moment (a claimed pooled VM's: its user is
-        loading the viewer page). Not long before: x11vnc naps once a client has been quiet a while,
-        and answers that client's first update request up to seconds late. Replaces an earlier one;
-        closed when no viewer took it within `prepared_for` seconds."""
+        this `key`), which then skips the connection: under emulation x11vnc takes 0.2-0.3 s to
+        answer one. An open connection already prepared for `key` is kept. `within`: closed unless
+        a viewer takes it within that many seconds; None: kept until taken or dropped.
+
+        For pooled VMs, from when they enter the pool (x11vnc runs with -nonap, so a connection
+        that waited minutes has its first update request answered at once), and for claimed ones,
+        whose user is loading the viewer page (`within`)."""
         if self._shutting_down:
             return
-        self.drop(key)
+        task = self._warm.get(key)
+        if task is None or _unusable(task):
+            self.drop(key)
 
-        async def connect() -> tuple[Leg, bytes]:
-            return await self._open(await upstream())
+            async def connect() -> tuple[Leg, bytes]:
+                return await self._open(await upstream())
 
-        task = asyncio.create_task(connect())
-        task.add_done_callback(_retrieved)
-        self._warm[key] = task
-        # Its user did not come in time: an unused connection holds the VM's x11vnc and memory here.
-        asyncio.get_running_loop().call_later(self._prepared_for, self._expire, key, task)
+            task = asyncio.create_task(connect())
+            task.add_done_callback(_retrieved)
+            self._warm[key] = task
+        if within is not None:
+            # No viewer in time: an unused connection holds the VM's x11vnc, and memory here.
+            asyncio.get_running_loop().call_later(within, self._expire, key, task)
 
     def _expire(self, key: str, task: asyncio.Task[tuple[Leg, bytes]]) -> None:
         if self._warm.get(key) is task:

@@ -44,6 +44,7 @@ _LIVE = (VmState.CREATING, VmState.BOOTING, VmState.READY)
 _REAP_EVERY_S = 10.0
 _STREAM_POLL_S = 2.0
 _FIREWALL_CHECK_S = 2.0
+PREPARED_FOR_CLAIM_S = 30.0  # a claimed VM's prepared desktop connection waits this long for its viewer
 _CONSOLE_CAP_S = 5.0
 
 
@@ -192,9 +193,13 @@ class ControllerService:
     def _changed(self, record: VmRecord, event: str) -> None:
         if self.pool is not None:
             self.pool.notice(record, event)
-        if event == "ready" and record.started_from == "pooled":
-            # Just claimed: its user is loading the viewer page, whose connection can be made meanwhile.
+        if event == "ready" and record.user == POOL_USER:
+            # Whoever claims it gets a desktop connection made already. Its price: x11vnc polls the
+            # screen for that client, 4-5 % more of a CPU per idle pooled VM under emulation.
             self.proxy.prepare(record.vm_id, partial(self._upstream, record))
+        elif event == "ready" and record.started_from == "pooled":
+            # Just claimed: the connection made in the pool (or a new one) waits for its user's viewer.
+            self.proxy.prepare(record.vm_id, partial(self._upstream, record), within=PREPARED_FOR_CLAIM_S)
         failure = record.failure
         self.events.publish(VmEvent(
             vm_id=record.vm_id, event=event, state=record.state.value, seconds=record.stages.get(event),
