@@ -777,9 +777,8 @@ def rfb_key(upstream: Upstream, password: str, key: str) -> Upstream:
 
 
 def test_a_prepared_connection_goes_to_the_next_viewer_of_its_vm_only() -> None:
-    """A pooled VM's desktop is connected and authenticated when it enters the pool (prepare), and
-    kept at its claim (prepared again, with a deadline): the viewer takes that connection; the next
-    viewer connects itself."""
+    """A claimed VM's desktop is connected and authenticated before its viewer comes (prepare): the
+    viewer takes that connection; the next viewer connects itself."""
     server = VncServer("pw-ready1")
 
     async def session(viewer: ClientConnection) -> None:
@@ -793,10 +792,9 @@ def test_a_prepared_connection_goes_to_the_next_viewer_of_its_vm_only() -> None:
         async with tcp_upstream(server) as upstream:
             resolve_a = to(rfb_key(upstream, "pw-ready1", "vm-a"))
             proxy = ViewerProxy()
-            proxy.prepare("vm-a", resolve_a)  # in the pool
+            proxy.prepare("vm-a", resolve_a, within=DEADLINE)
             async with controller(proxy, resolve_a) as ctl:
                 await within(server.reach(lambda: server.authenticated == 1))
-                proxy.prepare("vm-a", resolve_a, within=DEADLINE)  # claimed: the open connection is kept
                 async with ctl.viewer() as viewer:
                     await session(viewer)
                     assert server.authenticated == 1  # the prepared one: no connection of its own

@@ -224,11 +224,6 @@ def _retrieved(task: asyncio.Task[tuple[Leg, bytes]]) -> None:
         log.info("a prepared desktop connection failed: %s", task.exception())
 
 
-def _unusable(task: asyncio.Task[tuple[Leg, bytes]]) -> bool:
-    """A prepared connection that failed, or that the VM has closed since."""
-    return task.done() and (task.cancelled() or task.exception() is not None or task.result()[0].closed)
-
-
 def _discard(task: asyncio.Task[tuple[Leg, bytes]]) -> None:
     # Cancelling closes what _open made, unless the cancel comes too late: when the task is done, or
     # when code it awaits swallows the cancel (asyncio.wait_for in Debian's Python 3.11.2 did).
@@ -326,24 +321,20 @@ class ViewerProxy:
     def prepare(self, key: str, upstream: Callable[[], Awaitable[Upstream]], *, within: float | None = None) -> None:
         """Connect to a desktop now, authenticated, for its next viewer (the one whose Upstream has
         this `key`), which then skips the connection: under emulation x11vnc takes 0.2-0.3 s to
-        answer one. An open connection already prepared for `key` is kept. `within`: closed unless
-        a viewer takes it within that many seconds; None: kept until taken or dropped.
-
-        For pooled VMs, from when they enter the pool (x11vnc runs with -nonap, so a connection
-        that waited minutes has its first update request answered at once), and for claimed ones,
-        whose user is loading the viewer page (`within`)."""
+        answer one. For a VM whose viewer comes in a moment (a claimed pooled VM's: its user is
+        loading the viewer page). Not long before: x11vnc answered the first update request on a
+        connection made 10 s before 5 or 10 s late. Replaces an earlier one. `within`: closed
+        unless a viewer takes it within that many seconds; None: kept until taken or dropped."""
         if self._shutting_down:
             return
-        task = self._warm.get(key)
-        if task is None or _unusable(task):
-            self.drop(key)
+        self.drop(key)
 
-            async def connect() -> tuple[Leg, bytes]:
-                return await self._open(await upstream())
+        async def connect() -> tuple[Leg, bytes]:
+            return await self._open(await upstream())
 
-            task = asyncio.create_task(connect())
-            task.add_done_callback(_retrieved)
-            self._warm[key] = task
+        task = asyncio.create_task(connect())
+        task.add_done_callback(_retrieved)
+        self._warm[key] = task
         if within is not None:
             # No viewer in time: an unused connection holds the VM's x11vnc, and memory here.
             asyncio.get_running_loop().call_later(within, self._expire, key, task)

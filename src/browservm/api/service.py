@@ -193,12 +193,10 @@ class ControllerService:
     def _changed(self, record: VmRecord, event: str) -> None:
         if self.pool is not None:
             self.pool.notice(record, event)
-        if event == "ready" and record.user == POOL_USER:
-            # Whoever claims it gets a desktop connection made already. Its price: x11vnc polls the
-            # screen for that client, 4-5 % more of a CPU per idle pooled VM under emulation.
-            self.proxy.prepare(record.vm_id, partial(self._upstream, record))
-        elif event == "ready" and record.started_from == "pooled":
-            # Just claimed: the connection made in the pool (or a new one) waits for its user's viewer.
+        if event == "ready" and record.started_from == "pooled":
+            # Just claimed: its user is loading the viewer page, whose connection can be made meanwhile.
+            # Not earlier, when it entered the pool: x11vnc answered the first update request on a
+            # connection made 10 s before 5 or 10 s late (measured, with -nonap).
             self.proxy.prepare(record.vm_id, partial(self._upstream, record), within=PREPARED_FOR_CLAIM_S)
         failure = record.failure
         self.events.publish(VmEvent(
