@@ -39,7 +39,7 @@ session costs.
 Targets from issue 12 (software emulation here): pool claim -> viewer connected <= 200 ms; restore ->
 browser on screen <= 5 s; cold unchanged or better (the issue's baseline: 45-56 s to rfb.banner,
 about 20 s more to Chromium). Printed beside the medians with the ratios restore/cold and pool/cold;
-nothing asserts a time. On 2 cores the whole run with --runs 5 took 502 s (a cold session about 47 s with
+nothing asserts a time. On 2 cores the whole run with --runs 5 took 512 s (a cold session about 47 s with
 its delete, the snapshot about 65 s, a restore about 7 s with its settle, a pooled one its idle time plus
 about 5 s); a minute more when the golden image is built first.
 """
