@@ -47,14 +47,20 @@ class VmmProcess:
         return {"pid": self.pid, "start_time": self.start_time}
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time) of a process, or None when there is no such process."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (field 3 first), or None when there is no
+    such process."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    fields = text[text.rindex(")") + 2:].split()  # the name may contain spaces and parentheses
-    return fields[0], int(fields[19])
+    return text[text.rindex(")") + 2:].split()  # the name may contain spaces and parentheses
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time) of a process, or None when there is no such process."""
+    fields = _stat_fields(pid)
+    return None if fields is None else (fields[0], int(fields[19]))
 
 
 def start_time(pid: int) -> int | None:
@@ -65,12 +71,8 @@ def start_time(pid: int) -> int | None:
 def cpu_seconds(process: VmmProcess) -> float | None:
     """CPU time the process has used (all its threads, user and system); None once it is gone (or the
     PID is another process's)."""
-    try:
-        text = Path(f"/proc/{process.pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = text[text.rindex(")") + 2:].split()
-    if int(fields[19]) != process.start_time:
+    fields = _stat_fields(process.pid)
+    if fields is None or int(fields[19]) != process.start_time:
         return None
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
