@@ -514,6 +514,12 @@ def test_a_viewer_link_carries_a_token_for_that_vm(served: Served) -> None:
     ({"user": ["ann"]}, "user"),
     ({"user": "ann\x00"}, "user"),
     ({"user": "ann\n"}, "user"),
+    # The controller's own VMs' names, in any spelling that normalises to them (issue 18: a VM
+    # created as the pool's user was handed to the next user as a pooled one).
+    ({"user": "BrowserVM-Pool"}, "user"),
+    ({"user": " browservm-pool "}, "user"),
+    ({"user": "\uff42rowservm-pool"}, "user"),  # a full-width b: NFKC makes it "b"
+    ({"user": "BROWSERVM-SNAPSHOT"}, "user"),
     ({"user": "ann", "vcpus": "2"}, "vcpus"),
     ({"user": "ann", "vcpus": 2.0}, "vcpus"),
     ({"user": "ann", "vcpus": 1.5}, "vcpus"),
@@ -955,6 +961,16 @@ def test_due_for_reaping_after_idle_timeout_or_max_lifetime(serve: Callable[...,
     assert service.due_for_reaping(records, later) == {
         "vm-fresh": "reaped: no viewer for 60 s", "vm-idle": "reaped: no viewer for 60 s",
         "vm-old": "reaped: older than the maximum lifetime of 600 s"}
+
+
+def test_only_a_vm_the_pool_marked_is_spared_by_the_reaper_whatever_its_user_is_called(
+        serve: Callable[..., Served]) -> None:
+    service = serve(idle_timeout=60, max_lifetime=600).service
+    now = time.time()
+    named = dataclasses.replace(_ready("vm-named", now - 700), user="browservm-pool")  # not marked: reaped
+    marked = dataclasses.replace(_ready("vm-marked", now - 700), user="browservm-pool", in_pool=True)
+    assert service.due_for_reaping([named, marked], now + 61) == {
+        "vm-named": "reaped: older than the maximum lifetime of 600 s"}
 
 
 def test_a_reaped_vm_ends_released_with_its_reason_in_the_record(serve: Callable[..., Served]) -> None:

@@ -9,9 +9,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
+
+from browservm.errors import InvalidInput, LimitExceeded
 from browservm.vm.manager import CONFIG_DISK, Limits, VMManager
 from browservm.vm.pool import OVERHEAD_MIB, POOL_USER, PoolSettings, WarmPool
-from browservm.vm.records import VmRecords
+from browservm.vm.records import VmRecord, VmRecords
 from browservm.vm.state import VmState
 from browservm.vmm import process
 from browservm.vmm.process import VmmProcess
@@ -135,4 +138,41 @@ def test_a_pooled_vm_past_its_age_is_recycled(parts: Parts) -> None:
             async with asyncio.timeout(DEADLINE):
                 while await manager.get(old.vm_id) is not None:
                     await pool.wait_filled(1)
+    asyncio.run(scenario())
+
+
+def test_the_pool_knows_its_vms_by_their_mark_never_by_the_user_name(parts: Parts) -> None:
+    """A VM with the pool's user name but no mark (forged, or a record from before the mark) is
+    never claimed nor refilled as the pool's, and counts against its user's limit like any other."""
+    async def scenario() -> None:
+        async with pooled(parts, size=1) as (manager, pool):
+            assert await pool.wait_filled(DEADLINE)
+            [marked] = [r for r in await manager.all() if r.in_pool]
+            assert marked.user == POOL_USER
+            forged = VmRecord(vm_id="vm-forged", user=POOL_USER, vcpus=1, mem_mib=1024, directory="",
+                              state=VmState.READY, created_at=0.0)  # older: a claim would take it first
+            VmRecords(parts.store).insert(forged, max_total=8, max_per_user=8)
+            _, task = await manager.start("ann")
+            assert (await asyncio.wait_for(task, 1)).vm_id == marked.vm_id
+            stored = await manager.get(marked.vm_id)
+            assert stored is not None and not stored.in_pool and stored.user == "ann"
+            assert await pool.wait_filled(DEADLINE)  # a new marked VM: the forged one did not count
+            assert {r.vm_id for r in await manager.all() if r.in_pool} - {marked.vm_id} != set()
+            assert not VmRecords(parts.store).claim(forged, POOL_USER, 8)  # the store refuses it too
+            with pytest.raises(LimitExceeded, match="max_vms_per_user"):
+                VmRecords(parts.store).insert(
+                    VmRecord(vm_id="vm-third", user=POOL_USER, vcpus=1, mem_mib=1024, directory=""),
+                    max_total=8, max_per_user=1)
+    asyncio.run(scenario())
+
+
+def test_a_request_cannot_create_a_vm_under_a_reserved_name(parts: Parts) -> None:
+    async def scenario() -> None:
+        async with pooled(parts, size=1) as (manager, pool):
+            for name in ("BrowserVM-Pool", "browservm-snapshot", "\uff42rowservm-pool "):
+                with pytest.raises(InvalidInput) as excinfo:
+                    await manager.start(name)
+                assert excinfo.value.field == "user" and "reserved" in excinfo.value.reason
+            assert await pool.wait_filled(DEADLINE)
+            assert all(r.in_pool for r in await manager.all() if r.user == POOL_USER)
     asyncio.run(scenario())

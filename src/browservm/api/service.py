@@ -35,7 +35,7 @@ from browservm.inotify import DirectoryWatch
 from browservm.vm.console import ConsoleLog
 from browservm.vm.desktop_path import desktop_path
 from browservm.vm.hops import DESKTOP_COMPLETE, RFB_AUTH
-from browservm.vm.pool import POOL_USER, PoolSettings, WarmPool
+from browservm.vm.pool import PoolSettings, WarmPool
 from browservm.vm.records import VmRecord, VmRecords
 from browservm.vm.state import VmState
 
@@ -391,7 +391,7 @@ class ControllerService:
         """VM id -> why, for every ready VM past its lifetime or without a viewer for too long."""
         due = {}
         for record in records:
-            if record.state != VmState.READY or record.user == POOL_USER:  # the pool recycles its own
+            if record.state != VmState.READY or record.in_pool:  # the pool recycles its own
                 continue
             if now - record.created_at > self.settings.max_lifetime:
                 due[record.vm_id] = f"reaped: older than the maximum lifetime of {self.settings.max_lifetime} s"

@@ -61,7 +61,7 @@ from browservm.vm.desktop_path import PATHS, RFB
 from browservm.vm.desktop_path import desktop_path as desktop_path_named
 from browservm.vm.pool import POOL_USER, WarmPool
 from browservm.vm.readiness import GuestProbes, Probes, desktop_services
-from browservm.vm.records import Failure, VmRecord, VmRecords
+from browservm.vm.records import Failure, Purpose, VmRecord, VmRecords
 from browservm.vm.screen import ScreenError
 from browservm.vm.snapshots import Snapshot, Snapshots
 from browservm.vm.state import VmState, transition
@@ -88,6 +88,8 @@ def new_secrets() -> dict[str, str]:
 
 
 SNAPSHOT_USER = "browservm-snapshot"  # whose VM a snapshot is made of
+# What no request may name its user (compared after normalise_user): the controller's own VMs'.
+RESERVED_USERS: dict[Purpose, str] = {"pool": POOL_USER, "snapshot": SNAPSHOT_USER}
 _CONSOLE_EVIDENCE = 20
 _LIVE = (VmState.CREATING, VmState.BOOTING, VmState.READY)
 
@@ -226,10 +228,11 @@ class VMManager:
 
     async def create(self, user: str = "default", vcpus: int = 1, mem_mib: int = 1024, *,
                      keep_failed: bool = False, extra_boot_args: tuple[str, ...] = (),
-                     on_stage: StageCallback | None = None, restore: bool | None = None) -> VmRecord:
+                     on_stage: StageCallback | None = None, restore: bool | None = None,
+                     purpose: Purpose = "user") -> VmRecord:
         """Boot a VM and return once its desktop answers, or its record says which hop failed."""
         _, task = await self.start(user, vcpus, mem_mib, keep_failed=keep_failed, extra_boot_args=extra_boot_args,
-                                   on_stage=on_stage, restore=restore)
+                                   on_stage=on_stage, restore=restore, purpose=purpose)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -239,19 +242,21 @@ class VMManager:
 
     async def start(self, user: str = "default", vcpus: int = 1, mem_mib: int = 1024, *,
                     keep_failed: bool = False, extra_boot_args: tuple[str, ...] = (),
-                    on_stage: StageCallback | None = None,
-                    restore: bool | None = None) -> tuple[VmRecord, asyncio.Task[VmRecord]]:
+                    on_stage: StageCallback | None = None, restore: bool | None = None,
+                    purpose: Purpose = "user") -> tuple[VmRecord, asyncio.Task[VmRecord]]:
         """Check the request, write the VM's record, and boot it in a task of the manager's own.
 
         A ready VM from the warm pool comes first, when there is one (its task is already done).
         With `restore` (default: `restore_by_default`) the VM starts from the snapshot of its inputs;
         without one it boots cold while the snapshot is made in the background. Returns at once with
         the record (state `creating`) and the task that ends with the final one.
+        `purpose` says whose VM it is: a user's (named by `user`), or the warm pool's or the snapshot
+        maker's (under their reserved names, which no request may use); no request reaches it.
         """
-        self.check_request(user, vcpus, mem_mib, extra_boot_args)
-        user = normalise_user(user)
+        self.check_request(user, vcpus, mem_mib, extra_boot_args, reserved_ok=purpose != "user")
+        user = normalise_user(user) if purpose == "user" else RESERVED_USERS[purpose]
         plain = not extra_boot_args and not keep_failed
-        ours = user in (POOL_USER, SNAPSHOT_USER)  # the pool's own VMs and the one a snapshot is made of
+        ours = purpose != "user"  # the pool's own VMs and the one a snapshot is made of
         if self.pool is not None and not ours and plain and self.pool.fits(vcpus, mem_mib):
             claimed = await self.pool.claim(user)
             if claimed is not None:
@@ -266,9 +271,9 @@ class VMManager:
         record = VmRecord(vm_id=vm_id, user=user, vcpus=vcpus, mem_mib=mem_mib, keep=keep_failed,
                           directory=str(self._vm_root / vm_id), driver=self._driver.name, owner=self._me,
                           started_from="restored" if snapshot else "cold", snapshot=snapshot.key if snapshot else "",
-                          desktop_path=self.desktop_path.name)
+                          desktop_path=self.desktop_path.name, in_pool=purpose == "pool")
         # The pool holds as many VMs as its settings say, whatever the limit of one person.
-        per_user = self._limits.max_vms if user == POOL_USER else self._limits.max_vms_per_user
+        per_user = self._limits.max_vms if record.in_pool else self._limits.max_vms_per_user
         await uninterrupted(partial(self._records.insert, record, max_total=self._limits.max_vms,
                                     max_per_user=per_user))
         crash_point("record:done")
@@ -278,10 +283,14 @@ class VMManager:
         task.add_done_callback(lambda _: self._creating.pop(vm_id, None))
         return record, task
 
-    def check_request(self, user: str, vcpus: int, mem_mib: int, extra_boot_args: tuple[str, ...] = ()) -> None:
+    def check_request(self, user: str, vcpus: int, mem_mib: int, extra_boot_args: tuple[str, ...] = (), *,
+                      reserved_ok: bool = False) -> None:
         """Refuse bad input (InvalidInput naming the field) before anything is allocated."""
         if not isinstance(user, str) or not 1 <= len(normalise_user(user)) <= 64 or not user.isprintable():
             raise InvalidInput("user", user, "must be 1-64 printable characters")
+        if not reserved_ok and normalise_user(user) in RESERVED_USERS.values():
+            raise InvalidInput("user", user, "is reserved for the controller's own VMs (the warm pool's, "
+                                             "the snapshot maker's)")
         for field, value, (low, high), unit in (("vcpus", vcpus, self._limits.vcpus, ""),
                                                 ("mem_mib", mem_mib, self._limits.mem_mib, " MiB")):
             if isinstance(value, bool) or not isinstance(value, int):
@@ -571,7 +580,8 @@ class VMManager:
             found = await asyncio.to_thread(self.snapshots.get, key)
             if found is not None:
                 return found
-            record = await self.create(SNAPSHOT_USER, vcpus, mem_mib, restore=False)  # booted: what a snapshot is of
+            # Booted: what a snapshot is of.
+            record = await self.create(vcpus=vcpus, mem_mib=mem_mib, restore=False, purpose="snapshot")
             if record.state != VmState.READY:
                 failure = record.failure
                 raise VmmError(record.vm_id, "snapshot", f"the VM to snapshot failed at "

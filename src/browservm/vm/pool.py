@@ -1,9 +1,11 @@
 """A warm pool: VMs restored from the snapshot and kept ready, so a request takes one in milliseconds.
 
 Pooled VMs are ordinary VMs of the user POOL_USER (they count against the host's limit, show in
-`vm ls`, and the doctor sees them). `claim` gives the oldest ready one to a user with a
-compare-and-set on its record (two requests never get the same VM; a VM being destroyed is
-never handed out); the caller falls back to a restore, then a cold boot, when the pool is empty.
+`vm ls`, and the doctor sees them), marked `in_pool` on their record by the pool's own create: the
+pool knows its VMs by that flag, never by the name (which no request may use either). `claim`
+gives the oldest ready one to a user with a compare-and-set on its record (two requests never get
+the same VM; a VM being destroyed is never handed out); the caller falls back to a restore, then
+a cold boot, when the pool is empty.
 The pool's own task keeps it full in the background: it makes the snapshot first if there is
 none, replaces VMs that were claimed or died, recycles those older than `max_age`, and never
 holds more than `memory_mib` of VM memory.
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from browservm.errors import BrowserVMError
-from browservm.vm.records import VmRecord, VmRecords
+from browservm.vm.records import Purpose, VmRecord, VmRecords
 from browservm.vm.state import VmState
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ class PoolManager(Protocol):
     async def all(self) -> list[VmRecord]: ...
 
     async def create(self, user: str = ..., vcpus: int = ..., mem_mib: int = ..., *,
-                     restore: bool = ...) -> VmRecord: ...
+                     restore: bool = ..., purpose: Purpose = ...) -> VmRecord: ...
 
     async def destroy(self, vm_id: str, *, ended_reason: str = ...) -> bool: ...
 
@@ -94,7 +96,7 @@ class WarmPool:
 
     def notice(self, record: VmRecord, event: str) -> None:
         """The manager's news of a VM: a pooled one that failed or went is replaced."""
-        if record.user != POOL_USER:
+        if not record.in_pool:
             return
         self._news.set()
         if event in ("failed", "ended", "destroyed"):
@@ -103,7 +105,7 @@ class WarmPool:
     async def claim(self, user: str) -> VmRecord | None:
         """A ready pooled VM, now `user`'s (its record saved), or None: the pool is empty."""
         started = time.monotonic()
-        candidates = sorted((r for r in await self._manager.all() if r.user == POOL_USER and r.state == VmState.READY),
+        candidates = sorted((r for r in await self._manager.all() if r.in_pool and r.state == VmState.READY),
                             key=lambda r: r.created_at)
         for record in candidates:
             claimed = await asyncio.to_thread(self._take, record, user)
@@ -132,7 +134,7 @@ class WarmPool:
         return None
 
     def _take(self, record: VmRecord, user: str) -> VmRecord | None:
-        record.user, record.started_from = user, "pooled"
+        record.user, record.started_from, record.in_pool = user, "pooled", False
         record.viewer_epoch = secrets.token_hex(8)  # no viewer token made before the claim opens it
         return record if self._records.claim(record, POOL_USER, self._max_per_user()) else None
 
@@ -154,7 +156,7 @@ class WarmPool:
                     await self._changed.wait()
 
     async def _refill(self) -> None:
-        mine = [r for r in await self._manager.all() if r.user == POOL_USER]
+        mine = [r for r in await self._manager.all() if r.in_pool]
         now = self._clock()
         for record in mine:
             old = record.state == VmState.READY and now - record.created_at > self.settings.max_age
@@ -167,7 +169,8 @@ class WarmPool:
             return
         await self._manager.snapshot(self.settings.vcpus, self.settings.mem_mib)
         for _ in range(self.settings.target - len(live)):
-            record = await self._manager.create(POOL_USER, self.settings.vcpus, self.settings.mem_mib, restore=True)
+            record = await self._manager.create(vcpus=self.settings.vcpus, mem_mib=self.settings.mem_mib, restore=True,
+                                                purpose="pool")
             if record.state != VmState.READY:
                 failure = record.failure
                 log.warning("warm pool: %s failed at %s: %s", record.vm_id, failure.hop if failure else "?",
@@ -181,7 +184,7 @@ class WarmPool:
         deadline = loop.time() + timeout
         while True:
             self._news.clear()
-            ready = [r for r in await self._manager.all() if r.user == POOL_USER and r.state == VmState.READY]
+            ready = [r for r in await self._manager.all() if r.in_pool and r.state == VmState.READY]
             if len(ready) >= self.settings.target:
                 return True
             try:

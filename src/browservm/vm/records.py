@@ -16,11 +16,14 @@ import json
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from browservm.errors import LimitExceeded, StateConflict
 from browservm.store import Store
 from browservm.vm.state import VmState
+
+# Whose VM it is: a user's, the warm pool's or the snapshot maker's (vm/manager.py RESERVED_USERS).
+Purpose = Literal["user", "pool", "snapshot"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,10 @@ class VmRecord:
     viewer_epoch: str = field(default_factory=lambda: secrets.token_hex(8))  # in every viewer token's signature
     started_from: str = "cold"  # "cold" (booted), "restored" (from a snapshot) or "pooled" (a restored VM kept ready)
     snapshot: str = ""  # the snapshot's key, when restored or pooled
+    # In the warm pool, not yet claimed. Set by the pool's own create only (no request can), cleared
+    # by the claim: the pool, its per-user limit and the reaper's exemption go by this, never by the
+    # user's name.
+    in_pool: bool = False
     # How the controller reaches its desktop (vm/desktop_path.py); records from before there was a
     # choice went through websockify.
     desktop_path: str = "websockify"
@@ -119,9 +126,14 @@ class VmRecords:
         record.version += 1
 
     def claim(self, record: VmRecord, from_user: str, max_per_user: int) -> bool:
-        """Give `record` (changed to its new user) to that user if it still belongs to `from_user` at
-        the version it was read and the user is under the limit; False if someone else took it."""
+        """Give `record` (changed to its new user, out of the pool) to that user if it is still the
+        pool's, belonging to `from_user` at the version it was read, and the user is under the limit;
+        False if someone else took it."""
         with self._store.transaction() as db:
+            row = db.execute("SELECT data FROM vms WHERE vm_id = ? AND version = ? AND user = ?",
+                             (record.vm_id, record.version, from_user)).fetchone()
+            if row is None or not json.loads(str(row[0])).get("in_pool"):
+                return False
             mine = db.execute("SELECT count(*) FROM vms WHERE holds_resources AND user = ?",
                               (record.user,)).fetchone()[0]
             if mine >= max_per_user:
