@@ -188,7 +188,11 @@ def _cgroup(pid: int | str) -> str:
 
 
 def test_spawn_starts_the_vmm_in_its_own_cgroup_directory_session_and_namespace_not_as_our_child(
-        tmp_path: Path, spawner: Spawner, own_cgroup: OwnCgroup, namespaces: Namespaces) -> None:
+        tmp_path: Path, spawner: Spawner, own_cgroup: OwnCgroup, namespaces: Namespaces,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # As under systemd, where the controller's environment carries its keys (/etc/default/browservm).
+    monkeypatch.setenv("BROWSERVM_API_KEY", "api-key-of-the-controller")
+    monkeypatch.setenv("BROWSERVM_VAULT_KEY", "vault-key-of-the-controller")
     netns = namespaces.create("vmm")
     qemu = stand_in(tmp_path / "bin")
     vm_id, vmm = spawner.spawn([str(qemu), "60"], "own", NetworkNamespace(netns))
@@ -202,6 +206,11 @@ def test_spawn_starts_the_vmm_in_its_own_cgroup_directory_session_and_namespace_
     assert os.getsid(vmm.pid) != os.getsid(0) and os.getpgid(vmm.pid) != os.getpgid(0)
     assert os.stat(f"/proc/{vmm.pid}/ns/net").st_ino == os.stat(f"/run/netns/{netns}").st_ino
     assert os.readlink(f"/proc/{vmm.pid}/fd/0") == "/dev/null"
+    # Its environment is the fixed one, nothing of ours (issue 18: the keys were in every VMM's).
+    environ = Path(f"/proc/{vmm.pid}/environ").read_bytes()
+    assert dict(entry.split(b"=", 1) for entry in environ.split(b"\0") if entry) == {
+        os.fsencode(name): os.fsencode(value) for name, value in process.VMM_ENVIRONMENT.items()}
+    assert b"controller" not in environ
     assert os.readlink(f"/proc/{vmm.pid}/fd/1") == os.readlink(f"/proc/{vmm.pid}/fd/2") == str(
         spawner.vm_root / vm_id / "vmm.log")
     # Nothing else of ours leaked (once the dynamic loader, which opens libraries on fd 3, is done).

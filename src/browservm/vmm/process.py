@@ -36,6 +36,12 @@ _DELETED = " (deleted)"  # what the kernel appends to a link whose target was re
 _HANDOVER_TIMEOUT_S = 30.0  # systemd-run waits for systemd over D-Bus: slow on a loaded host
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+# A VMM's whole environment. Nothing of the controller's: under systemd the controller's holds
+# BROWSERVM_API_KEY and BROWSERVM_VAULT_KEY, and a guest that escaped into its VMM would read them
+# in /proc/self/environ. A fixed PATH for what a VMM itself runs (the jailer execs Firecracker by
+# path; QEMU runs nothing), and the C locale so its messages in the VM's log read the same everywhere.
+VMM_ENVIRONMENT: dict[str, str] = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                                   "LC_ALL": "C"}
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,8 @@ def spawn(argv: Sequence[str], log: Path, netns: NetworkNamespace, vm_id: str, *
     (placement), enters `directory` (part of its identity, see is_vmm_of) and waits until the
     caller has read its start time, so the identity recorded is the one of the process that
     execs. `limits` go to the VM's cgroup (placement); `rlimits` ((resource, value) pairs) are set,
-    soft and hard, before exec; `pass_fds` stay open in the VMM under the same numbers. Anything
+    soft and hard, before exec; `pass_fds` stay open in the VMM under the same numbers. Its
+    environment is VMM_ENVIRONMENT, nothing of the caller's. Anything
     that fails before or at exec comes back through a close-on-exec pipe as step and errno, the
     way subprocess reports exec failures.
     """
@@ -185,7 +192,8 @@ def _spawn(argv: Sequence[str], log: Path, netns: NetworkNamespace, vm_id: str, 
         go_r, go_w = _pipe(pipes)  # caller -> VMM: identity read, exec now
         err_r, err_w = _pipe(pipes)  # VMM -> caller: step and errno; EOF at a successful exec
         child = _Child(
-            executables=_candidates(program), args=[os.fsencode(arg) for arg in argv], env=dict(os.environb),
+            executables=_candidates(program), args=[os.fsencode(arg) for arg in argv],
+            env={os.fsencode(name): os.fsencode(value) for name, value in VMM_ENVIRONMENT.items()},
             cgroup_procs=None if cgroup_procs is None else os.fsencode(cgroup_procs), rlimits=tuple(rlimits),
             pass_fds=tuple(pass_fds),
             directory=os.fsencode(directory), stdin=devnull, stdout=out, pid_w=pid_w, go_r=go_r, err_w=err_w)
