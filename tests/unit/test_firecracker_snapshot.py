@@ -102,8 +102,9 @@ def fakes() -> Iterator[list[FakeFirecracker]]:
 
 
 def driver(tmp_path: Path, binary: Path | None = None) -> FirecrackerDriver:
+    # As an unprivileged controller: as root, an unjailed Firecracker is refused (test_firecracker_root.py).
     return FirecrackerDriver(binary=str(binary or tmp_path / "firecracker"),
-                             placement=NoCgroup("a unit test: placement does not matter"))
+                             placement=NoCgroup("a unit test: placement does not matter"), euid=1000)
 
 
 def assert_valid(calls: list[Call]) -> None:

@@ -178,8 +178,10 @@ class FirecrackerDriver:
     holds_link = False  # no link control: the manager holds a restored VM's TAP down instead
 
     def __init__(self, binary: str = firecracker.FIRECRACKER, jailer: firecracker.JailerOptions | None = None,
-                 jailer_binary: str = firecracker.JAILER, placement: Placement | None = None) -> None:
+                 jailer_binary: str = firecracker.JAILER, placement: Placement | None = None,
+                 euid: int | None = None) -> None:
         self._binary = shutil.which(binary) or binary
+        self._euid = os.geteuid() if euid is None else euid  # the controller's: whether Firecracker would be root
         self._jailer = jailer
         self._jailer_binary = jailer_binary
         self.placement = placement or choose_placement()  # `placement.reason` says where VMMs run and why
@@ -189,6 +191,7 @@ class FirecrackerDriver:
         return "kvm"
 
     def start(self, spec: VmSpec, netns: NetworkNamespace) -> VmmProcess:
+        self._refuse_root(spec, "start")
         if self._jailer is not None:
             firecracker.prepare_jail(spec, self._jailer, self._binary)
             argv = firecracker.jailer_argv(spec, self._jailer, self._jailer_binary, self._binary)
@@ -264,6 +267,7 @@ class FirecrackerDriver:
         """
         if self._jailer is not None:
             raise VmmError(spec.vm_id, "restore", _JAILED)
+        self._refuse_root(spec, "restore")
         # Checked before anything starts: a state whose drives are not this VM's is refused, not loaded.
         taps = firecracker_snapshot.restore_taps(
             spec.vm_id, firecracker_snapshot.read_snapshot_config(spec.vm_id, state), spec)
@@ -287,6 +291,11 @@ class FirecrackerDriver:
         a restored VM offline by its TAP, held down on the host from before the resume until the
         guest has taken its identity."""
 
+    def _refuse_root(self, spec: VmSpec, step: str) -> None:
+        """Never a guest's VMM as root (choose_driver refuses it already; this holds for any caller)."""
+        if (refusal := firecracker.root_refusal(self._jailer, spec.run_as, self._euid)) is not None:
+            raise VmmError(spec.vm_id, step, refusal)
+
     @staticmethod
     def _touch_log(spec: VmSpec, step: str) -> None:
         """Firecracker's logger wants an existing file."""
@@ -301,14 +310,17 @@ class FirecrackerDriver:
 
 def choose_driver(name: str, probe: AccelProbe | None = None, jailer: firecracker.JailerOptions | None = None,
                   placement: Placement | None = None) -> VmmDriver:
-    """`firecracker`, `qemu`, or `auto`: Firecracker when it can run here, else QEMU. VMMs run where
-    `placement` puts them (default: choose_placement(), a cgroup of their own)."""
+    """`firecracker`, `qemu`, or `auto`: Firecracker when it can run here (as root, only through its
+    jailer: it cannot drop root itself), else QEMU. VMMs run where `placement` puts them (default:
+    choose_placement(), a cgroup of their own)."""
     if name not in ("auto", "firecracker", "qemu"):
         raise InvalidInput("vmm", name, "must be auto, firecracker or qemu")
     where = placement or choose_placement()
     if name == "qemu":
         return QemuDriver(probe, placement=where)
     usable, reason = firecracker.available()
+    if usable and jailer is None and os.geteuid() == 0:
+        usable, reason = False, firecracker.AS_ROOT  # auto takes QEMU, which drops to the VM's uid
     if name == "firecracker" and not usable:
         raise VmmError("-", "choose driver", f"firecracker cannot run here: {reason}")
     return FirecrackerDriver(jailer=jailer, placement=where) if usable else QemuDriver(probe, placement=where)

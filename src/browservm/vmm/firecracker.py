@@ -186,6 +186,25 @@ def jailer_argv(spec: VmSpec, options: JailerOptions, jailer: str = JAILER,
     return [*argv, "--", "--api-sock", _JAILED_API_SOCKET, "--config-file", "/vm-config.json"]
 
 
+AS_ROOT = ("Firecracker cannot drop root by itself: without its jailer it would run, with the guest it holds, "
+           "as root; run it through the jailer (BROWSERVM_JAILER=1, as the VM's own uid) or the controller as "
+           "an unprivileged user, or use QEMU")
+
+
+def root_refusal(jailer: JailerOptions | None, run_as: int | None, euid: int) -> str | None:
+    """Why a Firecracker started by a process of `euid` would run as root, or None: it would not.
+
+    Unjailed, it runs as the controller's user; jailed, as the VM's own uid or else the jailer's
+    (--vmm-user's) uid, which may be root too.
+    """
+    if jailer is None:
+        return AS_ROOT if euid == 0 else None
+    if run_as is None and jailer.uid == 0:
+        return ("the jailer would run Firecracker as root: neither a uid of the VM's own (BROWSERVM_VM_UIDS) "
+                "nor a --vmm-user other than root is set")
+    return None
+
+
 def available(firecracker: str = FIRECRACKER) -> tuple[bool, str]:
     """Whether Firecracker can run here, and if not, why."""
     if shutil.which(firecracker) is None:
