@@ -723,6 +723,25 @@ def test_a_token_whose_expiry_is_not_plain_digits_is_refused_not_an_error(served
     served.run(scenario)
 
 
+@pytest.mark.parametrize("signature", ["\u00e9", "\u00e9" * 43, "\U0001f600", "\x00", "\udcff", ""])
+def test_a_token_whose_signature_is_not_ascii_is_refused_not_an_error(served: Served, signature: str) -> None:
+    """compare_digest raises TypeError on a str that is not ASCII: an unauthenticated 500 (issue 18)."""
+    record = served.insert(VmState.READY)
+    forged = f"v1.{record.vm_id}.9999999999.{signature}"
+
+    with TestClient(served.app) as client:
+        code, reason = refusal(client, f"/v1/vms/{record.vm_id}/vnc?token={quote(forged, errors='surrogatepass')}")
+    assert (code, reason) == (4401, "the viewer token is not valid for this VM (revoked, or not signed by this "
+                                     "controller)")
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        error = error_of(await client.get(f"/view/{record.vm_id}/state?token={quote(forged, errors='surrogatepass')}"),
+                         401)
+        assert error["type"] == "TokenRefused", error
+
+    served.run(scenario)
+
+
 def test_the_view_state_of_a_malformed_id_is_a_404_not_an_error(served: Served) -> None:
     async def scenario(client: httpx.AsyncClient) -> None:
         for vm_id in ("NOPE", "x" * 200):

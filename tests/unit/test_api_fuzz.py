@@ -177,23 +177,24 @@ about_a_vm = schema.include(path_regex=r"\{vm_id\}").exclude(method="DELETE")
 
 
 @about_a_vm.given(target=st.sampled_from(TARGETS),
-                  expiry=st.one_of(st.none(), _NUMERALS, _TEXT.filter(lambda text: "." not in text)))
+                  expiry=st.one_of(st.none(), _NUMERALS, _TEXT.filter(lambda text: "." not in text)),
+                  signature=st.one_of(st.none(), _TEXT.filter(lambda text: "." not in text)))
 @about_a_vm.parametrize()
 @settings(suppress_health_check=list(HealthCheck))  # each example is a request: slow by hypothesis's measure
 def test_no_request_about_an_existing_vm_gets_a_server_error(case: schemathesis.Case[Any], fuzzed: Fuzzed, target: str,
-                                                             expiry: str | None) -> None:
+                                                             expiry: str | None, signature: str | None) -> None:
     """The same, with the path pointed at a VM that exists, in each state, and (the viewer's routes) a token
-    signed for it: as issued, or with its expiry replaced by `expiry`. (The first test sends tokens of
-    every other kind.)"""
+    signed for it: as issued, or with its expiry replaced by `expiry`, its signature by `signature` (any
+    Unicode: one that was not ASCII was a 500). (The first test sends tokens of every other kind.)"""
     vm_id = fuzzed.vms[target]
     if target == "booting" and case.operation.path.endswith("/events"):
         vm_id = fuzzed.vms["ready"]  # nothing drives the booting VM: its stream would rightly wait for ever
     case.path_parameters = {**(case.path_parameters or {}), "vm_id": vm_id}
     if case.operation.path.startswith("/view/"):
         token = fuzzed.tokens[vm_id]
-        if expiry is not None:
-            version, token_vm, _, signature = token.split(".")
-            token = f"{version}.{token_vm}.{expiry}.{signature}"
+        version, token_vm, issued_expiry, issued_signature = token.split(".")
+        token = f"{version}.{token_vm}.{issued_expiry if expiry is None else expiry}." \
+                f"{issued_signature if signature is None else signature}"
         case.query = {**(case.query or {}), "token": token}
     response = fuzzed.send_case(case)
     case.validate_response(response, checks=[not_a_server_error])
@@ -242,6 +243,8 @@ def test_the_websocket_answers_any_id_and_token_with_a_refusal_it_explains(
         st.sampled_from(ids).map(lambda i: served.service.tokens.issue(i, "not-its-epoch")[0]),
         st.builds(lambda i, n: f"v1.{i}.{n}.x", st.sampled_from(ids), st.integers(min_value=0, max_value=2**70)),
         st.builds(lambda i, e: f"v1.{i}.{e}.x", st.sampled_from(ids), _NUMERALS | _TEXT.filter(lambda t: "." not in t)),
+        # An expiry far off and any signature: one that was not ASCII closed 1011 (issue 18).
+        st.builds(lambda i, s: f"v1.{i}.9999999999.{s}", st.sampled_from(ids), _TEXT.filter(lambda t: "." not in t)),
     ), "token")
     path = f"/v1/vms/{quote(vm_id, safe='')}/vnc"
     with client.websocket_connect(path, params={"token": token}) as websocket, \

@@ -52,7 +52,10 @@ class ViewerTokens:
         token_vm, expires = parts[1], int(parts[2])
         if token_vm != vm_id:
             raise TokenRefused(f"the viewer token is for another VM ({token_vm[:63]})")
-        if not hmac.compare_digest(parts[3], self._signature(vm_id, epoch, expires)):
+        # Bytes, not str: compare_digest refuses a str with anything but ASCII in it (TypeError), and a
+        # signature of "é" was an unauthenticated 500 (issue 18). Even a lone surrogate encodes here.
+        given = parts[3].encode(errors="surrogatepass")
+        if not hmac.compare_digest(given, self._signature(vm_id, epoch, expires).encode()):
             raise TokenRefused("the viewer token is not valid for this VM (revoked, or not signed by this controller)")
         if expires < self._clock():
             raise TokenRefused("the viewer token has expired; ask for a new viewer link")
