@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs
 
-import swagger_ui_bundle  # type: ignore[import-untyped]
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -66,6 +65,10 @@ log = logging.getLogger("browservm.api")
 MAX_BODY = 64 * 1024
 NOVNC_DIR = Path("/usr/share/novnc")
 _STATIC = resources.files("browservm.api") / "static"
+# Swagger UI 5 (the first to read OpenAPI 3.1, which FastAPI writes) from the fastapi-swagger package, so /docs
+# works without internet. Only its files: the package's directory also holds its Python.
+SWAGGER_UI = Path(str(resources.files("fastapi_swagger.resources")))
+SWAGGER_FILES = frozenset({"swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png"})
 
 
 def _error(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
@@ -220,7 +223,14 @@ def build_app(service: ControllerService) -> FastAPI:
     async def docs() -> HTMLResponse:
         return get_swagger_ui_html(openapi_url="/openapi.json", title="browservm API",
                                    swagger_js_url="/swagger/swagger-ui-bundle.js",
-                                   swagger_css_url="/swagger/swagger-ui.css", swagger_favicon_url="")
+                                   swagger_css_url="/swagger/swagger-ui.css",
+                                   swagger_favicon_url="/swagger/favicon-32x32.png")
+
+    @app.get("/swagger/{name}", include_in_schema=False, dependencies=authorized)
+    async def swagger_file(name: str) -> FileResponse:
+        if name not in SWAGGER_FILES:
+            raise ApiError(404, "NotFound", f"no Swagger UI file named {name!r}")
+        return FileResponse(SWAGGER_UI / name)
 
     # --- VMs -----------------------------------------------------------------------------------
 
@@ -326,14 +336,5 @@ def build_app(service: ControllerService) -> FastAPI:
     diagnose.mount(app, service)
     if NOVNC_DIR.is_dir():
         app.mount("/novnc", StaticFiles(directory=NOVNC_DIR), name="novnc")
-    swagger = _swagger_assets()
-    if swagger is not None:
-        app.mount("/swagger", StaticFiles(directory=swagger), name="swagger")
     return app
-
-
-def _swagger_assets() -> Path | None:
-    """Swagger UI's files from the swagger-ui-bundle package: the docs page works without internet."""
-    path = Path(swagger_ui_bundle.swagger_ui_path)
-    return path if path.is_dir() else None
 

@@ -8,10 +8,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 SESSION_COOKIE = "browservm_session"
+
+# Declares the key in the OpenAPI document (its "Authorize" button in /docs); it refuses nothing itself
+# (auto_error=False): `operator` below is the one check, bearer or cookie.
+BEARER = HTTPBearer(scheme_name="operatorKey", auto_error=False,
+                    description="The API key (the state directory's api.key): `Authorization: Bearer KEY`.")
 
 
 class ApiError(Exception):
@@ -32,7 +39,8 @@ def require_operator(api_key: str) -> Callable[[Request], None]:
     """A FastAPI dependency: the bearer key, or the session cookie (plus X-Browservm: 1 for a change)."""
     session = session_value(api_key)
 
-    def operator(request: Request) -> None:
+    def operator(request: Request,
+                 declared: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)] = None) -> None:
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), api_key.encode()):
             return
