@@ -38,7 +38,7 @@ def host_report(netns: str, *, network: HostNetwork | None = None, uplink: str |
     plan = network.plan if network is not None else NetworkPlan.build(IPv4Network("192.168.100.0/24"), "br0", uplink)
     doctor = Doctor(Sources(plan=plan, netns=NetworkNamespace(netns), vmm_choice=vmm, kernel=kernel, rootfs=rootfs,
                             status=None if network is None else network.status, record=None, records=None,
-                            vmms=DriverVmms(), qemu=qemu))
+                            vmms=DriverVmms(), qemu=qemu, expected=None if network is None else network.expected))
     started = time.monotonic()
     report = asyncio.run(doctor.host())
     assert time.monotonic() - started < BUDGET_S

@@ -200,8 +200,10 @@ def test_status_names_each_broken_piece(namespaces: Namespaces, tmp_path: Path) 
         result = browservm("host", "status", state=tmp_path, netns=ns)
         assert result.returncode == 1
         report = {line.split()[1] + " " + line.split()[2]: line for line in result.stdout.splitlines()}
-        assert report["bridge br0"].startswith("FAIL") and "lacks 192.168.100.1/24" in report["bridge br0"]
+        assert report["bridge br0"].startswith("FAIL")
+        assert "gateway address: expected 192.168.100.1/24, found none" in report["bridge br0"]
         assert "changed since browservm installed it" in report["nftables tables"]
+        assert "rule inet browservm input 'accept': expected absent, found accept" in report["nftables tables"]
         assert "orphan: VM vm-gone holds no lease" in report["tap fc-stray"]
         assert "tap fc-theirs" not in report
         assert f"VM vm-lost has no TAP {lease.tap}" in report[f"lease {lease.address.ip}"]

@@ -18,6 +18,12 @@ FIXES: dict[str, str] = {
     "bridge.no_address": "put the gateway address back on the bridge: `browservm host up`",
     "bridge.address_elsewhere": "another link carries an address in the VM subnet: remove it, or configure "
                                 "another --subnet",
+    "bridge.changed": "a property `host up` set on the bridge was changed afterwards: the evidence names it with "
+                      "the value browservm set, the value found and the command that puts it back",
+    "netns.changed": "a property `host up` set in the namespace was changed afterwards: the evidence names it and "
+                     "the command that puts it back",
+    "routing_rule.changed": "the routing rules are not in the order `host up` put them: the evidence names the "
+                            "rule and the commands that put it back",
     "forwarding.off": "turn forwarding back on: `browservm host up` (VMs cannot reach the uplink without it)",
     "nft.table_missing": "someone deleted browservm's nftables tables (a firewall reload?): `browservm host up` "
                          "puts them back; `serve` restores them by itself",
@@ -65,6 +71,9 @@ FIXES: dict[str, str] = {
     "tap.down": "bring the TAP up: `ip link set TAP up` in the VM namespace",
     "tap.not_isolated": "the TAP is not an isolated bridge port, so VMs can reach each other: "
                         "`bridge link set dev TAP isolated on`, or recreate the VM",
+    "tap.changed": "a property `vm create` set on the VM's TAP was changed afterwards: the evidence names it with "
+                   "the value browservm set, the value found and the command that puts it back (or `browservm vm "
+                   "rm` and create the VM again)",
     "tap.not_ours": "the TAP's alias names another VM or controller: recreate the VM",
     "address.conflict": "another VM record holds this VM's address or MAC: destroy one of them",
     "neighbour.conflict": "the host's neighbour table maps the VM's address to another MAC: another machine on "

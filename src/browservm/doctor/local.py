@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from browservm.config import Settings
+from browservm.controller import plan_for
 from browservm.doctor.run import DriverVmms, Sources
 from browservm.hostnet.host import HostNetwork
 from browservm.hostnet.netns import NetworkNamespace
@@ -16,7 +17,8 @@ from browservm.vm.records import VmRecord, VmRecords
 
 
 def plan_of(settings: Settings) -> NetworkPlan:
-    return NetworkPlan.build(settings.subnet, settings.bridge, settings.uplink, settings.guest_ports)
+    # The controller's own plan, egress lists included: the firewall it installed is rendered from them.
+    return plan_for(settings)
 
 
 def sources(settings: Settings, *, network: HostNetwork | None, records: VmRecords | None,
@@ -33,4 +35,4 @@ def sources(settings: Settings, *, network: HostNetwork | None, records: VmRecor
     return Sources(plan=plan_of(settings), netns=NetworkNamespace(settings.netns), vmm_choice=settings.vmm,
                    kernel=settings.kernel, rootfs=settings.rootfs,
                    status=None if network is None else network.status, record=record, records=every,
-                   vmms=DriverVmms(jail_root))
+                   vmms=DriverVmms(jail_root), expected=None if network is None else network.expected)

@@ -4,14 +4,16 @@
            host.vmm host.kernel host.image                                    what VMs would boot with
     VM     the host network pieces, then the VM's hops in order (vm/hops.py):
            vmm.spawn  the VMM is alive (PID and start time) and uses the record's TAP, MAC and ip=
-           net.tap    the TAP exists, is up, is an isolated port of the VM's bridge, carries its alias;
-                      no other record or neighbour entry claims the VM's address or MAC
+           net.tap    every property `vm create` set on the TAP, as hostnet/expected.py describes it
+                      (doctor/props.py); no other record or neighbour entry claims the VM's address or MAC
            guest.network  the console's IP-Config or browservm-net line (which, and what it set)
            net.arp    ARP on the bridge answered from the VM's MAC
            desktop.ready  the desktop supervisor's marker for the VM's desktop path's listener
            net.tcp  ws.upgrade  rfb.banner   through the readiness probes (vm/readiness.py); ws.upgrade
                       only on the websockify path (vm/desktop_path.py)
            desktop.complete  the supervisor's last marker
+The host pieces compare every property `host up` set with what is there, from the same
+description (a changed one is named with the expected and the found value).
 The VM walk stops at the first failing hop (later ones are `skipped`); host pieces are all
 checked. The verdict is the first failure in that order, with its cause code (causes.py).
 
@@ -38,6 +40,7 @@ from typing import Protocol, TypeVar
 from browservm.bootargs import BootArgsError, ip_config_from_cmdline
 from browservm.doctor.hostview import HostView, foreign_drop_policies, foreign_drops, read_host_view
 from browservm.doctor.images import ImageFacts, KernelFacts, inspect_image, inspect_kernel_file
+from browservm.doctor.props import firewall_properties, host_properties, port_properties
 from browservm.doctor.report import (
     FAIL,
     HOST_BRIDGE,
@@ -56,8 +59,8 @@ from browservm.doctor.report import (
 from browservm.doctor.vmmview import VmmView, read_vmm_view
 from browservm.errors import BrowserVMError, ProbeFailed, VmNotFound
 from browservm.guest.netconfig import DISABLE_WORD
+from browservm.hostnet.expected import Expectation, plan_expectation
 from browservm.hostnet.host import Check
-from browservm.hostnet.links import TAP_ALIAS_PREFIX
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.ids import validate_vm_id
 from browservm.markers import parse_marker
@@ -178,6 +181,8 @@ class Sources:
     vmms: VmmInspector
     qemu: str = QEMU
     firecracker: str = firecracker.FIRECRACKER
+    # HostNetwork.expected: what this state directory set; None: only what the plan alone says.
+    expected: Callable[[], Expectation] | None = None
 
 
 class Doctor:
@@ -190,13 +195,14 @@ class Doctor:
     async def host(self) -> Report:
         """Every piece the VMs depend on, and what a VM would boot with."""
         started = time.monotonic()
-        (view, checks, status_error, read), vmm, images = await asyncio.gather(
+        (view, checks, status_error, expectation, read), vmm, images = await asyncio.gather(
             self._host_state(), self._vmm_piece(), self._images_pieces())
-        results = [*self._network_pieces(view, checks, status_error, read, for_vm=False), vmm, *images]
+        results = [*self._network_pieces(view, checks, status_error, expectation, read, for_vm=False), vmm,
+                   *images]
         return Report("host", None, results, time.monotonic() - started)
 
-    async def _host_state(self) -> tuple[HostView | None, list[Check], str | None, float]:
-        """The namespace snapshot and `host status`, side by side; and how long that took."""
+    async def _host_state(self) -> tuple[HostView | None, list[Check], str | None, Expectation, float]:
+        """The namespace snapshot, `host status` and what was set, side by side; and how long that took."""
         started = time.monotonic()
         async def view() -> HostView | None:
             try:
@@ -214,11 +220,22 @@ class Doctor:
             except Exception as exc:  # SQLite's and netlink's own errors: evidence, not a crash
                 return [], f"{type(exc).__name__}: {exc}"
 
-        snapshot, (checks, error) = await asyncio.gather(view(), status())
-        return snapshot, checks, error, time.monotonic() - started
+        async def expected() -> tuple[Expectation, str | None]:
+            fallback = plan_expectation(self._s.plan, self._s.netns.name)
+            if self._s.expected is None:
+                return fallback, None
+            try:
+                return await bounded(self._s.expected, self._d.host, "what `host up` set"), None
+            except (BrowserVMError, OSError) as exc:
+                return fallback, str(exc)
+            except Exception as exc:  # SQLite's own errors: evidence, not a crash
+                return fallback, f"{type(exc).__name__}: {exc}"
 
-    def _network_pieces(self, view: HostView | None, checks: list[Check], status_error: str | None, seconds: float,
-                        *, for_vm: bool) -> list[HopResult]:
+        snapshot, (checks, error), (expectation, expected_error) = await asyncio.gather(view(), status(), expected())
+        return snapshot, checks, error or expected_error, expectation, time.monotonic() - started
+
+    def _network_pieces(self, view: HostView | None, checks: list[Check], status_error: str | None,
+                        expectation: Expectation, seconds: float, *, for_vm: bool) -> list[HopResult]:
         """The host network's pieces, judged from one snapshot: each carries the snapshot's time."""
         netns = HopResult(HOST_NETNS, seconds=seconds)
         pieces = [netns] + [HopResult(name, seconds=seconds)
@@ -243,37 +260,20 @@ class Doctor:
                                 fatal=False))
         elif status_error is not None:
             netns.found(Finding("probe.error", "`host status` could not run", [status_error], fatal=False))
-        bridge, forwarding, firewall, uplink = pieces[1:]
+        bridge, _, firewall, uplink = pieces[1:]
+        # Every property `host up` set, from the host network's own description (doctor/props.py).
+        host_properties(expectation, view, {piece.hop: piece for piece in pieces})
         self._bridges(view, bridge)
-        self._forwarding(view, forwarding)
-        self._firewall(view, checks, firewall, for_vm)
+        self._firewall(view, checks, expectation, firewall, for_vm)
         self._uplink(view, uplink)
         self._other_checks(checks, bridge, firewall, for_vm)
         return pieces
 
     def _bridges(self, view: HostView, result: HopResult) -> None:
+        """No other link in the VM subnet (what the bridges themselves carry is in host_properties)."""
         plan = self._s.plan
-        for segment in plan.segments:
-            link = view.links.get(segment.bridge)
-            gateway = segment.gateway
-            result.checked.append(f"bridge {segment.bridge} exists, is a bridge, is up and carries {gateway}")
-            if link is None:
-                result.found(Finding("bridge.missing", f"the bridge {segment.bridge} does not exist"))
-                continue
-            if link.kind != "bridge":
-                result.found(Finding("bridge.not_bridge", f"{segment.bridge} is a {link.kind or 'plain'} link, "
-                                                          "not a bridge"))
-                continue
-            if not link.up:
-                result.found(Finding("bridge.down", f"the bridge {segment.bridge} is down: nothing reaches the VMs "
-                                                    "behind it", [f"{segment.bridge}: admin state down (no IFF_UP)"]))
-            addresses = view.addresses.get(link.index, [])
-            if gateway not in addresses:
-                have = ", ".join(str(a) for a in addresses) or "no IPv4 address"
-                result.found(Finding("bridge.no_address", f"the bridge {segment.bridge} lacks the gateway address "
-                                                          f"{gateway}: the host has no route to its VMs",
-                                     [f"expected {gateway} on {segment.bridge}, found {have}"]))
         ours = set(plan.bridges)
+        result.checked.append(f"no other link carries an address in {plan.subnet}")
         for other in view.links.values():
             if other.name in ours:
                 continue
@@ -283,14 +283,8 @@ class Doctor:
                                          f"{other.name} carries {address}, inside the VM subnet {plan.subnet}",
                                          [f"{other.name}: {address}"]))
 
-    def _forwarding(self, view: HostView, result: HopResult) -> None:
-        value = view.sysctls.get("net.ipv4.ip_forward")
-        result.checked.append(f"net.ipv4.ip_forward = {value}")
-        if value != "1":
-            result.found(Finding("forwarding.off", "IPv4 forwarding is off: VMs cannot reach anything past the host",
-                                 [f"net.ipv4.ip_forward = {value} (expected 1)"]))
-
-    def _firewall(self, view: HostView, checks: list[Check], result: HopResult, for_vm: bool) -> None:
+    def _firewall(self, view: HostView, checks: list[Check], expectation: Expectation, result: HopResult,
+                  for_vm: bool) -> None:
         from browservm.hostnet.firewall import TABLES  # noqa: PLC0415 - one name, kept next to its only use
 
         plan = self._s.plan
@@ -303,13 +297,12 @@ class Doctor:
         if missing:
             result.found(Finding("nft.table_missing", f"browservm's nftables table {', '.join(missing)} is missing",
                                  [f"nft list ruleset has no table {name}" for name in missing]))
+        named = not missing and firewall_properties(expectation, view, result)
         for check in checks:
-            if check.piece.startswith("nftables") and not check.ok and not missing:
+            # What the named differences do not cover: another configuration, an interrupted install.
+            if check.piece.startswith("nftables") and not check.ok and not missing and not named:
                 result.found(Finding("nft.table_changed", "browservm's nftables tables are not as `host up` "
                                      f"wrote them: {check.detail}", [f"{check.piece}: {check.detail}"]))
-            elif check.piece.startswith("routing rule") and not check.ok:
-                result.found(Finding("routing_rule.missing", f"{check.piece}: {check.detail}",
-                                     [f"{check.piece}: {check.detail}"]))
         result.checked.append("equal to what `host up` would write" if checks else
                               "equal to what `host up` would write: not checked (no state directory)")
         # A rule that drops the subnet or a bridge matches for every port: listed once.
@@ -479,9 +472,10 @@ class Doctor:
             raise DoctorTimeout("reading the VM's record", self._d.host) from None
         if record is None:
             raise VmNotFound(vm_id)
-        (view, checks, status_error, read), others = await asyncio.gather(self._host_state(), self._other_records())
-        pieces = self._network_pieces(view, checks, status_error, read, for_vm=True)
-        walk = _Walk(self, record, view, others)
+        (view, checks, status_error, expectation, read), others = await asyncio.gather(self._host_state(),
+                                                                                       self._other_records())
+        pieces = self._network_pieces(view, checks, status_error, expectation, read, for_vm=True)
+        walk = _Walk(self, record, view, others, expectation)
         results = pieces + await walk.run()
         return Report("vm", vm_id, results, time.monotonic() - started)
 
@@ -506,8 +500,10 @@ class Doctor:
 class _Walk:
     """One VM's hops in order; stops at the first failure."""
 
-    def __init__(self, doctor: Doctor, record: VmRecord, view: HostView | None, others: list[VmRecord]) -> None:
+    def __init__(self, doctor: Doctor, record: VmRecord, view: HostView | None, others: list[VmRecord],
+                 expectation: Expectation) -> None:
         self._doctor = doctor
+        self._expectation = expectation
         self._s = doctor.sources
         self._d = doctor.deadlines
         self.record = record
@@ -627,34 +623,15 @@ class _Walk:
 
     async def _tap(self, result: HopResult) -> None:
         record, view = self.record, self._view
-        result.checked.append(f"TAP {record.tap} exists, is up, is an isolated port of {record.bridge}, "
-                              "carries this VM's alias")
         if view is None or not view.netns_exists:
             result.found(Finding("probe.error", "the VM network's namespace could not be read"))
             return
-        link = view.links.get(record.tap)
-        if link is None:
-            result.found(Finding("tap.missing", f"the TAP {record.tap} does not exist: the VMM is cut off from the "
-                                                "bridge", [f"no link named {record.tap} in the namespace"]))
+        if self._address is None:
+            result.found(Finding("probe.error", "the VM's record holds no address to check its port against"))
             return
-        bridge = view.links.get(record.bridge)
-        if link.master is None:
-            result.found(Finding("tap.detached", f"the TAP {record.tap} is not attached to any bridge (it should be "
-                                                 f"a port of {record.bridge})", [f"{record.tap}: no master"]))
-        elif bridge is None or link.master != bridge.index:
-            master = view.link_by_index(link.master)
-            result.found(Finding("tap.wrong_bridge", f"the TAP {record.tap} is a port of "
-                                 f"{master.name if master else link.master}, not of {record.bridge}"))
-        if not link.up:
-            result.found(Finding("tap.down", f"the TAP {record.tap} is down", [f"{record.tap}: no IFF_UP"]))
-        if link.master is not None and link.index not in view.isolated:
-            result.found(Finding("tap.not_isolated", f"the TAP {record.tap} is not an isolated port: VMs could "
-                                                     "reach each other", fatal=False))
-        expected = f"{TAP_ALIAS_PREFIX}{record.vm_id} "
-        if not (link.alias or "").startswith(expected):
-            result.found(Finding("tap.not_ours", f"the TAP's alias is {link.alias!r}, not this VM's",
-                                 [f"expected an alias starting {expected!r}"], fatal=False))
-        self._conflicts(view, result)
+        port_properties(self._expectation, record, str(self._address), view, result)
+        if record.tap in view.links:
+            self._conflicts(view, result)
 
     def _conflicts(self, view: HostView, result: HopResult) -> None:
         record = self.record

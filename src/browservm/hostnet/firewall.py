@@ -408,6 +408,11 @@ class Nftables:
         return True
 
 
+def ours(listing: list[NftObject]) -> list[NftObject]:
+    """The objects of browservm's tables in a listing of the whole ruleset."""
+    return [obj for obj in listing if _is_ours(obj)]
+
+
 def _is_ours(obj: NftObject) -> bool:
     for kind, body in obj.items():
         if kind == "metainfo" or not isinstance(body, dict):

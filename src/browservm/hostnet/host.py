@@ -33,8 +33,16 @@ from typing import Concatenate, ParamSpec, TypeVar
 
 from browservm.errors import HostNetworkError
 from browservm.faults import crash_point
+from browservm.hostnet.expected import (
+    FIREWALL,
+    Expectation,
+    Mismatch,
+    compare,
+    host_props,
+    ruleset_mismatches,
+    vm_port,
+)
 from browservm.hostnet.firewall import (
-    VM_PORT_GROUP,
     Nftables,
     VmPort,
     VmPorts,
@@ -44,18 +52,18 @@ from browservm.hostnet.firewall import (
     ruleset_digest,
     vm_elements,
 )
-from browservm.hostnet.links import BRIDGE_ALIAS, LinkInfo, Links, attach_port, create_tap, tap_alias
+from browservm.hostnet.links import BRIDGE_ALIAS, LinkInfo, Links, attach_port, create_tap
 from browservm.hostnet.netns import NetworkNamespace
+from browservm.hostnet.observed import Snapshot, read_snapshot
 from browservm.hostnet.rtnl import RtnlSocket
 from browservm.hostnet.rules import PolicyRules, rule_pref
-from browservm.hostnet.sysctl import Sysctl
+from browservm.hostnet.sysctl import IP_FORWARD, Sysctl
 from browservm.ids import names_for
 from browservm.ipam import Ipam, Lease
 from browservm.netplan import NetworkPlan, Segment
 from browservm.store import Store
 
-IP_FORWARD = "net.ipv4.ip_forward"
-FIREWALL = "nftables tables inet+bridge browservm"
+__all__ = ["FIREWALL", "IP_FORWARD", "Change", "Check", "HostNetwork"]
 _DRIFT_KEPT = 20  # drift events kept in the store
 _log = logging.getLogger("browservm.hostnet")
 
@@ -442,25 +450,41 @@ class HostNetwork:
         return [(float(name), self._records.get("drift", name) or "") for name in self._records.names("drift")]
 
     @_confined
+    def expected(self) -> Expectation:
+        """What this state directory's `host up` and `add_tap` set, for `status` and the doctor to compare."""
+        record = self._records.get("nft", "inet browservm")
+        listing = json.loads(record)["listing"] if record is not None else None
+        props = host_props(self.plan, netns=self.netns.name, own_netns=bool(self._records.names("netns")),
+                           made_bridges=self._records.names("bridge"))
+        return Expectation(tuple(props), listing, self.owner, self._tap_owner, self.netns.name)
+
+    @_confined
     def status(self) -> list[Check]:
         checks: list[Check] = []
-        if self.netns.name is not None:
-            exists = self.netns.exists()
-            checks.append(Check(f"netns {self.netns.name}", exists, "present" if exists else "missing"))
-            if not exists:
-                return checks
+        if self.netns.name is not None and not self.netns.exists():
+            return [Check(f"netns {self.netns.name}", False, "missing")]
+        snapshot = read_snapshot(self.netns)
+        expectation = self.expected()
+        props = _by_piece(compare(expectation.host, snapshot))
+        ok_details = {f"netns {self.netns.name}": "present", f"sysctl {IP_FORWARD}": "1"}
+        for segment in self.plan.segments:
+            ok_details[f"bridge {segment.bridge}"] = f"up, {segment.gateway}"
+            ok_details[f"routing rule {segment.bridge}"] = \
+                f"pref {rule_pref(segment.index)}: unchecked packets from VMs are not routed"
+        ok_details["routing rule local"] = "the local table is looked up after browservm's rules"
+        pieces = list(dict.fromkeys(prop.piece for prop in expectation.host))
+        if self.netns.name is not None and f"netns {self.netns.name}" not in pieces:
+            pieces.insert(0, f"netns {self.netns.name}")
+        checks += [Check(f"read {what}", False, what) for what in snapshot.errors]
         with self._inside() as links:
-            forwarding = self._sysctl.read(IP_FORWARD)
-            checks.append(Check(f"sysctl {IP_FORWARD}", forwarding == "1", forwarding))
-            for segment in self.plan.segments:
-                checks.append(self._check_bridge(links, segment))
-                checks += self._check_foreign_ports(links, segment)
-                pref = rule_pref(segment.index)
-                present = self._rules.present(segment.bridge, pref)
-                checks.append(Check(f"routing rule {segment.bridge}", present,
-                                    f"pref {pref}: unchecked packets from VMs are not routed" if present
-                                    else "missing: a flushed ruleset would not fail closed; run `host up`"))
-            checks.append(self._check_firewall(links))
+            for piece in pieces:
+                wrong = props.get(piece, [])
+                checks.append(Check(piece, not wrong, "; ".join(m.text for m in wrong) if wrong
+                                    else ok_details.get(piece, "as set")))
+                bridge = next((s for s in self.plan.segments if piece == f"bridge {s.bridge}"), None)
+                if bridge is not None:
+                    checks += self._check_foreign_ports(links, bridge)
+            checks.append(self._check_firewall(links, name_changes=True))
             events = self.drift_events()
             if events:
                 when, what = events[-1]
@@ -470,23 +494,8 @@ class HostNetwork:
                 uplink = links.get(self.plan.uplink)
                 checks.append(Check(f"uplink {self.plan.uplink}", uplink is not None and uplink.up,
                                     "missing" if uplink is None else ("up" if uplink.up else "down")))
-            checks += self._check_taps(links)
+            checks += self._check_taps(links, expectation, snapshot)
         return checks
-
-    def _check_bridge(self, links: Links, segment: Segment) -> Check:
-        piece = f"bridge {segment.bridge}"
-        bridge = links.get(segment.bridge)
-        if bridge is None:
-            return Check(piece, False, "missing")
-        problems = []
-        if bridge.kind != "bridge":
-            problems.append(f"is a {bridge.kind or 'plain'} link")
-        if not bridge.up:
-            problems.append("down")
-        if segment.gateway not in links.addresses(bridge):
-            problems.append(f"lacks {segment.gateway}")
-        detail = "; ".join(problems) if problems else f"up, {segment.gateway}"
-        return Check(piece, not problems, detail)
 
     def _check_foreign_ports(self, links: Links, segment: Segment) -> list[Check]:
         """A port on our bridge that is not a VM's TAP: its frames reach no VM and not the host."""
@@ -498,7 +507,8 @@ class HostNetwork:
                       f"{link.kind or 'plain'}, alias {link.alias!r}): its frames are dropped; remove it")
                 for link in links.all() if link.master == bridge.index and link.name not in mine]
 
-    def _check_firewall(self, links: Links) -> Check:
+    def _check_firewall(self, links: Links, name_changes: bool = False) -> Check:
+        """Our tables against what `host up` installed; with `name_changes`, each difference is named."""
         piece = FIREWALL
         current = self._nft.list_table()
         if current is None:
@@ -512,42 +522,34 @@ class HostNetwork:
         if record["digest"] != ruleset_digest(self._desired_firewall()):
             return Check(piece, False, "installed for another configuration; run `host up`")
         if record["listing"] != normalise_listing(current):
-            return Check(piece, False, "changed since browservm installed it; run `host up`")
+            named = ruleset_mismatches(record["listing"], current) if name_changes else []
+            return Check(piece, False, "changed since browservm installed it; run `host up`"
+                         + "".join(f"; {m.text}" for m in named))
         missing = self._missing_elements(current, self._vm_ports(links))
         if missing:
             return Check(piece, False, f"lacks the addresses of VM ports {', '.join(sorted(missing))}: "
                          "their frames are dropped; run `host up`")
         return Check(piece, True, f"as installed ({record['digest']})")
 
-    def _check_taps(self, links: Links) -> list[Check]:
+    def _check_taps(self, links: Links, expectation: Expectation, snapshot: Snapshot) -> list[Check]:
         leases = {lease.vm_id: lease for lease in self._leases()}
-        bridges = {b.index: b.name for b in (links.get(n) for n in self.plan.bridges) if b is not None}
         checks = []
         ours = self._our_taps(links, list(leases.values()))
-        isolated = links.isolated_ports()
         healthy = 0
         for link, vm_id in ours.items():
             lease = leases.get(vm_id)
-            problems = []
             if link.half_made_tap:
                 checks.append(Check(f"tap {link.name}", False, f"VM {vm_id}'s, half made: created but never "
                                     "attached (its start was interrupted); `vm rm` removes it"))
                 continue
+            problems = []
             if lease is None:
                 problems.append(f"orphan: VM {vm_id} holds no lease")
             elif link.name != lease.tap:
                 problems.append(f"VM {vm_id} should have TAP {lease.tap}")
-            elif bridges.get(link.master or -1) != lease.bridge:
-                problems.append(f"not attached to {lease.bridge}")
-            if not link.up:
-                problems.append("down")
-            if link.index not in isolated:
-                problems.append("not isolated: it can reach other VMs")
-            if link.group != VM_PORT_GROUP:
-                problems.append(f"in interface group {link.group}, not {VM_PORT_GROUP:#x}: its frames are unchecked")
-            if link.tap_owner is not None and link.tap_owner != self._tap_owner:
-                problems.append(f"owned by {link.tap_owner[0]}:{link.tap_owner[1]}, not "
-                                f"{self._tap_owner[0]}:{self._tap_owner[1]}")
+            else:
+                props = expectation.port(vm_id, lease.tap, lease.bridge, lease.mac, lease.address.ip)
+                problems += [m.text for m in compare(props, snapshot)]
             if problems:
                 checks.append(Check(f"tap {link.name}", False, "; ".join(problems)))
             else:
@@ -704,11 +706,15 @@ class HostNetwork:
         and every frame is dropped. A failure leaves neither port nor elements.
         """
         port = VmPort(lease.tap, lease.mac, lease.address.ip)
+        # The values `host status` and the doctor expect on this port: one description (expected.py).
+        spec = vm_port(lease.vm_id, lease.tap, lease.bridge, lease.mac, lease.address.ip, controller=self.owner,
+                       tap_owner=self._tap_owner)
+        assert spec.alias is not None
         rtnl = RtnlSocket()
         try:
             with self._port_lock:
-                attach_port(rtnl, index, lease.tap, lease.bridge, tap_alias(lease.vm_id, self.owner),
-                            netns=self.netns.name, group=VM_PORT_GROUP, mac=lease.mac, address=lease.address.ip)
+                attach_port(rtnl, index, spec.tap, spec.bridge, spec.alias, netns=self.netns.name, group=spec.group,
+                            mac=spec.mac, address=spec.address)
                 self._ports.add(port)
         except BaseException:
             with contextlib.suppress(HostNetworkError):  # the first error is the one to report
@@ -768,6 +774,13 @@ class HostNetwork:
         """TAP name -> VM id, for every TAP that this controller made, half-made ones of leased VMs included."""
         with self._inside() as links:
             return {link.name: vm_id for link, vm_id in self._our_taps(links, self._leases()).items()}
+
+
+def _by_piece(mismatches: list[Mismatch]) -> dict[str, list[Mismatch]]:
+    grouped: dict[str, list[Mismatch]] = {}
+    for mismatch in mismatches:
+        grouped.setdefault(mismatch.prop.piece, []).append(mismatch)
+    return grouped
 
 
 def _removed(present: bool) -> tuple[str, str]:

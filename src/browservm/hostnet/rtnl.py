@@ -40,6 +40,12 @@ _IFLA_IFALIAS = 20
 _IFLA_GROUP = 27
 _IFLA_BRPORT_LEARNING = 8
 _IFLA_BRPORT_ISOLATED = 33
+# A VM port's bridge-port options, named as `bridge -d link` and IFLA_BRPORT_* name them: what
+# `make_isolated_port` sets, and what `host status` and the doctor expect (expected.py).
+VM_PORT_OPTIONS: tuple[tuple[str, int, bool], ...] = (
+    ("isolated", _IFLA_BRPORT_ISOLATED, True),  # no frames to or from another isolated port
+    ("learning", _IFLA_BRPORT_LEARNING, False),  # only with the VM's MAC pinned (below)
+)
 _NDA_DST, _NDA_LLADDR = 1, 2
 _NUD_NOARP, _NUD_PERMANENT = 0x40, 0x80
 _NTF_MASTER, _NTF_STICKY = 0x04, 0x40
@@ -91,9 +97,9 @@ class RtnlSocket:
                                  _attr(_IFLA_MASTER, struct.pack("=I", master))
                                  + _attr(_IFLA_IFALIAS, alias.encode() + b"\0")
                                  + _attr(_IFLA_GROUP, struct.pack("=I", group)), up=True)
-        options = _attr(_IFLA_BRPORT_ISOLATED, b"\x01")
-        if mac is not None:
-            options += _attr(_IFLA_BRPORT_LEARNING, b"\x00")
+        # Without a MAC to pin the port keeps learning: the bridge must learn where its frames come from.
+        options = b"".join(_attr(kind, bytes([value])) for name, kind, value in VM_PORT_OPTIONS
+                           if mac is not None or name != "learning")
         messages += self._message(_RTM_SETLINK, _AF_BRIDGE, index, _attr(_IFLA_PROTINFO | _NLA_F_NESTED, options))
         if mac is not None:
             messages += self._neighbour(_RTM_NEWNEIGH, _AF_BRIDGE, index, _NUD_NOARP, flags=_NTF_MASTER | _NTF_STICKY,

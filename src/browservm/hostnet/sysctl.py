@@ -11,6 +11,8 @@ from pathlib import Path
 
 from browservm.errors import HostNetworkError
 
+IP_FORWARD = "net.ipv4.ip_forward"  # the one sysctl `host up` sets
+
 
 class Sysctl:
     def __init__(self, root: Path = Path("/proc/sys"), netns: str | None = None) -> None:
