@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from browservm.errors import StateError
+from browservm.secretfile import check_state_dir
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -79,6 +80,9 @@ _BUSY_TIMEOUT_S = 30.0
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
+        # Its directory is the state directory: one another user could write would let them swap the
+        # database, or plant links where the chmods below and the key files go (secretfile.py).
+        check_state_dir(path.parent)
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             # Shared by the caller's thread and the host network's worker thread, one at a time.

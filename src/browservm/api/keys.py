@@ -4,33 +4,23 @@ signs viewer tokens. Made at the first start, readable by root alone (0600), nev
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
 from browservm.errors import StateError
+from browservm.secretfile import read_or_create
 
 API_KEY_FILE = "api.key"
 SIGNING_KEY_FILE = "viewer-signing.key"
 
 
 def load_or_create(path: Path, make: str) -> str:
-    """The secret in `path`, or `make` written there (mode 0600, created exclusively) when there is none."""
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            os.chmod(path, 0o600)  # whatever it was before: a key readable by others is a key given away
-            secret = path.read_text().strip()
-            if not secret:
-                raise StateError(str(path), "is empty; delete it to have a new key made") from None
-            return secret
-        with os.fdopen(fd, "w") as stream:
-            stream.write(make + "\n")
-        return make
-    except OSError as exc:
-        raise StateError(str(path), f"cannot read or write the key: {exc.strerror}") from exc
+    """The secret in `path`, or `make` written there (mode 0600, created exclusively) when there is none;
+    never through a link, never in a directory another user controls (secretfile.py)."""
+    secret = read_or_create(path, make, "the key").strip()
+    if not secret:
+        raise StateError(str(path), "is empty; delete it to have a new key made")
+    return secret
 
 
 def api_key(state_dir: Path, given: str | None = None) -> tuple[str, Path | None]:

@@ -47,6 +47,7 @@ class VmOut(BaseModel):
     failure: FailureOut | None
     ended_reason: str
     started_from: str = Field(description="cold (booted), restored (from a snapshot) or pooled (taken ready)")
+    in_pool: bool = Field(description="kept ready in the warm pool, not yet handed to a user (set by the pool alone)")
     snapshot: str = Field(description="the snapshot it was restored from (its key), or empty")
     desktop_path: str = Field(description="how the controller reaches its desktop: rfb (x11vnc on :5901) or "
                                           "websockify (:6080)")
@@ -61,8 +62,8 @@ class VmOut(BaseModel):
             mem_mib=record.mem_mib, created_at=record.created_at, uptime_s=round(time.time() - record.created_at, 1),
             address=record.address, tap=record.tap, mac=record.mac, driver=record.driver, accel=record.accel,
             pid=record.pid, stages=record.stages, ended_reason=record.ended_reason, viewers=viewers,
-            started_from=record.started_from, snapshot=record.snapshot, desktop_path=record.desktop_path,
-            idle_s=None if idle_s is None else round(idle_s, 1),
+            started_from=record.started_from, in_pool=record.in_pool, snapshot=record.snapshot,
+            desktop_path=record.desktop_path, idle_s=None if idle_s is None else round(idle_s, 1),
             failure=None if failure is None else FailureOut(hop=failure.hop, reason=failure.reason, hint=failure.hint,
                                                             evidence=list(failure.evidence),
                                                             cleanup=list(failure.cleanup)))

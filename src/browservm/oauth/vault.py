@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import re
 import secrets
 import time
@@ -30,8 +29,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from browservm.errors import StateError
 from browservm.oauth.errors import CredentialsNotFound, VaultError
+from browservm.secretfile import read_or_create
 from browservm.store import Store
 
 KEY_FILE = "vault.key"
@@ -53,27 +52,13 @@ def load_key(state_dir: Path, given: str | None = None) -> bytes:
     """The vault's key: the one given (setting `vault_key`), else `<state-dir>/vault.key`, made if missing.
 
     Blocking. Made with O_EXCL and mode 0600, so two controllers starting at once agree on one key and
-    no other user can read it.
+    no other user can read it; never read through a link or from a directory another user controls
+    (secretfile.py).
     """
     if given:
         return parse_key(given, "the setting vault_key (BROWSERVM_VAULT_KEY)")
     path = state_dir / KEY_FILE
-    try:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            os.chmod(path, 0o600)  # whatever it was: a key others can read is a key given away
-            return parse_key(path.read_text(), str(path))
-        key = secrets.token_bytes(32)
-        try:
-            os.write(fd, key.hex().encode() + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return key
-    except OSError as exc:
-        raise StateError(str(path), f"cannot read or make the vault key: {exc.strerror}") from exc
+    return parse_key(read_or_create(path, secrets.token_bytes(32).hex(), "the vault key"), str(path))
 
 
 def key_id(key: bytes) -> str:
