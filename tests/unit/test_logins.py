@@ -57,6 +57,7 @@ class FakeAgent:
 
     approve   waiting-for-user at once; `approve()` then makes it captured
     fail      failed with exit status 3 and its output
+    time-out  timed out (the tool's own deadline), with its output
     never     waiting-for-user until cancelled
     """
 
@@ -68,6 +69,8 @@ class FakeAgent:
         self.login: dict[str, Any] | None = None
         self.handed_over = False
         self.lock = threading.Lock()
+        self.output: list[str] | None = None  # what the tool printed, in place of the usual lines
+        self.reason: str | None = None  # why it failed, in place of the usual words
         agent = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -119,7 +122,7 @@ class FakeAgent:
             if self.state in ("starting", "waiting-for-user"):
                 return 409, {"error": "a login is running"}
             self.login = body
-            self.state = {"fail": "failed"}.get(self.mode, "waiting-for-user")
+            self.state = {"fail": "failed", "time-out": "timed-out"}.get(self.mode, "waiting-for-user")
             return 202, {"state": "starting"}
         if (method, path) == ("POST", "/v1/handover"):
             if self.handed_over:
@@ -138,11 +141,15 @@ class FakeAgent:
 
     def status(self) -> dict[str, Any]:
         failed = self.state == "failed"
+        # "{agent key}": the first 14 characters of the VM's agent key, known once the service asked.
+        output = ["Opening the browser", "error: the issuer answered 500"] if failed else []
+        if self.output is not None:
+            output = [line.replace("{agent key}", self.token[:14]) for line in self.output]
         return {"state": self.state, "provider": self.login["provider"] if self.login else None,
                 "auth_url_host": "issuer.test:9000" if self.state != "idle" else None,
                 "exit_status": 3 if failed else None,
-                "output": ["Opening the browser", "error: the issuer answered 500"] if failed else [],
-                "reason": "the tool exited before its credentials were there" if failed else None}
+                "output": output,
+                "reason": self.reason or ("the tool exited before its credentials were there" if failed else None)}
 
     def approve(self) -> None:
         with self.lock:
@@ -264,6 +271,48 @@ def test_a_tool_that_exits_non_zero_fails_the_login_with_its_status_and_output(
         assert login["output"] == ["Opening the browser", "error: the issuer answered 500"]
         await wait_state_destroyed(client, login["login_id"])
         assert (await client.get("/v1/users/ann/credentials/sample")).status_code == 404
+
+    served.run(scenario)
+
+
+# A JWT-shaped token the controller never saw (the tool could not write it), and a plain line.
+UNSEEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbm4ifQ.c2lnbmF0dXJlLW9mLTQ4LWJ5dGVz"
+
+
+def test_what_a_failed_or_timed_out_tool_printed_is_kept_without_any_credential(
+        logins_served: Callable[..., tuple[Served, LoginService]], agent: FakeAgent) -> None:
+    """Issue 18 #7: a failed or timed-out login stored the tool's output unredacted."""
+    served, _ = logins_served()
+    agent.output = ["Opening the browser", f"refreshing with {UNSEEN}", "agent key {agent key}…",
+                    "  at /usr/local/lib/node_modules/@sample/cli/dist/main.js:12:7"]
+    agent.reason = f"could not write the token {UNSEEN}"
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        for mode, end in (("fail", "failed"), ("time-out", "timed-out")):
+            agent.mode, agent.state, agent.login = mode, "idle", None
+            login = await wait_state(client, (await post_login(client))["login_id"], end)
+            assert login["output"] == ["Opening the browser", "refreshing with [redacted]",
+                                       "[redacted: it held a credential]",
+                                       "  at /usr/local/lib/node_modules/@sample/cli/dist/main.js:12:7"], mode
+            assert UNSEEN not in login["reason"] and "could not write the token [redacted]" in login["reason"]
+            await wait_state_destroyed(client, login["login_id"])
+
+    served.run(scenario)
+
+
+def test_a_captured_logins_output_drops_every_line_sharing_a_piece_of_a_credential(
+        logins_served: Callable[..., tuple[Served, LoginService]], agent: FakeAgent) -> None:
+    """The old redaction dropped only lines holding a whole credential word: a prefix stayed."""
+    served, _ = logins_served()
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        started = await post_login(client)
+        await wait_state(client, started["login_id"], "waiting-for-user")
+        agent.output = ["Logged in", f"token: {TOKEN[:13]}…", f"refresh …{REFRESH[-12:]}", "token_type Bearer"]
+        agent.approve()
+        login = await wait_state(client, started["login_id"], "captured")
+        assert login["output"] == ["Logged in", "[redacted: it held a credential]",
+                                   "[redacted: it held a credential]", "token_type Bearer"]
 
     served.run(scenario)
 

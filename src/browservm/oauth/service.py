@@ -32,6 +32,7 @@ from browservm.oauth.agent import CONNECT, PROTOCOL, AgentClient, AgentEndpoint,
 from browservm.oauth.catalog import Catalog, Provider
 from browservm.oauth.errors import AgentError, LoginConflict, LoginNotFound
 from browservm.oauth.records import LoginRecord, LoginRecords, bounded_output, new_login_id, validate_login_id
+from browservm.oauth.redact import Redactor, captured_secrets
 from browservm.oauth.states import LoginState, transition
 from browservm.oauth.vault import StoredCredentials, Vault
 from browservm.vm import hops
@@ -51,7 +52,6 @@ _VM_CHECK_S = 0.5
 _POLL_FAILURES = 3  # consecutive failed polls before the agent counts as gone
 _DEADLINE_GRACE_S = 2.0  # the agent's own deadline (the same timeout) normally ends it first
 _CANCEL_WAIT_S = 15.0
-_REDACTED = "[redacted: it held a captured credential]"
 
 
 class _Failed(Exception):
@@ -218,10 +218,12 @@ class LoginService:
             vm = await self._ready_vm(login)
             secrets = await asyncio.to_thread(self._manager.secrets, vm.vm_id)
             agent = AgentClient(self.agent_endpoint(vm), secrets["agent"])
+            # Every output and reason the tool gives is redacted, whatever the login's end (redact.py).
+            redactor = Redactor(secrets.values())
             await self._agent_up(agent, vm)
             await self._move(login, LoginState.STARTING)
             await agent.login(provider.agent_request())
-            await self._follow(login, provider, agent, vm)
+            await self._follow(login, provider, agent, vm, redactor)
         except asyncio.CancelledError:
             await asyncio.shield(self._cancelled(login, agent))
             raise
@@ -267,7 +269,8 @@ class LoginService:
                     raise _Failed(hop, reason) from None
             await asyncio.sleep(_AGENT_RETRY_S)
 
-    async def _follow(self, login: LoginRecord, provider: Provider, agent: AgentClient, vm: VmRecord) -> None:
+    async def _follow(self, login: LoginRecord, provider: Provider, agent: AgentClient, vm: VmRecord,
+                      redactor: Redactor) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + provider.timeout_s + _DEADLINE_GRACE_S
         failures = 0
@@ -283,7 +286,7 @@ class LoginService:
                     raise _Failed(hop, reason) from None
                 await asyncio.sleep(self.poll_s)
                 continue
-            if await self._settle(login, provider, agent, status):
+            if await self._settle(login, provider, agent, status, redactor):
                 return
             if loop.time() >= next_vm_check:  # a VM that died while its agent's answers still came (or were cached)
                 next_vm_check = loop.time() + _VM_CHECK_S
@@ -298,13 +301,15 @@ class LoginService:
                 return
             await asyncio.sleep(self.poll_s)
 
-    async def _settle(self, login: LoginRecord, provider: Provider, agent: AgentClient, status: AgentStatus) -> bool:
-        """Act on one status; True once the login is over."""
+    async def _settle(self, login: LoginRecord, provider: Provider, agent: AgentClient, status: AgentStatus,
+                      redactor: Redactor) -> bool:
+        """Act on one status; True once the login is over. Nothing the tool said is kept unredacted."""
         if status.state == "idle":
             raise _Failed("agent.login", "the agent has no login running (did it restart?)")
         if status.provider is not None and status.provider != provider.name:
             raise _Failed(PROTOCOL, f"the agent runs a {status.provider[:64]} login, not {provider.name}")
-        output = bounded_output(status.output)
+        output = redactor.lines(bounded_output(status.output))
+        said_why = None if status.reason is None else redactor.text(status.reason)
         if status.state == "waiting-for-user" and login.state == LoginState.STARTING:
             await self._move(login, LoginState.WAITING, auth_url_host=status.auth_url_host)
         elif status.state == "captured":
@@ -314,17 +319,17 @@ class LoginService:
                                                  handover.files)
             except BrowserVMError as exc:
                 raise _Failed(VAULT, _words(exc)) from None
-            login.output = _redacted(output, handover.files)
+            login.output = redactor.adding(captured_secrets(handover.files)).lines(output)
             await self._end(login, LoginState.CAPTURED, hop=None, files=len(handover.files), sha256=handover.sha256,
                             auth_url_host=status.auth_url_host or login.auth_url_host,
                             reason=None if stored else "a newer capture for this user and provider was kept")
             return True
         elif status.state == "failed":
             said = f"the tool exited with status {status.exit_status}" if status.exit_status is not None else ""
-            reason = "; ".join(part for part in (said, status.reason or "") if part) or "the tool failed"
+            reason = "; ".join(part for part in (said, said_why or "") if part) or "the tool failed"
             raise _Failed(TOOL, reason[:2000], status.exit_status, output)
         elif status.state == "timed-out":
-            await self._end(login, LoginState.TIMED_OUT, hop=None, reason=(status.reason or
+            await self._end(login, LoginState.TIMED_OUT, hop=None, reason=(said_why or
                             f"not finished within the provider's {provider.timeout_s} s")[:2000], output=output)
             return True
         elif status.state == "cancelled":
@@ -422,17 +427,3 @@ def _words(exc: BaseException) -> str:
     if isinstance(exc, asyncio.CancelledError):
         return "cancelled"
     return f"{type(exc).__name__}: {exc}"
-
-
-def _redacted(lines: list[str], files: dict[str, bytes]) -> list[str]:
-    """The tool's output as kept with a capture: a line holding a piece of a credential (a tool that
-    echoes a token) is dropped, so the record never carries one."""
-    secrets = set()
-    for data in files.values():
-        text = data.decode(errors="replace")
-        for word in text.replace('"', " ").replace(",", " ").replace(":", " ").replace("{", " ").replace("}", " ") \
-                .split():
-            if len(word) >= 12:
-                secrets.add(word)
-    return [_REDACTED if any(secret in line for secret in secrets) else line for line in lines]
-
