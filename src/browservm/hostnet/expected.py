@@ -366,8 +366,7 @@ def port_props(spec: VmPortSpec, *, netns: str | None, held_down: bool = False) 
         uid, gid = spec.owner
         props.append(Prop(piece, "TAP owner", f"{uid}:{gid}", _tun_owner(tap), "tap.changed",
                           "the VMM's user cannot open the TAP again (a restart of its VMM fails)",
-                          f"{exec_prefix}ip tuntap add dev {tap} mode tap vnet_hdr user {uid} group {gid}",
-                          fatal=False))
+                          f"{recreate} (`ip tuntap` cannot change an existing TAP's owner)", fatal=False))
     return props
 
 

@@ -556,7 +556,12 @@ class HostNetwork:
                 healthy += 1
         with_tap = set(ours.values())
         for vm_id, lease in leases.items():
-            if vm_id not in with_tap:
+            if vm_id in with_tap:
+                continue
+            if lease.tap in snapshot.links:  # there, but its label no longer says whose: name what differs
+                props = expectation.port(vm_id, lease.tap, lease.bridge, lease.mac, lease.address.ip)
+                checks.append(Check(f"tap {lease.tap}", False, "; ".join(m.text for m in compare(props, snapshot))))
+            else:
                 checks.append(Check(f"lease {lease.address.ip}", False, f"VM {vm_id} has no TAP {lease.tap}"))
         checks.append(Check("taps", True, f"{healthy} attached and up, {len(leases)} leases of "
                                           f"{self.plan.capacity} addresses"))
