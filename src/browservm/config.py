@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     vmm_user: str = Field("root", description="user that owns the TAP devices (runs the VMM)")
     guest_ports: tuple[int, ...] = Field((), description="TCP ports on the gateway that VMs may reach")
     vmm: str = Field("auto", description="auto (Firecracker where it can run, else QEMU), firecracker or qemu")
+    accel: Literal["auto", "kvm", "tcg"] = Field(
+        "auto", description="QEMU's accelerator: auto (KVM only where a probe guest of the kernel runs under it to "
+                            "its end, else TCG), kvm or tcg")
     kernel: Path | None = Field(None, description="guest kernel (ELF vmlinux); default: build ours")
     rootfs: Path | None = Field(None, description="golden root filesystem image; default: build ours")
     image_profile: str = Field("full", description="full (with Chromium) or minimal, when building the image")

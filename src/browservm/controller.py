@@ -65,8 +65,8 @@ def open_controller(settings: Settings, progress: Progress | None = None,
         plan = network.plan
         manager = VMManager(
             records=VmRecords(store), ipam=Ipam(store, plan), network=network,
-            driver=choose_driver(settings.vmm, jailer=jailer_options(settings)),
-            images=lambda: resolve_images(settings, progress),
+            driver=choose_driver(settings.vmm, jailer=jailer_options(settings), accel=settings.accel),
+            images=lambda report: resolve_images(settings, progress.observed(report)),
             vm_root=settings.state_dir / "vms",
             limits=Limits(max_vms=settings.max_vms, max_vms_per_user=settings.max_vms_per_user),
             deadlines=deadlines,

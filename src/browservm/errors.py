@@ -170,11 +170,13 @@ class ImageBuildError(BrowserVMError):
 
 
 class ProbeFailed(BrowserVMError):
-    """One hop on the way to a VM's desktop did not answer as it should: carries `hop`, `reason`."""
+    """One hop on the way to a VM's desktop did not answer as it should: carries `hop`, `reason`, and
+    a `hint` where the evidence supports one beyond the hop's own."""
 
-    def __init__(self, hop: str, reason: str) -> None:
+    def __init__(self, hop: str, reason: str, hint: str | None = None) -> None:
         self.hop = hop
         self.reason = reason
+        self.hint = hint  # what to do, when the evidence says more than the hop's own hint
         super().__init__(f"{hop}: {reason}")
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -56,13 +57,47 @@ def check_trusted(path: Path, uid: int | None = None) -> None:
             raise UntrustedCache(directory, f"writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
 
 
-class Progress:
-    """Stage lines with the time since the work started, on stderr so --json output stays clean."""
+@dataclass(frozen=True)
+class BuildStep:
+    """One step of a build a person is waiting for (the controller streams these to `vm create --url`)."""
 
-    def __init__(self, stream: TextIO = sys.stderr, clock: Callable[[], float] = time.monotonic) -> None:
+    what: str  # "the guest kernel", "the golden image (full)"
+    step: int  # 1-based; equal to `total` once the build is done
+    total: int
+    name: str
+    detail: str = ""
+    log: str = ""  # where the build writes its output
+
+    def describe(self) -> str:
+        done = self.name == "done"
+        text = f"built {self.what}" if done else f"building {self.what}, step {self.step} of {self.total}: {self.name}"
+        return text + (f" ({self.detail})" if self.detail and not done else "")
+
+
+class Progress:
+    """Stage lines with the time since the work started, on stderr so --json output stays clean.
+
+    A build announces its steps first (`plan`); each of its stages then also goes, numbered, to the
+    observer, if there is one (`observed`).
+    """
+
+    def __init__(self, stream: TextIO = sys.stderr, clock: Callable[[], float] = time.monotonic,
+                 observer: Callable[[BuildStep], None] | None = None) -> None:
         self._stream = stream
         self._clock = clock
         self._started = clock()
+        self._observer = observer
+        self._plan: tuple[str, tuple[str, ...], str] | None = None
+
+    def observed(self, observer: Callable[[BuildStep], None]) -> Progress:
+        """This progress (same stream and clock) whose builds' steps also go to `observer`."""
+        progress = Progress(self._stream, self._clock, observer)
+        progress._started = self._started
+        return progress
+
+    def plan(self, what: str, steps: tuple[str, ...], log: Path | None = None) -> None:
+        """The steps the build of `what` will pass, in order, and its log."""
+        self._plan = (what, steps, "" if log is None else str(log))
 
     @property
     def elapsed(self) -> float:
@@ -70,6 +105,14 @@ class Progress:
 
     def stage(self, name: str, detail: str = "") -> None:
         print(f"  [{self.elapsed:6.1f}s] {name:<13} {detail}".rstrip(), file=self._stream, flush=True)
+        if self._observer is None or self._plan is None:
+            return
+        what, steps, log = self._plan
+        if name == "done":
+            self._plan = None
+            self._observer(BuildStep(what, len(steps), len(steps), name, detail, log))
+        elif name in steps:
+            self._observer(BuildStep(what, steps.index(name) + 1, len(steps), name, detail, log))
 
     def note(self, message: str) -> None:
         print(message, file=self._stream, flush=True)

@@ -19,6 +19,7 @@ from browservm.hostnet.netns import NetworkNamespace
 from browservm.ipam import Ipam, Lease
 from browservm.markers import format_marker
 from browservm.netplan import NetworkPlan
+from browservm.progress import BuildStep
 from browservm.store import Store
 from browservm.vm.console import ConsoleLog
 from browservm.vm.desktop_path import RFB
@@ -26,6 +27,7 @@ from browservm.vm.manager import Deadlines, Images, Limits, VMManager
 from browservm.vm.readiness import Connection, GuestNetwork
 from browservm.vm.records import VmRecords
 from browservm.vmm import process
+from browservm.vmm.accel import Accel
 from browservm.vmm.placement import NoCgroup, Placement
 from browservm.vmm.process import VmmProcess
 from browservm.vmm.spec import VmSpec
@@ -76,10 +78,33 @@ class SleepDriver:
         self.saved: list[str] = []
         self.restored: list[str] = []
         self.links_up: list[str] = []
+        self.accel_name = "tcg"
+        self.demoted: list[str] = []
+        self.stop_guest: asyncio.Event | None = None
 
-    def accel(self, kernel: Path) -> str:
+    def accel(self, kernel: Path) -> Accel:
         time.sleep(self.block)  # as the KVM probe boot would
-        return "tcg"
+        return Accel(self.accel_name, "the fake driver's")
+
+    def demote_accel(self, kernel: Path, reason: str) -> bool:
+        if self.accel_name != "kvm":
+            return False
+        self.accel_name = "tcg"
+        self.demoted.append(reason)
+        return True
+
+    def accel_status(self) -> str:
+        return f"{self.accel_name}: the fake driver's"
+
+    async def wait_guest_stopped(self, spec: VmSpec) -> str:
+        """Returns once the test sets `stop_guest`, an event it made on its loop (as QEMU's STOP event would
+        come); never without one."""
+        if self.stop_guest is None:
+            await asyncio.Future()
+        assert self.stop_guest is not None
+        await self.stop_guest.wait()
+        self.stop_guest.clear()
+        return "QEMU stopped running the guest (QMP event STOP, status 'internal-error')"
 
     def start(self, spec: VmSpec, netns: NetworkNamespace) -> VmmProcess:
         assert spec.overlay is not None and spec.overlay.exists()  # the disk exists before the VMM starts
@@ -224,7 +249,7 @@ class Parts:
 
     def manager(self, probes: FakeProbes | None = None, images_delay: float = 0.0,
                 limits: Limits | None = None, desktop_path: str = RFB) -> VMManager:
-        def images() -> Images:
+        def images(report: Callable[[BuildStep], None]) -> Images:
             time.sleep(images_delay)  # as resolving (or building) the kernel and image would
             return self.images
         return VMManager(records=VmRecords(self.store), ipam=self.ipam, network=self.network, driver=self.driver,

@@ -33,8 +33,8 @@ def service_sources(service: ControllerService) -> Sources:
         return network.status()
 
     # The plan from settings, as the controller built its network's: the service's parts stay opaque here.
-    return Sources(plan=plan_of(settings), netns=network.netns, vmm_choice=settings.vmm, kernel=settings.kernel,
-                   rootfs=settings.rootfs, status=status, record=service.manager.get,
+    return Sources(plan=plan_of(settings), netns=network.netns, vmm_choice=settings.vmm, accel=settings.accel,
+                   kernel=settings.kernel, rootfs=settings.rootfs, status=status, record=service.manager.get,
                    records=service.manager.all, vmms=DriverVmms(getattr(driver, "jail_root", None)),
                    expected=getattr(network, "expected", None))
 

@@ -1,4 +1,5 @@
-"""Per-VM events for Server-Sent Events: each hop as it passes, then ready, failed, ended or destroyed.
+"""Per-VM events for Server-Sent Events: each hop as it passes (and the build steps or a retry it
+waits through), then ready, failed, ended or destroyed.
 
 Subscribers get a bounded queue each. One that does not read (a stalled client) loses its
 oldest events, never the controller's memory; the terminal event is always delivered, and ends
@@ -13,6 +14,9 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 
 TERMINAL = ("ready", "failed", "ended", "destroyed")
+# Told with a `detail`, each as an SSE event of its own name: a step of the kernel's or image's
+# build the VM waits for, and a create tried again under TCG (why).
+NOTES = ("build", "retry")
 _QUEUE = 64
 
 
@@ -24,9 +28,10 @@ class VmEvent:
     seconds: float | None = None  # after the VM's creation, for a hop
     hop: str | None = None  # the failing hop, for "failed"
     reason: str | None = None
+    detail: str | None = None  # for NOTES: the build step in words, or why the create is retried
 
     def sse(self) -> str:
-        kind = "stage" if self.event not in TERMINAL else self.event
+        kind = self.event if self.event in (*TERMINAL, *NOTES) else "stage"
         return f"event: {kind}\ndata: {json.dumps(asdict(self))}\n\n"
 
 

@@ -7,6 +7,7 @@ mistyped field is a 422 that names it rather than a VM with a surprising size.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
@@ -26,6 +27,8 @@ class FailureOut(BaseModel):
     reason: str
     hint: str
     evidence: list[str] = Field(description="the last console lines")
+    vmm_log: list[str] = Field(description="the last lines of the VMM's own log (its stderr), kept from before "
+                                           "the VM's directory was removed")
     cleanup: list[str] = Field(description="resources that could not be released, each with its error")
 
 
@@ -41,7 +44,14 @@ class VmOut(BaseModel):
     tap: str
     mac: str
     driver: str
-    accel: str
+    accel: str = Field(description="kvm or tcg (empty until the VMM starts)")
+    accel_reason: str = Field(description="why that accelerator: the KVM probe's evidence, a demotion, or the "
+                                          "setting")
+    retried_after: dict[str, Any] | None = Field(
+        description="the first attempt's failure when the create was retried under TCG after KVM stopped its guest "
+                    "(accel, hop, reason, stages, evidence, vmm_log)")
+    building: str | None = Field(None, description="while the VM waits for its kernel or image to be built: the step "
+                                                   "under way, e.g. 'building the guest kernel, step 5 of 7: vmlinux'")
     pid: int | None
     stages: dict[str, float] = Field(description="seconds after creation each hop passed")
     failure: FailureOut | None
@@ -55,17 +65,19 @@ class VmOut(BaseModel):
     idle_s: float | None = Field(description="seconds without a viewer; null while one is connected")
 
     @classmethod
-    def of(cls, record: VmRecord, viewers: int, idle_s: float | None) -> VmOut:
+    def of(cls, record: VmRecord, viewers: int, idle_s: float | None, building: str | None = None) -> VmOut:
         failure = record.failure
         return cls(
             vm_id=record.vm_id, state=record.state.value, user=record.user, vcpus=record.vcpus,
             mem_mib=record.mem_mib, created_at=record.created_at, uptime_s=round(time.time() - record.created_at, 1),
             address=record.address, tap=record.tap, mac=record.mac, driver=record.driver, accel=record.accel,
-            pid=record.pid, stages=record.stages, ended_reason=record.ended_reason, viewers=viewers,
+            accel_reason=record.accel_reason, retried_after=record.retried_after, building=building, pid=record.pid,
+            stages=record.stages, ended_reason=record.ended_reason, viewers=viewers,
             started_from=record.started_from, in_pool=record.in_pool, snapshot=record.snapshot,
             desktop_path=record.desktop_path, idle_s=None if idle_s is None else round(idle_s, 1),
             failure=None if failure is None else FailureOut(hop=failure.hop, reason=failure.reason, hint=failure.hint,
                                                             evidence=list(failure.evidence),
+                                                            vmm_log=list(failure.vmm_log),
                                                             cleanup=list(failure.cleanup)))
 
 

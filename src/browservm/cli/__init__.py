@@ -24,6 +24,8 @@ from browservm.errors import BrowserVMError, InvalidInput, OperationFailed
 from browservm.hostnet.host import Change, Check
 from browservm.images.rootfs import PROFILES
 from browservm.store import Store
+from browservm.vmm.accel import AccelProbe
+from browservm.vmm.qemu import QEMU
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -45,6 +47,9 @@ def _common_options() -> argparse.ArgumentParser:
                         help="TCP port on the gateway that VMs may reach (repeatable)")
     common.add_argument("--vmm", choices=("auto", "firecracker", "qemu"),
                         help="VMM driver (default auto: Firecracker where it can run, else QEMU)")
+    common.add_argument("--accel", choices=("auto", "kvm", "tcg"),
+                        help="QEMU's accelerator (default auto: KVM only where a probe guest runs under it to the "
+                             "end, else TCG)")
     common.add_argument("--desktop-path", choices=("rfb", "websockify"),
                         help="how the controller reaches new VMs' desktops: rfb (x11vnc on :5901, the default) or "
                              "websockify (:6080, the seed's way)")
@@ -95,7 +100,7 @@ def _settings(args: argparse.Namespace) -> Settings:
                          uplink=args.uplink, vmm_user=args.vmm_user,
                          guest_ports=tuple(args.guest_ports) if args.guest_ports else None,
                          vmm=args.vmm, kernel=args.kernel, rootfs=args.rootfs, image_profile=args.image_profile,
-                         desktop_path=args.desktop_path, **service)
+                         desktop_path=args.desktop_path, accel=args.accel, **service)
 
 
 def _print_changes(changes: list[Change], as_json: bool) -> int:
@@ -117,12 +122,19 @@ def _print_checks(checks: list[Check], as_json: bool) -> int:
     return 0 if healthy else 1
 
 
+def _accelerator(settings: Settings) -> Check:
+    """Not the network's, but what a new host's first VM depends on: which accelerator, and why."""
+    if settings.vmm == "firecracker":
+        return Check("accelerator", True, "kvm: Firecracker runs guests only under KVM")
+    return Check("accelerator", True, AccelProbe(QEMU, settings.accel).summary())
+
+
 def _host(args: argparse.Namespace) -> int:
     settings = _settings(args)
     with Store(settings.database) as store, host_network(settings, store) as network:
         actions: dict[str, Callable[[], int]] = {
             "up": lambda: _print_changes(network.up(), args.json),
-            "status": lambda: _print_checks(network.status(), args.json),
+            "status": lambda: _print_checks([*network.status(), _accelerator(settings)], args.json),
             "down": lambda: _print_changes(network.down(force=args.force), args.json),
         }
         return actions[args.action]()

@@ -45,14 +45,12 @@ from browservm.vm.console import terminal_safe
 LOCAL_ONLY = frozenset({"directory", "gateway", "bridge", "guest_network_by", "pid_start_time", "failed_at",
                         "holds_resources", "keep", "owner", "viewer_epoch", "vmm_alive"})
 # Remote: what only a controller knows (uptime by its clock, viewers connected, time without one).
-REMOTE_ONLY = frozenset({"uptime_s", "viewers", "idle_s"})
+REMOTE_ONLY = frozenset({"uptime_s", "viewers", "idle_s", "building"})
 
 TERMINAL = ("ready", "failed", "ended", "destroyed")  # the events that end a VM's stream (api/events.py)
+NOTES = ("build", "retry")  # events with a `detail` in words: a build step the VM waits for, a retry
 KEY_ENV = "BROWSERVM_API_KEY"
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
-# POST /v1/vms answers once the controller has its kernel and golden image; on a fresh host it builds
-# them first (minutes), so this one request may take as long as a build.
-CREATE_TIMEOUT = httpx.Timeout(30.0, connect=5.0, read=1800.0)
 # Between two events of a booting VM the controller is quiet for as long as a hop takes (its own
 # deadlines, up to minutes). After this long without a byte the client asks for the record and
 # subscribes again, so a half-open connection cannot hang a create forever.
@@ -181,7 +179,7 @@ class ControllerClient:
 
     def create_vm(self, user: str, vcpus: int, mem_mib: int) -> dict[str, Any]:
         """POST /v1/vms: the new VM's record (state `creating`); it boots on the controller."""
-        return cast(dict[str, Any], self._json("POST", "/v1/vms", timeout=CREATE_TIMEOUT,
+        return cast(dict[str, Any], self._json("POST", "/v1/vms",
                                                json={"user": user, "vcpus": vcpus, "mem_mib": mem_mib}))
 
     def list_vms(self) -> list[dict[str, Any]]:
@@ -308,9 +306,12 @@ def run(args: argparse.Namespace, settings: Settings, url: str) -> int:
         return actions[args.action](client, args)
 
 
-def follow(client: ControllerClient, vm_id: str, on_stage: Callable[[str, float], None]) -> dict[str, Any]:
-    """Report each stage of a booting VM once, as it passes; its record once it is ready, failed or ended."""
+def follow(client: ControllerClient, vm_id: str, on_stage: Callable[[str, float], None],
+           on_note: Callable[[str, str], None] = lambda kind, detail: None) -> dict[str, Any]:
+    """Report each stage of a booting VM once, as it passes, and each build step or retry it waits through
+    (`on_note`); its record once it is ready, failed or ended."""
     seen: set[str] = set()
+    seen_notes: set[tuple[str, object]] = set()
     while True:
         try:
             # closing(): leaving the loop early closes the stream at once, not when it is collected
@@ -319,6 +320,9 @@ def follow(client: ControllerClient, vm_id: str, on_stage: Callable[[str, float]
                     if kind == "stage" and data["event"] not in seen:  # a new subscription repeats passed stages
                         seen.add(data["event"])
                         on_stage(data["event"], float(data.get("seconds") or 0.0))
+                    elif kind in NOTES and (kind, data.get("detail")) not in seen_notes:
+                        seen_notes.add((kind, data.get("detail")))
+                        on_note(kind, str(data.get("detail") or ""))
                     elif kind == "destroyed":
                         raise WrongState(vm_id, "deleted", "it was deleted (vm rm) while it was being created")
                     elif kind in TERMINAL:
@@ -336,10 +340,18 @@ def follow(client: ControllerClient, vm_id: str, on_stage: Callable[[str, float]
 
 
 def _create(client: ControllerClient, args: argparse.Namespace) -> int:
+    started = time.monotonic()
     record = client.create_vm(args.user, args.vcpus, args.mem)
     vm_id = record["vm_id"]
+    print(f"browservm: {vm_id} is being created by {client.base_url} (Ctrl-C deletes it)", file=sys.stderr,
+          flush=True)
+
+    def note(kind: str, detail: str) -> None:
+        # Build steps carry no time of their own (the build is the host's, not the VM's): ours, since the POST.
+        print(f"  [{time.monotonic() - started:7.2f}s] {kind:<8} {terminal_safe(detail)}", file=sys.stderr, flush=True)
+
     try:
-        record = follow(client, vm_id, output.print_stage)
+        record = follow(client, vm_id, output.print_stage, note)
     except KeyboardInterrupt:
         # As a local create: Ctrl-C cancels it, and what was made is released.
         print(f"browservm: cancelled: removing VM {vm_id}", file=sys.stderr, flush=True)

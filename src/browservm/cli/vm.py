@@ -172,7 +172,8 @@ def print_vm(view: dict[str, Any], as_json: bool) -> None:
             ("user", "user", view["user"]), ("address", "address", view.get("address")),
             ("gateway", "gateway", view.get("gateway")), ("tap", "tap", view.get("tap")),
             ("mac", "mac", view.get("mac")), ("bridge", "bridge", view.get("bridge")),
-            ("vmm", "driver", f"{view.get('driver')} ({view.get('accel')})"),
+            ("vmm", "driver", f"{view.get('driver')} ({view.get('accel') or 'accelerator not chosen yet'})"),
+            ("accel", "accel_reason", view.get("accel_reason")),
             ("network", "guest_network_by", f"configured by the {network_by or '?'}"),
             ("started", "started_from", view.get("started_from", "cold") + (
                 f" from snapshot {view['snapshot']}" if view.get("snapshot") else "")),
@@ -180,8 +181,14 @@ def print_vm(view: dict[str, Any], as_json: bool) -> None:
             ("pid", "pid", pid), ("uptime", "created_at", f"{uptime} s" if uptime else "-"),
             ("directory", "directory", view.get("directory")),
             ("viewers", "viewers", _viewers(view)), ("ended", "ended_reason", view.get("ended_reason"))):
-        if key in view and (label != "ended" or value):
+        if key in view and (label not in ("ended", "accel") or value):
             print(f"  {label:<10} {value}")
+    if view.get("building"):
+        print(f"  building   {view['building']}")
+    retried = view.get("retried_after")
+    if retried:
+        print(f"  retried    under TCG, after {retried['hop']} under {retried['accel']}: "
+              f"{terminal_safe(retried['reason'])}")
     if view.get("stages"):
         print("  stages     " + "  ".join(f"{name} {seconds:.2f}s" for name, seconds in view["stages"].items()))
     failure = view.get("failure")
@@ -190,10 +197,11 @@ def print_vm(view: dict[str, Any], as_json: bool) -> None:
               f"  hint       {failure['hint']}")
         for problem in failure["cleanup"]:
             print(f"  cleanup    {problem} (still held: `vm rm {view['vm_id']}` tries again)")
-        if failure["evidence"]:
-            print("  console (last lines):")
-            for line in failure["evidence"]:
-                print(f"    {terminal_safe(line)}")
+        for title, lines in (("console", failure["evidence"]), ("the VMM's own log", failure.get("vmm_log", ()))):
+            if lines:
+                print(f"  {title} (last lines):")
+                for line in lines:
+                    print(f"    {terminal_safe(line)}")
 
 
 def _viewers(view: dict[str, Any]) -> str:

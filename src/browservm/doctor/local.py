@@ -33,6 +33,6 @@ def sources(settings: Settings, *, network: HostNetwork | None, records: VmRecor
         return [] if records is None else await asyncio.to_thread(records.all)
 
     return Sources(plan=plan_of(settings), netns=NetworkNamespace(settings.netns), vmm_choice=settings.vmm,
-                   kernel=settings.kernel, rootfs=settings.rootfs,
+                   accel=settings.accel, kernel=settings.kernel, rootfs=settings.rootfs,
                    status=None if network is None else network.status, record=record, records=every,
                    vmms=DriverVmms(jail_root), expected=None if network is None else network.expected)

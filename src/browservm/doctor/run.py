@@ -71,6 +71,7 @@ from browservm.vm.readiness import IP_IGNORED, DesktopConnection, GuestNetwork, 
 from browservm.vm.records import VmRecord
 from browservm.vm.state import VmState
 from browservm.vmm import firecracker, process
+from browservm.vmm.accel import AccelMode, AccelProbe
 from browservm.vmm.placement import choose_placement
 from browservm.vmm.process import VmmProcess
 from browservm.vmm.qemu import QEMU
@@ -183,6 +184,7 @@ class Sources:
     firecracker: str = firecracker.FIRECRACKER
     # HostNetwork.expected: what this state directory set; None: only what the plan alone says.
     expected: Callable[[], Expectation] | None = None
+    accel: AccelMode = "auto"  # settings.accel
 
 
 class Doctor:
@@ -369,10 +371,9 @@ class Doctor:
                                      [f"PATH={os.environ.get('PATH', '')}"]))
             else:
                 result.checked.append(await self._version(self._s.qemu))
-                kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
-                result.checked.append("/dev/kvm is usable: QEMU probes once per kernel whether KVM really runs it "
-                                      "(else TCG)" if kvm else "/dev/kvm is missing or not accessible: QEMU uses "
-                                      "TCG (software emulation; a minimal desktop takes about 30 s)")
+                probe = AccelProbe(self._s.qemu, self._s.accel)
+                summary = await bounded(probe.summary, self._d.version, "the accelerator's cached choice")
+                result.checked.append(f"accelerator: {summary}")
         # Not a fault on the path to a desktop, but what an operator must know about a hostile guest.
         placement = await bounded(choose_placement, self._d.version, "where VMMs run (cgroups)")
         result.checked.append(f"VMM placement: {placement.reason}")
@@ -552,8 +553,12 @@ class _Walk:
             what = (f"the VM failed at {failure.hop}: {failure.reason}" if failure else
                     f"the VM is {record.state.value}{': ' + record.ended_reason if record.ended_reason else ''}")
             result.checked.append(f"record: state {record.state.value}, resources released")
-            result.found(Finding("vm.released", f"{what}; its VMM, TAP and disk were released",
-                                 list(failure.evidence) if failure else []))
+            # Both logs as the failure recorded them: the directory they were in is gone.
+            evidence = ([f"console: {line}" for line in failure.evidence]
+                        + [f"vmm.log: {line}" for line in failure.vmm_log]) if failure else []
+            if record.accel:
+                evidence.append(f"accelerator: {record.accel} ({record.accel_reason or 'no reason recorded'})")
+            result.found(Finding("vm.released", f"{what}; its VMM, TAP and disk were released", evidence))
             return
         if record.pid is None or record.pid_start_time is None:
             result.found(Finding("vm.not_started", f"the record (state {record.state.value}) names no VMM process"))

@@ -202,7 +202,10 @@ class KernelBuilder:
         (tree / "logs").mkdir(exist_ok=True)
         log = tree / "logs" / f"{variant.name}.log"
         log.write_text("")  # one log per variant and attempt: the last attempt is the one to read
-        if not (src / "Makefile").is_file():
+        extract = not (src / "Makefile").is_file()
+        self._progress.plan("the guest kernel", (("extract",) if extract else ()) + (
+            "tinyconfig", "merge", "olddefconfig", "check-config", "vmlinux", "verify", "store"), log)
+        if extract:
             with self._step("extract", str(self._source.tarball)):
                 self._extract(tree, log)
         fragments = self._write_fragments(tree, variant)

@@ -200,6 +200,8 @@ class RootfsBuilder:
         root = work / "root"
         log = self._cache / f"{profile}-{key}.log"  # outside `work`, so it outlives a failed build
         log.unlink(missing_ok=True)
+        self._progress.plan(f"the golden image ({profile})", ("debootstrap", "customise") + (
+            ("tools",) if profile in NPM_TOOLS else ()) + ("mkfs", "store"), log)
         self._progress.stage("debootstrap", f"{SUITE}, {len(PROFILES[profile])} packages and their dependencies")
         argv = ["mmdebstrap", "--variant=minbase", "--include=" + ",".join(PROFILES[profile])]
         argv += [f"--aptopt={option}" for option in self._sources.options()]

@@ -90,6 +90,21 @@ class ConsoleLog:
                     return None
 
 
+    async def wait_new(self, timeout: float) -> list[str]:
+        """The next complete lines the guest writes (at once if some are unread), or [] after `timeout`
+        seconds of silence."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with DirectoryWatch(self.path.parent) as watch:
+            while True:
+                new = self.read_new()  # after the watch is set up: no write can slip between
+                if new:
+                    return new
+                remaining = deadline - loop.time()
+                if remaining <= 0 or not await watch.changed(remaining):
+                    return []
+
+
 def cap_console(path: Path, max_disk: int = MAX_DISK, keep_head: int = KEEP_HEAD) -> int:
     """Free what `path` holds beyond `max_disk` bytes, from its middle; the bytes freed. Blocking.
 

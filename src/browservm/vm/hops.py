@@ -6,8 +6,11 @@ and the doctor prints comes from this list, in the order a VM passes them.
     rfb.auth                                                                   a viewer's path only
     desktop.complete                                                           what a person sees
 
-Two more names describe how a VM can fail outside that order: `vmm.exited` (its VMM process
-ended) and `controller` (the process creating it went away, or it was cancelled).
+More names describe how a VM can fail outside that order: `images` (its kernel or golden image
+could not be had), `vmm.exited` (its VMM process ended), `vmm.stopped` (the VMM lives but stopped
+running its guest, e.g. a KVM internal error), `guest.stalled` (the guest's console went silent
+before userspace while its VMM runs) and `controller` (the process creating it went away, or it
+was cancelled).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ RFB_BANNER = "rfb.banner"
 RFB_AUTH = "rfb.auth"
 DESKTOP_COMPLETE = "desktop.complete"
 VMM_EXITED = "vmm.exited"
+VMM_STOPPED = "vmm.stopped"
+GUEST_STALLED = "guest.stalled"
+IMAGES = "images"
 CONTROLLER = "controller"
 
 HOPS: tuple[Hop, ...] = (
@@ -47,9 +53,8 @@ HOPS: tuple[Hop, ...] = (
     Hop(VMM_SPAWN, "the VMM process runs",
         "the VMM binary is missing or refused to start; its log (vmm.log in the VM's directory) says why"),
     Hop(GUEST_NETWORK, "the guest configured eth0 from ip= (kernel IP-Config or browservm-net)",
-        "the guest never configured eth0. If the console shows the kernel ignored ip=, the kernel lacks "
-        "CONFIG_IP_PNP and the image's browservm-net did not run: use `browservm kernel build` or an image "
-        "built by `browservm image build`"),
+        "the guest never said it configured eth0; the reason says how far its console got (the image's "
+        "browservm-net prints a browservm-net line, a kernel with CONFIG_IP_PNP an IP-Config line)"),
     Hop(NET_ARP, "the VM answers ARP for its address on its bridge, from its own MAC",
         "the guest does not answer ARP on its bridge: its interface is down, has another address, or its TAP "
         "is not the one the VMM uses (compare the TAP and MAC in `vm show` with the VMM's configuration)"),
@@ -78,8 +83,20 @@ RESOURCES = (NET_LEASE, NET_TAP, DISK_CLONE, VMM_SPAWN)
 READINESS = (GUEST_NETWORK, NET_ARP, DESKTOP_READY, NET_TCP, WS_UPGRADE, RFB_BANNER, DESKTOP_COMPLETE)
 NAMES = RESOURCES + READINESS  # what a create passes, in order
 
+# Given by guest.network only when the console shows the kernel ignored ip=.
+IP_PNP_HINT = ("the kernel lacks CONFIG_IP_PNP and the image's browservm-net did not configure eth0: use "
+               "`browservm kernel build` or an image built by `browservm image build`")
+
 _EXTRA_HINTS = {
+    IMAGES: "the guest kernel or golden image could not be built or read; the build's log (named in the reason) "
+            "says why",
     VMM_EXITED: "the VMM process exited; its own log and the console tail say why",
+    VMM_STOPPED: "the VMM stopped running the guest; its own log (vmm_log) has its words. Under KVM: the host's "
+                 "/dev/kvm cannot run this kernel (try --accel tcg); browservm chooses TCG for it from now on "
+                 "when --accel is auto",
+    GUEST_STALLED: "the guest kernel stopped printing before it started userspace while its VMM still runs: "
+                   "under KVM, /dev/kvm cannot run this kernel (--accel tcg); under TCG, the host may be "
+                   "overloaded (the reason says how busy the VMM was)",
     CONTROLLER: "the process creating the VM stopped before it was ready; create it again",
 }
 HINTS = {hop.name: hop.hint for hop in HOPS} | _EXTRA_HINTS

@@ -8,6 +8,10 @@ Creating a VM is the list of hops in hops.py, run in order:
 
 (ws.upgrade only on the websockify path: vm/desktop_path.py)
 
+Before the first of them the kernel and golden image are resolved (built, the first time on a new
+host: minutes, each step told to whoever waits as a `build` event), inside the create's own task,
+so a request is answered at once.
+
 Built to live inside a long-running server that serves many requests at once:
 
 - Nothing blocks the event loop. Every blocking step (SQLite, netlink, files, spawning, the KVM
@@ -22,8 +26,10 @@ Built to live inside a long-running server that serves many requests at once:
 - Every task the manager starts is its own (`close` cancels them all).
 
 Each readiness hop has its own deadline and is raced against the VMM's exit, so a crashed VMM
-is reported as such at once. A VM that fails keeps a record that says which hop, why, what the
-console showed last, and what probably to do about it.
+is reported as such at once; a cold boot's hops are also raced against the guest stopping while
+its VMM lives on (vm/stall.py): a KVM that cannot run the kernel is named within seconds, and under
+`--accel auto` the create is tried once more under TCG. A VM that fails keeps a record that says
+which hop, why, what the console and the VMM's own log showed last, and what probably to do about it.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from browservm.hostnet.netns import NetworkNamespace
 from browservm.ids import new_vm_id, validate_vm_id
 from browservm.images.disk import clone_sparse
 from browservm.ipam import Ipam, Lease
+from browservm.progress import BuildStep
 from browservm.rfb import HandshakeFailed
 from browservm.vm import hops
 from browservm.vm.console import MAX_DISK, ConsoleLog, cap_console
@@ -64,6 +71,7 @@ from browservm.vm.readiness import GuestProbes, Probes, desktop_services
 from browservm.vm.records import Failure, Purpose, VmRecord, VmRecords
 from browservm.vm.screen import ScreenError
 from browservm.vm.snapshots import Snapshot, Snapshots
+from browservm.vm.stall import watch_guest
 from browservm.vm.state import VmState, transition
 from browservm.vm.waiting import ExitWatch, VmmExited, race, uninterrupted, wait_out
 from browservm.vmm import process
@@ -91,6 +99,8 @@ SNAPSHOT_USER = "browservm-snapshot"  # whose VM a snapshot is made of
 # What no request may name its user (compared after normalise_user): the controller's own VMs'.
 RESERVED_USERS: dict[Purpose, str] = {"pool": POOL_USER, "snapshot": SNAPSHOT_USER}
 _CONSOLE_EVIDENCE = 20
+_VMM_LOG_EVIDENCE = 20
+_VMM_LOG_READ = 64 * 1024  # of the VMM's log's end: what its last lines need (a guest cannot write there)
 _LIVE = (VmState.CREATING, VmState.BOOTING, VmState.READY)
 
 
@@ -106,12 +116,15 @@ class Deadlines:
     """Seconds each hop may take. Generous: under software emulation a desktop takes a minute to come up."""
 
     guest_network: float = 180.0
+    # A cold boot's console silent this long before userspace: the guest stopped (guest.stalled). A
+    # kernel booting under emulation on a loaded host pauses for a few seconds at most.
+    kernel_silence: float = 15.0
     arp: float = 30.0
     desktop: float = 600.0
     tcp: float = 10.0
     websocket: float = 180.0
     rfb: float = 60.0
-    screen: float = 180.0  # a snapshot's VM: desktop.complete -> the browser painted
+    screen: float = 180.0  # a cold boot's desktop.complete: Chromium running -> its window painted
     settle: float = 90.0  # a snapshot's VM: the browser painted -> the guest idle
     stop: float = 10.0
 
@@ -168,7 +181,8 @@ def owner_alive(owner: str) -> bool:
 
 class VMManager:
     def __init__(self, *, records: VmRecords, ipam: Ipam, network: VmNetwork, driver: VmmDriver,
-                 images: Callable[[], Images], vm_root: Path, limits: Limits | None = None,
+                 images: Callable[[Callable[[BuildStep], None]], Images], vm_root: Path,
+                 limits: Limits | None = None,
                  deadlines: Deadlines | None = None, probes: Probes | None = None,
                  vm_uid_base: int | None = None, snapshots: Snapshots | None = None,
                  desktop_path: str = RFB) -> None:
@@ -176,9 +190,12 @@ class VMManager:
         self._ipam = ipam
         self._network = network
         self._driver = driver
-        self._images_source = images  # resolved on the first create: it may build a kernel and an image
+        # Resolved on the first create: it may build a kernel and an image, telling each step.
+        self._images_source = images
         self._images: Images | None = None
         self._images_lock = asyncio.Lock()
+        self.building: BuildStep | None = None  # the build step under way, while creates wait for it
+        self._awaiting_images: dict[str, VmRecord] = {}
         self._vm_root = vm_root
         self._limits = limits or Limits()
         self._deadlines = deadlines or Deadlines()
@@ -196,6 +213,9 @@ class VMManager:
         self.on_failure: Callable[[VmRecord], None] | None = None  # told once a dead VM is marked and released
         # Told of every change: a stage passed (its name), "ready", "failed", "ended" or "destroyed".
         self.on_change: Callable[[VmRecord, str], None] | None = None
+        # Told what a create waits through, in words: "build" (a step of the kernel's or image's build)
+        # and "retry" (the create tried again under TCG, and why).
+        self.on_note: Callable[[VmRecord, str, str], None] | None = None
 
     @property
     def driver(self) -> VmmDriver:
@@ -204,6 +224,10 @@ class VMManager:
     def _notify(self, record: VmRecord, event: str) -> None:
         if self.on_change is not None:
             self.on_change(record, event)
+
+    def _note(self, record: VmRecord, kind: str, detail: str) -> None:
+        if self.on_note is not None:
+            self.on_note(record, kind, detail)
 
     def _own(self, work: Awaitable[T]) -> asyncio.Task[T]:
         """Start a task the manager owns: `close` cancels it."""
@@ -249,7 +273,8 @@ class VMManager:
         A ready VM from the warm pool comes first, when there is one (its task is already done).
         With `restore` (default: `restore_by_default`) the VM starts from the snapshot of its inputs;
         without one it boots cold while the snapshot is made in the background. Returns at once with
-        the record (state `creating`) and the task that ends with the final one.
+        the record (state `creating`) and the task that ends with the final one; the kernel and image
+        are resolved (built, on a new host) in that task.
         `purpose` says whose VM it is: a user's (named by `user`), or the warm pool's or the snapshot
         maker's (under their reserved names, which no request may use); no request reaches it.
         """
@@ -262,22 +287,21 @@ class VMManager:
             if claimed is not None:
                 self._notify(claimed, "ready")
                 return claimed, self._own(_already(claimed))
-        images = await self._resolve_images()
         restore = self.restore_by_default if restore is None else restore
-        snapshot = await self.snapshot_of(vcpus, mem_mib) if restore and plain else None
-        if restore and plain and snapshot is None and not self._snapshot_lock.locked():
-            self._own(self._snapshot_quietly(vcpus, mem_mib))
         vm_id = new_vm_id()
         record = VmRecord(vm_id=vm_id, user=user, vcpus=vcpus, mem_mib=mem_mib, keep=keep_failed,
                           directory=str(self._vm_root / vm_id), driver=self._driver.name, owner=self._me,
-                          started_from="restored" if snapshot else "cold", snapshot=snapshot.key if snapshot else "",
                           desktop_path=self.desktop_path.name, in_pool=purpose == "pool")
+        restore = restore and plain
+        if restore and self._images is not None:  # decided now, so that the answer says how it starts
+            await self._use_snapshot(record)
+            restore = False
         # The pool holds as many VMs as its settings say, whatever the limit of one person.
         per_user = self._limits.max_vms if record.in_pool else self._limits.max_vms_per_user
         await uninterrupted(partial(self._records.insert, record, max_total=self._limits.max_vms,
                                     max_per_user=per_user))
         crash_point("record:done")
-        task = self._own(self._create(dataclasses.replace(record), images, extra_boot_args,
+        task = self._own(self._create(dataclasses.replace(record), extra_boot_args, restore,
                                       on_stage or (lambda stage, seconds: None)))
         self._creating[vm_id] = task
         task.add_done_callback(lambda _: self._creating.pop(vm_id, None))
@@ -308,13 +332,50 @@ class VMManager:
     async def _resolve_images(self) -> Images:
         async with self._images_lock:
             if self._images is None:
-                self._images = await uninterrupted(self._images_source)
-            return self._images
+                loop = asyncio.get_running_loop()
 
-    async def _create(self, record: VmRecord, images: Images, extra_boot_args: tuple[str, ...],
-                      report: StageCallback) -> VmRecord:
+                def report(step: BuildStep) -> None:  # in the build's thread: told on the event loop
+                    loop.call_soon_threadsafe(self._build_step, step)
+                try:
+                    self._images = await uninterrupted(partial(self._images_source, report))
+                finally:
+                    self.building = None
+            images: Images = self._images
+            return images
+
+    def _build_step(self, step: BuildStep) -> None:
+        """A step of the kernel's or image's build: told to every create waiting for them."""
+        self.building = None if step.name == "done" else step
+        for record in list(self._awaiting_images.values()):
+            self._note(record, "build", step.describe())
+
+    async def _images_for(self, record: VmRecord) -> Images:
+        """The kernel and image this VM boots (ProbeFailed at `images` if they cannot be had)."""
+        self._awaiting_images[record.vm_id] = record
         try:
-            snapshot = self.snapshots.get(record.snapshot) if record.snapshot else None
+            return await self._resolve_images()
+        except (BrowserVMError, OSError) as exc:
+            raise ProbeFailed(hops.IMAGES, str(exc)) from exc
+        finally:
+            del self._awaiting_images[record.vm_id]
+
+    async def _use_snapshot(self, record: VmRecord) -> None:
+        """Restore the VM from the snapshot of its inputs, if there is one; else it boots cold while the
+        snapshot is made in the background."""
+        snapshot = await self.snapshot_of(record.vcpus, record.mem_mib)
+        if snapshot is not None:
+            record.started_from, record.snapshot = "restored", snapshot.key
+        elif not self._snapshot_lock.locked():
+            self._own(self._snapshot_quietly(record.vcpus, record.mem_mib))
+
+    async def _create(self, record: VmRecord, extra_boot_args: tuple[str, ...], restore: bool,
+                      report: StageCallback) -> VmRecord:
+        """`restore`: choose a snapshot here, once the kernel and image are known."""
+        try:
+            images = await self._images_for(record)
+            if restore:
+                await self._use_snapshot(record)
+            snapshot = await asyncio.to_thread(self.snapshots.get, record.snapshot) if record.snapshot else None
             if record.snapshot and snapshot is None:
                 raise VmmError(record.vm_id, "restore", f"snapshot {record.snapshot} is gone")
             spawn = (partial(self._spawn, record, images, extra_boot_args) if snapshot is None
@@ -325,7 +386,12 @@ class VMManager:
                                 (hops.VMM_SPAWN, spawn)):
                 await uninterrupted(work)
                 await self._passed(record, stage, report)
-            await self._readiness(record, report)
+            try:
+                await self._readiness(record, report)
+            except ProbeFailed as exc:
+                if not await self._retry_under_tcg(record, images, extra_boot_args, exc, report):
+                    raise
+                await self._readiness(record, report)
             record.state = transition(record.vm_id, record.state, VmState.READY)
             record.owner = ""
             await uninterrupted(partial(self._records.save, record))
@@ -390,11 +456,13 @@ class VMManager:
         spec = self._spec(record, images, extra_boot_args)
         assert spec.config_disk is not None
         configdisk.write(spec.config_disk, {"vm_id": record.vm_id, "secrets": new_secrets()})
-        record.accel = self._driver.accel(spec.kernel)
+        accel = self._driver.accel(spec.kernel)
+        record.accel, record.accel_reason = accel.name, accel.reason
         vmm = self._driver.start(spec, self._network.netns)
         record.pid, record.pid_start_time = vmm.pid, vmm.start_time
         crash_point("vmm.spawn:unrecorded")
-        record.state = transition(record.vm_id, record.state, VmState.BOOTING)
+        if record.state == VmState.CREATING:  # a retry under TCG spawns a booting VM's VMM again
+            record.state = transition(record.vm_id, record.state, VmState.BOOTING)
 
     def _restore(self, record: VmRecord, images: Images, snapshot: Snapshot) -> None:
         """vmm.spawn for a VM from a snapshot: the VMM resumes offline, and the guest takes this VM's
@@ -412,7 +480,8 @@ class VMManager:
             identity["time"] = time.time()
             configdisk.rewrite(config_disk, document)
 
-        record.accel = self._driver.accel(spec.kernel)
+        accel = self._driver.accel(spec.kernel)
+        record.accel, record.accel_reason = accel.name, accel.reason
         if not self._driver.holds_link:  # it wakes as the VM it was taken of: keep that off the bridge
             self._network.set_tap_up(record.tap, False)
         vmm = self._driver.restore(spec, self._network.netns, snapshot.state, before_resume)
@@ -443,12 +512,18 @@ class VMManager:
         console = ConsoleLog(Path(record.directory) / "console.log")
         deadlines, probes, netns = self._deadlines, self._probes, self._network.netns
         address = IPv4Address(record.address.split("/")[0])
-        exited = ExitWatch(VmmProcess(record.pid, record.pid_start_time))
+        vmm = VmmProcess(record.pid, record.pid_start_time)
+        exited = ExitWatch(vmm)
+        # A cold boot is watched for a guest that stops while its VMM lives on (a KVM that cannot run
+        # the kernel). Not a restored one: its VMM's control channel is needed to bring its link up.
+        trouble = None if record.started_from != "cold" else asyncio.ensure_future(watch_guest(
+            self._driver.wait_guest_stopped(_bare_spec(record.vm_id, Path(record.directory))),
+            Path(record.directory) / "console.log", vmm, deadlines.kernel_silence))
 
         async def hop(name: str, work: Awaitable[T], timeout: float) -> T:
             crash_point(f"{name}:during")
             try:
-                result = await race(name, work, timeout, exited.future)
+                result = await race(name, work, timeout, exited.future, trouble)
             except TimeoutError:
                 raise ProbeFailed(name, f"not done within {timeout:g} s") from None
             await self._passed(record, name, report)
@@ -476,9 +551,54 @@ class VMManager:
                 await hop(hops.RFB_BANNER, connection.banner(), deadlines.rfb)
             finally:
                 connection.close()
-            await hop(hops.DESKTOP_COMPLETE, probes.desktop_complete(console, deadlines.desktop), deadlines.desktop)
+            await hop(hops.DESKTOP_COMPLETE, self._desktop_complete(record, console), deadlines.desktop)
         finally:
             exited.close()
+            if trouble is not None:
+                trouble.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ProbeFailed):
+                    await trouble
+
+    async def _desktop_complete(self, record: VmRecord, console: ConsoleLog) -> None:
+        """Every part of the desktop up, and on a cold boot its browser painted (judged by its pixels):
+        Chromium says it runs some 13 s (under emulation) before its window is drawn, and a person
+        sent to the desktop then would look at an empty screen. A restored VM was saved painted."""
+        await self._probes.desktop_complete(console, self._deadlines.desktop)
+        if record.started_from == "cold":
+            await self._browser_painted(record)
+
+    async def _retry_under_tcg(self, record: VmRecord, images: Images, extra_boot_args: tuple[str, ...],
+                               exc: ProbeFailed, report: StageCallback) -> bool:
+        """After KVM stopped a cold-booted guest (under --accel auto): stop choosing KVM for its kernel,
+        start the VM's VMM again under TCG on a fresh disk, and say so in the record; False when that
+        does not apply (another failure, not KVM, a retry already, an accelerator set by hand)."""
+        if exc.hop not in (hops.VMM_STOPPED, hops.GUEST_STALLED) or record.accel != "kvm" or record.retried_after:
+            return False
+        if not await uninterrupted(partial(self._driver.demote_accel, images.kernel,
+                                           f"a guest of this kernel stopped under KVM ({exc.hop}: {exc.reason})")):
+            return False
+        evidence, vmm_log = await uninterrupted(partial(self._evidence, record))
+        record.retried_after = {"accel": record.accel, "hop": exc.hop, "reason": exc.reason,
+                                "stages": dict(record.stages), "evidence": list(evidence), "vmm_log": list(vmm_log)}
+        log.warning("%s: %s: %s; trying again under TCG", record.vm_id, exc.hop, exc.reason)
+
+        def start_over() -> None:
+            self._stop_vmm(record)
+            self._driver.release(record.vm_id)
+            directory = Path(record.directory)
+            for name in ("overlay.ext4", "console.log", "vmm.log"):
+                (directory / name).unlink(missing_ok=True)
+            clone_sparse(images.disk_template, directory / "overlay.ext4")
+
+        await uninterrupted(start_over)
+        record.pid = record.pid_start_time = None
+        for stage in (hops.VMM_SPAWN, *hops.READINESS):
+            record.stages.pop(stage, None)
+        await uninterrupted(partial(self._records.save, record))
+        self._note(record, "retry", f"{exc.hop}: {exc.reason}; trying once more under TCG")
+        await uninterrupted(partial(self._spawn, record, images, extra_boot_args))
+        await self._passed(record, hops.VMM_SPAWN, report)
+        return True
 
     async def _fail(self, record: VmRecord, exc: BaseException) -> None:
         """Record why the create failed, then release the VM (unless kept). Runs to its end even if cancelled."""
@@ -487,14 +607,23 @@ class VMManager:
             await uninterrupted(partial(self._release, record))
             return
         hop, reason = _hop_and_reason(exc, _next_stage(record))
-        record.failure = Failure(hop=hop, reason=reason, hint=hops.hint(hop),
-                                 evidence=await uninterrupted(partial(self._evidence, record)))
-        record.failed_at = time.time()
-        record.state = transition(record.vm_id, record.state, VmState.FAILED)
+        hint = exc.hint if isinstance(exc, ProbeFailed) and exc.hint else hops.hint(hop)
+        await self._record_failure(record, hop, reason, hint)
         await self._settle(record)
 
-    def _evidence(self, record: VmRecord) -> tuple[str, ...]:
-        return tuple(ConsoleLog(Path(record.directory) / "console.log").tail(_CONSOLE_EVIDENCE))
+    async def _record_failure(self, record: VmRecord, hop: str, reason: str, hint: str) -> None:
+        """Put the failure in the record (not yet saved), with what the console and the VMM's own log
+        showed last: copied now, before the VM's directory goes."""
+        console, vmm_log = await uninterrupted(partial(self._evidence, record))
+        record.failure = Failure(hop=hop, reason=reason, hint=hint, evidence=console, vmm_log=vmm_log)
+        record.failed_at = time.time()
+        record.state = transition(record.vm_id, record.state, VmState.FAILED)
+
+    def _evidence(self, record: VmRecord) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The console's last lines and the VMM's log's (its stderr: QEMU's own words). Blocking."""
+        directory = Path(record.directory)
+        return (tuple(ConsoleLog(directory / "console.log").tail(_CONSOLE_EVIDENCE)),
+                tuple(_tail(directory / "vmm.log", _VMM_LOG_EVIDENCE)))
 
     async def _settle(self, record: VmRecord) -> None:
         """Save a failed record, then release its resources unless kept.
@@ -589,8 +718,7 @@ class VMManager:
                                                          f"{failure.reason if failure else ''}")
             staged = await asyncio.to_thread(self.snapshots.staging, key)
             try:
-                await self._browser_painted(record)
-                await self._settled(record)
+                await self._settled(record)  # its browser painted: its readiness waited for that
                 spec = self._spec(record, await self._resolve_images(), ())
                 await uninterrupted(partial(self._driver.save, spec, staged / "state"))
                 await uninterrupted(partial(clone_sparse, Path(record.directory) / "overlay.ext4",
@@ -605,23 +733,27 @@ class VMManager:
     async def _browser_painted(self, record: VmRecord) -> None:
         """Wait until the browser is on the VM's screen, judged by its pixels, when its desktop has one.
 
-        desktop.complete says Chromium runs, some 13 s (under emulation) before it has painted its
-        window: a snapshot taken then would make every clone paint it again. Watched over the rfb
-        path's port whatever the VM's desktop path: x11vnc listens on the guest's address whenever
-        it has a password, and every VM has one.
+        Watched over the rfb path's port whatever the VM's desktop path: x11vnc listens on the
+        guest's address whenever it has a password, and every VM has one. The watcher hangs up and
+        waits until x11vnc let it go: a snapshot taken with x11vnc still counting a viewer would wake
+        in every clone sending frames to a gone address.
         """
         lines = await asyncio.to_thread(ConsoleLog(Path(record.directory) / "console.log").tail, 5000)
         if "chromium" not in desktop_services(lines):
             return
         password = (await asyncio.to_thread(self.secrets, record.vm_id)).get("vnc")
         if password is None:
-            raise VmmError(record.vm_id, "snapshot", "its config disk has no VNC password to watch its screen with")
+            raise ProbeFailed(hops.DESKTOP_COMPLETE, "the VM's config disk has no VNC password to watch its screen "
+                                                     "with")
         timeout = self._deadlines.screen
         try:
             await self._probes.browser_on_screen(self._network.netns, IPv4Address(record.address.split("/")[0]),
                                                  PATHS[RFB].port, password, timeout)
-        except (ProbeFailed, TimeoutError, ScreenError, HandshakeFailed, OSError) as exc:
-            raise VmmError(record.vm_id, "snapshot", f"the VM to snapshot never showed its browser: {exc}") from exc
+        except ProbeFailed as exc:
+            raise ProbeFailed(hops.DESKTOP_COMPLETE, f"Chromium runs but its window never showed: {exc}") from exc
+        except (TimeoutError, ScreenError, HandshakeFailed, OSError) as exc:
+            raise ProbeFailed(hops.DESKTOP_COMPLETE, f"Chromium runs but its window never showed within "
+                                                     f"{timeout:g} s: {exc or type(exc).__name__}") from exc
 
     async def _settled(self, record: VmRecord) -> None:
         """Wait until the VM is idle. Chromium goes on starting for some 15 s (under emulation) after it
@@ -745,10 +877,7 @@ class VMManager:
         if record is None or record.state not in _LIVE or (record.owner and owner_alive(record.owner)
                                                             and record.owner != self._me):
             return
-        record.failure = Failure(hop=hops.VMM_EXITED, reason=reason, hint=hops.hint(hops.VMM_EXITED),
-                                 evidence=await uninterrupted(partial(self._evidence, record)))
-        record.failed_at = time.time()
-        record.state = transition(record.vm_id, record.state, VmState.FAILED)
+        await self._record_failure(record, hops.VMM_EXITED, reason, hops.hint(hops.VMM_EXITED))
         record.owner = self._me
         try:
             await self._settle(record)
@@ -884,9 +1013,7 @@ class VMManager:
                     record.state == VmState.READY or (record.state == VmState.BOOTING and record.pid)) else (
                     hops.CONTROLLER, f"the process creating it ({record.owner or '?'}) stopped during "
                                      f"{_next_stage(record)}")
-                record.failure = Failure(hop=hop, reason=reason, hint=hops.hint(hop))
-                record.failed_at = time.time()
-                record.state = transition(vm_id, record.state, VmState.FAILED)
+                await self._record_failure(record, hop, reason, hops.hint(hop))
                 record.owner = self._me
                 await self._settle(record)
                 return [f"{vm_id}: {reason}: marked failed and released"]
@@ -938,6 +1065,18 @@ def _next_stage(record: VmRecord) -> str:
 
 def _bare_spec(vm_id: str, directory: Path) -> VmSpec:
     return VmSpec(vm_id, 1, 0, Path(), Path(), None, "", "", "", directory)
+
+
+def _tail(path: Path, count: int) -> list[str]:
+    """The last `count` lines of a log the VMM writes (bounded: only its last 64 KiB are read)."""
+    try:
+        with path.open("rb") as stream:
+            stream.seek(max(0, stream.seek(0, os.SEEK_END) - _VMM_LOG_READ))
+            data = stream.read(_VMM_LOG_READ)
+    except FileNotFoundError:
+        return []
+    lines = data.decode(errors="replace").splitlines()
+    return [line[:1000] for line in lines if line.strip()][-count:]
 
 
 def _remove_tree(directory: Path) -> None:

@@ -33,6 +33,7 @@ class Failure:
     hint: str
     evidence: tuple[str, ...] = ()  # the last console lines, the probe's output
     cleanup: tuple[str, ...] = ()  # resources that could not be released, each with its error
+    vmm_log: tuple[str, ...] = ()  # the last lines of the VMM's own log (its stderr), copied before release
 
 
 @dataclass
@@ -46,6 +47,7 @@ class VmRecord:
     created_at: float = field(default_factory=time.time)
     driver: str = ""
     accel: str = ""
+    accel_reason: str = ""  # why that accelerator (the probe's evidence, a demotion, the setting)
     pid: int | None = None
     pid_start_time: int | None = None
     address: str = ""
@@ -71,6 +73,9 @@ class VmRecord:
     # choice went through websockify.
     desktop_path: str = "websockify"
     ended_reason: str = ""  # why it was stopped on purpose (state ended): reaped for idleness, lifetime, ...
+    # The first attempt's failure when the create was retried under TCG after KVM stopped its guest:
+    # {"accel", "hop", "reason", "stages", "evidence", "vmm_log"}.
+    retried_after: dict[str, Any] | None = None
     version: int = field(default=0, compare=False)  # of the stored row this was read at
 
     def to_json(self) -> dict[str, Any]:
@@ -86,7 +91,8 @@ class VmRecord:
         if data.get("failure") is not None:
             failure = data["failure"]
             data["failure"] = Failure(failure["hop"], failure["reason"], failure["hint"],
-                                      tuple(failure.get("evidence", ())), tuple(failure.get("cleanup", ())))
+                                      tuple(failure.get("evidence", ())), tuple(failure.get("cleanup", ())),
+                                      tuple(failure.get("vmm_log", ())))
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in known}, version=version)
 

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from browservm.vmm import process
 from browservm.vmm.process import VmmProcess
@@ -92,19 +92,27 @@ class VmmExited(Exception):
         self.hop = hop
 
 
-async def race(hop: str, work: Awaitable[T], timeout: float, exited: asyncio.Future[None]) -> T:
-    """`work` within `timeout` unless the VMM exits first (VmmExited); TimeoutError at the deadline.
+async def race(hop: str, work: Awaitable[T], timeout: float, exited: asyncio.Future[None],
+               trouble: asyncio.Future[Any] | None = None) -> T:
+    """`work` within `timeout` unless the VMM exits first (VmmExited) or `trouble` ends first (its
+    error: the guest stopped, vm/stall.py); TimeoutError at the deadline.
 
-    The work is cancelled, and waited for, however this ends: no probe outlives its hop.
+    The work is cancelled, and waited for, however this ends: no probe outlives its hop. `trouble`
+    is left running: it watches the whole readiness, not one hop.
     """
     task: asyncio.Future[T] = asyncio.ensure_future(work)
     try:
         waiting: set[asyncio.Future[object]] = {task, exited}  # type: ignore[arg-type]
+        if trouble is not None:
+            waiting.add(trouble)
         done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             return task.result()
         if exited in done:
             raise VmmExited(hop)
+        if trouble is not None and trouble in done:
+            trouble.result()
+            raise AssertionError(f"the guest watch ended without a finding during {hop}")
         raise TimeoutError(f"not done within {timeout:g} s")
     finally:
         if not task.done():

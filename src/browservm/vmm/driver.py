@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -14,10 +15,11 @@ from typing import Protocol
 
 from browservm.errors import InvalidInput, VmmError
 from browservm.hostnet.netns import NetworkNamespace
-from browservm.vmm import firecracker, firecracker_snapshot, placement, process, snapshot
+from browservm.vmm import firecracker, firecracker_snapshot, placement, process, qmp, snapshot
+from browservm.vmm.accel import Accel, AccelMode, AccelProbe
 from browservm.vmm.placement import Placement, choose_placement
 from browservm.vmm.process import VmmProcess
-from browservm.vmm.qemu import QEMU, AccelProbe, qemu_argv, qemu_limits, qemu_rlimits
+from browservm.vmm.qemu import QEMU, qemu_argv, qemu_limits, qemu_rlimits
 from browservm.vmm.spec import VmSpec
 
 
@@ -26,7 +28,24 @@ class VmmDriver(Protocol):
     holds_link: bool  # it can hold a restored VM's link down (link_up); else the manager holds its TAP down
     placement: Placement  # where its VMMs run, and why there (for diagnostics)
 
-    def accel(self, kernel: Path) -> str: ...
+    def accel(self, kernel: Path) -> Accel:
+        """The accelerator VMs of `kernel` run with, and why (blocking: it may probe once)."""
+        ...
+
+    def demote_accel(self, kernel: Path, reason: str) -> bool:
+        """Stop choosing KVM for `kernel` because a guest of it stopped under KVM; True when that changed
+        the choice (the accelerator is chosen automatically and was KVM)."""
+        ...
+
+    def accel_status(self) -> str:
+        """The accelerator setting and what it chose so far, in words (host status, /readyz). Blocking."""
+        ...
+
+    async def wait_guest_stopped(self, spec: VmSpec) -> str:
+        """Return, with the VMM's own words, once the VMM stops running the guest while it lives on (a KVM
+        internal error pauses the guest, the VMM stays). Never returns while the guest runs; VmmError when
+        the VMM cannot be watched. Holds the VMM's control channel while it waits."""
+        ...
 
     def start(self, spec: VmSpec, netns: NetworkNamespace) -> VmmProcess: ...
 
@@ -81,13 +100,28 @@ class QemuDriver:
     def __init__(self, probe: AccelProbe | None = None, qemu: str = QEMU, placement: Placement | None = None) -> None:
         self._probe = probe or AccelProbe(qemu)
         self._qemu = qemu
-        self._accel: dict[Path, str] = {}
+        self._accel: dict[Path, Accel] = {}
         self.placement = placement or choose_placement()  # `placement.reason` says where VMMs run and why
 
-    def accel(self, kernel: Path) -> str:
+    def accel(self, kernel: Path) -> Accel:
         if kernel not in self._accel:
-            self._accel[kernel] = self._probe.choose(kernel).name
+            self._accel[kernel] = self._probe.choose(kernel)
         return self._accel[kernel]
+
+    def demote_accel(self, kernel: Path, reason: str) -> bool:
+        if self.accel(kernel).name != "kvm" or not self._probe.demote(kernel, reason):
+            return False
+        del self._accel[kernel]
+        return True
+
+    def accel_status(self) -> str:
+        return self._probe.summary()
+
+    async def wait_guest_stopped(self, spec: VmSpec) -> str:
+        try:
+            return await qmp.wait_guest_stopped(spec.control_socket)
+        except qmp.QmpError as exc:
+            raise VmmError(spec.vm_id, "watch the guest", str(exc)) from exc
 
     def start(self, spec: VmSpec, netns: NetworkNamespace) -> VmmProcess:
         return self._spawn(spec, netns)
@@ -102,7 +136,7 @@ class QemuDriver:
             except OSError as exc:
                 raise VmmError(spec.vm_id, "start", f"{spec.overlay}: {exc.strerror}") from exc
         try:
-            argv = [*qemu_argv(spec, self.accel(spec.kernel), self._qemu, overlay_fd), *extra]
+            argv = [*qemu_argv(spec, self.accel(spec.kernel).name, self._qemu, overlay_fd), *extra]
             return process.spawn(argv, spec.vmm_log, netns, spec.vm_id, directory=spec.directory,
                                  placement=self.placement, rlimits=qemu_rlimits(spec), limits=qemu_limits(spec),
                                  pass_fds=() if overlay_fd is None else (overlay_fd,))
@@ -129,8 +163,9 @@ class QemuDriver:
         blank = dataclasses.replace(spec, vm_id="vm", tap="tap", mac="02:00:00:00:00:00", directory=Path("/vm"),
                                     overlay=Path("/vm/overlay"), config_disk=Path("/vm/config"), run_as=None,
                                     boot_args="", kernel=Path("/kernel"), rootfs=Path("/rootfs"))
-        return {"vmm": f"{binary} {stat.st_size} {stat.st_mtime_ns}", "accel": self.accel(spec.kernel),
-                "devices": " ".join(qemu_argv(blank, self.accel(spec.kernel), "qemu"))}
+        accel = self.accel(spec.kernel).name
+        return {"vmm": f"{binary} {stat.st_size} {stat.st_mtime_ns}", "accel": accel,
+                "devices": " ".join(qemu_argv(blank, accel, "qemu"))}
 
     def save(self, spec: VmSpec, target: Path) -> None:
         snapshot.save_state(spec.vm_id, spec.control_socket, target)
@@ -151,10 +186,10 @@ class QemuDriver:
     def _quit(self, spec: VmSpec) -> bool:
         """Ask QEMU to quit through QMP (it flushes and closes its disks); False if it cannot be asked."""
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as qmp:
-                qmp.settimeout(5)
-                qmp.connect(str(spec.control_socket))
-                stream = qmp.makefile("rwb")
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
+                control.settimeout(5)
+                control.connect(str(spec.control_socket))
+                stream = control.makefile("rwb")
                 stream.readline()  # the greeting
                 for command in ("qmp_capabilities", "quit"):
                     stream.write(json.dumps({"execute": command}).encode() + b"\n")
@@ -187,8 +222,20 @@ class FirecrackerDriver:
         self.placement = placement or choose_placement()  # `placement.reason` says where VMMs run and why
         self.jail_base = None if jailer is None else jailer.chroot_base  # jails: <base>/<exec name>/<vm id>/root
 
-    def accel(self, kernel: Path) -> str:
-        return "kvm"
+    def accel(self, kernel: Path) -> Accel:
+        return Accel("kvm", "Firecracker runs guests only under KVM")
+
+    def demote_accel(self, kernel: Path, reason: str) -> bool:
+        return False  # there is nothing else to run under
+
+    def accel_status(self) -> str:
+        return "kvm: Firecracker runs guests only under KVM"
+
+    async def wait_guest_stopped(self, spec: VmSpec) -> str:
+        # Firecracker announces no such change (its API could only be polled for "Paused"): a guest it
+        # stops is caught by its silent console (guest.stalled) or the hops' deadlines.
+        await asyncio.Future()
+        raise AssertionError("unreachable")
 
     def start(self, spec: VmSpec, netns: NetworkNamespace) -> VmmProcess:
         self._refuse_root(spec, "start")
@@ -246,7 +293,7 @@ class FirecrackerDriver:
                                     overlay=Path("/vm/overlay.ext4"), config_disk=Path("/vm/config.img"),
                                     run_as=None, boot_args="", kernel=Path("/kernel"), rootfs=Path("/rootfs"))
         machine = firecracker.firecracker_config(firecracker.in_vm_directory(blank))
-        return {"vmm": f"{self._binary} {stat.st_size} {stat.st_mtime_ns}", "accel": self.accel(spec.kernel),
+        return {"vmm": f"{self._binary} {stat.st_size} {stat.st_mtime_ns}", "accel": self.accel(spec.kernel).name,
                 "devices": json.dumps(machine, sort_keys=True)}
 
     def save(self, spec: VmSpec, target: Path) -> None:
@@ -309,13 +356,14 @@ class FirecrackerDriver:
 
 
 def choose_driver(name: str, probe: AccelProbe | None = None, jailer: firecracker.JailerOptions | None = None,
-                  placement: Placement | None = None) -> VmmDriver:
+                  placement: Placement | None = None, accel: AccelMode = "auto") -> VmmDriver:
     """`firecracker`, `qemu`, or `auto`: Firecracker when it can run here (as root, only through its
     jailer: it cannot drop root itself), else QEMU. VMMs run where `placement` puts them (default:
     choose_placement(), a cgroup of their own)."""
     if name not in ("auto", "firecracker", "qemu"):
         raise InvalidInput("vmm", name, "must be auto, firecracker or qemu")
     where = placement or choose_placement()
+    probe = probe or AccelProbe(QEMU, accel)
     if name == "qemu":
         return QemuDriver(probe, placement=where)
     usable, reason = firecracker.available()

@@ -1,37 +1,17 @@
 """The QEMU `microvm` driver: Firecracker's device model (virtio-mmio net and block, a serial
 console), from Debian's qemu-system-x86, on KVM where KVM really runs the guest and with
-software emulation (TCG) where it does not.
-
-Whether KVM runs a guest is found out by trying, not assumed from /dev/kvm being there: a
-nested PVM device (as on our CI machines) accepts KVM_CREATE_VM and then hangs a normal guest
-kernel. `AccelProbe` boots the kernel under KVM once, without a root disk, and takes KVM only
-if the kernel got as far as printing its banner; the answer is cached per kernel and host boot.
+software emulation (TCG) where it does not (accel.py chooses).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import resource
-import subprocess
-from dataclasses import dataclass
-from pathlib import Path
 
 from browservm.errors import VmmError
-from browservm.progress import cache_dir
 from browservm.vmm.placement import ResourceLimits
 from browservm.vmm.spec import VmSpec
 
 QEMU = "qemu-system-x86_64"
-_PROBE_TIMEOUT_S = 8.0
-
-
-@dataclass(frozen=True)
-class Accel:
-    name: str  # "kvm" or "tcg"
-    reason: str
-
 
 # seccomp: no obsolete system calls, no fork/exec, no CPU affinity or priority changes. Not
 # `elevateprivileges=deny`: it would also forbid the setuid of -runas, which happens after the
@@ -102,58 +82,3 @@ def qemu_argv(spec: VmSpec, accel: str, qemu: str = QEMU, overlay_fd: int | None
     if spec.run_as is not None:
         argv += ["-runas", f"{spec.run_as}:{spec.run_as}"]
     return argv
-
-
-class AccelProbe:
-    def __init__(self, qemu: str = QEMU, cache: Path | None = None, timeout: float = _PROBE_TIMEOUT_S) -> None:
-        self._qemu = qemu
-        self._cache = (cache or cache_dir("accel")) / "accel.json"
-        self._timeout = timeout
-
-    def choose(self, kernel: Path) -> Accel:
-        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-            return Accel("tcg", "/dev/kvm is missing or not accessible")
-        key = self._key(kernel)
-        cached = self._read_cache().get(key)
-        if cached is not None:
-            return Accel(cached["name"], cached["reason"])
-        accel = self._probe(kernel)
-        entries = self._read_cache()
-        entries[key] = {"name": accel.name, "reason": accel.reason}
-        self._cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = self._cache.with_suffix(".partial")
-        partial.write_text(json.dumps(entries, indent=2))
-        os.replace(partial, self._cache)
-        return accel
-
-    def _key(self, kernel: Path) -> str:
-        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        digest = hashlib.sha256(kernel.read_bytes()).hexdigest()[:16]
-        return f"{boot_id}/{digest}"
-
-    def _read_cache(self) -> dict[str, dict[str, str]]:
-        try:
-            entries: dict[str, dict[str, str]] = json.loads(self._cache.read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
-        return entries
-
-    def _probe(self, kernel: Path) -> Accel:
-        # No root disk: a kernel that runs panics at once, and panic=-1 with -no-reboot ends QEMU.
-        argv = [self._qemu, "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host", "-m", "128M",
-                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio",
-                "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 reboot=t"]
-        try:
-            probe = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT)
-        except OSError as exc:
-            raise VmmError("-", "probe KVM", f"cannot run {self._qemu}: {exc.strerror}") from exc
-        try:
-            output, _ = probe.communicate(timeout=self._timeout)
-        except subprocess.TimeoutExpired:
-            probe.kill()
-            output, _ = probe.communicate()
-        if b"Linux version" in output:
-            return Accel("kvm", "KVM booted this kernel")
-        return Accel("tcg", f"KVM did not boot this kernel within {self._timeout:g} s "
-                            "(/dev/kvm may only run specially built guests, e.g. a nested PVM device)")

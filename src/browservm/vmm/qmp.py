@@ -1,18 +1,22 @@
 """A QMP session on a QEMU's control socket: commands, events, and file descriptors handed over.
 
-Blocking (call it in a thread). What QEMU says is bounded before it is parsed (a guest that took
+`Qmp` is blocking (call it in a thread); `wait_guest_stopped` is the one asynchronous session.
+What QEMU says is bounded before it is parsed (a guest that took
 over its QEMU could otherwise make the controller read without end): one message is at most
 MAX_MESSAGE bytes, and every wait has a deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from browservm.inotify import wait_for_file
 
 MAX_MESSAGE = 1 << 20
 
@@ -106,3 +110,56 @@ class Qmp:
         if not isinstance(message, dict):
             raise QmpError(f"QEMU sent a JSON value that is not an object ({what})")
         return message
+
+
+# QMP events that mean QEMU no longer runs its guest although it lives on: a KVM internal error
+# (QEMU stops the VM and says why on its stderr), an I/O error policy, a panicked guest kept paused.
+STOP_EVENTS = ("STOP", "GUEST_PANICKED")
+
+
+async def wait_guest_stopped(path: Path, appear: float = 10.0) -> str:
+    """Hold a QMP session on `path` and return, in QEMU's words, once QEMU stops running its guest
+    (awaited, not polled: QEMU sends an event). Never returns while the guest runs; QmpError when
+    QEMU's socket does not appear within `appear` seconds or the session breaks (the VMM exited).
+
+    It holds QEMU's only QMP session while it waits: nothing else may need QMP meanwhile.
+    """
+    if not await asyncio.to_thread(wait_for_file, path, appear):
+        raise QmpError(f"QEMU made no control socket {path} within {appear:g} s")
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_MESSAGE)
+    except OSError as exc:
+        raise QmpError(f"cannot reach QEMU at {path}: {exc.strerror or exc}") from None
+    try:
+        await _next_message(reader)  # the greeting
+        writer.write(b'{"execute": "qmp_capabilities"}\n')
+        while True:
+            message = await _next_message(reader)
+            if message.get("event") in STOP_EVENTS:
+                break
+        event = str(message["event"])
+        writer.write(b'{"execute": "query-status"}\n')
+        while "return" not in (reply := await _next_message(reader)):
+            pass
+        status = reply["return"].get("status", "?") if isinstance(reply["return"], dict) else "?"
+        return f"QEMU stopped running the guest (QMP event {event}, status {str(status)[:40]!r})"
+    finally:
+        writer.close()
+
+
+async def _next_message(reader: asyncio.StreamReader) -> dict[str, Any]:
+    try:
+        line = await reader.readline()
+    except (ValueError, asyncio.LimitOverrunError):
+        raise QmpError(f"QEMU sent a message over {MAX_MESSAGE} bytes") from None
+    except OSError as exc:
+        raise QmpError(f"the connection to QEMU failed: {exc.strerror or exc}") from None
+    if not line:
+        raise QmpError("QEMU closed its control socket")
+    try:
+        message = json.loads(line)
+    except ValueError:
+        raise QmpError("QEMU sent something that is not JSON") from None
+    if not isinstance(message, dict):
+        raise QmpError("QEMU sent a JSON value that is not an object")
+    return message
