@@ -11,6 +11,7 @@ fixed time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import socket
@@ -29,6 +30,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from browservm.api.app import MAX_BODY, build_app
+from browservm.api.proxy import MAX_VIEWERS_PER_LINK, MAX_VIEWERS_PER_VM
 from browservm.api.service import ControllerService
 from browservm.api.tokens import ViewerTokens
 from browservm.config import load_settings
@@ -844,6 +846,50 @@ def test_a_viewer_is_counted_while_connected_and_closed_with_4410_when_its_vm_is
     finally:
         desktop.close()
     assert served.service.proxy.viewers == 0 and served.service._gone == {}
+
+
+def test_viewers_are_capped_per_link_and_per_vm_with_4429(served: Served) -> None:
+    """Each viewer holds memory in the controller and a connection in the guest: a link opened over and
+    over (issue 18: 20 connections on one token took the controller from 113 to 1,154 MiB) is refused."""
+    desktop = socket.socket()  # a desktop that accepts connections and never answers (as above)
+    try:
+        desktop.bind(("127.0.0.3", 6080))
+    except OSError as exc:
+        desktop.close()
+        pytest.skip(f"cannot listen on 127.0.0.3:6080 for the VM's desktop: {exc.strerror}")
+    desktop.listen(32)
+    record = VmRecord(vm_id="vm-0000000000ef", user="ann", vcpus=1, mem_mib=1024, state=VmState.READY,
+                      directory=str(served.parts.vm_root / "vm-0000000000ef"), address="127.0.0.3/8")
+    VmRecords(served.parts.store).insert(record, max_total=100, max_per_user=100)
+    Path(record.directory).mkdir(parents=True)
+    configdisk.write(Path(record.directory) / CONFIG_DISK, {"secrets": {"vnc": "abcd1234"}})
+    links = []
+    for ttl in (600, 601, 602):  # three links (issued in the same second with one ttl, they would be one)
+        served.service.tokens.ttl = ttl
+        links.append(served.service.tokens.issue(record.vm_id, record.viewer_epoch)[0])
+    path = f"/v1/vms/{record.vm_id}/vnc?token="
+
+    def wait_viewers(client: TestClient, n: int) -> None:
+        deadline = time.monotonic() + DEADLINE
+        while client.get(f"/v1/vms/{record.vm_id}", headers=AUTH).json()["viewers"] != n:
+            assert time.monotonic() < deadline, f"not {n} viewers"
+            time.sleep(0.005)
+
+    try:
+        with TestClient(served.app) as client, contextlib.ExitStack() as open_viewers:
+            for _ in range(MAX_VIEWERS_PER_LINK):
+                open_viewers.enter_context(client.websocket_connect(path + links[0]))
+            wait_viewers(client, MAX_VIEWERS_PER_LINK)
+            assert refusal(client, path + links[0]) == (4429, f"this viewer link is open in {MAX_VIEWERS_PER_LINK} "
+                                                              "viewers already, the most one link takes")
+            for _ in range(MAX_VIEWERS_PER_VM - MAX_VIEWERS_PER_LINK):
+                open_viewers.enter_context(client.websocket_connect(path + links[1]))
+            wait_viewers(client, MAX_VIEWERS_PER_VM)
+            assert refusal(client, path + links[2]) == (4429, f"the VM has {MAX_VIEWERS_PER_VM} viewers already, "
+                                                              "the most it takes")
+        assert served.service._per_link == {} and served.service.proxy.viewers == 0
+    finally:
+        desktop.close()
 
 
 # --- health, metrics, docs -----------------------------------------------------------------------------

@@ -40,6 +40,8 @@ from websockets.typing import Subprotocol
 from browservm import rfb
 from browservm.api.proxy import (
     MAX_REASON_BYTES,
+    UVICORN_WEBSOCKETS,
+    VIEWER_MAX_MESSAGE,
     Direction,
     Ended,
     Refused,
@@ -116,7 +118,8 @@ async def controller(proxy: ViewerProxy, resolve: Callable[[], Awaitable[Upstrea
 
     app = Starlette(routes=[WebSocketRoute("/v1/vms/{vm_id}/vnc", vnc)])
     listener = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, ws_per_message_deflate=False, lifespan="off", log_config=None,
+    # The WebSocket settings `serve` gives uvicorn: the viewer's message limit is part of what is tested.
+    server = uvicorn.Server(uvicorn.Config(app, **UVICORN_WEBSOCKETS, lifespan="off", log_config=None,
                                            log_level="warning", timeout_graceful_shutdown=2))
     # Connections wait in the listener's backlog until uvicorn runs: no need to wait for it to start.
     running = asyncio.create_task(server.serve(sockets=[listener]))
@@ -339,7 +342,7 @@ def test_bytes_both_ways_intact(path: str, request: pytest.FixtureRequest) -> No
                 async def send() -> None:
                     offset = 0
                     while offset < size:
-                        step = rng.randint(1, 256 * 1024)
+                        step = rng.randint(1, VIEWER_MAX_MESSAGE)  # a viewer's messages are bounded
                         await viewer.send(to_vm[offset:offset + step])
                         offset += step
 
@@ -415,6 +418,78 @@ def test_a_slow_viewer_keeps_the_controller_memory_bounded(path: str, request: p
     print(f"peak growth of traced memory: {growth / MiB:.2f} MiB; the controller was at most "
           f"{most_ahead / MiB:.2f} MiB ahead of the viewer")
     assert growth < 6 * MiB
+
+
+@pytest.mark.parametrize("path", ["websockify", "rfb"])
+def test_a_viewer_flooding_a_vm_that_reads_nothing_keeps_the_controller_memory_bounded(
+        path: str, request: pytest.FixtureRequest) -> None:
+    """The other direction (issue 18: with 16 MiB messages a viewer made the controller hold ~60 MiB
+    per connection while the guest stopped reading): the viewer sends the largest messages it may, as
+    fast as the controller takes them, and the VM reads nothing after its banner. On the rfb path the
+    relay stalls once every buffer on the way is full; websockify (in the guest, another process here)
+    takes all it is sent. Either way the controller grows by under 2 MiB."""
+    block = random.Random(10).randbytes(VIEWER_MAX_MESSAGE)
+
+    async def scenario() -> int:
+        finished = asyncio.Event()
+
+        async def reads_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(BANNER)
+            await finished.wait()
+            writer.close()
+
+        events = Recorder()
+        async with (vm_on(path, request)(reads_nothing) as upstream,
+                    controller(ViewerProxy(events), to(upstream)) as ctl, ctl.viewer() as viewer):
+            assert (await within(viewer.recv(decode=False))).startswith(BANNER)
+            baseline, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            sent = 0
+
+            async def flood() -> None:
+                nonlocal sent
+                while sent < 64 * MiB:
+                    await viewer.send(block)
+                    sent += len(block)
+
+            flooding = asyncio.create_task(flood())
+            # Stalled: nothing more went for half a second (a window, not a condition one could await:
+            # what is awaited is that nothing happens). Loopback socket buffers hold a few MiB at most.
+            deadline = asyncio.get_running_loop().time() + DEADLINE
+            last = -1
+            while sent != last and not flooding.done():
+                assert asyncio.get_running_loop().time() < deadline, "the relay neither stalled nor finished"
+                last = sent
+                await asyncio.sleep(0.5)
+            _, peak = tracemalloc.get_traced_memory()
+            assert path != "rfb" or not flooding.done(), "64 MiB went into a VM that reads nothing"
+            print(f"{path}: the viewer sent {sent / MiB:.1f} MiB, {events.relayed['to_vm'] / MiB:.1f} MiB "
+                  f"relayed to the VM; peak growth of traced memory {(peak - baseline) / MiB:.2f} MiB")
+            flooding.cancel()
+            finished.set()
+        return peak - baseline
+
+    tracemalloc.start()
+    try:
+        growth = asyncio.run(scenario())
+    finally:
+        tracemalloc.stop()
+    assert growth < 2 * MiB
+
+
+def test_a_viewer_message_over_the_limit_closes_1009_before_it_is_read_whole() -> None:
+    async def scenario() -> None:
+        async with tcp_upstream(echo) as upstream, controller(ViewerProxy(), to(rfb_at(upstream))) as ctl, \
+                ctl.viewer() as viewer:
+            assert await within(viewer.recv(decode=False)) == BANNER
+            await viewer.send(bytes(VIEWER_MAX_MESSAGE))  # the largest allowed: relayed
+            assert len(await within(viewer.recv(decode=False))) > 0
+            with contextlib.suppress(ConnectionClosed):
+                await viewer.send(bytes(16 * MiB))
+            assert (await close_of(viewer))[0] == 1009
+            assert await ctl.next_served() == 1009
+
+    asyncio.run(scenario())
 
 
 def test_net_tcp_nothing_listening_closes_4502() -> None:

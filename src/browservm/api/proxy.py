@@ -27,6 +27,7 @@ Close codes sent to the viewer (`serve` returns the code; when the viewer itself
 closed with, or 1005/1006):
 
     4401 4404 4409  whatever the route's `Refused` says (bad token, unknown VM, VM not ready)
+    4429            too many viewers: the VM has MAX_VIEWERS_PER_VM, or the link MAX_VIEWERS_PER_LINK (the route's)
     4502            a hop to the VM failed before the relay started: "net.tcp: ...", "ws.upgrade: ...",
                     "rfb.banner: ...", "rfb.auth: ..."
     1002            the viewer broke the RFB handshake the proxy offered it (or left it unanswered
@@ -39,6 +40,8 @@ closed with, or 1005/1006):
     1001            `shutdown()`: "the controller is shutting down"
     1003            the browser sent a text frame: RFB is binary and websockify itself refuses text
                     frames with 1003, so the proxy refuses them first, with a reason the page shows
+    1009            the browser sent a message over VIEWER_MAX_MESSAGE (uvicorn closes it; `serve`
+                    returns the code)
 
 Reasons are cut to the 123 UTF-8 bytes a close frame can carry (`close_reason`).
 
@@ -49,9 +52,14 @@ TCP window closes; a slow guest stops the viewer pump, and uvicorn stops reading
 after each message until the app takes it. What a viewer can hold in the controller is about
 `queue_limit` + 2 messages per direction plus the 64 KiB write buffers; websockify sends at most
 64 KiB per message, so about half a MiB, and `max_message` bounds what a hostile guest can make it
-(tests/unit/test_proxy.py measures it). On the rfb path the guest's bytes wait in asyncio's
-stream buffer, which stops reading from the socket past 128 KiB (at most one 256 KiB socket read
-more), and are taken 64 KiB at a time when the viewer took the last: under 0.5 MiB per viewer.
+(tests/unit/test_proxy.py measures it). From the viewer, uvicorn takes messages of at most
+VIEWER_MAX_MESSAGE (64 KiB: RFB client messages are small, and noVNC sends even a clipboard in
+10 KiB pieces) and stops reading after each until the app took it; with 16 MiB messages a viewer
+whose guest stopped reading made the controller hold ~60 MiB (issue 18). And the route caps
+viewers per VM and per link (4429), so many connections cannot add up either. On the rfb path
+the guest's bytes wait in asyncio's stream buffer, which stops reading from the socket past
+128 KiB (at most one 256 KiB socket read more), and are taken 64 KiB at a time when the viewer
+took the last: under 0.5 MiB per viewer.
 
 Measured by bench/proxy_bench.py on 2 shared, saturated cores: 0.6-1.1 CPU s/GiB in the controller
 per direction, +0.1-0.2 ms median per round trip, about 50 KiB of RSS per idle viewer.
@@ -77,8 +85,9 @@ What the service must configure in uvicorn (uvicorn.Config / command-line flags)
                                    The upstream leg has it off here.
     ws_ping_interval, ws_ping_timeout   keep them set (the defaults, 20 s, are right): they are the
                                    only pings the browser leg gets.
-    ws_max_size                    the browser leg's message limit; keep it equal to `max_message`
-                                   (both default to 16 MiB).
+    ws_max_size                    the browser leg's message limit: VIEWER_MAX_MESSAGE (uvicorn's
+                                   default, 16 MiB, let a viewer make the controller hold 60 MiB).
+                                   UVICORN_WEBSOCKETS holds these settings; serve and the tests use it.
     shutdown order                 uvicorn's own shutdown closes every WebSocket with 1012 before the
                                    lifespan shutdown runs, so call `await proxy.shutdown()` before
                                    that (e.g. in an override of uvicorn.Server.shutdown), or viewers
@@ -112,12 +121,19 @@ UNKNOWN_VM = 4404
 VM_NOT_READY = 4409
 VM_ENDED = 4410
 VM_UNREACHABLE = 4502
+TOO_MANY_VIEWERS = 4429
 PROTOCOL_ERROR = 1002
 UNSUPPORTED_DATA = 1003
 
 SHUTTING_DOWN = "the controller is shutting down"
 VM_DELETED = "the VM was deleted"
 MAX_REASON_BYTES = 123  # RFC 6455 5.5: control frames carry 125 bytes, 2 of them the code
+MAX_VIEWERS_PER_VM = 8  # viewers of one VM at once (the route refuses more with TOO_MANY_VIEWERS)
+MAX_VIEWERS_PER_LINK = 4  # viewers of one viewer token at once
+VIEWER_MAX_MESSAGE = 64 * 2**10  # the largest WebSocket message a viewer may send
+# uvicorn's WebSocket settings for the viewer leg (see "What the service must configure" above).
+UVICORN_WEBSOCKETS: dict[str, Any] = {"ws_per_message_deflate": False, "ws_max_size": VIEWER_MAX_MESSAGE,
+                                      "ws_ping_interval": 20.0, "ws_ping_timeout": 20.0}
 
 Direction = Literal["to_vm", "to_viewer"]
 

@@ -26,7 +26,17 @@ from starlette.websockets import WebSocket
 from browservm.api.events import EventBus, VmEvent
 from browservm.api.metrics import Metrics
 from browservm.api.models import CreateVm, ViewerOut, VmOut
-from browservm.api.proxy import VM_UNREACHABLE, Direction, Ended, Refused, Upstream, ViewerProxy
+from browservm.api.proxy import (
+    MAX_VIEWERS_PER_LINK,
+    MAX_VIEWERS_PER_VM,
+    TOO_MANY_VIEWERS,
+    VM_UNREACHABLE,
+    Direction,
+    Ended,
+    Refused,
+    Upstream,
+    ViewerProxy,
+)
 from browservm.api.tokens import TokenRefused, ViewerTokens
 from browservm.controller import Controller
 from browservm.errors import BrowserVMError, StateConflict, VmmError, VmNotFound, WrongState
@@ -78,6 +88,7 @@ class ControllerService:
         self.proxy = proxy or ViewerProxy(_Metered(self.metrics))
         self.events = EventBus()
         self._viewers: dict[str, int] = {}
+        self._per_link: dict[str, int] = {}  # viewers connected by each viewer token
         self._idle_since: dict[str, float] = {}
         self._gone: dict[str, set[Ended]] = {}  # each viewer's, by VM: ended with it
         self._tasks: list[asyncio.Task[None]] = []
@@ -355,7 +366,15 @@ class ControllerService:
                 failure = record.failure
                 detail = f" at {failure.hop}: {failure.reason}" if failure else ""
                 raise Refused(4409, f"the VM is {record.state.value}{detail}")
+            # Each viewer holds memory here and a connection in the guest's x11vnc: a link (or many
+            # links) opened over and over must not take the controller with it (issue 18).
+            if self._viewers.get(vm_id, 0) >= MAX_VIEWERS_PER_VM:
+                raise Refused(TOO_MANY_VIEWERS, f"the VM has {MAX_VIEWERS_PER_VM} viewers already, the most it takes")
+            if self._per_link.get(token, 0) >= MAX_VIEWERS_PER_LINK:
+                raise Refused(TOO_MANY_VIEWERS, f"this viewer link is open in {MAX_VIEWERS_PER_LINK} viewers "
+                                                "already, the most one link takes")
             self._viewers[vm_id] = self._viewers.get(vm_id, 0) + 1
+            self._per_link[token] = self._per_link.get(token, 0) + 1
             self._idle_since.pop(vm_id, None)
             counted = True
             try:
@@ -372,6 +391,9 @@ class ControllerService:
                 if not watching:
                     del self._gone[vm_id]
             if counted:
+                self._per_link[token] -= 1
+                if not self._per_link[token]:
+                    del self._per_link[token]
                 self._viewers[vm_id] -= 1
                 if not self._viewers[vm_id]:
                     del self._viewers[vm_id]

@@ -21,13 +21,12 @@ import uvicorn
 
 from browservm.api.app import build_app
 from browservm.api.keys import api_key, signing_key
+from browservm.api.proxy import UVICORN_WEBSOCKETS
 from browservm.api.service import ControllerService
 from browservm.api.tokens import ViewerTokens
 from browservm.config import Settings
 from browservm.controller import ServeLock, open_controller
 from browservm.errors import OperationFailed
-
-_MAX_MESSAGE = 16 * 2**20
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -105,9 +104,8 @@ async def _serve(service: ControllerService, listener: socket.socket, key_file: 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
     config = uvicorn.Config(
         build_app(service), lifespan="on", log_level="warning", access_log=False,
-        # Browsers offer permessage-deflate; on a VNC stream it costs ~13x the CPU (LAB-NOTES).
-        ws_per_message_deflate=False, ws_max_size=_MAX_MESSAGE, ws_ping_interval=20.0, ws_ping_timeout=20.0,
-        timeout_graceful_shutdown=10)
+        # No permessage-deflate (~13x the CPU on a VNC stream, LAB-NOTES), viewers' messages bounded.
+        **UVICORN_WEBSOCKETS, timeout_graceful_shutdown=10)
     server = _Server(config, service)
     # From here on SIGTERM means "stop gracefully", also while reconciling, before uvicorn runs.
     for signum in (signal.SIGINT, signal.SIGTERM):
