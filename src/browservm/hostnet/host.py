@@ -48,6 +48,7 @@ from browservm.hostnet.firewall import (
     VmPorts,
     listed_ports,
     normalise_listing,
+    ours,
     render_ruleset,
     ruleset_digest,
     vm_elements,
@@ -484,7 +485,7 @@ class HostNetwork:
                 bridge = next((s for s in self.plan.segments if piece == f"bridge {s.bridge}"), None)
                 if bridge is not None:
                     checks += self._check_foreign_ports(links, bridge)
-            checks.append(self._check_firewall(links, name_changes=True))
+            checks.append(self._check_firewall(links, snapshot))
             events = self.drift_events()
             if events:
                 when, what = events[-1]
@@ -507,10 +508,13 @@ class HostNetwork:
                       f"{link.kind or 'plain'}, alias {link.alias!r}): its frames are dropped; remove it")
                 for link in links.all() if link.master == bridge.index and link.name not in mine]
 
-    def _check_firewall(self, links: Links, name_changes: bool = False) -> Check:
-        """Our tables against what `host up` installed; with `name_changes`, each difference is named."""
+    def _check_firewall(self, links: Links, snapshot: Snapshot | None = None) -> Check:
+        """Our tables against what `host up` installed; judged from `snapshot`, each difference is named."""
         piece = FIREWALL
-        current = self._nft.list_table()
+        if snapshot is not None and snapshot.ruleset is not None:
+            current = ours(snapshot.ruleset) or None
+        else:
+            current = self._nft.list_table()
         if current is None:
             return Check(piece, False, "missing")
         recorded = self._records.get("nft", "inet browservm")
@@ -522,7 +526,7 @@ class HostNetwork:
         if record["digest"] != ruleset_digest(self._desired_firewall()):
             return Check(piece, False, "installed for another configuration; run `host up`")
         if record["listing"] != normalise_listing(current):
-            named = ruleset_mismatches(record["listing"], current) if name_changes else []
+            named = ruleset_mismatches(record["listing"], current) if snapshot is not None else []
             return Check(piece, False, "changed since browservm installed it; run `host up`"
                          + "".join(f"; {m.text}" for m in named))
         missing = self._missing_elements(current, self._vm_ports(links))
