@@ -20,6 +20,7 @@ from browservm.vm.readiness import desktop_banner
 from browservm.vm.records import VmRecord
 from browservm.vm.state import VmState
 from browservm.vmm.firecracker import available
+from browservm.vmm.process import VMM_ENVIRONMENT
 
 from .conftest import Controllers, run, vmm_pids_under
 
@@ -37,6 +38,11 @@ def leftovers(controllers: Controllers) -> dict[str, list[Any]]:
     }
 
 
+def vmm_environment(pid: int) -> dict[str, str]:
+    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(entry.decode().split("=", 1) for entry in environ.split(b"\0") if entry)
+
+
 def vmm_credentials(pid: int) -> tuple[int, str, str]:
     """A running VMM's real uid, seccomp mode and core-file limit."""
     status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
@@ -45,7 +51,11 @@ def vmm_credentials(pid: int) -> tuple[int, str, str]:
     return int(status["Uid"].split()[0]), status["Seccomp"].strip(), core
 
 
-def test_three_vms_created_at_once_all_pass_every_hop_and_leave_nothing_behind(controllers: Controllers) -> None:
+def test_three_vms_created_at_once_all_pass_every_hop_and_leave_nothing_behind(
+        controllers: Controllers, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As under systemd, where the controller's environment carries its keys (/etc/default/browservm).
+    monkeypatch.setenv("BROWSERVM_API_KEY", "api-key-of-the-controller")
+    monkeypatch.setenv("BROWSERVM_VAULT_KEY", "vault-key-of-the-controller")
     controller = controllers.open()
     manager = controller.manager
     nft_before = run("nft", "-j", "list", "table", "inet", "browservm", netns=controllers.netns).stdout
@@ -63,6 +73,8 @@ def test_three_vms_created_at_once_all_pass_every_hop_and_leave_nothing_behind(c
     credentials = [vmm_credentials(r.pid) for r in records if r.pid is not None]
     assert len({uid for uid, _, _ in credentials}) == 3 and all(uid >= 65536 for uid, _, _ in credentials)
     assert all(seccomp == "2" and core == "0" for _, seccomp, core in credentials), credentials
+    # And its environment is the fixed one: nothing of the controller's, its keys least of all.
+    assert all(vmm_environment(r.pid) == VMM_ENVIRONMENT for r in records if r.pid is not None)
 
     for record in records:
         assert asyncio.run(manager.destroy(record.vm_id))
