@@ -80,6 +80,7 @@ class SleepDriver:
         self.links_up: list[str] = []
         self.accel_name = "tcg"
         self.demoted: list[str] = []
+        self.console_at_start = "[    0.9] Run /usr/lib/browservm/overlay-init as init process\n"
         self.stop_guest: asyncio.Event | None = None
 
     def accel(self, kernel: Path) -> Accel:
@@ -111,6 +112,8 @@ class SleepDriver:
         if self.fail_start:
             raise VmmError(spec.vm_id, "start", "cannot run fake-vmm: No such file or directory")
         time.sleep(self.block)
+        # As a guest kernel would, before userspace: the manager's stall watch reads it.
+        spec.console_log.write_text(self.console_at_start)
         child = subprocess.Popen(["sleep", "300"], start_new_session=True)
         start_time = process.start_time(child.pid)
         assert start_time is not None

@@ -24,8 +24,10 @@ import fcntl
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Protocol
 
 from browservm.errors import HostNetworkError, ProbeFailed
@@ -36,6 +38,7 @@ from browservm.vm.hops import (
     DESKTOP_COMPLETE,
     DESKTOP_READY,
     GUEST_NETWORK,
+    IP_PNP_HINT,
     NET_ARP,
     NET_TCP,
     RFB_BANNER,
@@ -43,6 +46,7 @@ from browservm.vm.hops import (
     WS_UPGRADE,
 )
 from browservm.vm.screen import hang_up, wait_browser_on_screen
+from browservm.vm.stall import reached_userspace
 from browservm.vm.wsprobe import raw_rfb_banner, rfb_banner, websocket_upgrade
 from browservm.vmm.process import VmmProcess, cpu_seconds
 
@@ -79,11 +83,28 @@ async def wait_guest_network(console: ConsoleLog, timeout: float) -> GuestNetwor
     verdict = guest_network_line(found) if found is not None else None
     if isinstance(verdict, GuestNetwork):
         return verdict
-    ignored = next((line for line in console.lines if IP_IGNORED in line and "ip=" in line), None)
-    reasons = [verdict] if isinstance(verdict, str) else [f"no network line on the console within {timeout:g} s"]
+    lines = list(console.lines)
+    ignored = next((line for line in lines if IP_IGNORED in line and "ip=" in line), None)
+    reasons = [verdict] if isinstance(verdict, str) else [_silence(console.path, lines, timeout)]
     if ignored is not None:
         reasons.append("the kernel ignored ip= (it was built without CONFIG_IP_PNP): " + ignored.strip())
-    raise ProbeFailed(GUEST_NETWORK, "; ".join(reasons))
+    # The IP_PNP hint only with its evidence: a console that stopped early says nothing about ip=.
+    raise ProbeFailed(GUEST_NETWORK, "; ".join(reasons), IP_PNP_HINT if ignored is not None else None)
+
+
+def _silence(path: Path, lines: list[str], timeout: float) -> str:
+    """What a console without a network line shows: nothing at all, a kernel that stopped before
+    userspace (when, and its last line), or a userspace that never configured the network."""
+    last = next((line.strip() for line in reversed(lines) if line.strip()), "")[:300]
+    if not last:
+        return f"the console stayed empty for {timeout:g} s: the guest kernel never printed (the VMM's log says why)"
+    try:
+        ago = f", {time.time() - path.stat().st_mtime:.0f} s before the deadline"
+    except OSError:
+        ago = ""
+    if not reached_userspace(lines):
+        return f"the console stopped before userspace: the kernel's last line was {last!r}{ago}"
+    return f"no network line on the console within {timeout:g} s (userspace started; its last line: {last!r})"
 
 
 def _hardware_address(sock: socket.socket, interface: str) -> bytes:
