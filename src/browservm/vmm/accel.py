@@ -28,6 +28,7 @@ from typing import Literal
 
 from browservm.errors import InvalidInput, VmmError
 from browservm.progress import cache_dir
+from browservm.vmm.process import VMM_ENVIRONMENT
 
 AccelMode = Literal["auto", "kvm", "tcg"]
 MODES: tuple[AccelMode, ...] = ("auto", "kvm", "tcg")
@@ -156,7 +157,9 @@ class AccelProbe:
                 "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 reboot=t"]
         started = time.monotonic()
         try:
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            # A VMM's environment, not the controller's (which holds its keys): see process.VMM_ENVIRONMENT.
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=dict(VMM_ENVIRONMENT))
         except OSError as exc:
             raise VmmError("-", "probe KVM", f"cannot run {self._qemu}: {exc.strerror}") from exc
         assert child.stdout is not None and child.stderr is not None
