@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from browservm.errors import HostNetworkError, ProbeFailed, VmmError
+from browservm.errors import BrowserVMError, HostNetworkError, ProbeFailed, VmmError
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.ipam import Ipam, Lease
 from browservm.markers import format_marker
@@ -112,8 +113,9 @@ class SleepDriver:
         if self.fail_start:
             raise VmmError(spec.vm_id, "start", "cannot run fake-vmm: No such file or directory")
         time.sleep(self.block)
-        # As a guest kernel would, before userspace: the manager's stall watch reads it.
+        # As a guest kernel would, before userspace: the manager's stall watch reads it. And the VMM's own log.
         spec.console_log.write_text(self.console_at_start)
+        spec.vmm_log.write_text(f"fake-vmm: started {spec.vm_id}\n")
         child = subprocess.Popen(["sleep", "300"], start_new_session=True)
         start_time = process.start_time(child.pid)
         assert start_time is not None
@@ -249,15 +251,27 @@ class Parts:
     driver: SleepDriver
     vm_root: Path
     images: Images
+    # A build the first create waits for: its steps are told, then it waits for `build_done` (if set),
+    # then fails with `build_error` (if set).
+    build_steps: list[BuildStep] = field(default_factory=list)
+    build_done: threading.Event | None = None
+    build_error: BrowserVMError | None = None
 
     def manager(self, probes: FakeProbes | None = None, images_delay: float = 0.0,
-                limits: Limits | None = None, desktop_path: str = RFB) -> VMManager:
+                limits: Limits | None = None, desktop_path: str = RFB,
+                deadlines: Deadlines | None = None) -> VMManager:
         def images(report: Callable[[BuildStep], None]) -> Images:
             time.sleep(images_delay)  # as resolving (or building) the kernel and image would
+            for step in self.build_steps:
+                report(step)
+            if self.build_done is not None:
+                assert self.build_done.wait(30), "the test never let the build end"
+            if self.build_error is not None:
+                raise self.build_error
             return self.images
         return VMManager(records=VmRecords(self.store), ipam=self.ipam, network=self.network, driver=self.driver,
                          images=images, vm_root=self.vm_root, limits=limits or Limits(max_vms=4, max_vms_per_user=2),
-                         deadlines=Deadlines(stop=5), probes=probes or FakeProbes(self.ipam),
+                         deadlines=deadlines or Deadlines(stop=5), probes=probes or FakeProbes(self.ipam),
                          desktop_path=desktop_path)
 
     def leftovers(self) -> dict[str, object]:

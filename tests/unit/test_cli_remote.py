@@ -45,6 +45,7 @@ from browservm.cli.remote import (
 from browservm.config import load_settings
 from browservm.controller import Controller
 from browservm.hostnet.host import HostNetwork
+from browservm.progress import BuildStep
 from browservm.vm import hops
 from browservm.vm.desktop_path import RFB, desktop_path
 from browservm.vm.manager import Limits
@@ -351,6 +352,40 @@ def test_ctrl_c_while_it_boots_deletes_the_vm_as_a_local_create_would(served: Se
         proc.wait()
     assert proc.returncode == 130 and "browservm: cancelled: removing VM vm-" in err
     assert served.records().all() == [] and served.parts.leftovers() == NOTHING
+
+
+def test_the_first_create_on_a_new_host_talks_within_2_s_and_prints_each_build_step(
+        served: Served, tmp_path: Path) -> None:
+    """On a fresh host the controller builds the kernel and image first (minutes): the person is told at
+    once that the VM is being made, then each step, with the build's log, and the viewer page says it."""
+    served.parts.build_steps = [
+        BuildStep("the guest kernel", 1, 7, "tinyconfig", log="/root/.cache/browservm/kernels/k.log"),
+        BuildStep("the guest kernel", 5, 7, "vmlinux", "make -j2 vmlinux (log /root/.cache/browservm/kernels/k.log)")]
+    served.parts.build_done = threading.Event()
+    started = time.monotonic()
+    proc = _browservm("vm", "create", url=served.url, state_dir=tmp_path / "nothing-here")
+    try:
+        first = _read_until(proc, "\n")
+        assert time.monotonic() - started < 2.0, first  # the interpreter's start included
+        assert "is being created by" in first and "Ctrl-C deletes it" in first
+        # The step under way when it subscribed (both came at once), with the build's log.
+        told = _read_until(proc, "step 5 of 7: vmlinux")
+        assert "] build    building the guest kernel, step 5 of 7: vmlinux" in told and "k.log" in told
+        [record] = served.records().all()
+        viewer = httpx.post(f"{served.url}/v1/vms/{record.vm_id}/viewer", headers={"Authorization": f"Bearer {KEY}"},
+                            trust_env=False).json()
+        page = httpx.get(viewer["url"].replace(f"/view/{record.vm_id}?", f"/view/{record.vm_id}/state?"),
+                         trust_env=False).json()
+        assert page["building"] == ("building the guest kernel, step 5 of 7: vmlinux "
+                                    "(make -j2 vmlinux (log /root/.cache/browservm/kernels/k.log))")
+        served.parts.build_done.set()
+        out, err = proc.communicate(timeout=DEADLINE)
+    finally:
+        served.parts.build_done.set()
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    assert ": ready" in out and "] rfb.banner" in err
 
 
 def test_a_quiet_stream_is_checked_and_followed_again(served: Served) -> None:

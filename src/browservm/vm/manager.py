@@ -586,7 +586,7 @@ class VMManager:
             self._stop_vmm(record)
             self._driver.release(record.vm_id)
             directory = Path(record.directory)
-            for name in ("overlay.ext4", "console.log", "vmm.log"):
+            for name in ("overlay.ext4", CONFIG_DISK, "console.log", "vmm.log"):
                 (directory / name).unlink(missing_ok=True)
             clone_sparse(images.disk_template, directory / "overlay.ext4")
 
