@@ -45,7 +45,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.typing import Subprotocol
 
-from browservm.api.proxy import Direction, Upstream, ViewerProxy
+from browservm.api.proxy import UVICORN_WEBSOCKETS, Direction, Upstream, ViewerProxy
 from browservm.hostnet.netns import NetworkNamespace
 
 WEBSOCKIFY = "/usr/bin/websockify"
@@ -136,7 +136,7 @@ def _controller(listen_fd: int) -> None:
         await proxy.serve(websocket, resolve, never)
 
     app = Starlette(routes=[WebSocketRoute("/v1/vms/{vm_id}/vnc", vnc)])
-    server = uvicorn.Server(uvicorn.Config(app, ws_per_message_deflate=False, lifespan="off", log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(app, **UVICORN_WEBSOCKETS, lifespan="off", log_level="warning",
                                            timeout_graceful_shutdown=1))
     asyncio.run(server.serve(sockets=[socket.socket(fileno=listen_fd)]))
 

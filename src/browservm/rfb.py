@@ -9,6 +9,11 @@ ends of the RFB 3.8 handshake (RFC 6143, 7.1-7.2) and then relays the rest untou
 
 Everything the VM sends is bounded before it is used: the version line is 12 bytes, a failure
 reason at most MAX_REASON bytes, a security list at most 255 types.
+
+What the viewer sends after the handshake is checked as it streams past (`ClientMessages`): only
+the client messages noVNC sends, each of its own size, a clipboard (ClientCutText) of at most
+MAX_CUT_TEXT bytes, as the screen watcher bounds the guest's (vm/screen.py MAX_TEXT). Nothing is
+held back: the checker only keeps count of where each message ends.
 """
 
 from __future__ import annotations
@@ -113,3 +118,86 @@ async def greet(reader: MessageReader, send: Callable[[bytes], Awaitable[None]])
         raise HandshakeFailed(f"the viewer chose security type {chosen}; only {NO_AUTH} (none) is offered")
     if minor >= 8:
         await send(struct.pack(">I", 0))
+
+
+MAX_CUT_TEXT = 1 << 20  # a viewer's clipboard, as vm/screen.py bounds the guest's
+MAX_ENCODINGS = 1024  # in one SetEncodings: noVNC sends some thirty
+# Client message types (RFC 6143 7.5, and the extensions noVNC speaks): how many bytes, the type
+# byte included, say how long a message is (for the fixed ones, the whole message).
+_HEADERS: dict[int, int] = {
+    0: 20,  # SetPixelFormat
+    2: 4,  # SetEncodings, then 4 bytes per encoding
+    3: 10,  # FramebufferUpdateRequest
+    4: 8,  # KeyEvent
+    5: 6,  # PointerEvent
+    6: 8,  # ClientCutText, then its text
+    150: 10,  # EnableContinuousUpdates
+    248: 9,  # ClientFence, then its payload (at most 64 bytes by the extension)
+    250: 4,  # xvp
+    251: 8,  # SetDesktopSize, then 16 bytes per screen
+    255: 2,  # QEMU: the extended key event (subtype 0), 12 bytes in all
+}
+
+
+class ViewerBroke(Exception):
+    """The viewer sent what no RFB viewer sends, or a clipboard over the bound; `too_big` tells which."""
+
+    def __init__(self, reason: str, too_big: bool = False) -> None:
+        super().__init__(reason)
+        self.too_big = too_big
+
+
+class ClientMessages:
+    """The viewer's side of an RFB session after the security handshake, followed message by message:
+    ClientInit (one byte), then client messages. `feed` each piece as it passes; ViewerBroke when one
+    is not acceptable. Keeps at most one message header (24 bytes)."""
+
+    def __init__(self) -> None:
+        self._head = bytearray()
+        self._rest = 1  # ClientInit: its one byte
+
+    def feed(self, data: bytes) -> None:
+        at = 0
+        while at < len(data):
+            if self._rest:
+                step = min(self._rest, len(data) - at)
+                self._rest -= step
+                at += step
+                continue
+            self._head.append(data[at])
+            at += 1
+            total = self._length(bytes(self._head))
+            if total is not None:
+                self._rest = total - len(self._head)
+                self._head.clear()
+
+    def _length(self, head: bytes) -> int | None:
+        """The whole message's length once `head` says it; None while more of the header is needed."""
+        kind = head[0]
+        if kind not in _HEADERS:
+            raise ViewerBroke(f"the viewer sent RFB client message type {kind}, which no viewer of this proxy "
+                              "sends")
+        header = _HEADERS[kind]
+        if kind == 255 and len(head) == 2:
+            if head[1] != 0:
+                raise ViewerBroke(f"the viewer sent QEMU client message subtype {head[1]}; only the extended key "
+                                  "event (0) is relayed")
+            return 12
+        if len(head) < header:
+            return None
+        if kind == 2:
+            count = int.from_bytes(head[2:4])
+            if count > MAX_ENCODINGS:
+                raise ViewerBroke(f"the viewer asked for {count} encodings (at most {MAX_ENCODINGS})")
+            return header + 4 * count
+        if kind == 6:
+            length = int.from_bytes(head[4:8], signed=True)  # negative: an extended clipboard message of -length
+            if abs(length) > MAX_CUT_TEXT:
+                raise ViewerBroke(f"the viewer's clipboard is {abs(length)} bytes (at most {MAX_CUT_TEXT})",
+                                  too_big=True)
+            return header + abs(length)
+        if kind == 248:
+            return header + head[8]
+        if kind == 251:
+            return header + 16 * head[6]
+        return header

@@ -839,12 +839,91 @@ def test_rfb_path_the_proxy_authenticates_and_the_password_stays_on_the_host() -
             await viewer.send(b"\x01")  # ClientInit
             seen += await within(viewer.recv())
             assert seen.endswith(server.after_auth)
-            await viewer.send(b"key event")
-            assert await within(viewer.recv()) == b"key event"
+            await viewer.send(KEY_EVENT)
+            assert await within(viewer.recv()) == KEY_EVENT
             response = rfb.vnc_response("s3cret-pw", server.challenge)
             assert b"s3cret-pw" not in seen and response not in seen and server.challenge not in seen
 
     asyncio.run(scenario())
+
+
+KEY_EVENT = struct.pack(">BBxxI", 4, 1, 0xFF0D)  # Return pressed: a client message the proxy relays
+
+# What noVNC sends in a session, one of each message it has (rfb.js RFB.messages).
+NOVNC_SESSION = b"".join([
+    b"\x01",  # ClientInit
+    struct.pack(">BxxxBBBBHHHBBBxxx", 0, 32, 24, 0, 1, 255, 255, 255, 16, 8, 0),  # SetPixelFormat
+    struct.pack(">BxH", 2, 3) + struct.pack(">iii", 0, -223, -308),  # SetEncodings
+    struct.pack(">BBHHHH", 3, 0, 0, 0, 1280, 800),  # FramebufferUpdateRequest
+    KEY_EVENT,
+    struct.pack(">BBHH", 5, 1, 10, 20),  # PointerEvent
+    struct.pack(">BxxxI", 6, 5) + b"hello",  # ClientCutText
+    struct.pack(">BxxxI", 6, 2**32 - 4) + b"\x00\x00\x00\x01",  # an extended clipboard message (length -4)
+    struct.pack(">BBHHHH", 150, 1, 0, 0, 1280, 800),  # EnableContinuousUpdates
+    struct.pack(">BxxxIB", 248, 0x80000000, 3) + b"abc",  # ClientFence
+    struct.pack(">BxBB", 250, 1, 2),  # xvp
+    struct.pack(">BxHHBx", 251, 1024, 768, 1) + struct.pack(">IHHHHI", 0, 0, 0, 1024, 768, 0),  # SetDesktopSize
+    struct.pack(">BBHII", 255, 0, 1, 0xFF0D, 28),  # QEMU extended key event
+])
+
+
+def test_the_viewers_messages_are_followed_however_they_are_split() -> None:
+    for size in (1, 2, 3, 7, 64, len(NOVNC_SESSION)):
+        messages = rfb.ClientMessages()
+        for at in range(0, len(NOVNC_SESSION), size):
+            messages.feed(NOVNC_SESSION[at:at + size])
+    # A clipboard of the most allowed, in noVNC's 10 KiB pieces, then a message after it.
+    messages = rfb.ClientMessages()
+    messages.feed(b"\x01" + struct.pack(">BxxxI", 6, rfb.MAX_CUT_TEXT))
+    for _ in range(rfb.MAX_CUT_TEXT // 10240):
+        messages.feed(bytes(10240))
+    messages.feed(bytes(rfb.MAX_CUT_TEXT % 10240) + KEY_EVENT)
+
+
+@pytest.mark.parametrize(("sent", "words", "too_big"), [
+    (b"\x01" + struct.pack(">BxxxI", 6, rfb.MAX_CUT_TEXT + 1), "clipboard is 1048577 bytes", True),
+    (b"\x01" + struct.pack(">Bxxxi", 6, -rfb.MAX_CUT_TEXT - 1), "clipboard is 1048577 bytes", True),
+    (b"\x01" + struct.pack(">BxH", 2, 1025), "1025 encodings", False),
+    (b"\x01" + b"k", "message type 107", False),
+    (b"\x01" + struct.pack(">BB", 255, 1), "QEMU client message subtype 1", False),
+    (b"\x01" + KEY_EVENT + b"\x07", "message type 7", False),
+])
+def test_a_viewer_message_no_viewer_sends_or_a_clipboard_over_the_bound_is_refused(
+        sent: bytes, words: str, too_big: bool) -> None:
+    with pytest.raises(rfb.ViewerBroke) as broke:
+        rfb.ClientMessages().feed(sent)
+    assert words in str(broke.value) and broke.value.too_big is too_big
+
+
+def test_rfb_path_a_clipboard_over_the_bound_closes_1009_and_an_unknown_message_1002() -> None:
+    server = VncServer("pw-cut")
+
+    async def scenario() -> None:
+        async with tcp_upstream(server) as upstream, \
+                controller(ViewerProxy(), to(rfb_at(upstream, "pw-cut"))) as ctl:
+            async with ctl.viewer() as viewer:
+                await no_auth_handshake(viewer)
+                await viewer.send(b"\x01")
+                assert await within(viewer.recv()) == server.after_auth
+                await viewer.send(NOVNC_SESSION[1:])  # everything a viewer sends passes
+                assert await within(read_exactly(viewer, len(NOVNC_SESSION) - 1)) == NOVNC_SESSION[1:]
+                await viewer.send(struct.pack(">BxxxI", 6, 64 * MiB))
+                assert await close_of(viewer) == (1009, f"the viewer's clipboard is {64 * MiB} bytes (at most "
+                                                        f"{rfb.MAX_CUT_TEXT})")
+            async with ctl.viewer() as viewer:
+                await no_auth_handshake(viewer)
+                await viewer.send(b"\x01" + b"GET / HTTP/1.1\r\n")
+                code, reason = await close_of(viewer)
+                assert code == 1002 and reason is not None and "message type 71" in reason
+
+    asyncio.run(scenario())
+
+
+async def read_exactly(viewer: ClientConnection, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        data += await viewer.recv(decode=False)
+    return data
 
 
 def rfb_key(upstream: Upstream, password: str, key: str) -> Upstream:
@@ -860,8 +939,8 @@ def test_a_prepared_connection_goes_to_the_next_viewer_of_its_vm_only() -> None:
         await no_auth_handshake(viewer)
         await viewer.send(b"\x01")
         assert await within(viewer.recv()) == server.after_auth
-        await viewer.send(b"ping")
-        assert await within(viewer.recv()) == b"ping"
+        await viewer.send(KEY_EVENT)
+        assert await within(viewer.recv()) == KEY_EVENT
 
     async def scenario() -> None:
         async with tcp_upstream(server) as upstream:

@@ -31,7 +31,8 @@ closed with, or 1005/1006):
     4502            a hop to the VM failed before the relay started: "net.tcp: ...", "ws.upgrade: ...",
                     "rfb.banner: ...", "rfb.auth: ..."
     1002            the viewer broke the RFB handshake the proxy offered it (or left it unanswered
-                    for `connect_timeout`)
+                    for `connect_timeout`), or then sent a client message no viewer sends
+                    (rfb.ClientMessages)
     4410            `ended` was set: the VM was deleted or died ("the VM was deleted", or `Ended.reason`)
     1000            the VM's desktop ended the connection normally (x11vnc closed it, or websockify
                     closed the WebSocket because the VNC server exited)
@@ -41,7 +42,7 @@ closed with, or 1005/1006):
     1003            the browser sent a text frame: RFB is binary and websockify itself refuses text
                     frames with 1003, so the proxy refuses them first, with a reason the page shows
     1009            the browser sent a message over VIEWER_MAX_MESSAGE (uvicorn closes it; `serve`
-                    returns the code)
+                    returns the code), or a clipboard over rfb.MAX_CUT_TEXT (1 MiB)
 
 Reasons are cut to the 123 UTF-8 bytes a close frame can carry (`close_reason`).
 
@@ -123,6 +124,7 @@ VM_ENDED = 4410
 VM_UNREACHABLE = 4502
 TOO_MANY_VIEWERS = 4429
 PROTOCOL_ERROR = 1002
+MESSAGE_TOO_BIG = 1009
 UNSUPPORTED_DATA = 1003
 
 SHUTTING_DOWN = "the controller is shutting down"
@@ -411,7 +413,9 @@ class ViewerProxy:
                     await self._greet(viewer)
                 except _Ends as ends:
                     return ends.close
-            return await self._relay(viewer, first)
+            # The viewer's messages are followed where the proxy spoke its handshake (always, with a password).
+            messages = rfb.ClientMessages() if upstream.vnc_password is not None else None
+            return await self._relay(viewer, first, messages)
         except Exception:
             # A bug, or resolve() failing other than by Refused: the viewer learns that much, the log the rest.
             log.exception("viewer proxy failed")
@@ -484,9 +488,9 @@ class ViewerProxy:
         """A TCP connection to the guest, made inside the VM network's namespace, as the probes make theirs."""
         return await connect_socket(upstream.netns, upstream.address, upstream.port, self._connect_timeout)
 
-    async def _relay(self, viewer: _Viewer, first: bytes) -> _Close:
+    async def _relay(self, viewer: _Viewer, first: bytes, messages: rfb.ClientMessages | None) -> _Close:
         """Both directions at once until one ends; how the connection ends. `first`: what the VM
-        sent that the viewer has not had yet."""
+        sent that the viewer has not had yet; `messages`: the check of what the viewer sends."""
         upstream = viewer.upstream
         assert upstream is not None
         if first:
@@ -495,7 +499,7 @@ class ViewerProxy:
             except WebSocketDisconnect as gone:
                 return _Close(gone.code, "the viewer left", viewer_gone=True)
             self._events.bytes("to_viewer", len(first))
-        pumps = {asyncio.create_task(self._viewer_to_vm(viewer.websocket, upstream)),
+        pumps = {asyncio.create_task(self._viewer_to_vm(viewer.websocket, upstream, messages)),
                  asyncio.create_task(self._vm_to_viewer(viewer.websocket, upstream))}
         try:
             done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
@@ -507,12 +511,17 @@ class ViewerProxy:
         # Both can end at once (the viewer left while the guest closed): a viewer that is gone gets nothing.
         return next((outcome for outcome in outcomes if outcome.viewer_gone), outcomes[0])
 
-    async def _viewer_to_vm(self, websocket: WebSocket, upstream: Leg) -> _Close:
+    async def _viewer_to_vm(self, websocket: WebSocket, upstream: Leg, messages: rfb.ClientMessages | None) -> _Close:
         while True:
             try:
                 data = _data_or_end(await websocket.receive())
             except _Ends as ends:
                 return ends.close
+            if messages is not None:
+                try:
+                    messages.feed(data)
+                except rfb.ViewerBroke as broke:
+                    return _Close(MESSAGE_TOO_BIG if broke.too_big else PROTOCOL_ERROR, str(broke))
             try:
                 await upstream.send(data)  # waits while the upstream's write buffer is over WRITE_LIMIT
             except UpstreamEnded as ended:
