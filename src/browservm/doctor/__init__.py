@@ -1,7 +1,9 @@
 """`browservm doctor`: read-only diagnosis over the same hops the manager records (vm/hops.py).
 
     run.py       the Doctor: the host's pieces, one VM's hops in order, each with a deadline
-    hostview.py  one read-only snapshot of the VM network's namespace (links, neighbours, nft, sysctls)
+    props.py     every property `host up` and `vm create` set, against what is there (hostnet/expected.py)
+    hostview.py  the read-only snapshot of the VM network's namespace (hostnet/observed.py), and other
+                 programs' firewall rules that would drop VM traffic
     vmmview.py   what a running VMM actually uses (QEMU's command line, Firecracker's config)
     images.py    the kernel (`kernel inspect`) and the image (debugfs, read-only) a guest boots with
     causes.py    the stable cause codes and their fixes
