@@ -12,8 +12,12 @@ import httpx
 
 from browservm.doctor.causes import FIXES
 from browservm.doctor.hostview import foreign_drop_policies, foreign_drops
+from browservm.doctor.props import held_down
 from browservm.doctor.report import FAIL, OK, Finding, HopResult, Report, render_text
 from browservm.doctor.vmmview import firecracker_view, qemu_view
+from browservm.hostnet.expected import host_props, port_props, vm_port
+from browservm.netplan import NetworkPlan
+from browservm.vm.records import VmRecord
 from browservm.vm.state import VmState
 from browservm.vmm.firecracker import firecracker_config
 from browservm.vmm.qemu import qemu_argv
@@ -93,3 +97,21 @@ def test_the_routes_need_the_key_answer_404_for_an_unknown_vm_and_give_the_repor
             assert (vm["vm_id"], vm["verdict"], spawn["cause"]) == (record.vm_id, "FAIL", "vm.not_started")
 
     asyncio.run(scenario())
+
+
+def test_a_restored_firecracker_vms_tap_may_be_down_while_it_boots_and_every_cause_has_a_fix() -> None:
+    def record(driver: str, started_from: str, state: VmState) -> VmRecord:
+        return VmRecord(vm_id="vm-a", user="u", vcpus=1, mem_mib=256, directory="/d", driver=driver,
+                        started_from=started_from, state=state)
+
+    assert held_down(record("firecracker", "restored", VmState.BOOTING))
+    assert held_down(record("firecracker", "pooled", VmState.BOOTING))
+    assert not held_down(record("qemu", "restored", VmState.BOOTING))  # QEMU holds the link itself
+    assert not held_down(record("firecracker", "cold", VmState.BOOTING))
+    assert not held_down(record("firecracker", "restored", VmState.READY))
+    plan = NetworkPlan.build(IPv4Network("192.168.100.0/24"), "br0")
+    spec = vm_port("vm-a", "fc-a", "br0", "02:fc:00:00:00:02", plan.segments[0].gateway.ip + 1, controller="c",
+                   tap_owner=(0, 0))
+    props = host_props(plan, netns="ns", own_netns=True, made_bridges={"br0"}) + port_props(spec, netns="ns")
+    for prop in props:
+        assert FIXES.get(prop.cause) and (prop.cause_if_absent is None or FIXES.get(prop.cause_if_absent)), prop
