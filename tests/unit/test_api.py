@@ -498,7 +498,7 @@ def test_a_viewer_link_carries_a_token_for_that_vm(served: Served) -> None:
         assert viewer["expires_at"] == int(served.clock.now + served.service.tokens.ttl)
         state = (await client.get(f"/view/{vm['vm_id']}/state", params={"token": viewer["token"]})).json()
         assert state == {"state": "ready", "stages": list(NAMES), "hops": list(NAMES),
-                         "browser_ready": True, "failure": None, "ended_reason": None}
+                         "browser_ready": True, "building": None, "failure": None, "ended_reason": None}
 
     served.run(scenario)
 
@@ -926,7 +926,8 @@ def test_readyz_names_each_check_and_is_503_when_one_fails(serve: Callable[..., 
         response = await client.get("/readyz")
         assert response.status_code == 200, response.text
         body = response.json()
-        assert body["ok"] is True and set(body["checks"]) == {"store", "host network", "vmm"}
+        assert body["ok"] is True and set(body["checks"]) == {"store", "host network", "vmm", "accelerator"}
+        assert body["checks"]["accelerator"]["detail"] == "tcg: the fake driver's"  # the driver's own words
         assert all(check["ok"] is True and isinstance(check["detail"], str) for check in body["checks"].values())
         network.checks.append(Check("nftables table inet browservm", False, "missing"))
         response = await client.get("/readyz")

@@ -106,6 +106,7 @@ class ControllerService:
         self._started = time.time()
         self.stopping = asyncio.Event()
         self.manager.on_change = self._changed
+        self.manager.on_note = self._noted
 
     # --- life ---------------------------------------------------------------------------
 
@@ -201,6 +202,9 @@ class ControllerService:
         return Upstream(self.network.netns, IPv4Address(record.address.split("/")[0]), port=path.port,
                         websocket=path.websocket, vnc_password=secrets.get("vnc"), key=record.vm_id)
 
+    def _noted(self, record: VmRecord, kind: str, detail: str) -> None:
+        self.events.publish(VmEvent(vm_id=record.vm_id, event=kind, state=record.state.value, detail=detail))
+
     def _changed(self, record: VmRecord, event: str) -> None:
         if self.pool is not None:
             self.pool.notice(record, event)
@@ -255,6 +259,7 @@ class ControllerService:
             checks["host network"] = (False, _why(exc))
         driver = self.manager.driver
         checks["vmm"] = (True, f"{driver.name}; VMMs run in {driver.placement.name}: {driver.placement.reason}")
+        checks["accelerator"] = (True, await asyncio.to_thread(driver.accel_status))
         return checks
 
     # --- VMs ----------------------------------------------------------------------------
@@ -296,7 +301,12 @@ class ControllerService:
         viewers = self._viewers.get(record.vm_id, 0)
         since = self._idle_since.get(record.vm_id)
         idle = None if viewers or since is None else time.time() - since
-        return VmOut.of(record, viewers, idle)
+        return VmOut.of(record, viewers, idle, self.building(record))
+
+    def building(self, record: VmRecord) -> str | None:
+        """The build step a VM waits for, in words: while it is created before any of its hops passed."""
+        step = self.manager.building
+        return step.describe() if step is not None and record.state == VmState.CREATING and not record.stages else None
 
     async def stream(self, vm_id: str) -> AsyncIterator[VmEvent]:
         """The hops the VM passed so far, then each new one, until ready, failed, ended or destroyed.
@@ -306,12 +316,22 @@ class ControllerService:
         """
         subscription = self.events.subscribe(vm_id)  # before the record is read: nothing slips in between
         sent: set[str] = set()
+        told_building = None
         try:
             while True:
                 record = await self.manager.get(vm_id)
                 if record is None:
                     yield VmEvent(vm_id, "destroyed", "deleted")
                     return
+                # The build under way (each step wakes the stream), a retry under TCG.
+                building = self.building(record)
+                if building is not None and building != told_building:
+                    told_building = building
+                    yield VmEvent(vm_id, "build", record.state.value, detail=building)
+                if record.retried_after and "retry" not in sent:
+                    sent.add("retry")
+                    yield VmEvent(vm_id, "retry", record.state.value,
+                                  detail=f"{record.retried_after['hop']}: {record.retried_after['reason']}")
                 for stage, seconds in record.stages.items():
                     if stage not in sent:
                         sent.add(stage)

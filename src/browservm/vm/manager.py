@@ -77,6 +77,7 @@ from browservm.vm.waiting import ExitWatch, VmmExited, race, uninterrupted, wait
 from browservm.vmm import process
 from browservm.vmm.driver import VmmDriver
 from browservm.vmm.process import VmmProcess
+from browservm.vmm.qemu import without_dumps
 from browservm.vmm.spec import VmSpec
 
 T = TypeVar("T")
@@ -1075,8 +1076,7 @@ def _tail(path: Path, count: int) -> list[str]:
             data = stream.read(_VMM_LOG_READ)
     except FileNotFoundError:
         return []
-    lines = data.decode(errors="replace").splitlines()
-    return [line[:1000] for line in lines if line.strip()][-count:]
+    return [line[:1000] for line in without_dumps(data.decode(errors="replace").splitlines())][-count:]
 
 
 def _remove_tree(directory: Path) -> None:

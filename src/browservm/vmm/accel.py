@@ -28,6 +28,7 @@ from typing import Literal
 
 from browservm.errors import InvalidInput, VmmError
 from browservm.progress import cache_dir
+from browservm.vmm.qemu import without_dumps
 from browservm.vmm.process import VMM_ENVIRONMENT
 
 AccelMode = Literal["auto", "kvm", "tcg"]
@@ -49,9 +50,7 @@ class Accel:
 
 def qemu_words(stderr: str) -> str:
     """What QEMU said on its stderr, without the register and data dumps that follow a KVM error."""
-    said = [line.strip() for line in stderr.splitlines()
-            if line.strip() and "=" not in line and not line.strip().startswith(("extra data", "Code="))]
-    return "; ".join(said)[:_EVIDENCE]
+    return "; ".join(line.strip() for line in without_dumps(stderr.splitlines()))[:_EVIDENCE]
 
 
 def last_line(text: str) -> str:

@@ -5,6 +5,7 @@ software emulation (TCG) where it does not (accel.py chooses).
 
 from __future__ import annotations
 
+import re
 import resource
 
 from browservm.errors import VmmError
@@ -12,6 +13,16 @@ from browservm.vmm.placement import ResourceLimits
 from browservm.vmm.spec import VmSpec
 
 QEMU = "qemu-system-x86_64"
+# What follows a KVM error on QEMU's stderr: the vCPU's registers and the error's raw data, dozens of
+# lines that would push QEMU's own words ("KVM internal error. Suberror: 1", "emulation failure") out
+# of any tail kept as evidence.
+_DUMP = re.compile(r"^\s*(extra data\[\d+\]|Code=|[A-Z][A-Z0-9]{1,4}\s*=)")
+
+
+def without_dumps(lines: list[str]) -> list[str]:
+    """QEMU's log lines without its register and data dumps."""
+    return [line for line in lines if line.strip() and not _DUMP.match(line)]
+
 
 # seccomp: no obsolete system calls, no fork/exec, no CPU affinity or priority changes. Not
 # `elevateprivileges=deny`: it would also forbid the setuid of -runas, which happens after the
