@@ -144,16 +144,17 @@ class Controllers:
         self.rootfs = rootfs
         self._stack = contextlib.ExitStack()
 
-    def settings(self, kernel: Path | None = None, vmm: str = "qemu", rootfs: Path | None = None) -> Settings:
+    def settings(self, kernel: Path | None = None, vmm: str = "qemu", rootfs: Path | None = None,
+                 accel: str = "auto") -> Settings:
         return load_settings(netns=self.netns, state_dir=self.state_dir, kernel=kernel or self.kernel,
                              rootfs=rootfs or self.rootfs, vmm=vmm, max_vms_per_user=8,
-                             disk_mib=TEST_DISK_MIB)
+                             disk_mib=TEST_DISK_MIB, accel=accel)
 
     def open(self, kernel: Path | None = None, deadlines: Deadlines | None = None, vmm: str = "qemu",
-             rootfs: Path | None = None) -> Controller:
+             rootfs: Path | None = None, accel: str = "auto") -> Controller:
         """A controller on this namespace and state directory; `kernel` and `rootfs` replace the defaults
         for the VMs it creates (a test-only image, say)."""
-        controller = self._stack.enter_context(open_controller(self.settings(kernel, vmm, rootfs),
+        controller = self._stack.enter_context(open_controller(self.settings(kernel, vmm, rootfs, accel),
                                                                deadlines=deadlines))
         controller.network.up()
         return controller
