@@ -32,16 +32,11 @@ import uvicorn
 from browservm.api.app import build_app
 from browservm.api.service import ControllerService
 from browservm.api.tokens import ViewerTokens
-from browservm.cli import main
+from browservm.cli import main, output
 from browservm.cli import vm as vm_cli
-from browservm.cli.remote import (
-    LOCAL_ONLY,
-    REMOTE_ONLY,
-    ControllerClient,
-    ControllerStopped,
-    _server_sent_events,
-    follow,
-)
+from browservm.cli.client import ControllerClient
+from browservm.cli.remote import LOCAL_ONLY, REMOTE_ONLY, ControllerStopped, follow
+from browservm.cli.stream import server_sent_events
 from browservm.config import load_settings
 from browservm.controller import Controller
 from browservm.hostnet.host import HostNetwork
@@ -193,7 +188,7 @@ def test_human_show_and_ls_print_local_modes_lines_less_what_the_api_does_not_re
     assert record is not None
     code, remote, _ = cli("show", vm_id)
     assert code == 0
-    local = _printed(lambda: vm_cli.print_vm(vm_cli.record_view(record), as_json=False))
+    local = _printed(lambda: output.print_vm(vm_cli.record_view(record), as_json=False))
     only_local = ("  gateway", "  bridge", "  network", "  directory", "  pid", "  uptime")
     assert [line for line in local.splitlines() if not line.startswith(only_local)] == \
            [line for line in remote.splitlines() if not line.startswith(("  pid", "  uptime", "  viewers"))]
@@ -424,7 +419,7 @@ def test_a_stream_the_controller_ends_while_the_vm_boots_says_so(served: Served)
 def test_server_sent_events_are_parsed_field_by_field() -> None:
     stream = [": keep-alive", "", "event: stage", 'data: {"event": "net.lease",', 'data: "seconds": 0.5}', "",
               "event: ready", "data:{}", "", "data: {\"x\": 1}", ""]
-    assert list(_server_sent_events(iter(stream))) == [
+    assert list(server_sent_events(iter(stream))) == [
         ("stage", {"event": "net.lease", "seconds": 0.5}), ("ready", {}), ("message", {"x": 1})]
 
 

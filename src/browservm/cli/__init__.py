@@ -15,9 +15,9 @@ from browservm.cli import doctor as doctor_cli
 from browservm.cli import image as image_cli
 from browservm.cli import kernel as kernel_cli
 from browservm.cli import login as login_cli
-from browservm.cli import remote as remote_cli
 from browservm.cli import serve as serve_cli
 from browservm.cli import vm as vm_cli
+from browservm.cli.client import ControllerError
 from browservm.config import Settings, load_settings
 from browservm.controller import host_network
 from browservm.errors import BrowserVMError, InvalidInput, OperationFailed
@@ -142,7 +142,7 @@ def _host(args: argparse.Namespace) -> int:
 
 def _report_error(exc: BrowserVMError, as_json: bool) -> None:
     if as_json:
-        if isinstance(exc, remote_cli.ControllerError):  # the controller's own error object, as it sent it
+        if isinstance(exc, ControllerError):  # the controller's own error object, as it sent it
             print(json.dumps({"error": exc.body}, indent=2))
             return
         fields = {k: v for k, v in vars(exc).items() if isinstance(v, (str, int, float, type(None)))}

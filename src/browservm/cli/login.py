@@ -17,13 +17,12 @@ import json
 import os
 import sys
 from collections.abc import Generator
-from contextlib import closing
 from typing import Any
 from urllib.parse import quote
 
-import httpx
-
-from browservm.cli.remote import TIMEOUT, ControllerClient, _server_sent_events, api_key
+from browservm.cli import stream
+from browservm.cli.client import ControllerClient, api_key
+from browservm.cli.stream import Event
 from browservm.config import Settings
 
 FINAL = ("captured", "failed", "timed-out", "cancelled")
@@ -59,18 +58,10 @@ class LoginClient(ControllerClient):
         answer: dict[str, Any] = self._json("DELETE", _login_path(login_id))
         return answer
 
-    def login_events(self, login_id: str) -> Generator[tuple[str, dict[str, Any]], None, None]:
-        """The login's events; ends with the stream, or returns quietly after `events_quiet` seconds of silence."""
-        timeout = httpx.Timeout(TIMEOUT.read, connect=TIMEOUT.connect, read=self.events_quiet)
-        with self._transport():
-            try:
-                with self._http.stream("GET", _login_path(login_id, "events"), timeout=timeout) as response:
-                    if response.status_code >= 400:
-                        response.read()
-                        self._check(response)
-                    yield from _server_sent_events(response.iter_lines())
-            except httpx.ReadTimeout:
-                return  # the person takes their time: the caller asks for the record and subscribes again
+    def login_events(self, login_id: str) -> Generator[Event, None, None]:
+        """The login's events; ends with the stream, or raises stream.Quiet after `events_quiet` seconds of
+        silence (the person takes their time: the follower asks for the record and subscribes again)."""
+        yield from self.subscribe(_login_path(login_id, "events"))
 
 
 def _login_path(login_id: str, *rest: str) -> str:
@@ -80,19 +71,28 @@ def _login_path(login_id: str, *rest: str) -> str:
 def follow(client: LoginClient, login_id: str, on_change: Any) -> dict[str, Any]:
     """Report each new state once; the login once it is final."""
     last = ""
-    while True:
-        with closing(client.login_events(login_id)) as stream:
-            for state, login in stream:
-                if state != last:
-                    last = state
-                    on_change(login)
-                if state in FINAL:
-                    return login
+    final: dict[str, Any] | None = None
+
+    def event(state: str, login: dict[str, Any]) -> bool:
+        nonlocal last, final
+        if state != last:
+            last = state
+            on_change(login)
+        if state in FINAL:
+            final = login
+        return final is not None
+
+    def settle(quiet: bool) -> dict[str, Any] | None:
+        if final is not None:
+            return final
         login = client.get_login(login_id)
-        if login["state"] in FINAL:
-            if login["state"] != last:
-                on_change(login)
-            return login
+        if login["state"] not in FINAL:
+            return None
+        if login["state"] != last:
+            on_change(login)
+        return login
+
+    return stream.follow(lambda: client.login_events(login_id), event, settle)
 
 
 def _print_state(login: dict[str, Any]) -> None:
