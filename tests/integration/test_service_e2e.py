@@ -116,6 +116,14 @@ def status_of(page: Page) -> dict[str, str]:
     return result
 
 
+def sent_to_vms(serve: Serve) -> float:
+    """Bytes the controller relayed from viewers to VMs (its metric): each passed the proxy's check."""
+    for line in serve.http.get("/metrics").text.splitlines():
+        if line.startswith('browservm_proxy_bytes_total{direction="to_vm"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def wait_status(page: Page, state: str, timeout_s: float = 120.0) -> dict[str, str]:
     page.wait_for_selector(f"#status[data-state='{state}']", timeout=timeout_s * 1000)
     return status_of(page)
@@ -134,6 +142,21 @@ def test_a_person_opens_the_desktop_through_the_controller_and_is_told_why_it_en
         while (colours := page.evaluate(_DISTINCT_COLOURS)) < 16 and time.monotonic() < deadline:
             page.wait_for_timeout(250)
         assert colours >= 16, f"the canvas shows {colours} colour(s): no browser window on the desktop"
+        # What a person does sends every kind of message noVNC has in use (pointer, keys, clipboard,
+        # update requests); the proxy follows each (rfb.ClientMessages) and relays it.
+        before = sent_to_vms(serve)
+        page.mouse.move(300, 300)
+        page.mouse.click(320, 310)
+        page.keyboard.type("browservm")
+        page.keyboard.press("Enter")
+        clip = "pasted from the host " * 100
+        page.evaluate("text => window.browservmRfb.clipboardPasteFrom(text)", clip)
+        deadline = time.monotonic() + 30
+        # The clipboard, and 20 key events of 8 bytes (9 letters and Enter, each pressed and released).
+        while sent_to_vms(serve) < before + len(clip) + 20 * 8 and time.monotonic() < deadline:
+            page.wait_for_timeout(100)
+        assert sent_to_vms(serve) >= before + len(clip) + 20 * 8, (before, sent_to_vms(serve))
+        assert status_of(page)["state"] == "connected", status_of(page)
         assert serve.http.get(f"/v1/vms/{vm['vm_id']}").json()["viewers"] == 1
 
         # The same page with a bad token: told why, in words, not "1006".
