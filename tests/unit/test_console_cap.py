@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from browservm.vm.console import MAX_DISK, ConsoleLog, cap_console
+from browservm.vm.console import MAX_DISK, MAX_LINE, MAX_LINES, ConsoleLog, cap_console
 
 from .fakes import make_parts, stop_all
 
@@ -59,3 +59,24 @@ def test_the_manager_caps_every_vms_console_and_says_which(tmp_path: Path) -> No
         assert (flooded / "console.log").stat().st_blocks * 512 <= MAX_DISK
     finally:
         stop_all(parts)
+
+
+def test_a_look_at_both_ends_of_a_flooded_console_finds_the_boot_and_the_latest_line_within_bounds(
+        tmp_path: Path) -> None:
+    """What the doctor reads: the markers at the start survive a flood of short lines, and of one
+    endless line, and the latest output is there; the lines it returns are bounded, not the flood's."""
+    path = tmp_path / "console.log"
+    with path.open("wb") as stream:
+        stream.write(b"browservm-net: status=ok address=192.168.100.3/24\n")
+        stream.write(b"\n" * (3 * MiB))
+        stream.write(b"z" * (2 * MiB) + b"\n")
+        stream.write(b"browservm-ready: service=desktop state=exited code=1\n")
+    lines = ConsoleLog(path).ends()
+    assert lines[0] == "browservm-net: status=ok address=192.168.100.3/24"
+    assert lines[-1] == "browservm-ready: service=desktop state=exited code=1"
+    assert len(lines) <= 2 * MAX_LINES
+    assert max(len(line) for line in lines) == MAX_LINE
+    short = tmp_path / "short.log"
+    short.write_bytes(b"boot\r\nlast line without its newline")
+    assert ConsoleLog(short).ends() == ["boot", "last line without its newline"]
+    assert ConsoleLog(tmp_path / "absent.log").ends() == []

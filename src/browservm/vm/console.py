@@ -58,7 +58,7 @@ class ConsoleLog:
         data = data.replace(b"\0", b"")  # a hole cap_console punched (nothing a console prints)
         chunks = (self._partial + data).split(b"\n")
         self._partial = chunks.pop()[:MAX_LINE]
-        new = [chunk[:MAX_LINE].decode(errors="replace").rstrip("\r") for chunk in chunks]
+        new = [_line(chunk) for chunk in chunks]
         self.lines.extend(new)
         return new
 
@@ -68,6 +68,22 @@ class ConsoleLog:
         while self.more:
             self.read_new()
         return list(self.lines)[-count:]
+
+    def ends(self, head: int = KEEP_HEAD, tail: int = KEEP_HEAD) -> list[str]:
+        """The lines of the file's first `head` and last `tail` bytes (all of it when it is no longer),
+        at most MAX_LINES from each end: for a reader that looks once (the doctor), the boot with its
+        markers and the latest output, however long the file. Not remembered. Blocking."""
+        try:
+            with self.path.open("rb") as stream:
+                size = stream.seek(0, os.SEEK_END)
+                stream.seek(0)
+                if size <= head + tail:
+                    return _lines(stream.read(head + tail), MAX_LINES, MAX_LINES)
+                first = stream.read(head)
+                stream.seek(size - tail)
+                return _lines(first, MAX_LINES, 0) + _lines(stream.read(tail), 0, MAX_LINES)
+        except FileNotFoundError:
+            return []
 
     async def wait_for(self, match: Callable[[str], bool], timeout: float) -> str | None:
         """The first line (already read or still to come) that `match`es, or None at the deadline."""
@@ -103,6 +119,23 @@ class ConsoleLog:
                 remaining = deadline - loop.time()
                 if remaining <= 0 or not await watch.changed(remaining):
                     return []
+
+
+def _line(chunk: bytes) -> str:
+    return chunk[:MAX_LINE].decode(errors="replace").rstrip("\r")
+
+
+def _lines(data: bytes, first: int, last: int) -> list[str]:
+    """The first `first` and the last `last` lines of `data`, split without making the ones between
+    (a guest that prints only newlines makes a line of every byte)."""
+    data = data.replace(b"\0", b"").removesuffix(b"\n")
+    if not data:
+        return []
+    chunks = data.split(b"\n", first)
+    if len(chunks) > first:  # more than `first` lines: the last piece is the rest, unsplit
+        rest = chunks.pop()
+        chunks += rest.rsplit(b"\n", last)[-last:] if last else []
+    return [_line(chunk) for chunk in chunks]
 
 
 def cap_console(path: Path, max_disk: int = MAX_DISK, keep_head: int = KEEP_HEAD) -> int:

@@ -32,7 +32,7 @@ from typing import Protocol
 
 from browservm.errors import HostNetworkError, ProbeFailed
 from browservm.hostnet.netns import NetworkNamespace
-from browservm.markers import parse_marker
+from browservm.markers import WHOLE_DESKTOP, parse_marker, parse_ready
 from browservm.vm.console import ConsoleLog
 from browservm.vm.hops import (
     DESKTOP_COMPLETE,
@@ -162,23 +162,20 @@ async def arp_probe(netns: NetworkNamespace, bridge: str, source_ip: IPv4Address
 async def _wait_desktop_marker(console: ConsoleLog, hop: str, service: str, timeout: float) -> None:
     """Wait for the desktop supervisor's marker that `service` is ready; ProbeFailed naming the part that failed."""
     def ready_or_failure(line: str) -> bool:
-        marker = parse_marker(line)
-        return marker is not None and marker[0] == "ready" and (
-            marker[1].get("service") in (service, "desktop") or marker[1].get("state") in ("failed", "exited"))
+        marker = parse_ready(line)
+        return marker is not None and (marker.service in (service, WHOLE_DESKTOP) or marker.stopped)
 
     line = await console.wait_for(ready_or_failure, timeout)
     if line is None:
         raise ProbeFailed(hop, f"{service} did not report ready within {timeout:g} s")
-    marker = parse_marker(line)
+    marker = parse_ready(line)
     assert marker is not None
-    started = marker[1].get("services", "").split(",")
-    if marker[1].get("service") == "desktop" and service != "desktop" and service not in started:
+    if marker.service == WHOLE_DESKTOP and service != WHOLE_DESKTOP and service not in marker.services:
         # The whole desktop is up without this part: waiting longer cannot help.
-        raise ProbeFailed(hop, f"the desktop reported ready without {service} (it started {', '.join(started)}): "
-                               "the image's /etc/browservm/desktop.json leaves it out")
-    if marker[1].get("state") != "ready":
-        raise ProbeFailed(hop, f"{marker[1].get('service')} {marker[1].get('state')}: "
-                               f"{marker[1].get('reason') or 'code ' + marker[1].get('code', '?')}")
+        raise ProbeFailed(hop, f"the desktop reported ready without {service} (it started "
+                               f"{', '.join(marker.services)}): the image's /etc/browservm/desktop.json leaves it out")
+    if marker.state != "ready":
+        raise ProbeFailed(hop, f"{marker.service} {marker.state}: {marker.why}")
 
 
 async def wait_desktop_ready(console: ConsoleLog, timeout: float, listener: str = "websockify") -> None:
@@ -214,15 +211,15 @@ async def wait_settled(vmm: VmmProcess, timeout: float) -> float:
 def desktop_services(lines: list[str]) -> tuple[str, ...]:
     """The parts the desktop supervisor said it started, from its last whole-desktop marker."""
     for line in reversed(lines):
-        marker = parse_marker(line)
-        if marker is not None and marker[0] == "ready" and marker[1].get("service") == "desktop":
-            return tuple(filter(None, marker[1].get("services", "").split(",")))
+        marker = parse_ready(line)
+        if marker is not None and marker.service == WHOLE_DESKTOP:
+            return marker.services
     return ()
 
 
 async def wait_desktop_complete(console: ConsoleLog, timeout: float) -> None:
     """desktop.complete: the desktop supervisor reports every part up, the browser on screen."""
-    await _wait_desktop_marker(console, DESKTOP_COMPLETE, "desktop", timeout)
+    await _wait_desktop_marker(console, DESKTOP_COMPLETE, WHOLE_DESKTOP, timeout)
 
 
 async def connect_socket(netns: NetworkNamespace, address: IPv4Address, port: int, timeout: float) -> socket.socket:
