@@ -21,6 +21,7 @@ from browservm.vm.records import VmRecord
 from browservm.vm.state import VmState
 from browservm.vmm.firecracker import available
 from browservm.vmm.process import VMM_ENVIRONMENT
+from browservm.vmm.qemu import MAX_THREADS
 
 from .conftest import Controllers, run, vmm_pids_under
 
@@ -36,6 +37,14 @@ def leftovers(controllers: Controllers) -> dict[str, list[Any]]:
         "vmm processes": vmm_pids_under(controllers.state_dir),
         "vm directories": sorted(p.name for p in vms.iterdir()) if vms.exists() else [],
     }
+
+
+def vmm_confinement(pid: int) -> tuple[str, str, str]:
+    """A running VMM's effective capabilities, no_new_privs flag and process (thread) limit."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+    processes = next(line.split()[2] for line in limits if line.startswith("Max processes"))
+    return status["CapEff"].strip(), status["NoNewPrivs"].strip(), processes
 
 
 def vmm_environment(pid: int) -> dict[str, str]:
@@ -73,6 +82,9 @@ def test_three_vms_created_at_once_all_pass_every_hop_and_leave_nothing_behind(
     credentials = [vmm_credentials(r.pid) for r in records if r.pid is not None]
     assert len({uid for uid, _, _ in credentials}) == 3 and all(uid >= 65536 for uid, _, _ in credentials)
     assert all(seccomp == "2" and core == "0" for _, seccomp, core in credentials), credentials
+    # No capability left, no way back to any (no_new_privs), 256 threads and one per vCPU at most.
+    assert all(vmm_confinement(r.pid) == ("0000000000000000", "1", str(MAX_THREADS + r.vcpus))
+               for r in records if r.pid is not None), [vmm_confinement(r.pid) for r in records if r.pid]
     # And its environment is the fixed one: nothing of the controller's, its keys least of all.
     assert all(vmm_environment(r.pid) == VMM_ENVIRONMENT for r in records if r.pid is not None)
 
