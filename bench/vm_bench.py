@@ -26,12 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from browservm.bootargs import BootArgs, IpConfig, build_boot_args
 from browservm.config import load_settings
 from browservm.controller import open_controller, resolve_images
+from browservm.guest.bootargs import BootArgs, IpConfig, build_boot_args
+from browservm.guest.markers import parse_marker
 from browservm.images.disk import allocated_bytes, clone_sparse
 from browservm.ipam import Ipam
-from browservm.markers import parse_marker
 from browservm.progress import Progress
 from browservm.vm.console import ConsoleLog
 from browservm.vm.manager import Images

@@ -21,6 +21,7 @@ from browservm.ipam import Ipam
 from browservm.netplan import NetworkPlan
 from browservm.progress import Progress
 from browservm.runner import CommandRunner
+from browservm.secretfile import check_state_dir
 from browservm.store import Store
 from browservm.vm.manager import Deadlines, Images, Limits, VMManager
 from browservm.vm.records import VmRecords
@@ -97,9 +98,13 @@ class ServeLock:
         self._fd = -1
 
     def __enter__(self) -> ServeLock:
+        # Root truncates and writes this file: in a state directory another user controls, a link put
+        # here would have it overwrite any file of the host (issue 18). So: the directory is checked,
+        # and a link is refused, never followed.
+        check_state_dir(self.path.parent)
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
             raise StateError(str(self.path), f"cannot open the serve lock: {exc.strerror}") from exc
         try:

@@ -3,7 +3,7 @@
     BrowserVMError                      base; `str()` is a sentence a person can act on
     ├── InvalidInput (ValueError)       bad input: carries `field`, `value`, `reason`
     │   ├── InvalidVmId                 a VM id that may not reach a file or interface name
-    │   └── BootArgsError               (bootargs.py) a kernel argument the guest would misread
+    │   └── BootArgsError               (guest/bootargs.py) a kernel argument the guest would misread
     ├── LimitExceeded                   a request over a configured limit: carries `limit`, `value`
     ├── StateError                      the state directory cannot be used (which file, why)
     │   ├── StateConflict               a VM's record changed under a writer: `vm_id`, `writing`, `found`
@@ -31,25 +31,16 @@
 The command line turns them into exit codes in one place (cli.main): 2 for
 InvalidInput, 1 for the rest, with `--json` printing the fields.
 
-This module is stdlib-only and imports nothing from browservm: the guest image
-carries it next to `bootargs.py`.
+The two roots, BrowserVMError and InvalidInput, are defined in guest/errors.py: the guest's
+code raises them too (guest/bootargs.py), and the image carries the guest package alone. Import
+them from here, as every other error of the tree.
 """
 
 from __future__ import annotations
 
-
-class BrowserVMError(Exception):
-    """Base of every error browservm raises on purpose."""
-
-
-class InvalidInput(BrowserVMError, ValueError):
-    """A value given by a person or a program is not acceptable."""
-
-    def __init__(self, field: str, value: object, reason: str) -> None:
-        self.field = field
-        self.value = value
-        self.reason = reason
-        super().__init__(f"{field}: {reason} (got {value!r})")
+# Re-exported (PEP 484's `X as X`): this module is where host code finds every error of the tree.
+from browservm.guest.errors import BrowserVMError as BrowserVMError  # noqa: PLC0414
+from browservm.guest.errors import InvalidInput as InvalidInput  # noqa: PLC0414
 
 
 class InvalidVmId(InvalidInput):

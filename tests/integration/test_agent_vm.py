@@ -22,9 +22,9 @@ import pytest
 
 from browservm.config import Settings, load_settings
 from browservm.guest.agent import PORT, credentials_digest
+from browservm.guest.markers import parse_marker
 from browservm.images.kernel_build import WITH_IP_PNP, BuiltKernel
 from browservm.images.rootfs import RootfsBuilder, RootfsImage
-from browservm.markers import parse_marker
 from browservm.progress import Progress
 from browservm.runner import CommandRunner
 from browservm.vm.state import VmState

@@ -35,10 +35,10 @@ import pytest
 
 from browservm.config import Settings
 from browservm.controller import Controller
+from browservm.guest.markers import parse_marker
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.images.kernel_build import WITH_IP_PNP, BuiltKernel
 from browservm.images.rootfs import RootfsImage
-from browservm.markers import parse_marker
 from browservm.vm.console import ConsoleLog
 from browservm.vm.readiness import desktop_banner
 from browservm.vm.records import VmRecord

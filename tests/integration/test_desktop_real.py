@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from browservm.guest.markers import parse_marker
 from browservm.hostnet.netns import NetworkNamespace
-from browservm.markers import parse_marker
 from browservm.vm.wsprobe import rfb_banner, websocket_upgrade
 
 from .conftest import Namespaces, run

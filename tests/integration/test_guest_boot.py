@@ -15,9 +15,9 @@ from ipaddress import IPv4Address
 import pytest
 
 from browservm.errors import ProbeFailed
+from browservm.guest.markers import parse_marker
 from browservm.guest.netconfig import DISABLE_WORD
 from browservm.images.kernel_build import WITHOUT_IP_PNP, BuiltKernel
-from browservm.markers import parse_marker
 from browservm.vm.readiness import arp_probe, open_tcp
 from browservm.vm.state import VmState
 

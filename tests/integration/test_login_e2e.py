@@ -26,9 +26,9 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from browservm.guest.agent import credentials_digest
+from browservm.guest.markers import parse_marker
 from browservm.images.kernel_build import WITH_IP_PNP, BuiltKernel
 from browservm.images.rootfs import RootfsBuilder, RootfsImage
-from browservm.markers import parse_marker
 from browservm.progress import Progress
 from browservm.runner import CommandRunner
 from browservm.vm.pool import POOL_USER

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from browservm.markers import parse_marker
+from browservm.guest.markers import parse_marker
 
 from .conftest import Namespaces, run
 

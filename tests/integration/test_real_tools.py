@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 from browservm.guest.agent import PORT
+from browservm.guest.markers import parse_marker
 from browservm.images.kernel_build import WITH_IP_PNP, BuiltKernel
 from browservm.images.rootfs import RootfsBuilder, RootfsImage
-from browservm.markers import parse_marker
 from browservm.oauth.catalog import load_catalog
 from browservm.progress import Progress
 from browservm.runner import CommandRunner

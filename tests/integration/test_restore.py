@@ -16,7 +16,7 @@ import pytest
 
 from browservm.doctor import Doctor
 from browservm.doctor.local import sources
-from browservm.markers import parse_marker
+from browservm.guest.markers import parse_marker
 from browservm.vm.console import ConsoleLog
 from browservm.vm.records import VmRecord, VmRecords
 from browservm.vm.state import VmState

@@ -16,9 +16,9 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from browservm.errors import BrowserVMError, HostNetworkError, ProbeFailed, VmmError
+from browservm.guest.markers import format_marker
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.ipam import Ipam, Lease
-from browservm.markers import format_marker
 from browservm.netplan import NetworkPlan
 from browservm.progress import BuildStep
 from browservm.store import Store

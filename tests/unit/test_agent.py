@@ -37,7 +37,7 @@ from browservm.guest.agent import (
     read_secret,
     write_opener_file,
 )
-from browservm.markers import parse_marker
+from browservm.guest.markers import parse_marker
 from tests.support.agent_client import AgentClient, drive_login
 from tests.support.oauth_server import listen
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from browservm.bootargs import (
+from browservm.guest.bootargs import (
     Autoconf,
     BootArgs,
     BootArgsError,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from browservm.errors import ProbeFailed
-from browservm.markers import format_marker
+from browservm.guest.markers import format_marker
 from browservm.vm.console import ConsoleLog
 from browservm.vm.readiness import wait_desktop_complete, wait_desktop_ready
 

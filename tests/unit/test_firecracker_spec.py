@@ -21,7 +21,7 @@ import jsonschema  # type: ignore[import-untyped]
 import pytest
 import yaml  # type: ignore[import-untyped]
 
-from browservm.bootargs import BootArgs, IpConfig, build_boot_args, ip_config_from_cmdline
+from browservm.guest.bootargs import BootArgs, IpConfig, build_boot_args, ip_config_from_cmdline
 from browservm.ids import names_for
 from browservm.vmm.firecracker import (
     JailerOptions,

@@ -12,7 +12,7 @@ import pytest
 
 from browservm.guest import configdisk
 from browservm.guest.identity import Applier, Identity, IdentityError, watch
-from browservm.markers import parse_marker
+from browservm.guest.markers import parse_marker
 
 IDENTITY = {"mac": "02:fc:00:00:00:09", "address": "192.168.100.9/24", "gateway": "192.168.100.1",
             "entropy": "ab" * 64, "time": 1_800_000_000.5}

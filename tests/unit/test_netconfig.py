@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from browservm.bootargs import IpConfig, parse_ip_config
+from browservm.guest.bootargs import IpConfig, parse_ip_config
+from browservm.guest.markers import parse_marker
 from browservm.guest.netconfig import NetError, configure, main
-from browservm.markers import parse_marker
 
 STATIC = "192.168.100.3::192.168.100.1:255.255.255.0:vm-1:eth0:off:192.168.100.1"
 

@@ -37,7 +37,6 @@ from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from browservm.bootargs import BootArgsError, ip_config_from_cmdline
 from browservm.doctor.hostview import HostView, foreign_drop_policies, foreign_drops, read_host_view
 from browservm.doctor.images import ImageFacts, KernelFacts, inspect_image, inspect_kernel_file
 from browservm.doctor.props import firewall_properties, host_properties, port_properties
@@ -58,12 +57,13 @@ from browservm.doctor.report import (
 )
 from browservm.doctor.vmmview import VmmView, read_vmm_view
 from browservm.errors import BrowserVMError, ProbeFailed, VmNotFound
+from browservm.guest.bootargs import BootArgsError, ip_config_from_cmdline
+from browservm.guest.markers import parse_marker
 from browservm.guest.netconfig import DISABLE_WORD
 from browservm.hostnet.expected import Expectation, plan_expectation
 from browservm.hostnet.host import Check
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.ids import validate_vm_id
-from browservm.markers import parse_marker
 from browservm.netplan import NetworkPlan
 from browservm.vm import hops
 from browservm.vm.desktop_path import PATHS, desktop_path

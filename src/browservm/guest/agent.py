@@ -69,7 +69,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from browservm.guest import configdisk
-from browservm.markers import PREFIX, format_marker
+from browservm.guest.markers import PREFIX, format_marker
 
 PORT = 7000
 OPENER_PORT = 7001  # loopback only: the opener's notifications

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from browservm.guest import configdisk
-from browservm.markers import format_marker
+from browservm.guest.markers import format_marker
 
 DEFAULT_CONFIG = Path("/etc/browservm/desktop.json")
 _START_DEADLINE_S = 120.0  # generous: under software emulation Python alone takes seconds to start

@@ -40,7 +40,7 @@ from typing import Any
 
 from browservm.guest import configdisk
 from browservm.guest.desktop import write_vnc_password
-from browservm.markers import format_marker
+from browservm.guest.markers import format_marker
 
 POLL_S = 0.25
 DEVICE = "eth0"

@@ -4,7 +4,7 @@ The incident this product exists to end: a guest kernel built without
 CONFIG_IP_PNP ignores `ip=`, the VM boots, every service starts, and nobody
 can reach it. So the guest does not depend on that one kernel option: before
 the network target, this program reads `ip=` from /proc/cmdline with the very
-module the host wrote it with (browservm.bootargs), configures the device if
+module the host wrote it with (browservm.guest.bootargs), configures the device if
 the kernel has not, and prints one marker line on the console saying what it
 found and did:
 
@@ -33,8 +33,8 @@ from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any, Protocol
 
-from browservm.bootargs import BootArgsError, IpConfig, ip_config_from_cmdline
-from browservm.markers import format_marker
+from browservm.guest.bootargs import BootArgsError, IpConfig, ip_config_from_cmdline
+from browservm.guest.markers import format_marker
 
 DISABLE_WORD = "browservm.net=off"
 _RTMGRP_LINK = 0x1

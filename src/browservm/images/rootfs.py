@@ -45,20 +45,17 @@ SERVICES = {
     "full": ("xvfb", "openbox", "x11vnc", "websockify", "chromium"),
     "oauth": ("xvfb", "openbox", "x11vnc", "websockify", "chromium"),
 }
-# The modules the guest carries, unchanged, so it parses ip= exactly as the host wrote it.
-GUEST_MODULES = ("__init__.py", "errors.py", "bootargs.py", "markers.py", "guest/__init__.py",
-                 "guest/netconfig.py", "guest/desktop.py", "guest/configdisk.py", "guest/identity.py")
+# The guest carries the package browservm.guest whole (guest_modules()), unchanged, so it parses ip=
+# exactly as the host wrote it; each profile adds its programs and units.
 GUEST_PROGRAMS = {"browservm-net": "browservm.guest.netconfig", "browservm-desktop": "browservm.guest.desktop",
                   "browservm-identity": "browservm.guest.identity"}
 GUEST_UNITS = ("browservm-net.service", "browservm-desktop.service", "browservm-identity.service")
-# The OAuth agent and what it runs (issue 9), only in the `oauth` profile: the other profiles' files,
-# and so their cache keys, stay as they were.
-OAUTH_MODULES = ("guest/agent.py", "guest/toolrun.py", "guest/opener.py", "guest/sample_login.py")
+# The OAuth agent and what it runs (issue 9), started only in the `oauth` profile.
 OAUTH_PROGRAMS = {"browservm-agent": "browservm.guest.agent", "browservm-toolrun": "browservm.guest.toolrun",
                   "browservm-opener": "browservm.guest.opener",
                   "browservm-sample-login": "browservm.guest.sample_login"}
 OAUTH_UNITS = ("browservm-agent.service",)
-PROFILE_EXTRAS = {"oauth": (OAUTH_MODULES, OAUTH_PROGRAMS, OAUTH_UNITS)}
+PROFILE_EXTRAS = {"oauth": (OAUTH_PROGRAMS, OAUTH_UNITS)}
 # The login tools, from the npm registry, pinned exactly (checked against the installed package.json),
 # with a Node the three accept (Debian's nodejs 18 is older than Claude Code's >= 22 and Gemini's >= 20):
 # the npm package `node` carries the official Node binary. Part of the image's key.
@@ -101,17 +98,32 @@ class RootfsImage:
                 "packages": len(self.packages), "build_seconds": round(self.build_seconds, 1)}
 
 
+def guest_modules() -> dict[str, bytes]:
+    """Path inside the package -> content: every module of browservm.guest, found by walking its folder
+    (what runs in the guest is what is in it), and the package's own __init__.py that makes it one."""
+    package = resources.files("browservm")
+    modules = {"__init__.py": package.joinpath("__init__.py").read_bytes()}
+    folders = [(package.joinpath("guest"), "guest")]
+    while folders:
+        folder, relative = folders.pop()
+        for entry in folder.iterdir():
+            if entry.is_dir() and entry.name != "__pycache__":
+                folders.append((entry, f"{relative}/{entry.name}"))
+            elif entry.is_file() and entry.name.endswith(".py"):
+                modules[f"{relative}/{entry.name}"] = entry.read_bytes()
+    return modules
+
+
 def guest_files(profile: str = "full") -> dict[str, bytes]:
     """Path inside the image -> content, for everything browservm puts into the guest."""
     package = resources.files("browservm")
-    modules: tuple[str, ...] = GUEST_MODULES
     units: tuple[str, ...] = GUEST_UNITS
     programs = dict(GUEST_PROGRAMS)
     if profile in PROFILE_EXTRAS:
-        extra_modules, extra_programs, extra_units = PROFILE_EXTRAS[profile]
-        modules, units = (*modules, *extra_modules), (*units, *extra_units)
+        extra_programs, extra_units = PROFILE_EXTRAS[profile]
+        units = (*units, *extra_units)
         programs.update(extra_programs)
-    files = {f"usr/lib/browservm/browservm/{m}": package.joinpath(m).read_bytes() for m in modules}
+    files = {f"usr/lib/browservm/browservm/{m}": content for m, content in guest_modules().items()}
     guest = package.joinpath("guest", "files")
     files["usr/lib/browservm/overlay-init"] = guest.joinpath("overlay-init").read_bytes()
     for unit in units:
@@ -258,7 +270,7 @@ class RootfsBuilder:
         self._runner.output([*chroot, "useradd", "--create-home", "--uid", str(DESKTOP_UID),
                              "--shell", "/bin/bash", DESKTOP_USER])
         self._runner.output([*chroot, "systemctl", "enable", *GUEST_UNITS,
-                             *(PROFILE_EXTRAS[profile][2] if profile in PROFILE_EXTRAS else ())])
+                             *(PROFILE_EXTRAS[profile][1] if profile in PROFILE_EXTRAS else ())])
         self._runner.output([*chroot, "systemctl", "mask", *MASKED_UNITS])
         self._runner.output([*chroot, "systemctl", "set-default", "multi-user.target"])
 

@@ -52,10 +52,10 @@ from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from browservm.bootargs import BootArgs, IpConfig, build_boot_args
 from browservm.errors import BrowserVMError, CleanupFailed, InvalidInput, ProbeFailed, StateConflict, VmmError
 from browservm.faults import crash_point
 from browservm.guest import configdisk
+from browservm.guest.bootargs import BootArgs, IpConfig, build_boot_args
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.ids import new_vm_id, validate_vm_id
 from browservm.images.disk import clone_sparse

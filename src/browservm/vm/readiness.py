@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Protocol
 
 from browservm.errors import HostNetworkError, ProbeFailed
+from browservm.guest.markers import WHOLE_DESKTOP, parse_marker, parse_ready
 from browservm.hostnet.netns import NetworkNamespace
-from browservm.markers import WHOLE_DESKTOP, parse_marker, parse_ready
 from browservm.vm.console import ConsoleLog
 from browservm.vm.hops import (
     DESKTOP_COMPLETE,

@@ -24,7 +24,7 @@ import string
 from dataclasses import dataclass, fields
 from ipaddress import AddressValueError, IPv4Address, IPv4Interface, IPv4Network
 
-from browservm.errors import InvalidInput
+from browservm.guest.errors import InvalidInput
 
 FIELD_NAMES = (
     "client", "server", "gateway", "netmask", "hostname",
