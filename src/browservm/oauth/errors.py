@@ -1,5 +1,5 @@
-"""What the login package raises, under browservm.errors.BrowserVMError (errors.py is carried into the
-guest image and stays as it is). The API maps each to a status in api/logins.py.
+"""What the login package raises, under browservm.errors.BrowserVMError (kept apart from errors.py, whose
+roots the guest shares). The API maps each to a status in api/logins.py.
 
     BrowserVMError
     └── LoginError
