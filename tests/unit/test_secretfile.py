@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from browservm.api.keys import API_KEY_FILE, SIGNING_KEY_FILE, api_key, signing_key
+from browservm.controller import ServeLock
 from browservm.errors import StateError
 from browservm.oauth import vault
 from browservm.secretfile import check_state_dir, read_or_create
@@ -46,7 +47,8 @@ def test_the_reported_attack_a_state_directory_of_another_user_with_a_linked_key
     os.chown(state, NOBODY, NOBODY)
     os.lchown(state / API_KEY_FILE, NOBODY, NOBODY)
     loads: list[Callable[[], object]] = [lambda: api_key(state), lambda: signing_key(state),
-                                         lambda: vault.load_key(state), lambda: Store(state / "browservm.db")]
+                                         lambda: vault.load_key(state), lambda: Store(state / "browservm.db"),
+                                         lambda: ServeLock(state).__enter__()]
     for load in loads:
         with pytest.raises(StateError, match=f"owned by uid {NOBODY}, another user"):
             load()
@@ -66,6 +68,17 @@ def test_a_key_file_that_is_a_link_is_refused_even_in_our_own_directory(tmp_path
             signing_key(state)
         else:
             vault.load_key(state)
+    assert untouched(target)
+
+
+def test_the_serve_lock_is_never_written_through_a_link(tmp_path: Path) -> None:
+    """Root truncates the lock and writes its PID there: through a link, any file of the host."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    target = victim(tmp_path)
+    (state / "serve.lock").symlink_to(target)
+    with pytest.raises(StateError, match="cannot open the serve lock"):
+        ServeLock(state).__enter__()
     assert untouched(target)
 
 
