@@ -9,7 +9,7 @@ from pathlib import Path
 
 from browservm.config import Settings
 from browservm.controller import plan_for
-from browservm.doctor.run import DriverVmms, Sources
+from browservm.doctor.sources import DriverVmms, Sources
 from browservm.hostnet.host import HostNetwork
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.netplan import NetworkPlan
