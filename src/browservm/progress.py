@@ -69,9 +69,11 @@ class BuildStep:
     log: str = ""  # where the build writes its output
 
     def describe(self) -> str:
-        done = self.name == "done"
-        text = f"built {self.what}" if done else f"building {self.what}, step {self.step} of {self.total}: {self.name}"
-        return text + (f" ({self.detail})" if self.detail and not done else "")
+        if self.name == "done":
+            return f"built {self.what}"
+        text = f"building {self.what}, step {self.step} of {self.total}: {self.name}"
+        text += f" ({self.detail})" if self.detail else ""
+        return text + (f"; its log: {self.log}" if self.log and self.log not in self.detail else "")
 
 
 class Progress:
