@@ -68,10 +68,17 @@ class BuildStep:
     detail: str = ""
     log: str = ""  # where the build writes its output
 
-    def describe(self) -> str:
+    def headline(self) -> str:
+        """The step without the host's commands and paths (for a viewer)."""
         if self.name == "done":
             return f"built {self.what}"
-        text = f"building {self.what}, step {self.step} of {self.total}: {self.name}"
+        return f"building {self.what}, step {self.step} of {self.total}: {self.name}"
+
+    def describe(self) -> str:
+        """The step with its detail and the build's log (for the operator and the CLI)."""
+        text = self.headline()
+        if self.name == "done":
+            return text
         text += f" ({self.detail})" if self.detail else ""
         return text + (f"; its log: {self.log}" if self.log and self.log not in self.detail else "")
 

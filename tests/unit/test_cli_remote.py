@@ -371,8 +371,7 @@ def test_the_first_create_on_a_new_host_talks_within_2_s_and_prints_each_build_s
                             trust_env=False).json()
         page = httpx.get(viewer["url"].replace(f"/view/{record.vm_id}?", f"/view/{record.vm_id}/state?"),
                          trust_env=False).json()
-        assert page["building"] == ("building the guest kernel, step 5 of 7: vmlinux "
-                                    "(make -j2 vmlinux (log /root/.cache/browservm/kernels/k.log))")
+        assert page["building"] == "building the guest kernel, step 5 of 7: vmlinux"  # not the host's paths
         served.parts.build_done.set()
         out, err = proc.communicate(timeout=DEADLINE)
     finally:

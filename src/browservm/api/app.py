@@ -296,7 +296,7 @@ def build_app(service: ControllerService) -> FastAPI:
         return JSONResponse({"state": record.state.value, "stages": list(record.stages),
                              "hops": list(desktop_path(record.desktop_path).names),
                              "browser_ready": hops.DESKTOP_COMPLETE in record.stages,
-                             "building": service.building(record),
+                             "building": service.building(record, for_viewer=True),
                              "failure": None if failure is None else {"hop": failure.hop, "reason": failure.reason},
                              "ended_reason": record.ended_reason or None},
                             headers={"Cache-Control": "no-store"})

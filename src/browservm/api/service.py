@@ -303,10 +303,13 @@ class ControllerService:
         idle = None if viewers or since is None else time.time() - since
         return VmOut.of(record, viewers, idle, self.building(record))
 
-    def building(self, record: VmRecord) -> str | None:
-        """The build step a VM waits for, in words: while it is created before any of its hops passed."""
+    def building(self, record: VmRecord, for_viewer: bool = False) -> str | None:
+        """The build step a VM waits for, in words: while it is created before any of its hops passed. A
+        viewer is told the step, not the host's commands and paths."""
         step = self.manager.building
-        return step.describe() if step is not None and record.state == VmState.CREATING and not record.stages else None
+        if step is None or record.state != VmState.CREATING or record.stages:
+            return None
+        return step.headline() if for_viewer else step.describe()
 
     async def stream(self, vm_id: str) -> AsyncIterator[VmEvent]:
         """The hops the VM passed so far, then each new one, until ready, failed, ended or destroyed.
