@@ -28,8 +28,8 @@ from typing import Literal
 
 from browservm.errors import InvalidInput, VmmError
 from browservm.progress import cache_dir
-from browservm.vmm.qemu import without_dumps
 from browservm.vmm.process import VMM_ENVIRONMENT
+from browservm.vmm.qemu import without_dumps
 
 AccelMode = Literal["auto", "kvm", "tcg"]
 MODES: tuple[AccelMode, ...] = ("auto", "kvm", "tcg")
