@@ -71,6 +71,13 @@ def read_or_create(path: Path, make: str, what: str) -> str:
         raise StateError(str(path), f"cannot read or make {what}: {exc.strerror}") from exc
 
 
+def read_existing(path: Path, what: str) -> str:
+    """The text of the secret file `path`, which must exist (FileNotFoundError, or another OSError,
+    when it cannot be opened); as read_or_create reads it: the directory checked, no link followed."""
+    check_state_dir(path.parent)
+    return _read(path, what)
+
+
 def _read(path: Path, what: str) -> str:
     try:
         # O_NONBLOCK: a FIFO put there would otherwise hold the open for ever (it is refused below).

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from browservm.api.keys import API_KEY_FILE, SIGNING_KEY_FILE, api_key, signing_key
+from browservm.cli import client
+from browservm.config import load_settings
 from browservm.controller import ServeLock
 from browservm.errors import StateError
 from browservm.oauth import vault
@@ -80,6 +82,18 @@ def test_the_serve_lock_is_never_written_through_a_link(tmp_path: Path) -> None:
     with pytest.raises(StateError, match="cannot open the serve lock"):
         ServeLock(state).__enter__()
     assert untouched(target)
+
+
+def test_the_clients_key_is_never_read_through_a_link(tmp_path: Path) -> None:
+    """`vm ... --url` sends the key it reads to the URL given: a link would send any file there."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / API_KEY_FILE).symlink_to(victim(tmp_path))
+    with pytest.raises(StateError, match="is a symbolic link"):
+        client.api_key(load_settings(state_dir=state))
+    (state / API_KEY_FILE).unlink()
+    (state / API_KEY_FILE).write_text("the-key\n")
+    assert client.api_key(load_settings(state_dir=state)) == ("the-key", str(state / API_KEY_FILE))
 
 
 def test_a_link_to_a_missing_file_is_not_followed_to_make_it(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from browservm.cli.stream import Event, Quiet, server_sent_events
 from browservm.config import Settings
 from browservm.errors import BrowserVMError, InvalidInput, StateError
 from browservm.ids import validate_vm_id
+from browservm.secretfile import read_existing
 
 KEY_ENV = "BROWSERVM_API_KEY"
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
@@ -73,7 +74,7 @@ def api_key(settings: Settings) -> tuple[str, str]:
         return settings.api_key, KEY_ENV
     path = settings.state_dir / API_KEY_FILE
     try:
-        key = path.read_text().strip()
+        key = read_existing(path, "the API key").strip()  # never through a link: it goes to the URL given
     except FileNotFoundError:
         raise StateError(str(path), "no API key here: the controller makes it at its first start; give its "
                                     f"state directory with --state-dir, or the key in {KEY_ENV}") from None
