@@ -44,10 +44,11 @@ def oauth_image() -> RootfsImage:
 
 
 class OAuthControllers(Controllers):
-    def settings(self, kernel: Path | None = None, vmm: str = "qemu", rootfs: Path | None = None) -> Settings:
+    def settings(self, kernel: Path | None = None, vmm: str = "qemu", rootfs: Path | None = None,
+                 accel: str = "auto") -> Settings:
         return load_settings(netns=self.netns, state_dir=self.state_dir, kernel=kernel or self.kernel,
                              rootfs=rootfs or self.rootfs, vmm=vmm, max_vms_per_user=8, guest_ports=(AUTH_PORT,),
-                             disk_mib=TEST_DISK_MIB)
+                             disk_mib=TEST_DISK_MIB, accel=accel)
 
 
 @pytest.fixture

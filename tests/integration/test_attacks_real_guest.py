@@ -239,8 +239,9 @@ ATTACKER_FILES = {
 class UplinkControllers(Controllers):
     """Controllers whose VM network has an uplink (to the wan namespace) and one guest-facing port."""
 
-    def settings(self, kernel: Path | None = None, vmm: str = "qemu", rootfs: Path | None = None) -> Settings:
-        return super().settings(kernel, vmm, rootfs).model_copy(
+    def settings(self, kernel: Path | None = None, vmm: str = "qemu", rootfs: Path | None = None,
+                 accel: str = "auto") -> Settings:
+        return super().settings(kernel, vmm, rootfs, accel).model_copy(
             update={"uplink": UPLINK, "guest_ports": (GUEST_PORT,)})
 
 

@@ -102,7 +102,7 @@ def test_the_setting_wins_over_the_probe(tmp_path: Path, kernel: Path, kvm: str)
     forced = probe(tmp_path, STALLS, kvm, mode="kvm")
     assert forced.choose(kernel).name == "kvm" and not forced.demote(kernel, "stopped")
     assert not (tmp_path / "runs").exists()  # neither probed
-    with pytest.raises(VmmError, match="--accel kvm, but .* is missing"):
+    with pytest.raises(VmmError, match=r"--accel kvm, but .* is missing"):
         probe(tmp_path, PANICS, str(tmp_path / "no-kvm"), mode="kvm").choose(kernel)
     with pytest.raises(InvalidInput) as refused:
         probe(tmp_path, PANICS, kvm, mode="fast")

@@ -47,6 +47,7 @@ def test_a_create_answers_at_once_while_the_kernel_is_built_and_tells_each_step(
             ("build", "building the guest kernel, step 2 of 2: vmlinux (make -j2 vmlinux); its log: /tmp/k.log")]
         assert manager.building is not None and manager.building.log == "/tmp/k.log"
         assert not task.done() and not record.stages
+        assert parts.build_done is not None
         parts.build_done.set()
         done = await asyncio.wait_for(task, DEADLINE)
         assert done.state == VmState.READY and manager.building is None
@@ -145,7 +146,7 @@ def test_a_guest_in_userspace_may_stay_quiet(parts: Parts) -> None:
 
     async def scenario() -> VmRecord:
         manager = parts.manager(probes, deadlines=Deadlines(stop=5, kernel_silence=0.3))
-        record, task = await manager.start()
+        _, task = await manager.start()
         await probes.reached[hops.DESKTOP_READY].wait()
         await asyncio.sleep(1.0)  # three times the silence allowed before userspace
         held.set()
