@@ -32,7 +32,7 @@ from browservm.doctor.sources import Sources
 from browservm.errors import BrowserVMError
 from browservm.hostnet.expected import Expectation, plan_expectation
 from browservm.hostnet.firewall import TABLES
-from browservm.hostnet.host import Check
+from browservm.hostnet.pieces import Check
 from browservm.vm.desktop_path import PATHS
 
 T = TypeVar("T")

@@ -10,8 +10,8 @@ from typing import Protocol
 
 from browservm.doctor.vmmview import VmmView, read_vmm_view
 from browservm.hostnet.expected import Expectation
-from browservm.hostnet.host import Check
 from browservm.hostnet.netns import NetworkNamespace
+from browservm.hostnet.pieces import Check
 from browservm.netplan import NetworkPlan
 from browservm.vm.records import VmRecord
 from browservm.vmm import firecracker, process

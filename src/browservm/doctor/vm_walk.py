@@ -11,7 +11,7 @@
     desktop.complete  the supervisor's last marker
 
 The console is read once, as ConsoleLog reads it (its first and last MiB, lines bounded), and its
-markers as readiness reads them (markers.py). The walk stops at the first failing hop; later ones
+markers as readiness reads them (guest/markers.py). The walk stops at the first failing hop; later ones
 are `skipped`.
 """
 
