@@ -71,6 +71,7 @@ class SleepDriver:
     name = "fake"
     placement: Placement = NoCgroup("a fake driver's process: placement does not matter")
     holds_link = True
+    reboot = "t"
 
     def __init__(self) -> None:
         self.block = 0.0

@@ -17,6 +17,7 @@ import pytest
 
 from browservm.errors import VmmError
 from browservm.hostnet.netns import NetworkNamespace
+from browservm.vmdir import VM_CONFIG
 from browservm.vmm import firecracker, process
 from browservm.vmm.driver import FirecrackerDriver, QemuDriver, choose_driver
 from browservm.vmm.firecracker import AS_ROOT, JailerOptions
@@ -100,7 +101,7 @@ def test_an_unjailed_firecracker_is_never_started_by_root(tmp_path: Path, binari
     with pytest.raises(VmmError) as restored:
         driver.restore(spec, NetworkNamespace(None), tmp_path / "state", lambda: None)
     assert started.value.reason == restored.value.reason == AS_ROOT
-    assert not (binaries / "ran").exists() and not (spec.directory / firecracker.VM_CONFIG).exists()
+    assert not (binaries / "ran").exists() and not (spec.directory / VM_CONFIG).exists()
 
 
 def test_a_jailer_told_to_run_firecracker_as_root_is_never_started(tmp_path: Path, binaries: Path) -> None:

@@ -23,7 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from browservm.vmdir import OVERLAY
+
 MANIFEST = "manifest.json"
+STATE = "state"
 
 
 @dataclass(frozen=True)
@@ -36,11 +39,11 @@ class Snapshot:
 
     @property
     def state(self) -> Path:
-        return self.directory / "state"
+        return self.directory / STATE
 
     @property
     def overlay(self) -> Path:
-        return self.directory / "overlay.ext4"
+        return self.directory / OVERLAY  # named as in a VM's directory
 
     @property
     def age(self) -> float:

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from browservm.errors import InvalidInput, VmmError
 from browservm.hostnet.netns import NetworkNamespace
+from browservm.vmdir import VmDirectory
 from browservm.vmm import firecracker, firecracker_snapshot, placement, process, qmp, snapshot
 from browservm.vmm.accel import Accel, AccelMode, AccelProbe
 from browservm.vmm.placement import Placement, choose_placement
@@ -26,6 +27,7 @@ from browservm.vmm.spec import VmSpec
 class VmmDriver(Protocol):
     name: str
     holds_link: bool  # it can hold a restored VM's link down (link_up); else the manager holds its TAP down
+    reboot: str  # the guest kernel's reboot= that ends its VMM: how this VMM notices a guest's reboot
     placement: Placement  # where its VMMs run, and why there (for diagnostics)
 
     def accel(self, kernel: Path) -> Accel:
@@ -96,6 +98,7 @@ def _kill(spec: VmSpec, vmm: VmmProcess, graceful_exit: bool, timeout: float) ->
 class QemuDriver:
     name = "qemu"
     holds_link = True  # QMP set_link
+    reboot = "t"  # a triple fault: QEMU runs with -no-reboot and exits
 
     def __init__(self, probe: AccelProbe | None = None, qemu: str = QEMU, placement: Placement | None = None) -> None:
         self._probe = probe or AccelProbe(qemu)
@@ -211,6 +214,7 @@ _JAILED = ("snapshot restore under the jailer is not built yet: a jailed Firecra
 class FirecrackerDriver:
     name = "firecracker"
     holds_link = False  # no link control: the manager holds a restored VM's TAP down instead
+    reboot = "k"  # the keyboard controller's reset: the one way Firecracker sees a guest reboot, and exits
 
     def __init__(self, binary: str = firecracker.FIRECRACKER, jailer: firecracker.JailerOptions | None = None,
                  jailer_binary: str = firecracker.JAILER, placement: Placement | None = None,
@@ -289,8 +293,9 @@ class FirecrackerDriver:
         except OSError as exc:
             raise VmmError(spec.vm_id, "snapshot", f"{self._binary}: {exc.strerror}") from exc
         # The machine with every per-VM value blanked: what must be equal for a state to load.
-        blank = dataclasses.replace(spec, vm_id="vm", tap="tap", mac="02:00:00:00:00:00", directory=Path("/vm"),
-                                    overlay=Path("/vm/overlay.ext4"), config_disk=Path("/vm/config.img"),
+        vm = VmDirectory(Path("/vm"))
+        blank = dataclasses.replace(spec, vm_id="vm", tap="tap", mac="02:00:00:00:00:00", directory=vm.path,
+                                    overlay=vm.overlay, config_disk=vm.config_disk,
                                     run_as=None, boot_args="", kernel=Path("/kernel"), rootfs=Path("/rootfs"))
         machine = firecracker.firecracker_config(firecracker.in_vm_directory(blank))
         return {"vmm": f"{self._binary} {stat.st_size} {stat.st_mtime_ns}", "accel": self.accel(spec.kernel).name,
@@ -301,8 +306,7 @@ class FirecrackerDriver:
         Its link stays as it is: Firecracker cannot set one; a clone's TAP is held down instead."""
         if self._jailer is not None:
             raise VmmError(spec.vm_id, "save", _JAILED)
-        firecracker_snapshot.save_state(spec.vm_id, spec.control_socket, spec.directory / firecracker.VM_CONFIG,
-                                        target)
+        firecracker_snapshot.save_state(spec.vm_id, spec.control_socket, spec.files.vm_config, target)
 
     def restore(self, spec: VmSpec, netns: NetworkNamespace, state: Path,
                 before_resume: Callable[[], None]) -> VmmProcess:

@@ -29,13 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from browservm.errors import VmmError
+from browservm.vmdir import VM_CONFIG, VmDirectory
 from browservm.vmm.spec import VmSpec
 
 FIRECRACKER = "firecracker"
 JAILER = "jailer"
-
-
-VM_CONFIG = "vm-config.json"  # in the VM's directory (or its jail): also what the doctor reads
 
 
 def in_vm_directory(spec: VmSpec) -> VmSpec:
@@ -82,7 +80,7 @@ def firecracker_config(spec: VmSpec) -> dict[str, Any]:
 
 def write_vm_config(spec: VmSpec) -> Path:
     """Write the `--config-file` of an unjailed Firecracker (disks relative to the VM's directory)."""
-    config = spec.directory / VM_CONFIG
+    config = spec.files.vm_config
     try:
         config.write_text(json.dumps(firecracker_config(in_vm_directory(spec)), indent=2))
     except OSError as exc:
@@ -134,9 +132,10 @@ def jail_cgroup(cgroup2_root: Path, vm_id: str, firecracker: str = FIRECRACKER) 
 
 def jailed_spec(spec: VmSpec) -> VmSpec:
     """The spec as Firecracker sees it from inside its chroot."""
+    inside = VmDirectory(Path("/"))
     return dataclasses.replace(spec, kernel=Path("/vmlinux"), rootfs=Path("/rootfs.ext4"),
-                               overlay=None if spec.overlay is None else Path("/overlay.ext4"), directory=Path("/"),
-                               config_disk=None if spec.config_disk is None else Path("/config.img"))
+                               overlay=None if spec.overlay is None else inside.overlay, directory=inside.path,
+                               config_disk=None if spec.config_disk is None else inside.config_disk)
 
 
 def jail_ids(spec: VmSpec, options: JailerOptions) -> tuple[int, int]:
@@ -147,6 +146,7 @@ def jail_ids(spec: VmSpec, options: JailerOptions) -> tuple[int, int]:
 def prepare_jail(spec: VmSpec, options: JailerOptions, firecracker: str = FIRECRACKER) -> Path:
     """Put what Firecracker needs into its chroot (hard links: no copy of the golden image)."""
     root = jail_root(spec.vm_id, options, firecracker)
+    jail = VmDirectory(root)  # the same names as a VM's directory
     uid, gid = jail_ids(spec, options)
     inside = jailed_spec(spec)
     try:
@@ -156,12 +156,12 @@ def prepare_jail(spec: VmSpec, options: JailerOptions, firecracker: str = FIRECR
             if source is not None and target is not None:
                 os.link(source, root / target.name)
         if spec.overlay is not None:
-            os.chown(root / "overlay.ext4", uid, gid)  # the VM's own disk: writable by it
+            os.chown(jail.overlay, uid, gid)  # the VM's own disk: writable by it
         if spec.config_disk is not None:
-            os.chown(root / "config.img", uid, gid)  # 0600: for this VM's Firecracker alone
-        (root / "vm-config.json").write_text(json.dumps(firecracker_config(inside), indent=2))
-        (root / "vmm.log").touch()
-        for owned in (root / "run", root / "vmm.log"):
+            os.chown(jail.config_disk, uid, gid)  # 0600: for this VM's Firecracker alone
+        jail.vm_config.write_text(json.dumps(firecracker_config(inside), indent=2))
+        jail.vmm_log.touch()
+        for owned in (root / "run", jail.vmm_log):
             os.chown(owned, uid, gid)
         # Firecracker makes its API socket inside the chroot; the controller reaches it through this link.
         spec.control_socket.symlink_to(root / _JAILED_API_SOCKET.lstrip("/"))
@@ -183,7 +183,7 @@ def jailer_argv(spec: VmSpec, options: JailerOptions, jailer: str = JAILER,
         argv += ["--cgroup", f"cpu.max={period * spec.vcpus} {period}"]
     if options.memory_overhead_mib is not None:
         argv += ["--cgroup", f"memory.max={(spec.mem_mib + options.memory_overhead_mib) * 2**20}"]
-    return [*argv, "--", "--api-sock", _JAILED_API_SOCKET, "--config-file", "/vm-config.json"]
+    return [*argv, "--", "--api-sock", _JAILED_API_SOCKET, "--config-file", f"/{VM_CONFIG}"]
 
 
 AS_ROOT = ("Firecracker cannot drop root by itself: without its jailer it would run, with the guest it holds, "

@@ -46,6 +46,7 @@ from typing import Any
 
 from browservm.errors import VmmError
 from browservm.inotify import wait_for_file
+from browservm.vmdir import VM_CONFIG
 from browservm.vmm.firecracker import FirecrackerApi, firecracker_config, in_vm_directory, logger_config
 from browservm.vmm.spec import VmSpec
 
@@ -60,7 +61,7 @@ def memory_file(state: Path) -> Path:
 
 def config_file(state: Path) -> Path:
     """The config the snapshot's VM was started with: `<state>.vm-config.json`."""
-    return state.with_name(state.name + ".vm-config.json")
+    return state.with_name(f"{state.name}.{VM_CONFIG}")
 
 
 # --- request bodies (values: validated against Firecracker's API specification in the tests) ---

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from browservm.vmdir import VmDirectory
+
 
 @dataclass(frozen=True)
 class VmSpec:
@@ -21,14 +23,25 @@ class VmSpec:
     config_disk: Path | None = None  # secrets and settings (guest/configdisk.py): the third disk, read-only
     run_as: int | None = None  # the VM's own uid (and gid) the VMM drops to; None: the controller's user
 
+    @classmethod
+    def placeholder(cls, vm_id: str, directory: Path, *, vcpus: int = 1, mem_mib: int = 0, kernel: Path = Path(),
+                    rootfs: Path = Path()) -> VmSpec:
+        """A spec with only what stopping or watching a VM needs (its id and directory: its control
+        socket), or keying a snapshot (its size and kernel: the drivers blank every per-VM value)."""
+        return cls(vm_id, vcpus, mem_mib, kernel, rootfs, None, "", "", "", directory)
+
+    @property
+    def files(self) -> VmDirectory:
+        return VmDirectory(self.directory)
+
     @property
     def console_log(self) -> Path:
-        return self.directory / "console.log"
+        return self.files.console_log
 
     @property
     def vmm_log(self) -> Path:
-        return self.directory / "vmm.log"
+        return self.files.vmm_log
 
     @property
     def control_socket(self) -> Path:
-        return self.directory / "control.sock"
+        return self.files.control_socket
