@@ -31,7 +31,7 @@ from browservm.api.service import ControllerService
 from browservm.api.tokens import ViewerTokens
 from browservm.config import load_settings
 from browservm.controller import Controller
-from browservm.vm.manager import Limits
+from browservm.vm.parts import Limits
 from tests.unit.fakes import make_parts, stop_all
 
 TARGET_MS = 10.0

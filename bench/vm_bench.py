@@ -34,7 +34,7 @@ from browservm.images.disk import allocated_bytes, clone_sparse
 from browservm.ipam import Ipam
 from browservm.progress import Progress
 from browservm.vm.console import ConsoleLog
-from browservm.vm.manager import Images
+from browservm.vm.image_source import Images
 from browservm.vmm.driver import QemuDriver
 from browservm.vmm.spec import VmSpec
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,10 @@ from browservm.progress import Progress
 from browservm.runner import CommandRunner
 from browservm.secretfile import check_state_dir
 from browservm.store import Store
-from browservm.vm.manager import Deadlines, Images, Limits, VMManager
+from browservm.vm.image_source import Images
+from browservm.vm.manager import VMManager
+from browservm.vm.parts import Deadlines, Limits
+from browservm.vm.pool import PoolManager, PoolSettings, WarmPool
 from browservm.vm.records import VmRecords
 from browservm.vmm.driver import choose_driver
 from browservm.vmm.firecracker import JailerOptions
@@ -60,7 +63,9 @@ class Controller:
 
 @contextmanager
 def open_controller(settings: Settings, progress: Progress | None = None,
-                    deadlines: Deadlines | None = None) -> Iterator[Controller]:
+                    deadlines: Deadlines | None = None, *, serving: bool = False) -> Iterator[Controller]:
+    """`serving`: for `browservm serve`, whose service runs the warm pool (settings.pool); a local
+    command's manager has none."""
     progress = progress or Progress()
     with Store(settings.database) as store, host_network(settings, store) as network:
         plan = network.plan
@@ -73,9 +78,22 @@ def open_controller(settings: Settings, progress: Progress | None = None,
             deadlines=deadlines,
             # Only root can hand a VMM another uid; a controller that is not root runs VMMs as itself.
             vm_uid_base=settings.vm_uid_base if settings.vm_uids and os.geteuid() == 0 else None,
-            desktop_path=settings.desktop_path)
-        manager.restore_by_default = settings.snapshots or settings.pool > 0
+            desktop_path=settings.desktop_path, restore_by_default=settings.snapshots or settings.pool > 0,
+            pool=warm_pool(settings, store) if serving else None)
         yield Controller(settings, store, network, manager)
+
+
+def warm_pool(settings: Settings, store: Store) -> Callable[[PoolManager], WarmPool] | None:
+    """The warm pool the manager takes ready VMs from first, made by the manager (given itself): None
+    without one."""
+    if not settings.pool:
+        return None
+
+    def pool(manager: PoolManager) -> WarmPool:
+        return WarmPool(manager, VmRecords(store), PoolSettings(
+            size=settings.pool, max_age=settings.pool_max_age, memory_mib=settings.pool_memory_mib,
+            mem_mib=settings.pool_vm_mib), max_per_user=lambda: settings.max_vms_per_user)
+    return pool
 
 
 def jailer_options(settings: Settings) -> JailerOptions | None:

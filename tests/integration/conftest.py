@@ -31,7 +31,7 @@ from browservm.images.kernel_build import (
 from browservm.images.rootfs import RootfsBuilder, RootfsImage
 from browservm.progress import Progress
 from browservm.runner import CommandRunner
-from browservm.vm.manager import Deadlines
+from browservm.vm.parts import Deadlines
 
 _counter = itertools.count()
 

@@ -24,7 +24,10 @@ from browservm.progress import BuildStep
 from browservm.store import Store
 from browservm.vm.console import ConsoleLog
 from browservm.vm.desktop_path import RFB
-from browservm.vm.manager import Deadlines, Images, Limits, VMManager
+from browservm.vm.image_source import Images
+from browservm.vm.manager import VMManager
+from browservm.vm.parts import Deadlines, Limits
+from browservm.vm.pool import PoolManager, WarmPool
 from browservm.vm.readiness import Connection, GuestNetwork
 from browservm.vm.records import VmRecords
 from browservm.vmm import process
@@ -260,7 +263,8 @@ class Parts:
 
     def manager(self, probes: FakeProbes | None = None, images_delay: float = 0.0,
                 limits: Limits | None = None, desktop_path: str = RFB,
-                deadlines: Deadlines | None = None) -> VMManager:
+                deadlines: Deadlines | None = None, pool: Callable[[PoolManager], WarmPool] | None = None,
+                restore_by_default: bool = False) -> VMManager:
         def images(report: Callable[[BuildStep], None]) -> Images:
             time.sleep(images_delay)  # as resolving (or building) the kernel and image would
             for step in self.build_steps:
@@ -273,7 +277,7 @@ class Parts:
         return VMManager(records=VmRecords(self.store), ipam=self.ipam, network=self.network, driver=self.driver,
                          images=images, vm_root=self.vm_root, limits=limits or Limits(max_vms=4, max_vms_per_user=2),
                          deadlines=deadlines or Deadlines(stop=5), probes=probes or FakeProbes(self.ipam),
-                         desktop_path=desktop_path)
+                         desktop_path=desktop_path, pool=pool, restore_by_default=restore_by_default)
 
     def leftovers(self) -> dict[str, object]:
         return {"taps": self.network.taps, "leases": self.ipam.leases(), "vmms": self.driver.alive(),

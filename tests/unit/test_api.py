@@ -38,9 +38,10 @@ from browservm.controller import Controller
 from browservm.guest import configdisk
 from browservm.hostnet.host import Change, Check, HostNetwork
 from browservm.vm.desktop_path import RFB, desktop_path
-from browservm.vm.manager import CONFIG_DISK, Limits
+from browservm.vm.parts import Limits
 from browservm.vm.records import Failure, VmRecord, VmRecords
 from browservm.vm.state import VmState
+from browservm.vmdir import CONFIG_DISK
 
 from .fakes import NOTHING, FakeNetwork, FakeProbes, Parts, make_parts, stop_all
 

@@ -43,7 +43,7 @@ from browservm.hostnet.host import HostNetwork
 from browservm.progress import BuildStep
 from browservm.vm import hops
 from browservm.vm.desktop_path import RFB, desktop_path
-from browservm.vm.manager import Limits
+from browservm.vm.parts import Limits
 from browservm.vm.records import VmRecords
 
 from .fakes import NOTHING, FakeProbes, Parts, make_parts, stop_all

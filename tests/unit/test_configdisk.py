@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from browservm.guest import configdisk
-from browservm.vm.manager import new_secrets
+from browservm.vm.config_disks import new_secrets
 
 
 def test_what_the_host_writes_the_guest_reads_and_only_its_owner_can(tmp_path: Path) -> None:

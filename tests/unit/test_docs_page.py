@@ -31,7 +31,7 @@ from browservm.api.tokens import ViewerTokens
 from browservm.config import load_settings
 from browservm.controller import Controller
 from browservm.hostnet.host import HostNetwork
-from browservm.vm.manager import Limits
+from browservm.vm.parts import Limits
 
 from .fakes import NOTHING, FakeProbes, make_parts, stop_all
 from .test_api import PUBLIC

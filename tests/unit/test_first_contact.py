@@ -14,7 +14,8 @@ from pathlib import Path
 from browservm.errors import ImageBuildError
 from browservm.progress import BuildStep
 from browservm.vm import hops
-from browservm.vm.manager import Deadlines, VMManager
+from browservm.vm.manager import VMManager
+from browservm.vm.parts import Deadlines
 from browservm.vm.records import VmRecord
 from browservm.vm.state import VmState
 

@@ -22,7 +22,8 @@ from browservm.errors import HostNetworkError, InvalidInput, LimitExceeded, Stat
 from browservm.ipam import Lease
 from browservm.store import Store
 from browservm.vm import hops
-from browservm.vm.manager import Images, Limits
+from browservm.vm.image_source import Images
+from browservm.vm.parts import Limits
 from browservm.vm.records import VmRecord, VmRecords
 from browservm.vm.state import VmState
 

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 
 from browservm.errors import InvalidInput, LimitExceeded
-from browservm.vm.manager import CONFIG_DISK, Limits, VMManager
+from browservm.vm.manager import VMManager
+from browservm.vm.parts import Limits
 from browservm.vm.pool import OVERHEAD_MIB, POOL_USER, PoolSettings, WarmPool
 from browservm.vm.records import VmRecord, VmRecords
 from browservm.vm.state import VmState
+from browservm.vmdir import CONFIG_DISK
 from browservm.vmm import process
 from browservm.vmm.process import VmmProcess
 
@@ -28,13 +30,13 @@ REFILL_DELAY = 0.5
 @asynccontextmanager
 async def pooled(parts: Parts, size: int = 2, memory_mib: int = 8192,
                  clock: list[float] | None = None) -> AsyncIterator[tuple[VMManager, WarmPool]]:
-    manager = parts.manager(limits=Limits(max_vms=8, max_vms_per_user=2))
     settings = PoolSettings(size=size, max_age=600, memory_mib=memory_mib, refill_delay=REFILL_DELAY)
     now = clock if clock is not None else []
-    pool = WarmPool(manager, VmRecords(parts.store), settings, max_per_user=lambda: 2,
-                    clock=(lambda: now[0]) if now else time.time)
-    manager.pool, manager.on_change = pool, pool.notice
-    manager.restore_by_default = True
+    manager = parts.manager(limits=Limits(max_vms=8, max_vms_per_user=2), restore_by_default=True,
+                            pool=lambda vms: WarmPool(vms, VmRecords(parts.store), settings, max_per_user=lambda: 2,
+                                                      clock=(lambda: now[0]) if now else time.time))
+    pool = manager.pool
+    assert pool is not None
     running = asyncio.create_task(pool.run())
     try:
         yield manager, pool

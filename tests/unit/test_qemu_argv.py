@@ -12,7 +12,7 @@ import pytest
 from browservm.errors import VmmError
 from browservm.guest.bootargs import BootArgs, IpConfig, build_boot_args
 from browservm.ids import names_for
-from browservm.vm.manager import vm_uid
+from browservm.vm.specs import vm_uid
 from browservm.vmm.qemu import MAX_THREADS, SANDBOX, qemu_argv, qemu_rlimits
 from browservm.vmm.spec import VmSpec
 

@@ -11,9 +11,9 @@ import pytest
 
 from browservm.errors import VmmError
 from browservm.guest import configdisk
-from browservm.vm.manager import CONFIG_DISK
 from browservm.vm.snapshots import Snapshot
 from browservm.vm.state import VmState
+from browservm.vmdir import CONFIG_DISK
 
 from .fakes import NOTHING, FakeProbes, Parts
 

@@ -45,7 +45,7 @@ from browservm.inotify import DirectoryWatch
 from browservm.vm.console import ConsoleLog
 from browservm.vm.desktop_path import desktop_path
 from browservm.vm.hops import DESKTOP_COMPLETE, RFB_AUTH
-from browservm.vm.pool import PoolSettings, WarmPool
+from browservm.vm.pool import WarmPool
 from browservm.vm.records import VmRecord, VmRecords
 from browservm.vm.state import VmState
 
@@ -93,13 +93,9 @@ class ControllerService:
         self._gone: dict[str, set[Ended]] = {}  # each viewer's, by VM: ended with it
         self._tasks: list[asyncio.Task[None]] = []
         self._background: list[Callable[[], Awaitable[None]]] = []
-        self.pool: WarmPool | None = None
-        if self.settings.pool:
-            self.pool = WarmPool(self.manager, self._records, PoolSettings(
-                size=self.settings.pool, max_age=self.settings.pool_max_age, memory_mib=self.settings.pool_memory_mib,
-                mem_mib=self.settings.pool_vm_mib), max_per_user=lambda: self.settings.max_vms_per_user)
+        self.pool: WarmPool | None = self.manager.pool  # the manager made it (controller.warm_pool)
+        if self.pool is not None:
             self.pool.on_claim = self._claimed
-            self.manager.pool = self.pool
             self.run_in_background(self.pool.run)
         self.metrics.snapshot_age.set_function(self._snapshot_age)
         self._stop_hooks: list[Callable[[], Awaitable[None]]] = []
@@ -206,8 +202,6 @@ class ControllerService:
         self.events.publish(VmEvent(vm_id=record.vm_id, event=kind, state=record.state.value, detail=detail))
 
     def _changed(self, record: VmRecord, event: str) -> None:
-        if self.pool is not None:
-            self.pool.notice(record, event)
         if event == "ready" and record.started_from == "pooled":
             # Just claimed: its user is loading the viewer page, whose connection can be made meanwhile.
             # Not earlier, when it entered the pool: x11vnc answered the first update request on a

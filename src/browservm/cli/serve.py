@@ -92,7 +92,7 @@ def run(settings: Settings) -> int:
         # Port 0 asks the kernel for a free port: links and messages name the one it gave.
         host, port = listener.getsockname()[:2]
         settings = settings.model_copy(update={"listen": f"{host}:{port}"})
-        with listener, open_controller(settings) as controller:
+        with listener, open_controller(settings, serving=True) as controller:
             key, key_file = api_key(settings.state_dir, settings.api_key)
             tokens = ViewerTokens(signing_key(settings.state_dir), ttl=settings.viewer_ttl)
             service = ControllerService(controller, api_key=key, tokens=tokens)

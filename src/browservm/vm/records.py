@@ -22,7 +22,7 @@ from browservm.errors import LimitExceeded, StateConflict
 from browservm.store import Store
 from browservm.vm.state import VmState
 
-# Whose VM it is: a user's, the warm pool's or the snapshot maker's (vm/manager.py RESERVED_USERS).
+# Whose VM it is: a user's, the warm pool's or the snapshot maker's (vm/create.py RESERVED_USERS).
 Purpose = Literal["user", "pool", "snapshot"]
 
 
