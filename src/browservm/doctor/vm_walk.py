@@ -43,6 +43,7 @@ from browservm.vm.desktop_path import desktop_path
 from browservm.vm.readiness import IP_IGNORED, DesktopConnection, GuestNetwork, arp_probe, guest_network_line
 from browservm.vm.records import VmRecord
 from browservm.vm.state import VmState
+from browservm.vmdir import VmDirectory
 from browservm.vmm import process
 
 _VM_HOPS = (hops.VMM_SPAWN, hops.NET_TAP, hops.GUEST_NETWORK, hops.NET_ARP, hops.DESKTOP_READY, hops.NET_TCP,
@@ -143,9 +144,9 @@ class VmWalk:
             exe = process._link(record.pid, "exe")  # the same reading is_vmm_of made
             evidence.append(f"PID {record.pid} now runs {exe or '?'} (start time "
                             f"{process.start_time(record.pid)}, recorded {record.pid_start_time}): not this VM's VMM")
-        directory = Path(record.directory)
-        evidence += [f"vmm.log: {line}" for line in _last_lines(directory / "vmm.log", 5)]
-        evidence += [f"console: {line}" for line in _last_lines(directory / "console.log", 8)]
+        files = VmDirectory(Path(record.directory))
+        evidence += [f"vmm.log: {line}" for line in _last_lines(files.vmm_log, 5)]
+        evidence += [f"console: {line}" for line in _last_lines(files.console_log, 8)]
         if record.failure is not None:
             evidence.append(f"recorded failure: {record.failure.hop}: {record.failure.reason}")
         return evidence
@@ -215,7 +216,7 @@ class VmWalk:
 
     async def _read_console(self) -> list[str]:
         if self._console is None:
-            console = ConsoleLog(Path(self.record.directory) / "console.log")
+            console = ConsoleLog(VmDirectory(Path(self.record.directory)).console_log)
             # Its start (the boot, with the markers) and its latest output: the guest writes this file.
             self._console = await bounded(console.ends, self._d.console, "reading the console")
         return self._console

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from browservm.vmdir import VmDirectory
 from browservm.vmm.process import VmmProcess
 
 _VALUE_OPTIONS = {"-netdev", "-device", "-append", "-kernel", "-drive"}
@@ -80,9 +81,9 @@ def read_vmm_view(vmm: VmmProcess, directory: Path, jail_root: Path | None = Non
     if exe.startswith("qemu-system-"):
         raw = Path(f"/proc/{vmm.pid}/cmdline").read_bytes()
         return qemu_view([word.decode(errors="replace") for word in raw.split(b"\0")], f"/proc/{vmm.pid}/cmdline")
-    config = directory / "vm-config.json"
+    config = VmDirectory(directory).vm_config
     if jail_root is not None and not config.exists():
-        config = jail_root / "vm-config.json"
+        config = VmDirectory(jail_root).vm_config
     document = json.loads(config.read_text())
     if not isinstance(document, dict):
         raise ValueError(f"{config} is not a JSON object")
