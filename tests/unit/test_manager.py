@@ -409,3 +409,16 @@ def test_extra_boot_arguments_are_an_allowlist(parts: Parts, word: str) -> None:
 
 def test_allowed_extra_boot_arguments_pass(parts: Parts) -> None:
     parts.manager().check_request("ann", 1, 1024, ("browservm.net=off", "loglevel=7"))
+
+
+@pytest.mark.parametrize("step", hops.RESOURCES)
+def test_a_create_that_fails_right_after_any_resource_step_leaves_nothing_behind(parts: Parts, step: str) -> None:
+    # Each step's undo is found by the one release path from what the step wrote into the record.
+    def fail_after(stage: str, seconds: float) -> None:
+        if stage == step:
+            raise OSError(28, "No space left on device")
+
+    record = asyncio.run(parts.manager().create(on_stage=fail_after))
+    assert record.state == VmState.FAILED and record.failure is not None
+    assert list(record.stages)[-1] == step and "No space left on device" in record.failure.reason
+    assert parts.leftovers() == NOTHING and not record.holds_resources
