@@ -80,7 +80,7 @@ WAIT_S = 300.0
 WRAPPER = r"""
 import json, os, select, socket, subprocess, sys, time
 sys.path.insert(0, "/usr/lib/browservm")
-from browservm.guest.agent import CredentialsWatch
+from browservm.guest.credentials import CredentialsWatch
 issuer, gateway, port, credentials, result = sys.argv[1:6]
 stamp = os.path.join(os.path.dirname(result), "opened-%d" % os.getpid())
 browser = stamp + ".sh"

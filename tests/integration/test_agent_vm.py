@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from browservm.config import Settings, load_settings
-from browservm.guest.agent import PORT, credentials_digest
+from browservm.guest.agent import PORT
+from browservm.guest.credentials import credentials_digest
 from browservm.guest.markers import parse_marker
 from browservm.images.kernel_build import WITH_IP_PNP, BuiltKernel
 from browservm.images.rootfs import RootfsBuilder, RootfsImage

@@ -25,7 +25,7 @@ import httpx
 import pytest
 from playwright.sync_api import sync_playwright
 
-from browservm.guest.agent import credentials_digest
+from browservm.guest.credentials import credentials_digest
 from browservm.guest.markers import parse_marker
 from browservm.images.kernel_build import WITH_IP_PNP, BuiltKernel
 from browservm.images.rootfs import RootfsBuilder, RootfsImage

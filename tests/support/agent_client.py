@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from browservm.guest.agent import credentials_digest
+from browservm.guest.credentials import credentials_digest
 from browservm.hostnet.netns import NetworkNamespace
 
 FINAL_STATES = ("captured", "failed", "timed-out", "cancelled")

@@ -30,13 +30,12 @@ from browservm.guest.agent import (
     Agent,
     AgentConfig,
     DesktopUser,
-    captured_marker,
     controller_server,
-    credentials_digest,
     opener_server,
-    read_secret,
     write_opener_file,
 )
+from browservm.guest.agent_http import read_secret
+from browservm.guest.credentials import captured_marker, credentials_digest
 from browservm.guest.markers import parse_marker
 from tests.support.agent_client import AgentClient, drive_login
 from tests.support.oauth_server import listen

@@ -18,14 +18,8 @@ from pathlib import Path
 import pytest
 
 from browservm.guest import opener
-from browservm.guest.agent import (
-    Agent,
-    AgentConfig,
-    DesktopUser,
-    LoginRequest,
-    opener_server,
-    write_opener_file,
-)
+from browservm.guest.agent import Agent, AgentConfig, DesktopUser, opener_server, write_opener_file
+from browservm.guest.agent_request import LoginRequest
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/install.sh)")

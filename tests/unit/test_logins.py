@@ -26,7 +26,7 @@ import uvicorn
 
 from browservm import cli
 from browservm.guest import configdisk
-from browservm.guest.agent import credentials_digest
+from browservm.guest.credentials import credentials_digest
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.netplan import NetworkPlan
 from browservm.oauth.agent import AgentEndpoint

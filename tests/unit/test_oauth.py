@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from browservm.errors import InvalidInput
-from browservm.guest.agent import credentials_digest
+from browservm.guest.credentials import credentials_digest
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.images import rootfs
 from browservm.oauth.agent import MAX_BODY, MAX_HEAD, AgentClient, AgentEndpoint

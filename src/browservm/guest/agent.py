@@ -37,6 +37,10 @@ what the handover returned. Nothing of the credentials themselves is ever printe
 Bounds on what a request may send: a body of 64 KiB, 64 command words, 64 environment variables,
 16 credentials files (absolute, normalised, under the desktop user's home), 64 required keys, a
 timeout of 1 to 3600 s. Stdlib-only: it runs in the guest.
+
+Here: the login state machine (Agent), and the program that serves it. Beside it: agent_request.py
+(a login request, checked), agent_http.py (the keyed JSON server), credentials.py (watching and
+judging the files, their digest), rundir.py (what toolrun leaves in a login's directory).
 """
 
 from __future__ import annotations
@@ -44,18 +48,12 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import ctypes
-import errno
-import hashlib
-import hmac
 import json
 import os
 import pwd
-import re
 import secrets
 import select
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -63,13 +61,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from browservm.guest import configdisk
-from browservm.guest.markers import PREFIX, format_marker
+from browservm.guest import configdisk, rundir
+from browservm.guest.agent_http import AgentKey, Route, Server, read_secret
+from browservm.guest.agent_request import BadRequest, LoginRequest
+from browservm.guest.credentials import CredentialsWatch, captured_marker, credentials_digest
+from browservm.guest.markers import format_marker
 
 PORT = 7000
 OPENER_PORT = 7001  # loopback only: the opener's notifications
@@ -79,120 +79,13 @@ DEFAULT_USER = "browser"
 DEFAULT_DISPLAY = ":1"
 BIN = Path("/usr/lib/browservm/bin")
 
-MAX_BODY = 64 * 1024
-MAX_WORDS = 64
-MAX_WORD = 4096
-MAX_ENV = 64
-MAX_FILES = 16
-MAX_KEYS = 64
-MAX_FILE_BYTES = 1024 * 1024
-MAX_TIMEOUT_S = 3600
-OUTPUT_LINES = 40
-OUTPUT_LINE_CHARS = 400
-OUTPUT_TAIL_BYTES = 64 * 1024
 _STOP_GRACE_S = 2.0
 _CAPTURE_GRACE_S = 3.0  # a tool that wrote its credentials usually exits by itself; give it the chance
 _DISPLAY_WAIT_S = 60.0
-_REQUEST_TIMEOUT_S = 10.0
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
 
 IDLE, STARTING, WAITING, CAPTURED, FAILED, TIMED_OUT, CANCELLED = (
     "idle", "starting", "waiting-for-user", "captured", "failed", "timed-out", "cancelled")
 RUNNING = (STARTING, WAITING)
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_IN_MODIFY, _IN_CLOSE_WRITE, _IN_ATTRIB = 0x2, 0x8, 0x4
-_IN_MOVED_TO, _IN_CREATE, _IN_DELETE_SELF, _IN_MOVE_SELF = 0x80, 0x100, 0x400, 0x800
-_WATCH_MASK = _IN_MODIFY | _IN_CLOSE_WRITE | _IN_ATTRIB | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE_SELF | _IN_MOVE_SELF
-
-
-def captured_marker(provider: str, files: int, digest: str) -> str:
-    """`browservm-agent: captured provider=<name> files=<n> sha256=<hex>` (DESIGN.md's contract)."""
-    return format_marker("agent", provider=provider, files=files, sha256=digest).replace(
-        f"{PREFIX}agent: ", f"{PREFIX}agent: captured ", 1)
-
-
-def credentials_digest(files: Mapping[str, bytes]) -> str:
-    """The hash in the `captured` marker, over the credentials files as handed over.
-
-    SHA-256 over, for each file in order of its path (Python's `sorted` of the path strings, i.e.
-    by code point), the path in UTF-8, a newline, the content's length in decimal ASCII, a newline,
-    then the content's bytes:
-
-        sha256(b"".join(p.encode() + b"\\n" + str(len(d)).encode() + b"\\n" + d for p, d in sorted(files.items())))
-
-    Lowercase hex. Path and length are in it so no two different sets of files share a hash.
-    """
-    digest = hashlib.sha256()
-    for path, data in sorted(files.items()):
-        digest.update(path.encode() + b"\n" + str(len(data)).encode() + b"\n")
-        digest.update(data)
-    return digest.hexdigest()
-
-
-class BadRequest(Exception):
-    pass
-
-
-@dataclass(frozen=True)
-class LoginRequest:
-    provider: str
-    command: tuple[str, ...]
-    env: dict[str, str]
-    credentials: tuple[str, ...]
-    required_keys: tuple[str, ...]
-    timeout_s: float
-
-    @classmethod
-    def parse(cls, body: Any, home: Path) -> LoginRequest:
-        if not isinstance(body, dict):
-            raise BadRequest("the body is not a JSON object")
-        unknown = set(body) - {"provider", "command", "env", "credentials", "required_keys", "timeout_s"}
-        if unknown:
-            raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))}")
-        provider = body.get("provider")
-        if not isinstance(provider, str) or re.fullmatch(r"[A-Za-z0-9._-]{1,64}", provider) is None:
-            raise BadRequest("provider: 1-64 letters, digits, '.', '_', '-'")
-        command = _strings(body.get("command"), "command", MAX_WORDS, minimum=1)
-        env_value = body.get("env", {})
-        if not isinstance(env_value, dict) or len(env_value) > MAX_ENV:
-            raise BadRequest(f"env: an object of at most {MAX_ENV} variables")
-        env: dict[str, str] = {}
-        for name, value in env_value.items():
-            if _ENV_NAME.fullmatch(name) is None or len(name) > 128:
-                raise BadRequest(f"env: {name[:64]!r} is not a variable name")
-            if not isinstance(value, str) or len(value) > MAX_WORD or "\0" in value:
-                raise BadRequest(f"env: {name} must be a string of at most {MAX_WORD} characters")
-            env[name] = value
-        credentials = _strings(body.get("credentials"), "credentials", MAX_FILES, minimum=1)
-        for path in credentials:
-            _check_credentials_path(path, home)
-        if len(set(credentials)) != len(credentials):
-            raise BadRequest("credentials: a path is given twice")
-        required = _strings(body.get("required_keys", []), "required_keys", MAX_KEYS, minimum=0)
-        timeout = body.get("timeout_s")
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 1 <= timeout <= MAX_TIMEOUT_S:
-            raise BadRequest(f"timeout_s: a number of seconds from 1 to {MAX_TIMEOUT_S}")
-        return cls(provider, command, env, credentials, required, float(timeout))
-
-
-def _strings(value: Any, name: str, most: int, minimum: int) -> tuple[str, ...]:
-    if not isinstance(value, list) or not minimum <= len(value) <= most:
-        raise BadRequest(f"{name}: a list of {minimum} to {most} strings")
-    for item in value:
-        if not isinstance(item, str) or not item or len(item) > MAX_WORD or "\0" in item:
-            raise BadRequest(f"{name}: each item a non-empty string of at most {MAX_WORD} characters")
-    return tuple(value)
-
-
-def _check_credentials_path(path: str, home: Path) -> None:
-    if not path.startswith("/"):
-        raise BadRequest(f"credentials: {path[:200]!r} is not an absolute path")
-    if os.path.normpath(path) != path or "/../" in f"{path}/" or "/./" in f"{path}/":
-        raise BadRequest(f"credentials: {path[:200]!r} is not a normalised path")
-    if not path.startswith(str(home).rstrip("/") + "/"):
-        raise BadRequest(f"credentials: {path[:200]!r} is not under the desktop user's home {home}")
 
 
 @dataclass(frozen=True)
@@ -262,7 +155,8 @@ class Agent:
                 return {"state": IDLE, "provider": None, "auth_url_host": None, "exit_status": None,
                         "output": [], "reason": None}
             return {"state": login.state, "provider": login.request.provider, "auth_url_host": login.auth_url_host,
-                    "exit_status": login.exit_status, "output": self._output(login), "reason": login.reason}
+                    "exit_status": login.exit_status, "output": rundir.output_lines(login.directory),
+                    "reason": login.reason}
 
     def login(self, request: LoginRequest) -> tuple[int, dict[str, Any]]:
         with self._lock:
@@ -342,8 +236,8 @@ class Agent:
         return env
 
     def _argv(self, login: Login) -> list[str]:
-        runner = [*self.config.toolrun, "--log", str(login.directory / "output.log"),
-                  "--status", str(login.directory / "status.json"), "--pids", str(login.directory / "pids")]
+        runner = [*self.config.toolrun, "--log", str(login.directory / rundir.OUTPUT_LOG),
+                  "--status", str(login.directory / rundir.STATUS), "--pids", str(login.directory / rundir.PIDS)]
         for path in login.request.credentials:
             runner += ["--mkdir", str(Path(path).parent)]
         runner += ["--", *login.request.command]
@@ -380,7 +274,7 @@ class Agent:
             return
         watch = CredentialsWatch(request.credentials)  # before the tool runs: no write can slip past it
         try:
-            with open(login.directory / "terminal.log", "wb") as terminal_log:
+            with open(login.directory / rundir.TERMINAL_LOG, "wb") as terminal_log:
                 proc = subprocess.Popen(
                     self._argv(login), env=self._environment(login), cwd=user.home, stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL, stderr=terminal_log, start_new_session=True, user=user.uid,
@@ -398,10 +292,10 @@ class Agent:
             self._stop(login, proc)
             if outcome[0] == CAPTURED:
                 with self._lock:
-                    login.exit_status = self._exit_status(login)
+                    login.exit_status = rundir.exit_status(login.directory)
                 return
             if outcome[0] == FAILED and outcome[2] is None:
-                outcome = (FAILED, outcome[1], self._exit_status(login))
+                outcome = (FAILED, outcome[1], rundir.exit_status(login.directory))
             self._finish(login, outcome[0], outcome[1], exit_status=outcome[2])
         finally:
             watch.close()
@@ -428,10 +322,10 @@ class Agent:
                 proc.wait()
                 if self._check(login, watch):
                     return CAPTURED, None, None
-                status = self._exit_status(login)
+                status = rundir.exit_status(login.directory)
                 if status is None:
                     return FAILED, (f"the terminal exited (status {proc.returncode}) before the tool "
-                                    f"finished: {_tail_text(login.directory / 'terminal.log')}"), None
+                                    f"finished: {rundir.tail_text(login.directory / rundir.TERMINAL_LOG)}"), None
                 missing = watch.problem or "the credentials are missing"
                 return FAILED, f"the tool exited with status {status}; {missing}", status
 
@@ -449,17 +343,9 @@ class Agent:
         self._emit(captured_marker(login.request.provider, len(files), digest))
         return True
 
-    def _exit_status(self, login: Login) -> int | None:
-        try:
-            data = json.loads(_read_limited(login.directory / "status.json", 4096))
-        except (OSError, ValueError):
-            return None
-        status = data.get("exit_status")
-        return status if isinstance(status, int) else None
-
     def _stop(self, login: Login, proc: subprocess.Popen[bytes]) -> None:
         """Kill the tool's process group, the runner's and the terminal's; wait for their end."""
-        groups = [proc.pid, *self._pids(login)]
+        groups = [proc.pid, *rundir.pids(login.directory)]
         for sig in (signal.SIGTERM, signal.SIGKILL):
             alive = [g for g in groups if _signal_group(g, sig)]
             if not alive:
@@ -474,13 +360,6 @@ class Agent:
         if proc.returncode is None:
             proc.wait(timeout=_STOP_GRACE_S)
 
-    def _pids(self, login: Login) -> list[int]:
-        try:
-            words = _read_limited(login.directory / "pids", 256).split()
-        except OSError:
-            return []
-        return [int(w) for w in words if w.isdigit() and int(w) > 1]
-
     def _finish(self, login: Login, state: str, reason: str | None, exit_status: int | None = None) -> None:
         with self._changed:
             if login.state not in RUNNING:
@@ -491,19 +370,6 @@ class Agent:
         if state != CAPTURED:
             self._emit(format_marker("agent", state=state, provider=login.request.provider, exit_status=exit_status))
 
-    def _output(self, login: Login) -> list[str]:
-        try:
-            data = _tail_bytes(login.directory / "output.log", OUTPUT_TAIL_BYTES)
-        except OSError:
-            return []
-        lines = []
-        for raw in _ANSI.sub("", data.decode(errors="replace")).split("\n"):
-            line = raw.rstrip("\r").rsplit("\r", 1)[-1]  # what a carriage return left visible
-            line = "".join(c for c in line if c.isprintable())
-            if line.strip():
-                lines.append(line[:OUTPUT_LINE_CHARS])
-        return lines[-OUTPUT_LINES:]
-
     def shutdown(self) -> None:
         with self._lock:
             login = self._login
@@ -511,93 +377,6 @@ class Agent:
                 return
             login.cancel_requested = True
         _wake(login)
-
-
-class CredentialsWatch:
-    """inotify on the deepest existing directory of each credentials path, re-armed as directories appear."""
-
-    def __init__(self, paths: Sequence[str]) -> None:
-        self.paths = tuple(paths)
-        self.problem: str | None = None
-        self.fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if self.fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
-        self._arm()
-
-    def _arm(self) -> None:
-        for path in self.paths:
-            directory = Path(path).parent
-            while True:
-                existing = directory
-                while not existing.is_dir() and existing != existing.parent:
-                    existing = existing.parent
-                if _libc.inotify_add_watch(self.fd, os.fsencode(existing), _WATCH_MASK) < 0:
-                    code = ctypes.get_errno()
-                    if code not in (errno.ENOENT, errno.ENOTDIR):
-                        raise OSError(code, f"cannot watch {existing}: {os.strerror(code)}")
-                    continue  # it went away meanwhile: look again
-                # A directory made between the look and the watch sent no event to us: look again.
-                if existing == directory or not _next_component(existing, directory).exists():
-                    break
-
-    def drain(self) -> None:
-        try:
-            while os.read(self.fd, 65536):
-                pass
-        except BlockingIOError:
-            pass
-
-    def check(self, owner: int | None, required_keys: Sequence[str]) -> dict[str, bytes] | None:
-        """Every file's bytes if all are present and good, else None (and `problem` says why)."""
-        self._arm()
-        files: dict[str, bytes] = {}
-        for path in self.paths:
-            data, problem = _read_credentials(path, owner, required_keys)
-            if data is None:
-                self.problem = problem
-                return None
-            files[path] = data
-        self.problem = None
-        return files
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-def _next_component(existing: Path, target: Path) -> Path:
-    return existing / target.relative_to(existing).parts[0]
-
-
-def _read_credentials(path: str, owner: int | None, required_keys: Sequence[str]) -> tuple[bytes | None, str]:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None, f"{path} is missing"
-    except OSError as exc:
-        return None, f"{path}: {exc.strerror}"
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return None, f"{path} is not a regular file"
-        if owner is not None and info.st_uid != owner:
-            return None, f"{path} is not owned by the desktop user"
-        if info.st_size > MAX_FILE_BYTES:
-            return None, f"{path} is larger than {MAX_FILE_BYTES} bytes"
-        data = os.read(fd, MAX_FILE_BYTES + 1)
-    finally:
-        os.close(fd)
-    if os.path.realpath(path) != path:
-        return None, f"{path} is reached through a symbolic link"
-    try:
-        document = json.loads(data)
-    except ValueError:
-        return None, f"{path} is not JSON (yet)"
-    if not isinstance(document, dict):
-        return None, f"{path} is not a JSON object"
-    missing = [key for key in required_keys if key not in document]
-    if missing:
-        return None, f"{path} lacks {', '.join(missing)}"
-    return data, ""
 
 
 def _wait_for_display(display: str, timeout: float) -> bool:
@@ -660,144 +439,7 @@ def _close_pipe(pipe: tuple[int, int]) -> None:
             os.close(fd)
 
 
-def _read_limited(path: Path, limit: int) -> str:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        return os.read(fd, limit).decode(errors="replace")
-    finally:
-        os.close(fd)
-
-
-def _tail_bytes(path: Path, limit: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        os.lseek(fd, max(0, size - limit), os.SEEK_SET)
-        return os.read(fd, limit)
-    finally:
-        os.close(fd)
-
-
-def _tail_text(path: Path) -> str:
-    try:
-        return _tail_bytes(path, 400).decode(errors="replace").strip() or "(it said nothing)"
-    except OSError:
-        return "(no output)"
-
-
-# --- HTTP --------------------------------------------------------------------------------------
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-    timeout = _REQUEST_TIMEOUT_S
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # the journal needs no line per request; requests carry nothing worth keeping
-
-    def _send(self, status: int, body: Mapping[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _authorised(self) -> bool:
-        if self.server.key.matches(self.headers.get("Authorization", "")):
-            return True
-        self.close_connection = True
-        self._send(HTTPStatus.UNAUTHORIZED, {"error": "unauthorized"})
-        return False
-
-    def _body(self) -> Any:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            if self.headers.get("Transfer-Encoding"):
-                raise _HttpError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length")
-            return None
-        size = int(length)
-        if size > MAX_BODY:
-            raise _HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is over {MAX_BODY} bytes")
-        data = self.rfile.read(size)
-        if not data:
-            return None
-        try:
-            return json.loads(data)
-        except ValueError:
-            raise _HttpError(HTTPStatus.BAD_REQUEST, "the body is not JSON") from None
-
-    def _dispatch(self, method: str) -> None:
-        if not self._authorised():
-            return
-        try:
-            body = self._body() if method == "POST" else None
-            route = self.server.routes.get((method, self.path.split("?", 1)[0]))
-            if route is None:
-                raise _HttpError(HTTPStatus.NOT_FOUND, f"no {method} {self.path[:100]}")
-            status, answer = route(body)
-        except _HttpError as exc:
-            self.close_connection = True
-            status, answer = exc.status, {"error": exc.message}
-        self._send(status, answer)
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-
-class _HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-Route = Callable[[Any], tuple[int, Mapping[str, Any]]]
-
-
-class AgentKey:
-    """The key a request must carry (`Authorization: Bearer <key>`).
-
-    The host may give a running VM a new one (a restore's identity, a pooled VM's claim in
-    vm/pool.py: both rewrite its config disk), so with `reread` each request is checked against the
-    key on the disk, read past the page cache (one 4 KiB read): the new key works at once and the
-    old one stops at once, before anyone used the new one. A disk that cannot be read keeps the
-    last key read.
-    """
-
-    def __init__(self, key: str, reread: Callable[[], str] | None = None) -> None:
-        self._key = key
-        self._reread = reread
-        self._lock = threading.Lock()
-
-    def matches(self, authorization: str) -> bool:
-        with self._lock:
-            if self._reread is not None:
-                with contextlib.suppress(OSError, configdisk.ConfigDiskError):
-                    self._key = self._reread()
-            return hmac.compare_digest(authorization.encode(), f"Bearer {self._key}".encode())
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 16
-
-    def __init__(self, address: tuple[str, int], key: AgentKey, routes: dict[tuple[str, str], Route]) -> None:
-        self.key = key
-        self.routes = routes
-        super().__init__(address, _Handler)
-
-
-def controller_server(agent: Agent, address: tuple[str, int]) -> _Server:
+def controller_server(agent: Agent, address: tuple[str, int]) -> Server:
     """The controller's API (contract in the module docstring)."""
     def login(body: Any) -> tuple[int, Mapping[str, Any]]:
         try:
@@ -813,20 +455,20 @@ def controller_server(agent: Agent, address: tuple[str, int]) -> _Server:
         ("POST", "/v1/cancel"): lambda _: agent.cancel(),
     }
     disk = agent.config.config_disk
-    return _Server(address, AgentKey(agent.config.secret, None if disk is None else lambda: read_secret(disk)), routes)
+    return Server(address, AgentKey(agent.config.secret, None if disk is None else lambda: read_secret(disk)), routes)
 
 
-def opener_server(agent: Agent, port: int = OPENER_PORT) -> _Server:
+def opener_server(agent: Agent, port: int = OPENER_PORT) -> Server:
     """The opener's channel, on loopback only, with a token of its own."""
     def opened(body: Any) -> tuple[int, Mapping[str, Any]]:
         if not isinstance(body, dict) or not isinstance(body.get("url"), str) or len(body["url"]) > 16384:
             return HTTPStatus.UNPROCESSABLE_ENTITY, {"error": "send {\"url\": ...}"}
         return agent.opened(body["url"])
 
-    return _Server(("127.0.0.1", port), AgentKey(agent.opener_token), {("POST", "/v1/opened"): opened})
+    return Server(("127.0.0.1", port), AgentKey(agent.opener_token), {("POST", "/v1/opened"): opened})
 
 
-def write_opener_file(agent: Agent, server: _Server) -> Path:
+def write_opener_file(agent: Agent, server: Server) -> Path:
     """Where the opener finds the agent: root and the desktop user's group may read it, no one else."""
     run_dir = agent.config.run_dir
     run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -847,16 +489,8 @@ def write_opener_file(agent: Agent, server: _Server) -> Path:
     return target
 
 
-def read_secret(path: Path) -> str:
-    document = configdisk.read_uncached(path)
-    secret = document.get("secrets", {}).get("agent")
-    if not isinstance(secret, str) or re.fullmatch(r"[0-9a-f]{64}", secret) is None:
-        raise configdisk.ConfigDiskError("the config disk carries no agent secret (secrets.agent, 64 hex digits)")
-    return secret
-
-
 def serve(config: AgentConfig, address: tuple[str, int], opener_port: int = OPENER_PORT,
-          ready: Callable[[_Server], None] | None = None) -> int:
+          ready: Callable[[Server], None] | None = None) -> int:
     agent = Agent(config)
     api = controller_server(agent, address)
     opener = opener_server(agent, opener_port)

@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from browservm.errors import ProbeFailed
-from browservm.guest.agent import credentials_digest
+from browservm.guest.credentials import credentials_digest
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.oauth.errors import AgentError
 from browservm.vm.readiness import connect_socket
