@@ -40,6 +40,7 @@ INTERNAL_ERROR = "KVM internal error"
 _EVIDENCE = 400  # characters of QEMU's own words and of the last console line kept in a reason
 _READ = 65536
 _MAX_OUTPUT = 1 << 20  # a probe kernel's whole console is a few KiB
+_WORDS_AFTER_ERROR_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -167,9 +168,11 @@ class AccelProbe:
             for stream in output:
                 selector.register(stream, selectors.EVENT_READ)
             deadline = started + self._timeout
-            # Until both pipes close (QEMU exited) or QEMU reports the guest stopped: it would keep the VM
-            # paused until the deadline otherwise.
-            while selector.get_map() and INTERNAL_ERROR.encode() not in output[child.stderr]:
+            # Until both pipes close (QEMU exited), or shortly after QEMU reports the guest stopped (the
+            # rest of its words follow the first line): it would keep the VM paused until the deadline.
+            while selector.get_map():
+                if INTERNAL_ERROR.encode() in output[child.stderr]:
+                    deadline = min(deadline, time.monotonic() + _WORDS_AFTER_ERROR_S)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
