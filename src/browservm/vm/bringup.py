@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -161,8 +162,12 @@ class BringUp:
             await self._parts.probes.browser_on_screen(self._parts.network.netns,
                                                        IPv4Address(record.address.split("/")[0]),
                                                        PATHS[RFB].port, password, timeout)
-        except ProbeFailed as exc:
-            raise ProbeFailed(hops.DESKTOP_COMPLETE, f"Chromium runs but its window never showed: {exc}") from exc
-        except (TimeoutError, ScreenError, HandshakeFailed, OSError) as exc:
-            raise ProbeFailed(hops.DESKTOP_COMPLETE, f"Chromium runs but its window never showed within "
-                                                     f"{timeout:g} s: {exc or type(exc).__name__}") from exc
+        except (ProbeFailed, TimeoutError, ScreenError, HandshakeFailed, OSError) as exc:
+            load = os.getloadavg()[0]
+            raise ProbeFailed(
+                hops.DESKTOP_COMPLETE, f"Chromium runs but its window never showed within {timeout:g} s: "
+                                       f"{exc or type(exc).__name__} (the host's load: {load:.1f} on {os.cpu_count()} "
+                                       "CPUs)",
+                "Chromium started but never painted its window as a browser's (the reason says what the screen "
+                "showed); if the host's load is far above its CPUs, other guests starved this one: fewer VMs at "
+                "once, or more CPUs") from exc

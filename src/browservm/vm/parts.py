@@ -43,7 +43,10 @@ class Deadlines:
     tcp: float = 10.0
     websocket: float = 180.0
     rfb: float = 60.0
-    screen: float = 180.0  # a cold boot's desktop.complete: Chromium running -> its window painted
+    # A cold boot's desktop.complete: Chromium running -> its window painted, within the hop's own
+    # `desktop` deadline. As long: on a host loaded with other guests Chromium took minutes to paint
+    # (a newcomer's first VM beside a test run of nine guests: 8 frames in 180 s, not yet painted).
+    screen: float = 600.0
     settle: float = 90.0  # a snapshot's VM: the browser painted -> the guest idle
     stop: float = 10.0
 
