@@ -35,6 +35,7 @@ from browservm.ipam import Ipam
 from browservm.progress import Progress
 from browservm.vm.console import ConsoleLog
 from browservm.vm.image_source import Images
+from browservm.vmdir import VmDirectory
 from browservm.vmm.driver import QemuDriver
 from browservm.vmm.spec import VmSpec
 
@@ -79,8 +80,8 @@ def boot_timeline(state: Path, boots: int) -> None:
                         nonlocal watcher
                         stamps[name] = time.monotonic()
                         if name == "disk.clone":
-                            watcher = asyncio.ensure_future(_timeline(ConsoleLog(directory / "console.log"), seen,
-                                                                      stop))
+                            console = ConsoleLog(VmDirectory(directory).console_log)
+                            watcher = asyncio.ensure_future(_timeline(console, seen, stop))
 
                     started, creating = await manager.start(on_stage=stage)
                     directory = Path(started.directory)  # before the first stage: the task has not run yet
@@ -152,18 +153,18 @@ def overhead(state: Path, sequential: int, concurrent: int) -> None:
             start = time.perf_counter()
             lease = ipam.lease(vm_id)
             network.add_tap(lease)
-            directory = state / "vms" / vm_id
-            directory.mkdir(parents=True)
-            clone_sparse(images.disk_template, directory / "overlay.ext4")
+            files = VmDirectory.under(state / "vms", vm_id)
+            files.path.mkdir(parents=True)
+            clone_sparse(images.disk_template, files.overlay)
             args = build_boot_args(BootArgs(ip=IpConfig.static(lease.address, lease.gateway), read_only=True,
-                                            init="/usr/lib/browservm/overlay-init", reboot="t"))
-            spec = VmSpec(vm_id, 1, 512, images.kernel, images.rootfs, directory / "overlay.ext4", args,
-                          lease.tap, lease.mac, directory)
+                                            init="/usr/lib/browservm/overlay-init", reboot=driver.reboot))
+            spec = VmSpec(vm_id, 1, 512, images.kernel, images.rootfs, files.overlay, args,
+                          lease.tap, lease.mac, files.path)
             vmm = driver.start(spec, network.netns)
             driver.stop(spec, vmm, 10)
             network.remove_tap(vm_id)
             ipam.release(vm_id)
-            shutil.rmtree(directory)
+            shutil.rmtree(files.path)
             return (time.perf_counter() - start) * 1000
 
         try:
