@@ -41,7 +41,7 @@ def run(*argv: str, netns: str | None = None, check: bool = True) -> subprocess.
     return subprocess.run([*prefix, *argv], capture_output=True, text=True, check=check, timeout=60)
 
 
-# Each VM reserves room for its whole disk (VMManager._check_room): many VMs at once fit on small CI disks.
+# Each VM reserves room for its whole disk (vm/create.py Creator._check_room): many VMs at once fit on small CI disks.
 TEST_DISK_MIB = 1024
 _VOLATILE = {"stats64", "operstate", "linkmode", "valid_life_time", "preferred_life_time", "expires"}
 
