@@ -12,7 +12,9 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from browservm.doctor.deadlines import Deadlines, DoctorTimeout, bounded
 from browservm.doctor.images import ImageFacts, KernelFacts, inspect_image, inspect_kernel_file
@@ -22,6 +24,8 @@ from browservm.errors import BrowserVMError
 from browservm.vmm import firecracker
 from browservm.vmm.accel import AccelProbe
 from browservm.vmm.placement import choose_placement
+
+F = TypeVar("F", KernelFacts, ImageFacts)
 
 
 class BootChecks:
@@ -94,20 +98,20 @@ class BootChecks:
 
     async def kernel_facts(self, path: Path | None) -> KernelFacts | None:
         """What `kernel inspect` says of `path`, within its deadline (the VM walk asks too)."""
-        if path is None:
-            return None
-        try:
-            return await bounded(lambda: inspect_kernel_file(path), self._d.images, "kernel inspect")
-        except DoctorTimeout as exc:
-            return KernelFacts(str(path), None, str(exc))
+        return await self._facts(path, inspect_kernel_file, KernelFacts, "kernel inspect")
 
     async def image_facts(self, path: Path | None) -> ImageFacts | None:
+        """Whether the image at `path` carries the network configurator (debugfs), within its deadline."""
+        return await self._facts(path, inspect_image, ImageFacts, "debugfs")
+
+    async def _facts(self, path: Path | None, inspect: Callable[[Path], F], unknown: Callable[[str, None, str], F],
+                     what: str) -> F | None:
         if path is None:
             return None
         try:
-            return await bounded(lambda: inspect_image(path), self._d.images, "debugfs")
+            return await bounded(lambda: inspect(path), self._d.images, what)
         except DoctorTimeout as exc:
-            return ImageFacts(str(path), None, str(exc))
+            return unknown(str(path), None, str(exc))
 
     @staticmethod
     def _judge_kernel(kernel: KernelFacts, result: HopResult) -> None:
