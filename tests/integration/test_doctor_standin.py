@@ -341,6 +341,20 @@ def test_each_fault_alone_is_named_by_hop_and_cause_and_the_stand_in_comes_back_
     print("\n" + "\n".join(f"{case:<40} {seconds * 1000:7.1f} ms" for case, seconds in lab.timings.items()))
 
 
+def _ipv6_settled(netns: str) -> None:
+    """Until every link that is up has its IPv6 link-local address and none is still tentative (DAD)."""
+    deadline = time.monotonic() + 10
+    while True:
+        links = json.loads(run("ip", "-j", "-6", "addr", "show", "up", netns=netns).stdout or "[]")
+        addresses = [a for link in links if link.get("ifname") != "lo" for a in link.get("addr_info", [])]
+        settled = all(any(a.get("scope") == "link" for a in link.get("addr_info", []))
+                      for link in links if link.get("ifname") != "lo")
+        if settled and not any(a.get("tentative") for a in addresses):
+            return
+        assert time.monotonic() < deadline, f"IPv6 addresses in {netns} did not settle: {links}"
+        time.sleep(0.05)
+
+
 def _snapshot(netns: str) -> dict[str, Any]:
     def ip_json(*args: str) -> Any:
         return json.loads(run("ip", "-j", *args, netns=netns).stdout or "[]")
@@ -372,6 +386,7 @@ def _snapshot(netns: str) -> dict[str, Any]:
 
 
 def test_a_doctor_run_changes_nothing_in_the_vm_namespace(lab: Lab) -> None:
+    _ipv6_settled(lab.ctl)  # else the kernel's own link-local addresses and routes land between the snapshots
     before = _snapshot(lab.ctl)
     for mode in ("rfb", "no-vnc", "off"):
         if mode == "off":
