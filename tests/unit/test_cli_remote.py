@@ -402,6 +402,27 @@ def test_a_quiet_stream_is_checked_and_followed_again(served: Served) -> None:
     assert stages == list(NAMES)  # the second subscription's replay of passed stages is not reported twice
 
 
+def test_a_build_step_as_long_as_a_compile_is_told_again_each_quiet_stretch(served: Served) -> None:
+    """A kernel's compile is one step of minutes: the person is told it goes on, not left in silence."""
+    served.parts.build_steps = [BuildStep("the guest kernel", 6, 8, "vmlinux", "make -j2 vmlinux")]
+    served.parts.build_done = done = threading.Event()
+    notes: list[tuple[str, str]] = []
+
+    def note(kind: str, detail: str) -> None:
+        notes.append((kind, detail))
+        if kind == "still":
+            done.set()
+
+    try:
+        with ControllerClient(served.url, KEY, events_quiet=0.5) as client:
+            vm_id = client.create_vm("ann", 1, 512)["vm_id"]
+            record = follow(client, vm_id, lambda name, seconds: None, note)
+    finally:
+        done.set()
+    step = "building the guest kernel, step 6 of 8: vmlinux (make -j2 vmlinux)"
+    assert notes[:2] == [("build", step), ("still", step)] and record["state"] == "ready"
+
+
 def test_a_stream_the_controller_ends_while_the_vm_boots_says_so(served: Served) -> None:
     served.probes.hang_at("guest.network")
 

@@ -68,7 +68,8 @@ def run(args: argparse.Namespace, settings: Settings, url: str) -> int:
 def follow(client: ControllerClient, vm_id: str, on_stage: Callable[[str, float], None],
            on_note: Callable[[str, str], None] = lambda kind, detail: None) -> dict[str, Any]:
     """Report each stage of a booting VM once, as it passes, and each build step or retry it waits through
-    (`on_note`); its record once it is ready, failed or ended."""
+    (`on_note`, and "still" with the step when a build goes on for a quiet minute); its record once it is
+    ready, failed or ended."""
     seen: set[str] = set()
     seen_notes: set[tuple[str, object]] = set()
 
@@ -88,6 +89,8 @@ def follow(client: ControllerClient, vm_id: str, on_stage: Callable[[str, float]
         if record["state"] not in ("creating", "booting"):
             return record
         if quiet:
+            if record.get("building"):  # a step as long as a kernel's compile: say it goes on
+                on_note("still", str(record["building"]))
             return None  # still booting: subscribe again (the stages it already passed are skipped above)
         # No terminal event: the controller ends every stream when it stops; the VM boots on.
         raise ControllerStopped(client.base_url, vm_id, record["state"])
