@@ -2,7 +2,8 @@
 
 Each VM's x11vnc asks for that VM's own password (from its config disk): without it, any local
 user of the host could open any desktop. Only the controller knows it, so the proxy speaks both
-ends of the RFB 3.8 handshake (RFC 6143, 7.1-7.2) and then relays the rest untouched:
+ends of the RFB handshake (RFC 6143, 7.1-7.2; 3.8, or 3.7 with a VM's server that speaks only
+that: SERVER_VERSIONS) and then relays the rest untouched:
 
     VM's VNC server  <── client role: VNC authentication (DES of the challenge) ──  proxy
     proxy            ── server role: "no authentication" ──>  viewer (noVNC)
