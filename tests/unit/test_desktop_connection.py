@@ -168,7 +168,8 @@ def test_the_upgrade_is_the_proxys_binary_without_compression() -> None:
 
     async def scenario() -> str:
         async with tcp_upstream(answers_upgrade(seen, b"\x82\x0cRFB 003.008\n")) as upstream:
-            return await within(probe(upstream))
+            banner: str = await within(probe(upstream))
+            return banner
 
     assert asyncio.run(scenario()) == "RFB 003.008"
     assert seen.headers["sec-websocket-protocol"] == "binary"
@@ -176,27 +177,21 @@ def test_the_upgrade_is_the_proxys_binary_without_compression() -> None:
     assert seen.headers["host"].startswith("127.0.0.1:")
 
 
-def redirect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Awaitable[None]:
-    async def answer() -> None:
+def answers(response: bytes) -> Handler:
+    """A server that answers the upgrade request with `response` and hangs up."""
+    async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 302 Found\r\nLocation: ws://192.0.2.1:6080/websockify\r\nContent-Length: 0\r\n\r\n")
+        writer.write(response)
         await writer.drain()
         writer.close()
-    return answer()
-
-
-def ok_200(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Awaitable[None]:
-    async def answer() -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
-        await writer.drain()
-        writer.close()
-    return answer()
+    return server
 
 
 @pytest.mark.parametrize(("server", "reason"), [
-    (ok_200, "expected 101 Switching Protocols, got 200 OK"),
-    (redirect, "expected 101 Switching Protocols, got 302 Found"),  # not followed: the guest picks no address
+    (answers(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"), "expected 101 Switching Protocols, got 200 OK"),
+    # not followed: a guest does not send the controller to another address
+    (answers(b"HTTP/1.1 302 Found\r\nLocation: ws://192.0.2.1:6080/websockify\r\nContent-Length: 0\r\n\r\n"),
+     "expected 101 Switching Protocols, got 302 Found"),
 ])
 def test_a_refused_upgrade_is_ws_upgrade_for_readiness_and_the_proxy(server: Handler, reason: str) -> None:
     async def scenario() -> tuple[ProbeFailed, bytes | tuple[int | None, str | None]]:
@@ -210,36 +205,31 @@ def test_a_refused_upgrade_is_ws_upgrade_for_readiness_and_the_proxy(server: Han
     assert relayed == (4502, f"ws.upgrade: {reason}")
 
 
-def test_a_websocket_closed_before_the_banner_is_rfb_banner_saying_websockify_closed_it() -> None:
-    async def closes(connection: ServerConnection) -> None:
-        await connection.close(1011, "Failed to connect to downstream server")
+async def closes(connection: ServerConnection) -> None:
+    await connection.close(1011, "Failed to connect to downstream server")  # websockify without x11vnc
 
-    async def scenario() -> ProbeFailed:
-        async with websocket_upstream(closes) as upstream:
-            with pytest.raises(ProbeFailed) as failed:
-                await within(probe(upstream))
-            return failed.value
 
-    failed = asyncio.run(scenario())
-    assert failed.hop == "rfb.banner"
+async def floods(connection: ServerConnection) -> None:
+    await connection.send(b"R" * (PROBE.max_message + 1))
+    await connection.wait_closed()
+
+
+@pytest.mark.parametrize(("server", "reason"), [
     # "closed": the doctor's finding is then vnc.unreachable (doctor/vm_walk.py)
-    assert failed.reason == ("websockify closed the WebSocket (1011 'Failed to connect to downstream server') "
-                             "before the VNC server spoke")
-
-
-def test_a_first_message_over_the_probes_bound_fails_rfb_banner() -> None:
-    async def floods(connection: ServerConnection) -> None:
-        await connection.send(b"R" * (PROBE.max_message + 1))
-        await connection.wait_closed()
-
+    (closes, "websockify closed the WebSocket (1011 'Failed to connect to downstream server') before the VNC "
+             "server spoke"),
+    (floods, f"the VM sent a message larger than {PROBE.max_message} bytes"),
+])
+def test_a_websocket_that_ends_or_overflows_before_the_banner_fails_rfb_banner(
+        server: Callable[[ServerConnection], Awaitable[None]], reason: str) -> None:
     async def scenario() -> ProbeFailed:
-        async with websocket_upstream(floods) as upstream:
+        async with websocket_upstream(server) as upstream:
             with pytest.raises(ProbeFailed) as failed:
                 await within(probe(upstream))
             return failed.value
 
     failed = asyncio.run(scenario())
-    assert (failed.hop, failed.reason) == ("rfb.banner", f"the VM sent a message larger than {PROBE.max_message} bytes")
+    assert (failed.hop, failed.reason) == ("rfb.banner", reason)
 
 
 def test_each_step_runs_within_its_callers_own_deadline_and_close_hangs_up() -> None:
