@@ -162,10 +162,6 @@ class Upstream:
     websocket: bool = field(kw_only=True)  # no default: every caller says which desktop path
     key: str = ""  # which prepared connection it may take (ViewerProxy.prepare): the VM's id
 
-    @property
-    def url(self) -> str:
-        return f"ws://{self.address}:{self.port}{self.path}"
-
 
 class Refused(Exception):
     """Raised by the route's resolve(): close the accepted WebSocket with `code` and `reason`."""
