@@ -128,7 +128,7 @@ def _controller(listen_fd: int) -> None:
     async def vnc(websocket: WebSocket) -> None:
         query = parse_qs(websocket.scope["query_string"].decode())
         upstream = Upstream(NetworkNamespace(None), IPv4Address("127.0.0.1"), int(query["port"][0]),
-                            query.get("path", ["/websockify"])[0])
+                            query.get("path", ["/websockify"])[0], websocket=True)
 
         async def resolve() -> Upstream:
             return upstream

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import TextIO
 
 from browservm.errors import BrowserVMError
+from browservm.trust import first_untrusted
 
 
 class UntrustedCache(BrowserVMError):
@@ -44,17 +44,9 @@ def check_trusted(path: Path, uid: int | None = None) -> None:
     """Raise UntrustedCache unless every existing directory from `path` up to / is owned by `uid`
     (default: ours) or root and writable by no one else; a sticky directory (/tmp) may be shared,
     as others cannot replace what is ours inside it."""
-    me = os.geteuid() if uid is None else uid
-    resolved = Path(os.path.realpath(path))  # a link's target is what gets read
-    for directory in (resolved, *resolved.parents):
-        try:
-            st = directory.stat()
-        except FileNotFoundError:
-            continue
-        if st.st_uid not in (0, me):
-            raise UntrustedCache(directory, f"owned by uid {st.st_uid}")
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
-            raise UntrustedCache(directory, f"writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
+    found = first_untrusted(path, uid)
+    if found is not None:
+        raise UntrustedCache(found.directory, found.why())
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Each VM's x11vnc asks for that VM's own password (from its config disk): without it, any local
 user of the host could open any desktop. Only the controller knows it, so the proxy speaks both
-ends of the RFB 3.8 handshake (RFC 6143, 7.1-7.2) and then relays the rest untouched:
+ends of the RFB handshake (RFC 6143, 7.1-7.2; 3.8, or 3.7 with a VM's server that speaks only
+that: SERVER_VERSIONS) and then relays the rest untouched:
 
     VM's VNC server  <── client role: VNC authentication (DES of the challenge) ──  proxy
     proxy            ── server role: "no authentication" ──>  viewer (noVNC)
@@ -26,6 +27,11 @@ from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
 VERSION = b"RFB 003.008\n"
+# The versions a VM's VNC server may announce, one set for readiness's banner check, the proxy and
+# the screen judge (vm/screen.py): 3.8, x11vnc's, and 3.7, whose handshake differs only in a failed
+# SecurityResult carrying no reason. RFC 6143 7.1.1 defines no others and says to read any other
+# number as 3.3, whose handshake (the server picks the security type) none of them speaks.
+SERVER_VERSIONS = frozenset({(3, 7), (3, 8)})
 NO_AUTH, VNC_AUTH = 1, 2
 MAX_REASON = 1024
 _VERSION = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
@@ -63,6 +69,15 @@ def parse_version(line: bytes) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+def server_version(line: bytes) -> tuple[int, int]:
+    """The version a VNC server's banner `line` announces; HandshakeFailed unless one of SERVER_VERSIONS."""
+    major, minor = parse_version(line)
+    if (major, minor) not in SERVER_VERSIONS:
+        spoken = " and ".join(f"{a}.{b}" for a, b in sorted(SERVER_VERSIONS))
+        raise HandshakeFailed(f"the VNC server speaks RFB {major}.{minor}; browservm speaks {spoken} with it")
+    return major, minor
+
+
 def vnc_response(password: str, challenge: bytes) -> bytes:
     """RFB's VNC authentication: the challenge encrypted with DES, keyed by the password's first
     8 bytes with each byte's bits in reverse order (a quirk every VNC server expects)."""
@@ -83,10 +98,8 @@ async def authenticate(reader: MessageReader, send: Callable[[bytes], Awaitable[
                        password: str) -> None:
     """Client role, after the server's `version` line was read: VNC authentication with `password`
     up to a successful SecurityResult. The server then waits for the viewer's ClientInit."""
-    major, minor = parse_version(version)
-    if (major, minor) < (3, 7):
-        raise HandshakeFailed(f"the VNC server speaks RFB {major}.{minor}; the proxy needs 3.7 or later")
-    await send(VERSION if minor >= 8 else b"RFB 003.007\n")
+    _, minor = server_version(version)
+    await send(version)  # the server's own: the client answers with the version both use
     (count,) = await reader.read(1)
     if count == 0:
         raise HandshakeFailed(f"the VNC server refused the connection: {await _reason(reader)}")

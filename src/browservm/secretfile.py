@@ -22,30 +22,25 @@ import stat
 from pathlib import Path
 
 from browservm.errors import StateError
+from browservm.trust import first_untrusted
 
 
 def check_state_dir(path: Path, uid: int | None = None) -> None:
     """StateError unless `path` (a state directory, which may not exist yet) and every existing
     directory above it are safe from other users (see the module's docstring)."""
-    me = os.geteuid() if uid is None else uid
-    resolved = Path(os.path.realpath(path))  # a link's target is what gets used
-    for directory in (resolved, *resolved.parents):
-        try:
-            st = directory.stat()
-        except FileNotFoundError:
-            continue  # made later, by us, 0700
-        except OSError as exc:
-            raise StateError(str(path), f"cannot check {directory}: {exc.strerror}") from exc
-        if not stat.S_ISDIR(st.st_mode):
-            raise StateError(str(path), f"{directory} is not a directory")
-        if st.st_uid not in (0, me):
-            raise StateError(str(path), f"{directory} is owned by uid {st.st_uid}, another user: the state "
-                                        "directory and those above it must be root's or ours")
-        writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if writable and (directory == resolved or not st.st_mode & stat.S_ISVTX):
-            raise StateError(str(path), f"{directory} is writable by other users (mode "
-                                        f"{stat.S_IMODE(st.st_mode):04o}): they could replace the "
-                                        "controller's keys and database")
+    try:
+        found = first_untrusted(path, uid, sticky_leaf=False)
+    except OSError as exc:
+        raise StateError(str(path), f"cannot check {exc.filename}: {exc.strerror}") from exc
+    if found is None:
+        return
+    if found.owner is not None:
+        raise StateError(str(path), f"{found.directory} is owned by uid {found.owner}, another user: the state "
+                                    "directory and those above it must be root's or ours")
+    if found.mode is not None:
+        raise StateError(str(path), f"{found.directory} is writable by other users (mode {found.mode:04o}): "
+                                    "they could replace the controller's keys and database")
+    raise StateError(str(path), f"{found.directory} is not a directory")
 
 
 def read_or_create(path: Path, make: str, what: str) -> str:

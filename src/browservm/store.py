@@ -82,7 +82,10 @@ class Store:
         self.path = path
         # Its directory is the state directory: one another user could write would let them swap the
         # database, or plant links where the chmods below and the key files go (secretfile.py).
-        check_state_dir(path.parent)
+        try:
+            check_state_dir(path.parent)
+        except StateError as exc:
+            raise StateError(str(path), f"cannot keep the store here: {exc.reason}") from exc
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             # Shared by the caller's thread and the host network's worker thread, one at a time.

@@ -418,7 +418,8 @@ def test_arp_for_the_victims_address_does_not_take_over_the_hosts_neighbour_entr
     # The controller still reaches the victim's desktop, and the victim's, not the attacker's (which
     # holds the address too and answers on 0.0.0.0:6080): the connection's frames go to the victim's TAP.
     with sniff(hostile.ctl, victim.tap) as to_victim, sniff(hostile.ctl, attacker.tap) as to_attacker:
-        banner = asyncio.run(desktop_banner(NetworkNamespace(hostile.ctl), IPv4Address(victim_ip), VNC_PORT, 10))
+        banner = asyncio.run(desktop_banner(NetworkNamespace(hostile.ctl), IPv4Address(victim_ip), VNC_PORT, 10,
+                                            websocket=True))
     assert banner == "RFB 003.008"
     assert any(ipv4_to(frame, victim_ip) for frame in to_victim), "the connection never reached the victim's TAP"
     assert not any(ipv4_to(frame, victim_ip) for frame in to_attacker), "the victim's traffic went to the attacker"

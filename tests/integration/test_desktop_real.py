@@ -8,17 +8,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
 
 from browservm.guest.markers import parse_marker
 from browservm.hostnet.netns import NetworkNamespace
-from browservm.vm.wsprobe import rfb_banner, websocket_upgrade
+from browservm.vm.readiness import desktop_banner
 
 from .conftest import Namespaces, run
 
@@ -72,16 +72,7 @@ def markers_until(proc: subprocess.Popen[str], service: str) -> dict[str, dict[s
 
 
 async def banner_through_websockify(ns: str) -> str:
-    with NetworkNamespace(ns).entered():
-        sock = socket.socket()
-    sock.setblocking(False)
-    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", 6080)), 10)
-    reader, writer = await asyncio.open_connection(sock=sock)
-    try:
-        await asyncio.wait_for(websocket_upgrade(reader, writer, "127.0.0.1:6080"), 30)
-        return await asyncio.wait_for(rfb_banner(reader), 30)
-    finally:
-        writer.close()
+    return await desktop_banner(NetworkNamespace(ns), IPv4Address("127.0.0.1"), 6080, 30, websocket=True)
 
 
 def test_the_desktop_starts_in_order_and_answers_rfb_through_websockify(

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.utils import accept_key
 
 from browservm.doctor import Doctor, Report, Sources
 from browservm.doctor.report import OK, SKIPPED
@@ -40,7 +41,6 @@ from browservm.netplan import NetworkPlan
 from browservm.store import Store
 from browservm.vm.records import VmRecord, VmRecords
 from browservm.vm.state import VmState
-from browservm.vm.wsprobe import accept_key
 from browservm.vmm import process
 from browservm.vmm.process import VmmProcess
 

@@ -156,7 +156,7 @@ def test_a_restarted_controller_finds_its_vms_and_cleans_up_the_one_that_died_me
     alive = asyncio.run(manager.get(survivor["vm_id"]))
     assert alive is not None and alive.state == VmState.READY and alive.pid == survivor["pid"]
     address = IPv4Address(survivor["address"].split("/")[0])
-    banner = asyncio.run(desktop_banner(controller.network.netns, address, 6080, 30))
+    banner = asyncio.run(desktop_banner(controller.network.netns, address, 6080, 30, websocket=True))
     assert banner == "RFB 003.008"  # still usable
 
     dead = asyncio.run(manager.get(victim["vm_id"]))

@@ -131,7 +131,8 @@ def test_a_vm_outlives_its_controllers_killed_with_their_cgroup_and_the_next_con
         assert str(vmm.pid) not in in_service
         assert process.is_vmm_of(vmm, vm_directory)
         address = IPv4Address(created["address"].split("/")[0])
-        banner = asyncio.run(desktop_banner(NetworkNamespace(controllers.netns), address, 6080, 30))
+        banner = asyncio.run(desktop_banner(NetworkNamespace(controllers.netns), address, 6080, 30,
+                                            websocket=True))
         assert banner == "RFB 003.008"
 
         # The next controller, outside that cgroup, re-finds the VM and watches it.

@@ -62,7 +62,7 @@ class Desktop:
     def upstream(self, password: str | None) -> Upstream:
         if self.path == "rfb":
             return Upstream(self.netns, LOCALHOST, VNC_PORT, websocket=False, vnc_password=password)
-        return Upstream(self.netns, LOCALHOST, vnc_password=password)
+        return Upstream(self.netns, LOCALHOST, 6080, websocket=True, vnc_password=password)
 
     async def websocket(self) -> ClientConnection:
         """A connection to websockify as any local process could make one: no proxy in between."""

@@ -25,7 +25,7 @@ def test_a_desktop_ready_without_websockify_fails_desktop_ready_at_once(tmp_path
                            format_marker("ready", service="desktop", state="ready", services="xvfb,openbox,x11vnc"))
     started = time.monotonic()
     with pytest.raises(ProbeFailed) as failed:
-        asyncio.run(wait_desktop_ready(console, timeout=30))
+        asyncio.run(wait_desktop_ready(console, timeout=30, listener="websockify"))
     assert time.monotonic() - started < 5
     assert failed.value.hop == "desktop.ready"
     assert "without websockify (it started xvfb, openbox, x11vnc)" in failed.value.reason
@@ -34,5 +34,5 @@ def test_a_desktop_ready_without_websockify_fails_desktop_ready_at_once(tmp_path
 def test_the_usual_order_passes_both_hops(tmp_path: Path) -> None:
     console = console_with(tmp_path, format_marker("ready", service="websockify", state="ready", port=6080),
                            format_marker("ready", service="desktop", state="ready", services="xvfb,websockify"))
-    asyncio.run(wait_desktop_ready(console, timeout=5))
+    asyncio.run(wait_desktop_ready(console, timeout=5, listener="websockify"))
     asyncio.run(wait_desktop_complete(console, timeout=5))

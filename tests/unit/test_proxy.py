@@ -89,7 +89,7 @@ def to(upstream: Upstream) -> Callable[[], Awaitable[Upstream]]:
 
 
 def local(port: int) -> Upstream:
-    return Upstream(NetworkNamespace(None), LOCALHOST, port)
+    return Upstream(NetworkNamespace(None), LOCALHOST, port, websocket=True)
 
 
 @dataclass

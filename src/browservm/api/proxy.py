@@ -5,7 +5,8 @@
                                                                              or  VM :6080 websockify (WS)
 
 Which of the two a VM uses is its record's desktop path (vm/desktop_path.py); `Upstream.websocket`
-carries it here, and api/upstream.py holds the two kinds of leg.
+carries it here. The connection is opened as the readiness probes open theirs
+(readiness.DesktopConnection, on vm/desktop_link.py's two kinds of leg).
 
 The route hands `serve` the WebSocket before it checks anything; its checks go in `resolve`.
 `serve` does, in this order:
@@ -99,7 +100,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -108,11 +108,11 @@ from typing import Any, Literal, Protocol
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from browservm import rfb
-from browservm.api.upstream import GOING_AWAY, INTERNAL_ERROR, NORMAL, Leg, TcpLeg, UpstreamEnded, WebSocketLeg
 from browservm.errors import ProbeFailed
 from browservm.hostnet.netns import NetworkNamespace
+from browservm.vm.desktop_link import GOING_AWAY, INTERNAL_ERROR, NORMAL, Leg, LegSettings, UpstreamEnded
 from browservm.vm.hops import RFB_AUTH, RFB_BANNER
-from browservm.vm.readiness import connect_socket
+from browservm.vm.readiness import DesktopConnection
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +156,10 @@ class Upstream:
 
     netns: NetworkNamespace
     address: IPv4Address
-    port: int = 6080
-    path: str = "/websockify"
+    port: int
+    path: str = "/websockify"  # the WebSocket's, when `websocket`
     vnc_password: str | None = field(default=None, repr=False)
-    websocket: bool = True
+    websocket: bool = field(kw_only=True)  # no default: every caller says which desktop path
     key: str = ""  # which prepared connection it may take (ViewerProxy.prepare): the VM's id
 
     @property
@@ -284,11 +284,10 @@ class ViewerProxy:
                  connect_timeout: float = 10.0, max_message: int = 16 * 2**20, queue_limit: int = 4,
                  close_timeout: float = 5.0) -> None:
         self._events: ProxyEvents = events if events is not None else NoEvents()
-        self._ping_interval = ping_interval
         self._connect_timeout = connect_timeout
-        self._max_message = max_message
-        self._queue_limit = queue_limit
         self._close_timeout = close_timeout
+        self._legs = LegSettings(keepalive=ping_interval, close_timeout=close_timeout, max_message=max_message,
+                                 queue_limit=queue_limit)
         self._viewers: set[_Viewer] = set()
         self._warm: dict[str, asyncio.Task[tuple[Leg, bytes]]] = {}
         self._shutting_down = False
@@ -424,40 +423,33 @@ class ViewerProxy:
     async def _open(self, upstream: Upstream) -> tuple[Leg, bytes]:
         """The leg to the VM, past its handshake, and what the VM sent that the viewer has not had yet.
         Closed again on any failure (or cancellation)."""
-        sock = await self._open_socket(upstream)
-        if upstream.websocket:
-            leg: Leg = await WebSocketLeg.open(
-                sock, upstream.url, timeout=self._connect_timeout, ping_interval=self._ping_interval,
-                close_timeout=self._close_timeout, max_message=self._max_message, queue_limit=self._queue_limit)
-        else:
-            try:
-                leg = await TcpLeg.open(sock, self._ping_interval, self._close_timeout)
-            except BaseException:
-                sock.close()
-                raise
+        timeout = self._connect_timeout
+        connection = await DesktopConnection.open(upstream.netns, upstream.address, upstream.port, timeout,
+                                                  websocket=upstream.websocket, ws_path=upstream.path,
+                                                  settings=self._legs)
         try:
-            return leg, await self._handshake(leg, upstream)
+            if upstream.websocket:
+                await connection.upgrade(timeout)
+            return connection.leg, await self._handshake(connection, upstream)
         except BaseException:
-            leg.abort()
+            connection.close()
             raise
 
-    async def _handshake(self, leg: Leg, upstream: Upstream) -> bytes:
+    async def _handshake(self, connection: DesktopConnection, upstream: Upstream) -> bytes:
         """rfb.banner within connect_timeout, then rfb.auth when there is a password."""
         timeout = self._connect_timeout
-        reader = rfb.MessageReader(leg.recv)
+        leg, reader = connection.leg, connection.reader
         through = " through the WebSocket" if upstream.websocket else ""
         try:
             async with asyncio.timeout(timeout):
-                version = await reader.read(len(rfb.VERSION))
+                await connection.banner()
         except TimeoutError:
             raise ProbeFailed(RFB_BANNER, f"nothing came{through} within {timeout:g} s: {leg.silence}") from None
-        except UpstreamEnded as ended:
-            raise ProbeFailed(RFB_BANNER, ended.early) from None
         if upstream.vnc_password is None:
-            return version + reader.rest()
+            return connection.version + reader.rest()
         try:
             async with asyncio.timeout(timeout):
-                await rfb.authenticate(reader, leg.send, version, upstream.vnc_password)
+                await rfb.authenticate(reader, leg.send, connection.version, upstream.vnc_password)
         except rfb.HandshakeFailed as exc:
             raise ProbeFailed(RFB_AUTH, str(exc)) from None
         except TimeoutError:
@@ -483,10 +475,6 @@ class ViewerProxy:
                                                f"{self._connect_timeout:g} s")) from None
         except WebSocketDisconnect as gone:
             raise _Ends(_Close(gone.code, "the viewer left", viewer_gone=True)) from None
-
-    async def _open_socket(self, upstream: Upstream) -> socket.socket:
-        """A TCP connection to the guest, made inside the VM network's namespace, as the probes make theirs."""
-        return await connect_socket(upstream.netns, upstream.address, upstream.port, self._connect_timeout)
 
     async def _relay(self, viewer: _Viewer, first: bytes, messages: rfb.ClientMessages | None) -> _Close:
         """Both directions at once until one ends; how the connection ends. `first`: what the VM

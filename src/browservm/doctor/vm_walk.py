@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
+from browservm import rfb
 from browservm.doctor.deadlines import Deadlines, bounded
 from browservm.doctor.host_boot import BootChecks
 from browservm.doctor.host_network import HostState
@@ -351,7 +352,7 @@ class VmWalk:
         result.checked.append(f"TCP connect to {self._address}:{port} ({self._path.listener}) from the VM namespace")
         try:
             self._connection = await DesktopConnection.open(self._s.netns, self._address, port, self._d.tcp,
-                                                            self._path.websocket)
+                                                            websocket=self._path.websocket)
         except ProbeFailed as exc:
             result.found(self._tcp_cause(exc.reason))
             return
@@ -385,8 +386,9 @@ class VmWalk:
 
     async def _banner(self, result: HopResult) -> None:
         assert self._connection is not None
-        result.checked.append("RFB 003.008 through the WebSocket" if self._path.websocket else
-                              f"RFB 003.008 from {self._path.listener}")
+        versions = " or ".join(f"{major}.{minor}" for major, minor in sorted(rfb.SERVER_VERSIONS))
+        result.checked.append(f"an RFB {versions} banner " + ("through the WebSocket" if self._path.websocket else
+                                                               f"from {self._path.listener}"))
         try:
             async with asyncio.timeout(self._d.rfb):
                 banner = await self._connection.banner()

@@ -66,7 +66,7 @@ HOPS: tuple[Hop, ...] = (
         "far it got (on the rfb path, an x11vnc without the VM's password listens on localhost only)"),
     Hop(WS_UPGRADE, "the WebSocket upgrade on :6080 is answered with 101 (websockify path only)",
         "something answers on :6080 but it is not websockify"),
-    Hop(RFB_BANNER, "the VNC server's RFB 003.008 banner comes (through the WebSocket on the websockify path)",
+    Hop(RFB_BANNER, "the VNC server's banner comes, RFB 3.8 or 3.7 (through the WebSocket on the websockify path)",
         "the port accepts but no VNC server speaks: on the websockify path, websockify cannot reach x11vnc on "
         "localhost:5901"),
     # Only the viewer's path passes it (the proxy authenticates for the viewer): readiness needs no password.

@@ -6,9 +6,10 @@ manager, the doctor and the tests.
                    parameters "... ip=..."` line is evidence that it ignored ip=
     net.arp        the VM answers ARP for its address on its bridge, with its own MAC
     desktop.ready  the guest's desktop supervisor reports the path's listener up (x11vnc, or websockify)
-    net.tcp        the path's port (:5901, or :6080) accepts a connection  \
-    ws.upgrade     (websockify path only) the upgrade is answered with 101  > DesktopConnection, the one
-    rfb.banner     the VNC server's banner comes through                   /  implementation of the three
+    net.tcp        the path's port (:5901, or :6080) accepts a connection
+    ws.upgrade     (websockify path only) the upgrade is answered with 101
+    rfb.banner     the VNC server's banner comes through, announcing one of rfb.SERVER_VERSIONS
+                   (these three: DesktopConnection, for readiness, the doctor and the proxy alike)
     desktop.complete  the desktop supervisor reports every part up: the browser on screen
 
 Which path a VM's desktop is reached by is vm/desktop_path.py's.
@@ -30,10 +31,12 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Protocol
 
+from browservm import rfb
 from browservm.errors import HostNetworkError, ProbeFailed
 from browservm.guest.markers import WHOLE_DESKTOP, parse_marker, parse_ready
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.vm.console import ConsoleLog
+from browservm.vm.desktop_link import Leg, LegSettings, TcpLeg, UpstreamEnded, WebSocketLeg
 from browservm.vm.hops import (
     DESKTOP_COMPLETE,
     DESKTOP_READY,
@@ -47,7 +50,6 @@ from browservm.vm.hops import (
 )
 from browservm.vm.screen import hang_up, wait_browser_on_screen
 from browservm.vm.stall import reached_userspace
-from browservm.vm.wsprobe import raw_rfb_banner, rfb_banner, websocket_upgrade
 from browservm.vmm.process import VmmProcess, cpu_seconds
 
 _ETH_P_ARP = 0x0806
@@ -178,7 +180,7 @@ async def _wait_desktop_marker(console: ConsoleLog, hop: str, service: str, time
         raise ProbeFailed(hop, f"{marker.service} {marker.state}: {marker.why}")
 
 
-async def wait_desktop_ready(console: ConsoleLog, timeout: float, listener: str = "websockify") -> None:
+async def wait_desktop_ready(console: ConsoleLog, timeout: float, listener: str) -> None:
     """desktop.ready: the desktop supervisor reports `listener` (x11vnc or websockify) listening."""
     await _wait_desktop_marker(console, DESKTOP_READY, listener, timeout)
 
@@ -256,45 +258,91 @@ async def open_tcp(netns: NetworkNamespace, address: IPv4Address, port: int,
     return await asyncio.open_connection(sock=await connect_socket(netns, address, port, timeout))
 
 
-class DesktopConnection:
-    """The last hops on one connection: TCP, the WebSocket upgrade (`websocket`: websockify's
-    path), the RFB banner.
+# A probe's leg reads the 12-byte banner and hangs up: no keepalive, small messages.
+PROBE = LegSettings(keepalive=None, close_timeout=5.0, max_message=64 * 1024, queue_limit=1)
 
-    The one implementation of them: the manager runs the steps one by one (each its own hop with
-    its own deadline), `desktop_banner` runs them in a row for everyone else.
+
+class DesktopConnection:
+    """The last hops on one connection to a VM's desktop: TCP (`open`), the WebSocket upgrade
+    (`upgrade`, websockify's path only), the RFB banner (`banner`), on vm/desktop_link.py's legs.
+
+    The one implementation of them: the manager and the doctor run the steps one by one (each its
+    own hop with its own deadline), the proxy runs them and then authenticates on `reader`, and
+    `desktop_banner` runs them in a row for everyone else.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str,
-                 websocket: bool = True) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._host = host
+    def __init__(self, sock: socket.socket, url: str, *, websocket: bool, settings: LegSettings) -> None:
+        self._sock = sock
+        self._url = url
+        self._settings = settings
         self.websocket = websocket
+        self._leg: Leg | None = None
+        self._reader: rfb.MessageReader | None = None
+        self.version = b""  # the banner's line, once `banner` read it
 
     @classmethod
-    async def open(cls, netns: NetworkNamespace, address: IPv4Address, port: int,
-                   timeout: float, websocket: bool = True) -> DesktopConnection:
-        reader, writer = await open_tcp(netns, address, port, timeout)
-        return cls(reader, writer, f"{address}:{port}", websocket)
+    async def open(cls, netns: NetworkNamespace, address: IPv4Address, port: int, timeout: float, *,
+                   websocket: bool, ws_path: str = "/websockify", settings: LegSettings = PROBE) -> DesktopConnection:
+        """net.tcp: connected from inside `netns` within `timeout`; RFB inside a WebSocket to `ws_path`
+        (websockify) after `upgrade` when `websocket`, else RFB straight on TCP (x11vnc)."""
+        sock = await connect_socket(netns, address, port, timeout)
+        connection = cls(sock, f"ws://{address}:{port}{ws_path}", websocket=websocket, settings=settings)
+        if not websocket:
+            try:
+                connection._started(await TcpLeg.open(sock, settings))
+            except BaseException:
+                sock.close()
+                raise
+        return connection
 
-    async def upgrade(self) -> None:
-        await websocket_upgrade(self._reader, self._writer, self._host)
+    def _started(self, leg: Leg) -> None:
+        self._leg = leg
+        self._reader = rfb.MessageReader(leg.recv)
+
+    @property
+    def leg(self) -> Leg:
+        """The connection, past TCP (and the upgrade on websockify's path)."""
+        if self._leg is None:
+            raise RuntimeError("the desktop connection is not upgraded yet")
+        return self._leg
+
+    @property
+    def reader(self) -> rfb.MessageReader:
+        """Exact reads from the VM's side; after `banner`, what follows it."""
+        if self._reader is None:
+            raise RuntimeError("the desktop connection is not upgraded yet")
+        return self._reader
+
+    async def upgrade(self, timeout: float | None = None) -> None:
+        """ws.upgrade: ProbeFailed unless answered with 101, within `timeout` when given (else the
+        caller's deadline bounds it)."""
+        if not self.websocket or self._leg is not None:
+            raise RuntimeError("only a websockify connection is upgraded, and once")
+        self._started(await WebSocketLeg.open(self._sock, self._url, self._settings, timeout))
 
     async def banner(self) -> str:
-        banner = await (rfb_banner(self._reader) if self.websocket else raw_rfb_banner(self._reader))
-        if banner != "RFB 003.008":
-            raise ProbeFailed(RFB_BANNER, f"unexpected protocol version {banner!r}")
-        return banner
+        """rfb.banner: the VNC server's version line, which must announce one of rfb.SERVER_VERSIONS."""
+        try:
+            self.version = await self.reader.read(len(rfb.VERSION))
+            rfb.server_version(self.version)
+        except UpstreamEnded as ended:
+            raise ProbeFailed(RFB_BANNER, ended.early) from None
+        except rfb.HandshakeFailed as exc:
+            raise ProbeFailed(RFB_BANNER, str(exc)) from None
+        return self.version.decode().strip()
 
     def close(self) -> None:
-        self._writer.close()
+        if self._leg is not None:
+            self._leg.abort()
+        else:
+            self._sock.close()
 
 
-async def desktop_banner(netns: NetworkNamespace, address: IPv4Address, port: int, timeout: float,
-                         websocket: bool = True) -> str:
+async def desktop_banner(netns: NetworkNamespace, address: IPv4Address, port: int, timeout: float, *,
+                         websocket: bool) -> str:
     """net.tcp -> ws.upgrade (`websocket` only) -> rfb.banner, each with `timeout` and each failure
     naming its hop."""
-    connection = await DesktopConnection.open(netns, address, port, timeout, websocket)
+    connection = await DesktopConnection.open(netns, address, port, timeout, websocket=websocket)
     steps = ((WS_UPGRADE, connection.upgrade),) if websocket else ()
     try:
         for hop, step in (*steps, (RFB_BANNER, connection.banner)):
@@ -360,7 +408,7 @@ class GuestProbes:
 
     async def connect(self, netns: NetworkNamespace, address: IPv4Address, port: int,
                       timeout: float, websocket: bool) -> Connection:
-        return await DesktopConnection.open(netns, address, port, timeout, websocket)
+        return await DesktopConnection.open(netns, address, port, timeout, websocket=websocket)
 
     async def browser_on_screen(self, netns: NetworkNamespace, address: IPv4Address, port: int, password: str,
                                 timeout: float) -> None:

@@ -154,7 +154,8 @@ async def wait_browser_on_screen(reader: asyncio.StreamReader, writer: asyncio.S
                                  timeout: float) -> Screen:
     """Over a new connection to the VM's x11vnc: authenticate with its password and watch until
     the browser is on screen. TimeoutError (saying what the frames showed) after `timeout`;
-    ScreenError or rfb.HandshakeFailed when the server misbehaves."""
+    ScreenError or rfb.HandshakeFailed when the server misbehaves, or announces a version outside
+    rfb.SERVER_VERSIONS (the readiness banner check's and the proxy's too)."""
     seen = Seen()
 
     async def receive() -> bytes:

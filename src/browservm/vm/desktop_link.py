@@ -1,13 +1,17 @@
-"""The proxy's leg to a VM's desktop, one of two kinds (vm/desktop_path.py says which a VM uses):
+"""A connection to a VM's desktop once TCP is up (readiness.connect_socket made it inside the VM
+network's namespace), one of two kinds of leg (vm/desktop_path.py says which a VM uses):
 
     TcpLeg        RFB straight on TCP to x11vnc (the rfb path): bytes as they come, in reads of at
                   most CHUNK bytes from a stream buffer that stops reading the socket past 2 CHUNKs,
                   so nothing the guest sends makes the controller buffer much more
-    WebSocketLeg  RFB inside a WebSocket to the guest's websockify (the websockify path): messages
-                  bounded by `max_message`, no redirects followed, pings as keepalive
+    WebSocketLeg  RFB inside a WebSocket to the guest's websockify (the websockify path): the
+                  `websockets` client with compression off, no proxy, no redirects followed, the
+                  response's headers bounded by the library and messages by `max_message`
 
-Both present the proxy the same four calls; how the VM's side ended comes back as `UpstreamEnded`,
-with the close code and reason the viewer gets, so the relay does not care which kind it has.
+Both present the same four calls; how the VM's side ended comes back as `UpstreamEnded`, with the
+close code and reason a viewer gets, so neither the proxy's relay nor readiness's banner check
+cares which kind it has. readiness.DesktopConnection opens them, for the readiness hops, the
+doctor and the proxy alike.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+from dataclasses import dataclass
 from typing import Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -30,6 +35,24 @@ GOING_AWAY = 1001
 INTERNAL_ERROR = 1011
 CHUNK = 64 * 1024  # bytes per read from the guest: what one message to the viewer holds at most
 WRITE_LIMIT = 64 * 1024  # bytes unsent towards the guest before a send waits
+
+
+@dataclass(frozen=True)
+class LegSettings:
+    """How a leg behaves once open.
+
+    keepalive      seconds; a VM that stops answering is dropped after about twice that (WebSocket
+                   pings on the websockify path, TCP keepalive on the rfb path); None: not watched
+    close_timeout  seconds a close may take before the connection is dropped
+    max_message    bytes in one WebSocket message from the guest (a larger one fails the leg)
+    queue_limit    WebSocket messages from the guest that may wait to be read before the leg stops
+                   reading the socket
+    """
+
+    keepalive: float | None
+    close_timeout: float
+    max_message: int
+    queue_limit: int
 
 
 class UpstreamEnded(Exception):
@@ -91,20 +114,21 @@ class TcpLeg:
             return True
 
     @classmethod
-    async def open(cls, sock: socket.socket, keepalive: float, close_timeout: float) -> TcpLeg:
-        """Streams over the connected `sock`. A VM that stops answering (frozen, or its network
-        gone) is dropped after about twice `keepalive` seconds: TCP keepalive while the line is idle,
-        TCP_USER_TIMEOUT while data waits for an acknowledgement."""
-        seconds = max(1, round(keepalive))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, seconds)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 2000 * seconds)
+    async def open(cls, sock: socket.socket, settings: LegSettings) -> TcpLeg:
+        """Streams over the connected `sock`. With `settings.keepalive`, a VM that stops answering
+        (frozen, or its network gone) is dropped after about twice that many seconds: TCP keepalive
+        while the line is idle, TCP_USER_TIMEOUT while data waits for an acknowledgement."""
+        if settings.keepalive is not None:
+            seconds = max(1, round(settings.keepalive))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, seconds)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 2000 * seconds)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # RFB is small messages both ways
         reader, writer = await asyncio.open_connection(sock=sock, limit=CHUNK)
         writer.transport.set_write_buffer_limits(high=WRITE_LIMIT)
-        return cls(sock, reader, writer, close_timeout)
+        return cls(sock, reader, writer, settings.close_timeout)
 
     async def recv(self) -> bytes:
         try:
@@ -163,28 +187,29 @@ class WebSocketLeg:
         return self._connection.state is not State.OPEN
 
     @classmethod
-    async def open(cls, sock: socket.socket, url: str, *, timeout: float, ping_interval: float, close_timeout: float,
-                   max_message: int, queue_limit: int) -> WebSocketLeg:
-        """The WebSocket upgrade (ws.upgrade) over the connected `sock`: ProbeFailed if it is refused."""
+    async def open(cls, sock: socket.socket, url: str, settings: LegSettings, timeout: float | None) -> WebSocketLeg:
+        """The WebSocket upgrade (ws.upgrade) over the connected `sock`: ProbeFailed if it is refused
+        or not answered within `timeout` (None: the caller's deadline bounds it)."""
         connection = None
         try:
             connection = await _NoRedirects(
                 url, sock=sock, proxy=None, compression=None, subprotocols=[Subprotocol("binary")],
-                open_timeout=timeout, ping_interval=ping_interval, ping_timeout=ping_interval,
-                close_timeout=close_timeout, max_size=max_message, max_queue=queue_limit, write_limit=WRITE_LIMIT)
+                open_timeout=timeout, ping_interval=settings.keepalive, ping_timeout=settings.keepalive,
+                close_timeout=settings.close_timeout, max_size=settings.max_message,
+                max_queue=settings.queue_limit, write_limit=WRITE_LIMIT)
         except InvalidStatus as exc:
             response = exc.response
             raise ProbeFailed(WS_UPGRADE, f"expected 101 Switching Protocols, got {response.status_code} "
                                           f"{response.reason_phrase}") from None
-        except TimeoutError:
-            raise ProbeFailed(WS_UPGRADE, f"no answer to the upgrade within {timeout:g} s") from None
-        except (InvalidHandshake, OSError) as exc:
+        except (InvalidHandshake, OSError) as exc:  # TimeoutError among them: open_timeout's, or ETIMEDOUT
+            if isinstance(exc, TimeoutError) and timeout is not None:
+                raise ProbeFailed(WS_UPGRADE, f"no answer to the upgrade within {timeout:g} s") from None
             cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
             raise ProbeFailed(WS_UPGRADE, f"{exc}{cause}") from None
         finally:
             if connection is None:
                 sock.close()  # the client aborts its transport on failure; this covers failing before one
-        return cls(connection, max_message)
+        return cls(connection, settings.max_message)
 
     async def recv(self) -> bytes:
         try:
@@ -211,8 +236,8 @@ class WebSocketLeg:
             reason = f": {closed.rcvd.reason}" if closed.rcvd is not None and closed.rcvd.reason else ""
             return UpstreamEnded(NORMAL, f"the VM's desktop closed the connection{reason}", early)
         if closed.sent is not None and closed.sent.code == 1009:
-            return UpstreamEnded(INTERNAL_ERROR, f"the VM sent a message larger than {self._max_message} bytes",
-                                 early)
+            too_big = f"the VM sent a message larger than {self._max_message} bytes"
+            return UpstreamEnded(INTERNAL_ERROR, too_big, too_big)
         if closed.rcvd is not None:
             return UpstreamEnded(INTERNAL_ERROR, f"the VM's websockify closed the connection with {said}", early)
         if closed.sent is not None:
