@@ -9,6 +9,7 @@ pytest's tmp_path: under root PostgreSQL runs as `postgres`, which cannot enter 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from browservm.cli import main
 from browservm.cluster.errors import FencedOut, HostRefused, NoCapacity, PostgresError, RecordConflict
 from browservm.cluster.postgres import Postgres, running
 from browservm.cluster.record import Record, Vm
@@ -371,3 +373,20 @@ def test_route_changes_reach_a_fronts_cache_through_notify(record: Record, conni
             cache.close()
 
 
+
+
+def test_cluster_db_up_and_down_from_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    base = Path(tempfile.mkdtemp(prefix="browservm-cluster-cli-"))
+    directory = base / "db"
+    try:
+        os.chmod(base, 0o711)
+        assert main(["cluster", "db-up", str(directory), "--json"]) == 0
+        facts = json.loads(capsys.readouterr().out)
+        with psycopg.connect(facts["conninfo"]) as connection:  # the tables are there
+            assert connection.execute("SELECT count(*) FROM hosts").fetchone() == (0,)
+        assert main(["cluster", "db-up", str(directory)]) == 1  # already running: refused, with the fix
+        assert "pg_ctl stop" in capsys.readouterr().err
+    finally:
+        assert main(["cluster", "db-down", str(directory)]) == 0
+        shutil.rmtree(base)
+    assert "stopped" in capsys.readouterr().out

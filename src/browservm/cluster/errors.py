@@ -15,6 +15,15 @@ class PostgresError(BrowserVMError):
         super().__init__(f"PostgreSQL in {directory}: {step}: {reason}")
 
 
+class RecordUnavailable(BrowserVMError):
+    """The cluster's database could not be reached: `conninfo`, `reason`."""
+
+    def __init__(self, conninfo: str, reason: str) -> None:
+        self.conninfo = conninfo
+        self.reason = reason
+        super().__init__(f"the cluster's database ({conninfo}) cannot be reached: {reason}")
+
+
 class FencedOut(BrowserVMError):
     """An agent wrote with an epoch that is no longer its host's: a newer agent (or the host's loss) replaced it."""
 

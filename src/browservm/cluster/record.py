@@ -26,7 +26,7 @@ from typing import Any, LiteralString
 
 import psycopg
 
-from browservm.cluster.errors import FencedOut, HostRefused, NoCapacity, RecordConflict
+from browservm.cluster.errors import FencedOut, HostRefused, NoCapacity, RecordConflict, RecordUnavailable
 from browservm.cluster.placement import DEFAULT_K, HostLoad, choose
 from browservm.cluster.schema import ROUTES, migrate
 from browservm.errors import InvalidInput, VmNotFound
@@ -93,7 +93,10 @@ class Record:
 
     def __init__(self, conninfo: str, *, clock: Clock | None = None, rng: random.Random | None = None,
                  k: int = DEFAULT_K, tries: int = DEFAULT_TRIES) -> None:
-        self._connection = psycopg.connect(conninfo, autocommit=True)
+        try:
+            self._connection = psycopg.connect(conninfo, autocommit=True)
+        except psycopg.OperationalError as error:
+            raise RecordUnavailable(conninfo, str(error).strip()) from error
         self._lock = threading.Lock()
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311  # spreads load; nothing secret rests on it
