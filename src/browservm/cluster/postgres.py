@@ -186,7 +186,7 @@ class Postgres:
         self._must("start", "pg_ctl", "start", "--pgdata", str(self.data), "--log", str(self.log), "--wait",
                    "--timeout", "60")
         try:
-            with psycopg.connect(self.conninfo.replace(f"dbname={DATABASE}", "dbname=postgres"),
+            with psycopg.connect(psycopg.conninfo.make_conninfo(self.conninfo, dbname="postgres"),
                                  autocommit=True) as connection:
                 if connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone() is None:
                     connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))

@@ -17,6 +17,7 @@ is lost is judged by one clock, not by each front's.
 from __future__ import annotations
 
 import random
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ from browservm.cluster.errors import FencedOut, HostRefused, NoCapacity, RecordC
 from browservm.cluster.placement import DEFAULT_K, HostLoad, choose
 from browservm.cluster.schema import ROUTES, migrate
 from browservm.errors import InvalidInput, VmNotFound
-from browservm.ids import _VM_ID, new_vm_id, validate_vm_id
+from browservm.ids import new_vm_id, validate_vm_id
 
 DEFAULT_TRIES = 3
 HOST_STATES = ("ready", "suspect", "lost", "draining")
@@ -39,6 +40,8 @@ _VM_COLUMNS: LiteralString = ("vm_id, host, generation, state, state_reason, own
                               "viewer_epoch")
 _HOST_COLUMNS: LiteralString = ("name, capacity, allocated, pending, state, state_reason, heartbeat_at, agent_epoch, "
                                 "viewer_address")
+
+_HOST_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # a DNS label, as Ray's node label and a VM id
 
 Clock = Callable[[], datetime]
 
@@ -83,7 +86,7 @@ class _HostFull(Exception):
 
 
 def _validate_host(name: str) -> str:
-    if _VM_ID.fullmatch(name) is None:  # the same rule as a VM id: a DNS label
+    if _HOST_NAME.fullmatch(name) is None:
         raise InvalidInput("host", name, "must be a DNS label: lowercase letters, digits, inner hyphens, 1-63")
     return name
 

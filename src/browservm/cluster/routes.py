@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import psycopg
 
+from browservm.cluster.errors import RecordUnavailable
 from browservm.cluster.record import Route
 from browservm.cluster.schema import ROUTES
 
@@ -44,7 +45,8 @@ class RouteCache:
         with self._changed:
             if not self._changed.wait_for(lambda: self._listening, timeout):
                 self.close()
-                raise TimeoutError(f"the route cache could not LISTEN on {ROUTES} within {timeout}s")
+                raise RecordUnavailable(self._conninfo,
+                                        f"the route cache could not LISTEN on {ROUTES} within {timeout}s")
 
     def close(self) -> None:
         self._stop.set()

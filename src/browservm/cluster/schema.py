@@ -28,7 +28,7 @@ MIGRATIONS: tuple[LiteralString, ...] = (
     # 1: hosts and VMs
     """
     CREATE TABLE hosts (
-        name            text PRIMARY KEY CHECK (name ~ '^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$'),
+        name            text PRIMARY KEY CHECK (name ~ '^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$'),
         capacity        integer NOT NULL CHECK (capacity >= 0),
         allocated       integer NOT NULL DEFAULT 0 CHECK (allocated >= 0),
         pending         integer NOT NULL DEFAULT 0 CHECK (pending >= 0),
