@@ -6,5 +6,5 @@ placement.py  best of K sampled hosts, as a pure function of their loads
 record.py     the operations of fronts and host agents, one transaction each, agents fenced by epoch
 routes.py     a front's route cache, invalidated by LISTEN/NOTIFY
 
-Not yet: the Ray agents, the fronts, the viewer relay, the CLI.
+Not yet: the Ray agents, the fronts, the viewer relay, the CLI beyond `cluster db-up|db-down DIR`.
 """
