@@ -6,10 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from browservm.cluster.postgres import Postgres
-from browservm.cluster.record import Record
-from browservm.cluster.schema import MIGRATIONS
-
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cluster = commands.add_parser("cluster", help="a cluster's record in PostgreSQL (issue 20: in progress)")
@@ -22,6 +18,11 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: every other command would otherwise pay psycopg's import (~0.1 s) at start.
+    from browservm.cluster.postgres import Postgres  # noqa: PLC0415
+    from browservm.cluster.record import Record  # noqa: PLC0415
+    from browservm.cluster.schema import MIGRATIONS  # noqa: PLC0415
+
     server = Postgres(args.directory)
     if args.action == "db-up":
         server.start()
