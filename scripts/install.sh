@@ -57,6 +57,8 @@ packages=(
   novnc
   # the end-to-end tests open the viewer and the operator page in a real browser (Playwright)
   chromium
+  # a cluster's record (browservm.cluster): browservm runs its own PostgreSQL in its state directory
+  postgresql-15
 )
 
 # --- Debian packages: only the missing ones -------------------------------------------------
@@ -68,6 +70,13 @@ for package in "${packages[@]}"; do
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
+  # Debian's postgresql-15 makes and starts a system-wide cluster ("main", port 5432) on install;
+  # browservm starts its own, owned by it, so that one would only be a stray server and open port.
+  if [[ " ${missing[*]} " == *" postgresql-15 "* ]]; then
+    mkdir -p /etc/postgresql-common/createcluster.d
+    echo "create_main_cluster = false  # browservm runs its own cluster" \
+      > /etc/postgresql-common/createcluster.d/browservm.conf
+  fi
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi

@@ -11,6 +11,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 from browservm import __version__
+from browservm.cli import cluster as cluster_cli
 from browservm.cli import doctor as doctor_cli
 from browservm.cli import image as image_cli
 from browservm.cli import kernel as kernel_cli
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cli.add_parser(commands, common)
     login_cli.add_parser(commands, common)
     doctor_cli.add_parser(commands, common)
+    cluster_cli.add_parser(commands)
     return parser
 
 
@@ -157,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands: dict[str, Callable[[argparse.Namespace], int]] = {
             "host": _host, "kernel": kernel_cli.run, "image": lambda a: image_cli.run(a, _settings(a)),
             "vm": lambda a: vm_cli.run(a, _settings(a)), "serve": lambda a: serve_cli.run(_settings(a)),
-            "doctor": lambda a: doctor_cli.run(a, _settings(a)), "login": lambda a: login_cli.run(a, _settings(a))}
+            "doctor": lambda a: doctor_cli.run(a, _settings(a)), "login": lambda a: login_cli.run(a, _settings(a)),
+            "cluster": cluster_cli.run}
         return commands[args.command](args)
     except BrowserVMError as exc:
         _report_error(exc, getattr(args, "json", False))
