@@ -175,3 +175,23 @@ def test_a_restored_vm_is_not_watched_for_a_kernel_that_stalls(parts: Parts, tmp
     record = asyncio.run(scenario())
     assert (record.state, record.started_from) == (VmState.READY, "restored")
     assert parts.leftovers() == NOTHING
+
+
+def test_a_create_deleted_while_the_images_are_built_still_leaves_a_snapshot_made(parts: Parts) -> None:
+    """With snapshots on, the first create starts the snapshot; deleted before its kernel and image were
+    there (as the session bench does), it must not take the snapshot with it."""
+    parts.build_done = built = threading.Event()
+
+    async def scenario() -> None:
+        manager = parts.manager(restore_by_default=True)
+        record, _ = await manager.start("ann")
+        assert await manager.destroy(record.vm_id)
+        built.set()
+        deadline = time.monotonic() + DEADLINE
+        while await manager.snapshot_of() is None:
+            assert time.monotonic() < deadline, "no snapshot was made"
+            await asyncio.sleep(0.05)
+        await manager.close()
+
+    asyncio.run(scenario())
+    assert parts.leftovers()["vmms"] == [] and parts.driver.saved

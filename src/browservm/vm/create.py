@@ -115,6 +115,10 @@ class Creator:
         if restore and self._images.known:  # decided now, so that the answer says how it starts
             await self._snapshotting.use_snapshot(record)
             restore = False
+        elif restore:
+            # Decided once the kernel and image are known; the snapshot is started now all the same, or a
+            # create deleted before its images were resolved would leave the host without one.
+            self._snapshotting.make_in_background(vcpus, mem_mib)
         # The pool holds as many VMs as its settings say, whatever the limit of one person.
         limits = parts.limits
         per_user = limits.max_vms if record.in_pool else limits.max_vms_per_user

@@ -121,8 +121,14 @@ class Snapshotting:
         snapshot = await self.snapshot_of(record.vcpus, record.mem_mib)
         if snapshot is not None:
             record.started_from, record.snapshot = "restored", snapshot.key
-        elif not self._lock.locked():
-            self._parts.own(self._snapshot_quietly(record.vcpus, record.mem_mib))
+        else:
+            self.make_in_background(record.vcpus, record.mem_mib)
+
+    def make_in_background(self, vcpus: int, mem_mib: int) -> None:
+        """Start making the snapshot for VMs of this size, unless one is being made; a task of the
+        manager's own, so it goes on whatever becomes of the create that asked for it."""
+        if not self._lock.locked():
+            self._parts.own(self._snapshot_quietly(vcpus, mem_mib))
 
     def restore(self, record: VmRecord, images: Images, snapshot: Snapshot) -> None:
         """vmm.spawn for a VM from a snapshot: the VMM resumes offline, and the guest takes this VM's
