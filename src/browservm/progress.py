@@ -67,12 +67,9 @@ class BuildStep:
         return f"building {self.what}, step {self.step} of {self.total}: {self.name}"
 
     def describe(self) -> str:
-        """The step with its detail and the build's log (for the operator and the CLI)."""
+        """The step with its detail (for the operator and the CLI; the build's log is `log`)."""
         text = self.headline()
-        if self.name == "done":
-            return text
-        text += f" ({self.detail})" if self.detail else ""
-        return text + (f"; its log: {self.log}" if self.log and self.log not in self.detail else "")
+        return text + (f" ({self.detail})" if self.detail and self.name != "done" else "")
 
 
 class Progress:

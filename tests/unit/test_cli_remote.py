@@ -355,7 +355,7 @@ def test_the_first_create_on_a_new_host_talks_within_2_s_and_prints_each_build_s
     once that the VM is being made, then each step, with the build's log, and the viewer page says it."""
     served.parts.build_steps = [
         BuildStep("the guest kernel", 1, 7, "tinyconfig", log="/root/.cache/browservm/kernels/k.log"),
-        BuildStep("the guest kernel", 5, 7, "vmlinux", "make -j2 vmlinux (log /root/.cache/browservm/kernels/k.log)")]
+        BuildStep("the guest kernel", 5, 7, "vmlinux", "make -j2 vmlinux", log="/root/.cache/browservm/kernels/k.log")]
     served.parts.build_done = threading.Event()
     started = time.monotonic()
     proc = _browservm("vm", "create", url=served.url, state_dir=tmp_path / "nothing-here")
@@ -363,15 +363,15 @@ def test_the_first_create_on_a_new_host_talks_within_2_s_and_prints_each_build_s
         first = _read_until(proc, "\n")
         assert time.monotonic() - started < 2.0, first  # the interpreter's start included
         assert "is being created by" in first and "Ctrl-C deletes it" in first
-        # The step under way when it subscribed (both came at once), with the build's log.
-        told = _read_until(proc, "step 5 of 7: vmlinux")
-        assert "] build    building the guest kernel, step 5 of 7: vmlinux" in told and "k.log" in told
+        # The step under way when it subscribed (both came at once), then the build's log, once.
+        told = _read_until(proc, "] log      /root/.cache/browservm/kernels/k.log\n")
+        assert "] build    building the guest kernel, step 5 of 7: vmlinux" in told
         [record] = served.records().all()
         viewer = httpx.post(f"{served.url}/v1/vms/{record.vm_id}/viewer", headers={"Authorization": f"Bearer {KEY}"},
                             trust_env=False).json()
         page = httpx.get(viewer["url"].replace(f"/view/{record.vm_id}?", f"/view/{record.vm_id}/state?"),
                          trust_env=False).json()
-        assert page["building"] == "building the guest kernel, step 5 of 7: vmlinux"  # not the host's paths
+        assert page["building"] == "building the guest kernel, step 5 of 7: vmlinux"  # not the host's commands
         served.parts.build_done.set()
         out, err = proc.communicate(timeout=DEADLINE)
     finally:

@@ -29,6 +29,7 @@ class VmEvent:
     hop: str | None = None  # the failing hop, for "failed"
     reason: str | None = None
     detail: str | None = None  # for NOTES: the build step in words, or why the create is retried
+    log: str | None = None  # for a build step: the build's log file on the controller's host
 
     def sse(self) -> str:
         kind = self.event if self.event in (*TERMINAL, *NOTES) else "stage"

@@ -321,10 +321,10 @@ class ControllerService:
                     yield VmEvent(vm_id, "destroyed", "deleted")
                     return
                 # The build under way (each step wakes the stream), a retry under TCG.
-                building = self.building(record)
-                if building is not None and building != told_building:
+                building, step = self.building(record), self.manager.building
+                if building is not None and step is not None and building != told_building:
                     told_building = building
-                    yield VmEvent(vm_id, "build", record.state.value, detail=building)
+                    yield VmEvent(vm_id, "build", record.state.value, detail=building, log=step.log or None)
                 if record.retried_after and "retry" not in sent:
                     sent.add("retry")
                     yield VmEvent(vm_id, "retry", record.state.value,

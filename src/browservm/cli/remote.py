@@ -80,6 +80,9 @@ def follow(client: ControllerClient, vm_id: str, on_stage: Callable[[str, float]
         elif kind in NOTES and (kind, data.get("detail")) not in seen_notes:
             seen_notes.add((kind, data.get("detail")))
             on_note(kind, str(data.get("detail") or ""))
+            if data.get("log") and ("log", data["log"]) not in seen_notes:  # once per build: where it writes
+                seen_notes.add(("log", data["log"]))
+                on_note("log", str(data["log"]))
         elif kind == "destroyed":
             raise WrongState(vm_id, "deleted", "it was deleted (vm rm) while it was being created")
         return kind in TERMINAL
