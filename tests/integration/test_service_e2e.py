@@ -22,14 +22,14 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
 from browservm.images.rootfs import RootfsImage
+from tests.support.browsers import chromium
 
 from .conftest import Controllers
 
 pytestmark = [pytest.mark.host, pytest.mark.vm]
-CHROMIUM = Path("/usr/bin/chromium")
 _BOOT_S = 300.0
 
 # Reads the noVNC canvas and counts its distinct colours: an empty canvas has one (or none).
@@ -97,17 +97,8 @@ class Serve:
 
 @pytest.fixture
 def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.skip("needs Debian's chromium (scripts/install.sh installs it)")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"])
-        try:
-            yield launched
-        finally:
-            launched.close()
+    with chromium() as launched:
+        yield launched
 
 
 def status_of(page: Page) -> dict[str, str]:

@@ -45,6 +45,7 @@ from browservm.vm import hops
 from browservm.vm.desktop_path import RFB, desktop_path
 from browservm.vm.parts import Limits
 from browservm.vm.records import VmRecords
+from tests.support.browsers import ReadyServer
 
 from .fakes import NOTHING, FakeProbes, Parts, make_parts, stop_all
 
@@ -53,18 +54,6 @@ NAMES = desktop_path(RFB).names  # every hop of a create, on the default desktop
 DEADLINE = 30.0  # for any one condition; a passing run meets each in well under a second
 KEY = "test-api-key-0123456789"
 T = TypeVar("T")
-
-
-class _Server(uvicorn.Server):
-    """uvicorn that says when it has started, for a thread to wait on."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = threading.Event()
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        self.ready.set()
 
 
 @dataclass
@@ -101,7 +90,7 @@ def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
     service = ControllerService(Controller(settings, parts.store, cast(HostNetwork, parts.network), manager),
                                 api_key=KEY, tokens=ViewerTokens(os.urandom(32)))
     (tmp_path / "api.key").write_text(KEY + "\n")
-    server = _Server(uvicorn.Config(build_app(service), lifespan="off", log_level="warning",
+    server = ReadyServer(uvicorn.Config(build_app(service), lifespan="off", log_level="warning",
                                     timeout_graceful_shutdown=2))
     loops: list[asyncio.AbstractEventLoop] = []
 

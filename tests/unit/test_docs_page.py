@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import uvicorn
-from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Request, expect
 
 from browservm.api.app import build_app
 from browservm.api.service import ControllerService
@@ -32,26 +32,14 @@ from browservm.config import load_settings
 from browservm.controller import Controller
 from browservm.hostnet.host import HostNetwork
 from browservm.vm.parts import Limits
+from tests.support.browsers import ReadyServer, chromium
 
 from .fakes import NOTHING, FakeProbes, make_parts, stop_all
 from .test_api import PUBLIC
 
-CHROMIUM = Path("/usr/bin/chromium")
 DEADLINE = 30.0  # for any one condition; a passing run meets each in a few seconds at most
 KEY = "docs-page-key-0123456789"
 SCHEME = "operatorKey"
-
-
-class _Server(uvicorn.Server):
-    """uvicorn that says when it has started, for a thread to wait on."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = threading.Event()
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        self.ready.set()
 
 
 @dataclass
@@ -69,7 +57,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
     settings = load_settings(state_dir=tmp_path, listen=f"127.0.0.1:{port}", stop_vms_on_exit=True)
     service = ControllerService(Controller(settings, parts.store, cast(HostNetwork, parts.network), manager),
                                 api_key=KEY, tokens=ViewerTokens(os.urandom(32)))
-    server = _Server(uvicorn.Config(build_app(service), lifespan="off", log_level="warning",
+    server = ReadyServer(uvicorn.Config(build_app(service), lifespan="off", log_level="warning",
                                     timeout_graceful_shutdown=2))
     loops: list[asyncio.AbstractEventLoop] = []
 
@@ -97,17 +85,8 @@ def served(tmp_path: Path) -> Iterator[Served]:
 
 @pytest.fixture
 def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.skip("needs Debian's chromium (scripts/install.sh installs it)")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"])
-        try:
-            yield launched
-        finally:
-            launched.close()
+    with chromium() as launched:
+        yield launched
 
 
 def test_every_route_that_takes_the_key_declares_the_bearer_scheme_so_authorize_applies_to_it(
