@@ -87,6 +87,7 @@ class SleepDriver:
         self.demoted: list[str] = []
         self.console_at_start = "[    0.9] Run /usr/lib/browservm/overlay-init as init process\n"
         self.stop_guest: asyncio.Event | None = None
+        self.watch_fails = False
 
     def accel(self, kernel: Path) -> Accel:
         time.sleep(self.block)  # as the KVM probe boot would
@@ -105,6 +106,8 @@ class SleepDriver:
     async def wait_guest_stopped(self, spec: VmSpec) -> str:
         """Returns once the test sets `stop_guest`, an event it made on its loop (as QEMU's STOP event would
         come); never without one."""
+        if self.watch_fails:
+            raise VmmError(spec.vm_id, "watch the guest", "QEMU made no control socket within 10 s")
         if self.stop_guest is None:
             await asyncio.Future()
         assert self.stop_guest is not None

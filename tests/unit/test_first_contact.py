@@ -140,6 +140,16 @@ def test_a_console_silent_before_userspace_is_a_stalled_guest_not_a_network_fail
     assert parts.leftovers() == NOTHING
 
 
+def test_a_vmm_that_cannot_be_watched_still_has_its_console_watched(parts: Parts) -> None:
+    parts.driver.watch_fails = True
+    parts.driver.console_at_start = "[    0.0] Linux version 6.1\n"
+    probes = FakeProbes(parts.ipam)
+    probes.hang_at(hops.GUEST_NETWORK)
+    record = asyncio.run(parts.manager(probes, deadlines=Deadlines(stop=5, kernel_silence=0.5)).create())
+    assert record.failure is not None and record.failure.hop == hops.GUEST_STALLED
+    assert parts.leftovers() == NOTHING
+
+
 def test_a_guest_in_userspace_may_stay_quiet(parts: Parts) -> None:
     """After userspace a quiet console is normal: services start without printing."""
     probes = FakeProbes(parts.ipam)

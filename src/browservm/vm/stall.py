@@ -55,7 +55,8 @@ async def watch_guest(stopped: Awaitable[str], console: Path, vmm: VmmProcess, s
         try:
             words = await vmm_stop
         except VmmError:
-            await asyncio.Future()  # the VMM cannot be watched: its exit and the deadlines still speak
+            await quiet  # the VMM cannot be watched: its console still can, then its exit and the deadlines
+            await asyncio.Future()
             raise AssertionError("unreachable") from None
         lines = await asyncio.to_thread(log.tail, 5)
         raise ProbeFailed(VMM_STOPPED, f"{words}; the console's last line: {_last(lines)!r}")
