@@ -3,11 +3,13 @@ says when it has started (for a thread to wait on)."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -42,3 +44,28 @@ class ReadyServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         self.ready.set()
+
+
+@contextmanager
+def served_in_thread(app: Any, listener: socket.socket, deadline: float,
+                     before_exit: Callable[[asyncio.AbstractEventLoop], None]) -> Iterator[asyncio.AbstractEventLoop]:
+    """`app` on a real uvicorn in a thread of its own, serving `listener`; its event loop while it runs.
+    `before_exit(loop)` runs (when it started) before uvicorn is told to exit; the listener is closed after."""
+    server = ReadyServer(uvicorn.Config(app, lifespan="off", log_level="warning", timeout_graceful_shutdown=2))
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def serve() -> None:
+        loops.append(asyncio.get_running_loop())
+        await server.serve(sockets=[listener])
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="uvicorn")
+    thread.start()
+    try:
+        assert server.ready.wait(deadline) and server.started
+        yield loops[0]
+    finally:
+        if loops and server.started:
+            before_exit(loops[0])
+        server.should_exit = True
+        thread.join(deadline)
+        listener.close()

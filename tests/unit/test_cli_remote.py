@@ -27,7 +27,6 @@ from typing import Any, TypeVar, cast
 
 import httpx
 import pytest
-import uvicorn
 
 from browservm.api.app import build_app
 from browservm.api.service import ControllerService
@@ -45,7 +44,7 @@ from browservm.vm import hops
 from browservm.vm.desktop_path import RFB, desktop_path
 from browservm.vm.parts import Limits
 from browservm.vm.records import VmRecords
-from tests.support.browsers import ReadyServer
+from tests.support.browsers import served_in_thread
 
 from .fakes import NOTHING, FakeProbes, Parts, make_parts, stop_all
 
@@ -90,27 +89,15 @@ def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
     service = ControllerService(Controller(settings, parts.store, cast(HostNetwork, parts.network), manager),
                                 api_key=KEY, tokens=ViewerTokens(os.urandom(32)))
     (tmp_path / "api.key").write_text(KEY + "\n")
-    server = ReadyServer(uvicorn.Config(build_app(service), lifespan="off", log_level="warning",
-                                    timeout_graceful_shutdown=2))
-    loops: list[asyncio.AbstractEventLoop] = []
+    def stop(loop: asyncio.AbstractEventLoop) -> None:
+        for event in probes.hang.values():  # a hop left hanging would hold its create
+            loop.call_soon_threadsafe(event.set)
+        asyncio.run_coroutine_threadsafe(service.stop(), loop).result(DEADLINE)
 
-    async def serve() -> None:
-        loops.append(asyncio.get_running_loop())
-        await server.serve(sockets=[listener])
-
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="uvicorn")
-    thread.start()
     try:
-        assert server.ready.wait(DEADLINE) and server.started
-        yield Served(f"http://127.0.0.1:{port}", tmp_path, parts, probes, service, loops[0])
+        with served_in_thread(build_app(service), listener, DEADLINE, stop) as loop:
+            yield Served(f"http://127.0.0.1:{port}", tmp_path, parts, probes, service, loop)
     finally:
-        if loops and server.started:
-            for event in probes.hang.values():  # a hop left hanging would hold its create
-                loops[0].call_soon_threadsafe(event.set)
-            asyncio.run_coroutine_threadsafe(service.stop(), loops[0]).result(DEADLINE)
-        server.should_exit = True
-        thread.join(DEADLINE)
-        listener.close()
         stop_all(parts)
 
 

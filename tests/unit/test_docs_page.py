@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import uvicorn
 from playwright.sync_api import Browser, Page, Request, expect
 
 from browservm.api.app import build_app
@@ -32,7 +30,7 @@ from browservm.config import load_settings
 from browservm.controller import Controller
 from browservm.hostnet.host import HostNetwork
 from browservm.vm.parts import Limits
-from tests.support.browsers import ReadyServer, chromium
+from tests.support.browsers import chromium, served_in_thread
 
 from .fakes import NOTHING, FakeProbes, make_parts, stop_all
 from .test_api import PUBLIC
@@ -57,26 +55,13 @@ def served(tmp_path: Path) -> Iterator[Served]:
     settings = load_settings(state_dir=tmp_path, listen=f"127.0.0.1:{port}", stop_vms_on_exit=True)
     service = ControllerService(Controller(settings, parts.store, cast(HostNetwork, parts.network), manager),
                                 api_key=KEY, tokens=ViewerTokens(os.urandom(32)))
-    server = ReadyServer(uvicorn.Config(build_app(service), lifespan="off", log_level="warning",
-                                    timeout_graceful_shutdown=2))
-    loops: list[asyncio.AbstractEventLoop] = []
+    def stop(loop: asyncio.AbstractEventLoop) -> None:  # destroys every VM the page created (stop_vms_on_exit)
+        asyncio.run_coroutine_threadsafe(service.stop(), loop).result(DEADLINE)
 
-    async def serve() -> None:
-        loops.append(asyncio.get_running_loop())
-        await server.serve(sockets=[listener])
-
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="uvicorn")
-    thread.start()
     try:
-        assert server.ready.wait(DEADLINE) and server.started
-        yield Served(f"http://127.0.0.1:{port}", service)
+        with served_in_thread(build_app(service), listener, DEADLINE, stop):
+            yield Served(f"http://127.0.0.1:{port}", service)
     finally:
-        if loops and server.started:
-            # destroys every VM the page created (stop_vms_on_exit)
-            asyncio.run_coroutine_threadsafe(service.stop(), loops[0]).result(DEADLINE)
-        server.should_exit = True
-        thread.join(DEADLINE)
-        listener.close()
         try:
             assert parts.leftovers() == NOTHING
         finally:
