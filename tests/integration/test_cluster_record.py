@@ -94,7 +94,7 @@ class Agents:
         self.asked.append(vm.host)
         if vm.host in self.refusing:
             raise HostRefused(vm.host, "full by its own count")
-        self.record.confirm(vm.host, self.epochs[vm.host], vm.vm_id)
+        self.record.confirm(vm.host, self.epochs[vm.host], vm.vm_id, f"local-{vm.vm_id}")
 
 
 def allocated(record: Record) -> dict[str, int]:
@@ -141,10 +141,10 @@ def test_an_old_agent_is_fenced_out_once_a_new_one_registered(record: Record) ->
         record.heartbeat("h1", first)
     assert (fenced.value.epoch, fenced.value.current) == (first, second)
     with pytest.raises(FencedOut):
-        record.confirm("h1", first, vm.vm_id)
+        record.confirm("h1", first, vm.vm_id, "local-1")
     assert record.vm(vm.vm_id).state == "pending"  # the refused write changed nothing
 
-    assert record.confirm("h1", second, vm.vm_id).state == "running"
+    assert record.confirm("h1", second, vm.vm_id, "local-1").state == "running"
     with pytest.raises(FencedOut) as unknown:
         record.heartbeat("h9", 1)
     assert unknown.value.current is None
@@ -302,8 +302,12 @@ def test_a_host_is_suspect_at_once_and_lost_only_after_the_grace(record: Record,
     record.heartbeat("h2", e2)
     assert record.sweep(silence=10, grace=120) == []  # within the grace: nothing lost
     assert record.vm(vm.vm_id).state == "running"
-    record.heartbeat("h1", e1)  # it came back
+    record.heartbeat("h1", e1)  # a late heartbeat of the agent on the dead node proves nothing
+    assert record.host("h1").state == "suspect"
+    e1 = agents.register("h1", 10)  # it came back: a new node, its agent restarted by Ray
     assert {h.name: h.state for h in record.hosts()} == {"h1": "ready", "h2": "ready"}
+    record.sweep(silence=10, grace=120)
+    record.heartbeat("h1", e1)
 
     clock.advance(30)
     record.sweep(silence=10, grace=120)

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from browservm.cli.serve import _listen
+from browservm.cli.serve import listen_socket
 from browservm.config import load_settings
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.vm.readiness import connect_socket
@@ -36,7 +36,7 @@ def test_the_connections_serve_accepts_have_nagle_off() -> None:
         return PlainTextResponse("hello")
 
     async def scenario() -> list[bool]:
-        listener = _listen(load_settings(listen="127.0.0.1:0"))
+        listener = listen_socket(load_settings(listen="127.0.0.1:0"))
         server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/", hello)]), lifespan="off",
                                                log_config=None, log_level="warning"))
         running = asyncio.create_task(server.serve(sockets=[listener]))

@@ -48,6 +48,7 @@ from browservm.api.auth import SESSION_COOKIE, ApiError, require_operator, sessi
 from browservm.api.models import ConsoleOut, CreateVm, ErrorOut, ViewerOut, VmOut
 from browservm.api.service import ControllerService
 from browservm.api.tokens import TokenRefused
+from browservm.cluster.errors import HostUnreachable, NoCapacity, RecordConflict
 from browservm.errors import (
     BrowserVMError,
     CleanupFailed,
@@ -89,6 +90,12 @@ def _status_of(exc: BrowserVMError) -> tuple[int, dict[str, str | None]]:
         return 409, {"state": exc.found or "deleted"}
     if isinstance(exc, CleanupFailed):
         return 500, {}
+    if isinstance(exc, NoCapacity):
+        return 429, {"limit": "capacity"}
+    if isinstance(exc, RecordConflict):
+        return 409, {}
+    if isinstance(exc, HostUnreachable):
+        return 502, {"host": exc.host}
     return 503, {}  # the host cannot do it now: network, VMM, state directory
 
 
@@ -139,25 +146,8 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def build_app(service: ControllerService) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        # Shutdown of the service itself is the server's (serve.py): viewers first, then this.
-
-    app = FastAPI(title="browservm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None, description="Isolated browser microVMs: create one per user session, "
-                  "watch it come up hop by hop, open its desktop in a browser.")
-    app.add_middleware(BodyLimit)
-
-    operator = require_operator(service.api_key)
-
-    authorized = [Depends(operator)]
-    errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut}
-                                              for code in (401, 403, 404, 409, 413, 422, 429)}
-
-    # --- error mapping, in one place ---------------------------------------------------------
-
+def answer_errors(app: FastAPI) -> None:
+    """Every error as browservm's JSON body with the status its kind means (one mapping for every app)."""
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
@@ -193,6 +183,26 @@ def build_app(service: ControllerService) -> FastAPI:
                                                  and route.path_regex.match(request.url.path)
                                                  for method in route.methods or ()}))
         return _error(exc.status_code, {"type": "HTTPError", "message": str(exc.detail)}, headers or None)
+
+
+def build_app(service: ControllerService) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        # Shutdown of the service itself is the server's (serve.py): viewers first, then this.
+
+    app = FastAPI(title="browservm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None, description="Isolated browser microVMs: create one per user session, "
+                  "watch it come up hop by hop, open its desktop in a browser.")
+    app.add_middleware(BodyLimit)
+
+    operator = require_operator(service.api_key)
+
+    authorized = [Depends(operator)]
+    errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut}
+                                              for code in (401, 403, 404, 409, 413, 422, 429)}
+
+    answer_errors(app)
 
     # --- health, metrics, docs ---------------------------------------------------------------
 

@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     host_commands.add_parser("status", parents=[common], help="check each piece; exit 1 if any is wrong")
     down = host_commands.add_parser("down", parents=[common], help="remove what `host up` created")
     down.add_argument("--force", action="store_true", help="also delete VM TAPs and release their leases")
+    cluster_cli.add_host_actions(host_commands, common)
 
     kernel_cli.add_parser(commands)
     image_cli.add_parser(commands, common)
@@ -132,7 +133,11 @@ def _accelerator(settings: Settings) -> Check:
 
 
 def _host(args: argparse.Namespace) -> int:
+    if args.action == "drain":
+        return cluster_cli.run_host(args, load_settings())
     settings = _settings(args)
+    if args.action == "join":
+        return cluster_cli.run_host(args, settings)
     with Store(settings.database) as store, host_network(settings, store) as network:
         actions: dict[str, Callable[[], int]] = {
             "up": lambda: _print_changes(network.up(), args.json),

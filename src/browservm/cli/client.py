@@ -153,6 +153,14 @@ class ControllerClient:
         """DELETE /v1/vms/{id}: True if it was there. Idempotent."""
         return bool(self._json("DELETE", _vm_path(vm_id))["removed"])
 
+    def hosts(self) -> list[dict[str, Any]]:
+        """GET /v1/hosts (a cluster's front): each host's state, capacity, allocated, heartbeat."""
+        return cast(list[dict[str, Any]], self._json("GET", "/v1/hosts"))
+
+    def drain_host(self, name: str) -> dict[str, Any]:
+        """POST /v1/hosts/{name}/drain (a cluster's front): no new placements there."""
+        return cast(dict[str, Any], self._json("POST", f"/v1/hosts/{quote(name, safe='')}/drain"))
+
     def console(self, vm_id: str, lines: int) -> list[str]:
         return list(self._json("GET", _vm_path(vm_id, "console"), params={"lines": lines})["lines"])
 

@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import uvicorn
 
@@ -25,7 +26,7 @@ from browservm.api.proxy import UVICORN_WEBSOCKETS
 from browservm.api.service import ControllerService
 from browservm.api.tokens import ViewerTokens
 from browservm.config import Settings
-from browservm.controller import ServeLock, open_controller
+from browservm.controller import Controller, ServeLock, open_controller
 from browservm.errors import OperationFailed
 
 
@@ -33,25 +34,32 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser],
                common: argparse.ArgumentParser) -> None:
     serve = commands.add_parser("serve", parents=[common], help="the controller: HTTP API, viewer proxy, "
                                 "operator page; reconciles with what runs, then watches every VM until stopped")
-    serve.add_argument("--listen", metavar="ADDRESS:PORT", help="where the API listens (default 127.0.0.1:8080)")
-    serve.add_argument("--public-url", metavar="URL", help="how browsers reach the controller, for viewer links")
-    serve.add_argument("--idle-timeout", type=int, metavar="SECONDS",
-                       help="reap a VM without a viewer for this long (default 900)")
-    serve.add_argument("--max-lifetime", type=int, metavar="SECONDS", help="reap a VM older than this (default 7200)")
-    serve.add_argument("--viewer-ttl", type=int, metavar="SECONDS", help="viewer links expire after (default 600)")
-    serve.add_argument("--snapshots", action="store_true", default=None,
-                       help="restore new VMs from a snapshot of a booted desktop (made at the first create)")
-    serve.add_argument("--pool", type=int, metavar="N", help="keep N VMs restored and ready (default 0)")
-    serve.add_argument("--stop-vms-on-exit", action="store_true", default=None,
-                       help="destroy every VM when the controller stops (default: leave them running)")
+    add_service_options(serve)
 
 
-class _Server(uvicorn.Server):
-    """uvicorn, with the service told first when it shuts down: a viewer learns why it is closed."""
+def add_service_options(parser: argparse.ArgumentParser) -> None:
+    """The controller service's options: `serve`'s, and a cluster host's (`host join`)."""
+    parser.add_argument("--listen", metavar="ADDRESS:PORT", help="where the API listens (default 127.0.0.1:8080)")
+    parser.add_argument("--public-url", metavar="URL", help="how browsers reach the controller, for viewer links")
+    parser.add_argument("--idle-timeout", type=int, metavar="SECONDS",
+                        help="reap a VM without a viewer for this long (default 900)")
+    parser.add_argument("--max-lifetime", type=int, metavar="SECONDS", help="reap a VM older than this (default 7200)")
+    parser.add_argument("--viewer-ttl", type=int, metavar="SECONDS", help="viewer links expire after (default 600)")
+    parser.add_argument("--snapshots", action="store_true", default=None,
+                        help="restore new VMs from a snapshot of a booted desktop (made at the first create)")
+    parser.add_argument("--pool", type=int, metavar="N", help="keep N VMs restored and ready (default 0)")
+    parser.add_argument("--stop-vms-on-exit", action="store_true", default=None,
+                        help="destroy every VM when the controller stops (default: leave them running)")
 
-    def __init__(self, config: uvicorn.Config, service: ControllerService) -> None:
+
+class ServiceServer(uvicorn.Server):
+    """uvicorn, with the service told first when it shuts down: a viewer learns why it is closed.
+    `signals`: SIGTERM and SIGINT stop it (only a process's main thread can take them)."""
+
+    def __init__(self, config: uvicorn.Config, service: ControllerService, *, signals: bool = True) -> None:
         super().__init__(config)
         self._service = service
+        self._signals = signals
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await self._service.stop_serving()
@@ -61,6 +69,9 @@ class _Server(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         """SIGTERM and SIGINT start the graceful shutdown. Unlike uvicorn's own, this does not raise the
         signal again afterwards: the service still has to stop its tasks, and the exit is a clean 0."""
+        if not self._signals:
+            yield
+            return
         previous = {signum: signal.signal(signum, self.handle_exit) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
@@ -69,7 +80,7 @@ class _Server(uvicorn.Server):
                 signal.signal(signum, handler)
 
 
-def _listen(settings: Settings) -> socket.socket:
+def listen_socket(settings: Settings) -> socket.socket:
     host, port = settings.listen_address
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP named, not left 0: asyncio turns Nagle off only on sockets that say they are TCP.
@@ -88,25 +99,33 @@ def _listen(settings: Settings) -> socket.socket:
 
 def run(settings: Settings) -> int:
     with ServeLock(settings.state_dir):
-        listener = _listen(settings)
+        listener = listen_socket(settings)
         # Port 0 asks the kernel for a free port: links and messages name the one it gave.
         host, port = listener.getsockname()[:2]
         settings = settings.model_copy(update={"listen": f"{host}:{port}"})
         with listener, open_controller(settings, serving=True) as controller:
-            key, key_file = api_key(settings.state_dir, settings.api_key)
-            tokens = ViewerTokens(signing_key(settings.state_dir), ttl=settings.viewer_ttl)
-            service = ControllerService(controller, api_key=key, tokens=tokens)
+            service, key_file = service_of(controller)
             return asyncio.run(_serve(service, listener, key_file))
+
+
+def service_of(controller: Controller) -> tuple[ControllerService, Path | None]:
+    """The controller's service, with the state directory's keys; and the API key's file (None: given)."""
+    settings = controller.settings
+    key, key_file = api_key(settings.state_dir, settings.api_key)
+    tokens = ViewerTokens(signing_key(settings.state_dir), ttl=settings.viewer_ttl)
+    return ControllerService(controller, api_key=key, tokens=tokens), key_file
+
+
+def uvicorn_config(service: ControllerService) -> uvicorn.Config:
+    # No permessage-deflate (~13x the CPU on a VNC stream, LAB-NOTES), viewers' messages bounded.
+    return uvicorn.Config(build_app(service), lifespan="on", log_level="warning", access_log=False,
+                          **UVICORN_WEBSOCKETS, timeout_graceful_shutdown=10)
 
 
 async def _serve(service: ControllerService, listener: socket.socket, key_file: object) -> int:
     settings = service.settings
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
-    config = uvicorn.Config(
-        build_app(service), lifespan="on", log_level="warning", access_log=False,
-        # No permessage-deflate (~13x the CPU on a VNC stream, LAB-NOTES), viewers' messages bounded.
-        **UVICORN_WEBSOCKETS, timeout_graceful_shutdown=10)
-    server = _Server(config, service)
+    server = ServiceServer(uvicorn_config(service), service)
     # From here on SIGTERM means "stop gracefully", also while reconciling, before uvicorn runs.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, server.handle_exit)

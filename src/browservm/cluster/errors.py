@@ -60,3 +60,21 @@ class RecordConflict(BrowserVMError):
         self.what = what
         self.reason = reason
         super().__init__(f"{what}: {reason}")
+
+
+class HostUnreachable(BrowserVMError):
+    """A host's agent could not be called (no such agent, it died, it did not answer): `host`, `reason`."""
+
+    def __init__(self, host: str, reason: str) -> None:
+        self.host = host
+        self.reason = reason
+        super().__init__(f"host {host} cannot be reached: {reason}")
+
+
+class ClusterError(BrowserVMError):
+    """A step of setting a cluster up (Ray's head, a host joining, a front) failed: `step`, `reason`."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        self.step = step
+        self.reason = reason
+        super().__init__(f"{step}: {reason}")

@@ -1,4 +1,4 @@
-"""A PostgreSQL 15 owned by browservm, kept in one directory: data, log and Unix socket; nothing on TCP.
+"""A PostgreSQL 15 owned by browservm, kept in one directory: data, log and Unix socket; TCP only when asked.
 
     DIR/                  mode 0700, owned by the user the server runs as
     DIR/data/             the cluster (initdb), with browservm.conf holding browservm's settings
@@ -75,8 +75,10 @@ def _quote(value: str) -> str:
 class Postgres:
     """browservm's PostgreSQL in `directory`. `durable=False` (tests) trades crash safety for speed."""
 
-    def __init__(self, directory: Path, *, durable: bool = True, binaries: Path = BINARIES) -> None:
+    def __init__(self, directory: Path, *, durable: bool = True, binaries: Path = BINARIES,
+                 listen: str | None = None) -> None:
         self.directory = directory.absolute()
+        self.listen = listen  # an address for the other hosts' agents (password login), or None: the socket only
         self.data = self.directory / "data"
         self.log = self.directory / "postgres.log"
         self.durable = durable
@@ -148,17 +150,39 @@ class Postgres:
         self._must("initdb", "initdb", "--pgdata", str(self.data), "--username", ROLE, "--encoding", "UTF8",
                    "--locale", "C.UTF-8", "--auth-local", "peer", "--auth-host", "reject",
                    *(() if self.durable else ("--no-sync",)))
-        settings = {"listen_addresses": "''", "port": str(PORT), "unix_socket_directories": _quote(str(self.directory)),
-                    "unix_socket_permissions": "0700"}
+        self._configure()
+
+    def _configure(self) -> None:
+        """browservm's settings and logins, written at every start: `listen` may differ from the last."""
+        settings = {"listen_addresses": _quote(self.listen or ""), "port": str(PORT),
+                    "unix_socket_directories": _quote(str(self.directory)), "unix_socket_permissions": "0700"}
+        if self.listen:
+            settings["password_encryption"] = "'scram-sha-256'"  # noqa: S105  # a method's name
         if not self.durable:
             settings |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
         self._write(self.data / "browservm.conf", "".join(f"{k} = {v}\n" for k, v in settings.items()))
         conf = (self.data / "postgresql.conf").read_text()
-        self._write(self.data / "postgresql.conf", conf + "\ninclude 'browservm.conf'  # browservm's settings\n")
-        # Only root and the server's own user are `browservm`; no other login exists.
-        self._write(self.data / "pg_hba.conf", "local all all peer map=browservm\n")
+        include = "include 'browservm.conf'"
+        if include not in conf:
+            self._write(self.data / "postgresql.conf", conf + f"\n{include}  # browservm's settings\n")
+        # On the socket only root and the server's own user are `browservm`. Over the network (when
+        # listening), only `browservm` with the cluster's password (`set_password`), from anywhere that
+        # reaches the address: the address is the cluster's private network.
+        hba = "local all all peer map=browservm\n"
+        if self.listen:
+            hba += f"host {DATABASE} {ROLE} all scram-sha-256\n"
+        self._write(self.data / "pg_hba.conf", hba)
         self._write(self.data / "pg_ident.conf",
                     f"browservm root browservm\nbrowservm {self.server_user.name} browservm\n")
+
+    def set_password(self, password: str) -> None:
+        """The password other hosts' agents log in with over the network (`listen`)."""
+        try:
+            with psycopg.connect(self.conninfo, autocommit=True) as connection:
+                connection.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(ROLE),
+                                                                              sql.Literal(password)))
+        except psycopg.Error as error:
+            raise PostgresError(str(self.directory), "set the cluster's password", str(error)) from error
 
     def _write(self, path: Path, text: str) -> None:
         path.write_text(text)
@@ -183,6 +207,8 @@ class Postgres:
             raise PostgresError(str(self.directory), "start",
                                 f"a PostgreSQL already runs on {self.data}: stop it first "
                                 f"({self.binaries}/pg_ctl stop --pgdata {self.data})")
+        else:
+            self._configure()
         self._must("start", "pg_ctl", "start", "--pgdata", str(self.data), "--log", str(self.log), "--wait",
                    "--timeout", "60")
         try:
@@ -201,10 +227,15 @@ class Postgres:
                        "--timeout", "60")
 
 
+def network_conninfo(address: str) -> str:
+    """How an agent on another host reaches the cluster's PostgreSQL at `address` (the password goes apart)."""
+    return psycopg.conninfo.make_conninfo(host=address, port=PORT, dbname=DATABASE, user=ROLE, connect_timeout=5)
+
+
 @contextlib.contextmanager
-def running(directory: Path, *, durable: bool = True) -> Iterator[Postgres]:
+def running(directory: Path, *, durable: bool = True, listen: str | None = None) -> Iterator[Postgres]:
     """A started PostgreSQL in `directory`, stopped on the way out even after an error."""
-    server = Postgres(directory, durable=durable)
+    server = Postgres(directory, durable=durable, listen=listen)
     server.start()
     try:
         yield server

@@ -34,13 +34,15 @@ from browservm.errors import InvalidInput, VmNotFound
 from browservm.ids import new_vm_id, validate_vm_id
 
 DEFAULT_TRIES = 3
+DEFAULT_PENDING_FOR = 900.0  # seconds a reservation may stay pending: longer than any create takes
 HOST_STATES = ("ready", "suspect", "lost", "draining")
 _NOW: LiteralString = "coalesce(%(now)s::timestamptz, statement_timestamp())"
 _VM_COLUMNS: LiteralString = ("vm_id, host, generation, state, state_reason, owner, created_at, idempotency_key, "
-                              "viewer_epoch")
+                              "viewer_epoch, local_id")
 _HOST_COLUMNS: LiteralString = ("name, capacity, allocated, pending, state, state_reason, heartbeat_at, agent_epoch, "
                                 "viewer_address")
 
+_SILENCE = "no heartbeat since "  # how a suspicion from silence begins (`heartbeat` clears only those)
 _HOST_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # a DNS label, as Ray's node label and a VM id
 
 Clock = Callable[[], datetime]
@@ -70,6 +72,7 @@ class Vm:
     created_at: datetime
     idempotency_key: str | None
     viewer_epoch: str
+    local_id: str | None  # its id on its host, once confirmed
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ class _HostFull(Exception):
     """The conditional reservation found no room (or the host no longer ready): roll back, try another."""
 
 
-def _validate_host(name: str) -> str:
+def validate_host(name: str) -> str:
     if _HOST_NAME.fullmatch(name) is None:
         raise InvalidInput("host", name, "must be a DNS label: lowercase letters, digits, inner hyphens, 1-63")
     return name
@@ -94,18 +97,26 @@ def _validate_host(name: str) -> str:
 class Record:
     """One connection to the cluster's database; its methods are safe to call from several threads."""
 
-    def __init__(self, conninfo: str, *, clock: Clock | None = None, rng: random.Random | None = None,
-                 k: int = DEFAULT_K, tries: int = DEFAULT_TRIES) -> None:
-        try:
-            self._connection = psycopg.connect(conninfo, autocommit=True)
-        except psycopg.OperationalError as error:
-            raise RecordUnavailable(conninfo, str(error).strip()) from error
+    def __init__(self, conninfo: str, *, password: str | None = None, clock: Clock | None = None,
+                 rng: random.Random | None = None, k: int = DEFAULT_K, tries: int = DEFAULT_TRIES) -> None:
+        self.conninfo = conninfo  # never holds the password: it is shown in errors
+        self._password = password
         self._lock = threading.Lock()
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311  # spreads load; nothing secret rests on it
         self.k = k
         self.tries = tries
+        self._connection = self._connect()
         migrate(self._connection)
+
+    def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        conninfo = self.conninfo
+        if self._password:
+            conninfo = psycopg.conninfo.make_conninfo(conninfo, password=self._password)
+        try:
+            return psycopg.connect(conninfo, autocommit=True)
+        except psycopg.OperationalError as error:
+            raise RecordUnavailable(self.conninfo, str(error).strip()) from error
 
     def close(self) -> None:
         self._connection.close()
@@ -118,8 +129,16 @@ class Record:
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg.Cursor[tuple[Any, ...]]]:
-        with self._lock, self._connection.transaction(), self._connection.cursor() as cursor:
-            yield cursor
+        """One transaction; a lost connection (the server restarted, say) is RecordUnavailable, and the next
+        transaction connects again: running VMs are not the record's to stop, only new work waits."""
+        with self._lock:
+            if self._connection.closed or self._connection.broken:
+                self._connection = self._connect()
+            try:
+                with self._connection.transaction(), self._connection.cursor() as cursor:
+                    yield cursor
+            except psycopg.OperationalError as error:
+                raise RecordUnavailable(self.conninfo, str(error).strip()) from error
 
     def _now(self, **parameters: object) -> dict[str, object]:
         return {"now": self._clock() if self._clock else None, **parameters}
@@ -141,7 +160,7 @@ class Record:
 
     def register(self, host: str, *, capacity: int, viewer_address: str) -> int:
         """A host's agent (re)starting: its new epoch. Its VMs stay as they are, for it to re-adopt."""
-        _validate_host(host)
+        validate_host(host)
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise InvalidInput("capacity", capacity, "must be a whole number, 0 or more")
         if not viewer_address:
@@ -167,18 +186,21 @@ class Record:
         """The agent is alive: a suspect host is ready again (within the grace, nothing was lost)."""
         with self._transaction() as cursor:
             self._fence(cursor, host, epoch)
+            # A host suspected for its silence is ready again; one whose Ray node is dead stays suspect until
+            # its new agent registers (a late heartbeat of the old one proves nothing about the node).
             cursor.execute(
                 f"UPDATE hosts SET heartbeat_at = {_NOW}, "
-                "state = CASE WHEN state = 'suspect' THEN 'ready' ELSE state END, "
-                "state_reason = CASE WHEN state = 'suspect' THEN '' ELSE state_reason END "
-                "WHERE name = %(host)s", self._now(host=host))
+                "state = CASE WHEN state = 'suspect' AND state_reason LIKE %(silence)s THEN 'ready' ELSE state END, "
+                "state_reason = CASE WHEN state = 'suspect' AND state_reason LIKE %(silence)s THEN '' "
+                "ELSE state_reason END "
+                "WHERE name = %(host)s", self._now(host=host, silence=_SILENCE + "%"))
 
-    def confirm(self, host: str, epoch: int, vm_id: str) -> Vm:
-        """The agent made the VM it was reserved: running, counted in `allocated`."""
+    def confirm(self, host: str, epoch: int, vm_id: str, local_id: str) -> Vm:
+        """The agent made the VM it was reserved (named `local_id` on the host): running, counted in `allocated`."""
         with self._transaction() as cursor:
             self._fence(cursor, host, epoch)
-            row = cursor.execute(f"UPDATE vms SET state = 'running' WHERE vm_id = %s AND host = %s "
-                                 f"AND state = 'pending' RETURNING {_VM_COLUMNS}", (vm_id, host)).fetchone()
+            row = cursor.execute(f"UPDATE vms SET state = 'running', local_id = %s WHERE vm_id = %s AND host = %s "
+                                 f"AND state = 'pending' RETURNING {_VM_COLUMNS}", (local_id, vm_id, host)).fetchone()
             if row is None:
                 raise RecordConflict(f"VM {vm_id}", f"no pending reservation of it on host {host} to confirm")
             cursor.execute("UPDATE hosts SET pending = pending - 1, allocated = allocated + 1 WHERE name = %s",
@@ -206,16 +228,24 @@ class Record:
                                      "WHERE name = %s AND state = 'ready'", (reason, host)).rowcount
             return changed == 1
 
-    def sweep(self, *, silence: float, grace: float) -> list[str]:
+    def sweep(self, *, silence: float, grace: float, pending_for: float = DEFAULT_PENDING_FOR) -> list[str]:
         """Ready hosts without a heartbeat for `silence` s become suspect; hosts without one for `grace` s
-        are lost, with their VMs, and their agent's epoch moves on (it must register anew). Returns the lost."""
+        are lost, with their VMs, and their agent's epoch moves on (it must register anew). Reservations
+        pending longer than `pending_for` s are released: the front placing them died (a create's own
+        deadline is shorter), and the host's agent destroys what it made for one. Returns the lost hosts."""
         if not 0 < silence <= grace:
             raise InvalidInput("silence", silence, f"must be more than 0 and at most the grace ({grace})")
         with self._transaction() as cursor:
-            parameters = self._now(silence=silence, grace=grace)
+            stale = cursor.execute(
+                f"DELETE FROM vms WHERE state = 'pending' AND created_at < {_NOW} - make_interval(secs => %(age)s) "
+                "RETURNING vm_id, host", self._now(age=pending_for)).fetchall()
+            for _, host in stale:
+                cursor.execute("UPDATE hosts SET pending = pending - 1 WHERE name = %s AND pending > 0", (host,))
+            self._notify(cursor, [vm_id for vm_id, _ in stale])
+            parameters = self._now(silence=silence, grace=grace, silence_reason=_SILENCE)
             cursor.execute(
                 "UPDATE hosts SET state = 'suspect', "
-                "state_reason = 'no heartbeat since ' || heartbeat_at::text "
+                "state_reason = %(silence_reason)s || heartbeat_at::text "
                 f"WHERE state = 'ready' AND heartbeat_at < {_NOW} - make_interval(secs => %(silence)s)", parameters)
             lost = cursor.execute(
                 "UPDATE hosts SET state = 'lost', agent_epoch = agent_epoch + 1, allocated = 0, pending = 0, "
@@ -244,6 +274,14 @@ class Record:
     def hosts(self) -> list[Host]:
         with self._transaction() as cursor:
             return [Host(*row) for row in cursor.execute(f"SELECT {_HOST_COLUMNS} FROM hosts ORDER BY name")]
+
+    def host(self, name: str) -> Host:
+        validate_host(name)
+        with self._transaction() as cursor:
+            row = cursor.execute(f"SELECT {_HOST_COLUMNS} FROM hosts WHERE name = %s", (name,)).fetchone()
+        if row is None:
+            raise RecordConflict(f"host {name}", "not registered")
+        return Host(*row)
 
     # --- VMs: placement, the reservation's end, routes --------------------------------------------
 
@@ -347,6 +385,23 @@ class Record:
         if row is None:
             raise VmNotFound(vm_id)
         return Vm(*row)
+
+    def vms(self, *, host: str | None = None, owner: str | None = None) -> list[Vm]:
+        """The VMs placed, oldest first; only those on `host` or of `owner` when given."""
+        with self._transaction() as cursor:
+            rows = cursor.execute(f"SELECT {_VM_COLUMNS} FROM vms WHERE (%(host)s::text IS NULL OR host = %(host)s) "
+                                  "AND (%(owner)s::text IS NULL OR owner = %(owner)s) ORDER BY created_at, vm_id",
+                                  {"host": host, "owner": owner}).fetchall()
+        return [Vm(*row) for row in rows]
+
+    def forget(self, vm_id: str) -> None:
+        """A lost VM's row goes (its user has read why): there is nothing left of it to end on a host."""
+        with self._transaction() as cursor:
+            row = cursor.execute("DELETE FROM vms WHERE vm_id = %s AND state = 'lost' RETURNING vm_id",
+                                 (vm_id,)).fetchone()
+            if row is None:
+                raise RecordConflict(f"VM {vm_id}", "not lost: its host ends it")
+            self._notify(cursor, [vm_id])
 
     def route(self, vm_id: str) -> Route:
         """Where a VM's viewer goes: its host's proxy, and the generation that proxy must find there."""

@@ -7,7 +7,7 @@ Never edit a migration that has shipped: add the next one.
 hosts   one row per host: its agent's epoch (fencing), capacity and counts, state, heartbeat,
         the address of its viewer proxy
 vms     one row per VM placed: its host and route generation, state, owner, the create's
-        Idempotency-Key, the viewer epoch in its viewer tokens' signatures
+        Idempotency-Key, the viewer epoch in its viewer tokens' signatures, its id on its host
 
 Every change of a VM's route (placed, confirmed, ended, lost) sends a NOTIFY on `ROUTES` with
 the VM's id, in the same transaction, so route caches hear of it only when it is committed.
@@ -53,6 +53,11 @@ MIGRATIONS: tuple[LiteralString, ...] = (
         UNIQUE (owner, idempotency_key)
     );
     CREATE INDEX vms_by_host ON vms (host);
+    """,
+    # 2: the VM's id on its host (a host may hand out a VM of its warm pool, named before the placement)
+    """
+    ALTER TABLE vms ADD COLUMN local_id text;
+    CREATE UNIQUE INDEX vms_by_local_id ON vms (host, local_id);
     """,
 )
 

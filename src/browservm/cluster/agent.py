@@ -1,0 +1,157 @@
+"""A host's agent: the one writer of its host's VMs in the cluster's record.
+
+It registers (a new epoch: every write after carries it, so a presumed-dead agent can never
+overwrite what replaced it), re-adopts what its host runs, and from then on every `tick`
+heartbeats and settles the record against the host:
+
+    on the host, not in the record      made for a reservation that was released (its front died,
+                                        or it timed out): destroyed, never half-made
+    in the record running, not on host  it ended there (reaped, destroyed, the host rebooted):
+                                        its row ends, its slot is free
+    in the record lost                  the host was declared lost meanwhile: what still runs of
+                                        it is destroyed, the row stays for its user to read why
+
+The VMs themselves are the host's (`HostVms`): its controller, whose own store re-adopts the
+VMMs after a restart (they are not the agent's children). Ray supervises the agent
+(ray_agent.py); nothing here knows Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from browservm.cluster.errors import FencedOut, RecordConflict, RecordUnavailable
+from browservm.cluster.record import Record
+from browservm.errors import BrowserVMError
+
+log = logging.getLogger("browservm.agent")
+
+
+class HostVms(Protocol):
+    """The VMs of one host, as its agent drives them."""
+
+    async def start(self) -> None:
+        """Take the host's VMs over (re-adopt what runs); before the agent registers."""
+        ...
+
+    async def create(self, request: dict[str, Any]) -> str:
+        """Make a VM (the API's CreateVm body) and return its id on this host; BrowserVMError when it cannot."""
+        ...
+
+    async def destroy(self, local_id: str) -> None: ...
+
+    async def present(self) -> set[str]:
+        """Every VM the host holds (booting, ready or failed): what the record must account for."""
+        ...
+
+    async def describe(self, local_id: str) -> dict[str, Any]:
+        """What the host knows of one VM (its state, hops, failure), as JSON."""
+        ...
+
+    async def viewer(self, local_id: str) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why an agent will not take a VM: the front releases the reservation and tries the next host."""
+
+    reason: str
+
+
+class HostAgent:
+    def __init__(self, name: str, record: Record, vms: HostVms, *, capacity: int, viewer_address: str) -> None:
+        self.name = name
+        self._record = record
+        self._vms = vms
+        self.capacity = capacity
+        self.viewer_address = viewer_address
+        self.epoch: int | None = None
+        self._creating = 0  # creates in flight: until they confirm, their VMs are on the host and not placed
+
+    async def _call(self, method: Any, *args: Any) -> Any:
+        return await asyncio.to_thread(method, *args)
+
+    async def register(self) -> list[str]:
+        """Take the host over (a new epoch) and settle the record against it; returns what was done."""
+        self.epoch = await self._call(lambda: self._record.register(
+            self.name, capacity=self.capacity, viewer_address=self.viewer_address))
+        actions = await self.settle()
+        log.info("host %s: registered with epoch %s%s", self.name, self.epoch,
+                 "".join(f"\n  {action}" for action in actions))
+        return actions
+
+    async def tick(self) -> list[str]:
+        """Heartbeat, then settle. FencedOut means another agent (or the host's loss) took over: register again."""
+        assert self.epoch is not None, "register first"
+        try:
+            await self._call(self._record.heartbeat, self.name, self.epoch)
+        except FencedOut as fenced:
+            log.warning("%s; registering again", fenced)
+            return [f"fenced out ({fenced.current}): registered again", *await self.register()]
+        return await self.settle()
+
+    async def settle(self) -> list[str]:
+        assert self.epoch is not None
+        epoch = self.epoch
+        creating = self._creating
+        present = await self._vms.present()
+        placed = await self._call(lambda: self._record.vms(host=self.name))
+        local_ids = {vm.local_id for vm in placed if vm.local_id}
+        actions: list[str] = []
+        if not creating and not self._creating:  # a VM being made is on the host before it is confirmed
+            for local_id in sorted(present - local_ids):
+                await self._vms.destroy(local_id)
+                actions.append(f"{local_id}: on this host but not placed here (its reservation was released): "
+                               "destroyed")
+        for vm in placed:
+            if vm.state == "running" and vm.local_id not in present:
+                await self._ignore_conflict(self._record.end, self.name, epoch, vm.vm_id)
+                actions.append(f"{vm.vm_id} ({vm.local_id}): placed here, no longer on this host: ended")
+            elif vm.state == "lost" and vm.local_id in present:
+                assert vm.local_id is not None
+                await self._vms.destroy(vm.local_id)
+                actions.append(f"{vm.vm_id} ({vm.local_id}): lost with this host ({vm.state_reason}): destroyed")
+        return actions
+
+    async def _ignore_conflict(self, method: Any, *args: Any) -> None:
+        try:
+            await self._call(method, *args)
+        except RecordConflict as conflict:  # another call of ours got there first
+            log.info("%s", conflict)
+
+    async def create(self, vm_id: str, request: dict[str, Any]) -> Refusal | str:
+        """Make the VM reserved here and confirm it: its id on this host, or a Refusal."""
+        if self.epoch is None:
+            return Refusal("its agent has not registered yet")
+        epoch = self.epoch
+        self._creating += 1
+        try:
+            present = await self._vms.present()
+            if len(present) >= self.capacity:
+                return Refusal(f"full: {len(present)} of {self.capacity} VMs")
+            try:
+                local_id = await self._vms.create(request)
+            except BrowserVMError as error:
+                return Refusal(f"could not create the VM: {error}")
+            try:
+                await self._call(self._record.confirm, self.name, epoch, vm_id, local_id)
+            except (FencedOut, RecordConflict, RecordUnavailable):
+                await self._vms.destroy(local_id)  # never half-made: the front releases or already released it
+                raise
+            return local_id
+        finally:
+            self._creating -= 1
+
+    async def destroy(self, vm_id: str, local_id: str) -> None:
+        assert self.epoch is not None, "register first"
+        await self._vms.destroy(local_id)
+        await self._ignore_conflict(self._record.end, self.name, self.epoch, vm_id)
+
+    async def describe(self, local_id: str) -> dict[str, Any]:
+        return await self._vms.describe(local_id)
+
+    async def viewer(self, local_id: str) -> dict[str, Any]:
+        return await self._vms.viewer(local_id)

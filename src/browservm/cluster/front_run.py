@@ -1,0 +1,43 @@
+"""Running a front in this process: the record, the Ray driver, the HTTP API on uvicorn until SIGTERM/Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import ray
+import uvicorn
+
+from browservm.api.keys import api_key
+from browservm.cluster import ray_node
+from browservm.cluster.front import DEFAULT_SILENCE, Front
+from browservm.cluster.front_app import build_front_app
+from browservm.cluster.ray_agent import Agents
+from browservm.cluster.record import Record
+from browservm.errors import InvalidInput
+
+
+def run_front(conninfo: str, password: str | None, head: str, listen: str, state_dir: Path, *,
+              grace: float) -> int:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InvalidInput("listen", listen, "must be ADDRESS:PORT, for example 127.0.0.1:8090")
+    if not DEFAULT_SILENCE <= grace <= 86400:
+        raise InvalidInput("grace", grace, f"must be between {DEFAULT_SILENCE} and 86400 seconds")
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
+    key, key_file = api_key(state_dir)
+    ray_node.connect(head)
+    try:
+        with Record(conninfo, password=password) as record:
+            front = Front(record, Agents(), ray.nodes, grace=grace)
+            print(f"front: listening on http://{listen}; API key in {key_file or 'the settings'}; "
+                  f"hosts: browservm cluster hosts --url http://{listen} --state-dir {state_dir}", flush=True)
+            config = uvicorn.Config(build_front_app(front, key), host=host.strip("[]"), port=int(port),
+                                    lifespan="on", log_level="warning", access_log=False,
+                                    timeout_graceful_shutdown=10)
+            uvicorn.Server(config).run()
+    finally:
+        ray.shutdown()
+    print("front: stopped; hosts and their VMs run on", flush=True)
+    return 0

@@ -1,0 +1,78 @@
+"""A host's VMs in a cluster: the single-host controller (`browservm serve`), run inside the host's agent.
+
+The agent's process holds what `serve` would: the state directory's lock, the host network, the
+store, the service with its warm pool, snapshots, reaper and viewer proxy, listening on the host's
+viewer address. When Ray restarts the agent, this starts again and the service's reconcile
+re-adopts the VMs that kept running (their VMMs are not the agent's children).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from browservm.api.models import CreateVm
+from browservm.api.service import ControllerService
+from browservm.cli.serve import ServiceServer, listen_socket, service_of, uvicorn_config
+from browservm.config import Settings
+from browservm.controller import ServeLock, open_controller
+from browservm.vm.state import VmState
+
+if TYPE_CHECKING:
+    from browservm.cluster.ray_agent import AgentConfig
+
+log = logging.getLogger("browservm.agent")
+_GONE = (VmState.ENDED,)
+
+
+class HostController:
+    """HostVms (agent.py) over this host's controller service."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stack = contextlib.ExitStack()
+        self._service: ControllerService | None = None
+        self._server: asyncio.Task[None] | None = None
+
+    @classmethod
+    def of(cls, config: AgentConfig) -> HostController:
+        return cls(Settings(**config.settings))
+
+    async def start(self) -> None:
+        settings = self.settings
+        # The process's life is the agent's: what is entered here is released when it ends.
+        await asyncio.to_thread(self._stack.enter_context, ServeLock(settings.state_dir))
+        listener = await asyncio.to_thread(listen_socket, settings)
+        self._stack.callback(listener.close)
+        controller = await asyncio.to_thread(self._stack.enter_context, open_controller(settings, serving=True))
+        service, _ = await asyncio.to_thread(service_of, controller)
+        for action in await service.start():
+            log.info("host controller: reconcile: %s", action)
+        self._service = service
+        server = ServiceServer(uvicorn_config(service), service, signals=False)
+        self._server = asyncio.create_task(server.serve(sockets=[listener]), name="host-controller")
+        log.info("host controller: serving %s, watching %d VM(s)", settings.base_url, len(await service.all()))
+
+    @property
+    def service(self) -> ControllerService:
+        assert self._service is not None, "start first"
+        return self._service
+
+    async def create(self, request: dict[str, Any]) -> str:
+        record = await self.service.create(CreateVm(**request), wait=False)
+        return record.vm_id
+
+    async def destroy(self, local_id: str) -> None:
+        await self.service.destroy(local_id)
+
+    async def present(self) -> set[str]:
+        return {record.vm_id for record in await self.service.all()
+                if record.state not in _GONE and not record.in_pool}
+
+    async def describe(self, local_id: str) -> dict[str, Any]:
+        return self.service.describe(await self.service.get(local_id)).model_dump(mode="json")
+
+    async def viewer(self, local_id: str) -> dict[str, Any]:
+        return (await self.service.viewer(local_id)).model_dump(mode="json")

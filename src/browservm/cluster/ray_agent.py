@@ -1,0 +1,182 @@
+"""Host agents as Ray actors: one detached, named actor per host, pinned to its host's Ray node by
+the node's label (`browservm.host=NAME`), restarted by Ray whenever it dies.
+
+The actor runs its HostAgent on an event loop of its own (a thread), so the host's controller
+and the agent's heartbeat share one loop whatever Ray does with its calls; Ray's calls come in on
+its threads (max_concurrency) and wait for the loop. Ray runs `__init__` again on every restart:
+that is where the agent registers (a new epoch) and re-adopts its host's VMs.
+
+Fronts reach agents with `Agents` (a Ray driver): calls with a deadline, each failure of Ray's
+(no such actor, actor died, deadline) one `HostUnreachable` naming the host and Ray's words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import ray
+import ray.exceptions
+
+from browservm.cluster.agent import HostAgent, HostVms, Refusal
+from browservm.cluster.errors import HostUnreachable, RecordUnavailable
+from browservm.cluster.record import Record
+from browservm.secretfile import read_existing
+
+log = logging.getLogger("browservm.agent")
+
+NAMESPACE = "browservm"  # Ray namespace of the agents
+LABEL = "browservm.host"  # the Ray node label naming the host a node runs on
+_CALL_TIMEOUT = 60.0
+T = TypeVar("T")
+
+
+def agent_name(host: str) -> str:
+    return f"agent-{host}"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """What a host's agent needs; Ray keeps it with the actor, so it holds no secret, only the password's file."""
+
+    host: str
+    conninfo: str
+    password_file: Path | None
+    capacity: int
+    viewer_address: str
+    vms: Callable[[AgentConfig], HostVms]  # makes the host's VMs (its controller) inside the actor
+    heartbeat_s: float = 2.0
+    settings: dict[str, Any] = field(default_factory=dict)  # the host controller's settings
+
+
+class AgentActor:
+    """The Ray actor. Its methods return plain data: exceptions of ours do not cross Ray intact."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        self._config = config
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._agent: HostAgent | None = None
+        self._thread = threading.Thread(target=self._run, name="host-agent", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._main())
+
+    async def _main(self) -> None:
+        config = self._config
+        password = None if config.password_file is None else read_existing(config.password_file,
+                                                                               "the cluster's password").strip()
+        vms = config.vms(config)
+        await vms.start()
+        record = await self._connect(config, password)
+        agent = HostAgent(config.host, record, vms, capacity=config.capacity, viewer_address=config.viewer_address)
+        while True:
+            try:
+                await agent.register()
+                break
+            except RecordUnavailable as error:
+                log.warning("host %s: %s; registering again in %s s", config.host, error, config.heartbeat_s)
+                await asyncio.sleep(config.heartbeat_s)  # the database's return has no event to await
+        self._agent = agent
+        self._ready.set()
+        while True:
+            await asyncio.sleep(config.heartbeat_s)  # a heartbeat is a period, not a condition
+            try:
+                for action in await agent.tick():
+                    log.info("host %s: %s", config.host, action)
+            except RecordUnavailable as error:
+                log.warning("host %s: heartbeat: %s", config.host, error)
+
+    @staticmethod
+    async def _connect(config: AgentConfig, password: str | None) -> Record:
+        while True:
+            try:
+                return await asyncio.to_thread(Record, config.conninfo, password=password)
+            except RecordUnavailable as error:
+                log.warning("host %s: %s; trying again in %s s", config.host, error, config.heartbeat_s)
+                await asyncio.sleep(config.heartbeat_s)
+
+    def _on_loop(self, work: Callable[[HostAgent], Coroutine[Any, Any, T]]) -> T:
+        if not self._ready.wait(_CALL_TIMEOUT):
+            raise RuntimeError(f"host {self._config.host}: its agent has not registered within {_CALL_TIMEOUT} s "
+                               "(its log says why: the cluster's database unreachable?)")
+        assert self._agent is not None
+        agent = self._agent
+        return asyncio.run_coroutine_threadsafe(work(agent), self._loop).result(_CALL_TIMEOUT)
+
+    def ping(self) -> dict[str, Any]:
+        return self._on_loop(_ping)
+
+    def create(self, vm_id: str, request: dict[str, Any]) -> dict[str, str]:
+        result = self._on_loop(lambda agent: agent.create(vm_id, request))
+        return {"refused": result.reason} if isinstance(result, Refusal) else {"local_id": result}
+
+    def destroy(self, vm_id: str, local_id: str) -> None:
+        self._on_loop(lambda agent: agent.destroy(vm_id, local_id))
+
+    def describe(self, local_id: str) -> dict[str, Any]:
+        return self._on_loop(lambda agent: agent.describe(local_id))
+
+    def viewer(self, local_id: str) -> dict[str, Any]:
+        return self._on_loop(lambda agent: agent.viewer(local_id))
+
+
+async def _ping(agent: HostAgent) -> dict[str, Any]:
+    return {"host": agent.name, "epoch": agent.epoch, "capacity": agent.capacity}
+
+
+def start_agent(config: AgentConfig) -> None:
+    """Start the host's agent on its node, or leave the one running: Ray restarts it from now on."""
+    actor = ray.remote(AgentActor).options(
+        name=agent_name(config.host), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        max_restarts=-1, max_task_retries=0, max_concurrency=64, num_cpus=0,
+        label_selector={LABEL: config.host})
+    actor.remote(config)
+
+
+def stop_agent(host: str) -> bool:
+    """End a host's agent for good (no restart); False when it was not running."""
+    try:
+        handle = ray.get_actor(agent_name(host), namespace=NAMESPACE)
+    except ValueError:
+        return False
+    ray.kill(handle, no_restart=True)
+    return True
+
+
+class Agents:
+    """A front's way to the host agents: each call with a deadline, Ray's failures as HostUnreachable."""
+
+    def __init__(self, timeout: float = _CALL_TIMEOUT) -> None:
+        self.timeout = timeout
+
+    def call(self, host: str, method: str, *args: Any, timeout: float | None = None) -> Any:
+        try:
+            handle = ray.get_actor(agent_name(host), namespace=NAMESPACE)
+        except ValueError:
+            raise HostUnreachable(host, "it has no agent in the cluster (was `browservm host join` run there?)") \
+                from None
+        try:
+            return ray.get(getattr(handle, method).remote(*args), timeout=timeout or self.timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise HostUnreachable(host, f"its agent did not answer {method} within {timeout or self.timeout} s") \
+                from None
+        except ray.exceptions.RayActorError as error:
+            raise HostUnreachable(host, f"its agent is not running ({_first_line(error)})") from None
+        except ray.exceptions.RayTaskError as error:
+            raise HostUnreachable(host, f"its agent failed {method}: {_first_line(error)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    with contextlib.suppress(IndexError):
+        return str(error).strip().splitlines()[0][:300]
+    return type(error).__name__
