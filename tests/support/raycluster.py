@@ -374,13 +374,16 @@ class SimulatedCluster:
         if left:
             raise SimulatedClusterError(
                 f"start the Ray node of {name}",
-                f"Ray processes of its last node still run (kill_host first): "
+                f"Ray processes of its last node still run (kill_host first; after a cut is mended the raylet "
+                f"ends itself but its log monitor stays): "
                 f"{[(pid, _cmdline(pid)[:120]) for pid in left]}")
         self._start_nodes([name])
 
     def cut(self, name: str) -> None:
         """Take the host's link to the others down (its port on the head's bridge): packets are dropped
-        both ways, as with a pulled cable; the host's own addresses and routes stay."""
+        both ways, as with a pulled cable; the host's own addresses and routes stay. Once the GCS has
+        declared the node dead (~3 s, measured), mending does not bring it back: its raylet learns it was
+        declared dead and exits; `kill_host` then `start_host` make a new node."""
         self._set_peer(name, "down")
 
     def mend(self, name: str) -> None:
