@@ -292,7 +292,8 @@ class SimulatedCluster:
         for netns in [self._head, *(host.netns for host in self._hosts.values())]:
             if not netns.create():
                 raise SimulatedClusterError(
-                    "create namespace", f"{netns.name} exists already (left by a run with the same pid?); "
+                    "create namespace", f"{netns.name} exists already (another SimulatedCluster of this process "
+                    "is open, or a crashed run had the same pid); "
                     f"it is not this cluster's to reuse or delete: `ip netns delete {netns.name}`")
             self._created.append(netns)
         with _netlink(self._head) as ipr:
