@@ -13,6 +13,8 @@ import json
 import os
 import signal
 import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +24,10 @@ from browservm.vmm.process import VmmProcess, alive, signal_process, start_time,
 
 if TYPE_CHECKING:
     from browservm.cluster.ray_agent import AgentConfig
+
+
+_DETACHED = ("import subprocess; print(subprocess.Popen(['sleep', '3600'], start_new_session=True, "
+             "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)")
 
 
 class FakeVmFailed(BrowserVMError):
@@ -49,12 +55,20 @@ class FakeHostVms:
     def _create(self, request: dict[str, Any]) -> str:
         if (self.directory / "refuse").exists():  # a test's switch: this host cannot make VMs now
             raise FakeVmFailed("the test made this host refuse")
+        deadline = time.monotonic() + 120
+        while (self.directory / "slow").exists():  # a test's switch: creates hang until it goes
+            if time.monotonic() > deadline:
+                raise FakeVmFailed("the test's `slow` switch stayed for 120 s")
+            time.sleep(0.1)
         local_id = f"vm-{uuid.uuid4().hex[:12]}"
-        child = subprocess.Popen(["sleep", "3600"], start_new_session=True, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        started = start_time(child.pid)
+        # A double fork, as VMMs are spawned: the VM's parent is init, not the agent, so Ray ending the
+        # agent's worker (which ends the worker's children) does not end the VM.
+        done = subprocess.run([sys.executable, "-c", _DETACHED], capture_output=True, text=True, check=True,
+                              timeout=30, stdin=subprocess.DEVNULL)
+        pid = int(done.stdout)
+        started = start_time(pid)
         assert started is not None
-        (self.directory / local_id).write_text(json.dumps({"pid": child.pid, "start_time": started,
+        (self.directory / local_id).write_text(json.dumps({"pid": pid, "start_time": started,
                                                            "user": request["user"]}))
         return local_id
 

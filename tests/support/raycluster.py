@@ -367,6 +367,14 @@ class SimulatedCluster:
         """SIGKILL every process in the host's namespace, as a crashed machine; returns once they are gone."""
         self._end([self._host(name).netns], grace=0.0)
 
+    def stop_ray(self, name: str) -> None:
+        """SIGKILL the host's Ray processes only (those of its node's temp dir), as its supervisor would before
+        starting Ray again; its other processes (VMs) run on. Returns once they are gone."""
+        host = self._host(name)
+        ours = [pid for pid in _pids_in([host.netns]) if str(host.temp_dir) in _cmdline(pid)]
+        _signal_all(ours, signal.SIGKILL)
+        _await_exit(ours, time.monotonic() + KILL_DEADLINE)
+
     def start_host(self, name: str) -> None:
         """Start the host's Ray node again: same label, same address, a new node id. Returns once
         `ray start` has; `wait_nodes` says when the GCS counts it alive."""

@@ -133,7 +133,7 @@ def _accelerator(settings: Settings) -> Check:
 
 
 def _host(args: argparse.Namespace) -> int:
-    if args.action == "drain":
+    if args.action in ("drain", "resume"):
         return cluster_cli.run_host(args, load_settings())
     settings = _settings(args)
     if args.action == "join":

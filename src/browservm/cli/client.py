@@ -161,6 +161,10 @@ class ControllerClient:
         """POST /v1/hosts/{name}/drain (a cluster's front): no new placements there."""
         return cast(dict[str, Any], self._json("POST", f"/v1/hosts/{quote(name, safe='')}/drain"))
 
+    def resume_host(self, name: str) -> dict[str, Any]:
+        """POST /v1/hosts/{name}/resume (a cluster's front): a drained host takes new VMs again."""
+        return cast(dict[str, Any], self._json("POST", f"/v1/hosts/{quote(name, safe='')}/resume"))
+
     def console(self, vm_id: str, lines: int) -> list[str]:
         return list(self._json("GET", _vm_path(vm_id, "console"), params={"lines": lines})["lines"])
 

@@ -5,6 +5,7 @@
     browservm host join ADDR --name NAME        each host: its Ray node and its agent (the host's
                                                 controller, supervised by Ray)
     browservm host drain NAME --url URL         no new VMs there; waits for its VMs to end
+    browservm host resume NAME --url URL        new VMs there again
     browservm cluster hosts --url URL           the hosts, as the record has them
     browservm cluster db-up|db-down DIR         the PostgreSQL alone
 
@@ -80,6 +81,9 @@ def add_host_actions(host_commands: argparse._SubParsersAction[argparse.Argument
     drain.add_argument("name", metavar="NAME")
     drain.add_argument("--no-wait", action="store_true", help="return once placements there have stopped")
     _add_url(drain)
+    resume = host_commands.add_parser("resume", help="a drained host takes new VMs again")
+    resume.add_argument("name", metavar="NAME")
+    _add_url(resume)
 
 
 # --- cluster up, hosts, db-up/db-down -------------------------------------------------------------
@@ -147,6 +151,11 @@ def _up(args: argparse.Namespace) -> int:
 def run_host(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "drain":
         return _drain(args)
+    if args.action == "resume":
+        with _front(args) as front:
+            host = front.resume_host(args.name)
+        print(json.dumps(host, indent=2) if args.json else f"host {args.name}: {host['state']}, taking new VMs")
+        return 0
     return _join(args, settings)
 
 

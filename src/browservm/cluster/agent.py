@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from browservm.cluster.errors import FencedOut, RecordConflict, RecordUnavailable
+from browservm.cluster.errors import FencedOut, RecordConflict, RecordUnavailable, Superseded
 from browservm.cluster.record import Record
 from browservm.errors import BrowserVMError
 
@@ -84,13 +84,17 @@ class HostAgent:
         return actions
 
     async def tick(self) -> list[str]:
-        """Heartbeat, then settle. FencedOut means another agent (or the host's loss) took over: register again."""
+        """Heartbeat, then settle. Fenced out by the host's loss (the sweep moved the epoch): register again,
+        the host is back. Fenced out by a newer agent's registration: Superseded, this one must end."""
         assert self.epoch is not None, "register first"
         try:
             await self._call(self._record.heartbeat, self.name, self.epoch)
         except FencedOut as fenced:
-            log.warning("%s; registering again", fenced)
-            return [f"fenced out ({fenced.current}): registered again", *await self.register()]
+            host = await self._call(self._record.host, self.name)
+            if host.state != "lost":
+                raise Superseded(self.name, self.epoch, fenced.current) from None
+            log.warning("%s; the host was lost and is back: registering again", fenced)
+            return [f"fenced out ({host.state_reason}): registered again", *await self.register()]
         return await self.settle()
 
     async def settle(self) -> list[str]:
@@ -148,7 +152,10 @@ class HostAgent:
     async def destroy(self, vm_id: str, local_id: str) -> None:
         assert self.epoch is not None, "register first"
         await self._vms.destroy(local_id)
-        await self._ignore_conflict(self._record.end, self.name, self.epoch, vm_id)
+        try:
+            await self._ignore_conflict(self._record.end, self.name, self.epoch, vm_id)
+        except RecordUnavailable as error:  # the VM is gone from the host: the next settle ends its row
+            log.warning("%s ended on host %s; its row ends at the next heartbeat: %s", vm_id, self.name, error)
 
     async def describe(self, local_id: str) -> dict[str, Any]:
         return await self._vms.describe(local_id)

@@ -78,3 +78,13 @@ class ClusterError(BrowserVMError):
         self.step = step
         self.reason = reason
         super().__init__(f"{step}: {reason}")
+
+
+class Superseded(BrowserVMError):
+    """A newer agent registered for this agent's host (after a partition, say): this one must end."""
+
+    def __init__(self, host: str, epoch: int, current: int | None) -> None:
+        self.host = host
+        self.epoch = epoch
+        self.current = current
+        super().__init__(f"host {host}: the agent of epoch {epoch} was superseded by epoch {current}: it ends")

@@ -107,6 +107,10 @@ class Front:
         self.record.drain(host)
         return self.record.host(host)
 
+    def resume(self, host: str) -> Host:
+        self.record.resume(host)
+        return self.record.host(host)
+
     def watch(self) -> list[str]:
         """One look at the hosts' health; returns what changed (for the log)."""
         changes = []

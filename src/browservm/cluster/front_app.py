@@ -137,4 +137,9 @@ def build_front_app(front: Front, api_key: str) -> FastAPI:
     async def drain(name: str) -> HostOut:
         return HostOut.of(await call(front.drain, name))
 
+    @app.post("/v1/hosts/{name}/resume", response_model=HostOut, dependencies=authorized, responses=errors,
+              tags=["hosts"], operation_id="resumeHost")
+    async def resume(name: str) -> HostOut:
+        return HostOut.of(await call(front.resume, name))
+
     return app

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -25,8 +26,9 @@ import ray
 import ray.exceptions
 
 from browservm.cluster.agent import HostAgent, HostVms, Refusal
-from browservm.cluster.errors import HostUnreachable, RecordUnavailable
+from browservm.cluster.errors import HostUnreachable, RecordUnavailable, Superseded
 from browservm.cluster.record import Record
+from browservm.errors import BrowserVMError
 from browservm.secretfile import read_existing
 
 log = logging.getLogger("browservm.agent")
@@ -95,6 +97,11 @@ class AgentActor:
                     log.info("host %s: %s", config.host, action)
             except RecordUnavailable as error:
                 log.warning("host %s: heartbeat: %s", config.host, error)
+            except Superseded as superseded:
+                # Ray may still count this process as the actor (then it starts a new one, which registers):
+                # either way this one must write nothing more, now.
+                log.warning("%s", superseded)
+                os._exit(1)
 
     @staticmethod
     async def _connect(config: AgentConfig, password: str | None) -> Record:
@@ -111,7 +118,12 @@ class AgentActor:
                                "(its log says why: the cluster's database unreachable?)")
         assert self._agent is not None
         agent = self._agent
-        return asyncio.run_coroutine_threadsafe(work(agent), self._loop).result(_CALL_TIMEOUT)
+        try:
+            return asyncio.run_coroutine_threadsafe(work(agent), self._loop).result(_CALL_TIMEOUT)
+        except BrowserVMError as error:
+            # Ray pickles what a call raises; ours take other arguments than their message, so they would
+            # not unpickle at the front. Their words cross, as Ray's error of the call.
+            raise RuntimeError(f"{type(error).__name__}: {error}") from None
 
     def ping(self) -> dict[str, Any]:
         return self._on_loop(_ping)
@@ -131,7 +143,7 @@ class AgentActor:
 
 
 async def _ping(agent: HostAgent) -> dict[str, Any]:
-    return {"host": agent.name, "epoch": agent.epoch, "capacity": agent.capacity}
+    return {"host": agent.name, "epoch": agent.epoch, "capacity": agent.capacity, "pid": os.getpid()}
 
 
 def start_agent(config: AgentConfig) -> None:
@@ -173,7 +185,13 @@ class Agents:
         except ray.exceptions.RayActorError as error:
             raise HostUnreachable(host, f"its agent is not running ({_first_line(error)})") from None
         except ray.exceptions.RayTaskError as error:
-            raise HostUnreachable(host, f"its agent failed {method}: {_first_line(error)}") from None
+            raise HostUnreachable(host, f"its agent failed {method}: {_cause(error)}") from None
+
+
+def _cause(error: ray.exceptions.RayTaskError) -> str:
+    """The agent's own words (RuntimeError's message), not Ray's traceback around them."""
+    cause = error.cause if isinstance(error.cause, BaseException) else error
+    return _first_line(cause)
 
 
 def _first_line(error: BaseException) -> str:

@@ -137,7 +137,7 @@ class Record:
             try:
                 with self._connection.transaction(), self._connection.cursor() as cursor:
                     yield cursor
-            except psycopg.OperationalError as error:
+            except (psycopg.OperationalError, psycopg.InterfaceError) as error:  # the connection, not the SQL
                 raise RecordUnavailable(self.conninfo, str(error).strip()) from error
 
     def _now(self, **parameters: object) -> dict[str, object]:
@@ -270,6 +270,14 @@ class Record:
                 raise RecordConflict(f"host {host}", "lost: there is nothing to drain")
             cursor.execute("UPDATE hosts SET state = 'draining', state_reason = 'drained by an operator' "
                            "WHERE name = %s", (host,))
+
+    def resume(self, host: str) -> None:
+        """A drained host takes new placements again."""
+        with self._transaction() as cursor:
+            changed = cursor.execute("UPDATE hosts SET state = 'ready', state_reason = '' "
+                                     "WHERE name = %s AND state = 'draining'", (host,)).rowcount
+            if changed != 1:
+                raise RecordConflict(f"host {host}", "not draining: there is nothing to resume")
 
     def hosts(self) -> list[Host]:
         with self._transaction() as cursor:
