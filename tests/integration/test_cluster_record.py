@@ -23,7 +23,14 @@ import psycopg
 import pytest
 
 from browservm.cli import main
-from browservm.cluster.errors import FencedOut, HostRefused, NoCapacity, PostgresError, RecordConflict
+from browservm.cluster.errors import (
+    FencedOut,
+    HostRefused,
+    NoCapacity,
+    PostgresError,
+    RecordConflict,
+    RecordUnavailable,
+)
 from browservm.cluster.postgres import Postgres, running
 from browservm.cluster.record import Record, Vm
 from browservm.cluster.routes import RouteCache
@@ -49,9 +56,10 @@ def conninfo(server: Postgres) -> Iterator[str]:
     name = f"test_{os.getpid()}_{next(_databases)}"
     with psycopg.connect(server.conninfo, autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE {name}")
-        try:
-            yield psycopg.conninfo.make_conninfo(server.conninfo, dbname=name)
-        finally:
+    try:
+        yield psycopg.conninfo.make_conninfo(server.conninfo, dbname=name)
+    finally:  # a connection of its own: a test may have restarted the server meanwhile
+        with psycopg.connect(server.conninfo, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
@@ -90,11 +98,17 @@ class Agents:
         self.epochs[host] = self.record.register(host, capacity=capacity, viewer_address=f"{host}.test:8443")
         return self.epochs[host]
 
-    def start(self, vm: Vm) -> None:
+    def start(self, vm: Vm) -> str:
+        """As an agent: the VM made under an id of the host's own, and confirmed under it."""
         self.asked.append(vm.host)
         if vm.host in self.refusing:
             raise HostRefused(vm.host, "full by its own count")
-        self.record.confirm(vm.host, self.epochs[vm.host], vm.vm_id, f"local-{vm.vm_id}")
+        return self.record.confirm(vm.host, self.epochs[vm.host], vm.vm_id, f"on-{vm.vm_id}").vm_id
+
+
+def reserve_only(vm: Vm) -> str:
+    """A start that leaves the VM reserved (its agent has not confirmed it yet)."""
+    return vm.vm_id
 
 
 def allocated(record: Record) -> dict[str, int]:
@@ -133,7 +147,7 @@ def test_an_old_agent_is_fenced_out_once_a_new_one_registered(record: Record) ->
     agents = Agents(record)
     first = agents.register("h1", 10)
     record.heartbeat("h1", first)
-    vm = record.create("alice", lambda vm: None)  # reserved, not yet confirmed
+    vm = record.create("alice", reserve_only)  # reserved, not yet confirmed
 
     second = agents.register("h1", 10)  # the agent restarted
     assert second > first
@@ -141,10 +155,10 @@ def test_an_old_agent_is_fenced_out_once_a_new_one_registered(record: Record) ->
         record.heartbeat("h1", first)
     assert (fenced.value.epoch, fenced.value.current) == (first, second)
     with pytest.raises(FencedOut):
-        record.confirm("h1", first, vm.vm_id, "local-1")
+        record.confirm("h1", first, vm.vm_id, "vm-on-h1")
     assert record.vm(vm.vm_id).state == "pending"  # the refused write changed nothing
 
-    assert record.confirm("h1", second, vm.vm_id, "local-1").state == "running"
+    assert record.confirm("h1", second, vm.vm_id, "vm-on-h1").state == "running"
     with pytest.raises(FencedOut) as unknown:
         record.heartbeat("h9", 1)
     assert unknown.value.current is None
@@ -177,7 +191,7 @@ def test_fronts_racing_for_the_last_slots_never_overfill_a_host(record: Record, 
         start_together.wait()
         for _ in range(10):
             try:
-                vm = front_record.create("alice", lambda vm: None)
+                vm = front_record.create("alice", reserve_only)
             except NoCapacity as error:
                 with lock:
                     refused.append(error)
@@ -222,7 +236,7 @@ def test_a_refusing_host_is_skipped_and_three_refusals_end_in_no_capacity(record
 
 def test_no_ready_host_says_why(record: Record) -> None:
     with pytest.raises(NoCapacity) as none:
-        record.create("alice", lambda vm: None)
+        record.create("alice", reserve_only)
     assert "no host is registered" in str(none.value)
 
     agents = Agents(record)
@@ -239,7 +253,7 @@ def test_a_failed_create_leaves_nothing_behind(record: Record) -> None:
     Agents(record).register("h1", 10)
     failed: list[Vm] = []
 
-    def broken(vm: Vm) -> None:
+    def broken(vm: Vm) -> str:
         failed.append(vm)
         raise OSError("the agent's connection dropped")
 
@@ -248,7 +262,7 @@ def test_a_failed_create_leaves_nothing_behind(record: Record) -> None:
     assert record.hosts()[0].pending == 0
     with pytest.raises(VmNotFound):
         record.vm(failed[0].vm_id)
-    retried = record.create("alice", lambda vm: None, idempotency_key="k1")
+    retried = record.create("alice", reserve_only, idempotency_key="k1")
     assert retried.vm_id != failed[0].vm_id  # the key is free again: the retry makes the VM anew
 
 
@@ -261,12 +275,12 @@ def test_a_replayed_create_returns_the_same_vm_also_while_the_first_is_in_flight
     finish = threading.Event()
     first: list[Vm] = []
 
-    def slow_start(vm: Vm) -> None:
+    def slow_start(vm: Vm) -> str:
         in_flight.set()
         assert finish.wait(30)
-        agents.start(vm)
+        return agents.start(vm)
 
-    def never(vm: Vm) -> None:
+    def never(vm: Vm) -> str:
         raise AssertionError("a replay must not make a second VM")
 
     with Record(conninfo) as front:
@@ -279,9 +293,11 @@ def test_a_replayed_create_returns_the_same_vm_also_while_the_first_is_in_flight
         finally:
             finish.set()
             creating.join()
-    assert replay.state == "pending" and first[0].vm_id == replay.vm_id and first[0].state == "running"
+    assert replay.state == "pending" and first[0].state == "running"
+    assert first[0].reserved_as == replay.vm_id  # the host named it; the reservation's id still finds it
+    assert record.vm(replay.vm_id) == first[0]
     after = record.create("alice", never, idempotency_key="key-1")
-    assert (after.vm_id, after.state) == (replay.vm_id, "running")
+    assert (after.vm_id, after.state) == (first[0].vm_id, "running")
     other_user = record.create("bob", agents.start, idempotency_key="key-1")
     assert other_user.vm_id != replay.vm_id  # a key is one user's; another's replay never reaches this VM
     assert sum(host.allocated for host in record.hosts()) == 2
@@ -343,7 +359,7 @@ def test_bad_input_is_refused_naming_the_field(record: Record) -> None:
     for field, call in (("host", lambda: record.register("H_1", capacity=1, viewer_address="a")),
                         ("capacity", lambda: record.register("h1", capacity=-1, viewer_address="a")),
                         ("viewer_address", lambda: record.register("h1", capacity=1, viewer_address="")),
-                        ("owner", lambda: record.create("", lambda vm: None))):
+                        ("owner", lambda: record.create("", reserve_only))):
         with pytest.raises(InvalidInput) as refused:
             call()
         assert refused.value.field == field
@@ -394,3 +410,51 @@ def test_cluster_db_up_and_down_from_the_command_line(capsys: pytest.CaptureFixt
         assert main(["cluster", "db-down", str(directory)]) == 0
         shutil.rmtree(base)
     assert "stopped" in capsys.readouterr().out
+
+
+def test_a_dead_fronts_reservation_is_released_after_its_time_and_lost_vms_are_forgotten(
+        record: Record, clock: Clock) -> None:
+    agents = Agents(record)
+    agents.register("h1", 10)
+    stale = record.create("alice", reserve_only)  # its front died before the agent was asked
+    running = record.create("alice", agents.start)
+    clock.advance(100)
+    record.sweep(silence=1000, grace=2000, pending_for=300)
+    assert record.vm(stale.vm_id).state == "pending"  # its front may still be at it
+    clock.advance(250)
+    record.sweep(silence=1000, grace=2000, pending_for=300)
+    with pytest.raises(VmNotFound):
+        record.vm(stale.vm_id)
+    assert (record.host("h1").pending, record.host("h1").allocated) == (0, 1)
+    assert [vm.vm_id for vm in record.vms(host="h1")] == [running.vm_id]
+
+    with pytest.raises(RecordConflict, match="not lost"):
+        record.forget(running.vm_id)  # a running VM is its host's to end
+    clock.advance(3000)
+    assert record.sweep(silence=1000, grace=2000) == ["h1"]
+    record.forget(running.vm_id)
+    assert record.vms() == []
+
+
+def test_a_drained_host_resumes(record: Record) -> None:
+    agents = Agents(record)
+    agents.register("h1", 10)
+    record.drain("h1")
+    with pytest.raises(NoCapacity):
+        record.create("alice", agents.start)
+    record.resume("h1")
+    assert record.create("alice", agents.start).host == "h1"
+    with pytest.raises(RecordConflict, match="not draining"):
+        record.resume("h1")
+
+
+def test_the_record_says_unavailable_while_postgres_restarts_then_reconnects(server: Postgres, conninfo: str) -> None:
+    with Record(conninfo) as record:
+        record.register("h1", capacity=1, viewer_address="h1.test:8080")
+        server.stop()
+        try:
+            with pytest.raises(RecordUnavailable, match="cannot be reached"):
+                record.hosts()
+        finally:
+            server.start()
+        assert [host.name for host in record.hosts()] == ["h1"]  # the next call connected again

@@ -15,11 +15,11 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from browservm.errors import BrowserVMError
+from browservm.ids import new_vm_id
 from browservm.vmm.process import VmmProcess, alive, signal_process, start_time, wait_exit
 
 if TYPE_CHECKING:
@@ -45,9 +45,9 @@ class FakeHostVms:
     async def start(self) -> None:
         await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)
 
-    def _vmm(self, local_id: str) -> VmmProcess | None:
+    def _vmm(self, vm_id: str) -> VmmProcess | None:
         try:
-            facts = json.loads((self.directory / local_id).read_text())
+            facts = json.loads((self.directory / vm_id).read_text())
         except FileNotFoundError:
             return None
         return VmmProcess(int(facts["pid"]), int(facts["start_time"]))
@@ -60,7 +60,7 @@ class FakeHostVms:
             if time.monotonic() > deadline:
                 raise FakeVmFailed("the test's `slow` switch stayed for 120 s")
             time.sleep(0.1)
-        local_id = f"vm-{uuid.uuid4().hex[:12]}"
+        vm_id = new_vm_id()
         # A double fork, as VMMs are spawned: the VM's parent is init, not the agent, so Ray ending the
         # agent's worker (which ends the worker's children) does not end the VM.
         done = subprocess.run([sys.executable, "-c", _DETACHED], capture_output=True, text=True, check=True,
@@ -68,21 +68,21 @@ class FakeHostVms:
         pid = int(done.stdout)
         started = start_time(pid)
         assert started is not None
-        (self.directory / local_id).write_text(json.dumps({"pid": pid, "start_time": started,
+        (self.directory / vm_id).write_text(json.dumps({"pid": pid, "start_time": started,
                                                            "user": request["user"]}))
-        return local_id
+        return vm_id
 
     async def create(self, request: dict[str, Any]) -> str:
         return await asyncio.to_thread(self._create, request)
 
-    def _destroy(self, local_id: str) -> None:
-        vmm = self._vmm(local_id)
+    def _destroy(self, vm_id: str) -> None:
+        vmm = self._vmm(vm_id)
         if vmm is not None and signal_process(vmm, signal.SIGTERM) and not wait_exit(vmm, 5):
             signal_process(vmm, signal.SIGKILL)
-        (self.directory / local_id).unlink(missing_ok=True)
+        (self.directory / vm_id).unlink(missing_ok=True)
 
-    async def destroy(self, local_id: str) -> None:
-        await asyncio.to_thread(self._destroy, local_id)
+    async def destroy(self, vm_id: str) -> None:
+        await asyncio.to_thread(self._destroy, vm_id)
 
     def _present(self) -> set[str]:
         present = set()
@@ -95,10 +95,10 @@ class FakeHostVms:
     async def present(self) -> set[str]:
         return await asyncio.to_thread(self._present)
 
-    async def describe(self, local_id: str) -> dict[str, Any]:
-        vmm = self._vmm(local_id)
-        return {"vm_id": local_id, "state": "ready" if vmm is not None and alive(vmm) else "ended",
+    async def describe(self, vm_id: str) -> dict[str, Any]:
+        vmm = self._vmm(vm_id)
+        return {"vm_id": vm_id, "state": "ready" if vmm is not None and alive(vmm) else "ended",
                 "pid": None if vmm is None else vmm.pid, "host_pid": os.getpid()}
 
-    async def viewer(self, local_id: str) -> dict[str, Any]:
-        return {"vm_id": local_id, "url": f"http://fake/{local_id}"}
+    async def viewer(self, vm_id: str) -> dict[str, Any]:
+        return {"vm_id": vm_id, "url": f"http://fake/{vm_id}"}

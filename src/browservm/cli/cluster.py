@@ -2,6 +2,7 @@
 
     browservm cluster up DIR --address ADDR     the first machine: PostgreSQL (in DIR/postgres, on a
                                                 Unix socket and on ADDR), Ray's head, and a front
+    browservm cluster front ADDR --state-dir D  another front, anywhere in the cluster
     browservm host join ADDR --name NAME        each host: its Ray node and its agent (the host's
                                                 controller, supervised by Ray)
     browservm host drain NAME --url URL         no new VMs there; waits for its VMs to end
@@ -24,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from browservm.cli.client import ControllerClient, api_key, parse_url
+from browservm.cluster.token import TOKEN_FILE
 from browservm.config import Settings, load_settings
 from browservm.errors import InvalidInput
 from browservm.secretfile import read_or_create
 
-TOKEN_FILE = "cluster.token"  # noqa: S105  # a file's name
 _JOIN_WAIT_S = 300  # an agent's first start may reconcile a host full of VMs
 _DRAIN_POLL_S = 2.0
 
@@ -40,10 +41,19 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     up.add_argument("directory", metavar="DIR", type=Path, help="the cluster's state: PostgreSQL, keys, token")
     up.add_argument("--address", required=True, metavar="ADDR",
                     help="this machine's address on the cluster's private network (Ray and PostgreSQL listen there)")
-    up.add_argument("--listen", default="127.0.0.1:8090", metavar="ADDRESS:PORT",
-                    help="where the front's API listens (default 127.0.0.1:8090)")
-    up.add_argument("--grace", type=float, default=120.0, metavar="SECONDS",
-                    help="how long a silent host stays suspect before its VMs are lost (default 120)")
+    front = actions.add_parser("front", help="another front, on any machine of the cluster (in the foreground)")
+    front.add_argument("head", metavar="ADDR", help="the first machine's address (cluster up's --address)")
+    front.add_argument("--state-dir", type=Path, required=True, metavar="DIR",
+                       help=f"holds copies of cluster up's DIR/{TOKEN_FILE} and DIR/api.key")
+    front.add_argument("--node-address", metavar="ADDR",
+                       help="this machine's address on the cluster's network, for its Ray node")
+    front.add_argument("--ray-running", action="store_true", help="a Ray node of the cluster already runs here")
+    for parser in (up, front):
+        parser.add_argument("--listen", default="127.0.0.1:8090", metavar="ADDRESS:PORT",
+                            help="where the front's API and viewers listen (default 127.0.0.1:8090)")
+        parser.add_argument("--public-url", metavar="URL", help="how browsers reach this front, for viewer links")
+        parser.add_argument("--grace", type=float, default=120.0, metavar="SECONDS",
+                            help="how long a silent host stays suspect before its VMs are lost (default 120)")
     hosts = actions.add_parser("hosts", help="the hosts, with state, capacity, allocated and last heartbeat")
     _add_url(hosts)
     for name, text in (("db-up", "start browservm's PostgreSQL in DIR (made on first use) with its tables"),
@@ -96,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.action == "up":
         return _up(args)
+    if args.action == "front":
+        return _another_front(args)
     return _db(args)
 
 
@@ -143,7 +155,28 @@ def _up(args: argparse.Namespace) -> int:
         print(f"cluster: Ray's head started on {args.address}:{ray_node.GCS_PORT}", flush=True)
     print(f"cluster: on each host, copy {directory / TOKEN_FILE} into its state directory, then run\n"
           f"  browservm host join {args.address} --name NAME --node-address ADDR", flush=True)
-    return run_front(server.conninfo, None, args.address, args.listen, directory, grace=args.grace)
+    return run_front(server.conninfo, None, args.address, args.listen, directory, grace=args.grace, token=token,
+                     public_url=args.public_url)
+
+
+def _another_front(args: argparse.Namespace) -> int:
+    from browservm.cluster import ray_node  # noqa: PLC0415
+    from browservm.cluster.front_run import run_front  # noqa: PLC0415
+    from browservm.cluster.postgres import network_conninfo  # noqa: PLC0415
+    from browservm.cluster.token import read_token  # noqa: PLC0415
+
+    directory: Path = args.state_dir.absolute()
+    try:
+        token = read_token(directory / TOKEN_FILE)
+    except FileNotFoundError:
+        raise InvalidInput("state_dir", str(directory), f"has no {TOKEN_FILE}: copy cluster up's there") from None
+    if not args.ray_running:
+        if not args.node_address:
+            raise InvalidInput("node_address", None, "a front needs a Ray node here: give --node-address "
+                                                     "(or --ray-running when one runs already)")
+        ray_node.start_node(args.head, args.node_address, None)
+    return run_front(network_conninfo(args.head), token, args.head, args.listen, directory, grace=args.grace,
+                     token=token, public_url=args.public_url)
 
 
 # --- host join, host drain -----------------------------------------------------------------------

@@ -57,7 +57,8 @@ def print_vm(view: dict[str, Any], as_json: bool) -> None:
     print(f"{view['vm_id']}: {view['state']}")
     network_by = view.get("guest_network_by")
     for label, key, value in (
-            ("user", "user", view["user"]), ("address", "address", view.get("address")),
+            ("user", "user", view["user"]), ("host", "host", view.get("host")),
+            ("address", "address", view.get("address")),
             ("gateway", "gateway", view.get("gateway")), ("tap", "tap", view.get("tap")),
             ("mac", "mac", view.get("mac")), ("bridge", "bridge", view.get("bridge")),
             ("vmm", "driver", f"{view.get('driver')} ({view.get('accel') or 'accelerator not chosen yet'})"),

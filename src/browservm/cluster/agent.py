@@ -41,17 +41,19 @@ class HostVms(Protocol):
         """Make a VM (the API's CreateVm body) and return its id on this host; BrowserVMError when it cannot."""
         ...
 
-    async def destroy(self, local_id: str) -> None: ...
+    async def destroy(self, vm_id: str) -> None: ...
 
     async def present(self) -> set[str]:
         """Every VM the host holds (booting, ready or failed): what the record must account for."""
         ...
 
-    async def describe(self, local_id: str) -> dict[str, Any]:
-        """What the host knows of one VM (its state, hops, failure), as JSON."""
+    async def describe(self, vm_id: str) -> dict[str, Any]:
+        """What the host knows of one VM (its state, hops, failure): the API's VmOut, as JSON."""
         ...
 
-    async def viewer(self, local_id: str) -> dict[str, Any]: ...
+    async def viewer(self, vm_id: str) -> dict[str, Any]:
+        """A viewer link (the API's ViewerOut, as JSON), on the host's own address."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,10 @@ class HostAgent:
         self.capacity = capacity
         self.viewer_address = viewer_address
         self.epoch: int | None = None
-        self._creating = 0  # creates in flight: until they confirm, their VMs are on the host and not placed
+        # Creates in flight, and creates begun: until a create confirms, its VM is on the host and not placed,
+        # so `settle` destroys orphans only when no create overlapped its look at the host and the record.
+        self._creating = 0
+        self._creates_begun = 0
 
     async def _call(self, method: Any, *args: Any) -> Any:
         return await asyncio.to_thread(method, *args)
@@ -100,24 +105,22 @@ class HostAgent:
     async def settle(self) -> list[str]:
         assert self.epoch is not None
         epoch = self.epoch
-        creating = self._creating
+        quiet = not self._creating  # no create in flight as it begins to look
+        begun = self._creates_begun
         present = await self._vms.present()
         placed = await self._call(lambda: self._record.vms(host=self.name))
-        local_ids = {vm.local_id for vm in placed if vm.local_id}
         actions: list[str] = []
-        if not creating and not self._creating:  # a VM being made is on the host before it is confirmed
-            for local_id in sorted(present - local_ids):
-                await self._vms.destroy(local_id)
-                actions.append(f"{local_id}: on this host but not placed here (its reservation was released): "
-                               "destroyed")
+        if quiet and self._creates_begun == begun:  # and none began since: no create overlapped this look
+            for vm_id in sorted(present - {vm.vm_id for vm in placed}):
+                await self._vms.destroy(vm_id)
+                actions.append(f"{vm_id}: on this host but not placed here (its reservation was released): destroyed")
         for vm in placed:
-            if vm.state == "running" and vm.local_id not in present:
+            if vm.state == "running" and vm.vm_id not in present:
                 await self._ignore_conflict(self._record.end, self.name, epoch, vm.vm_id)
-                actions.append(f"{vm.vm_id} ({vm.local_id}): placed here, no longer on this host: ended")
-            elif vm.state == "lost" and vm.local_id in present:
-                assert vm.local_id is not None
-                await self._vms.destroy(vm.local_id)
-                actions.append(f"{vm.vm_id} ({vm.local_id}): lost with this host ({vm.state_reason}): destroyed")
+                actions.append(f"{vm.vm_id}: placed here, no longer on this host: ended")
+            elif vm.state == "lost" and vm.vm_id in present:
+                await self._vms.destroy(vm.vm_id)
+                actions.append(f"{vm.vm_id}: lost with this host ({vm.state_reason}): destroyed")
         return actions
 
     async def _ignore_conflict(self, method: Any, *args: Any) -> None:
@@ -126,39 +129,40 @@ class HostAgent:
         except RecordConflict as conflict:  # another call of ours got there first
             log.info("%s", conflict)
 
-    async def create(self, vm_id: str, request: dict[str, Any]) -> Refusal | str:
-        """Make the VM reserved here and confirm it: its id on this host, or a Refusal."""
+    async def create(self, reservation: str, request: dict[str, Any]) -> Refusal | str:
+        """Make the VM reserved here and confirm it: the id this host gave it, or a Refusal."""
         if self.epoch is None:
             return Refusal("its agent has not registered yet")
         epoch = self.epoch
         self._creating += 1
+        self._creates_begun += 1
         try:
             present = await self._vms.present()
             if len(present) >= self.capacity:
                 return Refusal(f"full: {len(present)} of {self.capacity} VMs")
             try:
-                local_id = await self._vms.create(request)
+                vm_id = await self._vms.create(request)
             except BrowserVMError as error:
                 return Refusal(f"could not create the VM: {error}")
             try:
-                await self._call(self._record.confirm, self.name, epoch, vm_id, local_id)
+                await self._call(self._record.confirm, self.name, epoch, reservation, vm_id)
             except (FencedOut, RecordConflict, RecordUnavailable):
-                await self._vms.destroy(local_id)  # never half-made: the front releases or already released it
+                await self._vms.destroy(vm_id)  # never half-made: the front releases or already released it
                 raise
-            return local_id
+            return vm_id
         finally:
             self._creating -= 1
 
-    async def destroy(self, vm_id: str, local_id: str) -> None:
+    async def destroy(self, vm_id: str) -> None:
         assert self.epoch is not None, "register first"
-        await self._vms.destroy(local_id)
+        await self._vms.destroy(vm_id)
         try:
             await self._ignore_conflict(self._record.end, self.name, self.epoch, vm_id)
         except RecordUnavailable as error:  # the VM is gone from the host: the next settle ends its row
             log.warning("%s ended on host %s; its row ends at the next heartbeat: %s", vm_id, self.name, error)
 
-    async def describe(self, local_id: str) -> dict[str, Any]:
-        return await self._vms.describe(local_id)
+    async def describe(self, vm_id: str) -> dict[str, Any]:
+        return await self._vms.describe(vm_id)
 
-    async def viewer(self, local_id: str) -> dict[str, Any]:
-        return await self._vms.viewer(local_id)
+    async def viewer(self, vm_id: str) -> dict[str, Any]:
+        return await self._vms.viewer(vm_id)

@@ -60,22 +60,23 @@ class Front:
     # --- VMs ---------------------------------------------------------------------------------------
 
     def create(self, request: dict[str, Any], idempotency_key: str | None) -> Vm:
-        def start(vm: Vm) -> None:
+        def start(vm: Vm) -> str:
             try:
                 reply = self.agents.call(vm.host, "create", vm.vm_id, request)
             except HostUnreachable as error:
                 raise HostRefused(vm.host, error.reason) from None
             if "refused" in reply:
                 raise HostRefused(vm.host, reply["refused"])
+            return str(reply["vm_id"])
 
         return self.record.create(str(request["user"]), start, idempotency_key=idempotency_key)
 
     def get(self, vm_id: str) -> PlacedVm:
         vm = self.record.vm(vm_id)
-        if vm.state != "running" or vm.local_id is None:
+        if vm.state != "running":
             return PlacedVm(vm, None, None)
         try:
-            return PlacedVm(vm, self.agents.call(vm.host, "describe", vm.local_id, timeout=10), None)
+            return PlacedVm(vm, self.agents.call(vm.host, "describe", vm.vm_id, timeout=10), None)
         except HostUnreachable as error:
             return PlacedVm(vm, None, str(error))
 
@@ -85,17 +86,18 @@ class Front:
     def delete(self, vm_id: str) -> None:
         vm = self.record.vm(vm_id)
         if vm.state == "lost":
-            self.record.forget(vm_id)
-        elif vm.state == "pending" or vm.local_id is None:
+            self.record.forget(vm.vm_id)
+        elif vm.state == "pending":
             raise RecordConflict(f"VM {vm_id}", f"still being placed on host {vm.host}: delete it once it is")
         else:
-            self.agents.call(vm.host, "destroy", vm.vm_id, vm.local_id)
+            self.agents.call(vm.host, "destroy", vm.vm_id)
 
     def viewer(self, vm_id: str) -> dict[str, Any]:
+        """The host's viewer link (its URL on the host's own address: the app puts the front's in)."""
         vm = self.record.vm(vm_id)
-        if vm.state != "running" or vm.local_id is None:
+        if vm.state != "running":
             raise RecordConflict(f"VM {vm_id}", f"{vm.state} on host {vm.host}: no viewer")
-        reply: dict[str, Any] = self.agents.call(vm.host, "viewer", vm.local_id)
+        reply: dict[str, Any] = self.agents.call(vm.host, "viewer", vm.vm_id)
         return reply
 
     # --- hosts -------------------------------------------------------------------------------------

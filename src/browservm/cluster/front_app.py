@@ -1,4 +1,10 @@
-"""A front's HTTP API: `/v1/vms` and `/v1/hosts` over a Front (front.py), the operator's key required.
+"""A front's HTTP API: `/v1/vms` and `/v1/hosts` over a Front (front.py), the operator's key required,
+and the viewer: its page, its state and its WebSocket, relayed to the VM's host.
+
+A VM reads as the single-host API has it (the host's own VmOut), with `host`, `placement` and
+`placement_reason` added; a VM its host has not confirmed yet reads `creating`, a lost one `failed`
+with the host as the hop. So `browservm vm create --url FRONT` works as against one host: its event
+stream and viewer link are the host's, relayed.
 
 The record and Ray block, so every call goes to a thread; the hosts' watch is one task owned by the
 app's lifespan, cancelled on the way out.
@@ -10,20 +16,28 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
+from urllib.parse import urlencode
 
-from fastapi import Depends, FastAPI, Header
-from fastapi.responses import JSONResponse
+import httpx
+from fastapi import Depends, FastAPI, Header, WebSocket
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from browservm import __version__
-from browservm.api.app import BodyLimit, answer_errors
+from browservm.api.app import NOVNC_DIR, STATIC, BodyLimit, answer_errors
 from browservm.api.auth import require_operator
 from browservm.api.models import CreateVm, ErrorOut
-from browservm.cluster.errors import RecordUnavailable
+from browservm.cluster.errors import HostUnreachable, RecordUnavailable
 from browservm.cluster.front import Front, PlacedVm
-from browservm.cluster.record import Host, Vm
+from browservm.cluster.record import Host, Route
+from browservm.cluster.routes import RouteCache
+from browservm.cluster.viewer_relay import HOST_UNREACHABLE, NO_ROUTE, refuse
+from browservm.cluster.viewer_relay import relay as relay_viewer
+from browservm.errors import InvalidInput, VmNotFound
 from browservm.ids import validate_vm_id
 
 log = logging.getLogger("browservm.front")
@@ -31,20 +45,18 @@ WATCH_EVERY_S = 1.0
 T = TypeVar("T")
 
 
-class ClusterVmOut(BaseModel):
-    vm_id: str
-    host: str = Field(description="the host the VM was placed on")
-    placement: str = Field(description="pending (its host is making it), running (its host has it) or lost")
-    placement_reason: str
-    user: str
-    created_at: datetime
-    detail: dict[str, Any] | None = Field(description="the VM as its host describes it (state, hops, failure)")
-    detail_error: str | None = Field(description="why the host could not be asked, when it could not")
-
-    @classmethod
-    def of(cls, vm: Vm, detail: dict[str, Any] | None = None, error: str | None = None) -> ClusterVmOut:
-        return cls(vm_id=vm.vm_id, host=vm.host, placement=vm.state, placement_reason=vm.state_reason,
-                   user=vm.owner, created_at=vm.created_at, detail=detail, detail_error=error)
+def vm_view(placed: PlacedVm) -> dict[str, Any]:
+    vm = placed.vm
+    cluster = {"host": vm.host, "placement": vm.state, "placement_reason": vm.state_reason}
+    if placed.detail is not None:
+        return {**placed.detail, **cluster}
+    view: dict[str, Any] = {"vm_id": vm.vm_id, "user": vm.owner, "created_at": vm.created_at.timestamp(), **cluster}
+    if vm.state == "pending":
+        return {**view, "state": "creating"}
+    if vm.state == "lost":
+        return {**view, "state": "failed", "failure": {"hop": "host", "reason": vm.state_reason, "hint": "",
+                                                       "evidence": [], "vmm_log": [], "cleanup": []}}
+    return {**view, "state": "unknown", "detail_error": placed.detail_error}
 
 
 class HostOut(BaseModel):
@@ -64,7 +76,16 @@ class HostOut(BaseModel):
                    viewer_address=host.viewer_address)
 
 
-def build_front_app(front: Front, api_key: str) -> FastAPI:
+@dataclass(frozen=True)
+class Relay:
+    """How a front reaches hosts' controllers: their API key (from the cluster's token), the route cache."""
+
+    host_key: str
+    routes: RouteCache
+    public_url: str  # how browsers reach this front: viewer links point here
+
+
+def build_front_app(front: Front, api_key: str, relay: Relay) -> FastAPI:
     async def call(work: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(work, *args)
 
@@ -77,6 +98,8 @@ def build_front_app(front: Front, api_key: str) -> FastAPI:
                 log.warning("watching the hosts: %s", error)
             await asyncio.sleep(WATCH_EVERY_S)  # a period: Ray's node table has no change feed to await
 
+    hosts_http = httpx.AsyncClient(timeout=httpx.Timeout(10, read=None), trust_env=False, follow_redirects=False)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         watcher = asyncio.create_task(watch(), name="watch-hosts")
@@ -85,6 +108,7 @@ def build_front_app(front: Front, api_key: str) -> FastAPI:
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
+            await hosts_http.aclose()
 
     app = FastAPI(title="browservm cluster front", version=__version__, lifespan=lifespan,
                   description="The cluster's API: VMs placed on its hosts, and the hosts.")
@@ -94,38 +118,106 @@ def build_front_app(front: Front, api_key: str) -> FastAPI:
     errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (401, 404, 409, 422, 429, 502,
                                                                                      503)}
 
+    async def running_route(vm_id: str) -> Route:
+        route = await call(relay.routes.get, validate_vm_id(vm_id))
+        if route.state != "running":
+            raise VmNotFound(vm_id)
+        return route
+
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, bool]:
         return {"ok": True}
 
-    @app.post("/v1/vms", status_code=202, response_model=ClusterVmOut, dependencies=authorized, responses=errors,
-              tags=["vms"], operation_id="createVm")
+    # --- VMs -------------------------------------------------------------------------------------
+
+    @app.post("/v1/vms", status_code=202, dependencies=authorized, responses=errors, tags=["vms"],
+              operation_id="createVm")
     async def create_vm(body: CreateVm, idempotency_key: Annotated[
             str | None, Header(max_length=128, description="the same key again returns the same VM")] = None,
-                        ) -> ClusterVmOut:
+                        ) -> JSONResponse:
         vm = await call(front.create, body.model_dump(), idempotency_key)
-        return ClusterVmOut.of(vm)
+        return JSONResponse(vm_view(await call(front.get, vm.vm_id)), status_code=202)
 
-    @app.get("/v1/vms", response_model=list[ClusterVmOut], dependencies=authorized, responses=errors, tags=["vms"],
-             operation_id="listVms")
-    async def list_vms() -> list[ClusterVmOut]:
-        return [ClusterVmOut.of(vm) for vm in await call(front.all)]
+    @app.get("/v1/vms", dependencies=authorized, responses=errors, tags=["vms"], operation_id="listVms")
+    async def list_vms() -> list[dict[str, Any]]:
+        return [vm_view(PlacedVm(vm, None, None)) for vm in await call(front.all)]
 
-    @app.get("/v1/vms/{vm_id}", response_model=ClusterVmOut, dependencies=authorized, responses=errors,
-             tags=["vms"], operation_id="getVm")
-    async def get_vm(vm_id: str) -> ClusterVmOut:
-        placed: PlacedVm = await call(front.get, validate_vm_id(vm_id))
-        return ClusterVmOut.of(placed.vm, placed.detail, placed.detail_error)
+    @app.get("/v1/vms/{vm_id}", dependencies=authorized, responses=errors, tags=["vms"], operation_id="getVm")
+    async def get_vm(vm_id: str) -> dict[str, Any]:
+        return vm_view(await call(front.get, validate_vm_id(vm_id)))
 
     @app.delete("/v1/vms/{vm_id}", dependencies=authorized, responses=errors, tags=["vms"], operation_id="deleteVm")
     async def delete_vm(vm_id: str) -> dict[str, str | bool]:
         await call(front.delete, validate_vm_id(vm_id))
         return {"vm_id": vm_id, "removed": True}
 
-    @app.get("/v1/vms/{vm_id}/viewer", dependencies=authorized, responses=errors, tags=["vms"],
-             operation_id="getViewer")
-    async def viewer(vm_id: str) -> JSONResponse:
-        return JSONResponse(await call(front.viewer, validate_vm_id(vm_id)))
+    @app.get("/v1/vms/{vm_id}/events", dependencies=authorized, responses=errors, tags=["vms"],
+             operation_id="vmEvents", response_class=StreamingResponse)
+    async def events(vm_id: str) -> StreamingResponse:
+        """The host's Server-Sent Events of the VM, relayed as they come."""
+        route = await running_route(vm_id)
+        request = hosts_http.build_request("GET", f"http://{route.viewer_address}/v1/vms/{route.vm_id}/events",
+                                           headers={"Authorization": f"Bearer {relay.host_key}"})
+        try:
+            upstream = await hosts_http.send(request, stream=True)
+        except httpx.TransportError as error:
+            raise HostUnreachable(route.host, f"{route.viewer_address}: {error or type(error).__name__}") from None
+        if upstream.status_code != 200:
+            await upstream.aclose()
+            raise HostUnreachable(route.host, f"its controller answered the event stream with {upstream.status_code}")
+
+        async def lines() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in upstream.aiter_raw():
+                    yield chunk
+            finally:
+                await upstream.aclose()
+
+        return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    @app.post("/v1/vms/{vm_id}/viewer", dependencies=authorized, responses=errors, tags=["viewer"],
+              operation_id="createViewer")
+    async def viewer(vm_id: str) -> dict[str, Any]:
+        """A link to the VM's desktop through this front (the host signs its token)."""
+        link = await call(front.viewer, validate_vm_id(vm_id))
+        token = link["token"]
+        return {**link, "url": f"{relay.public_url}/view/{vm_id}?token={token}"}
+
+    # --- the viewer: the page here, its state and its WebSocket from the VM's host ----------------
+
+    @app.get("/view/{vm_id}", tags=["viewer"], response_class=HTMLResponse)
+    async def view(vm_id: str, token: str = "") -> HTMLResponse:
+        page = (STATIC / "viewer.html").read_text()
+        return HTMLResponse(page, headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+
+    @app.get("/view/{vm_id}/state", tags=["viewer"])
+    async def view_state(vm_id: str, token: str = "") -> Response:
+        try:
+            route = await running_route(vm_id)
+        except (VmNotFound, InvalidInput):
+            return JSONResponse({"error": {"type": "VmNotFound", "message": f"no VM {vm_id[:63]}"}}, status_code=404)
+        try:
+            answer = await hosts_http.get(f"http://{route.viewer_address}/view/{route.vm_id}/state",
+                                          params={"token": token})
+        except httpx.TransportError as error:
+            raise HostUnreachable(route.host, f"{route.viewer_address}: {error or type(error).__name__}") from None
+        return Response(answer.content, status_code=answer.status_code, media_type="application/json",
+                        headers={"Cache-Control": "no-store"})
+
+    @app.websocket("/v1/vms/{vm_id}/vnc")
+    async def vnc(websocket: WebSocket, vm_id: str, token: str = "") -> None:
+        try:
+            route = await running_route(vm_id)
+        except (VmNotFound, InvalidInput):
+            await refuse(websocket, NO_ROUTE, f"no VM {vm_id[:63]} running on a host")
+            return
+        except RecordUnavailable as error:
+            await refuse(websocket, HOST_UNREACHABLE, str(error))
+            return
+        await relay_viewer(websocket, f"ws://{route.viewer_address}/v1/vms/{route.vm_id}/vnc?"
+                                      f"{urlencode({'token': token})}", route.host)
+
+    # --- hosts -------------------------------------------------------------------------------------
 
     @app.get("/v1/hosts", response_model=list[HostOut], dependencies=authorized, responses=errors, tags=["hosts"],
              operation_id="listHosts")
@@ -142,4 +234,6 @@ def build_front_app(front: Front, api_key: str) -> FastAPI:
     async def resume(name: str) -> HostOut:
         return HostOut.of(await call(front.resume, name))
 
+    if NOVNC_DIR.is_dir():
+        app.mount("/novnc", StaticFiles(directory=NOVNC_DIR), name="novnc")
     return app

@@ -10,16 +10,20 @@ import ray
 import uvicorn
 
 from browservm.api.keys import api_key
+from browservm.api.proxy import UVICORN_WEBSOCKETS
 from browservm.cluster import ray_node
 from browservm.cluster.front import DEFAULT_SILENCE, Front
-from browservm.cluster.front_app import build_front_app
+from browservm.cluster.front_app import Relay, build_front_app
 from browservm.cluster.ray_agent import Agents
 from browservm.cluster.record import Record
+from browservm.cluster.routes import RouteCache
+from browservm.cluster.token import host_api_key
 from browservm.errors import InvalidInput
 
 
 def run_front(conninfo: str, password: str | None, head: str, listen: str, state_dir: Path, *,
-              grace: float) -> int:
+              grace: float, token: str, public_url: str | None) -> int:
+    """`password`: PostgreSQL's, when `conninfo` is over the network (None on the server's own socket)."""
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise InvalidInput("listen", listen, "must be ADDRESS:PORT, for example 127.0.0.1:8090")
@@ -31,12 +35,18 @@ def run_front(conninfo: str, password: str | None, head: str, listen: str, state
     try:
         with Record(conninfo, password=password) as record:
             front = Front(record, Agents(), ray.nodes, grace=grace)
+            routes = RouteCache(conninfo, record.route, password=password)
+            routes.start()
+            relay = Relay(host_api_key(token), routes, (public_url or f"http://{listen}").rstrip("/"))
             print(f"front: listening on http://{listen}; API key in {key_file or 'the settings'}; "
                   f"hosts: browservm cluster hosts --url http://{listen} --state-dir {state_dir}", flush=True)
-            config = uvicorn.Config(build_front_app(front, key), host=host.strip("[]"), port=int(port),
+            config = uvicorn.Config(build_front_app(front, key, relay), host=host.strip("[]"), port=int(port),
                                     lifespan="on", log_level="warning", access_log=False,
-                                    timeout_graceful_shutdown=10)
-            uvicorn.Server(config).run()
+                                    timeout_graceful_shutdown=10, **UVICORN_WEBSOCKETS)
+            try:
+                uvicorn.Server(config).run()
+            finally:
+                routes.close()
     finally:
         ray.shutdown()
     print("front: stopped; hosts and their VMs run on", flush=True)

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 from browservm.api.models import CreateVm
 from browservm.api.service import ControllerService
 from browservm.cli.serve import ServiceServer, listen_socket, service_of, uvicorn_config
+from browservm.cluster.token import host_api_key, read_token
 from browservm.config import Settings
 from browservm.controller import ServeLock, open_controller
+from browservm.errors import InvalidInput
 from browservm.vm.state import VmState
 
 if TYPE_CHECKING:
@@ -38,7 +40,10 @@ class HostController:
 
     @classmethod
     def of(cls, config: AgentConfig) -> HostController:
-        return cls(Settings(**config.settings))
+        """Its API key comes from the cluster's token: fronts relay VMs' event streams with it."""
+        if config.password_file is None:
+            raise InvalidInput("password_file", None, "a host's controller needs the cluster's token")
+        return cls(Settings(**{**config.settings, "api_key": host_api_key(read_token(config.password_file))}))
 
     async def start(self) -> None:
         settings = self.settings
@@ -64,15 +69,15 @@ class HostController:
         record = await self.service.create(CreateVm(**request), wait=False)
         return record.vm_id
 
-    async def destroy(self, local_id: str) -> None:
-        await self.service.destroy(local_id)
+    async def destroy(self, vm_id: str) -> None:
+        await self.service.destroy(vm_id)
 
     async def present(self) -> set[str]:
         return {record.vm_id for record in await self.service.all()
                 if record.state not in _GONE and not record.in_pool}
 
-    async def describe(self, local_id: str) -> dict[str, Any]:
-        return self.service.describe(await self.service.get(local_id)).model_dump(mode="json")
+    async def describe(self, vm_id: str) -> dict[str, Any]:
+        return self.service.describe(await self.service.get(vm_id)).model_dump(mode="json")
 
-    async def viewer(self, local_id: str) -> dict[str, Any]:
-        return (await self.service.viewer(local_id)).model_dump(mode="json")
+    async def viewer(self, vm_id: str) -> dict[str, Any]:
+        return (await self.service.viewer(vm_id)).model_dump(mode="json")

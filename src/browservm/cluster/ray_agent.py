@@ -128,18 +128,18 @@ class AgentActor:
     def ping(self) -> dict[str, Any]:
         return self._on_loop(_ping)
 
-    def create(self, vm_id: str, request: dict[str, Any]) -> dict[str, str]:
-        result = self._on_loop(lambda agent: agent.create(vm_id, request))
-        return {"refused": result.reason} if isinstance(result, Refusal) else {"local_id": result}
+    def create(self, reservation: str, request: dict[str, Any]) -> dict[str, str]:
+        result = self._on_loop(lambda agent: agent.create(reservation, request))
+        return {"refused": result.reason} if isinstance(result, Refusal) else {"vm_id": result}
 
-    def destroy(self, vm_id: str, local_id: str) -> None:
-        self._on_loop(lambda agent: agent.destroy(vm_id, local_id))
+    def destroy(self, vm_id: str) -> None:
+        self._on_loop(lambda agent: agent.destroy(vm_id))
 
-    def describe(self, local_id: str) -> dict[str, Any]:
-        return self._on_loop(lambda agent: agent.describe(local_id))
+    def describe(self, vm_id: str) -> dict[str, Any]:
+        return self._on_loop(lambda agent: agent.describe(vm_id))
 
-    def viewer(self, local_id: str) -> dict[str, Any]:
-        return self._on_loop(lambda agent: agent.viewer(local_id))
+    def viewer(self, vm_id: str) -> dict[str, Any]:
+        return self._on_loop(lambda agent: agent.viewer(vm_id))
 
 
 async def _ping(agent: HostAgent) -> dict[str, Any]:

@@ -57,10 +57,12 @@ def start_head(address: str) -> None:
                "--include-dashboard=false")
 
 
-def start_node(head: str, node_address: str, host: str) -> None:
-    """This host's Ray node, labelled with its name: the host's agent is pinned to that label."""
+def start_node(head: str, node_address: str, host: str | None) -> None:
+    """This machine's Ray node. A host's is labelled with its name (its agent is pinned to that label);
+    a front's (`host` None) has no label and no CPUs: nothing is placed on it."""
+    placement = ("--num-cpus=1", f"--labels={LABEL}={host}") if host else ("--num-cpus=0",)
     _ray_start(f"join Ray's cluster at {head}", f"--address={head}:{GCS_PORT}", f"--node-ip-address={node_address}",
-               "--num-cpus=1", f"--labels={LABEL}={host}")
+               *placement)
 
 
 def connect(head: str) -> None:

@@ -38,7 +38,7 @@ DEFAULT_PENDING_FOR = 900.0  # seconds a reservation may stay pending: longer th
 HOST_STATES = ("ready", "suspect", "lost", "draining")
 _NOW: LiteralString = "coalesce(%(now)s::timestamptz, statement_timestamp())"
 _VM_COLUMNS: LiteralString = ("vm_id, host, generation, state, state_reason, owner, created_at, idempotency_key, "
-                              "viewer_epoch, local_id")
+                              "viewer_epoch, reserved_as")
 _HOST_COLUMNS: LiteralString = ("name, capacity, allocated, pending, state, state_reason, heartbeat_at, agent_epoch, "
                                 "viewer_address")
 
@@ -72,7 +72,7 @@ class Vm:
     created_at: datetime
     idempotency_key: str | None
     viewer_epoch: str
-    local_id: str | None  # its id on its host, once confirmed
+    reserved_as: str | None  # the reservation's id, once the host made the VM (whose id is then the host's)
 
 
 @dataclass(frozen=True)
@@ -195,17 +195,19 @@ class Record:
                 "ELSE state_reason END "
                 "WHERE name = %(host)s", self._now(host=host, silence=_SILENCE + "%"))
 
-    def confirm(self, host: str, epoch: int, vm_id: str, local_id: str) -> Vm:
-        """The agent made the VM it was reserved (named `local_id` on the host): running, counted in `allocated`."""
+    def confirm(self, host: str, epoch: int, reservation: str, vm_id: str) -> Vm:
+        """The agent made the VM reserved as `reservation`, with the id `vm_id` its host gave it: running,
+        counted in `allocated`, known by that id from now on (and by the reservation's still)."""
         with self._transaction() as cursor:
             self._fence(cursor, host, epoch)
-            row = cursor.execute(f"UPDATE vms SET state = 'running', local_id = %s WHERE vm_id = %s AND host = %s "
-                                 f"AND state = 'pending' RETURNING {_VM_COLUMNS}", (local_id, vm_id, host)).fetchone()
+            row = cursor.execute(f"UPDATE vms SET state = 'running', vm_id = %s, reserved_as = vm_id "
+                                 f"WHERE vm_id = %s AND host = %s AND state = 'pending' RETURNING {_VM_COLUMNS}",
+                                 (vm_id, reservation, host)).fetchone()
             if row is None:
-                raise RecordConflict(f"VM {vm_id}", f"no pending reservation of it on host {host} to confirm")
+                raise RecordConflict(f"VM {reservation}", f"no pending reservation of it on host {host} to confirm")
             cursor.execute("UPDATE hosts SET pending = pending - 1, allocated = allocated + 1 WHERE name = %s",
                            (host,))
-            self._notify(cursor, [vm_id])
+            self._notify(cursor, [reservation, vm_id])
             return Vm(*row)
 
     def end(self, host: str, epoch: int, vm_id: str) -> None:
@@ -293,10 +295,11 @@ class Record:
 
     # --- VMs: placement, the reservation's end, routes --------------------------------------------
 
-    def create(self, owner: str, start: Callable[[Vm], None], *, idempotency_key: str | None = None) -> Vm:
+    def create(self, owner: str, start: Callable[[Vm], str], *, idempotency_key: str | None = None) -> Vm:
         """Place a new VM for `owner` and have `start` make it on its host (the agent confirms it there).
 
-        `start` raises HostRefused when the host's agent will not take it: the reservation is released
+        `start` returns the VM's id on its host (the agent confirmed it under that id), or raises
+        HostRefused when the host's agent will not take it: the reservation is released
         and the next host tried. Any other failure releases it too and is raised: never half-made.
         The same `idempotency_key` again (also while the first is in flight) returns the same VM.
         """
@@ -318,7 +321,7 @@ class Record:
             if not new:
                 return vm  # a replay: the create that made it owns it
             try:
-                start(vm)
+                made = start(vm)
             except HostRefused as refusal:
                 self.release(vm.vm_id)
                 reasons.append(str(refusal))
@@ -326,7 +329,7 @@ class Record:
             except BaseException:
                 self.release(vm.vm_id)
                 raise
-            return self.vm(vm.vm_id)
+            return self.vm(made)
         else:
             reasons.append(f"gave up after {self.tries} tries")
         raise NoCapacity(reasons)
@@ -387,9 +390,11 @@ class Record:
             self._notify(cursor, [vm_id])
 
     def vm(self, vm_id: str) -> Vm:
+        """The VM by its id, or by the id its reservation had (what a create replayed while in flight got)."""
         validate_vm_id(vm_id)
         with self._transaction() as cursor:
-            row = cursor.execute(f"SELECT {_VM_COLUMNS} FROM vms WHERE vm_id = %s", (vm_id,)).fetchone()
+            row = cursor.execute(f"SELECT {_VM_COLUMNS} FROM vms WHERE vm_id = %(id)s OR reserved_as = %(id)s",
+                                 {"id": vm_id}).fetchone()
         if row is None:
             raise VmNotFound(vm_id)
         return Vm(*row)
@@ -416,7 +421,8 @@ class Record:
         validate_vm_id(vm_id)
         with self._transaction() as cursor:
             row = cursor.execute("SELECT v.vm_id, v.host, v.generation, v.state, h.viewer_address "
-                                 "FROM vms v JOIN hosts h ON h.name = v.host WHERE v.vm_id = %s", (vm_id,)).fetchone()
+                                 "FROM vms v JOIN hosts h ON h.name = v.host "
+                                 "WHERE v.vm_id = %(id)s OR v.reserved_as = %(id)s", {"id": vm_id}).fetchone()
         if row is None:
             raise VmNotFound(vm_id)
         return Route(*row)

@@ -29,8 +29,9 @@ _RECONNECT = 1.0  # seconds before listening again after the connection failed
 class RouteCache:
     """Routes by VM id; `lookup` reads one from the record (Record.route) on a miss."""
 
-    def __init__(self, conninfo: str, lookup: Callable[[str], Route]) -> None:
+    def __init__(self, conninfo: str, lookup: Callable[[str], Route], *, password: str | None = None) -> None:
         self._conninfo = conninfo
+        self._password = password
         self._lookup = lookup
         self._routes: dict[str, Route] = {}
         self._invalidations = 0
@@ -90,7 +91,10 @@ class RouteCache:
     def _listen(self) -> None:
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self._conninfo, autocommit=True) as connection:
+                conninfo = self._conninfo
+                if self._password:
+                    conninfo = psycopg.conninfo.make_conninfo(conninfo, password=self._password)
+                with psycopg.connect(conninfo, autocommit=True) as connection:
                     connection.execute(f"LISTEN {ROUTES}")
                     self._set_listening(True)
                     while not self._stop.is_set():

@@ -7,7 +7,8 @@ Never edit a migration that has shipped: add the next one.
 hosts   one row per host: its agent's epoch (fencing), capacity and counts, state, heartbeat,
         the address of its viewer proxy
 vms     one row per VM placed: its host and route generation, state, owner, the create's
-        Idempotency-Key, the viewer epoch in its viewer tokens' signatures, its id on its host
+        Idempotency-Key, the viewer epoch in its viewer tokens' signatures; once its host made it, its id
+        is the host's and `reserved_as` the reservation's
 
 Every change of a VM's route (placed, confirmed, ended, lost) sends a NOTIFY on `ROUTES` with
 the VM's id, in the same transaction, so route caches hear of it only when it is committed.
@@ -54,10 +55,10 @@ MIGRATIONS: tuple[LiteralString, ...] = (
     );
     CREATE INDEX vms_by_host ON vms (host);
     """,
-    # 2: the VM's id on its host (a host may hand out a VM of its warm pool, named before the placement)
+    # 2: a VM's id is the one its host gave it (a host may hand out a VM of its warm pool, named before
+    # the placement): the reservation's id, under which the create began, is kept beside it
     """
-    ALTER TABLE vms ADD COLUMN local_id text;
-    CREATE UNIQUE INDEX vms_by_local_id ON vms (host, local_id);
+    ALTER TABLE vms ADD COLUMN reserved_as text UNIQUE;
     """,
 )
 
