@@ -28,12 +28,18 @@ import httpx
 import pytest
 
 from browservm.cluster.postgres import Postgres
+from browservm.images.kernel_build import WITH_IP_PNP, BuiltKernel
+from browservm.images.rootfs import RootfsImage
+from tests.support.browsers import chromium
 from tests.support.raycluster import HEAD, HEAD_IP, SimulatedCluster
+
+from .conftest import TEST_DISK_MIB, Namespaces, vmm_pids_under
 
 pytestmark = pytest.mark.host
 
 REPO = Path(__file__).resolve().parents[2]
-HOSTS = ["h1", "h2", "h3"]
+HOSTS = ["h1", "h2", "h3"]  # hosts of fake VMs
+REAL = "h4"  # a host of real guests, joined by the end-to-end test only
 FRONT = f"http://{HEAD_IP}:8090"
 GRACE = 20.0  # the front's: how long a silent host stays suspect before its VMs are lost
 BROWSERVM = [sys.executable, "-m", "browservm"]
@@ -161,7 +167,7 @@ def cluster() -> Iterator[Cluster]:
     try:
         os.chmod(base, 0o711)  # PostgreSQL's user passes through to its directory
         env = {"PYTHONPATH": f"{REPO / 'src'}:{REPO}", "RAY_DEDUP_LOGS": "0"}
-        with SimulatedCluster(base / "ray", HOSTS, env=env) as sim:
+        with SimulatedCluster(base / "ray", [*HOSTS, REAL], env=env) as sim:
             made = Cluster(sim, base)
             made.start_front()
             for host in HOSTS:
@@ -179,7 +185,7 @@ def cluster() -> Iterator[Cluster]:
 def clean(cluster: Cluster) -> Iterator[Cluster]:
     yield cluster
     cluster.delete_all()
-    wait_for("every host ready", lambda: all(h["state"] == "ready" for h in cluster.hosts().values()))
+    wait_for("every host ready", lambda: all(cluster.hosts()[h]["state"] == "ready" for h in HOSTS))
 
 
 def test_hosts_join_and_the_front_lists_them(clean: Cluster) -> None:
@@ -326,3 +332,103 @@ def test_a_drained_host_takes_no_new_vms_and_drain_waits_for_its_vms(clean: Clus
     done = clean.run(HEAD, "host", "resume", "h1", "--url", FRONT, "--state-dir", str(clean.directory))
     assert done.returncode == 0 and "taking new VMs" in done.stdout, done.stdout
     assert "h1" in {clean.create()["host"] for _ in range(12)}
+
+
+# Reads the noVNC canvas and counts its distinct colours: an empty canvas has one (or none).
+_DISTINCT_COLOURS = """() => {
+  const canvas = document.querySelector('#screen canvas');
+  if (!canvas || !canvas.width) return 0;
+  const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+  const seen = new Set();
+  for (let i = 0; i < data.length; i += 4 * 97) seen.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
+  return seen.size;
+}"""
+
+
+@pytest.mark.vm
+def test_a_desktop_created_through_one_front_is_seen_through_another(
+        cluster: Cluster, namespaces: Namespaces, built: dict[str, BuiltKernel], full_image: RootfsImage) -> None:
+    """The path of a person on a cluster: a real guest on the real host h4 (its controller run by its agent),
+    created with `vm create --url` on the first front, its desktop opened in Chromium through a second front on
+    another machine (h2), then deleted while viewed: the host's close code reaches the page through the relay,
+    and the same link opened again is refused by the front, which no longer routes it."""
+    state = cluster.state_dir(REAL)
+    state.mkdir(mode=0o700)
+    front2_dir = cluster.base / "front2"
+    front2_dir.mkdir(mode=0o700)
+    for name in ("cluster.token", "api.key"):  # what an operator copies to another front's machine
+        (front2_dir / name).write_text((cluster.directory / name).read_text())
+        (front2_dir / name).chmod(0o600)
+    drained = []
+    front2 = None
+    try:
+        for host in HOSTS:  # the guest must land on h4
+            cluster.ok("POST", f"/v1/hosts/{host}/drain")
+            drained.append(host)
+        done = cluster.run(REAL, "host", "join", HEAD_IP, "--name", REAL, "--node-address",
+                           cluster.sim.host_address(REAL), "--ray-running", "--state-dir", str(state),
+                           "--token-file", str(cluster.directory / "cluster.token"), "--netns", namespaces.name("vms"),
+                           "--kernel", str(built[WITH_IP_PNP.name].vmlinux), "--rootfs", str(full_image.path),
+                           "--vmm", "qemu", env={"BROWSERVM_DISK_MIB": str(TEST_DISK_MIB)})
+        assert done.returncode == 0 and f"host {REAL}: registered" in done.stdout, done.stdout
+
+        created = cluster.run(HEAD, "vm", "create", "--url", FRONT, "--state-dir", str(cluster.directory),
+                              "--user", "e2e", "--json", timeout=600)
+        assert created.returncode == 0, created.stdout[-3000:]
+        vm = json.loads(created.stdout[created.stdout.index("\n{") + 1:])  # after the progress lines
+        assert vm["state"] == "ready" and vm["host"] == REAL, vm
+        assert vm["viewer"]["url"].startswith(f"{FRONT}/view/{vm['vm_id']}?token=")
+
+        second = f"http://{cluster.sim.host_address('h2')}:8091"
+        log = (cluster.base / "front2.log").open("w")
+        front2 = cluster.sim.popen("h2", [*BROWSERVM, "cluster", "front", HEAD_IP, "--state-dir", str(front2_dir),
+                                          "--ray-running", "--listen", f"{cluster.sim.host_address('h2')}:8091"],
+                                   stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+        def second_answers() -> bool:
+            try:
+                with cluster.sim.namespace(HEAD).entered(), httpx.Client(timeout=5, trust_env=False) as client:
+                    return client.get(f"{second}/healthz").status_code == 200
+            except httpx.TransportError:
+                assert front2 is not None and front2.poll() is None, (cluster.base / "front2.log").read_text()
+                return False
+
+        wait_for("the second front answering", second_answers, timeout=120)
+        with cluster.sim.namespace(HEAD).entered(), httpx.Client(
+                base_url=second, timeout=60, trust_env=False,
+                headers={"Authorization": f"Bearer {cluster.key}"}) as client:
+            link = client.post(f"/v1/vms/{vm['vm_id']}/viewer")
+        assert link.status_code == 200, link.text
+        url = link.json()["url"]
+        assert url.startswith(f"{second}/view/{vm['vm_id']}?token=")
+
+        with cluster.sim.namespace(HEAD).entered(), chromium() as browser:  # Chromium on the cluster's network
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_selector("#status[data-state='connected']", timeout=120_000)
+            deadline = time.monotonic() + 60
+            while (colours := page.evaluate(_DISTINCT_COLOURS)) < 16 and time.monotonic() < deadline:
+                page.wait_for_timeout(250)
+            assert colours >= 16, f"the canvas shows {colours} colour(s): no browser window on the desktop"
+
+            cluster.ok("DELETE", f"/v1/vms/{vm['vm_id']}")  # through the first front, while viewed through the second
+            page.wait_for_selector("#status[data-state='closed']", timeout=60_000)
+            code = page.eval_on_selector("#status", "s => s.dataset.closeCode")
+            assert code == "4410", code  # the host's own code, through the relay
+            wait_for("the VM's row gone", lambda: cluster.vms() == [], timeout=30)
+            page.goto(url)
+            page.wait_for_function("document.querySelector('#status').dataset.closeCode", timeout=60_000)
+            text = page.eval_on_selector("#status", "s => s.dataset.closeCode + ' ' + s.textContent")
+            assert text.startswith("4404"), text  # the front routes it nowhere: refused, no VM reached
+    finally:
+        if front2 is not None and front2.poll() is None:
+            front2.send_signal(signal.SIGTERM)
+            front2.wait(30)
+        for host in drained:
+            cluster.ok("POST", f"/v1/hosts/{host}/resume")
+        for vm in cluster.vms():
+            cluster.http("DELETE", f"/v1/vms/{vm['vm_id']}")
+        cluster.sim.kill_host(REAL)  # its agent and controller; then what they left in the VM network
+        for pid in vmm_pids_under(state):
+            os.kill(pid, signal.SIGKILL)
