@@ -30,7 +30,7 @@ import pytest
 from browservm.cluster.postgres import Postgres
 from browservm.images.kernel_build import WITH_IP_PNP, BuiltKernel
 from browservm.images.rootfs import RootfsImage
-from tests.support.browsers import chromium
+from tests.support.browsers import chromium, desktop_colours
 from tests.support.raycluster import HEAD, HEAD_IP, SimulatedCluster
 
 from .conftest import TEST_DISK_MIB, Namespaces, vmm_pids_under
@@ -334,15 +334,6 @@ def test_a_drained_host_takes_no_new_vms_and_drain_waits_for_its_vms(clean: Clus
     assert "h1" in {clean.create()["host"] for _ in range(12)}
 
 
-# Reads the noVNC canvas and counts its distinct colours: an empty canvas has one (or none).
-_DISTINCT_COLOURS = """() => {
-  const canvas = document.querySelector('#screen canvas');
-  if (!canvas || !canvas.width) return 0;
-  const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
-  const seen = new Set();
-  for (let i = 0; i < data.length; i += 4 * 97) seen.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
-  return seen.size;
-}"""
 
 
 @pytest.mark.vm
@@ -407,9 +398,7 @@ def test_a_desktop_created_through_one_front_is_seen_through_another(
             page = browser.new_page()
             page.goto(url)
             page.wait_for_selector("#status[data-state='connected']", timeout=120_000)
-            deadline = time.monotonic() + 60
-            while (colours := page.evaluate(_DISTINCT_COLOURS)) < 16 and time.monotonic() < deadline:
-                page.wait_for_timeout(250)
+            colours = desktop_colours(page)
             assert colours >= 16, f"the canvas shows {colours} colour(s): no browser window on the desktop"
 
             cluster.ok("DELETE", f"/v1/vms/{vm['vm_id']}")  # through the first front, while viewed through the second

@@ -25,22 +25,13 @@ import pytest
 from playwright.sync_api import Browser, Page
 
 from browservm.images.rootfs import RootfsImage
-from tests.support.browsers import chromium
+from tests.support.browsers import chromium, desktop_colours
 
 from .conftest import Controllers
 
 pytestmark = [pytest.mark.host, pytest.mark.vm]
 _BOOT_S = 300.0
 
-# Reads the noVNC canvas and counts its distinct colours: an empty canvas has one (or none).
-_DISTINCT_COLOURS = """() => {
-  const canvas = document.querySelector('#screen canvas');
-  if (!canvas || !canvas.width) return 0;
-  const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
-  const seen = new Set();
-  for (let i = 0; i < data.length; i += 4 * 97) seen.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
-  return seen.size;
-}"""
 
 
 def _free_port() -> int:
@@ -129,9 +120,7 @@ def test_a_person_opens_the_desktop_through_the_controller_and_is_told_why_it_en
         page = browser.new_page()
         page.goto(serve.viewer_url(vm["vm_id"]))
         wait_status(page, "connected")
-        deadline = time.monotonic() + 60
-        while (colours := page.evaluate(_DISTINCT_COLOURS)) < 16 and time.monotonic() < deadline:
-            page.wait_for_timeout(250)
+        colours = desktop_colours(page)
         assert colours >= 16, f"the canvas shows {colours} colour(s): no browser window on the desktop"
         # What a person does sends every kind of message noVNC has in use (pointer, keys, clipboard,
         # update requests); the proxy follows each (rfb.ClientMessages) and relays it.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 import uvicorn
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser, Page, sync_playwright
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -32,6 +33,26 @@ def chromium() -> Iterator[Browser]:
             yield launched
         finally:
             launched.close()
+
+
+# Reads the noVNC canvas and counts its distinct colours: an empty canvas has one (or none).
+_DISTINCT_COLOURS = """() => {
+  const canvas = document.querySelector('#screen canvas');
+  if (!canvas || !canvas.width) return 0;
+  const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+  const seen = new Set();
+  for (let i = 0; i < data.length; i += 4 * 97) seen.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
+  return seen.size;
+}"""
+
+
+def desktop_colours(page: Page, want: int = 16, timeout_s: float = 60.0) -> int:
+    """The distinct colours of the viewer page's canvas once it shows `want` of them (a browser window on
+    the desktop does), or as many as it shows at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while (colours := int(page.evaluate(_DISTINCT_COLOURS))) < want and time.monotonic() < deadline:
+        page.wait_for_timeout(250)
+    return colours
 
 
 class ReadyServer(uvicorn.Server):

@@ -65,7 +65,7 @@ from browservm.vm.desktop_path import desktop_path
 log = logging.getLogger("browservm.api")
 MAX_BODY = 64 * 1024
 NOVNC_DIR = Path("/usr/share/novnc")
-STATIC = resources.files("browservm.api") / "static"
+_STATIC = resources.files("browservm.api") / "static"
 # Swagger UI 5 (the first to read OpenAPI 3.1, which FastAPI writes) from the fastapi-swagger package, so /docs
 # works without internet. Only its files: the package's directory also holds its Python.
 SWAGGER_UI = Path(str(resources.files("fastapi_swagger.resources")))
@@ -144,6 +144,12 @@ class BodyLimit:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = _error(413, {"type": "BodyTooLarge", "message": f"the body is over {self.limit} bytes"})
         await response(scope, receive, send)
+
+
+def viewer_page() -> HTMLResponse:
+    """The viewer's page (it reads its VM and token from its own URL): a controller's, or a front's."""
+    page = (_STATIC / "viewer.html").read_text()
+    return HTMLResponse(page, headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
 
 
 def answer_errors(app: FastAPI) -> None:
@@ -290,8 +296,7 @@ def build_app(service: ControllerService) -> FastAPI:
 
     @app.get("/view/{vm_id}", tags=["viewer"], response_class=HTMLResponse)
     async def view(vm_id: str, token: str = "") -> HTMLResponse:
-        page = (STATIC / "viewer.html").read_text()
-        return HTMLResponse(page, headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+        return viewer_page()
 
     @app.get("/view/{vm_id}/state", tags=["viewer"])
     async def view_state(vm_id: str, token: str = "") -> JSONResponse:
@@ -323,11 +328,11 @@ def build_app(service: ControllerService) -> FastAPI:
             operator(request)
         except ApiError:
             return RedirectResponse("/login", status_code=303)
-        return HTMLResponse((STATIC / "operator.html").read_text(), headers={"Cache-Control": "no-store"})
+        return HTMLResponse((_STATIC / "operator.html").read_text(), headers={"Cache-Control": "no-store"})
 
     @app.get("/login", include_in_schema=False)
     async def login_form(failed: bool = False) -> HTMLResponse:
-        page = (STATIC / "login.html").read_text()
+        page = (_STATIC / "login.html").read_text()
         return HTMLResponse(page.replace("{{message}}", "That key is not right." if failed else ""))
 
     @app.post("/login", include_in_schema=False)

@@ -28,7 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from browservm import __version__
-from browservm.api.app import NOVNC_DIR, STATIC, BodyLimit, answer_errors
+from browservm.api.app import NOVNC_DIR, BodyLimit, answer_errors, viewer_page
 from browservm.api.auth import require_operator
 from browservm.api.models import CreateVm, ErrorOut
 from browservm.cluster.errors import HostUnreachable, RecordUnavailable
@@ -187,8 +187,7 @@ def build_front_app(front: Front, api_key: str, relay: Relay) -> FastAPI:
 
     @app.get("/view/{vm_id}", tags=["viewer"], response_class=HTMLResponse)
     async def view(vm_id: str, token: str = "") -> HTMLResponse:
-        page = (STATIC / "viewer.html").read_text()
-        return HTMLResponse(page, headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+        return viewer_page()
 
     @app.get("/view/{vm_id}/state", tags=["viewer"])
     async def view_state(vm_id: str, token: str = "") -> Response:
