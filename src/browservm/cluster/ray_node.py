@@ -8,6 +8,7 @@ runs `ray stop`, which stops every Ray process on the machine, not only the ones
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -20,6 +21,10 @@ from browservm.cluster.ray_agent import LABEL, NAMESPACE
 from browservm.runner import tail
 
 GCS_PORT = 6379
+# The GCS checks each node every second and gives it up after 5 misses: a dead host is suspect within
+# ~5 s, not Ray's default ~13 s (LAB-NOTES), and a busy node is not taken for dead.
+HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+                 "RAY_health_check_failure_threshold": "5"}
 _START_TIMEOUT = 180  # seconds for `ray start`: ~7 s on an idle machine, ~30 s on a loaded one (LAB-NOTES)
 
 
@@ -30,11 +35,11 @@ def _ray() -> str:
     return str(program)
 
 
-def _ray_start(step: str, *args: str) -> None:
+def _ray_start(step: str, *args: str, env: dict[str, str] | None = None) -> None:
     argv = [_ray(), "start", *args, "--disable-usage-stats"]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=_START_TIMEOUT, check=False,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         raise ClusterError(step, f"`ray start` did not finish in {_START_TIMEOUT} s") from None
     if done.returncode != 0:
@@ -54,7 +59,7 @@ def gcs_answers(address: str, timeout: float = 2.0) -> bool:
 def start_head(address: str) -> None:
     """The cluster's Ray head on `address`: no CPUs of its own, so no agent lands on it."""
     _ray_start("start Ray's head", "--head", f"--node-ip-address={address}", f"--port={GCS_PORT}", "--num-cpus=0",
-               "--include-dashboard=false")
+               "--include-dashboard=false", env=HEALTH_CHECKS)
 
 
 def start_node(head: str, node_address: str, host: str | None) -> None:
