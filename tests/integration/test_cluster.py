@@ -208,6 +208,7 @@ def test_300_vms_are_placed_evenly_and_each_runs_on_its_host(clean: Cluster) -> 
     for name in HOSTS:  # the record and each host agree, VM for VM
         on_host = clean.fake_vms(name)
         assert len(on_host) == counts[name]
+    assert {vm["state"] for vm in clean.vms()} == {"ready"}  # the list has each host's view of its VMs
     vm = clean.ok("GET", f"/v1/vms/{created[0]['vm_id']}")
     assert vm["placement"] == "running" and vm["state"] == "ready"  # the host's own view, with its placement
     assert vm["vm_id"] in clean.fake_vms(vm["host"])

@@ -100,5 +100,8 @@ class FakeHostVms:
         return {"vm_id": vm_id, "state": "ready" if vmm is not None and alive(vmm) else "ended",
                 "pid": None if vmm is None else vmm.pid, "host_pid": os.getpid()}
 
+    async def describe_all(self) -> dict[str, dict[str, Any]]:
+        return {vm_id: await self.describe(vm_id) for vm_id in await self.present()}
+
     async def viewer(self, vm_id: str) -> dict[str, Any]:
         return {"vm_id": vm_id, "url": f"http://fake/{vm_id}"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import pytest
@@ -67,6 +68,7 @@ class MemoryHost:
         self.destroyed: list[str] = []
         self.hold: asyncio.Event | None = None  # a create waits for it (made, not yet returned)
         self.made = 0
+        self.on_present: Callable[[], Awaitable[object]] | None = None  # runs once, as the host is looked at
 
     async def start(self) -> None:
         pass
@@ -84,10 +86,17 @@ class MemoryHost:
         self.destroyed.append(vm_id)
 
     async def present(self) -> set[str]:
-        return set(self.vms)
+        listed = set(self.vms)
+        if self.on_present is not None:  # happens just after the host was listed
+            work, self.on_present = self.on_present, None
+            await work()
+        return listed
 
     async def describe(self, vm_id: str) -> dict[str, Any]:
         return {"vm_id": vm_id}
+
+    async def describe_all(self) -> dict[str, dict[str, Any]]:
+        return {vm_id: {"vm_id": vm_id} for vm_id in self.vms}
 
     async def viewer(self, vm_id: str) -> dict[str, Any]:
         return {"vm_id": vm_id}
@@ -129,6 +138,16 @@ def test_a_settle_while_a_create_is_in_flight_leaves_its_vm_alone() -> None:
 
     made, destroyed = asyncio.run(scenario())
     assert made == "vm-1" and destroyed == []
+
+
+def test_a_vm_confirmed_while_a_settle_looks_is_not_taken_for_ended() -> None:
+    record, host = MemoryRecord(), MemoryHost()
+    agent = agent_of(record, host)
+    asyncio.run(agent.register())
+    record.reserve("r1")
+    host.on_present = lambda: agent.create("r1", {"user": "alice"})  # made and confirmed as the host is listed
+    asyncio.run(agent.settle())
+    assert host.vms == {"vm-1"} and sorted(record.rows) == ["vm-1"] and host.destroyed == []
 
 
 def test_a_full_host_refuses_and_a_refused_confirm_undoes_the_vm() -> None:

@@ -51,6 +51,10 @@ class HostVms(Protocol):
         """What the host knows of one VM (its state, hops, failure): the API's VmOut, as JSON."""
         ...
 
+    async def describe_all(self) -> dict[str, dict[str, Any]]:
+        """describe() of every VM the host holds, by id."""
+        ...
+
     async def viewer(self, vm_id: str) -> dict[str, Any]:
         """A viewer link (the API's ViewerOut, as JSON), on the host's own address."""
         ...
@@ -107,8 +111,11 @@ class HostAgent:
         epoch = self.epoch
         quiet = not self._creating  # no create in flight as it begins to look
         begun = self._creates_begun
-        present = await self._vms.present()
+        # The record first, then the host: a VM is made before it is confirmed, so one the record has
+        # running is on the host unless it ended; the other way round, one confirmed between the two looks
+        # would seem to have ended.
         placed = await self._call(lambda: self._record.vms(host=self.name))
+        present = await self._vms.present()
         actions: list[str] = []
         if quiet and self._creates_begun == begun:  # and none began since: no create overlapped this look
             for vm_id in sorted(present - {vm.vm_id for vm in placed}):
@@ -163,6 +170,9 @@ class HostAgent:
 
     async def describe(self, vm_id: str) -> dict[str, Any]:
         return await self._vms.describe(vm_id)
+
+    async def describe_all(self) -> dict[str, dict[str, Any]]:
+        return await self._vms.describe_all()
 
     async def viewer(self, vm_id: str) -> dict[str, Any]:
         return await self._vms.viewer(vm_id)

@@ -80,8 +80,17 @@ class Front:
         except HostUnreachable as error:
             return PlacedVm(vm, None, str(error))
 
-    def all(self) -> list[Vm]:
-        return self.record.vms()
+    def all(self) -> list[PlacedVm]:
+        """Every VM, each with its host's view of it: one call per host."""
+        vms = self.record.vms()
+        views: dict[str, dict[str, dict[str, Any]]] = {}
+        failed: dict[str, str] = {}
+        for host in sorted({vm.host for vm in vms if vm.state == "running"}):
+            try:
+                views[host] = self.agents.call(host, "describe_all", timeout=10)
+            except HostUnreachable as error:
+                failed[host] = str(error)
+        return [PlacedVm(vm, views.get(vm.host, {}).get(vm.vm_id), failed.get(vm.host)) for vm in vms]
 
     def delete(self, vm_id: str) -> None:
         vm = self.record.vm(vm_id)

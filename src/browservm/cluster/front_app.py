@@ -136,11 +136,12 @@ def build_front_app(front: Front, api_key: str, relay: Relay) -> FastAPI:
             str | None, Header(max_length=128, description="the same key again returns the same VM")] = None,
                         ) -> JSONResponse:
         vm = await call(front.create, body.model_dump(), idempotency_key)
-        return JSONResponse(vm_view(await call(front.get, vm.vm_id)), status_code=202)
+        # As a single host answers: the VM is being created (its host's view comes with GET and the events).
+        return JSONResponse({**vm_view(PlacedVm(vm, None, None)), "state": "creating"}, status_code=202)
 
     @app.get("/v1/vms", dependencies=authorized, responses=errors, tags=["vms"], operation_id="listVms")
     async def list_vms() -> list[dict[str, Any]]:
-        return [vm_view(PlacedVm(vm, None, None)) for vm in await call(front.all)]
+        return [vm_view(placed) for placed in await call(front.all)]
 
     @app.get("/v1/vms/{vm_id}", dependencies=authorized, responses=errors, tags=["vms"], operation_id="getVm")
     async def get_vm(vm_id: str) -> dict[str, Any]:

@@ -79,5 +79,9 @@ class HostController:
     async def describe(self, vm_id: str) -> dict[str, Any]:
         return self.service.describe(await self.service.get(vm_id)).model_dump(mode="json")
 
+    async def describe_all(self) -> dict[str, dict[str, Any]]:
+        return {record.vm_id: self.service.describe(record).model_dump(mode="json")
+                for record in await self.service.all() if not record.in_pool}
+
     async def viewer(self, vm_id: str) -> dict[str, Any]:
         return (await self.service.viewer(vm_id)).model_dump(mode="json")

@@ -138,6 +138,9 @@ class AgentActor:
     def describe(self, vm_id: str) -> dict[str, Any]:
         return self._on_loop(lambda agent: agent.describe(vm_id))
 
+    def describe_all(self) -> dict[str, dict[str, Any]]:
+        return self._on_loop(lambda agent: agent.describe_all())
+
     def viewer(self, vm_id: str) -> dict[str, Any]:
         return self._on_loop(lambda agent: agent.viewer(vm_id))
 
