@@ -413,8 +413,8 @@ def driver_layers(task: dict[str, Any]) -> dict[str, Any]:
     with Record(Postgres(Path(task["directory"]) / "postgres").conninfo) as record:
         front = Front(record, agents, ray.nodes)
 
-        def no_host_call(vm: Vm) -> str:
-            return vm.vm_id  # the reservation, still pending: released below
+        def no_host_call(vm: Vm) -> Vm:
+            return vm  # the reservation, still pending: released below
 
         for i in range(3 + count):  # the first few pay for connections and imports, not for a create
             started = time.perf_counter()

@@ -98,17 +98,17 @@ class Agents:
         self.epochs[host] = self.record.register(host, capacity=capacity, viewer_address=f"{host}.test:8443")
         return self.epochs[host]
 
-    def start(self, vm: Vm) -> str:
+    def start(self, vm: Vm) -> Vm:
         """As an agent: the VM made under an id of the host's own, and confirmed under it."""
         self.asked.append(vm.host)
         if vm.host in self.refusing:
             raise HostRefused(vm.host, "full by its own count")
-        return self.record.confirm(vm.host, self.epochs[vm.host], vm.vm_id, f"on-{vm.vm_id}").vm_id
+        return self.record.confirm(vm.host, self.epochs[vm.host], vm.vm_id, f"on-{vm.vm_id}")
 
 
-def reserve_only(vm: Vm) -> str:
+def reserve_only(vm: Vm) -> Vm:
     """A start that leaves the VM reserved (its agent has not confirmed it yet)."""
-    return vm.vm_id
+    return vm
 
 
 def allocated(record: Record) -> dict[str, int]:
@@ -253,7 +253,7 @@ def test_a_failed_create_leaves_nothing_behind(record: Record) -> None:
     Agents(record).register("h1", 10)
     failed: list[Vm] = []
 
-    def broken(vm: Vm) -> str:
+    def broken(vm: Vm) -> Vm:
         failed.append(vm)
         raise OSError("the agent's connection dropped")
 
@@ -275,12 +275,12 @@ def test_a_replayed_create_returns_the_same_vm_also_while_the_first_is_in_flight
     finish = threading.Event()
     first: list[Vm] = []
 
-    def slow_start(vm: Vm) -> str:
+    def slow_start(vm: Vm) -> Vm:
         in_flight.set()
         assert finish.wait(30)
         return agents.start(vm)
 
-    def never(vm: Vm) -> str:
+    def never(vm: Vm) -> Vm:
         raise AssertionError("a replay must not make a second VM")
 
     with Record(conninfo) as front:

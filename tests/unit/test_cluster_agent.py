@@ -5,9 +5,9 @@ tests/integration/test_cluster.py's."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
-from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import pytest
@@ -121,7 +121,7 @@ def test_settling_destroys_orphans_ends_what_is_gone_and_clears_what_was_lost() 
 
 
 def test_a_settle_while_a_create_is_in_flight_leaves_its_vm_alone() -> None:
-    async def scenario() -> tuple[str | Refusal, list[str]]:
+    async def scenario() -> tuple[Vm | Refusal, list[str]]:
         record, host = MemoryRecord(), MemoryHost()
         agent = agent_of(record, host)
         await agent.register()
@@ -137,7 +137,7 @@ def test_a_settle_while_a_create_is_in_flight_leaves_its_vm_alone() -> None:
         return made, host.destroyed
 
     made, destroyed = asyncio.run(scenario())
-    assert made == "vm-1" and destroyed == []
+    assert isinstance(made, Vm) and made.vm_id == "vm-1" and destroyed == []
 
 
 def test_a_vm_confirmed_while_a_settle_looks_is_not_taken_for_ended() -> None:
@@ -155,7 +155,8 @@ def test_a_full_host_refuses_and_a_refused_confirm_undoes_the_vm() -> None:
     agent = agent_of(record, host, capacity=1)
     asyncio.run(agent.register())
     record.reserve("r1")
-    assert asyncio.run(agent.create("r1", {"user": "alice"})) == "vm-1"
+    made = asyncio.run(agent.create("r1", {"user": "alice"}))
+    assert isinstance(made, Vm) and (made.vm_id, made.reserved_as, made.state) == ("vm-1", "r1", "running")
     refused = asyncio.run(agent.create("r2", {"user": "alice"}))
     assert isinstance(refused, Refusal) and "full: 1 of 1" in refused.reason
 

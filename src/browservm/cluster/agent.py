@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from browservm.cluster.errors import FencedOut, RecordConflict, RecordUnavailable, Superseded
-from browservm.cluster.record import Record
+from browservm.cluster.record import Record, Vm
 from browservm.errors import BrowserVMError
 
 log = logging.getLogger("browservm.agent")
@@ -79,6 +79,9 @@ class HostAgent:
         # so `settle` destroys orphans only when no create overlapped its look at the host and the record.
         self._creating = 0
         self._creates_begun = 0
+        # The host's VMs by its own count, as of the last look plus what this agent made and ended since:
+        # a create checks room on it without listing the host (the record's reservation guards it first).
+        self._held: set[str] = set()
 
     async def _call(self, method: Any, *args: Any) -> Any:
         return await asyncio.to_thread(method, *args)
@@ -116,17 +119,18 @@ class HostAgent:
         # would seem to have ended.
         placed = await self._call(lambda: self._record.vms(host=self.name))
         present = await self._vms.present()
+        self._held = set(present)
         actions: list[str] = []
         if quiet and self._creates_begun == begun:  # and none began since: no create overlapped this look
             for vm_id in sorted(present - {vm.vm_id for vm in placed}):
-                await self._vms.destroy(vm_id)
+                await self.destroy_only(vm_id)
                 actions.append(f"{vm_id}: on this host but not placed here (its reservation was released): destroyed")
         for vm in placed:
             if vm.state == "running" and vm.vm_id not in present:
                 await self._ignore_conflict(self._record.end, self.name, epoch, vm.vm_id)
                 actions.append(f"{vm.vm_id}: placed here, no longer on this host: ended")
             elif vm.state == "lost" and vm.vm_id in present:
-                await self._vms.destroy(vm.vm_id)
+                await self.destroy_only(vm.vm_id)
                 actions.append(f"{vm.vm_id}: lost with this host ({vm.state_reason}): destroyed")
         return actions
 
@@ -136,33 +140,38 @@ class HostAgent:
         except RecordConflict as conflict:  # another call of ours got there first
             log.info("%s", conflict)
 
-    async def create(self, reservation: str, request: dict[str, Any]) -> Refusal | str:
-        """Make the VM reserved here and confirm it: the id this host gave it, or a Refusal."""
+    async def create(self, reservation: str, request: dict[str, Any]) -> Refusal | Vm:
+        """Make the VM reserved here and confirm it: the VM as confirmed (under this host's id), or a Refusal."""
         if self.epoch is None:
             return Refusal("its agent has not registered yet")
         epoch = self.epoch
         self._creating += 1
         self._creates_begun += 1
         try:
-            present = await self._vms.present()
-            if len(present) >= self.capacity:
-                return Refusal(f"full: {len(present)} of {self.capacity} VMs")
+            if len(self._held) >= self.capacity:
+                return Refusal(f"full: {len(self._held)} of {self.capacity} VMs")
             try:
                 vm_id = await self._vms.create(request)
             except BrowserVMError as error:
                 return Refusal(f"could not create the VM: {error}")
+            self._held.add(vm_id)
             try:
-                await self._call(self._record.confirm, self.name, epoch, reservation, vm_id)
+                confirmed: Vm = await self._call(self._record.confirm, self.name, epoch, reservation, vm_id)
             except (FencedOut, RecordConflict, RecordUnavailable):
-                await self._vms.destroy(vm_id)  # never half-made: the front releases or already released it
+                await self.destroy_only(vm_id)  # never half-made: the front releases or already released it
                 raise
-            return vm_id
+            return confirmed
         finally:
             self._creating -= 1
 
+    async def destroy_only(self, vm_id: str) -> None:
+        """The VM gone from the host; its row is someone else's to end (or there is none)."""
+        await self._vms.destroy(vm_id)
+        self._held.discard(vm_id)
+
     async def destroy(self, vm_id: str) -> None:
         assert self.epoch is not None, "register first"
-        await self._vms.destroy(vm_id)
+        await self.destroy_only(vm_id)
         try:
             await self._ignore_conflict(self._record.end, self.name, self.epoch, vm_id)
         except RecordUnavailable as error:  # the VM is gone from the host: the next settle ends its row

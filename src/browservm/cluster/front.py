@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from browservm.cluster.agent import Refusal
 from browservm.cluster.errors import HostRefused, HostUnreachable, RecordConflict
 from browservm.cluster.ray_agent import LABEL, Agents
 from browservm.cluster.record import Host, Record, Vm
@@ -60,14 +61,15 @@ class Front:
     # --- VMs ---------------------------------------------------------------------------------------
 
     def create(self, request: dict[str, Any], idempotency_key: str | None) -> Vm:
-        def start(vm: Vm) -> str:
+        def start(vm: Vm) -> Vm:
             try:
-                reply = self.agents.call(vm.host, "create", vm.vm_id, request)
+                made = self.agents.call(vm.host, "create", vm.vm_id, request)
             except HostUnreachable as error:
                 raise HostRefused(vm.host, error.reason) from None
-            if "refused" in reply:
-                raise HostRefused(vm.host, reply["refused"])
-            return str(reply["vm_id"])
+            if isinstance(made, Refusal):
+                raise HostRefused(vm.host, made.reason)
+            assert isinstance(made, Vm), made
+            return made
 
         return self.record.create(str(request["user"]), start, idempotency_key=idempotency_key)
 

@@ -155,7 +155,9 @@ class Postgres:
     def _configure(self) -> None:
         """browservm's settings and logins, written at every start: `listen` may differ from the last."""
         settings = {"listen_addresses": _quote(self.listen or ""), "port": str(PORT),
-                    "unix_socket_directories": _quote(str(self.directory)), "unix_socket_permissions": "0700"}
+                    "unix_socket_directories": _quote(str(self.directory)), "unix_socket_permissions": "0700",
+                    # Each front and agent holds a connection per thread that uses the record (up to ~6).
+                    "max_connections": "1000"}
         if self.listen:
             settings["password_encryption"] = "'scram-sha-256'"  # noqa: S105  # a method's name
         if not self.durable:

@@ -27,7 +27,7 @@ import ray.exceptions
 
 from browservm.cluster.agent import HostAgent, HostVms, Refusal
 from browservm.cluster.errors import HostUnreachable, RecordUnavailable, Superseded
-from browservm.cluster.record import Record
+from browservm.cluster.record import Record, Vm
 from browservm.errors import BrowserVMError
 from browservm.secretfile import read_existing
 
@@ -58,7 +58,7 @@ class AgentConfig:
 
 
 class AgentActor:
-    """The Ray actor. Its methods return plain data: exceptions of ours do not cross Ray intact."""
+    """The Ray actor. Its methods return data (dataclasses of ours cross Ray; exceptions of ours do not)."""
 
     def __init__(self, config: AgentConfig) -> None:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -128,9 +128,8 @@ class AgentActor:
     def ping(self) -> dict[str, Any]:
         return self._on_loop(_ping)
 
-    def create(self, reservation: str, request: dict[str, Any]) -> dict[str, str]:
-        result = self._on_loop(lambda agent: agent.create(reservation, request))
-        return {"refused": result.reason} if isinstance(result, Refusal) else {"vm_id": result}
+    def create(self, reservation: str, request: dict[str, Any]) -> Refusal | Vm:
+        return self._on_loop(lambda agent: agent.create(reservation, request))
 
     def destroy(self, vm_id: str) -> None:
         self._on_loop(lambda agent: agent.destroy(vm_id))

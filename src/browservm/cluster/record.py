@@ -95,19 +95,21 @@ def validate_host(name: str) -> str:
 
 
 class Record:
-    """One connection to the cluster's database; its methods are safe to call from several threads."""
+    """The cluster's database, a connection per thread that uses it: its methods are safe to call from
+    several threads at once, and one thread's transaction never waits for another's to end."""
 
     def __init__(self, conninfo: str, *, password: str | None = None, clock: Clock | None = None,
                  rng: random.Random | None = None, k: int = DEFAULT_K, tries: int = DEFAULT_TRIES) -> None:
         self.conninfo = conninfo  # never holds the password: it is shown in errors
         self._password = password
-        self._lock = threading.Lock()
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311  # spreads load; nothing secret rests on it
         self.k = k
         self.tries = tries
-        self._connection = self._connect()
-        migrate(self._connection)
+        self._local = threading.local()
+        self._opened: list[psycopg.Connection[tuple[Any, ...]]] = []
+        self._opened_lock = threading.Lock()
+        migrate(self._connection())
 
     def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         conninfo = self.conninfo
@@ -118,8 +120,25 @@ class Record:
         except psycopg.OperationalError as error:
             raise RecordUnavailable(self.conninfo, str(error).strip()) from error
 
+    def _connection(self) -> psycopg.Connection[tuple[Any, ...]]:
+        """This thread's connection; a new one when it has none or lost it (the server restarted, say)."""
+        connection: psycopg.Connection[tuple[Any, ...]] | None = getattr(self._local, "connection", None)
+        if connection is not None and not (connection.closed or connection.broken):
+            return connection
+        fresh = self._connect()
+        with self._opened_lock:
+            if connection is not None:
+                self._opened.remove(connection)
+                connection.close()
+            self._opened.append(fresh)
+        self._local.connection = fresh
+        return fresh
+
     def close(self) -> None:
-        self._connection.close()
+        with self._opened_lock:
+            for connection in self._opened:
+                connection.close()
+            self._opened.clear()
 
     def __enter__(self) -> Record:
         return self
@@ -129,16 +148,14 @@ class Record:
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg.Cursor[tuple[Any, ...]]]:
-        """One transaction; a lost connection (the server restarted, say) is RecordUnavailable, and the next
-        transaction connects again: running VMs are not the record's to stop, only new work waits."""
-        with self._lock:
-            if self._connection.closed or self._connection.broken:
-                self._connection = self._connect()
-            try:
-                with self._connection.transaction(), self._connection.cursor() as cursor:
-                    yield cursor
-            except (psycopg.OperationalError, psycopg.InterfaceError) as error:  # the connection, not the SQL
-                raise RecordUnavailable(self.conninfo, str(error).strip()) from error
+        """One transaction; a lost connection is RecordUnavailable, and the next transaction connects again:
+        running VMs are not the record's to stop, only new work waits."""
+        try:
+            connection = self._connection()
+            with connection.transaction(), connection.cursor() as cursor:
+                yield cursor
+        except (psycopg.OperationalError, psycopg.InterfaceError) as error:  # the connection, not the SQL
+            raise RecordUnavailable(self.conninfo, str(error).strip()) from error
 
     def _now(self, **parameters: object) -> dict[str, object]:
         return {"now": self._clock() if self._clock else None, **parameters}
@@ -295,10 +312,10 @@ class Record:
 
     # --- VMs: placement, the reservation's end, routes --------------------------------------------
 
-    def create(self, owner: str, start: Callable[[Vm], str], *, idempotency_key: str | None = None) -> Vm:
+    def create(self, owner: str, start: Callable[[Vm], Vm], *, idempotency_key: str | None = None) -> Vm:
         """Place a new VM for `owner` and have `start` make it on its host (the agent confirms it there).
 
-        `start` returns the VM's id on its host (the agent confirmed it under that id), or raises
+        `start` returns the VM as its agent confirmed it (under its host's id), or raises
         HostRefused when the host's agent will not take it: the reservation is released
         and the next host tried. Any other failure releases it too and is raised: never half-made.
         The same `idempotency_key` again (also while the first is in flight) returns the same VM.
@@ -329,7 +346,7 @@ class Record:
             except BaseException:
                 self.release(vm.vm_id)
                 raise
-            return self.vm(made)
+            return made
         else:
             reasons.append(f"gave up after {self.tries} tries")
         raise NoCapacity(reasons)
