@@ -43,9 +43,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -58,36 +57,21 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the simulated cluster, fake VMs: the tests'
 
 from browservm.cluster.postgres import Postgres
+from tests.support.cluster import ENV, FRONT, ClusterFailed, RunningCluster, tail, wait_for
 from tests.support.fake_host_vms import FakeHostVms
 from tests.support.raycluster import HEAD, HEAD_IP, SimulatedCluster
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTS = ["h1", "h2", "h3"]
-PORT = 8090
-FRONT = f"http://{HEAD_IP}:{PORT}"
 GRACE = 10.0  # the front's --grace, its smallest allowed (the silence before `suspect` is 10 s)
 CAPACITY = 150  # per host: room for the 300 concurrent creates, placed ~100 each
 CONCURRENCY = 8
 TARGET_MS = 10.0
-BROWSERVM = [sys.executable, "-m", "browservm"]
-FAKE_VMS = "tests.support.fake_host_vms:FakeHostVms.of"
-ENV = {"PYTHONPATH": f"{REPO / 'src'}:{REPO}", "RAY_DEDUP_LOGS": "0"}
 POLL_S = 0.05  # neither the front nor Ray offers an event for a host's state or an actor's restart
 
 
 class BenchFailed(RuntimeError):
     """A step of the bench did not do what it must for its figures to mean anything."""
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(POLL_S)
-    raise BenchFailed(f"{what}: not within {timeout:g} s (last seen: {last!r})")
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -116,122 +100,8 @@ class Timings:
 # --- the cluster -----------------------------------------------------------------------------------------
 
 
-class Cluster:
-    """The front and the hosts' agents on a SimulatedCluster, and an HTTP client of the front per thread."""
-
-    def __init__(self, sim: SimulatedCluster, base: Path) -> None:
-        self.sim = sim
-        self.base = base
-        self.directory = base / "cluster"
-        self.front_log = base / "front.log"
-        self.front: subprocess.Popen[bytes] | None = None
-        self.key = ""
-        self._local = threading.local()
-        self._clients: list[httpx.Client] = []
-        self._lock = threading.Lock()
-
-    def state_dir(self, host: str) -> Path:
-        return self.base / host
-
-    def start_front(self) -> None:
-        with self.front_log.open("ab") as log:
-            self.front = self.sim.popen(HEAD, [*BROWSERVM, "cluster", "up", str(self.directory), "--address", HEAD_IP,
-                                               "--listen", f"{HEAD_IP}:{PORT}", "--grace", str(GRACE)],
-                                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        wait_for("the front answering /healthz", self._healthy, timeout=180)
-        self.key = (self.directory / "api.key").read_text().strip()
-
-    def _healthy(self) -> bool:
-        assert self.front is not None
-        if self.front.poll() is not None:
-            raise BenchFailed(f"the front exited with {self.front.returncode}: {self._tail(self.front_log)}")
-        try:
-            return self.request("GET", "/healthz").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def join_all(self) -> None:
-        """`host join` on every host at once: each waits for its agent to register."""
-        joins = []
-        for host in HOSTS:
-            state = self.state_dir(host)
-            state.mkdir(mode=0o700)
-            log = self.base / f"join-{host}.log"
-            with log.open("wb") as out:
-                joins.append((host, log, self.sim.popen(
-                    host, [*BROWSERVM, "host", "join", HEAD_IP, "--name", host, "--node-address",
-                           self.sim.host_address(host), "--ray-running", "--state-dir", str(state),
-                           "--token-file", str(self.directory / "cluster.token"), "--host-vms", FAKE_VMS],
-                    env={"BROWSERVM_MAX_VMS": str(CAPACITY)}, stdin=subprocess.DEVNULL, stdout=out,
-                    stderr=subprocess.STDOUT)))
-        for host, log, process in joins:
-            try:
-                code = process.wait(timeout=360)
-            except subprocess.TimeoutExpired:
-                raise BenchFailed(f"`host join` of {host} still running after 360 s: {self._tail(log)}") from None
-            if code != 0 or f"host {host}: registered" not in log.read_text():
-                raise BenchFailed(f"`host join` of {host} exited {code}: {self._tail(log)}")
-
-    def stop(self) -> None:
-        """The front (SIGTERM, as its operator would), then PostgreSQL; the SimulatedCluster ends the rest."""
-        for client in self._clients:
-            client.close()
-        if self.front is not None and self.front.poll() is None:
-            self.front.send_signal(signal.SIGTERM)
-            try:
-                self.front.wait(30)
-            except subprocess.TimeoutExpired:
-                self.front.kill()
-                self.front.wait(10)
-        if (self.directory / "postgres").exists():
-            Postgres(self.directory / "postgres").stop()
-
-    # --- the front's API -------------------------------------------------------------------------
-
-    def request(self, method: str, path: str, **options: Any) -> httpx.Response:
-        """From the head's namespace, where the front listens; a keep-alive client per thread."""
-        client: httpx.Client | None = getattr(self._local, "client", None)
-        if client is None:
-            client = httpx.Client(base_url=FRONT, timeout=90, trust_env=False)
-            self._local.client = client
-            with self._lock:
-                self._clients.append(client)
-        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
-        # The socket is made in the namespace it is opened in: a reconnect, too, must be made there.
-        with self.sim.namespace(HEAD).entered():
-            return client.request(method, path, headers=headers, **options)
-
-    def ok(self, method: str, path: str, **options: Any) -> Any:
-        response = self.request(method, path, **options)
-        if response.status_code >= 300:
-            raise BenchFailed(f"{method} {path}: {response.status_code} {response.text[:500]}; the front's log: "
-                              f"{self._tail(self.front_log)}")
-        return response.json()
-
-    def create(self, user: str) -> dict[str, Any]:
-        created: dict[str, Any] = self.ok("POST", "/v1/vms", json={"user": user})
-        return created
-
-    def hosts(self) -> dict[str, dict[str, Any]]:
-        return {host["name"]: host for host in self.ok("GET", "/v1/hosts")}
-
-    def vms(self) -> list[dict[str, Any]]:
-        listed: list[dict[str, Any]] = self.ok("GET", "/v1/vms")
-        return listed
-
-    def delete_all(self) -> None:
-        with ThreadPoolExecutor(CONCURRENCY) as pool:
-            list(pool.map(lambda vm: self.ok("DELETE", f"/v1/vms/{vm['vm_id']}"), self.vms()))
-        wait_for("no VM left", lambda: self.vms() == [], timeout=30)
-
-    def fake_vms(self, host: str) -> dict[str, int]:
-        """The host's VMs as it holds them: local id -> PID, for those whose process lives."""
-        found = {}
-        for path in (self.state_dir(host) / "fake-vms").glob("vm-*"):
-            pid = int(json.loads(path.read_text())["pid"])
-            if Path(f"/proc/{pid}").exists():
-                found[path.name] = pid
-        return found
+class Cluster(RunningCluster):
+    """The cluster (tests/support/cluster.py), and this script as a Ray driver in the head's namespace."""
 
     def driver(self, task: dict[str, Any], timeout: float = 300) -> dict[str, Any]:
         """This script as a Ray driver in the head's namespace (as the front is), doing `task`; its answer."""
@@ -244,19 +114,11 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.communicate()
-                raise BenchFailed(f"the driver's {task['do']} still running after {timeout:g} s: "
-                                  f"{self._tail(log)}") from None
+                raise BenchFailed(f"the driver's {task['do']} still running after {timeout:g} s: {tail(log)}") from None
         if process.returncode != 0:
-            raise BenchFailed(f"the driver's {task['do']} exited {process.returncode}: {self._tail(log)}")
+            raise BenchFailed(f"the driver's {task['do']} exited {process.returncode}: {tail(log)}")
         answer: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
         return answer
-
-    @staticmethod
-    def _tail(path: Path) -> str:
-        try:
-            return path.read_text(errors="replace")[-3000:]
-        except OSError as error:
-            return f"({path} unreadable: {error.strerror})"
 
 
 # --- the measurements ------------------------------------------------------------------------------------
@@ -539,7 +401,7 @@ def bench(cluster: Cluster, args: argparse.Namespace) -> None:
     try:  # a VM made for a released reservation is destroyed by its host's next heartbeat (every 2 s)
         allocated, _ = wait_for("the record's allocated and the hosts' VMs to agree", agree, timeout=10)
         agreement = "the record and the hosts agree"
-    except BenchFailed as error:
+    except (BenchFailed, ClusterFailed) as error:
         hosts = cluster.hosts()
         allocated = {name: int(hosts[name]["allocated"]) for name in HOSTS}
         agreement = f"DISAGREE: {error}"
@@ -591,17 +453,17 @@ def main() -> None:
           f"{os.cpu_count()} CPUs\n", flush=True)
     with _workdir() as base, SimulatedCluster(base / "ray", HOSTS, env=ENV) as sim:
         up = time.monotonic()
-        cluster = Cluster(sim, base)
+        cluster = Cluster(sim, base, grace=GRACE)
         try:
             cluster.start_front()
             front_up = time.monotonic()
-            cluster.join_all()
+            cluster.join(HOSTS, capacity=CAPACITY)
             joined = time.monotonic()
             print(f"start-up: Ray cluster {up - began:.0f} s, front {front_up - up:.0f} s, hosts joined "
                   f"{joined - front_up:.0f} s\n", flush=True)
             bench(cluster, args)
         except BaseException:
-            print(f"--- the front's log (tail):\n{Cluster._tail(cluster.front_log)}", file=sys.stderr)
+            print(f"--- the front's log (tail):\n{tail(cluster.front_log)}", file=sys.stderr)
             raise
         finally:
             cluster.stop()

@@ -16,13 +16,10 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -31,173 +28,52 @@ from browservm.cluster.postgres import Postgres
 from browservm.images.kernel_build import WITH_IP_PNP, BuiltKernel
 from browservm.images.rootfs import RootfsImage
 from tests.support.browsers import chromium, desktop_colours
+from tests.support.cluster import BROWSERVM, ENV, FRONT, RunningCluster, wait_for
 from tests.support.raycluster import HEAD, HEAD_IP, SimulatedCluster
 
 from .conftest import TEST_DISK_MIB, Namespaces, vmm_pids_under
 
 pytestmark = pytest.mark.host
 
-REPO = Path(__file__).resolve().parents[2]
 HOSTS = ["h1", "h2", "h3"]  # hosts of fake VMs
 REAL = "h4"  # a host of real guests, joined by the end-to-end test only
-FRONT = f"http://{HEAD_IP}:8090"
 GRACE = 20.0  # the front's: how long a silent host stays suspect before its VMs are lost
-BROWSERVM = [sys.executable, "-m", "browservm"]
-FAKE_VMS = "tests.support.fake_host_vms:FakeHostVms.of"
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, every: float = 0.2) -> Any:
-    """Poll `check` until it returns something true: the front and Ray offer no event to await."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"{what}: not within {timeout} s (last seen: {last!r})")
-
-
-class Cluster:
-    """The module's cluster: the simulated hosts, the state directories, a client of the front."""
-
-    def __init__(self, sim: SimulatedCluster, base: Path) -> None:
-        self.sim = sim
-        self.base = base
-        self.directory = base / "cluster"
-        self.front: subprocess.Popen[Any] | None = None
-        self.key = ""
-
-    def state_dir(self, host: str) -> Path:
-        return self.base / host
-
-    def run(self, where: str, *args: str, env: dict[str, str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        process = self.sim.popen(where, [*BROWSERVM, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True, env={**os.environ, **self.sim.env, **(env or {})})
-        out, _ = process.communicate(timeout=timeout)
-        return subprocess.CompletedProcess(process.args, process.returncode, out, "")
-
-    def start_front(self) -> None:
-        log = (self.base / "front.log").open("a")
-        self.front = self.sim.popen(HEAD, [*BROWSERVM, "cluster", "up", str(self.directory), "--address", HEAD_IP,
-                                           "--listen", f"{HEAD_IP}:8090", "--grace", str(GRACE)],
-                                    stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        wait_for("the front answering", self._healthy, timeout=120)
-        self.key = (self.directory / "api.key").read_text().strip()
-
-    def _healthy(self) -> bool:
-        assert self.front is not None
-        if self.front.poll() is not None:
-            raise AssertionError(f"the front exited with {self.front.returncode}:\n"
-                                 + (self.base / "front.log").read_text()[-3000:])
-        try:
-            return self.http("GET", "/healthz", auth=False).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def join(self, host: str) -> None:
-        state = self.state_dir(host)
-        state.mkdir(mode=0o700, exist_ok=True)
-        done = self.run(host, "host", "join", HEAD_IP, "--name", host, "--node-address",
-                        self.sim.host_address(host), "--ray-running", "--state-dir", str(state),
-                        "--token-file", str(self.directory / "cluster.token"), "--host-vms", FAKE_VMS,
-                        env={"BROWSERVM_MAX_VMS": "120"})
-        assert done.returncode == 0, done.stdout
-        assert f"host {host}: registered" in done.stdout, done.stdout
-
-    def http(self, method: str, path: str, *, auth: bool = True, **options: Any) -> httpx.Response:
-        """A request to the front, made from the head's namespace (the front listens only there)."""
-        headers = {"Authorization": f"Bearer {self.key}"} if auth else {}
-        headers |= options.pop("headers", {})
-        with self.sim.namespace(HEAD).entered(), httpx.Client(base_url=FRONT, timeout=90, trust_env=False) as client:
-            return client.request(method, path, headers=headers, **options)
-
-    def ok(self, method: str, path: str, **options: Any) -> Any:
-        response = self.http(method, path, **options)
-        if response.status_code >= 500:
-            print((self.base / "front.log").read_text()[-4000:])  # shown with the failure
-        assert response.status_code < 300, (response.status_code, response.text)
-        return response.json()
-
-    def hosts(self) -> dict[str, dict[str, Any]]:
-        return {host["name"]: host for host in self.ok("GET", "/v1/hosts")}
-
-    def create(self, user: str = "alice", key: str | None = None) -> dict[str, Any]:
-        headers = {"Idempotency-Key": key} if key else {}
-        created: dict[str, Any] = self.ok("POST", "/v1/vms", json={"user": user}, headers=headers)
-        return created
-
-    def vms(self) -> list[dict[str, Any]]:
-        listed: list[dict[str, Any]] = self.ok("GET", "/v1/vms")
-        return listed
-
-    def delete_all(self) -> None:
-        for vm in self.vms():
-            self.ok("DELETE", f"/v1/vms/{vm['vm_id']}")
-        # A row whose end the record missed (it was restarting) ends at its agent's next heartbeat.
-        wait_for("no VM left", lambda: self.vms() == [], timeout=20)
-
-    def fake_vms(self, host: str) -> dict[str, int]:
-        """The host's VMs as it holds them: local id -> PID, for those whose process lives."""
-        found = {}
-        for path in (self.state_dir(host) / "fake-vms").glob("vm-*"):
-            facts = json.loads(path.read_text())
-            if Path(f"/proc/{facts['pid']}").exists():
-                found[path.name] = int(facts["pid"])
-        return found
-
-    def agent(self, host: str) -> dict[str, Any]:
-        """The host's agent, as it answers a ping through Ray (from a driver on the head)."""
-        done = subprocess.run(
-            ["ip", "netns", "exec", str(self.sim.namespace(HEAD).name), sys.executable, "-c",
-             "import json, sys, ray; from browservm.cluster.ray_agent import Agents, NAMESPACE; "
-             f"ray.init(address='{self.sim.address}', namespace=NAMESPACE, log_to_driver=False); "
-             "print(json.dumps(Agents().call(sys.argv[1], 'ping', timeout=60)))", host],
-            capture_output=True, text=True, timeout=120, check=False, env={**os.environ, **self.sim.env})
-        assert done.returncode == 0, done.stderr[-2000:]
-        facts: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-        return facts
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+def cluster() -> Iterator[RunningCluster]:
     base = Path(tempfile.mkdtemp(prefix="browservm-cluster-"))
     try:
         os.chmod(base, 0o711)  # PostgreSQL's user passes through to its directory
-        env = {"PYTHONPATH": f"{REPO / 'src'}:{REPO}", "RAY_DEDUP_LOGS": "0"}
-        with SimulatedCluster(base / "ray", [*HOSTS, REAL], env=env) as sim:
-            made = Cluster(sim, base)
-            made.start_front()
-            for host in HOSTS:
-                made.join(host)
-            yield made
-            if made.front is not None and made.front.poll() is None:
-                made.front.send_signal(signal.SIGTERM)
-                made.front.wait(30)
-            Postgres(made.directory / "postgres").stop()
+        with SimulatedCluster(base / "ray", [*HOSTS, REAL], env=ENV) as sim:
+            made = RunningCluster(sim, base, grace=GRACE)
+            try:
+                made.start_front()
+                made.join(HOSTS, capacity=120)
+                yield made
+            finally:
+                made.stop()
     finally:
         shutil.rmtree(base)
 
 
 @pytest.fixture
-def clean(cluster: Cluster) -> Iterator[Cluster]:
+def clean(cluster: RunningCluster) -> Iterator[RunningCluster]:
     yield cluster
     cluster.delete_all()
     wait_for("every host ready", lambda: all(cluster.hosts()[h]["state"] == "ready" for h in HOSTS))
 
 
-def test_hosts_join_and_the_front_lists_them(clean: Cluster) -> None:
+def test_hosts_join_and_the_front_lists_them(clean: RunningCluster) -> None:
     hosts = clean.hosts()
     assert sorted(hosts) == HOSTS
     for host in hosts.values():
         assert (host["state"], host["capacity"], host["allocated"], host["pending"]) == ("ready", 120, 0, 0)
         assert host["viewer_address"].endswith(":8080")
-    assert clean.http("GET", "/v1/hosts", auth=False).status_code == 401
+    assert clean.request("GET", "/v1/hosts", auth=False).status_code == 401
 
 
-def test_300_vms_are_placed_evenly_and_each_runs_on_its_host(clean: Cluster) -> None:
+def test_300_vms_are_placed_evenly_and_each_runs_on_its_host(clean: RunningCluster) -> None:
     with ThreadPoolExecutor(8) as pool:
         created = list(pool.map(lambda i: clean.create(f"user{i % 7}"), range(300)))
     assert len({vm["vm_id"] for vm in created}) == 300
@@ -214,7 +90,7 @@ def test_300_vms_are_placed_evenly_and_each_runs_on_its_host(clean: Cluster) -> 
     assert vm["vm_id"] in clean.fake_vms(vm["host"])
 
 
-def test_an_agent_killed_is_restarted_by_ray_and_readopts_its_vms(clean: Cluster) -> None:
+def test_an_agent_killed_is_restarted_by_ray_and_readopts_its_vms(clean: RunningCluster) -> None:
     created = [clean.create() for _ in range(9)]
     before = clean.agent("h1")
     on_h1 = clean.fake_vms("h1")
@@ -230,7 +106,7 @@ def test_an_agent_killed_is_restarted_by_ray_and_readopts_its_vms(clean: Cluster
     assert clean.create()["host"] in HOSTS  # placements go on
 
 
-def test_a_crashed_host_is_suspect_at_once_and_its_vms_lost_after_the_grace(clean: Cluster) -> None:
+def test_a_crashed_host_is_suspect_at_once_and_its_vms_lost_after_the_grace(clean: RunningCluster) -> None:
     vms = [clean.create() for _ in range(9)]
     on_h3 = [vm["vm_id"] for vm in vms if vm["host"] == "h3"]
     assert on_h3
@@ -254,7 +130,7 @@ def test_a_crashed_host_is_suspect_at_once_and_its_vms_lost_after_the_grace(clea
         assert clean.ok("GET", f"/v1/vms/{vm_id}")["placement"] == "lost"
 
 
-def test_a_host_cut_off_and_back_within_the_grace_loses_nothing(clean: Cluster) -> None:
+def test_a_host_cut_off_and_back_within_the_grace_loses_nothing(clean: RunningCluster) -> None:
     vms = [clean.create() for _ in range(9)]
     on_h2 = clean.fake_vms("h2")
     assert on_h2
@@ -270,11 +146,11 @@ def test_a_host_cut_off_and_back_within_the_grace_loses_nothing(clean: Cluster) 
     assert len(clean.vms()) == len(vms)
 
 
-def test_a_front_killed_mid_create_leaves_nothing_half_made_and_the_key_replays(clean: Cluster) -> None:
+def test_a_front_killed_mid_create_leaves_nothing_half_made_and_the_key_replays(clean: RunningCluster) -> None:
     for host in HOSTS:  # every host's creates hang until the switch goes
         (clean.state_dir(host) / "fake-vms" / "slow").touch()
     assert clean.front is not None
-    posting = ThreadPoolExecutor(1).submit(clean.http, "POST", "/v1/vms", json={"user": "bob"},
+    posting = ThreadPoolExecutor(1).submit(clean.request, "POST", "/v1/vms", json={"user": "bob"},
                                            headers={"Idempotency-Key": "k-1"})
     wait_for("a reservation pending", lambda: sum(h["pending"] for h in clean.hosts().values()) == 1)
     clean.front.kill()
@@ -293,26 +169,26 @@ def test_a_front_killed_mid_create_leaves_nothing_half_made_and_the_key_replays(
     assert sum(len(clean.fake_vms(host)) for host in HOSTS) == 1  # made once
 
 
-def test_postgres_stopped_new_creates_get_503_running_vms_carry_on(clean: Cluster) -> None:
+def test_postgres_stopped_new_creates_get_503_running_vms_carry_on(clean: RunningCluster) -> None:
     vm = clean.create()
     running = {host: clean.fake_vms(host) for host in HOSTS}
     server = Postgres(clean.directory / "postgres", listen=HEAD_IP)
     server.stop()
     try:
-        refused = clean.http("POST", "/v1/vms", json={"user": "alice"})
+        refused = clean.request("POST", "/v1/vms", json={"user": "alice"})
         assert refused.status_code == 503
         assert "cluster's database" in refused.json()["error"]["message"]
         assert {host: clean.fake_vms(host) for host in HOSTS} == running
     finally:
         with clean.sim.namespace(HEAD).entered():
             server.start()
-    assert wait_for("creates again", lambda: clean.http("POST", "/v1/vms", json={"user": "alice"}).status_code
+    assert wait_for("creates again", lambda: clean.request("POST", "/v1/vms", json={"user": "alice"}).status_code
                     == 202, timeout=60)
     assert clean.ok("GET", f"/v1/vms/{vm['vm_id']}")["placement"] == "running"
     wait_for("heartbeats again", lambda: all(h["state"] == "ready" for h in clean.hosts().values()))
 
 
-def test_a_drained_host_takes_no_new_vms_and_drain_waits_for_its_vms(clean: Cluster) -> None:
+def test_a_drained_host_takes_no_new_vms_and_drain_waits_for_its_vms(clean: RunningCluster) -> None:
     vms = [clean.create() for _ in range(6)]
     on_h1 = [vm["vm_id"] for vm in vms if vm["host"] == "h1"]
     done = clean.run(HEAD, "host", "drain", "h1", "--url", FRONT, "--state-dir", str(clean.directory),
@@ -339,7 +215,8 @@ def test_a_drained_host_takes_no_new_vms_and_drain_waits_for_its_vms(clean: Clus
 
 @pytest.mark.vm
 def test_a_desktop_created_through_one_front_is_seen_through_another(
-        cluster: Cluster, namespaces: Namespaces, built: dict[str, BuiltKernel], full_image: RootfsImage) -> None:
+        cluster: RunningCluster, namespaces: Namespaces, built: dict[str, BuiltKernel],
+        full_image: RootfsImage) -> None:
     """The path of a person on a cluster: a real guest on the real host h4 (its controller run by its agent),
     created with `vm create --url` on the first front, its desktop opened in Chromium through a second front on
     another machine (h2), then deleted while viewed: the host's close code reaches the page through the relay,
@@ -418,7 +295,7 @@ def test_a_desktop_created_through_one_front_is_seen_through_another(
         for host in drained:
             cluster.ok("POST", f"/v1/hosts/{host}/resume")
         for vm in cluster.vms():
-            cluster.http("DELETE", f"/v1/vms/{vm['vm_id']}")
+            cluster.request("DELETE", f"/v1/vms/{vm['vm_id']}")
         cluster.sim.kill_host(REAL)  # its agent and controller; then what they left in the VM network
         for pid in vmm_pids_under(state):
             os.kill(pid, signal.SIGKILL)
