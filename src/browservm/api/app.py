@@ -325,7 +325,7 @@ def build_app(service: ControllerService) -> FastAPI:
     @app.get("/", include_in_schema=False, response_model=None)
     async def operator_page(request: Request) -> HTMLResponse | RedirectResponse:
         try:
-            operator(request)
+            await operator(request)
         except ApiError:
             return RedirectResponse("/login", status_code=303)
         return HTMLResponse((_STATIC / "operator.html").read_text(), headers={"Cache-Control": "no-store"})

@@ -172,19 +172,29 @@ class Agents:
 
     def __init__(self, timeout: float = _CALL_TIMEOUT) -> None:
         self.timeout = timeout
+        self._handles: dict[str, Any] = {}  # Ray's handle of each host's agent (a restarted actor keeps it)
+
+    def _handle(self, host: str) -> Any:
+        handle = self._handles.get(host)
+        if handle is None:
+            try:
+                handle = ray.get_actor(agent_name(host), namespace=NAMESPACE)
+            except ValueError:
+                raise HostUnreachable(host, "it has no agent in the cluster (was `browservm host join` run "
+                                            "there?)") from None
+            self._handles[host] = handle
+        return handle
 
     def call(self, host: str, method: str, *args: Any, timeout: float | None = None) -> Any:
-        try:
-            handle = ray.get_actor(agent_name(host), namespace=NAMESPACE)
-        except ValueError:
-            raise HostUnreachable(host, "it has no agent in the cluster (was `browservm host join` run there?)") \
-                from None
+        handle = self._handle(host)
         try:
             return ray.get(getattr(handle, method).remote(*args), timeout=timeout or self.timeout)
         except ray.exceptions.GetTimeoutError:
             raise HostUnreachable(host, f"its agent did not answer {method} within {timeout or self.timeout} s") \
                 from None
         except ray.exceptions.RayActorError as error:
+            # An agent ended for good and joined again is another actor: look it up anew next time.
+            self._handles.pop(host, None)
             raise HostUnreachable(host, f"its agent is not running ({_first_line(error)})") from None
         except ray.exceptions.RayTaskError as error:
             raise HostUnreachable(host, f"its agent failed {method}: {_cause(error)}") from None
