@@ -268,7 +268,9 @@ def test_a_desktop_created_through_one_front_is_seen_through_another(
                 base_url=second, timeout=60, trust_env=False,
                 headers={"Authorization": f"Bearer {cluster.key}"}) as client:
             link = client.post(f"/v1/vms/{vm['vm_id']}/viewer")
+            console = client.get(f"/v1/vms/{vm['vm_id']}/console", params={"lines": 5})
         assert link.status_code == 200, link.text
+        assert console.status_code == 200 and len(console.json()["lines"]) == 5, console.text  # from h4
         url = link.json()["url"]
         assert url.startswith(f"{second}/view/{vm['vm_id']}?token=")
 
@@ -278,6 +280,14 @@ def test_a_desktop_created_through_one_front_is_seen_through_another(
             page.wait_for_selector("#status[data-state='connected']", timeout=120_000)
             colours = desktop_colours(page)
             assert colours >= 16, f"the canvas shows {colours} colour(s): no browser window on the desktop"
+
+            operator = browser.new_page()  # the operator's page on the first front: the VM and its host
+            operator.goto(f"{FRONT}/")
+            operator.fill("input[name=key]", cluster.key)
+            operator.click("button[type=submit]")
+            row = f"tr[data-vm-id='{vm['vm_id']}']"
+            operator.wait_for_selector(row, timeout=30_000)
+            assert operator.inner_text(f"{row} td.host") == REAL and "ready" in operator.inner_text(row)
 
             cluster.ok("DELETE", f"/v1/vms/{vm['vm_id']}")  # through the first front, while viewed through the second
             page.wait_for_selector("#status[data-state='closed']", timeout=60_000)

@@ -191,6 +191,36 @@ def answer_errors(app: FastAPI) -> None:
         return _error(exc.status_code, {"type": "HTTPError", "message": str(exc.detail)}, headers or None)
 
 
+def mount_operator_page(app: FastAPI, api_key: str, *, secure: bool) -> None:
+    """The operator's page at `/` and its sign-in form (a controller's, or a front's: the page reads /v1/vms)."""
+    operator = require_operator(api_key)
+
+    @app.get("/", include_in_schema=False, response_model=None)
+    async def operator_page(request: Request) -> HTMLResponse | RedirectResponse:
+        try:
+            await operator(request)
+        except ApiError:
+            return RedirectResponse("/login", status_code=303)
+        return HTMLResponse((_STATIC / "operator.html").read_text(), headers={"Cache-Control": "no-store"})
+
+    @app.get("/login", include_in_schema=False)
+    async def login_form(failed: bool = False) -> HTMLResponse:
+        page = (_STATIC / "login.html").read_text()
+        return HTMLResponse(page.replace("{{message}}", "That key is not right." if failed else ""))
+
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request) -> RedirectResponse:
+        # The form is urlencoded (login.html), read with the standard library: request.form() needs
+        # python-multipart, which browservm does not depend on (without it every login was a 500).
+        form = parse_qs((await request.body()).decode(errors="replace"))
+        key = form.get("key", [""])[0].strip()
+        if not hmac.compare_digest(key.encode(), api_key.encode()):
+            return RedirectResponse("/login?failed=true", status_code=303)
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(SESSION_COOKIE, session_value(api_key), httponly=True, samesite="strict", secure=secure)
+        return response
+
+
 def build_app(service: ControllerService) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -320,33 +350,7 @@ def build_app(service: ControllerService) -> FastAPI:
     async def vnc(websocket: WebSocket, vm_id: str, token: str = "") -> None:
         await service.connect_viewer(websocket, vm_id, token)
 
-    # --- the operator's page ---------------------------------------------------------------------
-
-    @app.get("/", include_in_schema=False, response_model=None)
-    async def operator_page(request: Request) -> HTMLResponse | RedirectResponse:
-        try:
-            await operator(request)
-        except ApiError:
-            return RedirectResponse("/login", status_code=303)
-        return HTMLResponse((_STATIC / "operator.html").read_text(), headers={"Cache-Control": "no-store"})
-
-    @app.get("/login", include_in_schema=False)
-    async def login_form(failed: bool = False) -> HTMLResponse:
-        page = (_STATIC / "login.html").read_text()
-        return HTMLResponse(page.replace("{{message}}", "That key is not right." if failed else ""))
-
-    @app.post("/login", include_in_schema=False)
-    async def login(request: Request) -> RedirectResponse:
-        # The form is urlencoded (login.html), read with the standard library: request.form() needs
-        # python-multipart, which browservm does not depend on (without it every login was a 500).
-        form = parse_qs((await request.body()).decode(errors="replace"))
-        key = form.get("key", [""])[0].strip()
-        if not hmac.compare_digest(key.encode(), service.api_key.encode()):
-            return RedirectResponse("/login?failed=true", status_code=303)
-        response = RedirectResponse("/", status_code=303)
-        response.set_cookie(SESSION_COOKIE, session_value(service.api_key), httponly=True, samesite="strict",
-                            secure=service.settings.base_url.startswith("https:"))
-        return response
+    mount_operator_page(app, service.api_key, secure=service.settings.base_url.startswith("https:"))
 
     logins.mount(app, service)
     diagnose.mount(app, service)

@@ -22,13 +22,13 @@ from typing import Annotated, Any, TypeVar
 from urllib.parse import urlencode
 
 import httpx
-from fastapi import Depends, FastAPI, Header, WebSocket
+from fastapi import Depends, FastAPI, Header, Query, WebSocket
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from browservm import __version__
-from browservm.api.app import NOVNC_DIR, BodyLimit, answer_errors, viewer_page
+from browservm.api.app import NOVNC_DIR, BodyLimit, answer_errors, mount_operator_page, viewer_page
 from browservm.api.auth import require_operator
 from browservm.api.models import CreateVm, ErrorOut
 from browservm.cluster.errors import HostUnreachable, RecordUnavailable
@@ -176,6 +176,23 @@ def build_front_app(front: Front, api_key: str, relay: Relay) -> FastAPI:
 
         return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
+    async def from_host(route: Route, path: str, **params: Any) -> Response:
+        """A GET of the host's own API (with the hosts' key), its answer passed on as it is."""
+        try:
+            answer = await hosts_http.get(f"http://{route.viewer_address}{path}", params=params,
+                                          headers={"Authorization": f"Bearer {relay.host_key}"})
+        except httpx.TransportError as error:
+            raise HostUnreachable(route.host, f"{route.viewer_address}: {error or type(error).__name__}") from None
+        return Response(answer.content, status_code=answer.status_code, media_type="application/json",
+                        headers={"Cache-Control": "no-store"})
+
+    @app.get("/v1/vms/{vm_id}/console", dependencies=authorized, responses=errors, tags=["vms"],
+             operation_id="vmConsole")
+    async def console(vm_id: str, lines: Annotated[int, Query(ge=1, le=10_000)] = 50) -> Response:
+        """The last lines of the VM's serial console, from its host."""
+        route = await running_route(vm_id)
+        return await from_host(route, f"/v1/vms/{route.vm_id}/console", lines=lines)
+
     @app.post("/v1/vms/{vm_id}/viewer", dependencies=authorized, responses=errors, tags=["viewer"],
               operation_id="createViewer")
     async def viewer(vm_id: str) -> dict[str, Any]:
@@ -196,13 +213,7 @@ def build_front_app(front: Front, api_key: str, relay: Relay) -> FastAPI:
             route = await running_route(vm_id)
         except (VmNotFound, InvalidInput):
             return JSONResponse({"error": {"type": "VmNotFound", "message": f"no VM {vm_id[:63]}"}}, status_code=404)
-        try:
-            answer = await hosts_http.get(f"http://{route.viewer_address}/view/{route.vm_id}/state",
-                                          params={"token": token})
-        except httpx.TransportError as error:
-            raise HostUnreachable(route.host, f"{route.viewer_address}: {error or type(error).__name__}") from None
-        return Response(answer.content, status_code=answer.status_code, media_type="application/json",
-                        headers={"Cache-Control": "no-store"})
+        return await from_host(route, f"/view/{route.vm_id}/state", token=token)
 
     @app.websocket("/v1/vms/{vm_id}/vnc")
     async def vnc(websocket: WebSocket, vm_id: str, token: str = "") -> None:
@@ -234,6 +245,7 @@ def build_front_app(front: Front, api_key: str, relay: Relay) -> FastAPI:
     async def resume(name: str) -> HostOut:
         return HostOut.of(await call(front.resume, name))
 
+    mount_operator_page(app, api_key, secure=relay.public_url.startswith("https:"))
     if NOVNC_DIR.is_dir():
         app.mount("/novnc", StaticFiles(directory=NOVNC_DIR), name="novnc")
     return app
