@@ -329,7 +329,9 @@ def test_a_host_is_suspect_at_once_and_lost_only_after_the_grace(record: Record,
     record.sweep(silence=10, grace=120)
     assert {h.name: h.state for h in record.hosts()} == {"h1": "suspect", "h2": "suspect"}  # silent past 10 s
     record.heartbeat("h2", e2)
-    clock.advance(100)  # h1 silent 130 s, h2 100 s
+    clock.advance(100)  # h1 silent 130 s, but seen silent only 100 s: not yet
+    assert record.sweep(silence=10, grace=120) == []
+    clock.advance(10)  # seen silent 110 s: the grace since its last heartbeat, seen
     assert record.sweep(silence=10, grace=120) == ["h1"]
     lost = record.vm(vm.vm_id)
     assert lost.state == "lost" and "host h1 lost: no heartbeat since" in lost.state_reason
@@ -431,6 +433,8 @@ def test_a_dead_fronts_reservation_is_released_after_its_time_and_lost_vms_are_f
     with pytest.raises(RecordConflict, match="not lost"):
         record.forget(running.vm_id)  # a running VM is its host's to end
     clock.advance(3000)
+    assert record.sweep(silence=1000, grace=2000) == []  # seen silent from now on
+    clock.advance(1000)
     assert record.sweep(silence=1000, grace=2000) == ["h1"]
     record.forget(running.vm_id)
     assert record.vms() == []
@@ -458,3 +462,17 @@ def test_the_record_says_unavailable_while_postgres_restarts_then_reconnects(ser
         finally:
             server.start()
         assert [host.name for host in record.hosts()] == ["h1"]  # the next call connected again
+
+
+def test_an_outage_of_the_database_itself_loses_no_host(record: Record, clock: Clock) -> None:
+    agents = Agents(record)
+    epochs = {host: agents.register(host, 10) for host in ("h1", "h2")}
+    vm = record.create("alice", agents.start)
+    clock.advance(600)  # nobody could write a heartbeat, or sweep, for ten minutes
+    assert record.sweep(silence=10, grace=120) == []
+    assert {h.state for h in record.hosts()} == {"suspect"}  # no placements until they are heard again
+    for host, epoch in epochs.items():
+        record.heartbeat(host, epoch)
+    clock.advance(5)
+    assert record.sweep(silence=10, grace=120) == []
+    assert {h.state for h in record.hosts()} == {"ready"} and record.vm(vm.vm_id).state == "running"

@@ -188,7 +188,7 @@ class Record:
                 f"VALUES (%(host)s, %(capacity)s, 'ready', {_NOW}, 1, %(address)s) "
                 "ON CONFLICT (name) DO UPDATE SET capacity = EXCLUDED.capacity, "
                 "viewer_address = EXCLUDED.viewer_address, heartbeat_at = EXCLUDED.heartbeat_at, "
-                "agent_epoch = hosts.agent_epoch + 1, "
+                "agent_epoch = hosts.agent_epoch + 1, silent_since = NULL, "
                 "state = CASE WHEN hosts.state = 'draining' THEN 'draining' ELSE 'ready' END, "
                 "state_reason = CASE WHEN hosts.state = 'draining' THEN hosts.state_reason ELSE '' END "
                 "RETURNING agent_epoch",
@@ -206,7 +206,7 @@ class Record:
             # A host suspected for its silence is ready again; one whose Ray node is dead stays suspect until
             # its new agent registers (a late heartbeat of the old one proves nothing about the node).
             cursor.execute(
-                f"UPDATE hosts SET heartbeat_at = {_NOW}, "
+                f"UPDATE hosts SET heartbeat_at = {_NOW}, silent_since = NULL, "
                 "state = CASE WHEN state = 'suspect' AND state_reason LIKE %(silence)s THEN 'ready' ELSE state END, "
                 "state_reason = CASE WHEN state = 'suspect' AND state_reason LIKE %(silence)s THEN '' "
                 "ELSE state_reason END "
@@ -248,10 +248,13 @@ class Record:
             return changed == 1
 
     def sweep(self, *, silence: float, grace: float, pending_for: float = DEFAULT_PENDING_FOR) -> list[str]:
-        """Ready hosts without a heartbeat for `silence` s become suspect; hosts without one for `grace` s
-        are lost, with their VMs, and their agent's epoch moves on (it must register anew). Reservations
-        pending longer than `pending_for` s are released: the front placing them died (a create's own
-        deadline is shorter), and the host's agent destroys what it made for one. Returns the lost hosts."""
+        """Hosts without a heartbeat for `silence` s are seen silent (ready ones become suspect); hosts seen
+        silent for `grace - silence` s more (so without a heartbeat for `grace` s at least) are lost, with
+        their VMs, and their agent's epoch moves on (it must register anew). Counting from when a sweep saw
+        the silence, not from the last heartbeat, keeps an outage of the database (nobody could write a
+        heartbeat) from losing every host when it ends. Reservations pending longer than `pending_for` s
+        are released: the front placing them died (a create's own deadline is shorter), and the host's agent
+        destroys what it made for one. Returns the lost hosts."""
         if not 0 < silence <= grace:
             raise InvalidInput("silence", silence, f"must be more than 0 and at most the grace ({grace})")
         with self._transaction() as cursor:
@@ -263,14 +266,18 @@ class Record:
             self._notify(cursor, [vm_id for vm_id, _ in stale])
             parameters = self._now(silence=silence, grace=grace, silence_reason=_SILENCE)
             cursor.execute(
-                "UPDATE hosts SET state = 'suspect', "
-                "state_reason = %(silence_reason)s || heartbeat_at::text "
-                f"WHERE state = 'ready' AND heartbeat_at < {_NOW} - make_interval(secs => %(silence)s)", parameters)
+                f"UPDATE hosts SET silent_since = coalesce(silent_since, {_NOW}), "
+                "state = CASE WHEN state = 'ready' THEN 'suspect' ELSE state END, "
+                "state_reason = CASE WHEN state = 'ready' THEN %(silence_reason)s || heartbeat_at::text "
+                "ELSE state_reason END "
+                f"WHERE state IN ('ready', 'suspect', 'draining') "
+                f"AND heartbeat_at < {_NOW} - make_interval(secs => %(silence)s)", parameters)
             lost = cursor.execute(
                 "UPDATE hosts SET state = 'lost', agent_epoch = agent_epoch + 1, allocated = 0, pending = 0, "
                 "state_reason = 'no heartbeat since ' || heartbeat_at::text || ', past the grace of ' "
                 "|| %(grace)s::text || ' s' "
                 f"WHERE state IN ('suspect', 'draining') AND heartbeat_at < {_NOW} - make_interval(secs => %(grace)s) "
+                f"AND silent_since <= {_NOW} - make_interval(secs => %(grace)s - %(silence)s) "
                 "RETURNING name, state_reason", parameters).fetchall()
             for name, reason in lost:
                 vm_ids = cursor.execute("UPDATE vms SET state = 'lost', state_reason = %s "

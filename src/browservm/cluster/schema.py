@@ -60,6 +60,11 @@ MIGRATIONS: tuple[LiteralString, ...] = (
     """
     ALTER TABLE vms ADD COLUMN reserved_as text UNIQUE;
     """,
+    # 3: since when the sweep has seen a host silent: a host is lost only once seen silent for long
+    # enough, so an outage of the database itself (no heartbeat could be written) loses nothing
+    """
+    ALTER TABLE hosts ADD COLUMN silent_since timestamptz;
+    """,
 )
 
 
