@@ -476,3 +476,16 @@ def test_an_outage_of_the_database_itself_loses_no_host(record: Record, clock: C
     clock.advance(5)
     assert record.sweep(silence=10, grace=120) == []
     assert {h.state for h in record.hosts()} == {"ready"} and record.vm(vm.vm_id).state == "running"
+
+
+def test_a_create_given_up_on_just_as_its_agent_confirmed_returns_the_vm(record: Record) -> None:
+    agents = Agents(record)
+    agents.register("h1", 10)
+
+    def confirmed_then_timed_out(vm: Vm) -> Vm:
+        agents.start(vm)  # the agent made and confirmed it...
+        raise HostRefused(vm.host, "its agent did not answer create within 60 s")  # ...the answer was lost
+
+    vm = record.create("alice", confirmed_then_timed_out)
+    assert (vm.state, vm.host) == ("running", "h1")
+    assert (record.host("h1").allocated, record.host("h1").pending) == (1, 0)

@@ -48,7 +48,7 @@ from browservm.api.auth import SESSION_COOKIE, ApiError, require_operator, sessi
 from browservm.api.models import ConsoleOut, CreateVm, ErrorOut, ViewerOut, VmOut
 from browservm.api.service import ControllerService
 from browservm.api.tokens import TokenRefused
-from browservm.cluster.errors import HostUnreachable, NoCapacity, RecordConflict
+from browservm.cluster.errors import HostError, NoCapacity, RecordConflict
 from browservm.errors import (
     BrowserVMError,
     CleanupFailed,
@@ -94,7 +94,7 @@ def _status_of(exc: BrowserVMError) -> tuple[int, dict[str, str | None]]:
         return 429, {"limit": "capacity"}
     if isinstance(exc, RecordConflict):
         return 409, {}
-    if isinstance(exc, HostUnreachable):
+    if isinstance(exc, HostError):
         return 502, {"host": exc.host}
     return 503, {}  # the host cannot do it now: network, VMM, state directory
 
@@ -198,7 +198,7 @@ def mount_operator_page(app: FastAPI, api_key: str, *, secure: bool) -> None:
     @app.get("/", include_in_schema=False, response_model=None)
     async def operator_page(request: Request) -> HTMLResponse | RedirectResponse:
         try:
-            await operator(request)
+            operator(request)
         except ApiError:
             return RedirectResponse("/login", status_code=303)
         return HTMLResponse((_STATIC / "operator.html").read_text(), headers={"Cache-Control": "no-store"})

@@ -135,6 +135,7 @@ def _db(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     from browservm.cluster import ray_node  # noqa: PLC0415
+    from browservm.cluster.errors import ClusterError  # noqa: PLC0415
     from browservm.cluster.front_run import run_front  # noqa: PLC0415
     from browservm.cluster.postgres import Postgres  # noqa: PLC0415
 
@@ -143,6 +144,10 @@ def _up(args: argparse.Namespace) -> int:
     token = read_or_create(directory / TOKEN_FILE, secrets.token_urlsafe(32), "the cluster's token").strip()
     server = Postgres(directory / "postgres", listen=args.address)
     if server.running():
+        if args.address not in server.listening():
+            raise ClusterError("start PostgreSQL", f"it already runs in {server.directory} but not on {args.address} "
+                               "(started by `cluster db-up`?): stop it (`browservm cluster db-down "
+                               f"{server.directory}`) and run `cluster up` again")
         print(f"cluster: PostgreSQL already runs in {server.directory}", flush=True)
     else:
         server.start()
@@ -160,6 +165,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _another_front(args: argparse.Namespace) -> int:
+    from browservm.api.keys import API_KEY_FILE  # noqa: PLC0415
     from browservm.cluster import ray_node  # noqa: PLC0415
     from browservm.cluster.front_run import run_front  # noqa: PLC0415
     from browservm.cluster.postgres import network_conninfo  # noqa: PLC0415
@@ -170,6 +176,8 @@ def _another_front(args: argparse.Namespace) -> int:
         token = read_token(directory / TOKEN_FILE)
     except FileNotFoundError:
         raise InvalidInput("state_dir", str(directory), f"has no {TOKEN_FILE}: copy cluster up's there") from None
+    if not (directory / API_KEY_FILE).exists():  # a key made here would be this front's alone
+        raise InvalidInput("state_dir", str(directory), f"has no {API_KEY_FILE}: copy cluster up's there")
     if not args.ray_running:
         if not args.node_address:
             raise InvalidInput("node_address", None, "a front needs a Ray node here: give --node-address "
@@ -194,7 +202,7 @@ def run_host(args: argparse.Namespace, settings: Settings) -> int:
 
 def _join(args: argparse.Namespace, settings: Settings) -> int:
     from browservm.cluster import ray_node  # noqa: PLC0415
-    from browservm.cluster.errors import HostUnreachable  # noqa: PLC0415
+    from browservm.cluster.errors import HostError  # noqa: PLC0415
     from browservm.cluster.host_controller import HostController  # noqa: PLC0415
     from browservm.cluster.postgres import network_conninfo  # noqa: PLC0415
     from browservm.cluster.ray_agent import AgentConfig, Agents, start_agent  # noqa: PLC0415
@@ -229,9 +237,10 @@ def _join(args: argparse.Namespace, settings: Settings) -> int:
         try:
             facts = agents.call(name, "ping", timeout=max(1.0, deadline - time.monotonic()))
             break
-        except HostUnreachable:
+        except HostError:
             if time.monotonic() > deadline:
                 raise
+            time.sleep(0.5)  # Ray is placing or restarting the actor: it has no event to await
     print(f"host {name}: registered (agent epoch {facts['epoch']}, capacity {facts['capacity']}, "
           f"viewer address {settings.listen})", flush=True)
     return 0

@@ -62,13 +62,27 @@ class RecordConflict(BrowserVMError):
         super().__init__(f"{what}: {reason}")
 
 
-class HostUnreachable(BrowserVMError):
-    """A host's agent could not be called (no such agent, it died, it did not answer): `host`, `reason`."""
+class HostError(BrowserVMError):
+    """A host's agent could not do what a front asked: `host`, `reason` (a 502)."""
 
-    def __init__(self, host: str, reason: str) -> None:
+    def __init__(self, host: str, reason: str, message: str) -> None:
         self.host = host
         self.reason = reason
-        super().__init__(f"host {host} cannot be reached: {reason}")
+        super().__init__(message)
+
+
+class HostUnreachable(HostError):
+    """A host's agent could not be called (no such agent, it died, it did not answer)."""
+
+    def __init__(self, host: str, reason: str) -> None:
+        super().__init__(host, reason, f"host {host} cannot be reached: {reason}")
+
+
+class HostFailed(HostError):
+    """A host's agent answered, with an error of its own."""
+
+    def __init__(self, host: str, reason: str) -> None:
+        super().__init__(host, reason, f"host {host} answered with an error: {reason}")
 
 
 class ClusterError(BrowserVMError):

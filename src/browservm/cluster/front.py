@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from browservm.cluster.agent import Refusal
-from browservm.cluster.errors import HostRefused, HostUnreachable, RecordConflict
+from browservm.cluster.errors import HostError, HostRefused, RecordConflict
 from browservm.cluster.ray_agent import LABEL, Agents
 from browservm.cluster.record import Host, Record, Vm
 
@@ -64,7 +64,7 @@ class Front:
         def start(vm: Vm) -> Vm:
             try:
                 made = self.agents.call(vm.host, "create", vm.vm_id, request)
-            except HostUnreachable as error:
+            except HostError as error:
                 raise HostRefused(vm.host, error.reason) from None
             if isinstance(made, Refusal):
                 raise HostRefused(vm.host, made.reason)
@@ -79,7 +79,7 @@ class Front:
             return PlacedVm(vm, None, None)
         try:
             return PlacedVm(vm, self.agents.call(vm.host, "describe", vm.vm_id, timeout=10), None)
-        except HostUnreachable as error:
+        except HostError as error:
             return PlacedVm(vm, None, str(error))
 
     def all(self) -> list[PlacedVm]:
@@ -90,7 +90,7 @@ class Front:
         for host in sorted({vm.host for vm in vms if vm.state == "running"}):
             try:
                 views[host] = self.agents.call(host, "describe_all", timeout=10)
-            except HostUnreachable as error:
+            except HostError as error:
                 failed[host] = str(error)
         return [PlacedVm(vm, views.get(vm.host, {}).get(vm.vm_id), failed.get(vm.host)) for vm in vms]
 
@@ -109,7 +109,7 @@ class Front:
         if vm.state != "running":
             raise RecordConflict(f"VM {vm_id}", f"{vm.state} on host {vm.host}: no viewer")
         reply: dict[str, Any] = self.agents.call(vm.host, "viewer", vm.vm_id)
-        return reply
+        return {**reply, "vm_id": vm.vm_id}
 
     # --- hosts -------------------------------------------------------------------------------------
 

@@ -96,6 +96,8 @@ def build_front_app(front: Front, api_key: str, relay: Relay) -> FastAPI:
                     log.warning("%s", change)
             except RecordUnavailable as error:
                 log.warning("watching the hosts: %s", error)
+            except Exception:  # Ray's head restarting, say: the next look tries again
+                log.exception("watching the hosts")
             await asyncio.sleep(WATCH_EVERY_S)  # a period: Ray's node table has no change feed to await
 
     hosts_http = httpx.AsyncClient(timeout=httpx.Timeout(10, read=None), trust_env=False, follow_redirects=False)
@@ -154,7 +156,7 @@ def build_front_app(front: Front, api_key: str, relay: Relay) -> FastAPI:
 
     @app.get("/v1/vms/{vm_id}/events", dependencies=authorized, responses=errors, tags=["vms"],
              operation_id="vmEvents", response_class=StreamingResponse)
-    async def events(vm_id: str) -> StreamingResponse:
+    async def events(vm_id: str) -> Response:
         """The host's Server-Sent Events of the VM, relayed as they come."""
         route = await running_route(vm_id)
         request = hosts_http.build_request("GET", f"http://{route.viewer_address}/v1/vms/{route.vm_id}/events",
@@ -163,9 +165,10 @@ def build_front_app(front: Front, api_key: str, relay: Relay) -> FastAPI:
             upstream = await hosts_http.send(request, stream=True)
         except httpx.TransportError as error:
             raise HostUnreachable(route.host, f"{route.viewer_address}: {error or type(error).__name__}") from None
-        if upstream.status_code != 200:
+        if upstream.status_code != 200:  # the host's own answer (its VM ended meanwhile, say), as it gave it
+            content = await upstream.aread()
             await upstream.aclose()
-            raise HostUnreachable(route.host, f"its controller answered the event stream with {upstream.status_code}")
+            return Response(content, status_code=upstream.status_code, media_type="application/json")
 
         async def lines() -> AsyncIterator[bytes]:
             try:
@@ -198,8 +201,8 @@ def build_front_app(front: Front, api_key: str, relay: Relay) -> FastAPI:
     async def viewer(vm_id: str) -> dict[str, Any]:
         """A link to the VM's desktop through this front (the host signs its token)."""
         link = await call(front.viewer, validate_vm_id(vm_id))
-        token = link["token"]
-        return {**link, "url": f"{relay.public_url}/view/{vm_id}?token={token}"}
+        # The VM's own id (the one asked may be its reservation's): the link's route is the VM's.
+        return {**link, "url": f"{relay.public_url}/view/{link['vm_id']}?token={link['token']}"}
 
     # --- the viewer: the page here, its state and its WebSocket from the VM's host ----------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from browservm.api.models import CreateVm
@@ -58,6 +59,7 @@ class HostController:
         self._service = service
         server = ServiceServer(uvicorn_config(service), service, signals=False)
         self._server = asyncio.create_task(server.serve(sockets=[listener]), name="host-controller")
+        self._server.add_done_callback(_serving_ended)
         log.info("host controller: serving %s, watching %d VM(s)", settings.base_url, len(await service.all()))
 
     @property
@@ -85,3 +87,12 @@ class HostController:
 
     async def viewer(self, vm_id: str) -> dict[str, Any]:
         return (await self.service.viewer(vm_id)).model_dump(mode="json")
+
+
+def _serving_ended(task: asyncio.Task[None]) -> None:
+    """The host's API and viewer proxy are gone: an agent heartbeating without them would be a lie. Its
+    process ends, and Ray starts the agent again."""
+    if not task.cancelled():
+        log.error("host controller: its server ended (%s); the agent ends so that Ray starts it again",
+                  task.exception() or "without an error")
+    os._exit(1)

@@ -178,13 +178,24 @@ class Postgres:
                     f"browservm root browservm\nbrowservm {self.server_user.name} browservm\n")
 
     def set_password(self, password: str) -> None:
-        """The password other hosts' agents log in with over the network (`listen`)."""
+        """The password other hosts' agents log in with over the network (`listen`). Sent as its SCRAM
+        verifier, never as text: a failed statement is written to the server's log whole."""
         try:
             with psycopg.connect(self.conninfo, autocommit=True) as connection:
+                verifier = connection.pgconn.encrypt_password(password.encode(), ROLE.encode(), b"scram-sha-256")
                 connection.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(ROLE),
-                                                                              sql.Literal(password)))
+                                                                              sql.Literal(verifier.decode())))
         except psycopg.Error as error:
             raise PostgresError(str(self.directory), "set the cluster's password", str(error)) from error
+
+    def listening(self) -> list[str]:
+        """The addresses the running server listens on, besides its socket."""
+        try:
+            with psycopg.connect(self.conninfo, autocommit=True) as connection:
+                row = connection.execute("SHOW listen_addresses").fetchone()
+        except psycopg.Error as error:
+            raise PostgresError(str(self.directory), "ask where it listens", str(error)) from error
+        return [address.strip() for address in str(row[0] if row else "").split(",") if address.strip()]
 
     def _write(self, path: Path, text: str) -> None:
         path.write_text(text)

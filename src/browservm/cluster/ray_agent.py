@@ -26,7 +26,7 @@ import ray
 import ray.exceptions
 
 from browservm.cluster.agent import HostAgent, HostVms, Refusal
-from browservm.cluster.errors import HostUnreachable, RecordUnavailable, Superseded
+from browservm.cluster.errors import HostFailed, HostUnreachable, RecordUnavailable, Superseded
 from browservm.cluster.record import Record, Vm
 from browservm.errors import BrowserVMError
 from browservm.secretfile import read_existing
@@ -71,7 +71,12 @@ class AgentActor:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._main())
+        try:
+            self._loop.run_until_complete(self._main())
+        except BaseException:
+            # A process whose agent stopped must not look alive: Ray restarts an actor whose process ended.
+            log.exception("host %s: the agent stopped", self._config.host)
+            os._exit(1)
 
     async def _main(self) -> None:
         config = self._config
@@ -102,6 +107,8 @@ class AgentActor:
                 # either way this one must write nothing more, now.
                 log.warning("%s", superseded)
                 os._exit(1)
+            except Exception:  # a VM that would not go, say: the next heartbeat settles again
+                log.exception("host %s: settling the record against the host", config.host)
 
     @staticmethod
     async def _connect(config: AgentConfig, password: str | None) -> Record:
@@ -157,18 +164,9 @@ def start_agent(config: AgentConfig) -> None:
     actor.remote(config)
 
 
-def stop_agent(host: str) -> bool:
-    """End a host's agent for good (no restart); False when it was not running."""
-    try:
-        handle = ray.get_actor(agent_name(host), namespace=NAMESPACE)
-    except ValueError:
-        return False
-    ray.kill(handle, no_restart=True)
-    return True
-
-
 class Agents:
-    """A front's way to the host agents: each call with a deadline, Ray's failures as HostUnreachable."""
+    """A front's way to the host agents: each call with a deadline; no agent, a dead one or no answer is
+    HostUnreachable, an agent that answered with an error HostFailed (both HostError)."""
 
     def __init__(self, timeout: float = _CALL_TIMEOUT) -> None:
         self.timeout = timeout
@@ -197,7 +195,7 @@ class Agents:
             self._handles.pop(host, None)
             raise HostUnreachable(host, f"its agent is not running ({_first_line(error)})") from None
         except ray.exceptions.RayTaskError as error:
-            raise HostUnreachable(host, f"its agent failed {method}: {_cause(error)}") from None
+            raise HostFailed(host, f"its agent failed {method}: {_cause(error)}") from None
 
 
 def _cause(error: ray.exceptions.RayTaskError) -> str:

@@ -65,13 +65,13 @@ class Host:
 class Vm:
     vm_id: str
     host: str
-    generation: int  # new for every placement: a route names (host, generation), never an address alone
+    generation: int  # new for every placement (a VM id itself is never reused: hosts mint them fresh)
     state: str  # pending (reserved, its agent creating it), running, lost
     state_reason: str
     owner: str
     created_at: datetime
     idempotency_key: str | None
-    viewer_epoch: str
+    viewer_epoch: str  # unused since viewer tokens are the host's (signed with its own epoch); kept with the schema
     reserved_as: str | None  # the reservation's id, once the host made the VM (whose id is then the host's)
 
 
@@ -232,11 +232,11 @@ class Record:
         with self._transaction() as cursor:
             self._fence(cursor, host, epoch)
             row = cursor.execute("DELETE FROM vms WHERE vm_id = %s AND host = %s AND state = 'running' "
-                                 "RETURNING vm_id", (vm_id, host)).fetchone()
+                                 "RETURNING vm_id, reserved_as", (vm_id, host)).fetchone()
             if row is None:
                 raise RecordConflict(f"VM {vm_id}", f"not running on host {host}")
             cursor.execute("UPDATE hosts SET allocated = allocated - 1 WHERE name = %s", (host,))
-            self._notify(cursor, [vm_id])
+            self._notify(cursor, [name for name in row if name])  # a route may be cached under either
 
     # --- hosts' health, as fronts and the failure detector see it ----------------------------------
 
@@ -281,9 +281,9 @@ class Record:
                 "RETURNING name, state_reason", parameters).fetchall()
             for name, reason in lost:
                 vm_ids = cursor.execute("UPDATE vms SET state = 'lost', state_reason = %s "
-                                        "WHERE host = %s AND state <> 'lost' RETURNING vm_id",
+                                        "WHERE host = %s AND state <> 'lost' RETURNING vm_id, reserved_as",
                                         (f"host {name} lost: {reason}", name)).fetchall()
-                self._notify(cursor, [vm_id for (vm_id,) in vm_ids])
+                self._notify(cursor, [vm_id for row in vm_ids for vm_id in row if vm_id])
             return [name for name, _ in lost]
 
     def drain(self, host: str) -> None:
@@ -347,11 +347,13 @@ class Record:
             try:
                 made = start(vm)
             except HostRefused as refusal:
-                self.release(vm.vm_id)
+                confirmed = self._release_or_made(vm.vm_id)
+                if confirmed is not None:
+                    return confirmed
                 reasons.append(str(refusal))
                 continue
             except BaseException:
-                self.release(vm.vm_id)
+                self._release_or_made(vm.vm_id)  # or, made meanwhile, kept: a replay of its key finds it
                 raise
             return made
         else:
@@ -406,12 +408,28 @@ class Record:
     def release(self, vm_id: str) -> None:
         """Undo a reservation its host refused or could not make: the row goes, the host's pending - 1."""
         with self._transaction() as cursor:
+            # The host's row first, as `confirm` locks it: the two racing (a create given up on just as its
+            # agent confirmed) wait for each other instead of deadlocking.
+            cursor.execute("SELECT 1 FROM hosts WHERE name = (SELECT host FROM vms WHERE vm_id = %s) FOR UPDATE",
+                           (vm_id,))
             row = cursor.execute("DELETE FROM vms WHERE vm_id = %s AND state = 'pending' RETURNING host",
                                  (vm_id,)).fetchone()
             if row is None:
                 raise RecordConflict(f"VM {vm_id}", "no pending reservation of it to release")
             cursor.execute("UPDATE hosts SET pending = pending - 1 WHERE name = %s", (row[0],))
             self._notify(cursor, [vm_id])
+
+    def _release_or_made(self, reservation: str) -> Vm | None:
+        """Release a reservation whose create failed on the front's side; the VM when its agent had confirmed
+        it meanwhile (the create's answer was lost, not its work)."""
+        try:
+            self.release(reservation)
+        except RecordConflict:
+            vm = self.vm(reservation)
+            if vm.state == "running":
+                return vm
+            raise
+        return None
 
     def vm(self, vm_id: str) -> Vm:
         """The VM by its id, or by the id its reservation had (what a create replayed while in flight got)."""
@@ -441,7 +459,7 @@ class Record:
             self._notify(cursor, [vm_id])
 
     def route(self, vm_id: str) -> Route:
-        """Where a VM's viewer goes: its host's proxy, and the generation that proxy must find there."""
+        """Where a VM's viewer goes: its host, and the address of that host's proxy."""
         validate_vm_id(vm_id)
         with self._transaction() as cursor:
             row = cursor.execute("SELECT v.vm_id, v.host, v.generation, v.state, h.viewer_address "

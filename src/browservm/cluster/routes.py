@@ -44,10 +44,10 @@ class RouteCache:
         """Start listening; returns once LISTEN is in place, so nothing cached from then on can go stale."""
         self._thread.start()
         with self._changed:
-            if not self._changed.wait_for(lambda: self._listening, timeout):
-                self.close()
-                raise RecordUnavailable(self._conninfo,
-                                        f"the route cache could not LISTEN on {ROUTES} within {timeout}s")
+            listening = self._changed.wait_for(lambda: self._listening, timeout)
+        if not listening:
+            self.close()  # outside the lock: the listener takes it on its way out
+            raise RecordUnavailable(self._conninfo, f"the route cache could not LISTEN on {ROUTES} within {timeout}s")
 
     def close(self) -> None:
         self._stop.set()

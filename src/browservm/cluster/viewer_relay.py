@@ -7,7 +7,7 @@ host's proxy sends (4401, 4404, 4409, 4410, 4429, 4502, 1000, 1001, 1002, 1003, 
 browser unchanged, with its reason. What is the front's own:
 
     4404  the record has no VM of that id, or it is not running on a host (pending, lost)
-    4503  the VM's host cannot be reached: "host <name> (<address>): <why>"
+    4503  the VM's host cannot be reached: "host <name>: <why>"
 
 Flow control as in the host's proxy: each direction awaits its send before it reads the next message.
 """
@@ -49,8 +49,8 @@ async def relay(websocket: WebSocket, upstream_url: str, host: str) -> int:
                                  open_timeout=_OPEN_TIMEOUT, max_size=_HOST_MAX_MESSAGE)
     except (OSError, InvalidHandshake, TimeoutError) as error:
         return await refuse(websocket, HOST_UNREACHABLE, f"host {host}: {error or type(error).__name__}")
-    await websocket.accept(subprotocol=upstream.subprotocol)
-    async with upstream:
+    async with upstream:  # closed however this ends, the browser gone before its accept included
+        await websocket.accept(subprotocol=upstream.subprotocol)
         to_host = asyncio.create_task(_browser_to_host(websocket, upstream))
         to_browser = asyncio.create_task(_host_to_browser(upstream, websocket))
         try:
