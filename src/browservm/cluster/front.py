@@ -11,7 +11,6 @@ It also watches the hosts, as every front does (the record's updates are idempot
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +19,6 @@ from browservm.cluster.agent import Refusal
 from browservm.cluster.errors import HostError, HostRefused, RecordConflict
 from browservm.cluster.ray_agent import LABEL, Agents
 from browservm.cluster.record import Host, Record, Vm
-
-log = logging.getLogger("browservm.front")
 
 DEFAULT_SILENCE = 10.0  # seconds without a heartbeat before a host is suspect (agents beat every 2 s)
 DEFAULT_GRACE = 120.0  # seconds without a heartbeat before a suspect host is lost with its VMs
