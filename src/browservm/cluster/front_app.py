@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlencode
 
@@ -42,6 +44,7 @@ from browservm.ids import validate_vm_id
 
 log = logging.getLogger("browservm.front")
 WATCH_EVERY_S = 1.0
+CALL_THREADS = 32  # each holds its own connection to the record while it works
 T = TypeVar("T")
 
 
@@ -86,13 +89,18 @@ class Relay:
 
 
 def build_front_app(front: Front, api_key: str, relay: Relay) -> FastAPI:
+    # The record and Ray block: a pool of their own, wide enough that creates waiting on a dying host (up to
+    # their 60 s deadline) do not hold up every other request, and the hosts' watch a thread of its own.
+    calls = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="front-call")
+    watching = ThreadPoolExecutor(1, thread_name_prefix="front-watch")
+
     async def call(work: Callable[..., T], *args: Any) -> T:
-        return await asyncio.to_thread(work, *args)
+        return await asyncio.get_running_loop().run_in_executor(calls, partial(work, *args))
 
     async def watch() -> None:
         while True:
             try:
-                for change in await call(front.watch):
+                for change in await asyncio.get_running_loop().run_in_executor(watching, front.watch):
                     log.warning("%s", change)
             except RecordUnavailable as error:
                 log.warning("watching the hosts: %s", error)
@@ -111,6 +119,8 @@ def build_front_app(front: Front, api_key: str, relay: Relay) -> FastAPI:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
             await hosts_http.aclose()
+            for pool in (calls, watching):
+                pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="browservm cluster front", version=__version__, lifespan=lifespan,
                   description="The cluster's API: VMs placed on its hosts, and the hosts.")
