@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     max_vms_per_user: int = Field(4, ge=1, description="VMs one user may have at once")
     # The controller service (browservm serve)
     listen: str = Field("127.0.0.1:8080", description="address:port the controller's HTTP API listens on")
+    log_format: Literal["text", "json"] = Field("text", description="the controller's log: text, or JSON one "
+                                                "object a line (with each request's id)")
     public_url: str | None = Field(None, description="how browsers reach the controller (default http://<listen>)")
     api_key: str | None = Field(None, description="the operator's API key (default: made at first start, "
                                                   "kept in <state-dir>/api.key)")

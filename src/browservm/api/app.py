@@ -45,6 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from browservm import __version__
 from browservm.api import diagnose, logins
 from browservm.api.auth import SESSION_COOKIE, ApiError, require_operator, session_value
+from browservm.api.logs import AccessLog
 from browservm.api.models import ConsoleOut, CreateVm, ErrorOut, ViewerOut, VmOut
 from browservm.api.service import ControllerService
 from browservm.api.tokens import TokenRefused
@@ -231,6 +232,7 @@ def build_app(service: ControllerService) -> FastAPI:
                   openapi_url=None, description="Isolated browser microVMs: create one per user session, "
                   "watch it come up hop by hop, open its desktop in a browser.")
     app.add_middleware(BodyLimit)
+    app.add_middleware(AccessLog)  # outermost: it times and logs what BodyLimit refuses too
 
     operator = require_operator(service.api_key)
 

@@ -11,10 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import signal
 import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +20,8 @@ import uvicorn
 
 from browservm.api.app import build_app
 from browservm.api.keys import api_key, signing_key
+from browservm.api.logs import LOG_FORMATS
+from browservm.api.logs import configure as configure_logs
 from browservm.api.proxy import UVICORN_WEBSOCKETS
 from browservm.api.service import ControllerService
 from browservm.api.tokens import ViewerTokens
@@ -48,6 +48,8 @@ def add_service_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--snapshots", action="store_true", default=None,
                         help="restore new VMs from a snapshot of a booted desktop (made at the first create)")
     parser.add_argument("--pool", type=int, metavar="N", help="keep N VMs restored and ready (default 0)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS,
+                        help="text (default), or JSON one object a line; an access line per request, with its id")
     parser.add_argument("--stop-vms-on-exit", action="store_true", default=None,
                         help="destroy every VM when the controller stops (default: leave them running)")
 
@@ -124,7 +126,7 @@ def uvicorn_config(service: ControllerService) -> uvicorn.Config:
 
 async def _serve(service: ControllerService, listener: socket.socket, key_file: object) -> int:
     settings = service.settings
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
+    configure_logs(settings.log_format)
     server = ServiceServer(uvicorn_config(service), service)
     # From here on SIGTERM means "stop gracefully", also while reconciling, before uvicorn runs.
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 from browservm import __version__
 from browservm.api.app import NOVNC_DIR, BodyLimit, answer_errors, mount_operator_page, viewer_page
 from browservm.api.auth import require_operator
+from browservm.api.logs import AccessLog
 from browservm.api.models import CreateVm, ErrorOut
 from browservm.cluster.errors import HostUnreachable, RecordUnavailable
 from browservm.cluster.front import Front, PlacedVm
@@ -125,6 +126,7 @@ def build_front_app(front: Front, api_key: str, relay: Relay) -> FastAPI:
     app = FastAPI(title="browservm cluster front", version=__version__, lifespan=lifespan,
                   description="The cluster's API: VMs placed on its hosts, and the hosts.")
     app.add_middleware(BodyLimit)
+    app.add_middleware(AccessLog)
     answer_errors(app)
     authorized = [Depends(require_operator(api_key))]
     errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (401, 404, 409, 422, 429, 502,

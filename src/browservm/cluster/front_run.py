@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 
 import ray
 import uvicorn
 
 from browservm.api.keys import api_key
+from browservm.api.logs import configure as configure_logs
 from browservm.api.proxy import UVICORN_WEBSOCKETS
 from browservm.cluster import ray_node
 from browservm.cluster.front import DEFAULT_SILENCE, Front
@@ -29,7 +28,7 @@ def run_front(conninfo: str, password: str | None, head: str, listen: str, state
         raise InvalidInput("listen", listen, "must be ADDRESS:PORT, for example 127.0.0.1:8090")
     if not DEFAULT_SILENCE <= grace <= 86400:
         raise InvalidInput("grace", grace, f"must be between {DEFAULT_SILENCE} and 86400 seconds")
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
+    configure_logs("text")  # also keeps httpx from logging the URLs it relays (a viewer's token among them)
     key, key_file = api_key(state_dir)
     ray_node.connect(head)
     try:
