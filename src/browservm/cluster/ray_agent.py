@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import ray
 import ray.exceptions
 
+from browservm.api.logs import configure as configure_logs
 from browservm.cluster.agent import HostAgent, HostVms, Refusal
 from browservm.cluster.errors import HostFailed, HostUnreachable, RecordUnavailable, Superseded
 from browservm.cluster.record import Record, Vm
@@ -61,7 +62,7 @@ class AgentActor:
     """The Ray actor. Its methods return data (dataclasses of ours cross Ray; exceptions of ours do not)."""
 
     def __init__(self, config: AgentConfig) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        configure_logs(config.settings.get("log_format", "text"))  # the host controller's, in Ray's worker log
         self._config = config
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
