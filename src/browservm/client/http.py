@@ -1,0 +1,110 @@
+"""What the sync and the async client share about HTTP: the URL, the connection's options, how an answer
+is read into a result or an error, and how a transport error is told.
+
+Proxies and CA settings from the environment (httpx's `trust_env`) are used for a remote controller (it
+may sit behind the proxy the user configured, or use a private CA via SSL_CERT_FILE) but never for
+loopback: HTTP_PROXY is often set without 127.0.0.1 in NO_PROXY, and a proxy would then get the request
+and the API key instead of the controller on this machine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, TypeVar
+
+import httpx
+
+from browservm import __version__
+from browservm.client.errors import ControllerUnreachable, error_of, not_a_controller
+from browservm.client.routes import Call
+from browservm.errors import InvalidInput
+
+T = TypeVar("T")
+
+TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+# Between two events of a booting VM the controller is quiet for as long as a hop takes (its own
+# deadlines, up to minutes). After this long without a byte the client asks for the record and
+# subscribes again, so a half-open connection cannot hang a wait forever.
+EVENTS_QUIET = 60.0
+# A create with ?wait=true answers once the VM is ready or failed: a boot, or a first build of minutes.
+WAIT_READ = 1800.0
+
+
+def parse_url(value: str) -> httpx.URL:
+    """The controller's base URL, or InvalidInput naming `url`."""
+    try:
+        url = httpx.URL(value)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise InvalidInput("url", value, str(exc)) from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise InvalidInput("url", value, "must be http://HOST:PORT or https://HOST[:PORT], "
+                                         "for example http://127.0.0.1:8080")
+    return url
+
+
+def is_loopback(url: httpx.URL) -> bool:
+    if url.host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(url.host).is_loopback
+    except ValueError:
+        return False
+
+
+def options(url: httpx.URL, api_key: str, timeout: httpx.Timeout, trust_env: bool | None) -> dict[str, Any]:
+    """httpx.Client's or httpx.AsyncClient's arguments."""
+    if not isinstance(api_key, str) or not api_key or any(c in api_key for c in "\r\n"):
+        raise InvalidInput("api_key", "<hidden>", "must be the controller's key, a non-empty line")
+    return {"base_url": str(url).rstrip("/"), "timeout": timeout, "follow_redirects": False,
+            "trust_env": not is_loopback(url) if trust_env is None else trust_env,
+            "headers": {"Authorization": f"Bearer {api_key}", "User-Agent": f"browservm-client/{__version__}"}}
+
+
+def request_options(call: Call[Any], timeout: httpx.Timeout) -> dict[str, Any]:
+    """The arguments of `request()` for `call`."""
+    given: dict[str, Any] = {"params": call.params, "headers": dict(call.headers)}
+    if call.body is not None:
+        given["json"] = dict(call.body)
+    if call.waits:
+        given["timeout"] = httpx.Timeout(connect=timeout.connect, read=WAIT_READ, write=timeout.write,
+                                         pool=timeout.pool)
+    return given
+
+
+def stream_timeout(timeout: httpx.Timeout, quiet: float) -> httpx.Timeout:
+    """An event stream's: it fails (StreamQuiet) after `quiet` seconds without a byte."""
+    return httpx.Timeout(connect=timeout.connect, read=quiet, write=timeout.write, pool=timeout.pool)
+
+
+def read(call: Call[T], response: httpx.Response, base_url: str) -> T:
+    """The result of `call` from its (read) answer, or the error it means."""
+    check(response, base_url)
+    try:
+        return call.read(response.json())
+    except (ValueError, TypeError, KeyError):  # pydantic's ValidationError is a ValueError
+        raise not_a_controller(response.status_code, _answered(response), base_url) from None
+
+
+def check(response: httpx.Response, base_url: str) -> None:
+    """Nothing for a 1xx-3xx; the error a 4xx or 5xx means (its body read already)."""
+    if response.status_code < 400:
+        return
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = None
+    raise error_of(response.status_code, payload, _answered(response), base_url)
+
+
+def unreachable(exc: httpx.TransportError, base_url: str) -> ControllerUnreachable:
+    """httpx's transport errors as one clear line naming the URL."""
+    if isinstance(exc, httpx.ConnectError):
+        return ControllerUnreachable(base_url)
+    if isinstance(exc, httpx.TimeoutException):
+        return ControllerUnreachable(base_url, f"no answer in time ({type(exc).__name__})")
+    return ControllerUnreachable(base_url, str(exc) or type(exc).__name__)  # reset, a broken stream
+
+
+def _answered(response: httpx.Response) -> str:
+    return (f"{response.request.method} {response.request.url} answered {response.status_code} "
+            f"{response.reason_phrase}")

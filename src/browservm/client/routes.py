@@ -1,0 +1,168 @@
+"""The controller's routes, described once: method, path, query, body and how to read the answer.
+
+The sync and the async client send these descriptions (`Call`) and read the answers the same way
+(http.py); neither knows a route of its own. Ids are checked and quoted here: an id must not become
+another path. (Room here for the tenant keys' and audit log's routes, `/v1/keys` and `/v1/audit`.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+from browservm.client.models import CancelledLogin, Credentials, Host, Login, Provider, StartedLogin, Viewer, Vm
+from browservm.errors import InvalidInput
+from browservm.ids import validate_vm_id
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    method: str
+    path: str
+    read: Callable[[Any], T]  # the answer's JSON -> the result (raises ValueError, TypeError or KeyError)
+    params: Mapping[str, str | int | bool] | None = None
+    body: Mapping[str, Any] | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    # Answered only when the controller is done (a create with ?wait=true): bounded by its own deadlines.
+    waits: bool = False
+
+
+def _vm(vm_id: str, *rest: str) -> str:
+    return "/".join(("/v1/vms", quote(validate_vm_id(vm_id), safe=""), *rest))
+
+
+def _login(login_id: str, *rest: str) -> str:
+    return "/".join(("/v1/logins", quote(_given("login_id", login_id), safe=""), *rest))
+
+
+def _credentials(user: str, provider: str) -> str:
+    user, provider = (quote(_given(name, value), safe="") for name, value in (("user", user), ("provider", provider)))
+    return f"/v1/users/{user}/credentials/{provider}"
+
+
+def _given(name: str, value: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(name, value, "must be a non-empty string")
+    return value
+
+
+def _idempotent(key: str | None) -> dict[str, str]:
+    return {} if key is None else {"Idempotency-Key": _given("idempotency_key", key)}
+
+
+def _list(model: Callable[[Any], T]) -> Callable[[Any], list[T]]:
+    def read(payload: Any) -> list[T]:
+        if not isinstance(payload, list):
+            raise TypeError(f"expected a list, got {type(payload).__name__}")
+        return [model(item) for item in payload]
+    return read
+
+
+def _json(payload: Any) -> dict[str, Any]:
+    if not isinstance(payload, dict):
+        raise TypeError(f"expected an object, got {type(payload).__name__}")
+    return payload
+
+
+# --- VMs ---------------------------------------------------------------------------------------------
+
+def create_vm(user: str, vcpus: int | None, mem_mib: int | None, wait: bool, idempotency_key: str | None) -> Call[Vm]:
+    body: dict[str, Any] = {"user": user}
+    if vcpus is not None:
+        body["vcpus"] = vcpus
+    if mem_mib is not None:
+        body["mem_mib"] = mem_mib
+    return Call("POST", "/v1/vms", Vm.model_validate, params={"wait": "true"} if wait else None, body=body,
+                headers=_idempotent(idempotency_key), waits=wait)
+
+
+def list_vms() -> Call[list[Vm]]:
+    return Call("GET", "/v1/vms", _list(Vm.model_validate))
+
+
+def get_vm(vm_id: str) -> Call[Vm]:
+    return Call("GET", _vm(vm_id), Vm.model_validate)
+
+
+def delete_vm(vm_id: str) -> Call[bool]:
+    return Call("DELETE", _vm(vm_id), lambda answer: bool(answer["removed"]))
+
+
+def console(vm_id: str, lines: int) -> Call[list[str]]:
+    return Call("GET", _vm(vm_id, "console"), lambda answer: [str(line) for line in answer["lines"]],
+                params={"lines": lines})
+
+
+def viewer(vm_id: str) -> Call[Viewer]:
+    return Call("POST", _vm(vm_id, "viewer"), Viewer.model_validate)
+
+
+def vm_events(vm_id: str) -> str:
+    """GET: `stage` for each hop passed (those already passed first), `build`/`retry` notes, then one of
+    `ready`, `failed`, `ended` or `destroyed`, and the stream ends."""
+    return _vm(vm_id, "events")
+
+
+def diagnose(vm_id: str) -> Call[dict[str, Any]]:
+    return Call("GET", _vm(vm_id, "diagnose"), _json)
+
+
+def doctor() -> Call[dict[str, Any]]:
+    return Call("GET", "/v1/doctor", _json)
+
+
+# --- logins and credentials --------------------------------------------------------------------------
+
+def start_login(user: str, provider: str, vm_id: str | None, keep_vm: bool,
+                idempotency_key: str | None) -> Call[StartedLogin]:
+    body: dict[str, Any] = {"user": user, "provider": provider, "keep_vm": keep_vm}
+    if vm_id is not None:
+        body["vm_id"] = validate_vm_id(vm_id)
+    return Call("POST", "/v1/logins", StartedLogin.model_validate, body=body, headers=_idempotent(idempotency_key))
+
+
+def list_logins(user: str | None) -> Call[list[Login]]:
+    return Call("GET", "/v1/logins", _list(Login.model_validate), params=None if user is None else {"user": user})
+
+
+def get_login(login_id: str) -> Call[Login]:
+    return Call("GET", _login(login_id), Login.model_validate)
+
+
+def cancel_login(login_id: str) -> Call[CancelledLogin]:
+    return Call("DELETE", _login(login_id), CancelledLogin.model_validate)
+
+
+def login_events(login_id: str) -> str:
+    """GET: the login now, then at each change (the event is its state), until it is final."""
+    return _login(login_id, "events")
+
+
+def providers() -> Call[list[Provider]]:
+    return Call("GET", "/v1/providers", _list(Provider.model_validate))
+
+
+def credentials(user: str, provider: str) -> Call[Credentials]:
+    return Call("GET", _credentials(user, provider), Credentials.model_validate)
+
+
+def forget_credentials(user: str, provider: str) -> Call[bool]:
+    return Call("DELETE", _credentials(user, provider), lambda answer: bool(answer["removed"]))
+
+
+# --- a cluster's front -------------------------------------------------------------------------------
+
+def hosts() -> Call[list[Host]]:
+    return Call("GET", "/v1/hosts", _list(Host.model_validate))
+
+
+def drain_host(name: str) -> Call[Host]:
+    return Call("POST", f"/v1/hosts/{quote(_given('name', name), safe='')}/drain", Host.model_validate)
+
+
+def resume_host(name: str) -> Call[Host]:
+    return Call("POST", f"/v1/hosts/{quote(_given('name', name), safe='')}/resume", Host.model_validate)
