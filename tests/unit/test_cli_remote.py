@@ -33,9 +33,9 @@ from browservm.api.service import ControllerService
 from browservm.api.tokens import ViewerTokens
 from browservm.cli import main, output
 from browservm.cli import vm as vm_cli
-from browservm.cli.client import ControllerClient
 from browservm.cli.remote import LOCAL_ONLY, REMOTE_ONLY, ControllerStopped, follow
-from browservm.cli.stream import server_sent_events
+from browservm.client import Client, Vm
+from browservm.client.sse import server_sent_events
 from browservm.config import load_settings
 from browservm.controller import Controller
 from browservm.hostnet.host import HostNetwork
@@ -287,7 +287,7 @@ def test_a_proxy_in_the_environment_is_not_used_for_loopback(served: Served, cli
     for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.setenv(name, dead_proxy)
     assert cli("ls", "--json") == (0, "[]\n", "")
-    assert ControllerClient("http://controller.example:8080", KEY)._http.trust_env
+    assert Client("http://controller.example:8080", api_key=KEY)._http.trust_env
 
 
 # --- following a boot ------------------------------------------------------------------------------
@@ -362,19 +362,19 @@ def test_a_quiet_stream_is_checked_and_followed_again(served: Served) -> None:
     hang = served.probes.hang_at("guest.network")
     checks: list[str] = []
 
-    class Watched(ControllerClient):
-        def get_vm(self, vm_id: str) -> dict[str, Any]:
+    class Watched(Client):
+        def get_vm(self, vm_id: str) -> Vm:
             record = super().get_vm(vm_id)
-            checks.append(record["state"])
+            checks.append(record.state)
             if len(checks) == 1:  # the stream went quiet once: let the VM go on
                 served.release("guest.network")
             return record
 
     stages: list[str] = []
-    with Watched(served.url, KEY, events_quiet=0.3) as client:
-        vm_id = client.create_vm("ann", 1, 512)["vm_id"]
+    with Watched(served.url, api_key=KEY, events_quiet=0.3) as client:
+        vm_id = client.create_vm("ann", 1, 512).vm_id
         record = follow(client, vm_id, lambda name, seconds: stages.append(name))
-    assert hang.is_set() and checks[0] in ("creating", "booting") and record["state"] == "ready"
+    assert hang.is_set() and checks[0] in ("creating", "booting") and record.state == "ready"
     assert stages == list(NAMES)  # the second subscription's replay of passed stages is not reported twice
 
 
@@ -390,13 +390,13 @@ def test_a_build_step_as_long_as_a_compile_is_told_again_each_quiet_stretch(serv
             done.set()
 
     try:
-        with ControllerClient(served.url, KEY, events_quiet=0.5) as client:
-            vm_id = client.create_vm("ann", 1, 512)["vm_id"]
+        with Client(served.url, api_key=KEY, events_quiet=0.5) as client:
+            vm_id = client.create_vm("ann", 1, 512).vm_id
             record = follow(client, vm_id, lambda name, seconds: None, note)
     finally:
         done.set()
     step = "building the guest kernel, step 6 of 8: vmlinux (make -j2 vmlinux)"
-    assert notes[:2] == [("build", step), ("still", step)] and record["state"] == "ready"
+    assert notes[:2] == [("build", step), ("still", step)] and record.state == "ready"
 
 
 def test_a_stream_the_controller_ends_while_the_vm_boots_says_so(served: Served) -> None:
@@ -406,8 +406,8 @@ def test_a_stream_the_controller_ends_while_the_vm_boots_says_so(served: Served)
         if name == hops.VMM_SPAWN:  # subscribed: the controller now shuts its streams, as when it stops
             served.loop.call_soon_threadsafe(served.service.events.close)
 
-    with ControllerClient(served.url, KEY) as client:
-        vm_id = client.create_vm("ann", 1, 512)["vm_id"]
+    with Client(served.url, api_key=KEY) as client:
+        vm_id = client.create_vm("ann", 1, 512).vm_id
         with pytest.raises(ControllerStopped, match=f"ended the event stream while VM {vm_id} was booting"):
             follow(client, vm_id, stage)
 

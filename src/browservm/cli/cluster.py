@@ -21,10 +21,12 @@ import importlib
 import json
 import secrets
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from browservm.cli.client import ControllerClient, api_key, parse_url
+from browservm.cli.client import connect, parse_url
+from browservm.client import Client
 from browservm.cluster.token import TOKEN_FILE
 from browservm.config import Settings, load_settings
 from browservm.errors import InvalidInput
@@ -101,7 +103,7 @@ def add_host_actions(host_commands: argparse._SubParsersAction[argparse.Argument
 def run(args: argparse.Namespace) -> int:
     if args.action == "hosts":
         with _front(args) as front:
-            hosts = front.hosts()
+            hosts = [host.as_json() for host in front.hosts()]
         print(json.dumps(hosts, indent=2) if args.json else _hosts_table(hosts))
         return 0
     if args.action == "up":
@@ -195,7 +197,7 @@ def run_host(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "resume":
         with _front(args) as front:
             host = front.resume_host(args.name)
-        print(json.dumps(host, indent=2) if args.json else f"host {args.name}: {host['state']}, taking new VMs")
+        print(json.dumps(host.as_json(), indent=2) if args.json else f"host {args.name}: {host.state}, taking new VMs")
         return 0
     return _join(args, settings)
 
@@ -257,29 +259,27 @@ def _host_vms(spec: str) -> Any:
 def _drain(args: argparse.Namespace) -> int:
     with _front(args) as front:
         host = front.drain_host(args.name)
-        print(f"host {args.name}: draining; {host['allocated']} VM(s) and {host['pending']} being placed",
+        print(f"host {args.name}: draining; {host.allocated} VM(s) and {host.pending} being placed",
               flush=True)
-        while not args.no_wait and host["allocated"] + host["pending"] > 0:
+        while not args.no_wait and host.allocated + host.pending > 0:
             time.sleep(_DRAIN_POLL_S)  # the front has no event for a host's count; its VMs end at users' pace
-            now = next((h for h in front.hosts() if h["name"] == args.name), None)
-            if now is None or now["state"] == "lost":
-                print(f"host {args.name}: {now['state_reason'] if now else 'gone from the record'}", flush=True)
+            now = next((h for h in front.hosts() if h.name == args.name), None)
+            if now is None or now.state == "lost":
+                print(f"host {args.name}: {now.state_reason if now else 'gone from the record'}", flush=True)
                 return 1
-            if (now["allocated"], now["pending"]) != (host["allocated"], host["pending"]):
-                print(f"host {args.name}: {now['allocated']} VM(s) left", flush=True)
+            if (now.allocated, now.pending) != (host.allocated, host.pending):
+                print(f"host {args.name}: {now.allocated} VM(s) left", flush=True)
             host = now
     if args.json:
-        print(json.dumps(host, indent=2))
+        print(json.dumps(host.as_json(), indent=2))
     elif not args.no_wait:
         print(f"host {args.name}: drained, no VMs left", flush=True)
     return 0
 
 
-def _front(args: argparse.Namespace) -> ControllerClient:
+def _front(args: argparse.Namespace) -> AbstractContextManager[Client]:
     parse_url(args.url)
-    settings = load_settings(state_dir=args.state_dir)
-    key, source = api_key(settings)
-    return ControllerClient(args.url, key, key_source=source)
+    return connect(args.url, load_settings(state_dir=args.state_dir))
 
 
 def _hosts_table(hosts: list[dict[str, Any]]) -> str:

@@ -1,6 +1,6 @@
 """`browservm vm ... --url URL`: the VM commands against a running controller's REST API.
 
-The controller (`browservm serve`) does the work; this side sends requests (client.py) and prints
+The controller (`browservm serve`) does the work; this side sends requests (browservm.client) and prints
 the answers with output.py's printers, as local mode does, so a command prints the same in both
 modes. What differs, on purpose:
 
@@ -24,10 +24,11 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
-from browservm.cli import output, stream
-from browservm.cli.client import ControllerClient, ControllerError, api_key
+from browservm.cli import output
+from browservm.cli.client import connect
+from browservm.client import Client, NotFound, StreamEnded, VmFailed
+from browservm.client.models import Vm
 from browservm.config import Settings
 from browservm.errors import BrowserVMError, WrongState
 from browservm.ids import validate_vm_id
@@ -39,9 +40,6 @@ LOCAL_ONLY = frozenset({"directory", "gateway", "bridge", "guest_network_by", "p
                         "holds_resources", "keep", "owner", "viewer_epoch", "vmm_alive"})
 # Remote: what only a controller knows (uptime by its clock, viewers connected, time without one).
 REMOTE_ONLY = frozenset({"uptime_s", "viewers", "idle_s", "building"})
-
-TERMINAL = ("ready", "failed", "ended", "destroyed")  # the events that end a VM's stream (api/events.py)
-NOTES = ("build", "retry")  # events with a `detail` in words: a build step the VM waits for, a retry
 
 
 class ControllerStopped(BrowserVMError):
@@ -58,53 +56,31 @@ class ControllerStopped(BrowserVMError):
 
 def run(args: argparse.Namespace, settings: Settings, url: str) -> int:
     """One command against the controller at `url` (checked, with the options, by vm.run)."""
-    key, source = api_key(settings)
-    with ControllerClient(url, key, key_source=source) as client:
-        actions: dict[str, Callable[[ControllerClient, argparse.Namespace], int]] = {
+    with connect(url, settings) as client:
+        actions: dict[str, Callable[[Client, argparse.Namespace], int]] = {
             "create": _create, "ls": _list, "show": _show, "console": _console, "rm": _remove, "viewer": _viewer}
         return actions[args.action](client, args)
 
 
-def follow(client: ControllerClient, vm_id: str, on_stage: Callable[[str, float], None],
-           on_note: Callable[[str, str], None] = lambda kind, detail: None) -> dict[str, Any]:
+def follow(client: Client, vm_id: str, on_stage: Callable[[str, float], None],
+           on_note: Callable[[str, str], None] = lambda kind, detail: None) -> Vm:
     """Report each stage of a booting VM once, as it passes, and each build step or retry it waits through
     (`on_note`, and "still" with the step when a build goes on for a quiet minute); its record once it is
-    ready, failed or ended."""
-    seen: set[str] = set()
-    seen_notes: set[tuple[str, object]] = set()
-
-    def event(kind: str, data: dict[str, Any]) -> bool:
-        if kind == "stage" and data["event"] not in seen:  # a new subscription repeats passed stages
-            seen.add(data["event"])
-            on_stage(data["event"], float(data.get("seconds") or 0.0))
-        elif kind in NOTES and (kind, data.get("detail")) not in seen_notes:
-            seen_notes.add((kind, data.get("detail")))
-            on_note(kind, str(data.get("detail") or ""))
-            if data.get("log") and ("log", data["log"]) not in seen_notes:  # once per build: where it writes
-                seen_notes.add(("log", data["log"]))
-                on_note("log", str(data["log"]))
-        elif kind == "destroyed":
-            raise WrongState(vm_id, "deleted", "it was deleted (vm rm) while it was being created")
-        return kind in TERMINAL
-
-    def settle(quiet: bool) -> dict[str, Any] | None:
-        record = client.get_vm(vm_id)
-        if record["state"] not in ("creating", "booting"):
-            return record
-        if quiet:
-            if record.get("building"):  # a step as long as a kernel's compile: say it goes on
-                on_note("still", str(record["building"]))
-            return None  # still booting: subscribe again (the stages it already passed are skipped above)
+    ready, failed or ended (client.wait_vm, told as the CLI tells it)."""
+    try:
+        return client.wait_vm(vm_id, on_stage=on_stage, on_note=on_note)
+    except VmFailed as exc:
+        if exc.vm is None:
+            raise WrongState(vm_id, "deleted", "it was deleted (vm rm) while it was being created") from None
+        return exc.vm
+    except StreamEnded as exc:
         # No terminal event: the controller ends every stream when it stops; the VM boots on.
-        raise ControllerStopped(client.base_url, vm_id, record["state"])
-
-    return stream.follow(lambda: client.events(vm_id), event, settle)
+        raise ControllerStopped(client.base_url, vm_id, exc.state) from None
 
 
-def _create(client: ControllerClient, args: argparse.Namespace) -> int:
+def _create(client: Client, args: argparse.Namespace) -> int:
     started = time.monotonic()
-    record = client.create_vm(args.user, args.vcpus, args.mem)
-    vm_id = record["vm_id"]
+    vm_id = client.create_vm(args.user, args.vcpus, args.mem).vm_id
     print(f"browservm: {vm_id} is being created by {client.base_url} (Ctrl-C deletes it)", file=sys.stderr,
           flush=True)
 
@@ -113,55 +89,54 @@ def _create(client: ControllerClient, args: argparse.Namespace) -> int:
         output.print_note(kind, detail, time.monotonic() - started)
 
     try:
-        record = follow(client, vm_id, output.print_stage, note)
+        vm = follow(client, vm_id, output.print_stage, note)
     except KeyboardInterrupt:
         # As a local create: Ctrl-C cancels it, and what was made is released.
         print(f"browservm: cancelled: removing VM {vm_id}", file=sys.stderr, flush=True)
         client.delete_vm(vm_id)
         raise
-    ready = record["state"] == "ready"
+    ready = vm.state == "ready"
+    record = vm.as_json()
     viewer = client.viewer(vm_id) if ready else None
     if args.json:
-        output.print_vm({**record, "viewer": viewer} if viewer else record, as_json=True)
+        output.print_vm({**record, "viewer": viewer.as_json()} if viewer else record, as_json=True)
         return 0 if ready else 1
     output.print_vm(record, as_json=False)
     if viewer is not None:
-        until = time.strftime("%H:%M:%S", time.localtime(viewer["expires_at"]))
-        print(f"  viewer     {viewer['url']}\n             (open it in a browser before {until}; a new link: "
+        until = time.strftime("%H:%M:%S", time.localtime(viewer.expires_at))
+        print(f"  viewer     {viewer.url}\n             (open it in a browser before {until}; a new link: "
               f"browservm vm viewer {vm_id} --url {client.base_url})")
     return 0 if ready else 1
 
 
-def _list(client: ControllerClient, args: argparse.Namespace) -> int:
-    output.print_vms(client.list_vms(), args.json)
+def _list(client: Client, args: argparse.Namespace) -> int:
+    output.print_vms([vm.as_json() for vm in client.list_vms()], args.json)
     return 0
 
 
-def _show(client: ControllerClient, args: argparse.Namespace) -> int:
+def _show(client: Client, args: argparse.Namespace) -> int:
     try:
-        record = client.get_vm(args.vm_id)
-    except ControllerError as exc:
-        if exc.status != 404:
-            raise
+        vm = client.get_vm(args.vm_id)
+    except NotFound:
         print(f"browservm: no VM {args.vm_id}", file=sys.stderr)  # as local mode says it
         return 1
-    output.print_vm(record, args.json)
+    output.print_vm(vm.as_json(), args.json)
     return 0
 
 
-def _console(client: ControllerClient, args: argparse.Namespace) -> int:
+def _console(client: Client, args: argparse.Namespace) -> int:
     for line in client.console(args.vm_id, args.lines):
         print(terminal_safe(line))
     return 0
 
 
-def _viewer(client: ControllerClient, args: argparse.Namespace) -> int:
+def _viewer(client: Client, args: argparse.Namespace) -> int:
     viewer = client.viewer(args.vm_id)
-    print(json.dumps(viewer, indent=2) if args.json else viewer["url"])
+    print(json.dumps(viewer.as_json(), indent=2) if args.json else viewer.url)
     return 0
 
 
-def _remove(client: ControllerClient, args: argparse.Namespace) -> int:
+def _remove(client: Client, args: argparse.Namespace) -> int:
     for vm_id in args.vm_ids:
         validate_vm_id(vm_id)  # all before any is removed
     output.print_removed({vm_id: client.delete_vm(vm_id) for vm_id in args.vm_ids}, args.json)
