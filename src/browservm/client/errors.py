@@ -144,8 +144,8 @@ class LoginFailed(ClientError):
         self.state = login.state
         self.hop = login.hop
         self.reason = login.reason or ""
-        where = f" at {login.hop}" if login.hop else ""
-        super().__init__(f"login {login.login_id} {login.state}{where}: {self.reason}".rstrip(": "))
+        told = f"login {login.login_id} {login.state}" + (f" at {login.hop}" if login.hop else "")
+        super().__init__(f"{told}: {self.reason}" if self.reason else told)
 
 
 def error_of(status: int, payload: object, answered: str, base_url: str) -> ControllerError:
