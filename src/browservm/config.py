@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="the operator's API key (default: made at first start, "
                                                   "kept in <state-dir>/api.key)")
     viewer_ttl: int = Field(600, ge=10, le=86400, description="seconds a viewer link stays valid")
+    audit_retention: int = Field(90 * 86400, ge=3600, le=10 * 365 * 86400,
+                                 description="seconds the audit trail keeps an entry (default 90 days)")
     idle_timeout: int = Field(900, ge=10, description="seconds a VM may have no viewer before it is reaped")
     max_lifetime: int = Field(7200, ge=60, description="seconds a VM may live at most before it is reaped")
     stop_vms_on_exit: bool = Field(False, description="destroy every VM when the controller stops")

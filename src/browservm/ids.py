@@ -26,7 +26,8 @@ from browservm.errors import InvalidVmId
 IFNAMSIZ = 16  # includes the trailing NUL: 15 visible characters
 TAP_PREFIX = "fc-"
 _ALLOWED = set(string.ascii_lowercase + string.digits + "-")
-_VM_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+VM_ID_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"  # for OpenAPI documents; _VM_ID is the same
+_VM_ID = re.compile(VM_ID_PATTERN[1:-1])
 
 
 def validate_vm_id(value: str) -> str:

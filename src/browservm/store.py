@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS vms (
     state           TEXT NOT NULL,
     holds_resources INTEGER NOT NULL,
     data            TEXT NOT NULL,
-    version         INTEGER NOT NULL DEFAULT 0  -- bumped by every write: the compare-and-set token
+    version         INTEGER NOT NULL DEFAULT 0,  -- bumped by every write: the compare-and-set token
+    tenant          TEXT NOT NULL DEFAULT ''
 );
 -- What `host up` created, so `host down` removes exactly that and nothing else.
 CREATE TABLE IF NOT EXISTS host_objects (
@@ -55,26 +56,87 @@ CREATE TABLE IF NOT EXISTS logins (
     running    INTEGER NOT NULL,
     created_at REAL NOT NULL,
     data       TEXT NOT NULL,
-    version    INTEGER NOT NULL DEFAULT 0
+    version    INTEGER NOT NULL DEFAULT 0,
+    tenant     TEXT NOT NULL DEFAULT ''
 );
--- One running login per user and provider, held by SQLite itself.
-CREATE UNIQUE INDEX IF NOT EXISTS logins_one_running ON logins (user, provider) WHERE running;
 CREATE INDEX IF NOT EXISTS logins_by_time ON logins (created_at);
--- The credential vault (oauth/vault.py): AES-GCM ciphertext only, bound to user and provider.
+-- The credential vault (oauth/vault.py): AES-GCM ciphertext only, bound to tenant, user and provider.
 CREATE TABLE IF NOT EXISTS credentials (
+    tenant      TEXT NOT NULL DEFAULT '',
     user        TEXT NOT NULL,
     provider    TEXT NOT NULL,
     login_id    TEXT NOT NULL,
     captured_at REAL NOT NULL,
     key_id      TEXT NOT NULL,
     sealed      BLOB NOT NULL,
-    PRIMARY KEY (user, provider)
+    PRIMARY KEY (tenant, user, provider)
 );
+-- API keys (access/keys.py): only each key's SHA-256, never the key.
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id       TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    role         TEXT NOT NULL,
+    tenant       TEXT NOT NULL,
+    digest       TEXT NOT NULL UNIQUE,
+    created_at   REAL NOT NULL,
+    last_used_at REAL,
+    revoked_at   REAL
+);
+-- Each tenant's quota (access/quotas.py); NULL is no limit of the tenant's own.
+CREATE TABLE IF NOT EXISTS tenants (
+    tenant          TEXT PRIMARY KEY,
+    max_vms         INTEGER,
+    max_mem_mib     INTEGER,
+    logins_per_hour INTEGER
+);
+-- The audit trail (access/audit.py): appended to, and pruned by age only.
+CREATE TABLE IF NOT EXISTS audit (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at         REAL NOT NULL,
+    key_id     TEXT NOT NULL,
+    tenant     TEXT NOT NULL,
+    action     TEXT NOT NULL,
+    target     TEXT NOT NULL,
+    outcome    TEXT NOT NULL,
+    detail     TEXT NOT NULL,
+    request_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at);
+CREATE TRIGGER IF NOT EXISTS audit_append_only BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END
 """
 # 4: the logins and credentials tables. A schema-3 database gets them from the CREATE ... IF NOT EXISTS
 # statements above at its next open (its other tables are unchanged), then is marked 4.
-_SCHEMA_VERSION = 4
+# 5: tenants (issue 21): api_keys, tenants and audit; a `tenant` column on vms and logins, and in the
+# credentials' key (_add_tenants).
+_SCHEMA_VERSION = 5
 _BUSY_TIMEOUT_S = 30.0
+
+
+def _split(schema: str) -> list[str]:
+    """The schema's statements: split at each `;` that ends a line (a trigger's body has its own `;`).
+    One by one, not executescript: that would commit the transaction they run in."""
+    return [statement.strip() for statement in schema.split(";\n") if statement.strip()]
+
+
+def _add_tenants(db: sqlite3.Connection) -> None:
+    """Schema 5 over an older database: what there was belongs to no tenant (""), the operator's own."""
+    for table in ("vms", "logins"):
+        if "tenant" not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
+    # One running login per tenant, user and provider, held by SQLite itself.
+    db.execute("DROP INDEX IF EXISTS logins_one_running")
+    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS logins_one_running_per_tenant ON logins (tenant, user, provider) "
+               "WHERE running")
+    if "tenant" not in {row[1] for row in db.execute("PRAGMA table_info(credentials)")}:
+        # A primary key cannot change in place: the table is copied.
+        db.execute("ALTER TABLE credentials RENAME TO credentials_4")
+        db.execute("CREATE TABLE credentials (tenant TEXT NOT NULL DEFAULT '', user TEXT NOT NULL, "
+                   "provider TEXT NOT NULL, login_id TEXT NOT NULL, captured_at REAL NOT NULL, key_id TEXT NOT NULL, "
+                   "sealed BLOB NOT NULL, PRIMARY KEY (tenant, user, provider))")
+        db.execute("INSERT INTO credentials (tenant, user, provider, login_id, captured_at, key_id, sealed) "
+                   "SELECT '', user, provider, login_id, captured_at, key_id, sealed FROM credentials_4")
+        db.execute("DROP TABLE credentials_4")
 
 
 class Store:
@@ -100,12 +162,12 @@ class Store:
             if version > _SCHEMA_VERSION:
                 raise StateError(str(path), f"written by a newer browservm (schema {version})")
             with self.transaction() as db:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+                for statement in _split(_SCHEMA):
+                    db.execute(statement)
                 columns = {row[1] for row in db.execute("PRAGMA table_info(vms)")}
                 if "version" not in columns:  # a state directory from schema 2
                     db.execute("ALTER TABLE vms ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
+                _add_tenants(db)
                 db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
             # Whatever existed before: the store holds leases, VM records and (issue 9) sealed
             # credentials, and SQLite's -wal and -shm files hold the same data.
@@ -157,7 +219,10 @@ class Store:
             db.execute("DELETE FROM meta WHERE key = ?", (key,))
 
     def close(self) -> None:
-        self._db.close()
+        # Under the lock: closing a connection another thread is using crashes the interpreter (sqlite3 in
+        # CPython 3.11); this way that thread finishes first, and a later use is a ProgrammingError.
+        with self._lock:
+            self._db.close()
 
     def __enter__(self) -> Store:
         return self

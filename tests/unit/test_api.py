@@ -203,7 +203,7 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 
 # Routes anyone may reach: the viewer's (they take its token), the health check, the login form and the
 # operator page (which redirects to it), static files.
-PUBLIC = {"/healthz", "/view/{vm_id}", "/view/{vm_id}/state", "/login", "/"}
+PUBLIC = {"/healthz", "/view/{vm_id}", "/view/{vm_id}/state", "/login", "/logout", "/"}
 
 
 def operator_routes(app: FastAPI) -> list[tuple[str, str]]:

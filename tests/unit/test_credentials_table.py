@@ -30,7 +30,7 @@ from .fakes import stop_all
 from .test_api import KEY, Served, serve_fakes
 
 Kind = Literal["operator", "viewer-page", "viewer-state", "viewer-ws", "public", "operator-page", "login-form",
-               "login-page", "static"]
+               "login-page", "static", "logout"]
 
 # Every route of the app: (method, path) -> what guards it. "WS" is the WebSocket route.
 ROUTES: dict[tuple[str, str], Kind] = {
@@ -57,12 +57,19 @@ ROUTES: dict[tuple[str, str], Kind] = {
     ("GET", "/v1/providers"): "operator",
     ("GET", "/v1/users/{user}/credentials/{provider}"): "operator",
     ("DELETE", "/v1/users/{user}/credentials/{provider}"): "operator",
+    ("POST", "/v1/keys"): "operator",
+    ("GET", "/v1/keys"): "operator",
+    ("DELETE", "/v1/keys/{key_id}"): "operator",
+    ("GET", "/v1/tenants/{tenant}"): "operator",
+    ("PUT", "/v1/tenants/{tenant}/quota"): "operator",
+    ("GET", "/v1/audit"): "operator",
     ("GET", "/view/{vm_id}"): "viewer-page",
     ("GET", "/view/{vm_id}/state"): "viewer-state",
     ("WS", "/v1/vms/{vm_id}/vnc"): "viewer-ws",
     ("GET", "/"): "operator-page",
     ("GET", "/login"): "login-page",
     ("POST", "/login"): "login-form",
+    ("POST", "/logout"): "logout",
     ("GET", "/novnc"): "static",
 }
 
@@ -70,7 +77,7 @@ T = TypeVar("T")
 CREDENTIALS = ("none", "wrong", "viewer token", "another VM's token", "expired token", "malformed unicode")
 TARGET, OTHER = "vm-0000000000a1", "vm-0000000000a2"
 PARAMETERS = {"vm_id": TARGET, "login_id": "login-000000000000", "user": "ann", "provider": "sample",
-              "name": "swagger-ui.css"}
+              "name": "swagger-ui.css", "key_id": "0123456789ab", "tenant": "acme"}
 
 
 def app_routes(served: Served) -> set[tuple[str, str]]:
@@ -140,7 +147,7 @@ def expected(kind: Kind, credential: str) -> int:
     valid_viewer = credential == "viewer token"
     return {"operator": 401, "public": 200, "viewer-page": 200, "static": 200,
             "viewer-state": 200 if valid_viewer else 401, "viewer-ws": 4409 if valid_viewer else 4401,
-            "operator-page": 303, "login-page": 200, "login-form": 303}[kind]
+            "operator-page": 303, "login-page": 200, "login-form": 303, "logout": 303}[kind]
 
 
 @pytest.mark.parametrize("credential", CREDENTIALS)

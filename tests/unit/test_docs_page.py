@@ -37,7 +37,7 @@ from .test_api import PUBLIC
 
 DEADLINE = 30.0  # for any one condition; a passing run meets each in a few seconds at most
 KEY = "docs-page-key-0123456789"
-SCHEME = "operatorKey"
+SCHEME = "apiKey"
 
 
 @dataclass

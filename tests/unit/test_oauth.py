@@ -22,7 +22,15 @@ from browservm.hostnet.netns import NetworkNamespace
 from browservm.images import rootfs
 from browservm.oauth.agent import MAX_BODY, MAX_HEAD, AgentClient, AgentEndpoint
 from browservm.oauth.catalog import GUEST_HOME, load_catalog
-from browservm.oauth.errors import AgentError, CatalogError, LoginConflict, LoginRunning, LoginTransition, VaultError
+from browservm.oauth.errors import (
+    AgentError,
+    CatalogError,
+    CredentialsNotFound,
+    LoginConflict,
+    LoginRunning,
+    LoginTransition,
+    VaultError,
+)
 from browservm.oauth.records import LoginRecord, LoginRecords, new_login_id, validate_login_id
 from browservm.oauth.states import ALLOWED, FINAL, LoginState, transition
 from browservm.oauth.vault import KEY_FILE, Vault, key_id, load_key, seal, unseal
@@ -209,10 +217,27 @@ def test_a_schema_3_database_gets_the_new_tables(tmp_path: Path) -> None:
         db.execute("PRAGMA user_version=3")
     db.close()
     with Store(path) as opened:
-        assert opened.read("PRAGMA user_version")[0][0] == 4
+        assert opened.read("PRAGMA user_version")[0][0] == 5
         tables = {row[0] for row in opened.read("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert {"logins", "credentials", "vms"} <= tables
-        assert opened.read("SELECT version FROM vms")[0][0] == 3
+        assert {"logins", "credentials", "vms", "api_keys", "tenants", "audit"} <= tables
+        assert opened.read("SELECT version, tenant FROM vms")[0] == (3, "")
+
+
+def test_a_schema_4_databases_credentials_become_the_operators_own_and_still_open(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE credentials (user TEXT NOT NULL, provider TEXT NOT NULL, login_id TEXT NOT NULL, "
+                   "captured_at REAL NOT NULL, key_id TEXT NOT NULL, sealed BLOB NOT NULL, "
+                   "PRIMARY KEY (user, provider))")
+        db.execute("INSERT INTO credentials VALUES ('ann', 'sample', 'login-000000000001', 1.0, ?, ?)",
+                   (key_id(KEY), seal(KEY, "ann", "sample", FILES)))
+        db.execute("PRAGMA user_version=4")
+    db.close()
+    with Store(path) as opened:
+        assert opened.read("SELECT tenant, user FROM credentials") == [("", "ann")]
+        assert Vault(opened, KEY).get("ann", "sample").files == FILES
+        with pytest.raises(CredentialsNotFound):
+            Vault(opened, KEY).get("ann", "sample", tenant="acme")
 
 
 # --- the vault ------------------------------------------------------------------------------------
@@ -259,10 +284,17 @@ def test_vault_rows_are_bound_to_their_user_in_the_store(store: Store) -> None:
     assert stored.files == FILES and stored.login_id == "login-000000000001"
     # Someone with write access to the database moves ann's row to bob: it does not open as bob's.
     with store.transaction() as db:
-        db.execute("INSERT INTO credentials SELECT 'bob', provider, login_id, captured_at, key_id, sealed "
-                   "FROM credentials WHERE user = 'ann'")
+        db.execute("INSERT INTO credentials (tenant, user, provider, login_id, captured_at, key_id, sealed) "
+                   "SELECT tenant, 'bob', provider, login_id, captured_at, key_id, sealed FROM credentials "
+                   "WHERE user = 'ann'")
+        # ... or to another tenant's ann: not hers either.
+        db.execute("INSERT INTO credentials (tenant, user, provider, login_id, captured_at, key_id, sealed) "
+                   "SELECT 'acme', user, provider, login_id, captured_at, key_id, sealed FROM credentials "
+                   "WHERE user = 'ann' AND tenant = ''")
     with pytest.raises(VaultError, match="sealed for another user or provider"):
         vault.get("bob", "sample")
+    with pytest.raises(VaultError, match="sealed for another user or provider"):
+        vault.get("ann", "sample", tenant="acme")
     raw = b"".join(row[0] for row in store.read("SELECT sealed FROM credentials") if isinstance(row[0], bytes))
     assert TOKEN.encode() not in raw
     with pytest.raises(VaultError, match="sealed with another key"):

@@ -23,7 +23,6 @@ Errors are `{"error": {"type", "message", ...}}`: 422 a bad field (named), 404 a
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -43,8 +42,10 @@ from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from browservm import __version__
-from browservm.api import diagnose, logins
-from browservm.api.auth import SESSION_COOKIE, ApiError, require_operator, session_value
+from browservm.access.principal import Forbidden
+from browservm.api import access_routes, diagnose, logins
+from browservm.api.audited import Audited, audited
+from browservm.api.auth import SESSION_COOKIE, Access, ApiError, Caller, admin_only, caller
 from browservm.api.logs import AccessLog
 from browservm.api.models import ConsoleOut, CreateVm, ErrorOut, ViewerOut, VmOut
 from browservm.api.service import ControllerService
@@ -160,6 +161,10 @@ def answer_errors(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return _error(exc.status, exc.body, headers)
 
+    @app.exception_handler(Forbidden)
+    async def forbidden(request: Request, exc: Forbidden) -> JSONResponse:
+        return _error(403, {"type": "Forbidden", "message": str(exc)})
+
     @app.exception_handler(BrowserVMError)
     async def browservm_error(request: Request, exc: BrowserVMError) -> JSONResponse:
         status, fields = _status_of(exc)
@@ -192,14 +197,13 @@ def answer_errors(app: FastAPI) -> None:
         return _error(exc.status_code, {"type": "HTTPError", "message": str(exc.detail)}, headers or None)
 
 
-def mount_operator_page(app: FastAPI, api_key: str, *, secure: bool) -> None:
-    """The operator's page at `/` and its sign-in form (a controller's, or a front's: the page reads /v1/vms)."""
-    operator = require_operator(api_key)
-
+def mount_operator_page(app: FastAPI, access: Access, *, secure: bool) -> None:
+    """The operator's page at `/`, its sign-in form and sign-out (a controller's, or a front's: the page reads
+    /v1/vms, which shows a tenant key its own VMs only). A session lasts `access.session_ttl`."""
     @app.get("/", include_in_schema=False, response_model=None)
-    async def operator_page(request: Request) -> HTMLResponse | RedirectResponse:
+    def operator_page(request: Request) -> HTMLResponse | RedirectResponse:
         try:
-            operator(request)
+            access.principal(request)
         except ApiError:
             return RedirectResponse("/login", status_code=303)
         return HTMLResponse((_STATIC / "operator.html").read_text(), headers={"Cache-Control": "no-store"})
@@ -215,10 +219,19 @@ def mount_operator_page(app: FastAPI, api_key: str, *, secure: bool) -> None:
         # python-multipart, which browservm does not depend on (without it every login was a 500).
         form = parse_qs((await request.body()).decode(errors="replace"))
         key = form.get("key", [""])[0].strip()
-        if not hmac.compare_digest(key.encode(), api_key.encode()):
+        principal = await asyncio.to_thread(access.keys.authenticate, key)
+        if principal is None:
             return RedirectResponse("/login?failed=true", status_code=303)
+        request.state.principal = principal
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(SESSION_COOKIE, session_value(api_key), httponly=True, samesite="strict", secure=secure)
+        response.set_cookie(SESSION_COOKIE, access.session(principal), max_age=int(access.session_ttl),
+                            httponly=True, samesite="strict", secure=secure)
+        return response
+
+    @app.post("/logout", include_in_schema=False)
+    async def logout() -> RedirectResponse:
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="strict", secure=secure)
         return response
 
 
@@ -232,11 +245,12 @@ def build_app(service: ControllerService) -> FastAPI:
                   openapi_url=None, description="Isolated browser microVMs: create one per user session, "
                   "watch it come up hop by hop, open its desktop in a browser.")
     app.add_middleware(BodyLimit)
+    app.add_middleware(Audited, trail=service.audit)
     app.add_middleware(AccessLog)  # outermost: it times and logs what BodyLimit refuses too
 
-    operator = require_operator(service.api_key)
-
-    authorized = [Depends(operator)]
+    app.state.access = access = service.access
+    admin = [Depends(admin_only)]
+    authorized = [Depends(caller)]
     errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut}
                                               for code in (401, 403, 404, 409, 413, 422, 429)}
 
@@ -249,7 +263,7 @@ def build_app(service: ControllerService) -> FastAPI:
         """Liveness: the controller answers."""
         return {"ok": True}
 
-    @app.get("/readyz", tags=["health"], dependencies=authorized, responses=errors)
+    @app.get("/readyz", tags=["health"], dependencies=admin, responses=errors)
     async def readyz() -> JSONResponse:
         """Readiness: the store answers, the host network is as `host up` makes it, a VMM can run."""
         checks = await service.readiness()
@@ -258,7 +272,7 @@ def build_app(service: ControllerService) -> FastAPI:
                                                       for name, (ok, detail) in checks.items()}},
                             status_code=200 if healthy else 503)
 
-    @app.get("/metrics", tags=["health"], dependencies=authorized, response_class=PlainTextResponse)
+    @app.get("/metrics", tags=["health"], dependencies=admin, response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(await asyncio.to_thread(service.metrics.render),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -282,47 +296,48 @@ def build_app(service: ControllerService) -> FastAPI:
 
     # --- VMs -----------------------------------------------------------------------------------
 
-    @app.post("/v1/vms", tags=["vms"], status_code=202, dependencies=authorized, responses=errors)
-    async def create_vm(body: CreateVm, wait: bool = False) -> JSONResponse:
+    @app.post("/v1/vms", tags=["vms"], status_code=202, responses=errors)
+    async def create_vm(body: CreateVm, who: Caller, request: Request, wait: bool = False) -> JSONResponse:
         """Create a VM. It boots in the background (202, state `creating`); `?wait=true` returns when it is
         ready or failed (200). Follow it with GET /v1/vms/{id} or /v1/vms/{id}/events."""
-        record = await service.create(body, wait)
+        record = await service.create(body, wait, who)
+        audited(request, record.vm_id, record.tenant)
         return JSONResponse(service.describe(record).model_dump(), status_code=200 if wait else 202)
 
-    @app.get("/v1/vms", tags=["vms"], dependencies=authorized, responses=errors)
-    async def list_vms() -> list[VmOut]:
-        return [service.describe(record) for record in await service.all()]
+    @app.get("/v1/vms", tags=["vms"], responses=errors)
+    async def list_vms(who: Caller) -> list[VmOut]:
+        """The VMs this key may see: every VM for an admin key, its tenant's for a tenant key."""
+        return [service.describe(record) for record in await service.all(who)]
 
-    @app.get("/v1/vms/{vm_id}", tags=["vms"], dependencies=authorized, responses=errors)
-    async def get_vm(vm_id: str) -> VmOut:
+    @app.get("/v1/vms/{vm_id}", tags=["vms"], responses=errors)
+    async def get_vm(vm_id: str, who: Caller) -> VmOut:
         """State, address, the failing hop with reason and hint, each hop's time, viewers, idle time."""
-        return service.describe(await service.get(validate_vm_id(vm_id)))
+        return service.describe(await service.get(validate_vm_id(vm_id), who))
 
-    @app.delete("/v1/vms/{vm_id}", tags=["vms"], dependencies=authorized, responses=errors)
-    async def delete_vm(vm_id: str) -> dict[str, str | bool]:
+    @app.delete("/v1/vms/{vm_id}", tags=["vms"], responses=errors)
+    async def delete_vm(vm_id: str, who: Caller) -> dict[str, str | bool]:
         """Stop the VM and release everything it had. Idempotent: `removed` is false when it was not there."""
-        return {"vm_id": vm_id, "removed": await service.destroy(validate_vm_id(vm_id))}
+        return {"vm_id": vm_id, "removed": await service.destroy(validate_vm_id(vm_id), who)}
 
-    @app.get("/v1/vms/{vm_id}/console", tags=["vms"], dependencies=authorized, responses=errors)
-    async def console(vm_id: str, lines: Annotated[int, Query(ge=1, le=10_000)] = 50) -> ConsoleOut:
-        return ConsoleOut(vm_id=vm_id, lines=await service.console(validate_vm_id(vm_id), lines))
+    @app.get("/v1/vms/{vm_id}/console", tags=["vms"], responses=errors)
+    async def console(vm_id: str, who: Caller, lines: Annotated[int, Query(ge=1, le=10_000)] = 50) -> ConsoleOut:
+        return ConsoleOut(vm_id=vm_id, lines=await service.console(validate_vm_id(vm_id), lines, who))
 
-    @app.get("/v1/vms/{vm_id}/events", tags=["vms"], dependencies=authorized, responses=errors,
-             response_class=StreamingResponse)
-    async def events(vm_id: str) -> StreamingResponse:
+    @app.get("/v1/vms/{vm_id}/events", tags=["vms"], responses=errors, response_class=StreamingResponse)
+    async def events(vm_id: str, who: Caller) -> StreamingResponse:
         """Server-Sent Events: `stage` for each hop as it passes (those already passed first), then one of
         `ready`, `failed` (with the hop and reason), `ended` or `destroyed`, and the stream ends."""
-        await service.get(validate_vm_id(vm_id))  # a 404 now, not an empty stream
+        await service.get(validate_vm_id(vm_id), who)  # a 404 now, not an empty stream
 
         async def stream() -> AsyncIterator[str]:
             async for event in service.stream(vm_id):
                 yield event.sse()
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
-    @app.post("/v1/vms/{vm_id}/viewer", tags=["viewer"], dependencies=authorized, responses=errors)
-    async def viewer(vm_id: str) -> ViewerOut:
+    @app.post("/v1/vms/{vm_id}/viewer", tags=["viewer"], responses=errors)
+    async def viewer(vm_id: str, who: Caller) -> ViewerOut:
         """A link to the VM's desktop for a browser, valid for the configured time (default 10 minutes)."""
-        return await service.viewer(validate_vm_id(vm_id))
+        return await service.viewer(validate_vm_id(vm_id), who)
 
     # --- the viewer: its own token, no API key --------------------------------------------------
 
@@ -352,10 +367,11 @@ def build_app(service: ControllerService) -> FastAPI:
     async def vnc(websocket: WebSocket, vm_id: str, token: str = "") -> None:
         await service.connect_viewer(websocket, vm_id, token)
 
-    mount_operator_page(app, service.api_key, secure=service.settings.base_url.startswith("https:"))
+    mount_operator_page(app, access, secure=service.settings.base_url.startswith("https:"))
 
     logins.mount(app, service)
     diagnose.mount(app, service)
+    access_routes.mount(app, service)
     if NOVNC_DIR.is_dir():
         app.mount("/novnc", StaticFiles(directory=NOVNC_DIR), name="novnc")
     return app

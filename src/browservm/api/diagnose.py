@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from fastapi import Depends
 from fastapi.responses import JSONResponse
 
-from browservm.api.auth import require_operator
+from browservm.api.auth import admin_only
 from browservm.doctor import Doctor, DriverVmms, Sources
 from browservm.doctor.local import plan_of
 from browservm.hostnet.host import Check
@@ -43,14 +43,12 @@ def mount(app: FastAPI, service: ControllerService) -> None:
     """Add this part's routes to `app`, and its tasks to `service` (`run_in_background`, `on_stop`)."""
     doctor = Doctor(service_sources(service))
 
-    operator = require_operator(service.api_key)
-
-    @app.get("/v1/doctor", tags=["doctor"], dependencies=[Depends(operator)])
+    @app.get("/v1/doctor", tags=["doctor"], dependencies=[Depends(admin_only)])
     async def host_doctor() -> JSONResponse:
         """The host's pieces: namespace, bridge, forwarding, nftables, uplink, VMM, kernel and image."""
         return JSONResponse((await doctor.host()).to_json())
 
-    @app.get("/v1/vms/{vm_id}/diagnose", tags=["doctor"], dependencies=[Depends(operator)])
+    @app.get("/v1/vms/{vm_id}/diagnose", tags=["doctor"], dependencies=[Depends(admin_only)])
     async def diagnose_vm(vm_id: str) -> JSONResponse:
         """One VM's hops in order, stopping at the first broken one: verdict, hop, cause, evidence, fix."""
         return JSONResponse((await doctor.vm(validate_vm_id(vm_id))).to_json())

@@ -17,6 +17,7 @@ or no credentials, 409 a login already running for the user and provider (or a s
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any
@@ -26,7 +27,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from starlette.responses import StreamingResponse
 
-from browservm.api.auth import require_operator
+from browservm.access.audit import AuditEntry
+from browservm.access.principal import TENANT_PATTERN, Principal
+from browservm.api.audited import audited
+from browservm.api.auth import Caller, caller
 from browservm.ids import validate_vm_id
 from browservm.oauth.catalog import load_catalog
 from browservm.oauth.errors import (
@@ -52,6 +56,9 @@ _USER = r"^[^\x00-\x1f\x7f]{1,64}$"
 _PROVIDER = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 User = Annotated[str, Path(pattern=_USER)]  # at module level: FastAPI resolves route annotations by name here
 ProviderName = Annotated[str, Path(pattern=_PROVIDER)]
+Tenant = Annotated[str | None, Query(pattern=f"{TENANT_PATTERN}|^$",
+                                     description="an admin key's choice of tenant (default: the operator's own, or "
+                                                 "everyone's in a listing); a tenant key's is its own")]
 
 
 class CreateLogin(BaseModel):
@@ -61,11 +68,14 @@ class CreateLogin(BaseModel):
     provider: StrictStr = Field(min_length=1, max_length=64, description="a provider (GET /v1/providers)")
     vm_id: StrictStr | None = Field(None, description="run the login in this VM of the user's instead of a new one")
     keep_vm: StrictBool = Field(False, description="keep the VM afterwards (default: it is destroyed)")
+    tenant: StrictStr | None = Field(None, pattern=TENANT_PATTERN,
+                                     description="an admin key may name the tenant; a tenant key's is its own")
 
 
 class LoginOut(BaseModel):
     login_id: str
     user: str
+    tenant: str = Field(description="the tenant it belongs to; empty: the operator's own")
     provider: str
     state: str = Field(description="booting, starting, waiting-for-user, captured, failed, timed-out or cancelled")
     vm_id: str
@@ -84,7 +94,8 @@ class LoginOut(BaseModel):
 
     @classmethod
     def of(cls, login: LoginRecord) -> LoginOut:
-        return cls(login_id=login.login_id, user=login.user, provider=login.provider, state=login.state.value,
+        return cls(login_id=login.login_id, user=login.user, tenant=login.tenant, provider=login.provider,
+                   state=login.state.value,
                    vm_id=login.vm_id, keep_vm=login.keep_vm, vm_destroyed=login.vm_destroyed,
                    created_at=login.created_at, ended_at=login.ended_at, states=login.states,
                    auth_url_host=login.auth_url_host, hop=login.hop, reason=login.reason,
@@ -162,7 +173,17 @@ def mount(app: FastAPI, service: ControllerService) -> None:
     service.run_in_background(reconcile)
     service.on_stop(logins.stop)
 
-    operator = require_operator(service.api_key)
+    async def captured(login: LoginRecord) -> None:
+        await service.record_audit(AuditEntry("", login.tenant, "login.captured", login.login_id, "captured",
+                                              detail=f"{login.user}/{login.provider}: {login.files} files"))
+
+    logins.on_captured = captured
+
+    async def visible(login_id: str, who: Principal) -> LoginRecord:
+        login = await logins.get(login_id)
+        if not who.sees(login.tenant):
+            raise LoginNotFound(login_id)
+        return login
 
     @app.exception_handler(LoginError)
     async def login_error(request: Request, exc: LoginError) -> JSONResponse:
@@ -170,42 +191,48 @@ def mount(app: FastAPI, service: ControllerService) -> None:
         body: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc), **fields}
         return JSONResponse({"error": body}, status_code=status)
 
-    authorized = [Depends(operator)]
+    authorized = [Depends(caller)]
+
     responses: dict[int | str, dict[str, Any]] = {code: {"description": "an error: {\"error\": {type, message}}"}
                                                   for code in (401, 404, 409, 422, 429, 503)}
 
-    @app.post("/v1/logins", tags=["logins"], status_code=202, dependencies=authorized, responses=responses)
-    async def start_login(body: CreateLogin) -> StartedOut:
+    @app.post("/v1/logins", tags=["logins"], status_code=202, responses=responses)
+    async def start_login(body: CreateLogin, who: Caller, request: Request) -> StartedOut:
         """Start a provider's login for a user: boots a VM (or uses `vm_id`), returns at once (state `booting`)
         with the viewer link where the person completes it. Follow it with GET /v1/logins/{id} or its events."""
         if body.vm_id is not None:
             validate_vm_id(body.vm_id)
-        started = await logins.start(body.user, body.provider, body.vm_id, body.keep_vm)
+        tenant = who.tenant_for(body.tenant)
+        quota = await asyncio.to_thread(service.quotas.get, tenant)
+        started = await logins.start(body.user, body.provider, body.vm_id, body.keep_vm, tenant=tenant, quota=quota)
+        audited(request, started.login.login_id, tenant)
         return StartedOut(**LoginOut.of(started.login).model_dump(), viewer_url=started.viewer_url)
 
-    @app.get("/v1/logins", tags=["logins"], dependencies=authorized, responses=responses)
-    async def list_logins(user: Annotated[str | None, Query(max_length=64)] = None) -> list[LoginOut]:
-        return [LoginOut.of(login) for login in await logins.all(user)]
+    @app.get("/v1/logins", tags=["logins"], responses=responses)
+    async def list_logins(who: Caller, user: Annotated[str | None, Query(max_length=64)] = None,
+                          tenant: Tenant = None) -> list[LoginOut]:
+        """The newest logins this key may see (of `user`; an admin key may name a `tenant`)."""
+        return [LoginOut.of(login) for login in await logins.all(user, who.tenant_filter(tenant))]
 
-    @app.get("/v1/logins/{login_id}", tags=["logins"], dependencies=authorized, responses=responses)
-    async def get_login(login_id: str) -> LoginOut:
-        return LoginOut.of(await logins.get(login_id))
+    @app.get("/v1/logins/{login_id}", tags=["logins"], responses=responses)
+    async def get_login(login_id: str, who: Caller) -> LoginOut:
+        return LoginOut.of(await visible(login_id, who))
 
-    @app.get("/v1/logins/{login_id}/events", tags=["logins"], dependencies=authorized, responses=responses,
-             response_class=StreamingResponse)
-    async def login_events(login_id: str) -> StreamingResponse:
+    @app.get("/v1/logins/{login_id}/events", tags=["logins"], responses=responses, response_class=StreamingResponse)
+    async def login_events(login_id: str, who: Caller) -> StreamingResponse:
         """Server-Sent Events: the login now, then again at each change (the event is its state), until
         captured, failed, timed-out or cancelled; then the stream ends."""
-        await logins.get(login_id)  # a 404 now, not an empty stream
+        await visible(login_id, who)  # a 404 now, not an empty stream
 
         async def stream() -> AsyncIterator[str]:
             async for login in logins.stream(login_id):
                 yield f"event: {login.state.value}\ndata: {LoginOut.of(login).model_dump_json()}\n\n"
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
-    @app.delete("/v1/logins/{login_id}", tags=["logins"], dependencies=authorized, responses=responses)
-    async def cancel_login(login_id: str) -> CancelOut:
+    @app.delete("/v1/logins/{login_id}", tags=["logins"], responses=responses)
+    async def cancel_login(login_id: str, who: Caller) -> CancelOut:
         """Cancel a running login: the agent stops the tool, the VM is destroyed (unless keep_vm)."""
+        await visible(login_id, who)
         login, cancelled = await logins.cancel(login_id)
         return CancelOut(login=LoginOut.of(login), cancelled=cancelled)
 
@@ -216,20 +243,24 @@ def mount(app: FastAPI, service: ControllerService) -> None:
                             credentials=list(p.credentials), timeout_s=p.timeout_s)
                 for p in (catalog.get(name) for name in catalog.names())]
 
-    @app.get("/v1/users/{user}/credentials/{provider}", tags=["credentials"], dependencies=authorized,
-             responses=responses)
-    async def get_credentials(user: User, provider: ProviderName) -> JSONResponse:
-        """The credentials captured last for this user and provider: each file's bytes in base64."""
-        stored = await logins.credentials(user, provider)
+    @app.get("/v1/users/{user}/credentials/{provider}", tags=["credentials"], responses=responses)
+    async def get_credentials(user: User, provider: ProviderName, who: Caller, request: Request,
+                              tenant: Tenant = None) -> JSONResponse:
+        """The credentials captured last for this user (of the tenant) and provider: each file's bytes in base64."""
+        owner = who.tenant_for(tenant)
+        audited(request, f"{user}/{provider}", owner)
+        stored = await logins.credentials(user, provider, owner)
         out = CredentialsOut(user=stored.user, provider=stored.provider, login_id=stored.login_id,
                              captured_at=stored.captured_at,
                              files={path: base64.b64encode(data).decode() for path, data in stored.files.items()})
         # no-store: no cache between here and the client keeps a copy
         return JSONResponse(out.model_dump(), headers={"Cache-Control": "no-store"})
 
-    @app.delete("/v1/users/{user}/credentials/{provider}", tags=["credentials"], dependencies=authorized,
-                responses=responses)
-    async def delete_credentials(user: User, provider: ProviderName) -> dict[str, str | bool]:
+    @app.delete("/v1/users/{user}/credentials/{provider}", tags=["credentials"], responses=responses)
+    async def delete_credentials(user: User, provider: ProviderName, who: Caller, request: Request,
+                                 tenant: Tenant = None) -> dict[str, str | bool]:
         """Forget the credentials. Idempotent: `removed` is false when there were none."""
-        return {"user": user, "provider": provider, "removed": await logins.forget(user, provider)}
+        owner = who.tenant_for(tenant)
+        audited(request, f"{user}/{provider}", owner)
+        return {"user": user, "provider": provider, "removed": await logins.forget(user, provider, owner)}
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from browservm.access.principal import TENANT_PATTERN
 from browservm.vm.records import VmRecord
 
 
@@ -20,6 +21,9 @@ class CreateVm(BaseModel):
     user: StrictStr = Field(min_length=1, max_length=64, description="whose VM it is; limits count per user")
     vcpus: StrictInt | None = Field(None, description="virtual CPUs (default 1)")
     mem_mib: StrictInt | None = Field(None, description="memory in MiB (default 1024)")
+    tenant: StrictStr | None = Field(None, pattern=TENANT_PATTERN,
+                                     description="whose VM it is: an admin key may name a tenant (default: none, "
+                                                 "the operator's own); a tenant key's VMs are always its tenant's")
 
 
 class FailureOut(BaseModel):
@@ -36,6 +40,7 @@ class VmOut(BaseModel):
     vm_id: str
     state: str = Field(description="creating, booting, ready, failed, destroying or ended")
     user: str
+    tenant: str = Field(description="the tenant it belongs to; empty: the operator's own")
     vcpus: int
     mem_mib: int
     created_at: float
@@ -68,7 +73,7 @@ class VmOut(BaseModel):
     def of(cls, record: VmRecord, viewers: int, idle_s: float | None, building: str | None = None) -> VmOut:
         failure = record.failure
         return cls(
-            vm_id=record.vm_id, state=record.state.value, user=record.user, vcpus=record.vcpus,
+            vm_id=record.vm_id, state=record.state.value, user=record.user, tenant=record.tenant, vcpus=record.vcpus,
             mem_mib=record.mem_mib, created_at=record.created_at, uptime_s=round(time.time() - record.created_at, 1),
             address=record.address, tap=record.tap, mac=record.mac, driver=record.driver, accel=record.accel,
             accel_reason=record.accel_reason, retried_after=record.retried_after, building=building, pid=record.pid,

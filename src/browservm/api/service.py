@@ -23,6 +23,11 @@ from ipaddress import IPv4Address
 
 from starlette.websockets import WebSocket
 
+from browservm.access.audit import AuditEntry, AuditTrail
+from browservm.access.keys import KeyRing
+from browservm.access.principal import OPERATOR, Principal
+from browservm.access.quotas import Quotas
+from browservm.api.auth import Access, session_key
 from browservm.api.events import EventBus, VmEvent
 from browservm.api.metrics import Metrics
 from browservm.api.models import CreateVm, ViewerOut, VmOut
@@ -42,6 +47,7 @@ from browservm.controller import Controller
 from browservm.errors import BrowserVMError, StateConflict, VmmError, VmNotFound, WrongState
 from browservm.ids import validate_vm_id
 from browservm.inotify import DirectoryWatch
+from browservm.store import Store
 from browservm.vm.console import ConsoleLog
 from browservm.vm.desktop_path import desktop_path
 from browservm.vm.hops import DESKTOP_COMPLETE, RFB_AUTH
@@ -83,6 +89,14 @@ class ControllerService:
         self.network = controller.network
         self._records = VmRecords(controller.store)  # for the metrics scrape, which runs in a thread
         self.api_key = api_key
+        # Who may do what (access/): the state directory's key is the first admin key. A connection of its
+        # own to the state database: every request's key is read there, beside the manager's work.
+        self._access_store = Store(controller.store.path)
+        self.keys = KeyRing(self._access_store)
+        self.keys.adopt_operator(api_key)
+        self.quotas = Quotas(self._access_store)
+        self.audit = AuditTrail(self._access_store, self.settings.audit_retention)
+        self.access = Access(self.keys, session_key(api_key))
         self.tokens = tokens
         self.metrics = Metrics(self._states)
         self.proxy = proxy or ViewerProxy(_Metered(self.metrics))
@@ -103,6 +117,7 @@ class ControllerService:
         self.stopping = asyncio.Event()
         self.manager.on_change = self._changed
         self.manager.on_note = self._noted
+        self.run_in_background(self.audit.run)
 
     # --- life ---------------------------------------------------------------------------
 
@@ -147,6 +162,7 @@ class ControllerService:
                 if record.state in (*_LIVE, VmState.FAILED):
                     await self.manager.destroy(record.vm_id, ended_reason="the controller stopped")
         await self.manager.close()
+        self._access_store.close()
 
     async def _watch_store(self) -> None:
         """VMs created by other browservm processes (the CLI) appear in the store: watch them too."""
@@ -258,10 +274,13 @@ class ControllerService:
 
     # --- VMs ----------------------------------------------------------------------------
 
-    async def create(self, request: CreateVm, wait: bool) -> VmRecord:
+    async def create(self, request: CreateVm, wait: bool, principal: Principal = OPERATOR) -> VmRecord:
+        tenant = principal.tenant_for(request.tenant)
+        quota = await asyncio.to_thread(self.quotas.get, tenant)
         # Defaults only for what was left out: 0 is a size the manager refuses, not "the default".
         record, task = await self.manager.start(request.user, 1 if request.vcpus is None else request.vcpus,
-                                                1024 if request.mem_mib is None else request.mem_mib)
+                                                1024 if request.mem_mib is None else request.mem_mib,
+                                                tenant=tenant, quota=quota)
         if not wait:
             return record
         try:
@@ -275,20 +294,24 @@ class ControllerService:
         current = await self.manager.get(record.vm_id)
         raise StateConflict(record.vm_id, VmState.READY.value, None if current is None else current.state.value)
 
-    async def get(self, vm_id: str) -> VmRecord:
+    async def get(self, vm_id: str, principal: Principal = OPERATOR) -> VmRecord:
+        """The VM, if `principal` may see it: another tenant's is not found, as one that never was."""
         record = await self.manager.get(vm_id)
-        if record is None:
+        if record is None or not principal.sees(record.tenant):
             raise VmNotFound(vm_id)
         return record
 
-    async def all(self) -> list[VmRecord]:
-        return await self.manager.all()
+    async def all(self, principal: Principal = OPERATOR) -> list[VmRecord]:
+        return [record for record in await self.manager.all() if principal.sees(record.tenant)]
 
-    async def destroy(self, vm_id: str) -> bool:
+    async def destroy(self, vm_id: str, principal: Principal = OPERATOR) -> bool:
+        record = await self.manager.get(vm_id)
+        if record is not None and not principal.sees(record.tenant):
+            return False  # as for a VM that is not there
         return await self.manager.destroy(vm_id)
 
-    async def console(self, vm_id: str, lines: int) -> list[str]:
-        await self.get(vm_id)
+    async def console(self, vm_id: str, lines: int, principal: Principal = OPERATOR) -> list[str]:
+        await self.get(vm_id, principal)
         return await asyncio.to_thread(ConsoleLog(self.manager.console(vm_id).path).tail, lines)
 
     def describe(self, record: VmRecord) -> VmOut:
@@ -346,8 +369,8 @@ class ControllerService:
 
     # --- viewers -------------------------------------------------------------------------
 
-    async def viewer(self, vm_id: str) -> ViewerOut:
-        record = await self.get(vm_id)
+    async def viewer(self, vm_id: str, principal: Principal = OPERATOR) -> ViewerOut:
+        record = await self.get(vm_id, principal)
         if record.state not in _LIVE:
             raise WrongState(vm_id, record.state.value, "only a VM that is booting or ready can be viewed")
         token, expires = self.tokens.issue(vm_id, record.viewer_epoch)
@@ -366,13 +389,14 @@ class ControllerService:
     async def connect_viewer(self, websocket: WebSocket, vm_id: str, token: str) -> int:
         """Relay one viewer to its VM's desktop; the close code it ended with."""
         counted = False
+        tenant: str | None = None  # the VM's, once the viewer is let in: its connect and disconnect are audited
         # One per connection, registered only while it lasts: an entry kept per VM id would let anyone
         # grow the controller's memory with connections to ids that do not exist.
         gone = Ended()
         self._gone.setdefault(vm_id, set()).add(gone)
 
         async def resolve() -> Upstream:
-            nonlocal counted
+            nonlocal counted, tenant
             try:
                 record = await self.check_token(vm_id, token)
             except TokenRefused as exc:
@@ -394,13 +418,17 @@ class ControllerService:
             self._per_link[token] = self._per_link.get(token, 0) + 1
             self._idle_since.pop(vm_id, None)
             counted = True
+            tenant = record.tenant
+            await self.record_audit(AuditEntry("", tenant, "viewer.connect", vm_id, "accepted"))
             try:
                 return await self._upstream(record)
             except VmmError as exc:
                 raise Refused(VM_UNREACHABLE, f"{RFB_AUTH}: {exc.reason}") from None
 
+        code = 1006  # what the audit trail says if the relay itself fails
         try:
-            return await self.proxy.serve(websocket, resolve, gone)
+            code = await self.proxy.serve(websocket, resolve, gone)
+            return code
         finally:
             watching = self._gone.get(vm_id)
             if watching is not None:
@@ -415,6 +443,13 @@ class ControllerService:
                 if not self._viewers[vm_id]:
                     del self._viewers[vm_id]
                     self._idle_since[vm_id] = time.time()
+            if tenant is not None:
+                await self.record_audit(AuditEntry("", tenant, "viewer.disconnect", vm_id, f"closed {code}"))
+
+    async def record_audit(self, entry: AuditEntry) -> None:
+        """Record `entry`; a trail that cannot be written is logged (audit.py), not the viewer's failure."""
+        with contextlib.suppress(BrowserVMError):
+            await self.audit.record(entry)
 
     # --- reaper --------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 
 from browservm import __version__
 from browservm.api.app import NOVNC_DIR, BodyLimit, answer_errors, mount_operator_page, viewer_page
-from browservm.api.auth import require_operator
+from browservm.api.auth import Access, OneKey, caller, session_key
 from browservm.api.logs import AccessLog
 from browservm.api.models import CreateVm, ErrorOut
 from browservm.cluster.errors import HostUnreachable, RecordUnavailable
@@ -128,7 +128,9 @@ def build_front_app(front: Front, api_key: str, relay: Relay) -> FastAPI:
     app.add_middleware(BodyLimit)
     app.add_middleware(AccessLog)
     answer_errors(app)
-    authorized = [Depends(require_operator(api_key))]
+    # One admin key (a front keeps no key ring yet): the cluster's api.key.
+    app.state.access = access = Access(OneKey(api_key), session_key(api_key))
+    authorized = [Depends(caller)]
     errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (401, 404, 409, 422, 429, 502,
                                                                                      503)}
 
@@ -260,7 +262,7 @@ def build_front_app(front: Front, api_key: str, relay: Relay) -> FastAPI:
     async def resume(name: str) -> HostOut:
         return HostOut.of(await call(front.resume, name))
 
-    mount_operator_page(app, api_key, secure=relay.public_url.startswith("https:"))
+    mount_operator_page(app, access, secure=relay.public_url.startswith("https:"))
     if NOVNC_DIR.is_dir():
         app.mount("/novnc", StaticFiles(directory=NOVNC_DIR), name="novnc")
     return app

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from browservm.errors import InvalidInput
+from browservm.errors import InvalidInput, LimitExceeded
 from browservm.oauth.errors import LoginConflict, LoginRunning
 from browservm.oauth.states import LoginState
 from browservm.store import Store
@@ -57,6 +57,7 @@ class LoginRecord:
     files: int = 0  # credentials files captured
     sha256: str | None = None  # of the captured files (credentials_digest), to compare with the console marker
     vm_destroyed: bool = False
+    tenant: str = ""  # whose (access/principal.py): "" is the operator's own
     version: int = field(default=0, compare=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -84,17 +85,24 @@ class LoginRecords:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def insert(self, record: LoginRecord) -> None:
-        """Add a login; LoginRunning when the user has one running for the provider already."""
+    def insert(self, record: LoginRecord, logins_per_hour: int | None = None) -> None:
+        """Add a login; LoginRunning when the user has one running for the provider already, LimitExceeded
+        when its tenant started `logins_per_hour` in the last hour (counted in the same transaction)."""
         try:
             with self._store.transaction() as db:
-                db.execute("INSERT INTO logins (login_id, user, provider, state, running, created_at, data, version) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?, 1)",
-                           (record.login_id, record.user, record.provider, record.state.value,
+                if logins_per_hour is not None:
+                    started = db.execute("SELECT count(*) FROM logins WHERE tenant = ? AND created_at >= ?",
+                                         (record.tenant, record.created_at - 3600)).fetchone()[0]
+                    if started >= logins_per_hour:
+                        raise LimitExceeded("tenant.logins_per_hour", logins_per_hour,
+                                            f"tenant {record.tenant!r} started {started} logins in the last hour")
+                db.execute("INSERT INTO logins (login_id, user, tenant, provider, state, running, created_at, data, "
+                           "version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)",
+                           (record.login_id, record.user, record.tenant, record.provider, record.state.value,
                             not record.state.final, record.created_at, json.dumps(record.to_json())))
         except sqlite3.IntegrityError:
-            rows = self._store.read("SELECT login_id FROM logins WHERE user = ? AND provider = ? AND running",
-                                    (record.user, record.provider))
+            rows = self._store.read("SELECT login_id FROM logins WHERE tenant = ? AND user = ? AND provider = ? "
+                                    "AND running", (record.tenant, record.user, record.provider))
             raise LoginRunning(record.user, record.provider, str(rows[0][0]) if rows else "?") from None
         record.version = 1
 
@@ -116,11 +124,12 @@ class LoginRecords:
         rows = self._store.read("SELECT data, version FROM logins WHERE login_id = ?", (login_id,))
         return LoginRecord.from_json(json.loads(str(rows[0][0])), int(str(rows[0][1]))) if rows else None
 
-    def all(self, user: str | None = None, limit: int = 200) -> list[LoginRecord]:
-        """The newest `limit` logins (of `user`), newest first."""
-        # `?1 IS NULL`: one fixed statement for both cases, no SQL put together from pieces.
-        rows = self._store.read("SELECT data, version FROM logins WHERE ?1 IS NULL OR user = ?1 "
-                                "ORDER BY created_at DESC LIMIT ?2", (user, limit))
+    def all(self, user: str | None = None, limit: int = 200, tenant: str | None = None) -> list[LoginRecord]:
+        """The newest `limit` logins (of `user`, of `tenant`), newest first."""
+        # `?1 IS NULL`: one fixed statement for each case, no SQL put together from pieces.
+        rows = self._store.read("SELECT data, version FROM logins WHERE (?1 IS NULL OR user = ?1) "
+                                "AND (?3 IS NULL OR tenant = ?3) ORDER BY created_at DESC LIMIT ?2",
+                                (user, limit, tenant))
         return [LoginRecord.from_json(json.loads(str(data)), int(str(version))) for data, version in rows]
 
     def running(self) -> list[LoginRecord]:

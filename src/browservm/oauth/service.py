@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
+from browservm.access.quotas import NO_QUOTA, Quota
 from browservm.errors import BrowserVMError, InvalidInput, VmNotFound, WrongState
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.oauth.agent import CONNECT, PROTOCOL, AgentClient, AgentEndpoint, AgentStatus
@@ -90,6 +91,7 @@ class LoginService:
         self._changed = asyncio.Event()
         self._stopping = False
         self.on_close: Callable[[], None] | None = None  # after stop(): what the service was given to close
+        self.on_captured: Callable[[LoginRecord], Awaitable[None]] | None = None  # the audit trail's
 
     def _endpoint(self, record: VmRecord) -> AgentEndpoint:
         return AgentEndpoint(self._netns, IPv4Address(record.address.split("/")[0]))
@@ -129,24 +131,26 @@ class LoginService:
 
     # --- requests -------------------------------------------------------------------------
 
-    async def start(self, user: str, provider_name: str, vm_id: str | None = None, keep_vm: bool = False) -> Started:
+    async def start(self, user: str, provider_name: str, vm_id: str | None = None, keep_vm: bool = False, *,
+                    tenant: str = "", quota: Quota = NO_QUOTA) -> Started:
+        """`tenant`: whose login, VM and credentials these are, within its `quota` (access/)."""
         provider = self.catalog.get(provider_name)
         self._manager.check_request(user, self.vcpus, self.mem_mib)
         if vm_id is not None:
             vm = await self._manager.get(vm_id)
-            if vm is None:
+            if vm is None or vm.tenant != tenant:
                 raise VmNotFound(vm_id)
             if vm.user != user:
                 raise InvalidInput("vm_id", vm_id, f"belongs to another user than {user!r}")
             if vm.state not in (VmState.CREATING, VmState.BOOTING, VmState.READY):
                 raise WrongState(vm_id, vm.state.value, "a login needs a VM that is booting or ready")
         login = LoginRecord(login_id=new_login_id(), user=user, provider=provider.name, vm_id=vm_id or "",
-                            keep_vm=keep_vm, vm_given=vm_id is not None)
+                            keep_vm=keep_vm, vm_given=vm_id is not None, tenant=tenant)
         login.states[LoginState.BOOTING.value] = 0.0
-        await asyncio.to_thread(self._records.insert, login)
+        await asyncio.to_thread(self._records.insert, login, quota.logins_per_hour)
         try:
             if vm_id is None:
-                vm, _ = await self._manager.start(user, self.vcpus, self.mem_mib)
+                vm, _ = await self._manager.start(user, self.vcpus, self.mem_mib, tenant=tenant, quota=quota)
                 login.vm_id = vm.vm_id
                 await asyncio.to_thread(self._records.save, login)
             viewer = await self._viewer(login.vm_id)
@@ -168,8 +172,8 @@ class LoginService:
             raise LoginNotFound(login_id)
         return login
 
-    async def all(self, user: str | None = None) -> list[LoginRecord]:
-        return await asyncio.to_thread(self._records.all, user)
+    async def all(self, user: str | None = None, tenant: str | None = None) -> list[LoginRecord]:
+        return await asyncio.to_thread(self._records.all, user, tenant=tenant)
 
     async def cancel(self, login_id: str) -> tuple[LoginRecord, bool]:
         """Cancel a running login; (its record, whether this call cancelled it)."""
@@ -204,11 +208,11 @@ class LoginService:
                 async with asyncio.timeout(_STREAM_POLL_S):  # not wait_for: see inotify.DirectoryWatch.changed
                     await waiter.wait()
 
-    async def credentials(self, user: str, provider: str) -> StoredCredentials:
-        return await asyncio.to_thread(self._vault.get, user, provider)
+    async def credentials(self, user: str, provider: str, tenant: str = "") -> StoredCredentials:
+        return await asyncio.to_thread(self._vault.get, user, provider, tenant)
 
-    async def forget(self, user: str, provider: str) -> bool:
-        return await asyncio.to_thread(self._vault.delete, user, provider)
+    async def forget(self, user: str, provider: str, tenant: str = "") -> bool:
+        return await asyncio.to_thread(self._vault.delete, user, provider, tenant)
 
     # --- one login --------------------------------------------------------------------------
 
@@ -316,13 +320,15 @@ class LoginService:
             handover = await agent.handover(list(provider.credentials))
             try:
                 stored = await asyncio.to_thread(self._vault.put, login.user, login.provider, login.login_id,
-                                                 handover.files)
+                                                 handover.files, tenant=login.tenant)
             except BrowserVMError as exc:
                 raise _Failed(VAULT, _words(exc)) from None
             login.output = redactor.adding(captured_secrets(handover.files)).lines(output)
             await self._end(login, LoginState.CAPTURED, hop=None, files=len(handover.files), sha256=handover.sha256,
                             auth_url_host=status.auth_url_host or login.auth_url_host,
                             reason=None if stored else "a newer capture for this user and provider was kept")
+            if self.on_captured is not None:
+                await self.on_captured(login)
             return True
         elif status.state == "failed":
             said = f"the tool exited with status {status.exit_status}" if status.exit_status is not None else ""

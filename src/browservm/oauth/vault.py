@@ -65,24 +65,25 @@ def key_id(key: bytes) -> str:
     return hashlib.sha256(b"browservm vault key id\n" + key).hexdigest()[:16]
 
 
-def associated_data(user: str, provider: str) -> bytes:
-    return _AD_PREFIX + json.dumps([user, provider]).encode()
+def associated_data(user: str, provider: str, tenant: str = "") -> bytes:
+    # A tenant's credentials are bound to it too; the operator's own (tenant "") keep schema 4's binding.
+    return _AD_PREFIX + json.dumps([tenant, user, provider] if tenant else [user, provider]).encode()
 
 
-def seal(key: bytes, user: str, provider: str, files: dict[str, bytes]) -> bytes:
+def seal(key: bytes, user: str, provider: str, files: dict[str, bytes], tenant: str = "") -> bytes:
     plaintext = json.dumps({"files": {path: base64.b64encode(data).decode() for path, data in files.items()}},
                            sort_keys=True).encode()
     nonce = secrets.token_bytes(_NONCE)
-    return _VERSION + nonce + AESGCM(key).encrypt(nonce, plaintext, associated_data(user, provider))
+    return _VERSION + nonce + AESGCM(key).encrypt(nonce, plaintext, associated_data(user, provider, tenant))
 
 
-def unseal(key: bytes, user: str, provider: str, sealed: bytes) -> dict[str, bytes]:
+def unseal(key: bytes, user: str, provider: str, sealed: bytes, tenant: str = "") -> dict[str, bytes]:
     """The files sealed for `user` and `provider`; VaultError if the key, the row or its binding is wrong."""
     if len(sealed) < 1 + _NONCE + 16 or sealed[:1] != _VERSION:
         raise VaultError(f"the stored credentials of {user!r}/{provider!r} are not in a format this browservm reads")
     nonce, ciphertext = sealed[1:1 + _NONCE], sealed[1 + _NONCE:]
     try:
-        plaintext = AESGCM(key).decrypt(nonce, ciphertext, associated_data(user, provider))
+        plaintext = AESGCM(key).decrypt(nonce, ciphertext, associated_data(user, provider, tenant))
     except InvalidTag:
         raise VaultError(f"the stored credentials of {user!r}/{provider!r} do not authenticate: altered, or "
                          "sealed for another user or provider") from None
@@ -110,22 +111,23 @@ class Vault:
         self.key_id = key_id(key)
 
     def put(self, user: str, provider: str, login_id: str, files: dict[str, bytes],
-            captured_at: float | None = None) -> bool:
-        """Keep `files` for `user` and `provider`, replacing an older capture; False if a newer one is there."""
+            captured_at: float | None = None, *, tenant: str = "") -> bool:
+        """Keep `files` for `user` (of `tenant`) and `provider`, replacing an older capture; False if a newer
+        one is there."""
         when = time.time() if captured_at is None else captured_at
-        sealed = seal(self._key, user, provider, files)
+        sealed = seal(self._key, user, provider, files, tenant)
         with self._store.transaction() as db:
             written = db.execute(
-                "INSERT INTO credentials (user, provider, login_id, captured_at, key_id, sealed) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (user, provider) DO UPDATE SET "
+                "INSERT INTO credentials (tenant, user, provider, login_id, captured_at, key_id, sealed) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, user, provider) DO UPDATE SET "
                 "login_id = excluded.login_id, captured_at = excluded.captured_at, key_id = excluded.key_id, "
                 "sealed = excluded.sealed WHERE excluded.captured_at >= credentials.captured_at",
-                (user, provider, login_id, when, self.key_id, sealed)).rowcount
+                (tenant, user, provider, login_id, when, self.key_id, sealed)).rowcount
         return written == 1
 
-    def get(self, user: str, provider: str) -> StoredCredentials:
+    def get(self, user: str, provider: str, tenant: str = "") -> StoredCredentials:
         rows = self._store.read("SELECT login_id, captured_at, key_id, sealed FROM credentials "
-                                "WHERE user = ? AND provider = ?", (user, provider))
+                                "WHERE tenant = ? AND user = ? AND provider = ?", (tenant, user, provider))
         if not rows:
             raise CredentialsNotFound(user, provider)
         login_id, captured_at, stored_key_id, sealed = rows[0]
@@ -134,9 +136,9 @@ class Vault:
                              f"(key id {stored_key_id}, this controller's is {self.key_id})")
         assert isinstance(sealed, bytes)
         return StoredCredentials(user, provider, str(login_id), float(str(captured_at)),
-                                 unseal(self._key, user, provider, sealed))
+                                 unseal(self._key, user, provider, sealed, tenant))
 
-    def delete(self, user: str, provider: str) -> bool:
+    def delete(self, user: str, provider: str, tenant: str = "") -> bool:
         with self._store.transaction() as db:
-            return db.execute("DELETE FROM credentials WHERE user = ? AND provider = ?",
-                              (user, provider)).rowcount == 1
+            return db.execute("DELETE FROM credentials WHERE tenant = ? AND user = ? AND provider = ?",
+                              (tenant, user, provider)).rowcount == 1

@@ -29,6 +29,7 @@ from functools import partial
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
+from browservm.access.quotas import NO_QUOTA, Quota
 from browservm.errors import InvalidInput, ProbeFailed, VmmError
 from browservm.faults import crash_point
 from browservm.guest.bootargs import BootArgs, build_boot_args
@@ -94,7 +95,8 @@ class Creator:
 
     async def start(self, user: str, vcpus: int, mem_mib: int, *, keep_failed: bool,
                     extra_boot_args: tuple[str, ...], on_stage: StageCallback | None, restore: bool | None,
-                    purpose: Purpose) -> tuple[VmRecord, asyncio.Task[VmRecord]]:
+                    purpose: Purpose, tenant: str = "",
+                    quota: Quota = NO_QUOTA) -> tuple[VmRecord, asyncio.Task[VmRecord]]:
         """VMManager.start's work: see there."""
         parts = self._parts
         self.check_request(user, vcpus, mem_mib, extra_boot_args, reserved_ok=purpose != "user")
@@ -102,7 +104,7 @@ class Creator:
         plain = not extra_boot_args and not keep_failed
         ours = purpose != "user"  # the pool's own VMs and the one a snapshot is made of
         if self.pool is not None and not ours and plain and self.pool.fits(vcpus, mem_mib):
-            claimed = await self.pool.claim(user)
+            claimed = await self.pool.claim(user, tenant, quota)
             if claimed is not None:
                 parts.notices.change(claimed, "ready")
                 return claimed, parts.own(_already(claimed))
@@ -110,7 +112,7 @@ class Creator:
         vm_id = new_vm_id()
         record = VmRecord(vm_id=vm_id, user=user, vcpus=vcpus, mem_mib=mem_mib, keep=keep_failed,
                           directory=str(parts.directory(vm_id).path), driver=parts.driver.name, owner=parts.me,
-                          desktop_path=self.desktop_path.name, in_pool=purpose == "pool")
+                          desktop_path=self.desktop_path.name, in_pool=purpose == "pool", tenant=tenant)
         restore = restore and plain
         if restore and self._images.known:  # decided now, so that the answer says how it starts
             await self._snapshotting.use_snapshot(record)
@@ -122,7 +124,8 @@ class Creator:
         # The pool holds as many VMs as its settings say, whatever the limit of one person.
         limits = parts.limits
         per_user = limits.max_vms if record.in_pool else limits.max_vms_per_user
-        await uninterrupted(partial(parts.records.insert, record, max_total=limits.max_vms, max_per_user=per_user))
+        await uninterrupted(partial(parts.records.insert, record, max_total=limits.max_vms, max_per_user=per_user,
+                                    quota=quota))
         crash_point("record:done")
         task = parts.own(self._create(dataclasses.replace(record), extra_boot_args, restore,
                                       on_stage or (lambda stage, seconds: None)))

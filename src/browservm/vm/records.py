@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from browservm.access.quotas import NO_QUOTA, Quota
 from browservm.errors import LimitExceeded, StateConflict
 from browservm.store import Store
 from browservm.vm.state import VmState
@@ -76,6 +77,7 @@ class VmRecord:
     # The first attempt's failure when the create was retried under TCG after KVM stopped its guest:
     # {"accel", "hop", "reason", "stages", "evidence", "vmm_log"}.
     retried_after: dict[str, Any] | None = None
+    tenant: str = ""  # whose (access/principal.py): "" is the operator's own
     version: int = field(default=0, compare=False)  # of the stored row this was read at
 
     def to_json(self) -> dict[str, Any]:
@@ -103,21 +105,37 @@ class VmRecords:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def insert(self, record: VmRecord, *, max_total: int, max_per_user: int) -> None:
-        """Add a new VM unless that would exceed a limit; counted and written in one transaction."""
+    def insert(self, record: VmRecord, *, max_total: int, max_per_user: int, quota: Quota = NO_QUOTA) -> None:
+        """Add a new VM unless that would exceed a limit or its tenant's quota; counted and written in one
+        transaction."""
         with self._store.transaction() as db:
             total = db.execute("SELECT count(*) FROM vms WHERE holds_resources").fetchone()[0]
             if total >= max_total:
                 raise LimitExceeded("max_vms", max_total, f"this host already runs {total} VMs")
-            mine = db.execute("SELECT count(*) FROM vms WHERE holds_resources AND user = ?",
-                              (record.user,)).fetchone()[0]
-            if mine >= max_per_user:
-                raise LimitExceeded("max_vms_per_user", max_per_user, f"user {record.user!r} already has {mine} VMs")
-            db.execute("INSERT INTO vms (vm_id, user, state, holds_resources, data, version) "
-                       "VALUES (?, ?, ?, ?, ?, 1)",
-                       (record.vm_id, record.user, record.state.value, record.holds_resources,
+            self._check_owner(db, record, max_per_user, quota)
+            db.execute("INSERT INTO vms (vm_id, user, tenant, state, holds_resources, data, version) "
+                       "VALUES (?, ?, ?, ?, ?, ?, 1)",
+                       (record.vm_id, record.user, record.tenant, record.state.value, record.holds_resources,
                         json.dumps(record.to_json())))
         record.version = 1
+
+    @staticmethod
+    def _check_owner(db: Any, record: VmRecord, max_per_user: int, quota: Quota) -> None:
+        """LimitExceeded if the VM's user or tenant has as many VMs (or as much memory) as allowed."""
+        mine = db.execute("SELECT count(*) FROM vms WHERE holds_resources AND user = ? AND tenant = ?",
+                          (record.user, record.tenant)).fetchone()[0]
+        if mine >= max_per_user:
+            raise LimitExceeded("max_vms_per_user", max_per_user, f"user {record.user!r} already has {mine} VMs")
+        if quota == NO_QUOTA:
+            return
+        vms, mem = db.execute("SELECT count(*), coalesce(sum(json_extract(data, '$.mem_mib')), 0) FROM vms "
+                              "WHERE holds_resources AND tenant = ?", (record.tenant,)).fetchone()
+        if quota.max_vms is not None and vms >= quota.max_vms:
+            raise LimitExceeded("tenant.max_vms", quota.max_vms, f"tenant {record.tenant!r} already has {vms} VMs")
+        if quota.max_mem_mib is not None and mem + record.mem_mib > quota.max_mem_mib:
+            raise LimitExceeded("tenant.max_mem_mib", quota.max_mem_mib,
+                                f"tenant {record.tenant!r} has {mem} MiB in VMs, and this one asks for "
+                                f"{record.mem_mib} MiB more")
 
     def save(self, record: VmRecord) -> None:
         """Write `record` if the stored row is still the version it was read at; else StateConflict."""
@@ -131,22 +149,21 @@ class VmRecords:
                 raise self._conflict(db, record)
         record.version += 1
 
-    def claim(self, record: VmRecord, from_user: str, max_per_user: int) -> bool:
-        """Give `record` (changed to its new user, out of the pool) to that user if it is still the
-        pool's, belonging to `from_user` at the version it was read, and the user is under the limit;
-        False if someone else took it."""
+    def claim(self, record: VmRecord, from_user: str, max_per_user: int, quota: Quota = NO_QUOTA) -> bool:
+        """Give `record` (changed to its new user and tenant, out of the pool) to that user if it is still
+        the pool's, belonging to `from_user` at the version it was read, and the user and tenant are under
+        their limits; False if someone else took it."""
         with self._store.transaction() as db:
             row = db.execute("SELECT data FROM vms WHERE vm_id = ? AND version = ? AND user = ?",
                              (record.vm_id, record.version, from_user)).fetchone()
             if row is None or not json.loads(str(row[0])).get("in_pool"):
                 return False
-            mine = db.execute("SELECT count(*) FROM vms WHERE holds_resources AND user = ?",
-                              (record.user,)).fetchone()[0]
-            if mine >= max_per_user:
-                raise LimitExceeded("max_vms_per_user", max_per_user, f"user {record.user!r} already has {mine} VMs")
+            self._check_owner(db, record, max_per_user, quota)
             updated = db.execute(
-                "UPDATE vms SET user = ?, data = ?, version = version + 1 WHERE vm_id = ? AND version = ? AND user = ?",
-                (record.user, json.dumps(record.to_json()), record.vm_id, record.version, from_user)).rowcount
+                "UPDATE vms SET user = ?, tenant = ?, data = ?, version = version + 1 "
+                "WHERE vm_id = ? AND version = ? AND user = ?",
+                (record.user, record.tenant, json.dumps(record.to_json()), record.vm_id, record.version,
+                 from_user)).rowcount
         if updated != 1:
             return False
         record.version += 1
