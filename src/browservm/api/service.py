@@ -101,6 +101,8 @@ class ControllerService:
         self.metrics = Metrics(self._states)
         self.proxy = proxy or ViewerProxy(_Metered(self.metrics))
         self.events = EventBus()
+        # Also told of each change, after the service (webhooks/: a VM's ready, failed, ended, destroyed).
+        self.on_vm_change: list[Callable[[VmRecord, str], None]] = []
         self._viewers: dict[str, int] = {}
         self._per_link: dict[str, int] = {}  # viewers connected by each viewer token
         self._idle_since: dict[str, float] = {}
@@ -246,6 +248,8 @@ class ControllerService:
                 gone.end(reason)
             self.proxy.drop(record.vm_id)
             self._idle_since.pop(record.vm_id, None)
+        for listener in self.on_vm_change:
+            listener(record, event)
 
     def _states(self) -> list[VmState]:
         """For the metrics scrape, in its thread."""
