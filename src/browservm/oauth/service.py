@@ -92,6 +92,7 @@ class LoginService:
         self._stopping = False
         self.on_close: Callable[[], None] | None = None  # after stop(): what the service was given to close
         self.on_captured: Callable[[LoginRecord], Awaitable[None]] | None = None  # the audit trail's
+        self.on_ended: Callable[[LoginRecord], None] | None = None  # each final state as written (webhooks)
 
     def _endpoint(self, record: VmRecord) -> AgentEndpoint:
         return AgentEndpoint(self._netns, IPv4Address(record.address.split("/")[0]))
@@ -383,6 +384,8 @@ class LoginService:
                       **fields: Any) -> None:
         login.ended_at = time.time()
         await self._move(login, new, hop=hop, reason=reason, **fields)
+        if self.on_ended is not None:
+            self.on_ended(login)
 
     async def _end(self, login: LoginRecord, new: LoginState, *, hop: str | None, reason: str | None,
                    **fields: Any) -> None:
