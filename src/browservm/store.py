@@ -102,6 +102,36 @@ CREATE TABLE IF NOT EXISTS audit (
     request_id TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at);
+-- Webhooks (webhooks/records.py). The secret is kept as is, not hashed: every delivery is signed with it.
+CREATE TABLE IF NOT EXISTS webhooks (
+    id         TEXT PRIMARY KEY,
+    tenant     TEXT NOT NULL,
+    url        TEXT NOT NULL,
+    events     TEXT NOT NULL,  -- JSON list of event types
+    secret     TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    disabled   INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS webhooks_by_tenant ON webhooks (tenant);
+-- Each event to each webhook: pending until delivered or given up on (failed).
+CREATE TABLE IF NOT EXISTS deliveries (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    webhook_id      TEXT NOT NULL,
+    tenant          TEXT NOT NULL,
+    event           TEXT NOT NULL,
+    event_id        TEXT NOT NULL,
+    body            TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    state           TEXT NOT NULL,
+    last_status     INTEGER,
+    last_error      TEXT NOT NULL DEFAULT '',
+    created_at      REAL NOT NULL,
+    delivered_at    REAL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_by_webhook ON deliveries (webhook_id, id);
+CREATE INDEX IF NOT EXISTS deliveries_pending_by_tenant ON deliveries (tenant, id) WHERE state = 'pending';
 CREATE TRIGGER IF NOT EXISTS audit_append_only BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END
 """
@@ -109,7 +139,8 @@ BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END
 # statements above at its next open (its other tables are unchanged), then is marked 4.
 # 5: tenants (issue 21): api_keys, tenants and audit; a `tenant` column on vms and logins, and in the
 # credentials' key (_add_tenants).
-_SCHEMA_VERSION = 5
+# 6: webhooks and their deliveries (issue 21): new tables only, made by the statements above.
+_SCHEMA_VERSION = 6
 _BUSY_TIMEOUT_S = 30.0
 
 

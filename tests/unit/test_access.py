@@ -23,6 +23,7 @@ from browservm.oauth.records import LoginRecord, LoginRecords
 from browservm.oauth.vault import Vault, load_key
 from browservm.store import Store
 from browservm.vm.state import VmState
+from browservm.webhooks.records import WebhookStore
 
 from .fakes import stop_all
 from .test_api import KEY, Served, create, serve_fakes
@@ -32,7 +33,7 @@ ADMIN_ONLY = {("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/doctor"), ("
               ("POST", "/v1/keys"), ("GET", "/v1/keys"), ("DELETE", "/v1/keys/{key_id}"),
               ("PUT", "/v1/tenants/{tenant}/quota")}
 OTHERS = {"vm_id": "vm-0000000000b1", "login_id": "login-0000000000b1", "user": "ann", "provider": "sample",
-          "tenant": "other", "name": "swagger-ui.css", "key_id": "0123456789ab"}
+          "tenant": "other", "name": "swagger-ui.css", "key_id": "0123456789ab", "webhook_id": "wh-0000000000b1"}
 SECRET = b'{"access_token": "other-tenants-token"}'
 
 
@@ -62,7 +63,7 @@ async def new_key(client: httpx.AsyncClient, role: str = "tenant", tenant: str |
 
 
 def others_things(served: Served) -> None:
-    """Tenant `other`'s VM, login and credentials, as its own requests would have left them."""
+    """Tenant `other`'s VM, login, credentials and webhook, as its own requests would have left them."""
     record = served.insert(VmState.BOOTING, OTHERS["vm_id"])
     record.tenant = "other"
     with served.parts.store.transaction() as db:  # insert() writes no tenant: set as a create of `other`'s would
@@ -72,6 +73,8 @@ def others_things(served: Served) -> None:
                                                         vm_id=record.vm_id, tenant="other"))
     key = load_key(served.service.settings.state_dir, None)
     Vault(served.parts.store, key).put("ann", "sample", OTHERS["login_id"], {"/creds.json": SECRET}, tenant="other")
+    WebhookStore(served.parts.store).create("other", "http://127.0.0.1:9/other-tenants-hook", ["vm.ready"],
+                                            OTHERS["webhook_id"])
 
 
 def test_the_role_table_a_tenant_key_never_sees_or_changes_another_tenants_things(
@@ -89,13 +92,14 @@ def test_the_role_table_a_tenant_key_never_sees_or_changes_another_tenants_thing
                 for name, value in OTHERS.items():
                     url = url.replace("{" + name + "}", value)
                 body = {"user": "ann", "provider": "sample", "tenant": "other"} if path == "/v1/logins" else (
-                    {"user": "ann", "tenant": "other"}) if method == "POST" else (
-                    {"max_vms": 1} if method == "PUT" else None)
+                    {"url": "http://127.0.0.1:9/", "events": ["vm.ready"], "tenant": "other"}
+                    if path == "/v1/webhooks" else {"user": "ann", "tenant": "other"}) if method == "POST" else (
+                    {"max_vms": 1} if method == "PUT" else {"disabled": True} if method == "PATCH" else None)
                 if path == "/v1/keys" and method == "POST":
                     body = {"name": "x", "role": "admin"}
                 response = await tenant.request(method, url, json=body)
                 where = (method, path, response.status_code, response.text[:200])
-                assert "other-tenants-token" not in response.text, where
+                assert "other-tenants-token" not in response.text and "other-tenants-hook" not in response.text, where
                 if path == "/v1/audit":  # its own requests only, which name what it asked for
                     assert {entry["tenant"] for entry in response.json()["entries"]} == {"acme"}, where
                 elif response.status_code == 200 and method == "GET":
@@ -104,7 +108,7 @@ def test_the_role_table_a_tenant_key_never_sees_or_changes_another_tenants_thing
                     assert response.status_code == 403, where
                 elif (method, path) == ("DELETE", "/v1/vms/{vm_id}"):
                     assert response.json()["removed"] is False, where  # as for a VM that is not there
-                elif "{vm_id}" in path or "{login_id}" in path:
+                elif "{vm_id}" in path or "{login_id}" in path or "{webhook_id}" in path:
                     assert response.status_code == 404, where  # "not found", as one that never was
                 elif "{tenant}" in path or method == "POST":
                     assert response.status_code == 403, where  # naming another tenant is refused outright
@@ -113,7 +117,7 @@ def test_the_role_table_a_tenant_key_never_sees_or_changes_another_tenants_thing
                 else:
                     assert response.status_code == 200, where
             # Naming the other tenant in a query is refused too.
-            for url in ("/v1/audit?tenant=other", "/v1/logins?tenant=other",
+            for url in ("/v1/audit?tenant=other", "/v1/logins?tenant=other", "/v1/webhooks?tenant=other",
                         "/v1/users/ann/credentials/sample?tenant=other"):
                 assert (await tenant.get(url)).status_code == 403, url
         # Nothing of `other`'s was touched.
@@ -123,6 +127,8 @@ def test_the_role_table_a_tenant_key_never_sees_or_changes_another_tenants_thing
         assert login.json()["state"] == "booting"
         creds = await client.get("/v1/users/ann/credentials/sample", params={"tenant": "other"})
         assert creds.status_code == 200, creds.text
+        hooks = (await client.get("/v1/webhooks", params={"tenant": "other"})).json()
+        assert [(hook["webhook_id"], hook["disabled"]) for hook in hooks] == [(OTHERS["webhook_id"], False)]
 
     served.run(scenario)
 

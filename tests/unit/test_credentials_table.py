@@ -63,6 +63,11 @@ ROUTES: dict[tuple[str, str], Kind] = {
     ("GET", "/v1/tenants/{tenant}"): "operator",
     ("PUT", "/v1/tenants/{tenant}/quota"): "operator",
     ("GET", "/v1/audit"): "operator",
+    ("POST", "/v1/webhooks"): "operator",
+    ("GET", "/v1/webhooks"): "operator",
+    ("PATCH", "/v1/webhooks/{webhook_id}"): "operator",
+    ("DELETE", "/v1/webhooks/{webhook_id}"): "operator",
+    ("GET", "/v1/webhooks/{webhook_id}/deliveries"): "operator",
     ("GET", "/view/{vm_id}"): "viewer-page",
     ("GET", "/view/{vm_id}/state"): "viewer-state",
     ("WS", "/v1/vms/{vm_id}/vnc"): "viewer-ws",
@@ -77,7 +82,7 @@ T = TypeVar("T")
 CREDENTIALS = ("none", "wrong", "viewer token", "another VM's token", "expired token", "malformed unicode")
 TARGET, OTHER = "vm-0000000000a1", "vm-0000000000a2"
 PARAMETERS = {"vm_id": TARGET, "login_id": "login-000000000000", "user": "ann", "provider": "sample",
-              "name": "swagger-ui.css", "key_id": "0123456789ab", "tenant": "acme"}
+              "name": "swagger-ui.css", "key_id": "0123456789ab", "tenant": "acme", "webhook_id": "wh-0123456789ab"}
 
 
 def app_routes(served: Served) -> set[tuple[str, str]]:

@@ -43,7 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from browservm import __version__
 from browservm.access.principal import Forbidden
-from browservm.api import access_routes, diagnose, logins
+from browservm.api import access_routes, diagnose, logins, webhook_routes
 from browservm.api.audited import Audited, audited
 from browservm.api.auth import SESSION_COOKIE, Access, ApiError, Caller, admin_only, caller
 from browservm.api.logs import AccessLog
@@ -372,6 +372,7 @@ def build_app(service: ControllerService) -> FastAPI:
     logins.mount(app, service)
     diagnose.mount(app, service)
     access_routes.mount(app, service)
+    webhook_routes.mount(app, service)  # after logins.mount: it listens to their ends
     if NOVNC_DIR.is_dir():
         app.mount("/novnc", StaticFiles(directory=NOVNC_DIR), name="novnc")
     return app
