@@ -8,7 +8,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from browservm.errors import InvalidInput
@@ -53,7 +53,14 @@ class Settings(BaseSettings):
     listen: str = Field("127.0.0.1:8080", description="address:port the controller's HTTP API listens on")
     log_format: Literal["text", "json"] = Field("text", description="the controller's log: text, or JSON one "
                                                 "object a line (with each request's id)")
-    public_url: str | None = Field(None, description="how browsers reach the controller (default http://<listen>)")
+    public_url: str | None = Field(None, description="how browsers reach the controller (default http://<listen>, "
+                                                     "https:// with tls_cert)")
+    tls_cert: Path | None = Field(None, description="serve HTTPS (and wss) with this PEM certificate (chain); "
+                                                    "needs tls_key")
+    tls_key: Path | None = Field(None, description="the certificate's PEM private key, unencrypted, not readable by "
+                                                   "others")
+    ca_file: Path | None = Field(None, description="for the CLI's --url: trust this PEM CA (or the controller's "
+                                                   "own certificate) for https, in place of the system's CAs")
     api_key: str | None = Field(None, description="the operator's API key (default: made at first start, "
                                                   "kept in <state-dir>/api.key)")
     viewer_ttl: int = Field(600, ge=10, le=86400, description="seconds a viewer link stays valid")
@@ -177,9 +184,23 @@ class Settings(BaseSettings):
         host, _, port = self.listen.rpartition(":")
         return host.strip("[]"), int(port)
 
+    @model_validator(mode="after")
+    def _tls(self) -> Settings:
+        # InvalidInput (a ValueError) names its field: load_settings passes it on as it is.
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = ("tls_cert", "tls_key") if self.tls_key is None else ("tls_key", "tls_cert")
+            raise InvalidInput(missing, None, f"{_flag(given)} needs {_flag(missing)} too: TLS takes a certificate "
+                                              "and its key")
+        if self.tls_cert is not None and self.public_url is not None and not self.public_url.startswith("https://"):
+            raise InvalidInput("public_url", self.public_url,
+                               "must be https:// while the controller serves TLS (--tls-cert): viewer links would "
+                               "send browsers to plain HTTP, which a TLS port does not answer")
+        return self
+
     @property
     def base_url(self) -> str:
-        return (self.public_url or f"http://{self.listen}").rstrip("/")
+        scheme = "https" if self.tls_cert is not None else "http"
+        return (self.public_url or f"{scheme}://{self.listen}").rstrip("/")
 
     @field_validator("vmm_user")
     @classmethod
@@ -200,6 +221,10 @@ class Settings(BaseSettings):
         return self.state_dir / "state.sqlite3"
 
 
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
 def load_settings(**overrides: object) -> Settings:
     """Settings from the environment with `overrides` (None values are ignored) on top.
 
@@ -210,5 +235,7 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**given)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
+        if isinstance(error := first.get("ctx", {}).get("error"), InvalidInput):
+            raise error from None  # a check of several fields, which names the one to change
         field = ".".join(str(part) for part in first["loc"]) or "settings"
         raise InvalidInput(field, first.get("input"), first["msg"].removeprefix("Value error, ")) from None

@@ -2,7 +2,8 @@
 
 Every request goes through browservm.client (`vm ... --url`, `login`, `cluster hosts`, `host drain`).
 What stays here is the CLI's alone: the API key is BROWSERVM_API_KEY, else <state-dir>/api.key (made
-by the controller at its first start, never here), and a refused key says where it came from.
+by the controller at its first start, never here), and a refused key says where it came from; an https
+controller's certificate is verified against --ca-file (BROWSERVM_CA_FILE) when given.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from browservm.config import Settings
 from browservm.errors import BrowserVMError, StateError
 from browservm.secretfile import read_existing
 
-__all__ = ["KEY_ENV", "ControllerError", "ControllerUnreachable", "InvalidRequest", "KeyRefused", "api_key",
-           "connect", "parse_url"]
+__all__ = ["CA_FILE_HELP", "KEY_ENV", "ControllerError", "ControllerUnreachable", "InvalidRequest", "KeyRefused",
+           "api_key", "connect", "parse_url"]
 
 KEY_ENV = "BROWSERVM_API_KEY"
+CA_FILE_HELP = ("for an https URL: trust this CA (or the controller's own certificate) in place of the system's CAs "
+                "(also BROWSERVM_CA_FILE)")
 
 
 class KeyRefused(BrowserVMError):
@@ -55,7 +58,7 @@ def api_key(settings: Settings) -> tuple[str, str]:
 def connect(url: str, settings: Settings) -> Iterator[Client]:
     """A client of the controller at `url` with the CLI's key; a refused key names where it came from."""
     key, source = api_key(settings)
-    client = Client(url, api_key=key)
+    client = Client(url, api_key=key, ca_file=settings.ca_file)
     try:
         with client:
             yield client

@@ -16,8 +16,9 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
-from browservm.cli.client import connect
+from browservm.cli.client import CA_FILE_HELP, connect
 from browservm.client import LoginFailed
 from browservm.client.models import Login
 from browservm.config import Settings
@@ -31,6 +32,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser],
                                                             "codex, gemini-cli, sample, or the operator's)")
     login.add_argument("--user", required=True, help="whose credentials they become")
     login.add_argument("--url", metavar="URL", help="the controller (default BROWSERVM_URL, else its listen address)")
+    login.add_argument("--ca-file", type=Path, metavar="PEM", help=CA_FILE_HELP)
     login.add_argument("--vm", dest="vm_id", metavar="VM_ID", help="log in inside this VM of the user's")
     login.add_argument("--keep-vm", action="store_true", help="keep the VM afterwards (default: destroyed)")
 

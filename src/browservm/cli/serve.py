@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import signal
 import socket
 from collections.abc import Iterator
@@ -24,10 +25,13 @@ from browservm.api.logs import LOG_FORMATS
 from browservm.api.logs import configure as configure_logs
 from browservm.api.proxy import UVICORN_WEBSOCKETS
 from browservm.api.service import ControllerService
+from browservm.api.tls import ServerTls, load_server_tls
 from browservm.api.tokens import ViewerTokens
 from browservm.config import Settings
 from browservm.controller import Controller, ServeLock, open_controller
 from browservm.errors import OperationFailed
+
+log = logging.getLogger("browservm.serve")
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -35,6 +39,12 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser],
     serve = commands.add_parser("serve", parents=[common], help="the controller: HTTP API, viewer proxy, "
                                 "operator page; reconciles with what runs, then watches every VM until stopped")
     add_service_options(serve)
+    # serve's alone: a cluster host's API is reached by its fronts over the cluster's private network.
+    serve.add_argument("--tls-cert", type=Path, metavar="FILE",
+                       help="serve HTTPS with this PEM certificate (chain): viewer links become https, their "
+                            "desktops wss (also BROWSERVM_TLS_CERT)")
+    serve.add_argument("--tls-key", type=Path, metavar="FILE",
+                       help="the certificate's PEM private key: unencrypted, not readable by others (0600 or 0640)")
 
 
 def add_service_options(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +110,9 @@ def listen_socket(settings: Settings) -> socket.socket:
 
 
 def run(settings: Settings) -> int:
+    # The pair is checked before anything is made: a mistake in it leaves nothing behind.
+    tls = None if settings.tls_cert is None or settings.tls_key is None else load_server_tls(
+        settings.tls_cert, settings.tls_key)
     with ServeLock(settings.state_dir):
         listener = listen_socket(settings)
         # Port 0 asks the kernel for a free port: links and messages name the one it gave.
@@ -107,7 +120,7 @@ def run(settings: Settings) -> int:
         settings = settings.model_copy(update={"listen": f"{host}:{port}"})
         with listener, open_controller(settings, serving=True) as controller:
             service, key_file = service_of(controller)
-            return asyncio.run(_serve(service, listener, key_file))
+            return asyncio.run(_serve(service, listener, key_file, tls))
 
 
 def service_of(controller: Controller) -> tuple[ControllerService, Path | None]:
@@ -118,16 +131,21 @@ def service_of(controller: Controller) -> tuple[ControllerService, Path | None]:
     return ControllerService(controller, api_key=key, tokens=tokens), key_file
 
 
-def uvicorn_config(service: ControllerService) -> uvicorn.Config:
+def uvicorn_config(service: ControllerService, tls: ServerTls | None = None) -> uvicorn.Config:
+    """`tls`: HTTPS and wss on the listener, with a pair load_server_tls checked."""
     # No permessage-deflate (~13x the CPU on a VNC stream, LAB-NOTES), viewers' messages bounded.
     return uvicorn.Config(build_app(service), lifespan="on", log_level="warning", access_log=False,
-                          **UVICORN_WEBSOCKETS, timeout_graceful_shutdown=10)
+                          **UVICORN_WEBSOCKETS, timeout_graceful_shutdown=10,
+                          **(tls.uvicorn_options() if tls is not None else {}))
 
 
-async def _serve(service: ControllerService, listener: socket.socket, key_file: object) -> int:
+async def _serve(service: ControllerService, listener: socket.socket, key_file: object,
+                 tls: ServerTls | None) -> int:
     settings = service.settings
     configure_logs(settings.log_format)
-    server = ServiceServer(uvicorn_config(service), service)
+    for warning in tls.warnings if tls is not None else ():
+        log.warning("tls: %s", warning)
+    server = ServiceServer(uvicorn_config(service, tls), service)
     # From here on SIGTERM means "stop gracefully", also while reconciling, before uvicorn runs.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, server.handle_exit)
@@ -139,6 +157,8 @@ async def _serve(service: ControllerService, listener: socket.socket, key_file: 
         print(f"serve: listening on {settings.base_url}{where}; watching {vms} VM(s); stop with SIGTERM or Ctrl-C",
               flush=True)
         print(f"  API key:        {key_file or 'given in settings (BROWSERVM_API_KEY)'}", flush=True)
+        if tls is not None:
+            print(f"  TLS:            {tls.summary()}", flush=True)
         print(f"  operator page:  {settings.base_url}/   API docs: {settings.base_url}/docs", flush=True)
         state = f" --state-dir {settings.state_dir}" if str(settings.state_dir) != "/var/lib/browservm" else ""
         print(f"  a desktop in your browser: browservm vm create --url {settings.base_url}{state}   "

@@ -14,10 +14,11 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from browservm.cli import remote
-from browservm.cli.client import parse_url
+from browservm.cli.client import CA_FILE_HELP, parse_url
 from browservm.cli.output import print_removed, print_stage, print_vm, print_vms
 from browservm.config import Settings
 from browservm.controller import Controller, open_controller
@@ -46,6 +47,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser],
     remote.add_argument("--url", metavar="URL",
                         help="ask the controller at URL (`browservm serve`) instead of driving VMs in this process "
                              "(also BROWSERVM_URL; the API key is <state-dir>/api.key or BROWSERVM_API_KEY)")
+    remote.add_argument("--ca-file", type=Path, metavar="PEM", help=CA_FILE_HELP)
     parents = [common, remote]
     vm = commands.add_parser("vm", help="browser VMs: create, list, show, console, viewer, remove")
     actions = vm.add_subparsers(dest="action", required=True)

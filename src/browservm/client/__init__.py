@@ -31,6 +31,7 @@ from browservm.client.errors import (
     StreamEnded,
     StreamQuiet,
     Unavailable,
+    UntrustedCertificate,
     VmFailed,
     WaitTimedOut,
 )
@@ -50,6 +51,6 @@ from browservm.client.models import (
 __all__ = [
     "AsyncClient", "CancelledLogin", "Client", "ClientError", "Conflict", "ControllerError", "ControllerUnreachable",
     "Credentials", "Event", "Failure", "Host", "InvalidRequest", "KeyRefused", "LimitReached", "Login", "LoginFailed",
-    "NotAController", "NotFound", "Provider", "StartedLogin", "StreamEnded", "StreamQuiet", "Unavailable", "Viewer",
-    "Vm", "VmFailed", "WaitTimedOut",
+    "NotAController", "NotFound", "Provider", "StartedLogin", "StreamEnded", "StreamQuiet", "Unavailable",
+    "UntrustedCertificate", "Viewer", "Vm", "VmFailed", "WaitTimedOut",
 ]

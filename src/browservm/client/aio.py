@@ -6,6 +6,7 @@ login (watch.py) are the sync client's own; only the I/O differs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from types import TracebackType
@@ -33,8 +34,9 @@ class AsyncClient:
 
     def __init__(self, url: str, *, api_key: str, timeout: httpx.Timeout = http.TIMEOUT,
                  events_quiet: float = http.EVENTS_QUIET, trust_env: bool | None = None,
+                 ca_file: str | os.PathLike[str] | None = None,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
-        options = http.options(http.parse_url(url), api_key, timeout, trust_env)
+        options = http.options(http.parse_url(url), api_key, timeout, trust_env, ca_file)
         self.base_url: str = options["base_url"]
         self.events_quiet = events_quiet
         self._timeout = timeout

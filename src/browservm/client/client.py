@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Generator, Iterator
 from contextlib import closing, contextmanager
 from types import TracebackType
@@ -28,13 +29,15 @@ class Client:
     Every error is a browservm.client.errors.ClientError: the controller's refusals typed by status
     (InvalidRequest naming the field, LimitReached naming the limit, ...), ControllerUnreachable naming
     the URL. `events_quiet`: seconds without a byte on an event stream before wait_* asks for the record
-    and subscribes again. `transport`: httpx's, for tests (httpx.MockTransport).
+    and subscribes again. `ca_file`: a PEM file of the CA (or the controller's own certificate) to verify an
+    https controller against, in place of the system's CAs. `transport`: httpx's, for tests (httpx.MockTransport).
     """
 
     def __init__(self, url: str, *, api_key: str, timeout: httpx.Timeout = http.TIMEOUT,
                  events_quiet: float = http.EVENTS_QUIET, trust_env: bool | None = None,
+                 ca_file: str | os.PathLike[str] | None = None,
                  transport: httpx.BaseTransport | None = None) -> None:
-        options = http.options(http.parse_url(url), api_key, timeout, trust_env)
+        options = http.options(http.parse_url(url), api_key, timeout, trust_env, ca_file)
         self.base_url: str = options["base_url"]
         self.events_quiet = events_quiet
         self._timeout = timeout

@@ -11,6 +11,7 @@
     │   ├── Unavailable          503
     │   └── NotAController       an answer without the API's JSON: something else listens at the URL
     ├── ControllerUnreachable    no answer at the URL (refused, timed out, reset): `url`, `detail`
+    │   └── UntrustedCertificate https: its certificate does not verify against the CAs trusted (`ca_file`)
     ├── StreamQuiet              no byte on an event stream for as long as the client waits (`events_quiet`)
     ├── StreamEnded              the controller ended an event stream before the end was told
     ├── WaitTimedOut             wait_vm / wait_login's own deadline passed: `what`, `id`, `timeout`, `state`
@@ -92,6 +93,16 @@ class ControllerUnreachable(ClientError):
         self.detail = detail
         super().__init__(f"no controller answers at {url}: is `browservm serve` running?"
                          + (f" ({detail})" if detail else ""))
+
+
+class UntrustedCertificate(ControllerUnreachable):
+    """https: the controller's certificate does not verify against the CAs this client trusts."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        ClientError.__init__(self, f"the certificate of {url} is not trusted ({reason}): give the CA that signed it, "
+                                   "or the certificate itself, as ca_file (the CLI's --ca-file or BROWSERVM_CA_FILE)")
+        self.url = url
+        self.detail = reason
 
 
 class StreamQuiet(ClientError):

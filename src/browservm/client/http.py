@@ -10,12 +10,14 @@ and the API key instead of the controller on this machine.
 from __future__ import annotations
 
 import ipaddress
+import os
+import ssl
 from typing import Any, TypeVar
 
 import httpx
 
 from browservm import __version__
-from browservm.client.errors import ControllerUnreachable, error_of, not_a_controller
+from browservm.client.errors import ControllerUnreachable, UntrustedCertificate, error_of, not_a_controller
 from browservm.client.routes import Call
 from browservm.errors import InvalidInput
 
@@ -51,13 +53,30 @@ def is_loopback(url: httpx.URL) -> bool:
         return False
 
 
-def options(url: httpx.URL, api_key: str, timeout: httpx.Timeout, trust_env: bool | None) -> dict[str, Any]:
+def options(url: httpx.URL, api_key: str, timeout: httpx.Timeout, trust_env: bool | None,
+            ca_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """httpx.Client's or httpx.AsyncClient's arguments."""
     if not isinstance(api_key, str) or not api_key or any(c in api_key for c in "\r\n"):
         raise InvalidInput("api_key", "<hidden>", "must be the controller's key, a non-empty line")
+    given: dict[str, Any] = {} if ca_file is None else {"verify": trusting(ca_file)}
     return {"base_url": str(url).rstrip("/"), "timeout": timeout, "follow_redirects": False,
             "trust_env": not is_loopback(url) if trust_env is None else trust_env,
-            "headers": {"Authorization": f"Bearer {api_key}", "User-Agent": f"browservm-client/{__version__}"}}
+            "headers": {"Authorization": f"Bearer {api_key}", "User-Agent": f"browservm-client/{__version__}"},
+            **given}
+
+
+def trusting(ca_file: str | os.PathLike[str]) -> ssl.SSLContext:
+    """Verification against `ca_file` (PEM: a CA, or the controller's self-signed certificate) in place of
+    the system's CAs: the way to reach a controller with a private certificate without turning
+    verification off, which this client never does."""
+    try:
+        return ssl.create_default_context(cafile=os.fspath(ca_file))
+    except FileNotFoundError:
+        raise InvalidInput("ca_file", os.fspath(ca_file), "does not exist") from None
+    except ssl.SSLError as exc:
+        raise InvalidInput("ca_file", os.fspath(ca_file), f"is not a PEM certificate ({exc.reason or exc})") from None
+    except OSError as exc:
+        raise InvalidInput("ca_file", os.fspath(ca_file), f"cannot be read: {exc.strerror or exc}") from None
 
 
 def request_options(call: Call[Any], timeout: httpx.Timeout) -> dict[str, Any]:
@@ -98,11 +117,31 @@ def check(response: httpx.Response, base_url: str) -> None:
 
 def unreachable(exc: httpx.TransportError, base_url: str) -> ControllerUnreachable:
     """httpx's transport errors as one clear line naming the URL."""
+    tls = _tls_error(exc)
+    if isinstance(tls, ssl.SSLCertVerificationError):
+        return UntrustedCertificate(base_url, tls.verify_message or tls.reason or str(tls))
+    if tls is not None:
+        return ControllerUnreachable(base_url, f"TLS failed: {tls.reason or tls}; if the controller serves plain "
+                                               "HTTP, its URL is http://")
+    if isinstance(exc, httpx.RemoteProtocolError) and base_url.startswith("http://"):
+        # What a TLS port does with a plain HTTP request: it closes the connection without a word.
+        return ControllerUnreachable(base_url, "it closed the connection without an answer; if it serves TLS "
+                                               "(serve --tls-cert), its URL is https://")
     if isinstance(exc, httpx.ConnectError):
         return ControllerUnreachable(base_url)
     if isinstance(exc, httpx.TimeoutException):
         return ControllerUnreachable(base_url, f"no answer in time ({type(exc).__name__})")
     return ControllerUnreachable(base_url, str(exc) or type(exc).__name__)  # reset, a broken stream
+
+
+def _tls_error(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error under httpx's (and httpcore's) wrapping of it, if that is what failed."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _answered(response: httpx.Response) -> str:
