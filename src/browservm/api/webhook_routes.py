@@ -135,12 +135,12 @@ def mount(app: FastAPI, service: ControllerService) -> None:
     def vm_changed(record: VmRecord, event: str) -> None:
         kind = VM_EVENTS.get(event)
         if kind is not None and not record.in_pool:  # a pooled VM is nobody's until it is claimed
-            deliverer.emit(Event(kind, record.tenant, service.describe(record).model_dump()))
+            deliverer.emit(Event(kind, record.tenant, service.describe(record).model_dump(mode="json")))
 
     def login_ended(login: LoginRecord) -> None:
         kind = LOGIN_EVENTS.get(login.state.value)
         if kind is not None:
-            deliverer.emit(Event(kind, login.tenant, LoginOut.of(login).model_dump()))
+            deliverer.emit(Event(kind, login.tenant, LoginOut.of(login).model_dump(mode="json")))
 
     service.on_vm_change.append(vm_changed)
     logins = getattr(app.state, "logins", None)  # logins.mount's, when the controller runs logins
