@@ -11,12 +11,15 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 from browservm import __version__
+from browservm.cli import audit as audit_cli
 from browservm.cli import cluster as cluster_cli
 from browservm.cli import doctor as doctor_cli
 from browservm.cli import image as image_cli
 from browservm.cli import kernel as kernel_cli
+from browservm.cli import keys as keys_cli
 from browservm.cli import login as login_cli
 from browservm.cli import serve as serve_cli
+from browservm.cli import tenants as tenants_cli
 from browservm.cli import vm as vm_cli
 from browservm.cli.client import ControllerError
 from browservm.config import Settings, load_settings
@@ -83,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     login_cli.add_parser(commands, common)
     doctor_cli.add_parser(commands, common)
     cluster_cli.add_parser(commands)
+    keys_cli.add_parser(commands, common)
+    tenants_cli.add_parser(commands, common)
+    audit_cli.add_parser(commands, common)
     return parser
 
 
@@ -165,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "host": _host, "kernel": kernel_cli.run, "image": lambda a: image_cli.run(a, _settings(a)),
             "vm": lambda a: vm_cli.run(a, _settings(a)), "serve": lambda a: serve_cli.run(_settings(a)),
             "doctor": lambda a: doctor_cli.run(a, _settings(a)), "login": lambda a: login_cli.run(a, _settings(a)),
-            "cluster": cluster_cli.run}
+            "cluster": cluster_cli.run, "key": lambda a: keys_cli.run(a, _settings(a)),
+            "tenant": lambda a: tenants_cli.run(a, _settings(a)), "audit": lambda a: audit_cli.run(a, _settings(a))}
         return commands[args.command](args)
     except BrowserVMError as exc:
         _report_error(exc, getattr(args, "json", False))

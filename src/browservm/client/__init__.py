@@ -36,21 +36,28 @@ from browservm.client.errors import (
     WaitTimedOut,
 )
 from browservm.client.models import (
+    ApiKey,
+    AuditEntry,
+    AuditPage,
     CancelledLogin,
     Credentials,
     Event,
     Failure,
     Host,
     Login,
+    NewKey,
     Provider,
+    Quota,
     StartedLogin,
+    Tenant,
     Viewer,
     Vm,
 )
 
 __all__ = [
-    "AsyncClient", "CancelledLogin", "Client", "ClientError", "Conflict", "ControllerError", "ControllerUnreachable",
-    "Credentials", "Event", "Failure", "Host", "InvalidRequest", "KeyRefused", "LimitReached", "Login", "LoginFailed",
-    "NotAController", "NotFound", "Provider", "StartedLogin", "StreamEnded", "StreamQuiet", "Unavailable",
-    "UntrustedCertificate", "Viewer", "Vm", "VmFailed", "WaitTimedOut",
+    "ApiKey", "AsyncClient", "AuditEntry", "AuditPage", "CancelledLogin", "Client", "ClientError", "Conflict",
+    "ControllerError", "ControllerUnreachable", "Credentials", "Event", "Failure", "Host", "InvalidRequest",
+    "KeyRefused", "LimitReached", "Login", "LoginFailed", "NewKey", "NotAController", "NotFound", "Provider", "Quota",
+    "StartedLogin", "StreamEnded", "StreamQuiet", "Tenant", "Unavailable", "UntrustedCertificate", "Viewer", "Vm",
+    "VmFailed", "WaitTimedOut",
 ]

@@ -16,7 +16,22 @@ import httpx
 
 from browservm.client import http, routes
 from browservm.client.errors import NotFound, StreamQuiet, WaitTimedOut
-from browservm.client.models import CancelledLogin, Credentials, Event, Host, Login, Provider, StartedLogin, Viewer, Vm
+from browservm.client.models import (
+    ApiKey,
+    AuditPage,
+    CancelledLogin,
+    Credentials,
+    Event,
+    Host,
+    Login,
+    NewKey,
+    Provider,
+    Quota,
+    StartedLogin,
+    Tenant,
+    Viewer,
+    Vm,
+)
 from browservm.client.sse import EventParser
 from browservm.client.watch import Deadline, LoginWatch, OnChange, OnNote, OnStage, VmWatch, Watch
 
@@ -129,6 +144,32 @@ class AsyncClient:
 
     async def resume_host(self, name: str) -> Host:
         return await self._call(routes.resume_host(name))
+
+    # --- keys, tenants and the audit trail (an admin key; a tenant key reads its own tenant and trail) ---
+
+    async def create_key(self, name: str, role: str, tenant: str | None = None) -> NewKey:
+        """A new API key (role `admin`, or `tenant` with its tenant); `.key` is its secret, in this answer only."""
+        return await self._call(routes.create_key(name, role, tenant))
+
+    async def list_keys(self, tenant: str | None = None) -> list[ApiKey]:
+        return await self._call(routes.list_keys(tenant))
+
+    async def revoke_key(self, key_id: str) -> ApiKey:
+        """Refused from its next request on (idempotent)."""
+        return await self._call(routes.revoke_key(key_id))
+
+    async def tenant(self, tenant: str) -> Tenant:
+        """Its quota and what it uses now."""
+        return await self._call(routes.get_tenant(tenant))
+
+    async def set_quota(self, tenant: str, quota: Quota) -> Quota:
+        """The tenant's whole quota: a limit left None is no limit of its own."""
+        return await self._call(routes.set_quota(tenant, quota))
+
+    async def audit(self, *, since: float | None = None, tenant: str | None = None, vm_id: str | None = None,
+                    after: int | None = None, limit: int | None = None) -> AuditPage:
+        """The audit trail oldest first, from `since` (unix seconds); `.next` is the next page's `after`."""
+        return await self._call(routes.audit(since, tenant, vm_id, after, limit))
 
     # --- plumbing ----------------------------------------------------------------------------------
 

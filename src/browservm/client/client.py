@@ -12,7 +12,22 @@ import httpx
 
 from browservm.client import http, routes
 from browservm.client.errors import NotFound, StreamQuiet, WaitTimedOut
-from browservm.client.models import CancelledLogin, Credentials, Event, Host, Login, Provider, StartedLogin, Viewer, Vm
+from browservm.client.models import (
+    ApiKey,
+    AuditPage,
+    CancelledLogin,
+    Credentials,
+    Event,
+    Host,
+    Login,
+    NewKey,
+    Provider,
+    Quota,
+    StartedLogin,
+    Tenant,
+    Viewer,
+    Vm,
+)
 from browservm.client.sse import EventParser
 from browservm.client.watch import Deadline, LoginWatch, OnChange, OnNote, OnStage, VmWatch, Watch
 
@@ -144,6 +159,32 @@ class Client:
 
     def resume_host(self, name: str) -> Host:
         return self._call(routes.resume_host(name))
+
+    # --- keys, tenants and the audit trail (an admin key; a tenant key reads its own tenant and trail) ---
+
+    def create_key(self, name: str, role: str, tenant: str | None = None) -> NewKey:
+        """A new API key (role `admin`, or `tenant` with its tenant); `.key` is its secret, in this answer only."""
+        return self._call(routes.create_key(name, role, tenant))
+
+    def list_keys(self, tenant: str | None = None) -> list[ApiKey]:
+        return self._call(routes.list_keys(tenant))
+
+    def revoke_key(self, key_id: str) -> ApiKey:
+        """Refused from its next request on (idempotent)."""
+        return self._call(routes.revoke_key(key_id))
+
+    def tenant(self, tenant: str) -> Tenant:
+        """Its quota and what it uses now."""
+        return self._call(routes.get_tenant(tenant))
+
+    def set_quota(self, tenant: str, quota: Quota) -> Quota:
+        """The tenant's whole quota: a limit left None is no limit of its own."""
+        return self._call(routes.set_quota(tenant, quota))
+
+    def audit(self, *, since: float | None = None, tenant: str | None = None, vm_id: str | None = None,
+              after: int | None = None, limit: int | None = None) -> AuditPage:
+        """The audit trail oldest first, from `since` (unix seconds); `.next` is the next page's `after`."""
+        return self._call(routes.audit(since, tenant, vm_id, after, limit))
 
     # --- plumbing ----------------------------------------------------------------------------------
 

@@ -157,3 +157,57 @@ class Host(_Answer):
     pending: int = 0
     heartbeat_at: datetime
     viewer_address: str = ""
+
+
+class ApiKey(_Answer):
+    """An API key as the controller lists it: never the key itself."""
+
+    key_id: str
+    name: str
+    role: str  # admin or tenant
+    tenant: str = ""  # "" for an admin key
+    created_at: float
+    last_used_at: float | None = None  # to the minute
+    revoked_at: float | None = None
+
+
+class NewKey(ApiKey):
+    """A key just made, with its secret: in this answer only, kept nowhere by the controller."""
+
+    key: str
+
+    def __repr__(self) -> str:  # never the secret in a log or a traceback
+        return f"NewKey(key_id={self.key_id!r}, name={self.name!r}, role={self.role!r}, tenant={self.tenant!r})"
+
+    __str__ = __repr__
+
+
+class Quota(_Answer):
+    """A tenant's limits; None: no limit of its own (the host's still hold)."""
+
+    max_vms: int | None = None
+    max_mem_mib: int | None = None
+    logins_per_hour: int | None = None
+
+
+class Tenant(_Answer):
+    tenant: str
+    quota: Quota
+    usage: dict[str, int] = Field(default_factory=dict)  # vms, mem_mib, logins_last_hour
+
+
+class AuditEntry(_Answer):
+    id: int
+    at: float
+    key_id: str  # the key's id (never the key); "" for a viewer
+    tenant: str
+    action: str
+    target: str
+    outcome: str
+    detail: str = ""
+    request_id: str = ""
+
+
+class AuditPage(_Answer):
+    entries: list[AuditEntry]
+    next: int | None = None  # pass as `after` for the next page; None: no more now

@@ -2,19 +2,38 @@
 
 The sync and the async client send these descriptions (`Call`) and read the answers the same way
 (http.py); neither knows a route of its own. Ids are checked and quoted here: an id must not become
-another path. (Room here for the tenant keys' and audit log's routes, `/v1/keys` and `/v1/audit`.)
+another path.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
-from browservm.client.models import CancelledLogin, Credentials, Host, Login, Provider, StartedLogin, Viewer, Vm
+from browservm.client.models import (
+    ApiKey,
+    AuditPage,
+    CancelledLogin,
+    Credentials,
+    Host,
+    Login,
+    NewKey,
+    Provider,
+    Quota,
+    StartedLogin,
+    Tenant,
+    Viewer,
+    Vm,
+)
 from browservm.errors import InvalidInput
 from browservm.ids import validate_vm_id
+
+_KEY_ID = re.compile(r"[a-z0-9]{1,32}")
+# The server's access.principal.TENANT_PATTERN, written again: the client imports nothing of the server.
+TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 
 T = TypeVar("T")
 
@@ -166,3 +185,63 @@ def drain_host(name: str) -> Call[Host]:
 
 def resume_host(name: str) -> Call[Host]:
     return Call("POST", f"/v1/hosts/{quote(_given('name', name), safe='')}/resume", Host.model_validate)
+
+
+# --- keys, tenants and the audit trail ----------------------------------------------------------------
+
+def _key(key_id: str) -> str:
+    if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
+        raise InvalidInput("key_id", key_id, "must be 1-32 of a-z and 0-9 (as `key list` shows it)")
+    return f"/v1/keys/{key_id}"
+
+
+def validate_tenant(value: str) -> str:
+    if not isinstance(value, str) or not TENANT.fullmatch(value):
+        raise InvalidInput("tenant", value, "must be 1-32 of a-z, 0-9 and '-', starting with a letter or digit")
+    return value
+
+
+def _tenant(tenant: str, *rest: str) -> str:
+    return "/".join((f"/v1/tenants/{quote(validate_tenant(tenant), safe='')}", *rest))
+
+
+def create_key(name: str, role: str, tenant: str | None) -> Call[NewKey]:
+    body: dict[str, Any] = {"name": name, "role": role}
+    if tenant is not None:
+        body["tenant"] = tenant
+    return Call("POST", "/v1/keys", NewKey.model_validate, body=body)
+
+
+def list_keys(tenant: str | None) -> Call[list[ApiKey]]:
+    return Call("GET", "/v1/keys", _list(ApiKey.model_validate),
+                params=None if tenant is None else {"tenant": validate_tenant(tenant)})
+
+
+def revoke_key(key_id: str) -> Call[ApiKey]:
+    return Call("DELETE", _key(key_id), ApiKey.model_validate)
+
+
+def get_tenant(tenant: str) -> Call[Tenant]:
+    return Call("GET", _tenant(tenant), Tenant.model_validate)
+
+
+def set_quota(tenant: str, quota: Quota) -> Call[Quota]:
+    """The whole quota: a limit left None is none."""
+    body = {name: getattr(quota, name) for name in ("max_vms", "max_mem_mib", "logins_per_hour")}
+    return Call("PUT", _tenant(tenant, "quota"), Quota.model_validate, body=body)
+
+
+def audit(since: float | None, tenant: str | None, vm_id: str | None, after: int | None,
+          limit: int | None) -> Call[AuditPage]:
+    params: dict[str, str | int | bool] = {}
+    if since is not None:
+        params["since"] = str(since)
+    if tenant is not None:
+        params["tenant"] = validate_tenant(tenant)
+    if vm_id is not None:
+        params["vm"] = validate_vm_id(vm_id)
+    if after is not None:
+        params["after"] = after
+    if limit is not None:
+        params["limit"] = limit
+    return Call("GET", "/v1/audit", AuditPage.model_validate, params=params or None)
