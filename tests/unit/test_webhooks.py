@@ -16,16 +16,17 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 import pytest
 
+from browservm.api.webhook_routes import EventType
 from browservm.oauth.records import LoginRecord, LoginRecords
 from browservm.store import Store
 from browservm.webhooks import BadSignature, sign, verify
 from browservm.webhooks.deliverer import PER_TENANT, Deliverer
-from browservm.webhooks.events import MAX_BODY, Event
+from browservm.webhooks.events import EVENT_TYPES, LOGIN_EVENTS, MAX_BODY, VM_EVENTS, Event
 from browservm.webhooks.records import DROPPED, MAX_PENDING, MAX_WEBHOOKS, WebhookStore
 
 from .fakes import stop_all
@@ -374,13 +375,17 @@ def test_the_eleventh_webhook_of_a_tenant_is_refused_naming_the_limit(serve: Cal
     served.run(scenario)
 
 
+def test_the_documented_event_types_are_the_ones_sent() -> None:
+    assert set(get_args(EventType)) == set(EVENT_TYPES) == {*VM_EVENTS.values(), *LOGIN_EVENTS.values()}
+
+
 @pytest.mark.parametrize(("body", "field"), [
     ({"url": "ftp://example.com/", "events": ["vm.ready"]}, "url"),
     ({"url": "http:///nohost", "events": ["vm.ready"]}, "url"),
     ({"url": "http://example.com/a b", "events": ["vm.ready"]}, "url"),
     ({"url": "http://example.com:99999/", "events": ["vm.ready"]}, "url"),
     ({"url": "http://example.com/" + "a" * 2048, "events": ["vm.ready"]}, "url"),
-    ({"url": "http://example.com/", "events": ["vm.bogus"]}, "events"),
+    ({"url": "http://example.com/", "events": ["vm.bogus"]}, "events.0"),
     ({"url": "http://example.com/", "events": []}, "events"),
     ({"url": "http://example.com/", "events": ["vm.ready"], "secret": "mine"}, "secret"),
     ({"url": "http://example.com/"}, "events"),
@@ -460,3 +465,14 @@ def test_stop_before_start_writes_what_was_emitted_and_closes_cleanly(tmp_path: 
             assert [d.state for d in records.deliveries(hook.webhook_id)] == ["pending"]
 
     asyncio.run(main())
+
+
+def test_the_readmes_receiver_takes_a_signed_delivery_and_refuses_a_changed_one() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Webhooks"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+    scope: dict[str, Any] = {"SECRET": SECRET}
+    exec(compile(code, "README.md (Webhooks)", "exec"), scope)  # the README's own example, as printed
+    body = b'{"type":"vm.ready"}'
+    assert scope["receive"]({"X-Browservm-Signature": sign(SECRET, body)}, body) == 200
+    assert scope["receive"]({"X-Browservm-Signature": sign(SECRET, body)}, body + b" ") == 401

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -67,7 +68,7 @@ def validate_url(value: str) -> str:
     return value
 
 
-def validate_events(values: list[str]) -> list[str]:
+def validate_events(values: Sequence[str]) -> list[str]:
     """The event types, each known, none twice, at least one; sorted."""
     if not values:
         raise InvalidInput("events", values, f"must name at least one of {', '.join(EVENT_TYPES)}")
