@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS vms (
     holds_resources INTEGER NOT NULL,
     data            TEXT NOT NULL,
     version         INTEGER NOT NULL DEFAULT 0,  -- bumped by every write: the compare-and-set token
-    tenant          TEXT NOT NULL DEFAULT ''
+    tenant          TEXT NOT NULL DEFAULT '',
+    seq             INTEGER  -- the order VMs appeared in, for listings' cursors (vm/records.py)
 );
 -- What `host up` created, so `host down` removes exactly that and nothing else.
 CREATE TABLE IF NOT EXISTS host_objects (
@@ -140,7 +141,8 @@ BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END
 # 5: tenants (issue 21): api_keys, tenants and audit; a `tenant` column on vms and logins, and in the
 # credentials' key (_add_tenants).
 # 6: webhooks and their deliveries (issue 21): new tables only, made by the statements above.
-_SCHEMA_VERSION = 6
+# 7: vms' `seq`, the list API's cursor (issue 21), added to older databases in _add_tenants.
+_SCHEMA_VERSION = 7
 _BUSY_TIMEOUT_S = 30.0
 
 
@@ -155,6 +157,10 @@ def _add_tenants(db: sqlite3.Connection) -> None:
     for table in ("vms", "logins"):
         if "tenant" not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
             db.execute(f"ALTER TABLE {table} ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
+    if "seq" not in {row[1] for row in db.execute("PRAGMA table_info(vms)")}:
+        db.execute("ALTER TABLE vms ADD COLUMN seq INTEGER")
+        db.execute("UPDATE vms SET seq = rowid")
+    db.execute("CREATE INDEX IF NOT EXISTS vms_by_seq ON vms (seq)")
     # One running login per tenant, user and provider, held by SQLite itself.
     db.execute("DROP INDEX IF EXISTS logins_one_running")
     db.execute("CREATE UNIQUE INDEX IF NOT EXISTS logins_one_running_per_tenant ON logins (tenant, user, provider) "

@@ -494,7 +494,7 @@ def test_a_viewer_link_carries_a_token_for_that_vm(served: Served) -> None:
     async def scenario(client: httpx.AsyncClient) -> None:
         vm = await create(client)
         viewer = (await client.post(f"/v1/vms/{vm['vm_id']}/viewer")).json()
-        assert set(viewer) == {"url", "token", "expires_at"}
+        assert set(viewer) == {"url", "token", "expires_at", "expires_at_rfc3339"}
         assert viewer["url"] == f"{PUBLIC_URL}/view/{vm['vm_id']}?token={viewer['token']}"
         assert viewer["expires_at"] == int(served.clock.now + served.service.tokens.ttl)
         state = (await client.get(f"/view/{vm['vm_id']}/state", params={"token": viewer["token"]})).json()

@@ -140,7 +140,7 @@ def test_json_of_a_vm_agrees_with_local_mode_field_by_field(served: Served, cli:
     code, out, _ = cli("create", "--vcpus", "2", "--mem", "512", "--json")
     assert code == 0
     made = json.loads(out)
-    assert set(made["viewer"]) == {"url", "token", "expires_at"}
+    assert set(made["viewer"]) == {"url", "token", "expires_at", "expires_at_rfc3339"}
     vm_id = made["vm_id"]
     record = served.records().get(vm_id)
     assert record is not None

@@ -47,6 +47,7 @@ ROUTES: dict[tuple[str, str], Kind] = {
     ("GET", "/v1/vms/{vm_id}/console"): "operator",
     ("GET", "/v1/vms/{vm_id}/events"): "operator",
     ("POST", "/v1/vms/{vm_id}/viewer"): "operator",
+    ("POST", "/v1/vms/{vm_id}/extend"): "operator",
     ("GET", "/v1/vms/{vm_id}/diagnose"): "operator",
     ("GET", "/v1/doctor"): "operator",
     ("POST", "/v1/logins"): "operator",

@@ -139,10 +139,10 @@ def test_an_operator_signs_in_opens_docs_authorizes_with_the_key_and_runs_reques
         assert listed.count() == 2  # GET (list) and POST (create)
 
         # With the cookie alone a change is refused (403: a foreign page's request would carry it too) ...
-        _open(page, "operations-vms-create_vm_v1_vms_post")
-        body = page.locator("#operations-vms-create_vm_v1_vms_post textarea.body-param__text")
+        _open(page, "operations-vms-createVm")
+        body = page.locator("#operations-vms-createVm textarea.body-param__text")
         body.fill('{"user": "docs"}')
-        request = _execute(page, "operations-vms-create_vm_v1_vms_post", 403)
+        request = _execute(page, "operations-vms-createVm", 403)
         assert "authorization" not in request.headers
 
         # ... then the key through "Authorize": sent as `Authorization: Bearer KEY` with each request.
@@ -153,16 +153,16 @@ def test_an_operator_signs_in_opens_docs_authorizes_with_the_key_and_runs_reques
         dialog.locator("button.btn-done").click()
         dialog.wait_for(state="detached")
 
-        request = _execute(page, "operations-vms-create_vm_v1_vms_post", 202)
+        request = _execute(page, "operations-vms-createVm", 202)
         assert request.headers.get("authorization") == f"Bearer {KEY}"
-        created = page.locator("#operations-vms-create_vm_v1_vms_post .live-responses-table .microlight").first
+        created = page.locator("#operations-vms-createVm .live-responses-table .microlight").first
         assert '"user": "docs"' in created.inner_text()
 
-        _open(page, "operations-vms-list_vms_v1_vms_get")
-        request = _execute(page, "operations-vms-list_vms_v1_vms_get", 200)
+        _open(page, "operations-vms-listVms")
+        request = _execute(page, "operations-vms-listVms", 200)
         assert request.headers.get("authorization") == f"Bearer {KEY}"
         assert request.method == "GET" and urlsplit(request.url).path == "/v1/vms"
-        answer = page.locator("#operations-vms-list_vms_v1_vms_get .live-responses-table .microlight").first
+        answer = page.locator("#operations-vms-listVms .live-responses-table .microlight").first
         assert '"user": "docs"' in answer.inner_text()
     finally:
         context.close()

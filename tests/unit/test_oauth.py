@@ -217,7 +217,7 @@ def test_a_schema_3_database_gets_the_new_tables(tmp_path: Path) -> None:
         db.execute("PRAGMA user_version=3")
     db.close()
     with Store(path) as opened:
-        assert opened.read("PRAGMA user_version")[0][0] == 6
+        assert opened.read("PRAGMA user_version")[0][0] == 7
         tables = {row[0] for row in opened.read("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"logins", "credentials", "vms", "api_keys", "tenants", "audit", "webhooks", "deliveries"} <= tables
         assert opened.read("SELECT version, tenant FROM vms")[0] == (3, "")

@@ -32,22 +32,24 @@ from typing import Annotated, Any
 from urllib.parse import parse_qs
 
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
+from pydantic import StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from browservm import __version__
-from browservm.access.principal import Forbidden
+from browservm.access.principal import TENANT_PATTERN, Forbidden
 from browservm.api import access_routes, diagnose, logins, webhook_routes
 from browservm.api.audited import Audited, audited
 from browservm.api.auth import SESSION_COOKIE, Access, ApiError, Caller, admin_only, caller
 from browservm.api.logs import AccessLog
-from browservm.api.models import ConsoleOut, CreateVm, ErrorOut, ViewerOut, VmOut
+from browservm.api.models import USER_PATTERN, ConsoleOut, CreateVm, ErrorOut, ExtendVm, ViewerOut, VmOut
 from browservm.api.service import ControllerService
 from browservm.api.tokens import TokenRefused
 from browservm.cluster.errors import HostError, NoCapacity, RecordConflict
@@ -60,12 +62,39 @@ from browservm.errors import (
     VmNotFound,
     WrongState,
 )
-from browservm.ids import validate_vm_id
+from browservm.ids import VM_ID_PATTERN, validate_vm_id
 from browservm.vm import hops
+from browservm.vm.create import normalise_user
 from browservm.vm.desktop_path import desktop_path
+from browservm.vm.records import VmQuery
+from browservm.vm.state import VmState
 
 log = logging.getLogger("browservm.api")
 MAX_BODY = 64 * 1024
+MAX_PAGE = 500
+CURSOR_PATTERN = r"^c1\.[0-9]{1,18}$"
+LABEL_FILTER = r"^[a-z0-9][a-z0-9._/-]{0,62}=[^\x00-\x1f\x7f]{0,256}$"
+NEXT_PAGE_HEADERS = {"X-Next-Cursor": {"description": "the next page's `cursor`; absent on the last page",
+                                       "schema": {"type": "string"}},
+                     "Link": {"description": "the next page's URL, rel=\"next\"", "schema": {"type": "string"}}}
+# Module level: FastAPI resolves route annotations by name here. The pattern is documented, and enforced by
+# validate_vm_id, whose refusal says in words what is wrong with the id.
+VmId = Annotated[str, PathParam(description="a VM's id", json_schema_extra={"pattern": VM_ID_PATTERN,
+                                                                             "maxLength": 63})]
+
+
+LabelFilter = Annotated[str, StringConstraints(pattern=LABEL_FILTER)]
+
+
+def operation_id(route: APIRoute) -> str:
+    """Each operation named after its route's function, in camelCase (createVm, listLogins): what a generated
+    client calls its methods."""
+    first, *rest = route.name.split("_")
+    return first + "".join(word.capitalize() for word in rest)
+
+
+def cursor_seq(cursor: str | None) -> int:
+    return 0 if cursor is None else int(cursor.removeprefix("c1."))
 NOVNC_DIR = Path("/usr/share/novnc")
 _STATIC = resources.files("browservm.api") / "static"
 # Swagger UI 5 (the first to read OpenAPI 3.1, which FastAPI writes) from the fastapi-swagger package, so /docs
@@ -242,7 +271,8 @@ def build_app(service: ControllerService) -> FastAPI:
         # Shutdown of the service itself is the server's (serve.py): viewers first, then this.
 
     app = FastAPI(title="browservm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None, description="Isolated browser microVMs: create one per user session, "
+                  openapi_url=None, generate_unique_id_function=operation_id,
+                  description="Isolated browser microVMs: create one per user session, "
                   "watch it come up hop by hop, open its desktop in a browser.")
     app.add_middleware(BodyLimit)
     app.add_middleware(Audited, trail=service.audit)
@@ -302,29 +332,50 @@ def build_app(service: ControllerService) -> FastAPI:
         ready or failed (200). Follow it with GET /v1/vms/{id} or /v1/vms/{id}/events."""
         record = await service.create(body, wait, who)
         audited(request, record.vm_id, record.tenant)
-        return JSONResponse(service.describe(record).model_dump(), status_code=200 if wait else 202)
+        return JSONResponse(service.describe(record).model_dump(mode="json"), status_code=200 if wait else 202)
 
-    @app.get("/v1/vms", tags=["vms"], responses=errors)
-    async def list_vms(who: Caller) -> list[VmOut]:
-        """The VMs this key may see: every VM for an admin key, its tenant's for a tenant key."""
-        return [service.describe(record) for record in await service.all(who)]
+    @app.get("/v1/vms", tags=["vms"], responses={**errors, 200: {"headers": NEXT_PAGE_HEADERS}})
+    async def list_vms(who: Caller, response: Response, *,
+                       limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+                       cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN,
+                                                          description="X-Next-Cursor of the page before")] = None,
+                       user: Annotated[str | None, Query(pattern=USER_PATTERN)] = None,
+                       state: VmState | None = None,
+                       label: Annotated[list[LabelFilter] | None,
+                                        Query(description="key=value; VMs with every one")] = None,
+                       tenant: Annotated[str | None, Query(pattern=f"{TENANT_PATTERN}|^$",
+                                                           description="admin keys: one tenant's only")] = None,
+                       ) -> list[VmOut]:
+        """The VMs this key may see (an admin key: every tenant's; a tenant key: its own), in the order they
+        appeared, a page at a time: `X-Next-Cursor` (and `Link: rel=next`) give the next page while there is
+        one. A VM created while a client pages comes on a later page: none is skipped or repeated."""
+        query = VmQuery(after=cursor_seq(cursor), limit=limit, tenant=tenant,
+                        user=None if user is None else normalise_user(user), state=None if state is None else
+                        state.value, labels=dict(item.split("=", 1) for item in label or ()))
+        records, last = await service.page(query, who)
+        if last is not None:
+            next_cursor = f"c1.{last}"
+            response.headers["X-Next-Cursor"] = next_cursor
+            response.headers["Link"] = f'<{service.settings.base_url}/v1/vms?cursor={next_cursor}&limit={limit}>; ' \
+                                       'rel="next"'
+        return [service.describe(record) for record in records]
 
     @app.get("/v1/vms/{vm_id}", tags=["vms"], responses=errors)
-    async def get_vm(vm_id: str, who: Caller) -> VmOut:
+    async def get_vm(vm_id: VmId, who: Caller) -> VmOut:
         """State, address, the failing hop with reason and hint, each hop's time, viewers, idle time."""
         return service.describe(await service.get(validate_vm_id(vm_id), who))
 
     @app.delete("/v1/vms/{vm_id}", tags=["vms"], responses=errors)
-    async def delete_vm(vm_id: str, who: Caller) -> dict[str, str | bool]:
+    async def delete_vm(vm_id: VmId, who: Caller) -> dict[str, str | bool]:
         """Stop the VM and release everything it had. Idempotent: `removed` is false when it was not there."""
         return {"vm_id": vm_id, "removed": await service.destroy(validate_vm_id(vm_id), who)}
 
     @app.get("/v1/vms/{vm_id}/console", tags=["vms"], responses=errors)
-    async def console(vm_id: str, who: Caller, lines: Annotated[int, Query(ge=1, le=10_000)] = 50) -> ConsoleOut:
+    async def console(vm_id: VmId, who: Caller, lines: Annotated[int, Query(ge=1, le=10_000)] = 50) -> ConsoleOut:
         return ConsoleOut(vm_id=vm_id, lines=await service.console(validate_vm_id(vm_id), lines, who))
 
     @app.get("/v1/vms/{vm_id}/events", tags=["vms"], responses=errors, response_class=StreamingResponse)
-    async def events(vm_id: str, who: Caller) -> StreamingResponse:
+    async def events(vm_id: VmId, who: Caller) -> StreamingResponse:
         """Server-Sent Events: `stage` for each hop as it passes (those already passed first), then one of
         `ready`, `failed` (with the hop and reason), `ended` or `destroyed`, and the stream ends."""
         await service.get(validate_vm_id(vm_id), who)  # a 404 now, not an empty stream
@@ -334,8 +385,13 @@ def build_app(service: ControllerService) -> FastAPI:
                 yield event.sse()
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
+    @app.post("/v1/vms/{vm_id}/extend", tags=["vms"], responses=errors)
+    async def extend_vm(vm_id: VmId, body: ExtendVm, who: Caller) -> VmOut:
+        """End the VM `timeout_s` from now instead of when it would have ended (within its maximum lifetime)."""
+        return service.describe(await service.extend(validate_vm_id(vm_id), body.timeout_s, who))
+
     @app.post("/v1/vms/{vm_id}/viewer", tags=["viewer"], responses=errors)
-    async def viewer(vm_id: str, who: Caller) -> ViewerOut:
+    async def viewer(vm_id: VmId, who: Caller) -> ViewerOut:
         """A link to the VM's desktop for a browser, valid for the configured time (default 10 minutes)."""
         return await service.viewer(validate_vm_id(vm_id), who)
 
@@ -346,7 +402,7 @@ def build_app(service: ControllerService) -> FastAPI:
         return viewer_page()
 
     @app.get("/view/{vm_id}/state", tags=["viewer"])
-    async def view_state(vm_id: str, token: str = "") -> JSONResponse:
+    async def view_state(vm_id: VmId, token: str = "") -> JSONResponse:
         """What the viewer page shows while the VM boots: its state, the last hop passed, a failure."""
         try:
             record = await service.check_token(vm_id, token)

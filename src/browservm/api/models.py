@@ -7,20 +7,47 @@ mistyped field is a 422 that names it rather than a VM with a surprising size.
 from __future__ import annotations
 
 import time
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 
 from browservm.access.principal import TENANT_PATTERN
+from browservm.vm.parts import Limits
 from browservm.vm.records import VmRecord
+from browservm.vm.state import VmState
+
+LABEL_KEY = r"^[a-z0-9][a-z0-9._/-]{0,62}$"
+LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY)]
+LabelValue = Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")]
+USER_PATTERN = r"^[^\x00-\x1f\x7f]{1,64}$"
+MAX_TIMEOUT_S = 30 * 86400
+_LIMITS = Limits()
+
+
+def rfc3339(seconds: float | None) -> str | None:
+    """A timestamp as RFC 3339 (UTC, milliseconds), beside the number it is."""
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class CreateVm(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    user: StrictStr = Field(min_length=1, max_length=64, description="whose VM it is; limits count per user")
-    vcpus: StrictInt | None = Field(None, description="virtual CPUs (default 1)")
-    mem_mib: StrictInt | None = Field(None, description="memory in MiB (default 1024)")
+    user: StrictStr = Field(min_length=1, max_length=64, pattern=USER_PATTERN,
+                            description="whose VM it is; limits count per user")
+    # The ranges are documented here and enforced by the manager (vm/create.py check_request), in its words.
+    vcpus: StrictInt | None = Field(None, description="virtual CPUs (default 1)", json_schema_extra={
+        "minimum": _LIMITS.vcpus[0], "maximum": _LIMITS.vcpus[1]})
+    mem_mib: StrictInt | None = Field(None, description="memory in MiB (default 1024)", json_schema_extra={
+        "minimum": _LIMITS.mem_mib[0], "maximum": _LIMITS.mem_mib[1]})
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=16,
+                                               description="up to 16 labels of the client's own, to find its VMs by "
+                                                           "(GET /v1/vms?label=key=value)")
+    timeout_s: StrictInt | None = Field(None, ge=60, le=MAX_TIMEOUT_S,
+                                        description="end the VM this many seconds after its creation (capped at the "
+                                                    "controller's max_lifetime; POST /v1/vms/{id}/extend moves it)")
     tenant: StrictStr | None = Field(None, pattern=TENANT_PATTERN,
                                      description="whose VM it is: an admin key may name a tenant (default: none, "
                                                  "the operator's own); a tenant key's VMs are always its tenant's")
@@ -38,12 +65,17 @@ class FailureOut(BaseModel):
 
 class VmOut(BaseModel):
     vm_id: str
-    state: str = Field(description="creating, booting, ready, failed, destroying or ended")
+    state: VmState
     user: str
     tenant: str = Field(description="the tenant it belongs to; empty: the operator's own")
+    labels: dict[str, str]
+    expires_at: float | None = Field(description="when it is ended (unix seconds): its timeout, or its maximum "
+                                                 "lifetime")
+    expires_at_rfc3339: str | None
     vcpus: int
     mem_mib: int
     created_at: float
+    created_at_rfc3339: str
     uptime_s: float
     address: str
     tap: str
@@ -70,11 +102,14 @@ class VmOut(BaseModel):
     idle_s: float | None = Field(description="seconds without a viewer; null while one is connected")
 
     @classmethod
-    def of(cls, record: VmRecord, viewers: int, idle_s: float | None, building: str | None = None) -> VmOut:
+    def of(cls, record: VmRecord, viewers: int, idle_s: float | None, building: str | None = None,
+           expires_at: float | None = None) -> VmOut:
         failure = record.failure
         return cls(
-            vm_id=record.vm_id, state=record.state.value, user=record.user, tenant=record.tenant, vcpus=record.vcpus,
-            mem_mib=record.mem_mib, created_at=record.created_at, uptime_s=round(time.time() - record.created_at, 1),
+            vm_id=record.vm_id, state=record.state, user=record.user, tenant=record.tenant, labels=record.labels,
+            expires_at=expires_at, expires_at_rfc3339=rfc3339(expires_at), vcpus=record.vcpus,
+            mem_mib=record.mem_mib, created_at=record.created_at, created_at_rfc3339=rfc3339(record.created_at) or "",
+            uptime_s=round(time.time() - record.created_at, 1),
             address=record.address, tap=record.tap, mac=record.mac, driver=record.driver, accel=record.accel,
             accel_reason=record.accel_reason, retried_after=record.retried_after, building=building, pid=record.pid,
             stages=record.stages, ended_reason=record.ended_reason, viewers=viewers,
@@ -90,6 +125,14 @@ class ViewerOut(BaseModel):
     url: str = Field(description="the viewer page, carrying the token")
     token: str
     expires_at: int = Field(description="unix seconds")
+    expires_at_rfc3339: str
+
+
+class ExtendVm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: StrictInt = Field(ge=60, le=MAX_TIMEOUT_S, description="end the VM this many seconds from now "
+                                                                      "(capped at its maximum lifetime)")
 
 
 class ConsoleOut(BaseModel):

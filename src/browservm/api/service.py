@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,7 +31,7 @@ from browservm.access.quotas import Quotas
 from browservm.api.auth import Access, session_key
 from browservm.api.events import EventBus, VmEvent
 from browservm.api.metrics import Metrics
-from browservm.api.models import CreateVm, ViewerOut, VmOut
+from browservm.api.models import CreateVm, ViewerOut, VmOut, rfc3339
 from browservm.api.proxy import (
     MAX_VIEWERS_PER_LINK,
     MAX_VIEWERS_PER_VM,
@@ -52,7 +53,7 @@ from browservm.vm.console import ConsoleLog
 from browservm.vm.desktop_path import desktop_path
 from browservm.vm.hops import DESKTOP_COMPLETE, RFB_AUTH
 from browservm.vm.pool import WarmPool
-from browservm.vm.records import VmRecord, VmRecords
+from browservm.vm.records import Owner, VmQuery, VmRecord, VmRecords
 from browservm.vm.state import VmState
 
 log = logging.getLogger("browservm.service")
@@ -62,6 +63,7 @@ _STREAM_POLL_S = 2.0
 _FIREWALL_CHECK_S = 2.0
 PREPARED_FOR_CLAIM_S = 30.0  # a claimed VM's prepared desktop connection waits this long for its viewer
 _CONSOLE_CAP_S = 5.0
+_CAS_TRIES = 5  # a compare-and-set retried this often against other writers of one record
 
 
 class _Metered:
@@ -284,7 +286,7 @@ class ControllerService:
         # Defaults only for what was left out: 0 is a size the manager refuses, not "the default".
         record, task = await self.manager.start(request.user, 1 if request.vcpus is None else request.vcpus,
                                                 1024 if request.mem_mib is None else request.mem_mib,
-                                                tenant=tenant, quota=quota)
+                                                owner=Owner(tenant, quota, request.labels, request.timeout_s))
         if not wait:
             return record
         try:
@@ -308,6 +310,27 @@ class ControllerService:
     async def all(self, principal: Principal = OPERATOR) -> list[VmRecord]:
         return [record for record in await self.manager.all() if principal.sees(record.tenant)]
 
+    async def page(self, query: VmQuery, principal: Principal = OPERATOR) -> tuple[list[VmRecord], int | None]:
+        """A page of the VMs `principal` may see (a tenant key's query is narrowed to its tenant)."""
+        query = dataclasses.replace(query, tenant=principal.tenant_filter(query.tenant))
+        return await asyncio.to_thread(self._records.page, query)
+
+    async def extend(self, vm_id: str, timeout_s: int, principal: Principal = OPERATOR) -> VmRecord:
+        """End the VM `timeout_s` from now instead (within its maximum lifetime); WrongState unless it is live."""
+        for attempt in range(_CAS_TRIES):
+            record = await self.get(vm_id, principal)
+            if record.state not in _LIVE:
+                raise WrongState(vm_id, record.state.value, "only a VM that is booting or ready can be extended")
+            record.timeout_at = time.time() + timeout_s
+            try:
+                await asyncio.to_thread(self._records.save, record)
+            except StateConflict:
+                if attempt == _CAS_TRIES - 1:
+                    raise
+                continue  # it changed meanwhile (a hop passed): read it again
+            return record
+        raise AssertionError("unreachable")
+
     async def destroy(self, vm_id: str, principal: Principal = OPERATOR) -> bool:
         record = await self.manager.get(vm_id)
         if record is not None and not principal.sees(record.tenant):
@@ -322,7 +345,14 @@ class ControllerService:
         viewers = self._viewers.get(record.vm_id, 0)
         since = self._idle_since.get(record.vm_id)
         idle = None if viewers or since is None else time.time() - since
-        return VmOut.of(record, viewers, idle, self.building(record))
+        return VmOut.of(record, viewers, idle, self.building(record), self.expires_at(record))
+
+    def expires_at(self, record: VmRecord) -> float | None:
+        """When the reaper ends it: its own timeout, within the maximum lifetime (None: the pool's, never)."""
+        if record.in_pool:
+            return None
+        latest = record.created_at + self.settings.max_lifetime
+        return latest if record.timeout_at is None else min(record.timeout_at, latest)
 
     def building(self, record: VmRecord, for_viewer: bool = False) -> str | None:
         """The build step a VM waits for, in words: while it is created before any of its hops passed. A
@@ -378,7 +408,8 @@ class ControllerService:
         if record.state not in _LIVE:
             raise WrongState(vm_id, record.state.value, "only a VM that is booting or ready can be viewed")
         token, expires = self.tokens.issue(vm_id, record.viewer_epoch)
-        return ViewerOut(url=f"{self.settings.base_url}/view/{vm_id}?token={token}", token=token, expires_at=expires)
+        return ViewerOut(url=f"{self.settings.base_url}/view/{vm_id}?token={token}", token=token, expires_at=expires,
+                         expires_at_rfc3339=rfc3339(expires) or "")
 
     async def check_token(self, vm_id: str, token: str) -> VmRecord:
         """The VM, if `token` opens it; TokenRefused or VmNotFound otherwise."""
@@ -471,8 +502,11 @@ class ControllerService:
         for record in records:
             if record.state != VmState.READY or record.in_pool:  # the pool recycles its own
                 continue
-            if now - record.created_at > self.settings.max_lifetime:
-                due[record.vm_id] = f"reaped: older than the maximum lifetime of {self.settings.max_lifetime} s"
+            expires = self.expires_at(record)
+            if expires is not None and now > expires:
+                own = record.timeout_at is not None and expires == record.timeout_at
+                due[record.vm_id] = (f"reaped: its timeout ended at {rfc3339(expires)}" if own else
+                                     f"reaped: older than the maximum lifetime of {self.settings.max_lifetime} s")
             elif not self._viewers.get(record.vm_id):
                 since = self._idle_since.setdefault(record.vm_id, max(self._started, record.created_at))
                 if now - since > self.settings.idle_timeout:

@@ -37,9 +37,11 @@ from browservm.vm.console import terminal_safe
 # Fields of a VM's JSON that only one mode has (every other field agrees, by name and value).
 # Local: what the record keeps that the API does not report, and the VMM checked alive by this process.
 LOCAL_ONLY = frozenset({"directory", "gateway", "bridge", "guest_network_by", "pid_start_time", "failed_at",
-                        "holds_resources", "keep", "owner", "viewer_epoch", "vmm_alive"})
-# Remote: what only a controller knows (uptime by its clock, viewers connected, time without one).
-REMOTE_ONLY = frozenset({"uptime_s", "viewers", "idle_s", "building"})
+                        "holds_resources", "keep", "owner", "viewer_epoch", "vmm_alive", "timeout_at"})
+# Remote: what only a controller knows (uptime by its clock, viewers connected, time without one, when its
+# reaper ends the VM) and the times again in RFC 3339.
+REMOTE_ONLY = frozenset({"uptime_s", "viewers", "idle_s", "building", "expires_at", "expires_at_rfc3339",
+                         "created_at_rfc3339"})
 
 
 class ControllerStopped(BrowserVMError):

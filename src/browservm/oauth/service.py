@@ -39,7 +39,7 @@ from browservm.oauth.vault import StoredCredentials, Vault
 from browservm.vm import hops
 from browservm.vm.console import ConsoleLog
 from browservm.vm.manager import VMManager
-from browservm.vm.records import VmRecord
+from browservm.vm.records import Owner, VmRecord
 from browservm.vm.state import VmState
 
 log = logging.getLogger("browservm.logins")
@@ -151,7 +151,7 @@ class LoginService:
         await asyncio.to_thread(self._records.insert, login, quota.logins_per_hour)
         try:
             if vm_id is None:
-                vm, _ = await self._manager.start(user, self.vcpus, self.mem_mib, tenant=tenant, quota=quota)
+                vm, _ = await self._manager.start(user, self.vcpus, self.mem_mib, owner=Owner(tenant, quota))
                 login.vm_id = vm.vm_id
                 await asyncio.to_thread(self._records.save, login)
             viewer = await self._viewer(login.vm_id)

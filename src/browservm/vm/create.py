@@ -29,7 +29,6 @@ from functools import partial
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
-from browservm.access.quotas import NO_QUOTA, Quota
 from browservm.errors import InvalidInput, ProbeFailed, VmmError
 from browservm.faults import crash_point
 from browservm.guest.bootargs import BootArgs, build_boot_args
@@ -44,7 +43,7 @@ from browservm.vm.failures import evidence
 from browservm.vm.image_source import Images, ImageSource
 from browservm.vm.parts import ManagerParts, StageCallback
 from browservm.vm.pool import POOL_USER, WarmPool
-from browservm.vm.records import Purpose, VmRecord
+from browservm.vm.records import OPERATORS, Owner, Purpose, VmRecord
 from browservm.vm.release import UNDO_DIRECTORY, UNDO_LEASE, UNDO_TAP, UNDO_VMM, Release
 from browservm.vm.snapshots import Snapshot
 from browservm.vm.snapshotting import Snapshotting
@@ -95,8 +94,7 @@ class Creator:
 
     async def start(self, user: str, vcpus: int, mem_mib: int, *, keep_failed: bool,
                     extra_boot_args: tuple[str, ...], on_stage: StageCallback | None, restore: bool | None,
-                    purpose: Purpose, tenant: str = "",
-                    quota: Quota = NO_QUOTA) -> tuple[VmRecord, asyncio.Task[VmRecord]]:
+                    purpose: Purpose, owner: Owner = OPERATORS) -> tuple[VmRecord, asyncio.Task[VmRecord]]:
         """VMManager.start's work: see there."""
         parts = self._parts
         self.check_request(user, vcpus, mem_mib, extra_boot_args, reserved_ok=purpose != "user")
@@ -104,7 +102,7 @@ class Creator:
         plain = not extra_boot_args and not keep_failed
         ours = purpose != "user"  # the pool's own VMs and the one a snapshot is made of
         if self.pool is not None and not ours and plain and self.pool.fits(vcpus, mem_mib):
-            claimed = await self.pool.claim(user, tenant, quota)
+            claimed = await self.pool.claim(user, owner)
             if claimed is not None:
                 parts.notices.change(claimed, "ready")
                 return claimed, parts.own(_already(claimed))
@@ -112,7 +110,8 @@ class Creator:
         vm_id = new_vm_id()
         record = VmRecord(vm_id=vm_id, user=user, vcpus=vcpus, mem_mib=mem_mib, keep=keep_failed,
                           directory=str(parts.directory(vm_id).path), driver=parts.driver.name, owner=parts.me,
-                          desktop_path=self.desktop_path.name, in_pool=purpose == "pool", tenant=tenant)
+                          desktop_path=self.desktop_path.name, in_pool=purpose == "pool")
+        owner.apply(record, record.created_at)
         restore = restore and plain
         if restore and self._images.known:  # decided now, so that the answer says how it starts
             await self._snapshotting.use_snapshot(record)
@@ -125,7 +124,7 @@ class Creator:
         limits = parts.limits
         per_user = limits.max_vms if record.in_pool else limits.max_vms_per_user
         await uninterrupted(partial(parts.records.insert, record, max_total=limits.max_vms, max_per_user=per_user,
-                                    quota=quota))
+                                    quota=owner.quota))
         crash_point("record:done")
         task = parts.own(self._create(dataclasses.replace(record), extra_boot_args, restore,
                                       on_stage or (lambda stage, seconds: None)))

@@ -30,7 +30,6 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from browservm.access.quotas import NO_QUOTA, Quota
 from browservm.errors import StateConflict, VmmError
 from browservm.faults import crash_point
 from browservm.ids import validate_vm_id
@@ -48,7 +47,7 @@ from browservm.vm.parts import Deadlines, Limits, ManagerParts, Notices, StageCa
 from browservm.vm.pool import PoolManager, WarmPool
 from browservm.vm.readiness import GuestProbes, Probes
 from browservm.vm.reconcile import Reconciler
-from browservm.vm.records import Purpose, VmRecord, VmRecords
+from browservm.vm.records import OPERATORS, Owner, Purpose, VmRecord, VmRecords
 from browservm.vm.release import Release
 from browservm.vm.snapshots import Snapshot, Snapshots
 from browservm.vm.snapshotting import Snapshotting
@@ -169,10 +168,10 @@ class VMManager:
     async def create(self, user: str = "default", vcpus: int = 1, mem_mib: int = 1024, *,
                      keep_failed: bool = False, extra_boot_args: tuple[str, ...] = (),
                      on_stage: StageCallback | None = None, restore: bool | None = None,
-                     purpose: Purpose = "user", tenant: str = "", quota: Quota = NO_QUOTA) -> VmRecord:
+                     purpose: Purpose = "user", owner: Owner = OPERATORS) -> VmRecord:
         """Boot a VM and return once its desktop answers, or its record says which hop failed."""
         _, task = await self.start(user, vcpus, mem_mib, keep_failed=keep_failed, extra_boot_args=extra_boot_args,
-                                   on_stage=on_stage, restore=restore, purpose=purpose, tenant=tenant, quota=quota)
+                                   on_stage=on_stage, restore=restore, purpose=purpose, owner=owner)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -183,8 +182,7 @@ class VMManager:
     async def start(self, user: str = "default", vcpus: int = 1, mem_mib: int = 1024, *,
                     keep_failed: bool = False, extra_boot_args: tuple[str, ...] = (),
                     on_stage: StageCallback | None = None, restore: bool | None = None,
-                    purpose: Purpose = "user", tenant: str = "",
-                    quota: Quota = NO_QUOTA) -> tuple[VmRecord, asyncio.Task[VmRecord]]:
+                    purpose: Purpose = "user", owner: Owner = OPERATORS) -> tuple[VmRecord, asyncio.Task[VmRecord]]:
         """Check the request, write the VM's record, and boot it in a task of the manager's own.
 
         A ready VM from the warm pool comes first, when there is one (its task is already done).
@@ -194,11 +192,11 @@ class VMManager:
         are resolved (built, on a new host) in that task.
         `purpose` says whose VM it is: a user's (named by `user`), or the warm pool's or the snapshot
         maker's (under their reserved names, which no request may use); no request reaches it.
-        A user's VM belongs to `tenant`, within its `quota` (access/).
+        A user's VM is also `owner`'s: its tenant's, within that tenant's quota, with the client's labels and timeout.
         """
         return await self._creator.start(user, vcpus, mem_mib, keep_failed=keep_failed,
                                          extra_boot_args=extra_boot_args, on_stage=on_stage, restore=restore,
-                                         purpose=purpose, tenant=tenant, quota=quota)
+                                         purpose=purpose, owner=owner)
 
     def check_request(self, user: str, vcpus: int, mem_mib: int, extra_boot_args: tuple[str, ...] = (), *,
                       reserved_ok: bool = False) -> None:

@@ -27,9 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from browservm.access.quotas import NO_QUOTA, Quota
 from browservm.errors import BrowserVMError
-from browservm.vm.records import Purpose, VmRecord, VmRecords
+from browservm.vm.records import OPERATORS, Owner, Purpose, VmRecord, VmRecords
 from browservm.vm.state import VmState
 
 log = logging.getLogger(__name__)
@@ -103,14 +102,14 @@ class WarmPool:
         if event in ("failed", "ended", "destroyed"):
             self._changed.set()
 
-    async def claim(self, user: str, tenant: str = "", quota: Quota = NO_QUOTA) -> VmRecord | None:
-        """A ready pooled VM, now `user`'s of `tenant` (its record saved), or None: the pool is empty.
+    async def claim(self, user: str, owner: Owner = OPERATORS) -> VmRecord | None:
+        """A ready pooled VM, now `user`'s and `owner`'s (its record saved), or None: the pool is empty.
         LimitExceeded if the user or tenant is at a limit."""
         started = time.monotonic()
         candidates = sorted((r for r in await self._manager.all() if r.in_pool and r.state == VmState.READY),
                             key=lambda r: r.created_at)
         for record in candidates:
-            claimed = await asyncio.to_thread(self._take, record, user, tenant, quota)
+            claimed = await asyncio.to_thread(self._take, record, user, owner)
             if claimed is not None:
                 try:
                     await self._manager.new_agent_key(claimed.vm_id)
@@ -135,10 +134,11 @@ class WarmPool:
             self.on_claim(False, time.monotonic() - started)
         return None
 
-    def _take(self, record: VmRecord, user: str, tenant: str, quota: Quota) -> VmRecord | None:
-        record.user, record.tenant, record.started_from, record.in_pool = user, tenant, "pooled", False
+    def _take(self, record: VmRecord, user: str, owner: Owner) -> VmRecord | None:
+        record.user, record.started_from, record.in_pool = user, "pooled", False
+        owner.apply(record, time.time())
         record.viewer_epoch = secrets.token_hex(8)  # no viewer token made before the claim opens it
-        return record if self._records.claim(record, POOL_USER, self._max_per_user(), quota) else None
+        return record if self._records.claim(record, POOL_USER, self._max_per_user(), owner.quota) else None
 
     async def run(self) -> None:
         """Keep the pool full until cancelled."""

@@ -78,6 +78,8 @@ class VmRecord:
     # {"accel", "hop", "reason", "stages", "evidence", "vmm_log"}.
     retried_after: dict[str, Any] | None = None
     tenant: str = ""  # whose (access/principal.py): "" is the operator's own
+    labels: dict[str, str] = field(default_factory=dict)  # the client's, given at create (api/models.py bounds them)
+    timeout_at: float | None = None  # reaped then: its timeout at create, extended on request (within max_lifetime)
     version: int = field(default=0, compare=False)  # of the stored row this was read at
 
     def to_json(self) -> dict[str, Any]:
@@ -99,6 +101,47 @@ class VmRecord:
         return cls(**{key: value for key, value in data.items() if key in known}, version=version)
 
 
+@dataclass(frozen=True)
+class Owner:
+    """Whose a user's new VM is besides its user's (its tenant, within that tenant's quota), and what the
+    client attached to it: set on its record at its create, or at its claim from the warm pool."""
+
+    tenant: str = ""
+    quota: Quota = NO_QUOTA
+    labels: dict[str, str] = field(default_factory=dict)
+    timeout_s: int | None = None
+
+    def apply(self, record: VmRecord, now: float) -> None:
+        record.tenant, record.labels = self.tenant, dict(self.labels)
+        record.timeout_at = None if self.timeout_s is None else now + self.timeout_s
+
+
+OPERATORS = Owner()  # the operator's own: no tenant, no quota
+
+
+@dataclass(frozen=True)
+class VmQuery:
+    """A page of VMs: those of `tenant`, `user`, in `state`, carrying every label in `labels` (None: any)."""
+
+    after: int = 0  # the cursor: the sequence number of the last VM of the page before
+    limit: int = 100
+    tenant: str | None = None
+    user: str | None = None
+    state: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def _next_seq(db: Any) -> int:
+    """The next number of the VMs' one sequence, kept in `meta` (never reused, unlike a rowid)."""
+    row = db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'vm_seq' RETURNING value")
+    found = row.fetchone()
+    if found is None:
+        start = db.execute("SELECT coalesce(max(seq), 0) + 1 FROM vms").fetchone()[0]
+        db.execute("INSERT INTO meta (key, value) VALUES ('vm_seq', ?)", (str(start),))
+        return int(start)
+    return int(found[0])
+
+
 class VmRecords:
     """The `vms` table. Blocking (SQLite): async callers run these in a thread."""
 
@@ -113,10 +156,10 @@ class VmRecords:
             if total >= max_total:
                 raise LimitExceeded("max_vms", max_total, f"this host already runs {total} VMs")
             self._check_owner(db, record, max_per_user, quota)
-            db.execute("INSERT INTO vms (vm_id, user, tenant, state, holds_resources, data, version) "
-                       "VALUES (?, ?, ?, ?, ?, ?, 1)",
+            db.execute("INSERT INTO vms (vm_id, user, tenant, state, holds_resources, data, version, seq) "
+                       "VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
                        (record.vm_id, record.user, record.tenant, record.state.value, record.holds_resources,
-                        json.dumps(record.to_json())))
+                        json.dumps(record.to_json()), _next_seq(db)))
         record.version = 1
 
     @staticmethod
@@ -159,11 +202,12 @@ class VmRecords:
             if row is None or not json.loads(str(row[0])).get("in_pool"):
                 return False
             self._check_owner(db, record, max_per_user, quota)
+            # A new place in listings: to its new owner's pages it is a VM that has just appeared.
             updated = db.execute(
-                "UPDATE vms SET user = ?, tenant = ?, data = ?, version = version + 1 "
+                "UPDATE vms SET user = ?, tenant = ?, data = ?, version = version + 1, seq = ? "
                 "WHERE vm_id = ? AND version = ? AND user = ?",
-                (record.user, record.tenant, json.dumps(record.to_json()), record.vm_id, record.version,
-                 from_user)).rowcount
+                (record.user, record.tenant, json.dumps(record.to_json()), _next_seq(db), record.vm_id,
+                 record.version, from_user)).rowcount
         if updated != 1:
             return False
         record.version += 1
@@ -187,5 +231,23 @@ class VmRecords:
         return VmRecord.from_json(json.loads(str(rows[0][0])), int(str(rows[0][1]))) if rows else None
 
     def all(self) -> list[VmRecord]:
-        rows = self._store.read("SELECT data, version FROM vms ORDER BY rowid")
+        rows = self._store.read("SELECT data, version FROM vms ORDER BY seq")
         return [VmRecord.from_json(json.loads(str(data)), int(str(version))) for data, version in rows]
+
+    def page(self, query: VmQuery) -> tuple[list[VmRecord], int | None]:
+        """The VMs `query` selects, in the order they appeared, after its cursor; and the next page's cursor
+        (None: this is the last one now). A VM that appears meanwhile comes on a later page: none is
+        skipped or repeated (each gets a sequence number above every earlier one's, pool claims included)."""
+        labels = json.dumps(query.labels)
+        rows = self._store.read(
+            "SELECT data, version, seq FROM vms WHERE seq > ?1 AND (?2 IS NULL OR tenant = ?2) "
+            "AND (?3 IS NULL OR user = ?3) AND (?4 IS NULL OR state = ?4) "
+            "AND NOT EXISTS (SELECT 1 FROM json_each(?5) AS wanted WHERE NOT EXISTS ("
+            "SELECT 1 FROM json_each(vms.data, '$.labels') AS has "
+            "WHERE has.key = wanted.key AND has.value = wanted.value)) "
+            "ORDER BY seq LIMIT ?6",
+            (query.after, query.tenant, query.user, query.state, labels, query.limit + 1))
+        records = [VmRecord.from_json(json.loads(str(data)), int(str(version))) for data, version, _ in rows]
+        if len(rows) <= query.limit:
+            return records, None
+        return records[:query.limit], int(str(rows[query.limit - 1][2]))
