@@ -92,6 +92,7 @@ def test_the_role_table_a_tenant_key_never_sees_or_changes_another_tenants_thing
                 for name, value in OTHERS.items():
                     url = url.replace("{" + name + "}", value)
                 body = {"user": "ann", "provider": "sample", "tenant": "other"} if path == "/v1/logins" else (
+                    {"timeout_s": 600}) if path.endswith("/extend") else (
                     {"url": "http://127.0.0.1:9/", "events": ["vm.ready"], "tenant": "other"}
                     if path == "/v1/webhooks" else {"user": "ann", "tenant": "other"}) if method == "POST" else (
                     {"max_vms": 1} if method == "PUT" else {"disabled": True} if method == "PATCH" else None)
