@@ -133,6 +133,17 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS deliveries_by_webhook ON deliveries (webhook_id, id);
 CREATE INDEX IF NOT EXISTS deliveries_pending_by_tenant ON deliveries (tenant, id) WHERE state = 'pending';
+-- POSTs done under an Idempotency-Key (api/idempotency.py): what each answered, to answer a replay alike.
+CREATE TABLE IF NOT EXISTS idempotency (
+    id          TEXT PRIMARY KEY,  -- SHA-256 of the caller's credential and its key: neither is kept
+    fingerprint TEXT NOT NULL,     -- SHA-256 of the request: method, path, query, body
+    state       TEXT NOT NULL,     -- running, done
+    owner       TEXT NOT NULL,     -- the process that runs it (a row left running by another ended with it)
+    status      INTEGER,
+    body        BLOB,
+    created_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idempotency_by_time ON idempotency (created_at);
 CREATE TRIGGER IF NOT EXISTS audit_append_only BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END
 """
@@ -141,7 +152,7 @@ BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END
 # 5: tenants (issue 21): api_keys, tenants and audit; a `tenant` column on vms and logins, and in the
 # credentials' key (_add_tenants).
 # 6: webhooks and their deliveries (issue 21): new tables only, made by the statements above.
-# 7: vms' `seq`, the list API's cursor (issue 21), added to older databases in _add_tenants.
+# 7: vms' `seq`, the list API's cursor (issue 21), added to older databases in _add_tenants; idempotency.
 _SCHEMA_VERSION = 7
 _BUSY_TIMEOUT_S = 30.0
 

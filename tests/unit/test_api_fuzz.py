@@ -83,6 +83,10 @@ class Fuzzed:
         cookies = kwargs.pop("cookies", None)
         if cookies:
             kwargs.setdefault("headers", {})["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
+        # A generated header may hold any Unicode (Idempotency-Key's negative cases): sent as its UTF-8 bytes,
+        # which httpx takes as they are (a str it would have to encode as ASCII).
+        kwargs["headers"] = {name: value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
+                             for name, value in kwargs.get("headers", {}).items()}
         response = self.send(kwargs.pop("method"), kwargs.pop("url"), **kwargs)
         self.seen.setdefault(case.operation.label, set()).add(response.status_code)
         return response

@@ -27,6 +27,7 @@ from browservm.access.principal import TENANT_PATTERN, Role
 from browservm.access.quotas import Quota
 from browservm.api.audited import audited
 from browservm.api.auth import Admin, Caller
+from browservm.api.idempotency import no_replay
 from browservm.ids import VM_ID_PATTERN
 
 if TYPE_CHECKING:
@@ -113,6 +114,7 @@ def mount(app: FastAPI, service: ControllerService) -> None:
         """A new API key. Its secret is in this answer only: store it now."""
         key, secret = await asyncio.to_thread(service.keys.create, body.name, body.role, body.tenant)
         audited(request, key.key_id, key.tenant)
+        no_replay(request, f"this Idempotency-Key made key {key.key_id}; its secret was shown once and is not kept")
         return NewKeyOut(**KeyOut.of(key).model_dump(), key=secret)
 
     @app.get("/v1/keys", tags=["access"], responses=errors)

@@ -45,9 +45,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from browservm import __version__
 from browservm.access.principal import TENANT_PATTERN, Forbidden
-from browservm.api import access_routes, diagnose, logins, webhook_routes
+from browservm.api import access_routes, diagnose, idempotency, logins, webhook_routes
 from browservm.api.audited import Audited, audited
 from browservm.api.auth import SESSION_COOKIE, Access, ApiError, Caller, admin_only, caller
+from browservm.api.idempotency import Idempotent
 from browservm.api.logs import AccessLog
 from browservm.api.models import USER_PATTERN, ConsoleOut, CreateVm, ErrorOut, ExtendVm, ViewerOut, VmOut
 from browservm.api.service import ControllerService
@@ -274,6 +275,9 @@ def build_app(service: ControllerService) -> FastAPI:
                   openapi_url=None, generate_unique_id_function=operation_id,
                   description="Isolated browser microVMs: create one per user session, "
                   "watch it come up hop by hop, open its desktop in a browser.")
+    app.add_middleware(Idempotent, records=service.idempotency)
+    build_document = app.openapi
+    app.openapi = lambda: app.openapi_schema or idempotency.document(build_document())  # type: ignore[method-assign]
     app.add_middleware(BodyLimit)
     app.add_middleware(Audited, trail=service.audit)
     app.add_middleware(AccessLog)  # outermost: it times and logs what BodyLimit refuses too

@@ -30,6 +30,7 @@ from browservm.access.principal import OPERATOR, Principal
 from browservm.access.quotas import Quotas
 from browservm.api.auth import Access, session_key
 from browservm.api.events import EventBus, VmEvent
+from browservm.api.idempotency import IdempotencyRecords
 from browservm.api.metrics import Metrics
 from browservm.api.models import CreateVm, ViewerOut, VmOut, rfc3339
 from browservm.api.proxy import (
@@ -98,6 +99,7 @@ class ControllerService:
         self.keys.adopt_operator(api_key)
         self.quotas = Quotas(self._access_store)
         self.audit = AuditTrail(self._access_store, self.settings.audit_retention)
+        self.idempotency = IdempotencyRecords(self._access_store)
         self.access = Access(self.keys, session_key(api_key))
         self.tokens = tokens
         self.metrics = Metrics(self._states)
