@@ -9,6 +9,7 @@ answers or another tenant's deliveries; the bounds hold; what was sent, and what
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import time
@@ -22,6 +23,7 @@ import httpx
 import pytest
 
 from browservm.api.webhook_routes import EventType
+from browservm.hostnet.host import Change
 from browservm.oauth.records import LoginRecord, LoginRecords
 from browservm.store import Store
 from browservm.webhooks import BadSignature, sign, verify
@@ -31,7 +33,7 @@ from browservm.webhooks.records import DROPPED, MAX_PENDING, MAX_WEBHOOKS, Webho
 
 from .fakes import stop_all
 from .test_access import bearer, new_key
-from .test_api import Served, create, error_of, serve_fakes, until
+from .test_api import Served, ServedNetwork, create, error_of, serve_fakes, until
 
 SECRET = "whsec_test"
 
@@ -43,6 +45,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     answer: str  # what the receiver did: "fail" (500), "hang" (no answer), "ok" (200)
+    at: float = dataclasses.field(default_factory=time.monotonic)
 
 
 class Receiver:
@@ -117,6 +120,13 @@ def free_port() -> int:
 
 # --- the controller --------------------------------------------------------------------------------------
 
+class WatchedNetwork(ServedNetwork):
+    """The fake host network, also for the service's drift check, which runs every 2 s once it started."""
+
+    def check_and_restore(self) -> list[Change]:
+        return []
+
+
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
     """A controller with fake VMs whose deliverer retries fast (settings as keyword arguments); every VMM it
@@ -124,7 +134,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
     made: list[Served] = []
 
     def make(state: str | None = None, timeout_s: float = 5.0, **settings: object) -> Served:
-        served = serve_fakes(tmp_path / (state or f"state{len(made)}"), None, **settings)
+        served = serve_fakes(tmp_path / (state or f"state{len(made)}"), WatchedNetwork(), **settings)
         deliverer: Deliverer = served.app.state.webhooks
         deliverer.timeout_s, deliverer.backoff_s = timeout_s, 0.05
         made.append(served)
@@ -157,7 +167,7 @@ async def until_delivered(client: httpx.AsyncClient, webhook_id: str, count: int
     deadline = loop.time() + 15.0
     while sum(delivery["state"] == "delivered" for delivery in found) < count:
         assert loop.time() < deadline, found
-        found = (await deliveries_of(client, webhook_id))["deliveries"]
+        found = (await deliveries_of(client, webhook_id, limit=100))["deliveries"]
         await asyncio.sleep(0.01)
     return found
 
@@ -249,6 +259,36 @@ def test_a_dead_receiver_holds_up_no_api_request_and_no_other_tenants_deliveries
             assert delivery["body"]["data"]["vm_id"] == vm["vm_id"]
             print(f"beta: created and delivered in {time.monotonic() - started:.3f} s with acme's receiver dead")
             assert dead.held == PER_TENANT and len(dead.requests) == PER_TENANT  # still hanging, none more
+
+    served.run(scenario)
+
+
+def test_a_receiver_that_is_down_gets_one_attempt_per_backoff_not_one_per_event(
+        serve: Callable[..., Served]) -> None:
+    served = serve()
+    deliverer: Deliverer = served.app.state.webhooks
+    deliverer.backoff_s = 0.3
+    events = [Event("vm.ready", "", {"vm_id": f"vm-{n:012}"}) for n in range(50)]
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        await served.service.start()
+        async with Receiver(then="fail") as receiver:
+            hook = await add_webhook(client, receiver.url)
+            for event in events:
+                deliverer.emit(event)
+            await until(lambda: len(receiver.requests) >= 3, "attempts after the first backoff")
+            # However many events wait, the failing receiver got one attempt (two at once, at most) until the
+            # backoff passed; each later one is a single probe.
+            first = receiver.requests[0].at
+            early = [r.at - first for r in receiver.requests if r.at < first + 0.25]
+            assert 1 <= len(early) <= 2, early
+            page = (await deliveries_of(client, hook["webhook_id"], limit=100))["deliveries"]
+            assert len(page) == len(events) and {d["state"] for d in page} == {"pending"}
+            receiver.then = "ok"
+            delivered = await until_delivered(client, hook["webhook_id"], len(events))
+            assert {d["state"] for d in delivered} == {"delivered"}
+            assert sorted(json.loads(r.body)["data"]["vm_id"] for r in receiver.answered("ok")) == \
+                sorted(event.data["vm_id"] for event in events)
 
     served.run(scenario)
 

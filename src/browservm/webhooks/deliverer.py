@@ -1,8 +1,9 @@
 """Sends each pending delivery to its receiver, signed, retrying with backoff, without holding anyone up.
 
 A producer (a VM or login changing state) only calls `emit`: the event is queued in memory and the
-deliverer woken. The deliverer, one task of the controller's, writes queued events as deliveries (one
-transaction for however many are queued), then starts each delivery that is due, within bounds:
+deliverer woken. The deliverer, one task of the controller's, writes the queued events as deliveries and
+the ended attempts' outcomes (one transaction for however many there are, on a thread of its own), then
+starts each delivery that is due, within bounds:
 
     PER_WEBHOOK  attempts under way to one webhook
     PER_TENANT   attempts under way for one tenant, over all its webhooks
@@ -15,7 +16,10 @@ crashes) resumes its pending ones at its next start; one whose attempt was cut s
 (at least once, not exactly once: receivers dedupe by X-Browservm-Delivery or the event's id).
 
 A non-2xx answer, a timeout or no connection is a failed attempt; the next is `backoff_s` * 2^(n-1)
-later (at most `max_backoff_s`); after `max_attempts` the delivery is failed. Redirects are not followed.
+later (at most `max_backoff_s`); after `max_attempts` the delivery is failed. The webhook's other
+deliveries wait as long (for its n-th failed round of attempts in a row), so a receiver that is down gets
+one round of attempts per backoff however many events wait for it; its first success ends the wait.
+Redirects are not followed.
 """
 
 from __future__ import annotations
@@ -25,17 +29,20 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import httpx
 
 from browservm import __version__
 from browservm.errors import BrowserVMError
 from browservm.webhooks.events import Event
-from browservm.webhooks.records import Due, WebhookStore
+from browservm.webhooks.records import Due, Outcome, WebhookStore
 from browservm.webhooks.signing import SIGNATURE_HEADER, sign
 
 log = logging.getLogger("browservm.webhooks")
+T = TypeVar("T")
 PER_WEBHOOK = 2
 PER_TENANT = 4
 OVERALL = 32
@@ -52,13 +59,20 @@ class Deliverer:
         self.max_backoff_s = max_backoff_s
         self.max_attempts = max_attempts
         self._queued: deque[Event] = deque()
+        self._outcomes: list[Outcome] = []  # attempts that ended, not yet written
         self._wake = asyncio.Event()
         self.started = False  # run() began (its end closes what it used)
         self._stopping = False
         self._stopped = asyncio.Event()
         self._attempts: dict[int, asyncio.Task[None]] = {}  # by delivery id: those under way
+        self._unwritten: set[int] = set()  # ended, outcome not yet written: still due in the store, not to start
         self._by_webhook: Counter[str] = Counter()
         self._by_tenant: Counter[str] = Counter()
+        # A webhook whose receiver failed: its failures in a row, and until when all its deliveries wait.
+        self._failing: dict[str, tuple[int, float]] = {}
+        # The store's work runs on a thread of its own, one job at a time: a flood of attempts costs the
+        # controller at most that thread, never the shared pool its requests' store reads wait in.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="browservm-webhooks")
 
     # --- what producers call ------------------------------------------------------------------
 
@@ -106,7 +120,7 @@ class Deliverer:
             await self._settle()
 
     async def stop(self) -> None:
-        """Stop delivering: attempts under way are cut short (they stay pending), queued events are written."""
+        """Stop delivering: attempts under way are cut short (they stay pending), what ended is written."""
         self._stopping = True
         self._wake.set()
         if self.started:
@@ -120,23 +134,33 @@ class Deliverer:
         for task in attempts:
             task.cancel()
         await asyncio.gather(*attempts, return_exceptions=True)
-        await self._write_queued()
-        self._stopped.set()
+        try:
+            await self._write()
+        except BrowserVMError:
+            pass  # logged by _write
+        finally:
+            self._thread.shutdown(wait=False)  # idle: every job of its was awaited
+            self._stopped.set()
+
+    async def _in_thread(self, work: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
 
     # --- one round ----------------------------------------------------------------------------
 
     async def _round(self, client: httpx.AsyncClient) -> float | None:
-        """Write queued events, start what is due and fits the bounds; when the next retry is due."""
-        await self._write_queued()
-        now = time.time()
+        """Write what was queued and what ended, start what is due and fits the bounds; when the next retry
+        is due (None: nothing waits)."""
         try:
-            due = await asyncio.to_thread(self.records.due, now, PER_WEBHOOK)
-            upcoming = await asyncio.to_thread(self.records.next_due, now)
-        except BrowserVMError as exc:
-            log.error("webhooks: cannot read pending deliveries: %s", exc)
-            return now + self.backoff_s  # try again soon: the store may be busy or full for a moment
+            due, upcoming = await self._write(read=True)
+        except BrowserVMError:
+            return time.time() + self.backoff_s  # try again soon: the store may be busy for a moment
+        now = time.time()
         for delivery in due:
-            if delivery.id in self._attempts or len(self._attempts) >= OVERALL \
+            held = self._failing.get(delivery.webhook_id, (0, 0.0))[1]
+            if held > now:
+                upcoming = held if upcoming is None else min(upcoming, held)
+                continue
+            if delivery.id in self._attempts or delivery.id in self._unwritten or len(self._attempts) >= OVERALL \
                     or self._by_webhook[delivery.webhook_id] >= PER_WEBHOOK \
                     or self._by_tenant[delivery.tenant] >= PER_TENANT:
                 continue  # an attempt's end wakes the next round
@@ -145,22 +169,39 @@ class Deliverer:
             self._attempts[delivery.id] = asyncio.create_task(self._attempt(client, delivery))
         return upcoming
 
-    async def _write_queued(self) -> None:
-        if not self._queued:
-            return
-        batch = list(self._queued)
+    async def _write(self, read: bool = False) -> tuple[list[Due], float | None]:
+        """Write the queued events and the ended attempts' outcomes (one transaction), then, if `read`, what
+        is due now and when the next is: one job on the deliverer's thread."""
+        events, outcomes = list(self._queued), self._outcomes
         self._queued.clear()
+        self._outcomes = []
+        now = time.time()
+
+        def step() -> tuple[list[Due], float | None]:
+            if events or outcomes:
+                self.records.write(events, outcomes, now)
+            if not read:
+                return [], None
+            return self.records.due(now, PER_WEBHOOK), self.records.next_due(now)
+
         try:
-            made = await asyncio.to_thread(self.records.record, batch, time.time())
+            return await self._in_thread(step)
         except BrowserVMError as exc:
-            log.error("webhooks: %d events could not be written, not sent: %s", len(batch), exc)
-            return
-        if made:
-            log.debug("webhooks: %d events, %d deliveries", len(batch), made)
+            # Lost events are not sent; lost outcomes leave their deliveries pending, to be sent again.
+            log.error("webhooks: %d events and %d outcomes not written: %s", len(events), len(outcomes), exc)
+            raise
+        finally:
+            self._unwritten.difference_update(outcome.delivery_id for outcome in outcomes)
+
+    def _backoff(self, failures: int) -> float:
+        return float(min(self.backoff_s * 2 ** (failures - 1), self.max_backoff_s))
 
     async def _prune(self, now: float) -> None:
+        # A webhook whose wait passed long ago (or that was deleted) starts its count again.
+        self._failing = {webhook: (failures, held) for webhook, (failures, held) in self._failing.items()
+                         if held > now - self.max_backoff_s}
         try:
-            removed = await asyncio.to_thread(self.records.prune, now)
+            removed = await self._in_thread(self.records.prune, now)
         except BrowserVMError as exc:
             log.warning("webhooks: finished deliveries not pruned: %s", exc)
             return
@@ -170,23 +211,34 @@ class Deliverer:
     # --- one attempt --------------------------------------------------------------------------
 
     async def _attempt(self, client: httpx.AsyncClient, delivery: Due) -> None:
+        started = time.time()
         try:
-            status, error = await self._post(client, delivery)
+            try:
+                status, error = await self._post(client, delivery)
+            except Exception as exc:  # a bug of ours: a failed attempt all the same, retried after its backoff
+                log.exception("webhooks: delivery %d: the attempt failed unexpectedly", delivery.id)
+                status, error = None, f"internal error: {type(exc).__name__}"
             now = time.time()
             if status is not None and 200 <= status < 300:
-                await asyncio.to_thread(self.records.delivered, delivery.id, status, now)
+                outcome = Outcome(delivery.id, True, status, "", now)
+                self._failing.pop(delivery.webhook_id, None)
             else:
+                # The receiver is down or unwell for every delivery of its webhook, not this one only: they
+                # all wait the same backoff, so a dead receiver costs one attempt per backoff, not one per event.
+                failures, held = self._failing.get(delivery.webhook_id, (0, 0.0))
+                if held <= started:  # not already held by an attempt made alongside this one
+                    self._failing[delivery.webhook_id] = (failures + 1, now + self._backoff(failures + 1))
                 attempt = delivery.attempts + 1
-                retry_at = None if attempt >= self.max_attempts else \
-                    now + min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
-                await asyncio.to_thread(self.records.attempt_failed, delivery.id, status, error, retry_at)
-                log.info("webhooks: delivery %d (%s to %s) attempt %d failed: %s; %s", delivery.id, delivery.event,
-                         delivery.webhook_id, attempt, error,
-                         "given up" if retry_at is None else f"again in {retry_at - now:.1f} s")
-        except Exception as exc:
-            # The outcome is not recorded: the delivery stays pending and due, and is attempted again.
-            log.error("webhooks: delivery %d: the outcome could not be written: %s", delivery.id, exc,
-                      exc_info=not isinstance(exc, BrowserVMError))
+                retry_at = None if attempt >= self.max_attempts else now + self._backoff(attempt)
+                outcome = Outcome(delivery.id, False, status, error, now, retry_at)
+                if retry_at is None:
+                    log.info("webhooks: delivery %d (%s to %s) given up after %d attempts: %s", delivery.id,
+                             delivery.event, delivery.webhook_id, attempt, error)
+                else:
+                    log.debug("webhooks: delivery %d attempt %d failed: %s; again in %.1f s", delivery.id, attempt,
+                              error, retry_at - now)
+            self._outcomes.append(outcome)
+            self._unwritten.add(delivery.id)
         finally:
             del self._attempts[delivery.id]
             self._by_webhook[delivery.webhook_id] -= 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -78,6 +79,40 @@ class Due:
     attempts: int
     url: str
     secret: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an attempt went: delivered, or failed and retried at `retry_at` (None: given up)."""
+
+    delivery_id: int
+    delivered: bool
+    status: int | None  # the receiver's HTTP status, if it answered
+    error: str
+    at: float
+    retry_at: float | None = None
+
+
+def _record(db: sqlite3.Connection, events: Iterable[Event], now: float) -> int:
+    made = 0
+    hooks: dict[str, list[tuple[str, set[str]]]] = {}
+    for event in events:
+        if event.tenant not in hooks:
+            hooks[event.tenant] = [(str(i), set(json.loads(e))) for i, e in db.execute(
+                "SELECT id, events FROM webhooks WHERE tenant = ?", (event.tenant,))]
+        targets = [webhook_id for webhook_id, wanted in hooks[event.tenant] if event.type in wanted]
+        if not targets:
+            continue
+        body = event.body().decode()
+        db.executemany("INSERT INTO deliveries (webhook_id, tenant, event, event_id, body, next_attempt_at, state, "
+                       "created_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
+                       [(webhook_id, event.tenant, event.type, event.id, body, now, now) for webhook_id in targets])
+        made += len(targets)
+    for tenant in hooks:
+        db.execute("UPDATE deliveries SET state = 'failed', last_error = ?1 WHERE id IN (SELECT id FROM deliveries "
+                   "WHERE tenant = ?2 AND state = 'pending' ORDER BY id DESC LIMIT -1 OFFSET ?3)",
+                   (DROPPED, tenant, MAX_PENDING))
+    return made
 
 
 _WEBHOOK = "SELECT id, tenant, url, events, created_at, disabled FROM webhooks"
@@ -154,26 +189,26 @@ class WebhookStore:
     def record(self, events: Iterable[Event], now: float) -> int:
         """A pending delivery of each event to each of its tenant's webhooks that asked for its type, due now.
         A tenant over MAX_PENDING loses its oldest waiting ones (failed, saying why). How many were made."""
-        made = 0
         with self._store.transaction() as db:
-            hooks: dict[str, list[tuple[str, set[str]]]] = {}
-            for event in events:
-                if event.tenant not in hooks:
-                    hooks[event.tenant] = [(str(i), set(json.loads(e))) for i, e in db.execute(
-                        "SELECT id, events FROM webhooks WHERE tenant = ?", (event.tenant,))]
-                targets = [webhook_id for webhook_id, wanted in hooks[event.tenant] if event.type in wanted]
-                if not targets:
-                    continue
-                body = event.body().decode()
-                db.executemany("INSERT INTO deliveries (webhook_id, tenant, event, event_id, body, next_attempt_at, "
-                               "state, created_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
-                               [(webhook_id, event.tenant, event.type, event.id, body, now, now)
-                                for webhook_id in targets])
-                made += len(targets)
-            for tenant in hooks:
-                db.execute("UPDATE deliveries SET state = 'failed', last_error = ?1 WHERE id IN ("
-                           "SELECT id FROM deliveries WHERE tenant = ?2 AND state = 'pending' ORDER BY id DESC "
-                           "LIMIT -1 OFFSET ?3)", (DROPPED, tenant, MAX_PENDING))
+            return _record(db, events, now)
+
+    def write(self, events: Iterable[Event], outcomes: Iterable[Outcome], now: float) -> int:
+        """`record` and the attempts' outcomes, in one transaction: under a flood, one commit per round."""
+        with self._store.transaction() as db:
+            made = _record(db, events, now)
+            for outcome in outcomes:
+                if outcome.delivered:
+                    db.execute("UPDATE deliveries SET state = 'delivered', attempts = attempts + 1, last_status = ?, "
+                               "last_error = '', delivered_at = ? WHERE id = ? AND state = 'pending'",
+                               (outcome.status, outcome.at, outcome.delivery_id))
+                elif outcome.retry_at is None:  # given up
+                    db.execute("UPDATE deliveries SET state = 'failed', attempts = attempts + 1, last_status = ?, "
+                               "last_error = ? WHERE id = ? AND state = 'pending'",
+                               (outcome.status, outcome.error, outcome.delivery_id))
+                else:
+                    db.execute("UPDATE deliveries SET attempts = attempts + 1, last_status = ?, last_error = ?, "
+                               "next_attempt_at = ? WHERE id = ? AND state = 'pending'",
+                               (outcome.status, outcome.error, outcome.retry_at, outcome.delivery_id))
         return made
 
     def due(self, now: float, per_webhook: int) -> list[Due]:
@@ -195,23 +230,6 @@ class WebhookStore:
                                "ON w.id = d.webhook_id AND NOT w.disabled "
                                "WHERE d.state = 'pending' AND d.next_attempt_at > ?", (now,))[0]
         return None if row[0] is None else float(str(row[0]))
-
-    def delivered(self, delivery_id: int, status: int, now: float) -> None:
-        with self._store.transaction() as db:
-            db.execute("UPDATE deliveries SET state = 'delivered', attempts = attempts + 1, last_status = ?, "
-                       "last_error = '', delivered_at = ? WHERE id = ? AND state = 'pending'",
-                       (status, now, delivery_id))
-
-    def attempt_failed(self, delivery_id: int, status: int | None, error: str, retry_at: float | None) -> None:
-        """Note a failed attempt: retried at `retry_at`, or given up on (None)."""
-        with self._store.transaction() as db:
-            if retry_at is None:
-                db.execute("UPDATE deliveries SET state = 'failed', attempts = attempts + 1, last_status = ?, "
-                           "last_error = ? WHERE id = ? AND state = 'pending'", (status, error, delivery_id))
-            else:
-                db.execute("UPDATE deliveries SET attempts = attempts + 1, last_status = ?, last_error = ?, "
-                           "next_attempt_at = ? WHERE id = ? AND state = 'pending'",
-                           (status, error, retry_at, delivery_id))
 
     def deliveries(self, webhook_id: str, after: int | None = None, limit: int = MAX_PAGE) -> list[Delivery]:
         """The webhook's deliveries, newest first; `after` is the last id of the previous page."""
