@@ -93,17 +93,18 @@ class Outcome:
     retry_at: float | None = None
 
 
-def _record(db: sqlite3.Connection, events: Iterable[Event], now: float) -> int:
+def _record(db: sqlite3.Connection, events: list[tuple[Event, str]], now: float) -> int:
+    """Each (event, its body) as deliveries; the bodies are made before the transaction, to keep it short: the
+    manager's writes wait for it."""
     made = 0
     hooks: dict[str, list[tuple[str, set[str]]]] = {}
-    for event in events:
+    for event, body in events:
         if event.tenant not in hooks:
             hooks[event.tenant] = [(str(i), set(json.loads(e))) for i, e in db.execute(
                 "SELECT id, events FROM webhooks WHERE tenant = ?", (event.tenant,))]
         targets = [webhook_id for webhook_id, wanted in hooks[event.tenant] if event.type in wanted]
         if not targets:
             continue
-        body = event.body().decode()
         db.executemany("INSERT INTO deliveries (webhook_id, tenant, event, event_id, body, next_attempt_at, state, "
                        "created_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
                        [(webhook_id, event.tenant, event.type, event.id, body, now, now) for webhook_id in targets])
@@ -189,13 +190,15 @@ class WebhookStore:
     def record(self, events: Iterable[Event], now: float) -> int:
         """A pending delivery of each event to each of its tenant's webhooks that asked for its type, due now.
         A tenant over MAX_PENDING loses its oldest waiting ones (failed, saying why). How many were made."""
+        bodies = [(event, event.body().decode()) for event in events]
         with self._store.transaction() as db:
-            return _record(db, events, now)
+            return _record(db, bodies, now)
 
     def write(self, events: Iterable[Event], outcomes: Iterable[Outcome], now: float) -> int:
         """`record` and the attempts' outcomes, in one transaction: under a flood, one commit per round."""
+        bodies = [(event, event.body().decode()) for event in events]
         with self._store.transaction() as db:
-            made = _record(db, events, now)
+            made = _record(db, bodies, now)
             for outcome in outcomes:
                 if outcome.delivered:
                     db.execute("UPDATE deliveries SET state = 'delivered', attempts = attempts + 1, last_status = ?, "
