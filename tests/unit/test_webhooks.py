@@ -419,6 +419,20 @@ def test_the_documented_event_types_are_the_ones_sent() -> None:
     assert set(get_args(EventType)) == set(EVENT_TYPES) == {*VM_EVENTS.values(), *LOGIN_EVENTS.values()}
 
 
+def test_a_webhooks_secret_is_shown_once_even_to_a_replay(serve: Callable[..., Served]) -> None:
+    served = serve()
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        body, once = {"url": "http://10.0.0.1/hook", "events": ["vm.ready"]}, {"Idempotency-Key": "hook-1"}
+        made = await client.post("/v1/webhooks", json=body, headers=once)
+        again = await client.post("/v1/webhooks", json=body, headers=once)
+        assert made.status_code == 201 and again.status_code == 409, again.text
+        assert made.json()["webhook_id"] in again.json()["error"]["message"] and made.json()["secret"] not in again.text
+        assert len((await client.get("/v1/webhooks")).json()) == 1  # made once
+
+    served.run(scenario)
+
+
 @pytest.mark.parametrize(("body", "field"), [
     ({"url": "ftp://example.com/", "events": ["vm.ready"]}, "url"),
     ({"url": "http:///nohost", "events": ["vm.ready"]}, "url"),

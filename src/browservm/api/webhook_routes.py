@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from browservm.access.principal import TENANT_PATTERN, Principal
 from browservm.api.audited import audited
 from browservm.api.auth import Caller
+from browservm.api.idempotency import no_replay
 from browservm.api.logins import LoginOut
 from browservm.oauth.records import LoginRecord
 from browservm.store import Store
@@ -170,6 +171,8 @@ def mount(app: FastAPI, service: ControllerService) -> None:
         url, events = validate_url(body.url), validate_events(body.events)
         webhook, secret = await asyncio.to_thread(records.create, tenant, url, events)
         audited(request, webhook.webhook_id, tenant)
+        no_replay(request, f"this Idempotency-Key made webhook {webhook.webhook_id}; its secret was shown once and "
+                           "is not kept for a replay")
         return NewWebhookOut(**WebhookOut.of(webhook).model_dump(), secret=secret)
 
     @app.get("/v1/webhooks", tags=["webhooks"], responses=errors)
