@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from browservm.access.principal import Principal, Role, validate_tenant
 from browservm.errors import InvalidInput, LimitExceeded
+from browservm.names import is_name
 from browservm.store import Store
 
 OPERATOR_KEY_ID = "operator"
@@ -57,8 +58,8 @@ def digest(key: str) -> str:
 
 
 def validate_name(value: object) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 64 or not value.isprintable():
-        raise InvalidInput("name", value, "must be 1-64 printable characters")
+    if not is_name(value):
+        raise InvalidInput("name", value, "must be 1-64 characters, not only spaces, without control characters")
     return value
 
 

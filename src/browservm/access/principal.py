@@ -56,7 +56,7 @@ class Principal:
         """The tenant a new VM or login of this key's belongs to: a tenant key's own; an admin's, the one
         it names (none: the operator's own)."""
         if self.admin:
-            return "" if asked is None else validate_tenant(asked)
+            return "" if not asked else validate_tenant(asked)  # none, or "": the operator's own
         if asked is not None and asked != self.tenant:
             raise Forbidden(self.key_id, f"act for tenant {asked!r}")
         return self.tenant

@@ -17,9 +17,10 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING, Annotated, Any
 
+from annotated_types import Ge, Le
 from fastapi import Path, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
 
 from browservm.access.audit import MAX_QUERY
 from browservm.access.keys import ApiKey, KeyNotFound, KeyRefused
@@ -28,7 +29,9 @@ from browservm.access.quotas import Quota
 from browservm.api.audited import audited
 from browservm.api.auth import Admin, Caller
 from browservm.api.idempotency import no_replay
+from browservm.api.models import whole
 from browservm.ids import VM_ID_PATTERN
+from browservm.names import NAME_PATTERN
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -40,9 +43,14 @@ KeyId = Annotated[str, Path(pattern=r"^[a-z0-9]{1,32}$")]
 
 
 class CreateKey(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # A tenant key needs its tenant; an admin key has none (it sees every one): said in the document too.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "if": {"properties": {"role": {"const": "admin"}}},
+        "then": {"properties": {"tenant": {"type": "null"}}},
+        "else": {"required": ["tenant"], "properties": {"tenant": {"type": "string"}}}})
 
-    name: StrictStr = Field(min_length=1, max_length=64, description="what the key is for, for people")
+    name: StrictStr = Field(min_length=1, max_length=64, pattern=NAME_PATTERN, description="what the key is for, "
+                                                                                            "for people")
     role: Role = Field(description="admin: everything; tenant: only its tenant's VMs, logins and credentials")
     tenant: StrictStr | None = Field(None, pattern=TENANT_PATTERN, description="a tenant key's tenant (required "
                                                                               "for role tenant, none for admin)")
@@ -69,9 +77,13 @@ class NewKeyOut(KeyOut):
 class QuotaIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_vms: StrictInt | None = Field(None, ge=0, le=100_000, description="live VMs at once (null: no limit)")
-    max_mem_mib: StrictInt | None = Field(None, ge=0, le=1 << 30, description="their memory together, MiB")
-    logins_per_hour: StrictInt | None = Field(None, ge=0, le=1_000_000, description="logins started per hour")
+    # The bounds before the validator: after it, pydantic writes them as no JSON Schema keyword.
+    max_vms: Annotated[StrictInt, Ge(0), Le(100_000), BeforeValidator(whole)] | None = Field(
+        None, description="live VMs at once (null: no limit)")
+    max_mem_mib: Annotated[StrictInt, Ge(0), Le(1 << 30), BeforeValidator(whole)] | None = Field(
+        None, description="their memory together, MiB")
+    logins_per_hour: Annotated[StrictInt, Ge(0), Le(1_000_000), BeforeValidator(whole)] | None = Field(
+        None, description="logins started per hour")
 
 
 class TenantOut(BaseModel):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -32,7 +32,6 @@ from typing import Annotated, Any
 from urllib.parse import parse_qs
 
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
-from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
@@ -50,7 +49,7 @@ from browservm.api.audited import Audited, audited
 from browservm.api.auth import SESSION_COOKIE, Access, ApiError, Caller, admin_only, caller
 from browservm.api.idempotency import Idempotent
 from browservm.api.logs import AccessLog
-from browservm.api.models import USER_PATTERN, ConsoleOut, CreateVm, ErrorOut, ExtendVm, ViewerOut, VmOut
+from browservm.api.models import USER_PATTERN, ConsoleOut, CreateVm, ErrorOut, ExtendVm, ViewerOut, VmId, VmOut
 from browservm.api.service import ControllerService
 from browservm.api.tokens import TokenRefused
 from browservm.cluster.errors import HostError, NoCapacity, RecordConflict
@@ -63,7 +62,7 @@ from browservm.errors import (
     VmNotFound,
     WrongState,
 )
-from browservm.ids import VM_ID_PATTERN, validate_vm_id
+from browservm.ids import validate_vm_id
 from browservm.vm import hops
 from browservm.vm.create import normalise_user
 from browservm.vm.desktop_path import desktop_path
@@ -78,13 +77,38 @@ LABEL_FILTER = r"^[a-z0-9][a-z0-9._/-]{0,62}=[^\x00-\x1f\x7f]{0,256}$"
 NEXT_PAGE_HEADERS = {"X-Next-Cursor": {"description": "the next page's `cursor`; absent on the last page",
                                        "schema": {"type": "string"}},
                      "Link": {"description": "the next page's URL, rel=\"next\"", "schema": {"type": "string"}}}
-# Module level: FastAPI resolves route annotations by name here. The pattern is documented, and enforced by
-# validate_vm_id, whose refusal says in words what is wrong with the id.
-VmId = Annotated[str, PathParam(description="a VM's id", json_schema_extra={"pattern": VM_ID_PATTERN,
-                                                                             "maxLength": 63})]
 
 
 LabelFilter = Annotated[str, StringConstraints(pattern=LABEL_FILTER)]
+
+
+def complete_document(openapi: dict[str, Any], providers: Iterable[str]) -> dict[str, Any]:
+    """What FastAPI cannot know from the routes, added to their OpenAPI document: the statuses every route can
+    answer (a key refused, a field refused, a body too large, the host unable), the Idempotency-Key header
+    the middleware takes, the login providers the catalog has. In place (FastAPI keeps the document it made)."""
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}}
+    for path, operations in openapi.get("paths", {}).items():
+        for method, operation in operations.items():
+            answers = operation.setdefault("responses", {})
+            statuses = ((["401", "403"] if operation.get("security") else [])
+                        + (["404"] if "{" in path else [])
+                        + (["422"] if operation.get("parameters") or operation.get("requestBody") else [])
+                        + (["413"] if operation.get("requestBody") else [])
+                        + (["503"] if path.startswith("/v1/") else [])
+                        + (["409"] if method == "post" and path.startswith("/v1/") else []))
+            for status in statuses:
+                answers.setdefault(status, {"description": HTTP_REASONS.get(status, "an error"), **error})
+    login = openapi.get("components", {}).get("schemas", {}).get("CreateLogin")
+    if login is not None:  # the catalog's names: what the login service takes (it names the others' refusal)
+        login["properties"]["provider"]["enum"] = list(providers)
+    return idempotency.document(openapi)
+
+
+HTTP_REASONS = {"401": "no key, a wrong one or a revoked one", "403": "a key that may not do this",
+                "404": "nothing of that name (or another tenant's)",
+                "409": "a state that does not allow it, or an Idempotency-Key used for another request",
+                "422": "a field refused: `field` names it", "413": "a body over 64 KiB",
+                "503": "the controller cannot do it now (its store, network or VMM): `message` says why"}
 
 
 def operation_id(route: APIRoute) -> str:
@@ -277,7 +301,8 @@ def build_app(service: ControllerService) -> FastAPI:
                   "watch it come up hop by hop, open its desktop in a browser.")
     app.add_middleware(Idempotent, records=service.idempotency)
     build_document = app.openapi
-    app.openapi = lambda: app.openapi_schema or idempotency.document(build_document())  # type: ignore[method-assign]
+    app.openapi = lambda: app.openapi_schema or complete_document(  # type: ignore[method-assign]
+        build_document(), app.state.logins.catalog.names())
     app.add_middleware(BodyLimit)
     app.add_middleware(Audited, trail=service.audit)
     app.add_middleware(AccessLog)  # outermost: it times and logs what BodyLimit refuses too
@@ -330,7 +355,8 @@ def build_app(service: ControllerService) -> FastAPI:
 
     # --- VMs -----------------------------------------------------------------------------------
 
-    @app.post("/v1/vms", tags=["vms"], status_code=202, responses=errors)
+    @app.post("/v1/vms", tags=["vms"], status_code=202, response_model=VmOut,
+              responses={**errors, 200: {"model": VmOut, "description": "with ?wait=true: ready, or failed"}})
     async def create_vm(body: CreateVm, who: Caller, request: Request, wait: bool = False) -> JSONResponse:
         """Create a VM. It boots in the background (202, state `creating`); `?wait=true` returns when it is
         ready or failed (200). Follow it with GET /v1/vms/{id} or /v1/vms/{id}/events."""
@@ -405,7 +431,10 @@ def build_app(service: ControllerService) -> FastAPI:
     async def view(vm_id: str, token: str = "") -> HTMLResponse:
         return viewer_page()
 
-    @app.get("/view/{vm_id}/state", tags=["viewer"])
+    refusals: dict[int | str, dict[str, Any]] = {401: {"model": ErrorOut, "description": "the token is refused"},
+                                                 404: {"model": ErrorOut, "description": "no VM of that id"}}
+
+    @app.get("/view/{vm_id}/state", tags=["viewer"], responses=refusals)
     async def view_state(vm_id: VmId, token: str = "") -> JSONResponse:
         """What the viewer page shows while the VM boots: its state, the last hop passed, a failure."""
         try:

@@ -13,6 +13,7 @@ from fastapi import Depends
 from fastapi.responses import JSONResponse
 
 from browservm.api.auth import admin_only
+from browservm.api.models import VmId
 from browservm.doctor import Doctor, DriverVmms, Sources
 from browservm.doctor.local import plan_of
 from browservm.hostnet.host import Check
@@ -49,6 +50,6 @@ def mount(app: FastAPI, service: ControllerService) -> None:
         return JSONResponse((await doctor.host()).to_json())
 
     @app.get("/v1/vms/{vm_id}/diagnose", tags=["doctor"], dependencies=[Depends(admin_only)])
-    async def diagnose_vm(vm_id: str) -> JSONResponse:
+    async def diagnose_vm(vm_id: VmId) -> JSONResponse:
         """One VM's hops in order, stopping at the first broken one: verdict, hop, cause, evidence, fix."""
         return JSONResponse((await doctor.vm(validate_vm_id(vm_id))).to_json())

@@ -3,7 +3,7 @@ and a replay gets the first answer, with `Idempotent-Replayed: true`.
 
     same key, same request, first one finished    its answer again (stored for `KEEP_S`)
     same key, same request, first one running      waits for it, then its answer
-    same key, another request                      422 naming the header: a key is for one request
+    same key, another request                      409 naming the header: a key is for one request
     first one cut off by a restart of the server   409: what it did is unknown; nothing is done twice
     first one answered 429 or 5xx                  not kept: a retry runs anew, as the client would want
 
@@ -136,8 +136,8 @@ class Idempotent:
     @staticmethod
     def _replay(kept: Kept, fingerprint: str) -> tuple[int, bytes]:
         if kept.fingerprint != fingerprint:
-            return _error(422, "InvalidInput", "Idempotency-Key: already used for another request (a key is for one "
-                          "request: the same method, path, query and body)", field="Idempotency-Key")
+            return _error(409, "IdempotencyKeyReused", "Idempotency-Key: already used for another request (a key is "
+                          "for one request: the same method, path, query and body)", field="Idempotency-Key")
         if kept.state != "done" or kept.status is None or kept.body is None:
             return _error(409, "IdempotentRequestCutOff", "the first request with this Idempotency-Key was cut off "
                           "by a restart of the controller: what it did is unknown (look for it, e.g. by label), "

@@ -31,7 +31,8 @@ from browservm.access.audit import AuditEntry
 from browservm.access.principal import TENANT_PATTERN, Principal
 from browservm.api.audited import audited
 from browservm.api.auth import Caller, caller
-from browservm.ids import validate_vm_id
+from browservm.ids import VM_ID_PATTERN, validate_vm_id
+from browservm.names import NAME_PATTERN
 from browservm.oauth.catalog import load_catalog
 from browservm.oauth.errors import (
     CredentialsNotFound,
@@ -42,7 +43,7 @@ from browservm.oauth.errors import (
     LoginTransition,
     UnknownProvider,
 )
-from browservm.oauth.records import LoginRecord, LoginRecords
+from browservm.oauth.records import LOGIN_ID_PATTERN, LoginRecord, LoginRecords
 from browservm.oauth.service import LoginService
 from browservm.oauth.vault import Vault, load_key
 from browservm.store import Store
@@ -52,10 +53,12 @@ if TYPE_CHECKING:
 
     from browservm.api.service import ControllerService
 
-_USER = r"^[^\x00-\x1f\x7f]{1,64}$"
 _PROVIDER = r"^[a-z0-9][a-z0-9._-]{0,63}$"
-User = Annotated[str, Path(pattern=_USER)]  # at module level: FastAPI resolves route annotations by name here
+# At module level: FastAPI resolves route annotations by name here.
+User = Annotated[str, Path(pattern=NAME_PATTERN, max_length=64)]
 ProviderName = Annotated[str, Path(pattern=_PROVIDER)]
+# Documented, and enforced by validate_login_id in its words.
+LoginId = Annotated[str, Path(json_schema_extra={"pattern": LOGIN_ID_PATTERN, "maxLength": 18})]
 Tenant = Annotated[str | None, Query(pattern=f"{TENANT_PATTERN}|^$",
                                      description="an admin key's choice of tenant (default: the operator's own, or "
                                                  "everyone's in a listing); a tenant key's is its own")]
@@ -64,9 +67,11 @@ Tenant = Annotated[str | None, Query(pattern=f"{TENANT_PATTERN}|^$",
 class CreateLogin(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    user: StrictStr = Field(min_length=1, max_length=64, description="whose login it is; the credentials are theirs")
+    user: StrictStr = Field(min_length=1, max_length=64, pattern=NAME_PATTERN,
+                            description="whose login it is; the credentials are theirs")
     provider: StrictStr = Field(min_length=1, max_length=64, description="a provider (GET /v1/providers)")
-    vm_id: StrictStr | None = Field(None, description="run the login in this VM of the user's instead of a new one")
+    vm_id: StrictStr | None = Field(None, description="run the login in this VM of the user's instead of a new one",
+                                    json_schema_extra={"pattern": VM_ID_PATTERN, "maxLength": 63})
     keep_vm: StrictBool = Field(False, description="keep the VM afterwards (default: it is destroyed)")
     tenant: StrictStr | None = Field(None, pattern=TENANT_PATTERN,
                                      description="an admin key may name the tenant; a tenant key's is its own")
@@ -215,11 +220,11 @@ def mount(app: FastAPI, service: ControllerService) -> None:
         return [LoginOut.of(login) for login in await logins.all(user, who.tenant_filter(tenant))]
 
     @app.get("/v1/logins/{login_id}", tags=["logins"], responses=responses)
-    async def get_login(login_id: str, who: Caller) -> LoginOut:
+    async def get_login(login_id: LoginId, who: Caller) -> LoginOut:
         return LoginOut.of(await visible(login_id, who))
 
     @app.get("/v1/logins/{login_id}/events", tags=["logins"], responses=responses, response_class=StreamingResponse)
-    async def login_events(login_id: str, who: Caller) -> StreamingResponse:
+    async def login_events(login_id: LoginId, who: Caller) -> StreamingResponse:
         """Server-Sent Events: the login now, then again at each change (the event is its state), until
         captured, failed, timed-out or cancelled; then the stream ends."""
         await visible(login_id, who)  # a 404 now, not an empty stream
@@ -230,7 +235,7 @@ def mount(app: FastAPI, service: ControllerService) -> None:
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
     @app.delete("/v1/logins/{login_id}", tags=["logins"], responses=responses)
-    async def cancel_login(login_id: str, who: Caller) -> CancelOut:
+    async def cancel_login(login_id: LoginId, who: Caller) -> CancelOut:
         """Cancel a running login: the agent stops the tool, the VM is destroyed (unless keep_vm)."""
         await visible(login_id, who)
         login, cancelled = await logins.cancel(login_id)

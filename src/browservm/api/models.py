@@ -1,7 +1,7 @@
 """The shapes of the REST API, as pydantic models: what a client sends and what it gets back.
 
-Requests forbid unknown fields and take numbers strictly (no "1", no 1.0, no true), so a
-mistyped field is a 422 that names it rather than a VM with a surprising size.
+Requests forbid unknown fields and take numbers strictly (no "1", no 1.5, no true; 2.0 is 2, as JSON
+Schema has it), so a mistyped field is a 422 that names it rather than a VM with a surprising size.
 """
 
 from __future__ import annotations
@@ -10,17 +10,31 @@ import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
+from annotated_types import Ge, Le
+from fastapi import Path
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 
 from browservm.access.principal import TENANT_PATTERN
+from browservm.ids import VM_ID_PATTERN
+from browservm.names import CONTROLS, NAME_PATTERN
 from browservm.vm.parts import Limits
 from browservm.vm.records import VmRecord
 from browservm.vm.state import VmState
 
+
+def whole(value: object) -> object:
+    """2.0 is the whole number 2 (JSON Schema's `integer`); anything else goes on to StrictInt as it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() and abs(value) < 2**63 else value
+
+
+WholeNumber = Annotated[StrictInt, BeforeValidator(whole)]
+# At module level: FastAPI resolves route annotations by name. The pattern is documented, and enforced by
+# validate_vm_id, whose refusal says in words what is wrong with the id.
+VmId = Annotated[str, Path(description="a VM's id", json_schema_extra={"pattern": VM_ID_PATTERN, "maxLength": 63})]
 LABEL_KEY = r"^[a-z0-9][a-z0-9._/-]{0,62}$"
 LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY)]
-LabelValue = Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")]
-USER_PATTERN = r"^[^\x00-\x1f\x7f]{1,64}$"
+LabelValue = Annotated[str, StringConstraints(max_length=256, pattern=f"^[^{CONTROLS}]*$")]
+USER_PATTERN = NAME_PATTERN
 MAX_TIMEOUT_S = 30 * 86400
 _LIMITS = Limits()
 
@@ -38,14 +52,16 @@ class CreateVm(BaseModel):
     user: StrictStr = Field(min_length=1, max_length=64, pattern=USER_PATTERN,
                             description="whose VM it is; limits count per user")
     # The ranges are documented here and enforced by the manager (vm/create.py check_request), in its words.
-    vcpus: StrictInt | None = Field(None, description="virtual CPUs (default 1)", json_schema_extra={
+    vcpus: WholeNumber | None = Field(None, description="virtual CPUs (default 1)", json_schema_extra={
         "minimum": _LIMITS.vcpus[0], "maximum": _LIMITS.vcpus[1]})
-    mem_mib: StrictInt | None = Field(None, description="memory in MiB (default 1024)", json_schema_extra={
+    mem_mib: WholeNumber | None = Field(None, description="memory in MiB (default 1024)", json_schema_extra={
         "minimum": _LIMITS.mem_mib[0], "maximum": _LIMITS.mem_mib[1]})
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=16,
+                                               json_schema_extra={"additionalProperties": False},
                                                description="up to 16 labels of the client's own, to find its VMs by "
                                                            "(GET /v1/vms?label=key=value)")
-    timeout_s: StrictInt | None = Field(None, ge=60, le=MAX_TIMEOUT_S,
+    # The bounds before the validator: after it, pydantic writes them as no JSON Schema keyword.
+    timeout_s: Annotated[StrictInt, Ge(60), Le(MAX_TIMEOUT_S), BeforeValidator(whole)] | None = Field(None,
                                         description="end the VM this many seconds after its creation (capped at the "
                                                     "controller's max_lifetime; POST /v1/vms/{id}/extend moves it)")
     tenant: StrictStr | None = Field(None, pattern=TENANT_PATTERN,
@@ -131,7 +147,7 @@ class ViewerOut(BaseModel):
 class ExtendVm(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    timeout_s: StrictInt = Field(ge=60, le=MAX_TIMEOUT_S, description="end the VM this many seconds from now "
+    timeout_s: WholeNumber = Field(ge=60, le=MAX_TIMEOUT_S, description="end the VM this many seconds from now "
                                                                       "(capped at its maximum lifetime)")
 
 

@@ -53,10 +53,15 @@ EventType = Literal["vm.ready", "vm.failed", "vm.ended", "vm.destroyed", "login.
                     "login.ended"]
 
 
+# What validate_url takes, as the document states it (a little stricter: no IPv6 literal, no user in it).
+_PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+URL_PATTERN = rf"^https?://[^\x00-\x20\x7f/?#@:\[\]]+(?::{_PORT})?(?:[/?#][^\x00-\x20\x7f]*)?$"
+
+
 class CreateWebhook(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: StrictStr = Field(min_length=1, max_length=MAX_URL, pattern=r"^https?://",
+    url: StrictStr = Field(min_length=1, max_length=MAX_URL, pattern=URL_PATTERN,
                            description="where events are POSTed: http(s), any host (loopback and private networks "
                                        "included: the operator's to allow)")
     events: list[EventType] = Field(min_length=1, max_length=len(EVENT_TYPES), description="which events")

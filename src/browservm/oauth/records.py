@@ -29,6 +29,9 @@ def new_login_id() -> str:
     return _ID_PREFIX + secrets.token_hex(6)
 
 
+LOGIN_ID_PATTERN = r"^login-[0-9a-f]{12}$"  # for OpenAPI documents; validate_login_id is the same rule
+
+
 def validate_login_id(value: str) -> str:
     body = value.removeprefix(_ID_PREFIX)
     if not value.startswith(_ID_PREFIX) or len(body) != 12 or any(c not in "0123456789abcdef" for c in body):

@@ -35,6 +35,7 @@ from browservm.guest.bootargs import BootArgs, build_boot_args
 from browservm.ids import new_vm_id
 from browservm.images.disk import clone_sparse
 from browservm.ipam import Lease
+from browservm.names import is_name
 from browservm.vm import config_disks, hops
 from browservm.vm.bringup import BringUp
 from browservm.vm.console import MAX_DISK
@@ -135,8 +136,8 @@ class Creator:
     def check_request(self, user: str, vcpus: int, mem_mib: int, extra_boot_args: tuple[str, ...] = (), *,
                       reserved_ok: bool = False) -> None:
         """Refuse bad input (InvalidInput naming the field) before anything is allocated."""
-        if not isinstance(user, str) or not 1 <= len(normalise_user(user)) <= 64 or not user.isprintable():
-            raise InvalidInput("user", user, "must be 1-64 printable characters")
+        if not is_name(user):
+            raise InvalidInput("user", user, "must be 1-64 characters, not only spaces, without control characters")
         if not reserved_ok and normalise_user(user) in RESERVED_USERS.values():
             raise InvalidInput("user", user, "is reserved for the controller's own VMs (the warm pool's, "
                                              "the snapshot maker's)")
