@@ -121,6 +121,24 @@ def test_a_create_sends_the_key_the_given_fields_only_and_the_idempotency_key() 
     assert seen[-1].url.params["wait"] == "true" and "idempotency-key" not in seen[-1].headers
 
 
+def test_a_listing_is_read_page_after_page_with_its_filters_kept() -> None:
+    seen: list[httpx.Request] = []
+    pages = {None: (["vm-000000000001", "vm-000000000002"], "c1.2"), "c1.2": (["vm-000000000003"], None)}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        ids, following = pages[request.url.params.get("cursor")]
+        return httpx.Response(200, json=[vm("ready") | {"vm_id": vm_id} for vm_id in ids],
+                              headers={"X-Next-Cursor": following} if following else {})
+
+    for found in both(handler, lambda c: c.list_vms(user="ann", labels={"app": "crm", "env": "dev"})):
+        assert [v.vm_id for v in found] == ["vm-000000000001", "vm-000000000002", "vm-000000000003"]
+    for request in seen:
+        assert request.url.params["user"] == "ann"
+        assert request.url.params.get_list("label") == ["app=crm", "env=dev"]
+    assert [r.url.params.get("cursor") for r in seen] == [None, "c1.2", None, "c1.2"]
+
+
 def test_a_422_is_an_invalid_input_naming_the_field() -> None:
     for exc in both(error(422, type="InvalidInput", field="vcpus", message="vcpus: must be between 1 and 8"),
                     lambda c: c.create_vm("ann", vcpus=99)):

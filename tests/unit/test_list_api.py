@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from browservm.oauth.records import LoginRecord, LoginRecords, new_login_id
 from browservm.store import Store
 from browservm.vm.pool import POOL_USER
 from browservm.vm.records import VmQuery, VmRecord, VmRecords
@@ -160,3 +161,40 @@ def test_a_pooled_vm_takes_its_new_owners_place_in_the_sequence(tmp_path: Path) 
         assert records.claim(pooled, POOL_USER, 10)
         rest, end = records.page(VmQuery(after=cursor, limit=10))
         assert [vm.vm_id for vm in rest] == ["vm-00000000000b", "vm-00000000000a"] and end is None
+
+
+def test_logins_page_newest_first_and_filter_by_user_state_and_tenant(tmp_path: Path) -> None:
+    with Store(tmp_path / "state.sqlite3") as store:
+        records = LoginRecords(store)
+        made = []
+        for n in range(7):
+            login = LoginRecord(new_login_id(), f"u{n % 2}", f"p{n}", tenant="acme" if n % 3 == 0 else "")
+            records.insert(login)
+            made.append(login.login_id)
+        seen, cursor = [], None
+        while True:
+            page, cursor = records.all(limit=3, before=cursor)
+            seen += [login.login_id for login in page]
+            records.insert(LoginRecord(new_login_id(), "late", f"p{len(seen)}"))  # newer: not on later pages
+            if cursor is None:
+                break
+        assert seen == made[::-1]
+        assert {login.user for login in records.all("u1")[0]} == {"u1"}
+        assert {login.login_id for login in records.all(tenant="acme")[0]} == {made[0], made[3], made[6]}
+        assert len(records.all(state="booting")[0]) == 10 and records.all(state="captured")[0] == []
+
+
+def test_the_logins_listing_pages_through_the_api(serve: Callable[..., Served]) -> None:
+    served = serve()
+    for n in range(5):
+        LoginRecords(served.parts.store).insert(LoginRecord(new_login_id(), "ann", f"p{n}"))
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        first = await client.get("/v1/logins", params={"limit": 2, "user": "ann"})
+        assert len(first.json()) == 2 and "user=ann" in first.headers["link"]
+        rest = await client.get("/v1/logins", params={"limit": 10, "user": "ann",
+                                                      "cursor": first.headers["x-next-cursor"]})
+        assert len(rest.json()) == 3 and "x-next-cursor" not in rest.headers
+        assert (await client.get("/v1/logins", params={"state": "asleep"})).status_code == 422
+
+    served.run(scenario)

@@ -183,7 +183,7 @@ def test_one_running_login_per_user_and_provider_is_held_by_the_store(store: Sto
     first.state = LoginState.FAILED
     records.save(first)
     records.insert(LoginRecord(new_login_id(), "ann", "codex"))  # the first one ended
-    assert len(records.all("ann")) == 3 and len(records.all()) == 4 and len(records.running()) == 3
+    assert len(records.all("ann")[0]) == 3 and len(records.all()[0]) == 4 and len(records.running()) == 3
 
 
 def test_login_record_writes_are_compare_and_set(store: Store) -> None:

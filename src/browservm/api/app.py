@@ -50,6 +50,7 @@ from browservm.api.auth import SESSION_COOKIE, Access, ApiError, Caller, admin_o
 from browservm.api.idempotency import Idempotent
 from browservm.api.logs import AccessLog
 from browservm.api.models import USER_PATTERN, ConsoleOut, CreateVm, ErrorOut, ExtendVm, ViewerOut, VmId, VmOut
+from browservm.api.paging import CURSOR_PATTERN, MAX_PAGE, NEXT_PAGE_HEADERS, cursor_number, next_page
 from browservm.api.service import ControllerService
 from browservm.api.tokens import TokenRefused
 from browservm.cluster.errors import HostError, NoCapacity, RecordConflict
@@ -71,12 +72,7 @@ from browservm.vm.state import VmState
 
 log = logging.getLogger("browservm.api")
 MAX_BODY = 64 * 1024
-MAX_PAGE = 500
-CURSOR_PATTERN = r"^c1\.[0-9]{1,18}$"
 LABEL_FILTER = r"^[a-z0-9][a-z0-9._/-]{0,62}=[^\x00-\x1f\x7f]{0,256}$"
-NEXT_PAGE_HEADERS = {"X-Next-Cursor": {"description": "the next page's `cursor`; absent on the last page",
-                                       "schema": {"type": "string"}},
-                     "Link": {"description": "the next page's URL, rel=\"next\"", "schema": {"type": "string"}}}
 
 
 LabelFilter = Annotated[str, StringConstraints(pattern=LABEL_FILTER)]
@@ -118,8 +114,6 @@ def operation_id(route: APIRoute) -> str:
     return first + "".join(word.capitalize() for word in rest)
 
 
-def cursor_seq(cursor: str | None) -> int:
-    return 0 if cursor is None else int(cursor.removeprefix("c1."))
 NOVNC_DIR = Path("/usr/share/novnc")
 _STATIC = resources.files("browservm.api") / "static"
 # Swagger UI 5 (the first to read OpenAPI 3.1, which FastAPI writes) from the fastapi-swagger package, so /docs
@@ -365,7 +359,7 @@ def build_app(service: ControllerService) -> FastAPI:
         return JSONResponse(service.describe(record).model_dump(mode="json"), status_code=200 if wait else 202)
 
     @app.get("/v1/vms", tags=["vms"], responses={**errors, 200: {"headers": NEXT_PAGE_HEADERS}})
-    async def list_vms(who: Caller, response: Response, *,
+    async def list_vms(who: Caller, request: Request, response: Response, *,
                        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
                        cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN,
                                                           description="X-Next-Cursor of the page before")] = None,
@@ -379,15 +373,12 @@ def build_app(service: ControllerService) -> FastAPI:
         """The VMs this key may see (an admin key: every tenant's; a tenant key: its own), in the order they
         appeared, a page at a time: `X-Next-Cursor` (and `Link: rel=next`) give the next page while there is
         one. A VM created while a client pages comes on a later page: none is skipped or repeated."""
-        query = VmQuery(after=cursor_seq(cursor), limit=limit, tenant=tenant,
+        query = VmQuery(after=0 if cursor is None else cursor_number(cursor), limit=limit, tenant=tenant,
                         user=None if user is None else normalise_user(user), state=None if state is None else
                         state.value, labels=dict(item.split("=", 1) for item in label or ()))
         records, last = await service.page(query, who)
         if last is not None:
-            next_cursor = f"c1.{last}"
-            response.headers["X-Next-Cursor"] = next_cursor
-            response.headers["Link"] = f'<{service.settings.base_url}/v1/vms?cursor={next_cursor}&limit={limit}>; ' \
-                                       'rel="next"'
+            next_page(request, response, service.settings.base_url, last)
         return [service.describe(record) for record in records]
 
     @app.get("/v1/vms/{vm_id}", tags=["vms"], responses=errors)

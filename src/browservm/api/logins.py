@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Path, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from starlette.responses import StreamingResponse
 
@@ -31,6 +31,7 @@ from browservm.access.audit import AuditEntry
 from browservm.access.principal import TENANT_PATTERN, Principal
 from browservm.api.audited import audited
 from browservm.api.auth import Caller, caller
+from browservm.api.paging import CURSOR_PATTERN, MAX_PAGE, NEXT_PAGE_HEADERS, cursor_number, next_page
 from browservm.ids import VM_ID_PATTERN, validate_vm_id
 from browservm.names import NAME_PATTERN
 from browservm.oauth.catalog import load_catalog
@@ -45,6 +46,7 @@ from browservm.oauth.errors import (
 )
 from browservm.oauth.records import LOGIN_ID_PATTERN, LoginRecord, LoginRecords
 from browservm.oauth.service import LoginService
+from browservm.oauth.states import LoginState
 from browservm.oauth.vault import Vault, load_key
 from browservm.store import Store
 
@@ -213,11 +215,21 @@ def mount(app: FastAPI, service: ControllerService) -> None:
         audited(request, started.login.login_id, tenant)
         return StartedOut(**LoginOut.of(started.login).model_dump(), viewer_url=started.viewer_url)
 
-    @app.get("/v1/logins", tags=["logins"], responses=responses)
-    async def list_logins(who: Caller, user: Annotated[str | None, Query(max_length=64)] = None,
-                          tenant: Tenant = None) -> list[LoginOut]:
-        """The newest logins this key may see (of `user`; an admin key may name a `tenant`)."""
-        return [LoginOut.of(login) for login in await logins.all(user, who.tenant_filter(tenant))]
+    @app.get("/v1/logins", tags=["logins"], responses={**responses, 200: {"headers": NEXT_PAGE_HEADERS}})
+    async def list_logins(who: Caller, request: Request, response: Response, *,
+                          user: Annotated[str | None, Query(max_length=64)] = None, tenant: Tenant = None,
+                          state: LoginState | None = None, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+                          cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN,
+                                                             description="X-Next-Cursor of the page before")] = None,
+                          ) -> list[LoginOut]:
+        """The logins this key may see (of `user`, in `state`; an admin key may name a `tenant`), newest first,
+        a page at a time: `X-Next-Cursor` (and `Link: rel=next`) give the next page while there is one."""
+        found, last = await logins.all(user, who.tenant_filter(tenant), limit=limit,
+                                       state=None if state is None else state.value,
+                                       before=None if cursor is None else cursor_number(cursor))
+        if last is not None:
+            next_page(request, response, service.settings.base_url, last)
+        return [LoginOut.of(login) for login in found]
 
     @app.get("/v1/logins/{login_id}", tags=["logins"], responses=responses)
     async def get_login(login_id: LoginId, who: Caller) -> LoginOut:

@@ -7,7 +7,7 @@ login (watch.py) are the sync client's own; only the I/O differs.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from types import TracebackType
 from typing import Any, TypeVar
@@ -70,14 +70,20 @@ class AsyncClient:
     # --- VMs -------------------------------------------------------------------------------------
 
     async def create_vm(self, user: str, vcpus: int | None = None, mem_mib: int | None = None, wait: bool = False,
-                        idempotency_key: str | None = None) -> Vm:
-        return await self._call(routes.create_vm(user, vcpus, mem_mib, wait, idempotency_key))
+                        idempotency_key: str | None = None, *, labels: Mapping[str, str] | None = None,
+                        timeout_s: int | None = None) -> Vm:
+        return await self._call(routes.create_vm(user, vcpus, mem_mib, wait, idempotency_key, labels=labels,
+                                                 timeout_s=timeout_s))
+
+    async def extend_vm(self, vm_id: str, timeout_s: int, idempotency_key: str | None = None) -> Vm:
+        return await self._call(routes.extend_vm(vm_id, timeout_s, idempotency_key))
 
     async def get_vm(self, vm_id: str) -> Vm:
         return await self._call(routes.get_vm(vm_id))
 
-    async def list_vms(self) -> list[Vm]:
-        return await self._call(routes.list_vms())
+    async def list_vms(self, *, user: str | None = None, state: str | None = None,
+                       labels: Mapping[str, str] | None = None, tenant: str | None = None) -> list[Vm]:
+        return await self._every_page(routes.list_vms(user, state, labels, tenant))
 
     async def delete_vm(self, vm_id: str) -> bool:
         return await self._call(routes.delete_vm(vm_id))
@@ -111,8 +117,8 @@ class AsyncClient:
     async def get_login(self, login_id: str) -> Login:
         return await self._call(routes.get_login(login_id))
 
-    async def list_logins(self, user: str | None = None) -> list[Login]:
-        return await self._call(routes.list_logins(user))
+    async def list_logins(self, user: str | None = None, *, state: str | None = None) -> list[Login]:
+        return await self._every_page(routes.list_logins(user, state))
 
     def login_events(self, login_id: str) -> AsyncIterator[Event]:
         return self._stream(routes.login_events(login_id), self.events_quiet)
@@ -177,6 +183,18 @@ class AsyncClient:
         async with self._transport():
             response = await self._http.request(call.method, call.path, **http.request_options(call, self._timeout))
         return http.read(call, response, self.base_url)
+
+    async def _every_page(self, call: routes.Call[list[T]]) -> list[T]:
+        """A listing whole: its pages one after the other, as long as the controller names a next one."""
+        items: list[T] = []
+        page: routes.Call[list[T]] | None = call
+        while page is not None:
+            async with self._transport():
+                response = await self._http.request(page.method, page.path, **http.request_options(page, self._timeout))
+            found: list[T] = http.read(page, response, self.base_url)
+            items += found
+            page = http.next_page(page, response)
+        return items
 
     async def _vm_or_none(self, vm_id: str) -> Vm | None:
         try:

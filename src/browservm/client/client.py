@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import closing, contextmanager
 from types import TracebackType
 from typing import Any, TypeVar
@@ -71,15 +71,24 @@ class Client:
     # --- VMs -------------------------------------------------------------------------------------
 
     def create_vm(self, user: str, vcpus: int | None = None, mem_mib: int | None = None, wait: bool = False,
-                  idempotency_key: str | None = None) -> Vm:
-        """A new VM (state `creating`, it boots on the controller); with `wait`, once it is ready or failed."""
-        return self._call(routes.create_vm(user, vcpus, mem_mib, wait, idempotency_key))
+                  idempotency_key: str | None = None, *, labels: Mapping[str, str] | None = None,
+                  timeout_s: int | None = None) -> Vm:
+        """A new VM (state `creating`, it boots on the controller); with `wait`, once it is ready or failed.
+        `labels` to find it by; `timeout_s`: ended that long after its creation (extend_vm moves it)."""
+        return self._call(routes.create_vm(user, vcpus, mem_mib, wait, idempotency_key, labels=labels,
+                                                 timeout_s=timeout_s))
+
+    def extend_vm(self, vm_id: str, timeout_s: int, idempotency_key: str | None = None) -> Vm:
+        """End the VM `timeout_s` from now instead (within its maximum lifetime)."""
+        return self._call(routes.extend_vm(vm_id, timeout_s, idempotency_key))
 
     def get_vm(self, vm_id: str) -> Vm:
         return self._call(routes.get_vm(vm_id))
 
-    def list_vms(self) -> list[Vm]:
-        return self._call(routes.list_vms())
+    def list_vms(self, *, user: str | None = None, state: str | None = None,
+                 labels: Mapping[str, str] | None = None, tenant: str | None = None) -> list[Vm]:
+        """Every VM the key may see (of `user`, in `state`, with all of `labels`), page after page."""
+        return self._every_page(routes.list_vms(user, state, labels, tenant))
 
     def delete_vm(self, vm_id: str) -> bool:
         """Stop the VM and release what it had; True if it was there (idempotent)."""
@@ -123,8 +132,8 @@ class Client:
     def get_login(self, login_id: str) -> Login:
         return self._call(routes.get_login(login_id))
 
-    def list_logins(self, user: str | None = None) -> list[Login]:
-        return self._call(routes.list_logins(user))
+    def list_logins(self, user: str | None = None, *, state: str | None = None) -> list[Login]:
+        return self._every_page(routes.list_logins(user, state))
 
     def login_events(self, login_id: str) -> Iterator[Event]:
         """The login now, then at each change (`kind` is its state, `data` the login), until it is final."""
@@ -192,6 +201,18 @@ class Client:
         with self._transport():
             response = self._http.request(call.method, call.path, **http.request_options(call, self._timeout))
         return http.read(call, response, self.base_url)
+
+    def _every_page(self, call: routes.Call[list[T]]) -> list[T]:
+        """A listing whole: its pages one after the other, as long as the controller names a next one."""
+        items: list[T] = []
+        page: routes.Call[list[T]] | None = call
+        while page is not None:
+            with self._transport():
+                response = self._http.request(page.method, page.path, **http.request_options(page, self._timeout))
+            found: list[T] = http.read(page, response, self.base_url)
+            items += found
+            page = http.next_page(page, response)
+        return items
 
     def _vm_or_none(self, vm_id: str) -> Vm | None:
         try:

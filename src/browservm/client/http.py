@@ -9,6 +9,7 @@ and the API key instead of the controller on this machine.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import ssl
@@ -93,6 +94,14 @@ def request_options(call: Call[Any], timeout: httpx.Timeout) -> dict[str, Any]:
 def stream_timeout(timeout: httpx.Timeout, quiet: float) -> httpx.Timeout:
     """An event stream's: it fails (StreamQuiet) after `quiet` seconds without a byte."""
     return httpx.Timeout(connect=timeout.connect, read=quiet, write=timeout.write, pool=timeout.pool)
+
+
+def next_page(call: Call[T], response: httpx.Response) -> Call[T] | None:
+    """The same listing's next page, while the answer names one (X-Next-Cursor)."""
+    cursor = response.headers.get("x-next-cursor")
+    if not call.paged or cursor is None:
+        return None
+    return dataclasses.replace(call, params={**(call.params or {}), "cursor": cursor})
 
 
 def read(call: Call[T], response: httpx.Response, base_url: str) -> T:

@@ -36,6 +36,7 @@ _KEY_ID = re.compile(r"[a-z0-9]{1,32}")
 TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 
 T = TypeVar("T")
+PAGE = 500  # a listing's page: the most the server gives at once
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,12 @@ class Call(Generic[T]):
     method: str
     path: str
     read: Callable[[Any], T]  # the answer's JSON -> the result (raises ValueError, TypeError or KeyError)
-    params: Mapping[str, str | int | bool] | None = None
+    params: Mapping[str, str | int | bool | list[str]] | None = None
     body: Mapping[str, Any] | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     # Answered only when the controller is done (a create with ?wait=true): bounded by its own deadlines.
     waits: bool = False
+    paged: bool = False  # a listing a page at a time: the clients follow X-Next-Cursor to its end
 
 
 def _vm(vm_id: str, *rest: str) -> str:
@@ -89,18 +91,32 @@ def _json(payload: Any) -> dict[str, Any]:
 
 # --- VMs ---------------------------------------------------------------------------------------------
 
-def create_vm(user: str, vcpus: int | None, mem_mib: int | None, wait: bool, idempotency_key: str | None) -> Call[Vm]:
+def create_vm(user: str, vcpus: int | None, mem_mib: int | None, wait: bool, idempotency_key: str | None, *,
+              labels: Mapping[str, str] | None = None, timeout_s: int | None = None) -> Call[Vm]:
     body: dict[str, Any] = {"user": user}
-    if vcpus is not None:
-        body["vcpus"] = vcpus
-    if mem_mib is not None:
-        body["mem_mib"] = mem_mib
+    for name, value in (("vcpus", vcpus), ("mem_mib", mem_mib), ("timeout_s", timeout_s)):
+        if value is not None:
+            body[name] = value
+    if labels:
+        body["labels"] = dict(labels)
     return Call("POST", "/v1/vms", Vm.model_validate, params={"wait": "true"} if wait else None, body=body,
                 headers=_idempotent(idempotency_key), waits=wait)
 
 
-def list_vms() -> Call[list[Vm]]:
-    return Call("GET", "/v1/vms", _list(Vm.model_validate))
+def list_vms(user: str | None = None, state: str | None = None, labels: Mapping[str, str] | None = None,
+             tenant: str | None = None) -> Call[list[Vm]]:
+    params: dict[str, str | int | bool | list[str]] = {"limit": PAGE}
+    for name, value in (("user", user), ("state", state), ("tenant", tenant)):
+        if value is not None:
+            params[name] = value
+    if labels:
+        params["label"] = [f"{key}={value}" for key, value in labels.items()]
+    return Call("GET", "/v1/vms", _list(Vm.model_validate), params=params, paged=True)
+
+
+def extend_vm(vm_id: str, timeout_s: int, idempotency_key: str | None = None) -> Call[Vm]:
+    return Call("POST", _vm(vm_id, "extend"), Vm.model_validate, body={"timeout_s": timeout_s},
+                headers=_idempotent(idempotency_key))
 
 
 def get_vm(vm_id: str) -> Call[Vm]:
@@ -144,8 +160,12 @@ def start_login(user: str, provider: str, vm_id: str | None, keep_vm: bool,
     return Call("POST", "/v1/logins", StartedLogin.model_validate, body=body, headers=_idempotent(idempotency_key))
 
 
-def list_logins(user: str | None) -> Call[list[Login]]:
-    return Call("GET", "/v1/logins", _list(Login.model_validate), params=None if user is None else {"user": user})
+def list_logins(user: str | None, state: str | None = None) -> Call[list[Login]]:
+    params: dict[str, str | int | bool | list[str]] = {"limit": PAGE}
+    for name, value in (("user", user), ("state", state)):
+        if value is not None:
+            params[name] = value
+    return Call("GET", "/v1/logins", _list(Login.model_validate), params=params, paged=True)
 
 
 def get_login(login_id: str) -> Call[Login]:

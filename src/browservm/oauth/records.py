@@ -127,13 +127,20 @@ class LoginRecords:
         rows = self._store.read("SELECT data, version FROM logins WHERE login_id = ?", (login_id,))
         return LoginRecord.from_json(json.loads(str(rows[0][0])), int(str(rows[0][1]))) if rows else None
 
-    def all(self, user: str | None = None, limit: int = 200, tenant: str | None = None) -> list[LoginRecord]:
-        """The newest `limit` logins (of `user`, of `tenant`), newest first."""
+    def all(self, user: str | None = None, limit: int = 200, tenant: str | None = None, *,
+            state: str | None = None, before: int | None = None) -> tuple[list[LoginRecord], int | None]:
+        """The newest `limit` logins (of `user`, of `tenant`, in `state`), newest first, older than the login
+        `before` (a page's cursor: a row number, never reused as no login row is deleted); and the next
+        page's cursor (None: this is the last one)."""
         # `?1 IS NULL`: one fixed statement for each case, no SQL put together from pieces.
-        rows = self._store.read("SELECT data, version FROM logins WHERE (?1 IS NULL OR user = ?1) "
-                                "AND (?3 IS NULL OR tenant = ?3) ORDER BY created_at DESC LIMIT ?2",
-                                (user, limit, tenant))
-        return [LoginRecord.from_json(json.loads(str(data)), int(str(version))) for data, version in rows]
+        rows = self._store.read("SELECT data, version, rowid FROM logins WHERE (?1 IS NULL OR user = ?1) "
+                                "AND (?3 IS NULL OR tenant = ?3) AND (?4 IS NULL OR state = ?4) "
+                                "AND (?5 IS NULL OR rowid < ?5) ORDER BY rowid DESC LIMIT ?2",
+                                (user, limit + 1, tenant, state, before))
+        logins = [LoginRecord.from_json(json.loads(str(data)), int(str(version))) for data, version, _ in rows]
+        if len(rows) <= limit:
+            return logins, None
+        return logins[:limit], int(str(rows[limit - 1][2]))
 
     def running(self) -> list[LoginRecord]:
         rows = self._store.read("SELECT data, version FROM logins WHERE running ORDER BY created_at")

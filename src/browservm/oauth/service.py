@@ -173,8 +173,10 @@ class LoginService:
             raise LoginNotFound(login_id)
         return login
 
-    async def all(self, user: str | None = None, tenant: str | None = None) -> list[LoginRecord]:
-        return await asyncio.to_thread(self._records.all, user, tenant=tenant)
+    async def all(self, user: str | None = None, tenant: str | None = None, *, limit: int = 200,
+                  state: str | None = None, before: int | None = None) -> tuple[list[LoginRecord], int | None]:
+        """A page of logins, newest first, and the next page's cursor (LoginRecords.all)."""
+        return await asyncio.to_thread(self._records.all, user, limit, tenant, state=state, before=before)
 
     async def cancel(self, login_id: str) -> tuple[LoginRecord, bool]:
         """Cancel a running login; (its record, whether this call cancelled it)."""
