@@ -55,6 +55,8 @@ def add_service_options(parser: argparse.ArgumentParser) -> None:
                         help="reap a VM without a viewer for this long (default 900)")
     parser.add_argument("--max-lifetime", type=int, metavar="SECONDS", help="reap a VM older than this (default 7200)")
     parser.add_argument("--viewer-ttl", type=int, metavar="SECONDS", help="viewer links expire after (default 600)")
+    parser.add_argument("--audit-retention", type=int, metavar="SECONDS",
+                        help="the audit trail keeps an entry this long (default 90 days)")
     parser.add_argument("--snapshots", action="store_true", default=None,
                         help="restore new VMs from a snapshot of a booted desktop (made at the first create)")
     parser.add_argument("--pool", type=int, metavar="N", help="keep N VMs restored and ready (default 0)")
