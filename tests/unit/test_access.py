@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -25,8 +24,7 @@ from browservm.store import Store
 from browservm.vm.state import VmState
 from browservm.webhooks.records import WebhookStore
 
-from .fakes import stop_all
-from .test_api import KEY, Served, create, serve_fakes
+from .test_api import KEY, Served, create
 from .test_credentials_table import ROUTES
 
 ADMIN_ONLY = {("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/doctor"), ("GET", "/v1/vms/{vm_id}/diagnose"),
@@ -35,19 +33,6 @@ ADMIN_ONLY = {("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/doctor"), ("
 OTHERS = {"vm_id": "vm-0000000000b1", "login_id": "login-0000000000b1", "user": "ann", "provider": "sample",
           "tenant": "other", "name": "swagger-ui.css", "key_id": "0123456789ab", "webhook_id": "wh-0000000000b1"}
 SECRET = b'{"access_token": "other-tenants-token"}'
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
-    """A controller with fake VMs (settings as keyword arguments), stopped at the end."""
-    made: list[Served] = []
-
-    def make(**settings: object) -> Served:
-        made.append(serve_fakes(tmp_path / f"state{len(made)}", None, **settings))
-        return made[-1]
-    yield make
-    for served in made:
-        stop_all(served.parts)
 
 
 def bearer(key: str) -> dict[str, str]:

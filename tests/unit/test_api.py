@@ -16,7 +16,7 @@ import dataclasses
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -43,7 +43,7 @@ from browservm.vm.records import Failure, VmRecord, VmRecords
 from browservm.vm.state import VmState
 from browservm.vmdir import CONFIG_DISK
 
-from .fakes import NOTHING, FakeNetwork, FakeProbes, Parts, make_parts, stop_all
+from .fakes import NOTHING, FakeNetwork, FakeProbes, Parts, make_parts
 
 NAMES = desktop_path(RFB).names  # every hop of a create, on the default desktop path
 
@@ -127,21 +127,6 @@ def serve_fakes(state_dir: Path, network: FakeNetwork | None = None, **settings:
     service = ControllerService(controller, api_key=KEY,
                                 tokens=ViewerTokens(SIGNING_KEY, ttl=config.viewer_ttl, clock=clock))
     return Served(parts, probes, clock, service, build_app(service))
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
-    """Makes a served controller (settings as keyword arguments); every VMM it started is stopped at the end."""
-    made: list[Served] = []
-
-    def make(network: FakeNetwork | None = None, **settings: object) -> Served:
-        served = serve_fakes(tmp_path / f"state{len(made)}", network, **settings)
-        made.append(served)
-        return served
-
-    yield make
-    for served in made:
-        stop_all(served.parts)
 
 
 @pytest.fixture

@@ -7,9 +7,7 @@ a key, or with a wrong one, go over the same socket). Deterministic: a fixed see
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,19 +19,10 @@ from browservm.access.keys import digest
 
 from .fakes import stop_all
 from .test_api import KEY, serve_fakes
+from .test_api_fuzz import OPENAPI
 from .test_logins import Running
 
 SEED = 20261207
-
-
-def _document() -> dict[str, Any]:
-    """The app's OpenAPI, read at collection (schemathesis needs the operations then)."""
-    with tempfile.TemporaryDirectory() as state_dir:
-        served = serve_fakes(Path(state_dir))
-        try:
-            return served.app.openapi()
-        finally:
-            stop_all(served.parts)
 
 
 def _contract(key: str) -> OpenApiSchema:
@@ -45,7 +34,7 @@ def _contract(key: str) -> OpenApiSchema:
     }))
 
 
-DOCUMENT = _document()
+DOCUMENT = OPENAPI  # the app's, read at collection (schemathesis needs the operations then)
 # A tenant key the fixture puts in the store (a key ring makes random ones; the schema needs it now).
 TENANT_KEY_ID = "0000000000ac"
 TENANT_KEY = f"bvm_{TENANT_KEY_ID}_contract-tests-tenant-key"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,20 +19,7 @@ from browservm.vm.pool import POOL_USER
 from browservm.vm.records import VmQuery, VmRecord, VmRecords
 from browservm.vm.state import VmState
 
-from .fakes import stop_all
-from .test_api import Served, create, serve_fakes
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
-    made: list[Served] = []
-
-    def make(**settings: object) -> Served:
-        made.append(serve_fakes(tmp_path / f"state{len(made)}", None, **settings))
-        return made[-1]
-    yield make
-    for served in made:
-        stop_all(served.parts)
+from .test_api import Served, create
 
 
 async def every_page(client: httpx.AsyncClient, limit: int, **params: Any) -> list[list[str]]:
