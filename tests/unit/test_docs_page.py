@@ -1,6 +1,7 @@
-"""/docs as an operator uses it: Debian's Chromium (driven by Playwright) signs in with the key through the
-login form, opens /docs, finds the routes listed, enters the key through Swagger UI's "Authorize" and
-runs requests with "Try it out" -> "Execute". Every request the browser makes must stay on the
+"""/docs and the operator page as an operator uses them: Debian's Chromium (driven by Playwright) signs in
+with the key through the login form, opens /docs, finds the routes listed, enters the key through Swagger
+UI's "Authorize" and runs requests with "Try it out" -> "Execute"; the operator page lists every page of
+VMs (a tenant key's own only) and signs out. Every request the browser makes must stay on the
 controller: the page works without internet (Swagger UI's files come from the fastapi-swagger package).
 
 The app is the real one (build_app) on a real uvicorn on loopback, around a real ControllerService whose
@@ -30,9 +31,11 @@ from browservm.config import load_settings
 from browservm.controller import Controller
 from browservm.hostnet.host import HostNetwork
 from browservm.vm.parts import Limits
+from browservm.vm.records import VmRecord, VmRecords
+from browservm.vm.state import VmState
 from tests.support.browsers import chromium, served_in_thread
 
-from .fakes import NOTHING, FakeProbes, make_parts, stop_all
+from .fakes import NOTHING, FakeProbes, Parts, make_parts, stop_all
 from .test_api import PUBLIC
 
 DEADLINE = 30.0  # for any one condition; a passing run meets each in a few seconds at most
@@ -44,6 +47,7 @@ SCHEME = "apiKey"
 class Served:
     url: str
     service: ControllerService
+    parts: Parts
 
 
 @pytest.fixture
@@ -60,7 +64,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
 
     try:
         with served_in_thread(build_app(service), listener, DEADLINE, stop):
-            yield Served(f"http://127.0.0.1:{port}", service)
+            yield Served(f"http://127.0.0.1:{port}", service, parts)
     finally:
         try:
             assert parts.leftovers() == NOTHING
@@ -177,3 +181,32 @@ def test_the_swagger_files_are_the_operators_only_and_nothing_else_of_the_packag
         assert script.status_code == 200 and "javascript" in script.headers["content-type"]
         for name in ("__init__.py", "..%2F__init__.py", "main.py"):
             assert client.get(f"/swagger/{name}", headers=keyed).status_code == 404, name
+
+
+def test_the_operator_page_lists_every_page_of_vms_shows_tenants_and_signs_out(
+        served: Served, browser: Browser, tmp_path: Path) -> None:
+    records = VmRecords(served.parts.store)
+    for n in range(501):  # more than one page of the listing (500): the page follows X-Next-Cursor
+        record = VmRecord(vm_id=f"vm-{n:012x}", user="ann", vcpus=1, mem_mib=1024, state=VmState.ENDED,
+                          directory=str(tmp_path / f"vm{n}"), holds_resources=False, tenant="acme" if n < 3 else "")
+        records.insert(record, max_total=1000, max_per_user=1000)
+    tenant_key = served.service.keys.create("page", "tenant", "acme")[1]
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(DEADLINE * 1000)
+        for key, listed in ((KEY, 501), (tenant_key, 3)):
+            page.goto(f"{served.url}/login")
+            page.fill("input[name=key]", key)
+            with page.expect_navigation():
+                page.press("input[name=key]", "Enter")
+            expect(page.locator("#summary")).to_have_text(f"{listed} VM(s): {listed} ended")
+            expect(page.locator("#vms tr")).to_have_count(listed)
+            expect(page.locator("th.tenant")).to_be_visible()  # some VMs are a tenant's
+            with page.expect_navigation():
+                page.click("#signout button")
+            assert urlsplit(page.url).path == "/login", page.url
+            page.goto(f"{served.url}/")  # the session is over: back to the sign-in form
+            assert urlsplit(page.url).path == "/login", page.url
+    finally:
+        context.close()
