@@ -226,6 +226,29 @@ def test_viewer_prints_a_link_and_local_mode_says_it_needs_a_controller(
     assert "a running controller (`browservm serve`)" in err and not (served.state_dir / "absent").exists()
 
 
+def test_labels_a_timeout_filters_and_extend(served: Served, cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cli("create", "--label", "app=crm", "--label", "env=dev", "--timeout", "600", "--json")
+    made = json.loads(out)
+    assert code == 0 and made["labels"] == {"app": "crm", "env": "dev"}
+    assert made["expires_at"] == pytest.approx(made["created_at"] + 600, abs=1)
+    _, out, _ = cli("create", "--user", "bob", "--json")
+    other = json.loads(out)["vm_id"]
+    code, out, _ = cli("ls", "--label", "app=crm", "--json")
+    assert code == 0 and [vm["vm_id"] for vm in json.loads(out)] == [made["vm_id"]]
+    _, out, _ = cli("ls", "--user", "BOB", "--state", "ready", "--json")
+    assert [vm["vm_id"] for vm in json.loads(out)] == [other]
+    code, out, _ = cli("extend", made["vm_id"], "1200")
+    assert code == 0 and out.startswith(f"{made['vm_id']} ends at ")
+    for args in (("create", "--label", "Bad Key=x"), ("create", "--label", "novalue"), ("ls", "--label", "a")):
+        code, out, err = cli(*args)
+        assert (code, out) == (2, "") and err.startswith("browservm: error: label: must be KEY=VALUE"), err
+    code, _, err = cli("extend", made["vm_id"], "5")
+    assert code == 2 and "timeout_s" in err
+    capsys.readouterr()
+    code = main(["vm", "extend", made["vm_id"], "600", "--state-dir", str(served.state_dir / "absent")])
+    assert code == 2 and "`vm extend` needs --url URL" in capsys.readouterr().err
+
+
 # --- errors ----------------------------------------------------------------------------------------
 
 

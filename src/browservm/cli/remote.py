@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 from browservm.cli import output
 from browservm.cli.client import connect
+from browservm.cli.labels import labels_of
 from browservm.client import Client, NotFound, StreamEnded, VmFailed
 from browservm.client.models import Vm
 from browservm.config import Settings
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace, settings: Settings, url: str) -> int:
     """One command against the controller at `url` (checked, with the options, by vm.run)."""
     with connect(url, settings) as client:
         actions: dict[str, Callable[[Client, argparse.Namespace], int]] = {
-            "create": _create, "ls": _list, "show": _show, "console": _console, "rm": _remove, "viewer": _viewer}
+            "create": _create, "ls": _list, "show": _show, "console": _console, "rm": _remove, "viewer": _viewer,
+            "extend": _extend}
         return actions[args.action](client, args)
 
 
@@ -82,7 +84,8 @@ def follow(client: Client, vm_id: str, on_stage: Callable[[str, float], None],
 
 def _create(client: Client, args: argparse.Namespace) -> int:
     started = time.monotonic()
-    vm_id = client.create_vm(args.user, args.vcpus, args.mem).vm_id
+    vm_id = client.create_vm(args.user, args.vcpus, args.mem, labels=labels_of(args.label),
+                             timeout_s=args.timeout).vm_id
     print(f"browservm: {vm_id} is being created by {client.base_url} (Ctrl-C deletes it)", file=sys.stderr,
           flush=True)
 
@@ -112,7 +115,17 @@ def _create(client: Client, args: argparse.Namespace) -> int:
 
 
 def _list(client: Client, args: argparse.Namespace) -> int:
-    output.print_vms([vm.as_json() for vm in client.list_vms()], args.json)
+    found = client.list_vms(user=args.user, state=args.state, labels=labels_of(args.label))
+    output.print_vms([vm.as_json() for vm in found], args.json)
+    return 0
+
+
+def _extend(client: Client, args: argparse.Namespace) -> int:
+    vm = client.extend_vm(validate_vm_id(args.vm_id), args.seconds)
+    if args.json:
+        output.print_vm(vm.as_json(), as_json=True)
+    else:
+        print(f"{vm.vm_id} ends at {vm.as_json().get('expires_at_rfc3339')}")
     return 0
 
 

@@ -19,13 +19,15 @@ from typing import Any
 
 from browservm.cli import remote
 from browservm.cli.client import CA_FILE_HELP, parse_url
+from browservm.cli.labels import labels_of
 from browservm.cli.output import print_removed, print_stage, print_vm, print_vms
 from browservm.config import Settings
 from browservm.controller import Controller, open_controller
 from browservm.errors import InvalidInput
 from browservm.progress import Progress
 from browservm.vm.console import terminal_safe
-from browservm.vm.records import VmRecord
+from browservm.vm.create import normalise_user
+from browservm.vm.records import Owner, VmRecord
 from browservm.vm.state import VmState
 from browservm.vmm import process
 from browservm.vmm.process import VmmProcess
@@ -49,7 +51,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser],
                              "(also BROWSERVM_URL; the API key is <state-dir>/api.key or BROWSERVM_API_KEY)")
     remote.add_argument("--ca-file", type=Path, metavar="PEM", help=CA_FILE_HELP)
     parents = [common, remote]
-    vm = commands.add_parser("vm", help="browser VMs: create, list, show, console, viewer, remove")
+    vm = commands.add_parser("vm", help="browser VMs: create, list, show, console, viewer, extend, remove")
     actions = vm.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", parents=parents, help="boot a VM; returns when its desktop answers")
     create.add_argument("--user", default="default", help="whose VM it is (limits count per user)")
@@ -59,7 +61,19 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser],
                         help="keep a failed VM's VMM, TAP, lease and disk for diagnosis (local mode only)")
     create.add_argument("--boot-arg", action="append", default=[], metavar="WORD",
                         help="an extra kernel argument (repeatable; local mode only)")
-    actions.add_parser("ls", parents=parents, help="every VM with its state, address and VMM")
+    create.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                        help="a label to find the VM by (repeatable, at most 16)")
+    create.add_argument("--timeout", type=int, metavar="SECONDS",
+                        help="end the VM this long after its creation (a controller's reaper ends it; "
+                             "`vm extend` moves it)")
+    listing = actions.add_parser("ls", parents=parents, help="every VM with its state, address and VMM")
+    listing.add_argument("--user", help="only this user's")
+    listing.add_argument("--state", choices=[state.value for state in VmState], help="only those in this state")
+    listing.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                         help="only those with this label (repeatable: all of them)")
+    extend = actions.add_parser("extend", parents=parents, help="end a VM SECONDS from now instead (needs --url)")
+    extend.add_argument("vm_id")
+    extend.add_argument("seconds", type=int)
     show = actions.add_parser("show", parents=parents, help="one VM in full, with the time of each stage")
     show.add_argument("vm_id")
     console = actions.add_parser("console", parents=parents, help="the VM's serial console")
@@ -83,6 +97,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         # Checked before the controller is opened: saying this needs no root and no state directory.
         raise OptionUnavailable("url", "`vm viewer` needs --url URL (or BROWSERVM_URL): viewer links are made and "
                                        "served by a running controller (`browservm serve`), not by this command")
+    if args.action == "extend":
+        raise OptionUnavailable("url", "`vm extend` needs --url URL (or BROWSERVM_URL): a VM's timeout is kept by "
+                                       "the controller that reaps it")
     with open_controller(settings) as controller:
         actions: dict[str, Callable[[Controller, argparse.Namespace], int]] = {
             "create": _create, "ls": _list, "show": _show, "console": _console, "rm": _remove}
@@ -110,9 +127,10 @@ def _create(controller: Controller, args: argparse.Namespace) -> int:
     for change in changes:
         progress.note(f"host network: {change.action} {change.piece}")
     # Ctrl-C cancels the create, which releases what it made, as for any failure.
+    owner = Owner(labels=labels_of(args.label), timeout_s=args.timeout)
     record = asyncio.run(controller.manager.create(
         args.user, args.vcpus, args.mem, keep_failed=args.keep_failed, extra_boot_args=tuple(args.boot_arg),
-        on_stage=print_stage))
+        on_stage=print_stage, owner=owner))
     print_vm(record_view(record), args.json)
     return 0 if record.state == VmState.READY else 1
 
@@ -128,7 +146,10 @@ def record_view(record: VmRecord) -> dict[str, Any]:
 
 
 def _list(controller: Controller, args: argparse.Namespace) -> int:
-    print_vms([record_view(r) for r in asyncio.run(controller.manager.all())], args.json)
+    user, labels = None if args.user is None else normalise_user(args.user), labels_of(args.label)
+    print_vms([record_view(r) for r in asyncio.run(controller.manager.all())
+               if (user is None or r.user == user) and (args.state is None or r.state.value == args.state)
+               and labels.items() <= r.labels.items()], args.json)
     return 0
 
 
