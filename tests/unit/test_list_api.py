@@ -119,6 +119,11 @@ def test_a_timeout_at_create_is_extended_reaped_and_shown_in_rfc_3339(serve: Cal
         for body in ({"timeout_s": 10}, {"timeout_s": "600"}, {}):
             answer = await client.post(f"/v1/vms/{vm['vm_id']}/extend", json=body)
             assert answer.status_code == 422 and answer.json()["error"]["field"] == "timeout_s", answer.text
+        release = served.probes.hang_at("net.arp")  # held while it boots: its create writes its record
+        booting = await create(client, user="eve", wait=False)
+        early = await client.post(f"/v1/vms/{booting['vm_id']}/extend", json={"timeout_s": 600})
+        assert early.status_code == 409 and "only a ready VM" in early.json()["error"]["message"], early.text
+        release.set()
         plain = await create(client, user="bob")
         assert plain["expires_at"] == pytest.approx(plain["created_at"] + 3600, abs=1)
         await client.delete(f"/v1/vms/{vm['vm_id']}")

@@ -90,7 +90,7 @@ class ControllerService:
         self.settings = controller.settings
         self.manager = controller.manager
         self.network = controller.network
-        self._records = VmRecords(controller.store)  # for the metrics scrape, which runs in a thread
+        self._records = VmRecords(controller.store)  # for the metrics scrape (in its thread), listings, extend
         self.api_key = api_key
         # Who may do what (access/): the state directory's key is the first admin key. A connection of its
         # own to the state database: every request's key is read there, beside the manager's work.
@@ -318,20 +318,24 @@ class ControllerService:
         return await asyncio.to_thread(self._records.page, query)
 
     async def extend(self, vm_id: str, timeout_s: int, principal: Principal = OPERATOR) -> VmRecord:
-        """End the VM `timeout_s` from now instead (within its maximum lifetime); WrongState unless it is live."""
-        for attempt in range(_CAS_TRIES):
+        """End the VM `timeout_s` from now instead (within its maximum lifetime); WrongState unless it is ready.
+
+        Not while it boots: its create writes its record at each hop, and a change of ours in between would
+        read to the create as a destroy (a compare-and-set it lost). Once ready, its writers read it afresh."""
+        attempt = 1
+        while True:
             record = await self.get(vm_id, principal)
-            if record.state not in _LIVE:
-                raise WrongState(vm_id, record.state.value, "only a VM that is booting or ready can be extended")
+            if record.state != VmState.READY:
+                raise WrongState(vm_id, record.state.value, "only a ready VM can be extended (a booting one once "
+                                                            "it is ready)")
             record.timeout_at = time.time() + timeout_s
             try:
                 await asyncio.to_thread(self._records.save, record)
+                return record
             except StateConflict:
-                if attempt == _CAS_TRIES - 1:
-                    raise
-                continue  # it changed meanwhile (a hop passed): read it again
-            return record
-        raise AssertionError("unreachable")
+                if attempt == _CAS_TRIES:
+                    raise  # it changed meanwhile each time we read it
+                attempt += 1
 
     async def destroy(self, vm_id: str, principal: Principal = OPERATOR) -> bool:
         record = await self.manager.get(vm_id)
