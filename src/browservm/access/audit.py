@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from browservm.api.logs import REQUEST_ID
-from browservm.errors import BrowserVMError
+from browservm.errors import BrowserVMError, StateError
 from browservm.store import Store
 
 log = logging.getLogger("browservm.audit")
@@ -84,6 +84,10 @@ class AuditTrail:
             await asyncio.to_thread(self._write, [entry for entry, _ in batch])
         except BrowserVMError as exc:
             self._settle(batch, exc)
+        except asyncio.CancelledError:
+            # Its thread may still commit it; the requests waiting for it are not left waiting for ever.
+            self._settle(batch, StateError(str(self._store.path), "the controller stopped while writing them"))
+            raise
         else:
             self._settle(batch, None)
 
@@ -99,8 +103,12 @@ class AuditTrail:
         if error is not None:
             log.error("audit: %d entries could not be written: %s", len(batch), error)
         for _, done in batch:
-            if not done.done():
-                done.set_exception(error) if error is not None else done.set_result(None)
+            if done.done():
+                continue  # its request was cancelled meanwhile
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(None)
 
     def _write(self, entries: list[AuditEntry]) -> None:
         with self._store.transaction() as db:
