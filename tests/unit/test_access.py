@@ -283,14 +283,14 @@ def test_a_session_names_its_key_expires_ends_at_sign_out_and_with_its_key(serve
             cookie = form.cookies["browservm_session"]
             assert cookie.startswith(f"{made['key_id']}.") and made["key"] not in cookie
             assert "Max-Age=43200" in form.headers["set-cookie"]
-            assert (await browser.get("/v1/vms", cookies={"browservm_session": cookie})).status_code == 200
-            out = await browser.post("/logout", cookies={"browservm_session": cookie})
+            assert (await browser.get("/v1/vms", headers={"Cookie": f"browservm_session={cookie}"})).status_code == 200
+            out = await browser.post("/logout", headers={"Cookie": f"browservm_session={cookie}"})
             assert out.status_code == 303 and 'browservm_session=""' in out.headers["set-cookie"]
             principal = access.keys.live(made["key_id"])
             assert principal is not None
             expired = access.session(principal, now=time.time() - access.session_ttl - 1)
-            assert (await browser.get("/v1/vms", cookies={"browservm_session": expired})).status_code == 401
+            assert (await browser.get("/v1/vms", headers={"Cookie": f"browservm_session={expired}"})).status_code == 401
             await client.delete(f"/v1/keys/{made['key_id']}")
-            assert (await browser.get("/v1/vms", cookies={"browservm_session": cookie})).status_code == 401
+            assert (await browser.get("/v1/vms", headers={"Cookie": f"browservm_session={cookie}"})).status_code == 401
 
     served.run(scenario)
