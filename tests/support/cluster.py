@@ -196,6 +196,12 @@ class RunningCluster:
 
     def agent(self, host: str) -> dict[str, Any]:
         """The host's agent, as it answers a ping through Ray (from a driver on the head)."""
+        facts = self.agent_if_up(host, unreachable_ok=False)
+        assert facts is not None
+        return facts
+
+    def agent_if_up(self, host: str, *, unreachable_ok: bool = True) -> dict[str, Any] | None:
+        """The same, or None while Ray says the agent is unreachable (one it restarts after a kill)."""
         done = subprocess.run(
             ["ip", "netns", "exec", str(self.sim.namespace(HEAD).name), sys.executable, "-c",
              "import json, sys, ray; from browservm.cluster.ray_agent import Agents, NAMESPACE; "
@@ -203,6 +209,8 @@ class RunningCluster:
              "print(json.dumps(Agents().call(sys.argv[1], 'ping', timeout=60)))", host],
             capture_output=True, text=True, timeout=120, check=False, env={**os.environ, **self.sim.env})
         if done.returncode != 0:
+            if unreachable_ok and "HostUnreachable" in done.stderr:
+                return None
             raise ClusterFailed(f"ping of {host}'s agent: {done.stderr[-2000:]}")
         facts: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
         return facts
