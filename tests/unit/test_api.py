@@ -34,9 +34,10 @@ from browservm.api.proxy import MAX_VIEWERS_PER_LINK, MAX_VIEWERS_PER_VM
 from browservm.api.service import ControllerService
 from browservm.api.tokens import ViewerTokens
 from browservm.config import load_settings
-from browservm.controller import Controller
+from browservm.controller import Controller, warm_pools
 from browservm.guest import configdisk
 from browservm.hostnet.host import Change, Check, HostNetwork
+from browservm.templates import templates_for
 from browservm.vm.desktop_path import RFB, desktop_path
 from browservm.vm.parts import Limits
 from browservm.vm.records import Failure, VmRecord, VmRecords
@@ -121,7 +122,10 @@ def serve_fakes(state_dir: Path, network: FakeNetwork | None = None, **settings:
     parts = make_parts(state_dir)
     parts.network = network if network is not None else ServedNetwork()
     probes = FakeProbes(parts.ipam)
-    manager = parts.manager(probes, limits=Limits(max_vms=config.max_vms, max_vms_per_user=config.max_vms_per_user))
+    templates = templates_for(config)
+    manager = parts.manager(probes, limits=Limits(max_vms=config.max_vms, max_vms_per_user=config.max_vms_per_user),
+                            templates=templates, pool=warm_pools(config, templates, parts.store),
+                            restore_by_default=config.snapshots or config.pooling)
     controller = Controller(config, parts.store, cast(HostNetwork, parts.network), manager)
     clock = Clock()
     service = ControllerService(controller, api_key=KEY,

@@ -113,10 +113,10 @@ class ControllerService:
         self._gone: dict[str, set[Ended]] = {}  # each viewer's, by VM: ended with it
         self._tasks: list[asyncio.Task[None]] = []
         self._background: list[Callable[[], Awaitable[None]]] = []
-        self.pool: WarmPool | None = self.manager.pool  # the manager made it (controller.warm_pool)
-        if self.pool is not None:
-            self.pool.on_claim = self._claimed
-            self.run_in_background(self.pool.run)
+        self.pools: dict[str, WarmPool] = self.manager.pools  # the manager made them (controller.warm_pools)
+        for pool in self.pools.values():
+            pool.on_claim = self._claimed
+            self.run_in_background(pool.run)
         self.metrics.snapshot_age.set_function(self._snapshot_age)
         self._stop_hooks: list[Callable[[], Awaitable[None]]] = []
         self._started = time.time()
@@ -285,10 +285,10 @@ class ControllerService:
     async def create(self, request: CreateVm, wait: bool, principal: Principal = OPERATOR) -> VmRecord:
         tenant = principal.tenant_for(request.tenant)
         quota = await asyncio.to_thread(self.quotas.get, tenant)
-        # Defaults only for what was left out: 0 is a size the manager refuses, not "the default".
-        record, task = await self.manager.start(request.user, 1 if request.vcpus is None else request.vcpus,
-                                                1024 if request.mem_mib is None else request.mem_mib,
-                                                owner=Owner(tenant, quota, request.labels, request.timeout_s))
+        # The template's size only for what was left out: 0 is a size the manager refuses, not "the default".
+        record, task = await self.manager.start(request.user, request.vcpus, request.mem_mib,
+                                                owner=Owner(tenant, quota, request.labels, request.timeout_s),
+                                                template=request.template)
         if not wait:
             return record
         try:
