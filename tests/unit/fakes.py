@@ -80,6 +80,7 @@ class SleepDriver:
     def __init__(self) -> None:
         self.block = 0.0
         self.fail_start = False
+        self.booted: dict[str, Path] = {}
         self.started: dict[VmmProcess, str] = {}
         self.saved: list[str] = []
         self.restored: list[str] = []
@@ -129,6 +130,7 @@ class SleepDriver:
         assert start_time is not None
         vmm = VmmProcess(child.pid, start_time)
         self.started[vmm] = spec.vm_id
+        self.booted[spec.vm_id] = spec.rootfs  # which image each VM booted (templates)
         return vmm
 
     def stop(self, spec: VmSpec, vmm: VmmProcess, timeout: float) -> None:

@@ -76,15 +76,16 @@ class VMManager:
         """`images` resolves (builds, on a new host) the kernel and a template's image, telling each step;
         `templates` are what VMs are made from (default: only `default`, of `desktop_path`); `pool` makes
         the warm pools (one per template at most) start() takes ready VMs from first, given this manager;
-        `restore_by_default`: start() restores from a snapshot unless told otherwise. `on_change` is told of every change (a
-        stage passed, "ready", "failed", "ended", "destroyed"), `on_note` of what a create waits
-        through ("build", "retry"), `on_failure` of a dead VM marked and released."""
+        `restore_by_default`: start() restores from a snapshot unless told otherwise. `on_change` is told of
+        every change (a stage passed, "ready", "failed", "ended", "destroyed"), `on_note` of what a create
+        waits through ("build", "retry"), `on_failure` of a dead VM marked and released."""
         self.notices = Notices(on_change, on_note, on_failure)
         self._parts = parts = ManagerParts(
             records=records, ipam=ipam, network=network, driver=driver, vm_root=vm_root,
             limits=limits or Limits(), deadlines=deadlines or Deadlines(), probes=probes or GuestProbes(),
             notices=self.notices)
-        self.templates = templates or Templates.only(Template(DEFAULT, desktop_path=desktop_path_named(desktop_path).name))
+        default = Template(DEFAULT, desktop_path=desktop_path_named(desktop_path).name)
+        self.templates = templates or Templates.only(default)
         self._images = ImageSources(images, self.notices)
         specs = VmSpecs(driver, vm_uid_base)
         self._release = Release(parts)
