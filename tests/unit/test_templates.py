@@ -168,6 +168,8 @@ def test_an_unknown_template_is_a_422_naming_it_and_nothing_is_made(two: Callabl
             error = response.json()["error"]
             assert error["field"].endswith("template") and words in error["message"], error
         assert (await client.get("/v1/vms")).json() == []
+        listed = await client.get("/v1/vms", params={"template": "nosuch"})
+        assert listed.status_code == 422 and listed.json()["error"]["field"] == "template", listed.text
 
     served.run(scenario)
 

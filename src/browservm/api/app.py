@@ -396,6 +396,8 @@ def build_app(service: ControllerService) -> FastAPI:
         """The VMs this key may see (an admin key: every tenant's; a tenant key: its own), in the order they
         appeared, a page at a time: `X-Next-Cursor` (and `Link: rel=next`) give the next page while there is
         one. A VM created while a client pages comes on a later page: none is skipped or repeated."""
+        if template is not None:
+            service.manager.template(template)  # one the controller has (the document's enum): else a 422
         query = VmQuery(after=0 if cursor is None else cursor_number(cursor), limit=limit, tenant=tenant,
                         user=None if user is None else normalise_user(user), state=None if state is None else
                         state.value, labels=dict(item.split("=", 1) for item in label or ()), template=template)
