@@ -4,6 +4,8 @@ snapshot and warm pool; logins made from their provider's template. The served c
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,10 +16,12 @@ import pytest
 from browservm.config import load_settings
 from browservm.controller import check_pools, pool_settings
 from browservm.errors import InvalidInput
-from browservm.templates import DEFAULT, Template, templates_for
+from browservm.progress import BuildStep
+from browservm.templates import DEFAULT, Template, Templates, templates_for
 from browservm.vm.records import VmRecord, VmRecords
 from browservm.vm.state import VmState
 
+from .fakes import NOTHING, Parts
 from .test_api import Served
 
 TEMPLATES = """
@@ -217,3 +221,28 @@ def test_each_template_has_its_own_pool_and_snapshot_and_a_claim_takes_only_from
         assert oauth["vm_id"] != pooled["oauth"] and oauth["started_from"] != "pooled"
 
     served.run(scenario)
+
+
+def test_a_build_of_one_templates_image_is_told_to_its_vms_only(parts: Parts) -> None:
+    parts.build_steps = [BuildStep("the oauth image", 1, 1, "debootstrap")]
+    parts.build_done = threading.Event()
+    templates = Templates({DEFAULT: Template(DEFAULT), "oauth": Template("oauth", image_profile="oauth")})
+
+    async def scenario() -> None:
+        manager = parts.manager(templates=templates)
+        told: list[tuple[str, str]] = []
+        manager.on_note = lambda record, kind, detail: told.append((record.template, kind))
+        _, task = await manager.start("ann", template="oauth")
+        while not told:
+            await asyncio.sleep(0.01)
+        assert told == [("oauth", "build")]
+        assert manager.building_of("oauth") is not None and manager.building_of(DEFAULT) is None
+        assert parts.build_done is not None
+        parts.build_done.set()
+        done = await asyncio.wait_for(task, 30)
+        assert done.state == VmState.READY and manager.building_of("oauth") is None
+        await manager.destroy(done.vm_id)
+        await manager.close()
+
+    asyncio.run(scenario())
+    assert parts.leftovers() == NOTHING

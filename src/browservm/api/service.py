@@ -363,7 +363,7 @@ class ControllerService:
     def building(self, record: VmRecord, for_viewer: bool = False) -> str | None:
         """The build step a VM waits for, in words: while it is created before any of its hops passed. A
         viewer is told the step, not the host's commands and paths."""
-        step = self.manager.building
+        step = self.manager.building_of(record.template)  # its own image's build, not another template's
         if step is None or record.state != VmState.CREATING or record.stages:
             return None
         return step.headline() if for_viewer else step.describe()
@@ -384,7 +384,7 @@ class ControllerService:
                     yield VmEvent(vm_id, "destroyed", "deleted")
                     return
                 # The build under way (each step wakes the stream), a retry under TCG.
-                building, step = self.building(record), self.manager.building
+                building, step = self.building(record), self.manager.building_of(record.template)
                 if building is not None and step is not None and building != told_building:
                     told_building = building
                     yield VmEvent(vm_id, "build", record.state.value, detail=building, log=step.log or None)

@@ -89,6 +89,11 @@ class ImageSources:
             source = self._sources[template.image] = ImageSource(partial(self._resolve, template), self._notices)
         return source
 
+    def building_of(self, template: Template) -> BuildStep | None:
+        """The build step under way of this template's image, while creates wait for it."""
+        source = self._sources.get(template.image)
+        return None if source is None else source.building
+
     @property
     def building(self) -> BuildStep | None:
         """A build step under way (of any image), while creates wait for it."""

@@ -159,6 +159,11 @@ class VMManager:
         """The build step under way, while creates wait for the kernel and image."""
         return self._images.building
 
+    def building_of(self, template: str) -> BuildStep | None:
+        """The build step under way of this template's image (None for a template this controller lacks)."""
+        found = self.templates.get(template) if template in self.templates else None
+        return None if found is None else self._images.building_of(found)
+
     @property
     def snapshots(self) -> Snapshots:
         return self._snapshotting.snapshots
