@@ -1020,12 +1020,15 @@ def test_due_for_reaping_after_idle_timeout_or_max_lifetime(serve: Callable[...,
 
 def test_only_a_vm_the_pool_marked_is_spared_by_the_reaper_whatever_its_user_is_called(
         serve: Callable[..., Served]) -> None:
-    service = serve(idle_timeout=60, max_lifetime=600).service
+    service = serve(idle_timeout=60, max_lifetime=600, pool=1).service
     now = time.time()
     named = dataclasses.replace(_ready("vm-named", now - 700), user="browservm-pool")  # not marked: reaped
     marked = dataclasses.replace(_ready("vm-marked", now - 700), user="browservm-pool", in_pool=True)
-    assert service.due_for_reaping([named, marked], now + 61) == {
-        "vm-named": "reaped: older than the maximum lifetime of 600 s"}
+    # A pooled VM of a template whose pool is gone (a restart with another --pool) is no pool's to recycle.
+    orphan = dataclasses.replace(marked, vm_id="vm-orphan", template="oauth")
+    assert service.due_for_reaping([named, marked, orphan], now + 61) == {
+        "vm-named": "reaped: older than the maximum lifetime of 600 s",
+        "vm-orphan": "reaped: pooled for template 'oauth', which has no pool now"}
 
 
 def test_a_reaped_vm_ends_released_with_its_reason_in_the_record(serve: Callable[..., Served]) -> None:

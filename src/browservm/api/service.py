@@ -503,9 +503,13 @@ class ControllerService:
                     await self.manager.destroy(vm_id, ended_reason=reason)
 
     def due_for_reaping(self, records: list[VmRecord], now: float) -> dict[str, str]:
-        """VM id -> why, for every ready VM past its lifetime or without a viewer for too long."""
+        """VM id -> why, for every ready VM past its lifetime or without a viewer for too long, and every
+        pooled one no pool of this controller keeps (its template's pool, or the template, gone at a restart)."""
         due = {}
         for record in records:
+            if record.state == VmState.READY and record.in_pool and record.template not in self.pools:
+                due[record.vm_id] = f"reaped: pooled for template {record.template!r}, which has no pool now"
+                continue
             if record.state != VmState.READY or record.in_pool:  # the pool recycles its own
                 continue
             expires = self.expires_at(record)
