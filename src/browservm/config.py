@@ -71,8 +71,12 @@ class Settings(BaseSettings):
     stop_vms_on_exit: bool = Field(False, description="destroy every VM when the controller stops")
     snapshots: bool = Field(False, description="restore new VMs from a snapshot of a booted desktop (QEMU), made "
                                                "in the background at the first create; cold boots until then")
-    pool: int = Field(0, ge=0, le=64, description="VMs kept restored and ready for the next requests (implies "
-                                                  "snapshots)")
+    pool: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict, description="VMs kept restored and ready for the next requests, per template: N (the "
+                                          "default template's) or TEMPLATE=N,TEMPLATE=N (implies snapshots)")
+    templates: Path | None = Field(None, description="the operator's templates (TOML: [templates.NAME] vcpus, "
+                                                     "mem_mib, image_profile or rootfs, desktop_path) beside "
+                                                     "`default`, which these settings make")
     pool_max_age: int = Field(3600, ge=60, description="seconds before a pooled VM is replaced by a fresh one")
     pool_memory_mib: int = Field(8192, ge=256, description="VM memory the pool may hold at most")
     pool_vm_mib: int = Field(1024, ge=256, le=16384, description="memory of each pooled VM: only requests of that "
@@ -103,6 +107,39 @@ class Settings(BaseSettings):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
+    @field_validator("pool", mode="before")
+    @classmethod
+    def _pool(cls, value: object) -> object:
+        # `4` (the default template's pool, as before templates) or `desktop=4,oauth=2`.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {"default": value}
+        if not isinstance(value, str):
+            return value
+        sizes: dict[str, int] = {}
+        for part in (part.strip() for part in value.split(",")):
+            if not part:
+                continue
+            name, equals, size = part.rpartition("=")
+            name = name.strip() if equals else "default"
+            if not size.strip().isdigit() or not name:
+                raise ValueError(f"{part!r}: each entry must be N or TEMPLATE=N, N a whole number")
+            if name in sizes:
+                raise ValueError(f"template {name!r} is given twice")
+            sizes[name] = int(size)
+        return sizes
+
+    @field_validator("pool")
+    @classmethod
+    def _pool_sizes(cls, value: dict[str, int]) -> dict[str, int]:
+        for name, size in value.items():
+            if not 0 <= size <= 64:
+                raise ValueError(f"template {name!r}: {size} is not between 0 and 64 VMs")
+        return {name: size for name, size in value.items() if size}
+
+    @property
+    def pooling(self) -> bool:
+        return any(self.pool.values())
+
     @field_validator("bridge", "uplink")
     @classmethod
     def _ifname(cls, value: str | None) -> str | None:
@@ -124,7 +161,7 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(PROFILES)}")
         return value
 
-    @field_validator("providers_file")
+    @field_validator("providers_file", "templates")
     @classmethod
     def _providers_file(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():

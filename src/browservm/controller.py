@@ -11,7 +11,7 @@ from pathlib import Path
 from types import TracebackType
 
 from browservm.config import Settings
-from browservm.errors import AlreadyServed, StateError
+from browservm.errors import AlreadyServed, InvalidInput, StateError
 from browservm.hostnet.host import HostNetwork
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.images.disk import DiskTemplates
@@ -23,10 +23,11 @@ from browservm.progress import Progress
 from browservm.runner import CommandRunner
 from browservm.secretfile import check_state_dir
 from browservm.store import Store
+from browservm.templates import DEFAULT, Template, Templates, default_template, templates_for
 from browservm.vm.image_source import Images
 from browservm.vm.manager import VMManager
 from browservm.vm.parts import Deadlines, Limits
-from browservm.vm.pool import PoolManager, PoolSettings, WarmPool
+from browservm.vm.pool import OVERHEAD_MIB, PoolManager, PoolSettings, WarmPool
 from browservm.vm.records import VmRecords
 from browservm.vmm.driver import choose_driver
 from browservm.vmm.firecracker import JailerOptions
@@ -42,15 +43,20 @@ def host_network(settings: Settings, store: Store) -> HostNetwork:
                        adopt_bridge=settings.adopt_bridge)
 
 
-def resolve_images(settings: Settings, progress: Progress) -> Images:
-    """The kernel, golden image and disk template to boot: given in settings, or built (and cached) now."""
+def resolve_images(settings: Settings, progress: Progress, template: Template | None = None) -> Images:
+    """The kernel, golden image (the template's; default: the settings') and disk template to boot: given,
+    or built (and cached) now."""
+    template = template or default_template(settings)
     runner = CommandRunner()
     kernel = settings.kernel
     if kernel is None:
         kernel = KernelBuilder.packaged(runner, progress).build(WITH_IP_PNP).vmlinux
-    rootfs = settings.rootfs or RootfsBuilder(runner, progress).build(settings.image_profile).path
-    template = DiskTemplates(runner, progress).template(settings.disk_mib)
-    return Images(kernel=kernel, rootfs=rootfs, disk_template=template)
+    rootfs = template.rootfs
+    if rootfs is None:
+        assert template.image_profile is not None  # a template has one or the other
+        rootfs = RootfsBuilder(runner, progress).build(template.image_profile).path
+    disk = DiskTemplates(runner, progress).template(settings.disk_mib)
+    return Images(kernel=kernel, rootfs=rootfs, disk_template=disk)
 
 
 @dataclass
@@ -67,33 +73,58 @@ def open_controller(settings: Settings, progress: Progress | None = None,
     """`serving`: for `browservm serve`, whose service runs the warm pool (settings.pool); a local
     command's manager has none."""
     progress = progress or Progress()
+    templates = templates_for(settings)
+    check_pools(settings, templates)
     with Store(settings.database) as store, host_network(settings, store) as network:
         plan = network.plan
         manager = VMManager(
             records=VmRecords(store), ipam=Ipam(store, plan), network=network,
             driver=choose_driver(settings.vmm, jailer=jailer_options(settings), accel=settings.accel),
-            images=lambda report: resolve_images(settings, progress.observed(report)),
+            images=lambda template, report: resolve_images(settings, progress.observed(report), template),
             vm_root=settings.state_dir / "vms",
             limits=Limits(max_vms=settings.max_vms, max_vms_per_user=settings.max_vms_per_user),
             deadlines=deadlines,
             # Only root can hand a VMM another uid; a controller that is not root runs VMMs as itself.
             vm_uid_base=settings.vm_uid_base if settings.vm_uids and os.geteuid() == 0 else None,
-            desktop_path=settings.desktop_path, restore_by_default=settings.snapshots or settings.pool > 0,
-            pool=warm_pool(settings, store) if serving else None)
+            templates=templates, restore_by_default=settings.snapshots or settings.pooling,
+            pool=warm_pools(settings, templates, store) if serving else None)
         yield Controller(settings, store, network, manager)
 
 
-def warm_pool(settings: Settings, store: Store) -> Callable[[PoolManager], WarmPool] | None:
-    """The warm pool the manager takes ready VMs from first, made by the manager (given itself): None
+def check_pools(settings: Settings, templates: Templates) -> None:
+    """Every pool names a template there is (InvalidInput naming `pool`)."""
+    for name in settings.pool:
+        if name not in templates:
+            raise InvalidInput("pool", name, f"no such template (known: {', '.join(templates.names())})")
+
+
+def pool_settings(settings: Settings, templates: Templates) -> list[PoolSettings]:
+    """A pool per template that has one. The default template's VMs are of pool_vm_mib (as before
+    templates), the others' of their template's size; pool_memory_mib bounds them all together: each
+    pool gets what the pools named before it leave."""
+    made = []
+    left = settings.pool_memory_mib
+    for name, size in settings.pool.items():
+        template = templates.get(name)
+        vcpus, mem_mib = (1, settings.pool_vm_mib) if name == DEFAULT else (template.vcpus, template.mem_mib)
+        pool = PoolSettings(size=size, max_age=settings.pool_max_age, memory_mib=left, vcpus=vcpus, mem_mib=mem_mib,
+                            template=name)
+        left -= pool.target * (mem_mib + OVERHEAD_MIB)
+        made.append(pool)
+    return made
+
+
+def warm_pools(settings: Settings, templates: Templates,
+               store: Store) -> Callable[[PoolManager], list[WarmPool]] | None:
+    """The warm pools the manager takes ready VMs from first, made by the manager (given itself): None
     without one."""
-    if not settings.pool:
+    if not settings.pooling:
         return None
 
-    def pool(manager: PoolManager) -> WarmPool:
-        return WarmPool(manager, VmRecords(store), PoolSettings(
-            size=settings.pool, max_age=settings.pool_max_age, memory_mib=settings.pool_memory_mib,
-            mem_mib=settings.pool_vm_mib), max_per_user=lambda: settings.max_vms_per_user)
-    return pool
+    def pools(manager: PoolManager) -> list[WarmPool]:
+        return [WarmPool(manager, VmRecords(store), one, max_per_user=lambda: settings.max_vms_per_user)
+                for one in pool_settings(settings, templates)]
+    return pools
 
 
 def jailer_options(settings: Settings) -> JailerOptions | None:

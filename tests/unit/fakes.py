@@ -22,6 +22,7 @@ from browservm.ipam import Ipam, Lease
 from browservm.netplan import NetworkPlan
 from browservm.progress import BuildStep
 from browservm.store import Store
+from browservm.templates import DEFAULT, Template, Templates
 from browservm.vm.console import ConsoleLog
 from browservm.vm.desktop_path import RFB
 from browservm.vm.image_source import Images
@@ -79,6 +80,7 @@ class SleepDriver:
     def __init__(self) -> None:
         self.block = 0.0
         self.fail_start = False
+        self.booted: dict[str, Path] = {}
         self.started: dict[VmmProcess, str] = {}
         self.saved: list[str] = []
         self.restored: list[str] = []
@@ -128,6 +130,7 @@ class SleepDriver:
         assert start_time is not None
         vmm = VmmProcess(child.pid, start_time)
         self.started[vmm] = spec.vm_id
+        self.booted[spec.vm_id] = spec.rootfs  # which image each VM booted (templates)
         return vmm
 
     def stop(self, spec: VmSpec, vmm: VmmProcess, timeout: float) -> None:
@@ -263,12 +266,23 @@ class Parts:
     build_steps: list[BuildStep] = field(default_factory=list)
     build_done: threading.Event | None = None
     build_error: BrowserVMError | None = None
+    resolved: list[str] = field(default_factory=list)  # the templates whose images were resolved, in order
+
+    def images_of(self, template: Template) -> Images:
+        """The default template's images, or a rootfs of the template's own image (snapshots are keyed by it)."""
+        if template.name == DEFAULT:
+            return self.images
+        rootfs = self.images.rootfs.with_name(f"rootfs-{template.image.replace('/', '_')}.ext4")
+        if not rootfs.exists():
+            rootfs.write_bytes(b"image " + template.image.encode())
+        return Images(kernel=self.images.kernel, rootfs=rootfs, disk_template=self.images.disk_template)
 
     def manager(self, probes: FakeProbes | None = None, images_delay: float = 0.0,
                 limits: Limits | None = None, desktop_path: str = RFB,
-                deadlines: Deadlines | None = None, pool: Callable[[PoolManager], WarmPool] | None = None,
-                restore_by_default: bool = False) -> VMManager:
-        def images(report: Callable[[BuildStep], None]) -> Images:
+                deadlines: Deadlines | None = None,
+                pool: Callable[[PoolManager], WarmPool | list[WarmPool]] | None = None,
+                restore_by_default: bool = False, templates: Templates | None = None) -> VMManager:
+        def images(template: Template, report: Callable[[BuildStep], None]) -> Images:
             time.sleep(images_delay)  # as resolving (or building) the kernel and image would
             for step in self.build_steps:
                 report(step)
@@ -276,11 +290,13 @@ class Parts:
                 assert self.build_done.wait(30), "the test never let the build end"
             if self.build_error is not None:
                 raise self.build_error
-            return self.images
+            self.resolved.append(template.name)
+            return self.images_of(template)
         return VMManager(records=VmRecords(self.store), ipam=self.ipam, network=self.network, driver=self.driver,
                          images=images, vm_root=self.vm_root, limits=limits or Limits(max_vms=4, max_vms_per_user=2),
                          deadlines=deadlines or Deadlines(stop=5), probes=probes or FakeProbes(self.ipam),
-                         desktop_path=desktop_path, pool=pool, restore_by_default=restore_by_default)
+                         desktop_path=desktop_path, pool=pool, restore_by_default=restore_by_default,
+                         templates=templates)
 
     def leftovers(self) -> dict[str, object]:
         return {"taps": self.network.taps, "leases": self.ipam.leases(), "vmms": self.driver.alive(),

@@ -34,9 +34,10 @@ from browservm.api.proxy import MAX_VIEWERS_PER_LINK, MAX_VIEWERS_PER_VM
 from browservm.api.service import ControllerService
 from browservm.api.tokens import ViewerTokens
 from browservm.config import load_settings
-from browservm.controller import Controller
+from browservm.controller import Controller, warm_pools
 from browservm.guest import configdisk
 from browservm.hostnet.host import Change, Check, HostNetwork
+from browservm.templates import templates_for
 from browservm.vm.desktop_path import RFB, desktop_path
 from browservm.vm.parts import Limits
 from browservm.vm.records import Failure, VmRecord, VmRecords
@@ -121,7 +122,10 @@ def serve_fakes(state_dir: Path, network: FakeNetwork | None = None, **settings:
     parts = make_parts(state_dir)
     parts.network = network if network is not None else ServedNetwork()
     probes = FakeProbes(parts.ipam)
-    manager = parts.manager(probes, limits=Limits(max_vms=config.max_vms, max_vms_per_user=config.max_vms_per_user))
+    templates = templates_for(config)
+    manager = parts.manager(probes, limits=Limits(max_vms=config.max_vms, max_vms_per_user=config.max_vms_per_user),
+                            templates=templates, pool=warm_pools(config, templates, parts.store),
+                            restore_by_default=config.snapshots or config.pooling)
     controller = Controller(config, parts.store, cast(HostNetwork, parts.network), manager)
     clock = Clock()
     service = ControllerService(controller, api_key=KEY,
@@ -1016,12 +1020,15 @@ def test_due_for_reaping_after_idle_timeout_or_max_lifetime(serve: Callable[...,
 
 def test_only_a_vm_the_pool_marked_is_spared_by_the_reaper_whatever_its_user_is_called(
         serve: Callable[..., Served]) -> None:
-    service = serve(idle_timeout=60, max_lifetime=600).service
+    service = serve(idle_timeout=60, max_lifetime=600, pool=1).service
     now = time.time()
     named = dataclasses.replace(_ready("vm-named", now - 700), user="browservm-pool")  # not marked: reaped
     marked = dataclasses.replace(_ready("vm-marked", now - 700), user="browservm-pool", in_pool=True)
-    assert service.due_for_reaping([named, marked], now + 61) == {
-        "vm-named": "reaped: older than the maximum lifetime of 600 s"}
+    # A pooled VM of a template whose pool is gone (a restart with another --pool) is no pool's to recycle.
+    orphan = dataclasses.replace(marked, vm_id="vm-orphan", template="oauth")
+    assert service.due_for_reaping([named, marked, orphan], now + 61) == {
+        "vm-named": "reaped: older than the maximum lifetime of 600 s",
+        "vm-orphan": "reaped: pooled for template 'oauth', which has no pool now"}
 
 
 def test_a_reaped_vm_ends_released_with_its_reason_in_the_record(serve: Callable[..., Served]) -> None:

@@ -262,6 +262,8 @@ def test_a_bad_field_exits_2_naming_it(served: Served, cli: Cli) -> None:
     assert code == 2 and err.startswith("browservm: error: vm_id: ")
     code, _, err = cli("create", "--keep-failed")
     assert code == 2 and "--keep-failed is for local mode" in err
+    code, _, err = cli("create", "--template", "nosuch")  # the controller's templates decide
+    assert code == 2 and err.startswith("browservm: error: template: no such template (known: default)"), err
     assert served.records().all() == []
 
 

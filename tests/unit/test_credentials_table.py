@@ -42,6 +42,7 @@ ROUTES: dict[tuple[str, str], Kind] = {
     ("GET", "/swagger/{name}"): "operator",
     ("POST", "/v1/vms"): "operator",
     ("GET", "/v1/vms"): "operator",
+    ("GET", "/v1/templates"): "operator",
     ("GET", "/v1/vms/{vm_id}"): "operator",
     ("DELETE", "/v1/vms/{vm_id}"): "operator",
     ("GET", "/v1/vms/{vm_id}/console"): "operator",

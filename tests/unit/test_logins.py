@@ -30,6 +30,7 @@ from browservm.guest.credentials import credentials_digest
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.netplan import NetworkPlan
 from browservm.oauth.agent import AgentEndpoint
+from browservm.oauth.errors import CatalogError
 from browservm.oauth.records import LoginRecords
 from browservm.oauth.service import LoginService
 from browservm.vm.records import VmRecord
@@ -584,3 +585,43 @@ def test_cli_login_prints_the_viewer_and_each_state_and_exits_by_the_outcome(
         assert "  | error: the issuer answered 500" in err
     assert TOKEN not in out + err
     assert served.parts.leftovers() == NOTHING
+
+
+# --- templates (issue 21): a login's VM is made from its provider's template ---------------------------
+
+def test_a_login_uses_its_providers_template(
+        tmp_path: Path, logins_served: Callable[..., tuple[Served, LoginService]]) -> None:
+    path = tmp_path / "templates.toml"
+    path.write_text('[templates.oauth]\nimage_profile = "oauth"\nmem_mib = 2048\n')
+    providers = '[providers.sample]\ntemplate = "oauth"\n'
+    served, logins = logins_served(providers, templates=path)
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        response = await client.post("/v1/logins", json={"user": "ann", "provider": "sample"})
+        assert response.status_code == 202, response.text
+        vm = (await client.get(f"/v1/vms/{response.json()['vm_id']}")).json()
+        assert (vm["template"], vm["mem_mib"]) == ("oauth", 2048)
+        await logins.cancel(response.json()["login_id"])
+
+    served.run(scenario)
+
+
+def test_a_login_without_a_template_keeps_todays_vm(logins_served: Callable[..., tuple[Served, LoginService]]) -> None:
+    served, logins = logins_served(login_mem_mib=1280)
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        response = await client.post("/v1/logins", json={"user": "ann", "provider": "sample"})
+        assert response.status_code == 202, response.text
+        vm = (await client.get(f"/v1/vms/{response.json()['vm_id']}")).json()
+        assert (vm["template"], vm["mem_mib"]) == ("default", 1280)
+        await logins.cancel(response.json()["login_id"])
+
+    served.run(scenario)
+
+
+def test_a_provider_naming_an_unknown_template_stops_the_controller_at_its_start(
+        logins_served: Callable[..., tuple[Served, LoginService]]) -> None:
+    with pytest.raises(CatalogError) as excinfo:
+        logins_served('[providers.sample]\ntemplate = "nosuch"\n')
+    assert (excinfo.value.provider, excinfo.value.field) == ("sample", "template")
+    assert "no such template" in excinfo.value.reason

@@ -49,7 +49,17 @@ from browservm.api.audited import Audited, audited
 from browservm.api.auth import SESSION_COOKIE, Access, ApiError, Caller, admin_only, caller
 from browservm.api.idempotency import Idempotent
 from browservm.api.logs import AccessLog
-from browservm.api.models import USER_PATTERN, ConsoleOut, CreateVm, ErrorOut, ExtendVm, ViewerOut, VmId, VmOut
+from browservm.api.models import (
+    USER_PATTERN,
+    ConsoleOut,
+    CreateVm,
+    ErrorOut,
+    ExtendVm,
+    TemplateOut,
+    ViewerOut,
+    VmId,
+    VmOut,
+)
 from browservm.api.paging import CURSOR_PATTERN, MAX_PAGE, NEXT_PAGE_HEADERS, cursor_number, next_page
 from browservm.api.service import ControllerService
 from browservm.api.tokens import TokenRefused
@@ -64,6 +74,7 @@ from browservm.errors import (
     WrongState,
 )
 from browservm.ids import validate_vm_id
+from browservm.templates import NAME_PATTERN as TEMPLATE_PATTERN
 from browservm.vm import hops
 from browservm.vm.create import normalise_user
 from browservm.vm.desktop_path import desktop_path
@@ -78,10 +89,12 @@ LABEL_FILTER = r"^[a-z0-9][a-z0-9._/-]{0,62}=[^\x00-\x1f\x7f]{0,256}$"
 LabelFilter = Annotated[str, StringConstraints(pattern=LABEL_FILTER)]
 
 
-def complete_document(openapi: dict[str, Any], providers: Iterable[str]) -> dict[str, Any]:
+def complete_document(openapi: dict[str, Any], providers: Iterable[str],
+                      templates: Iterable[str] = ()) -> dict[str, Any]:
     """What FastAPI cannot know from the routes, added to their OpenAPI document: the statuses every route can
     answer (a key refused, a field refused, a body too large, the host unable), the Idempotency-Key header
-    the middleware takes, the login providers the catalog has. In place (FastAPI keeps the document it made)."""
+    the middleware takes, the login providers the catalog has, the templates the controller serves. In place
+    (FastAPI keeps the document it made)."""
     error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}}
     for path, operations in openapi.get("paths", {}).items():
         for method, operation in operations.items():
@@ -97,6 +110,14 @@ def complete_document(openapi: dict[str, Any], providers: Iterable[str]) -> dict
     login = openapi.get("components", {}).get("schemas", {}).get("CreateLogin")
     if login is not None:  # the catalog's names: what the login service takes (it names the others' refusal)
         login["properties"]["provider"]["enum"] = list(providers)
+    create = openapi.get("components", {}).get("schemas", {}).get("CreateVm")
+    names = list(templates)
+    if create is not None and names:  # what the manager takes (it names the others' refusal)
+        create["properties"]["template"]["enum"] = names
+    for operation in openapi.get("paths", {}).get("/v1/vms", {}).values():
+        for parameter in operation.get("parameters", ()):
+            if parameter.get("name") == "template" and names:
+                parameter["schema"] = {"anyOf": [{"type": "string", "enum": names}, {"type": "null"}]}
     return idempotency.document(openapi)
 
 
@@ -296,7 +317,7 @@ def build_app(service: ControllerService) -> FastAPI:
     app.add_middleware(Idempotent, records=service.idempotency)
     build_document = app.openapi
     app.openapi = lambda: app.openapi_schema or complete_document(  # type: ignore[method-assign]
-        build_document(), app.state.logins.catalog.names())
+        build_document(), app.state.logins.catalog.names(), service.manager.templates.names())
     app.add_middleware(BodyLimit)
     app.add_middleware(Audited, trail=service.audit)
     app.add_middleware(AccessLog)  # outermost: it times and logs what BodyLimit refuses too
@@ -369,17 +390,28 @@ def build_app(service: ControllerService) -> FastAPI:
                                         Query(description="key=value; VMs with every one")] = None,
                        tenant: Annotated[str | None, Query(pattern=f"{TENANT_PATTERN}|^$",
                                                            description="admin keys: one tenant's only")] = None,
+                       template: Annotated[str | None, Query(pattern=TEMPLATE_PATTERN,
+                                                             description="VMs made from this template")] = None,
                        ) -> list[VmOut]:
         """The VMs this key may see (an admin key: every tenant's; a tenant key: its own), in the order they
         appeared, a page at a time: `X-Next-Cursor` (and `Link: rel=next`) give the next page while there is
         one. A VM created while a client pages comes on a later page: none is skipped or repeated."""
+        if template is not None:
+            service.manager.template(template)  # one the controller has (the document's enum): else a 422
         query = VmQuery(after=0 if cursor is None else cursor_number(cursor), limit=limit, tenant=tenant,
                         user=None if user is None else normalise_user(user), state=None if state is None else
-                        state.value, labels=dict(item.split("=", 1) for item in label or ()))
+                        state.value, labels=dict(item.split("=", 1) for item in label or ()), template=template)
         records, last = await service.page(query, who)
         if last is not None:
             next_page(request, response, service.settings.base_url, last)
         return [service.describe(record) for record in records]
+
+    @app.get("/v1/templates", tags=["vms"], responses=errors)
+    async def list_templates(who: Caller) -> list[TemplateOut]:
+        """The templates VMs are made from (POST /v1/vms `template`), with the size of each one's warm pool."""
+        pools = service.manager.pools
+        return [TemplateOut.of(template, pools[template.name].settings.size if template.name in pools else 0)
+                for template in service.manager.templates]
 
     @app.get("/v1/vms/{vm_id}", tags=["vms"], responses=errors)
     async def get_vm(vm_id: VmId, who: Caller) -> VmOut:

@@ -17,6 +17,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, S
 from browservm.access.principal import TENANT_PATTERN
 from browservm.ids import VM_ID_PATTERN
 from browservm.names import CONTROLS, NAME_PATTERN
+from browservm.templates import DEFAULT, Template
+from browservm.templates import NAME_PATTERN as TEMPLATE_PATTERN
 from browservm.vm.parts import Limits
 from browservm.vm.records import VmRecord
 from browservm.vm.state import VmState
@@ -52,10 +54,14 @@ class CreateVm(BaseModel):
     user: StrictStr = Field(min_length=1, max_length=64, pattern=USER_PATTERN,
                             description="whose VM it is; limits count per user")
     # The ranges are documented here and enforced by the manager (vm/create.py check_request), in its words.
-    vcpus: WholeNumber | None = Field(None, description="virtual CPUs (default 1)", json_schema_extra={
+    template: StrictStr = Field(DEFAULT, pattern=TEMPLATE_PATTERN,
+                                description="what it is made from: its image, size and desktop path (GET "
+                                            "/v1/templates lists them)")
+    vcpus: WholeNumber | None = Field(None, description="virtual CPUs (default: the template's)", json_schema_extra={
         "minimum": _LIMITS.vcpus[0], "maximum": _LIMITS.vcpus[1]})
-    mem_mib: WholeNumber | None = Field(None, description="memory in MiB (default 1024)", json_schema_extra={
-        "minimum": _LIMITS.mem_mib[0], "maximum": _LIMITS.mem_mib[1]})
+    mem_mib: WholeNumber | None = Field(None, description="memory in MiB (default: the template's)",
+                                        json_schema_extra={"minimum": _LIMITS.mem_mib[0],
+                                                           "maximum": _LIMITS.mem_mib[1]})
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=16,
                                                json_schema_extra={"additionalProperties": False},
                                                description="up to 16 labels of the client's own, to find its VMs by "
@@ -79,10 +85,26 @@ class FailureOut(BaseModel):
     cleanup: list[str] = Field(description="resources that could not be released, each with its error")
 
 
+class TemplateOut(BaseModel):
+    name: str
+    vcpus: int = Field(description="of its VMs, unless a create gives vcpus")
+    mem_mib: int = Field(description="of its VMs, unless a create gives mem_mib")
+    image_profile: str | None = Field(description="the image the controller builds (full, minimal, oauth), or null "
+                                                  "for an image file")
+    rootfs: str | None = Field(description="the image file its VMs boot, or null for a built profile")
+    desktop_path: str = Field(description="how the controller reaches its VMs' desktops: rfb or websockify")
+    pool: int = Field(description="VMs of it the warm pool keeps ready (0: none)")
+
+    @classmethod
+    def of(cls, template: Template, pool: int) -> TemplateOut:
+        return cls(**template.describe(), pool=pool)
+
+
 class VmOut(BaseModel):
     vm_id: str
     state: VmState
     user: str
+    template: str = Field(description="what it was made from (GET /v1/templates)")
     tenant: str = Field(description="the tenant it belongs to; empty: the operator's own")
     labels: dict[str, str]
     expires_at: float | None = Field(description="when it is ended (unix seconds): its timeout, or its maximum "
@@ -122,7 +144,8 @@ class VmOut(BaseModel):
            expires_at: float | None = None) -> VmOut:
         failure = record.failure
         return cls(
-            vm_id=record.vm_id, state=record.state, user=record.user, tenant=record.tenant, labels=record.labels,
+            vm_id=record.vm_id, state=record.state, user=record.user, template=record.template, tenant=record.tenant,
+            labels=record.labels,
             expires_at=expires_at, expires_at_rfc3339=rfc3339(expires_at), vcpus=record.vcpus,
             mem_mib=record.mem_mib, created_at=record.created_at, created_at_rfc3339=rfc3339(record.created_at) or "",
             uptime_s=round(time.time() - record.created_at, 1),

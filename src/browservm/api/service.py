@@ -113,10 +113,10 @@ class ControllerService:
         self._gone: dict[str, set[Ended]] = {}  # each viewer's, by VM: ended with it
         self._tasks: list[asyncio.Task[None]] = []
         self._background: list[Callable[[], Awaitable[None]]] = []
-        self.pool: WarmPool | None = self.manager.pool  # the manager made it (controller.warm_pool)
-        if self.pool is not None:
-            self.pool.on_claim = self._claimed
-            self.run_in_background(self.pool.run)
+        self.pools: dict[str, WarmPool] = self.manager.pools  # the manager made them (controller.warm_pools)
+        for pool in self.pools.values():
+            pool.on_claim = self._claimed
+            self.run_in_background(pool.run)
         self.metrics.snapshot_age.set_function(self._snapshot_age)
         self._stop_hooks: list[Callable[[], Awaitable[None]]] = []
         self._started = time.time()
@@ -285,10 +285,10 @@ class ControllerService:
     async def create(self, request: CreateVm, wait: bool, principal: Principal = OPERATOR) -> VmRecord:
         tenant = principal.tenant_for(request.tenant)
         quota = await asyncio.to_thread(self.quotas.get, tenant)
-        # Defaults only for what was left out: 0 is a size the manager refuses, not "the default".
-        record, task = await self.manager.start(request.user, 1 if request.vcpus is None else request.vcpus,
-                                                1024 if request.mem_mib is None else request.mem_mib,
-                                                owner=Owner(tenant, quota, request.labels, request.timeout_s))
+        # The template's size only for what was left out: 0 is a size the manager refuses, not "the default".
+        record, task = await self.manager.start(request.user, request.vcpus, request.mem_mib,
+                                                owner=Owner(tenant, quota, request.labels, request.timeout_s),
+                                                template=request.template)
         if not wait:
             return record
         try:
@@ -363,7 +363,7 @@ class ControllerService:
     def building(self, record: VmRecord, for_viewer: bool = False) -> str | None:
         """The build step a VM waits for, in words: while it is created before any of its hops passed. A
         viewer is told the step, not the host's commands and paths."""
-        step = self.manager.building
+        step = self.manager.building_of(record.template)  # its own image's build, not another template's
         if step is None or record.state != VmState.CREATING or record.stages:
             return None
         return step.headline() if for_viewer else step.describe()
@@ -384,7 +384,7 @@ class ControllerService:
                     yield VmEvent(vm_id, "destroyed", "deleted")
                     return
                 # The build under way (each step wakes the stream), a retry under TCG.
-                building, step = self.building(record), self.manager.building
+                building, step = self.building(record), self.manager.building_of(record.template)
                 if building is not None and step is not None and building != told_building:
                     told_building = building
                     yield VmEvent(vm_id, "build", record.state.value, detail=building, log=step.log or None)
@@ -503,9 +503,13 @@ class ControllerService:
                     await self.manager.destroy(vm_id, ended_reason=reason)
 
     def due_for_reaping(self, records: list[VmRecord], now: float) -> dict[str, str]:
-        """VM id -> why, for every ready VM past its lifetime or without a viewer for too long."""
+        """VM id -> why, for every ready VM past its lifetime or without a viewer for too long, and every
+        pooled one no pool of this controller keeps (its template's pool, or the template, gone at a restart)."""
         due = {}
         for record in records:
+            if record.state == VmState.READY and record.in_pool and record.template not in self.pools:
+                due[record.vm_id] = f"reaped: pooled for template {record.template!r}, which has no pool now"
+                continue
             if record.state != VmState.READY or record.in_pool:  # the pool recycles its own
                 continue
             expires = self.expires_at(record)

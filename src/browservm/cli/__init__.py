@@ -101,7 +101,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             raise InvalidInput("subnet", args.subnet, str(exc)) from None
     service = {name: getattr(args, name, None) for name in (
         "listen", "public_url", "idle_timeout", "max_lifetime", "viewer_ttl", "stop_vms_on_exit", "adopt_bridge",
-        "snapshots", "pool", "log_format", "tls_cert", "tls_key", "ca_file", "audit_retention")}
+        "snapshots", "pool", "templates", "log_format", "tls_cert", "tls_key", "ca_file", "audit_retention")}
     for name in ("egress_allow", "egress_deny"):
         if getattr(args, name, None):
             service[name] = ",".join(getattr(args, name))

@@ -59,7 +59,11 @@ def add_service_options(parser: argparse.ArgumentParser) -> None:
                         help="the audit trail keeps an entry this long (default 90 days)")
     parser.add_argument("--snapshots", action="store_true", default=None,
                         help="restore new VMs from a snapshot of a booted desktop (made at the first create)")
-    parser.add_argument("--pool", type=int, metavar="N", help="keep N VMs restored and ready (default 0)")
+    parser.add_argument("--pool", metavar="N|TEMPLATE=N,...",
+                        help="keep N VMs restored and ready: of the default template, or per template as "
+                             "desktop=4,oauth=2 (default none)")
+    parser.add_argument("--templates", type=Path, metavar="FILE",
+                        help="the operator's templates (TOML), beside `default` (also BROWSERVM_TEMPLATES)")
     parser.add_argument("--log-format", choices=LOG_FORMATS,
                         help="text (default), or JSON one object a line; an access line per request, with its id")
     parser.add_argument("--stop-vms-on-exit", action="store_true", default=None,

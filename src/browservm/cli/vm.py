@@ -55,8 +55,11 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser],
     actions = vm.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", parents=parents, help="boot a VM; returns when its desktop answers")
     create.add_argument("--user", default="default", help="whose VM it is (limits count per user)")
-    create.add_argument("--vcpus", type=int, default=1)
-    create.add_argument("--mem", type=int, default=1024, metavar="MiB")
+    create.add_argument("--template", default="default",
+                        help="what the VM is made from: its image, size and desktop path (default: default; "
+                             "the controller's --templates file, BROWSERVM_TEMPLATES, adds more)")
+    create.add_argument("--vcpus", type=int, help="default: the template's (1 for default)")
+    create.add_argument("--mem", type=int, metavar="MiB", help="default: the template's (1024 for default)")
     create.add_argument("--keep-failed", action="store_true",
                         help="keep a failed VM's VMM, TAP, lease and disk for diagnosis (local mode only)")
     create.add_argument("--boot-arg", action="append", default=[], metavar="WORD",
@@ -121,7 +124,9 @@ def _local_only(args: argparse.Namespace) -> None:
 
 
 def _create(controller: Controller, args: argparse.Namespace) -> int:
-    controller.manager.check_request(args.user, args.vcpus, args.mem, tuple(args.boot_arg))
+    template = controller.manager.template(args.template)
+    controller.manager.check_request(args.user, template.vcpus if args.vcpus is None else args.vcpus,
+                                     template.mem_mib if args.mem is None else args.mem, tuple(args.boot_arg))
     progress = Progress()
     changes = [c for c in controller.network.up() if c.action != "unchanged"]
     for change in changes:
@@ -130,7 +135,7 @@ def _create(controller: Controller, args: argparse.Namespace) -> int:
     owner = Owner(labels=labels_of(args.label), timeout_s=args.timeout)
     record = asyncio.run(controller.manager.create(
         args.user, args.vcpus, args.mem, keep_failed=args.keep_failed, extra_boot_args=tuple(args.boot_arg),
-        on_stage=print_stage, owner=owner))
+        on_stage=print_stage, owner=owner, template=template.name))
     print_vm(record_view(record), args.json)
     return 0 if record.state == VmState.READY else 1
 

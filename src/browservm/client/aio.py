@@ -71,9 +71,9 @@ class AsyncClient:
 
     async def create_vm(self, user: str, vcpus: int | None = None, mem_mib: int | None = None, wait: bool = False,
                         idempotency_key: str | None = None, *, labels: Mapping[str, str] | None = None,
-                        timeout_s: int | None = None) -> Vm:
+                        timeout_s: int | None = None, template: str | None = None) -> Vm:
         return await self._call(routes.create_vm(user, vcpus, mem_mib, wait, idempotency_key, labels=labels,
-                                                 timeout_s=timeout_s))
+                                                 timeout_s=timeout_s, template=template))
 
     async def extend_vm(self, vm_id: str, timeout_s: int, idempotency_key: str | None = None) -> Vm:
         return await self._call(routes.extend_vm(vm_id, timeout_s, idempotency_key))
@@ -82,8 +82,9 @@ class AsyncClient:
         return await self._call(routes.get_vm(vm_id))
 
     async def list_vms(self, *, user: str | None = None, state: str | None = None,
-                       labels: Mapping[str, str] | None = None, tenant: str | None = None) -> list[Vm]:
-        return await self._every_page(routes.list_vms(user, state, labels, tenant))
+                       labels: Mapping[str, str] | None = None, tenant: str | None = None,
+                       template: str | None = None) -> list[Vm]:
+        return await self._every_page(routes.list_vms(user, state, labels, tenant, template))
 
     async def delete_vm(self, vm_id: str) -> bool:
         return await self._call(routes.delete_vm(vm_id))

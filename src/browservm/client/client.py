@@ -72,11 +72,12 @@ class Client:
 
     def create_vm(self, user: str, vcpus: int | None = None, mem_mib: int | None = None, wait: bool = False,
                   idempotency_key: str | None = None, *, labels: Mapping[str, str] | None = None,
-                  timeout_s: int | None = None) -> Vm:
+                  timeout_s: int | None = None, template: str | None = None) -> Vm:
         """A new VM (state `creating`, it boots on the controller); with `wait`, once it is ready or failed.
-        `labels` to find it by; `timeout_s`: ended that long after its creation (extend_vm moves it)."""
+        `labels` to find it by; `timeout_s`: ended that long after its creation (extend_vm moves it);
+        `template`: what it is made from (default: the controller's `default`)."""
         return self._call(routes.create_vm(user, vcpus, mem_mib, wait, idempotency_key, labels=labels,
-                                                 timeout_s=timeout_s))
+                                           timeout_s=timeout_s, template=template))
 
     def extend_vm(self, vm_id: str, timeout_s: int, idempotency_key: str | None = None) -> Vm:
         """End the VM `timeout_s` from now instead (within its maximum lifetime)."""
@@ -86,9 +87,10 @@ class Client:
         return self._call(routes.get_vm(vm_id))
 
     def list_vms(self, *, user: str | None = None, state: str | None = None,
-                 labels: Mapping[str, str] | None = None, tenant: str | None = None) -> list[Vm]:
-        """Every VM the key may see (of `user`, in `state`, with all of `labels`), page after page."""
-        return self._every_page(routes.list_vms(user, state, labels, tenant))
+                 labels: Mapping[str, str] | None = None, tenant: str | None = None,
+                 template: str | None = None) -> list[Vm]:
+        """Every VM the key may see (of `user`, in `state`, with all of `labels`, of `template`), page after page."""
+        return self._every_page(routes.list_vms(user, state, labels, tenant, template))
 
     def delete_vm(self, vm_id: str) -> bool:
         """Stop the VM and release what it had; True if it was there (idempotent)."""

@@ -40,6 +40,7 @@ class Vm(_Answer):
     vm_id: str
     state: str  # creating, booting, ready, failed, destroying or ended
     user: str = ""
+    template: str = "default"  # what it was made from (GET /v1/templates)
     vcpus: int | None = None
     mem_mib: int | None = None
     created_at: float | None = None

@@ -92,9 +92,10 @@ def _json(payload: Any) -> dict[str, Any]:
 # --- VMs ---------------------------------------------------------------------------------------------
 
 def create_vm(user: str, vcpus: int | None, mem_mib: int | None, wait: bool, idempotency_key: str | None, *,
-              labels: Mapping[str, str] | None = None, timeout_s: int | None = None) -> Call[Vm]:
+              labels: Mapping[str, str] | None = None, timeout_s: int | None = None,
+              template: str | None = None) -> Call[Vm]:
     body: dict[str, Any] = {"user": user}
-    for name, value in (("vcpus", vcpus), ("mem_mib", mem_mib), ("timeout_s", timeout_s)):
+    for name, value in (("vcpus", vcpus), ("mem_mib", mem_mib), ("timeout_s", timeout_s), ("template", template)):
         if value is not None:
             body[name] = value
     if labels:
@@ -104,9 +105,9 @@ def create_vm(user: str, vcpus: int | None, mem_mib: int | None, wait: bool, ide
 
 
 def list_vms(user: str | None = None, state: str | None = None, labels: Mapping[str, str] | None = None,
-             tenant: str | None = None) -> Call[list[Vm]]:
+             tenant: str | None = None, template: str | None = None) -> Call[list[Vm]]:
     params: dict[str, str | int | bool | list[str]] = {"limit": PAGE}
-    for name, value in (("user", user), ("state", state), ("tenant", tenant)):
+    for name, value in (("user", user), ("state", state), ("tenant", tenant), ("template", template)):
         if value is not None:
             params[name] = value
     if labels:

@@ -66,6 +66,9 @@ class Provider(BaseModel):
     files: dict[StrictStr, StrictStr] = Field(
         default_factory=dict, max_length=16,
         description="written (0600, as the desktop user) before the tool starts: {absolute path: text}")
+    template: StrictStr | None = Field(None, description="the template the login's VM is made from (its image "
+                                                         "and size); default: the controller's default template "
+                                                         "with login_mem_mib")
 
     @field_validator("name")
     @classmethod

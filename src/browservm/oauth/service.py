@@ -31,11 +31,12 @@ from browservm.errors import BrowserVMError, InvalidInput, VmNotFound, WrongStat
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.oauth.agent import CONNECT, PROTOCOL, AgentClient, AgentEndpoint, AgentStatus
 from browservm.oauth.catalog import Catalog, Provider
-from browservm.oauth.errors import AgentError, LoginConflict, LoginNotFound
+from browservm.oauth.errors import AgentError, CatalogError, LoginConflict, LoginNotFound
 from browservm.oauth.records import LoginRecord, LoginRecords, bounded_output, new_login_id, validate_login_id
 from browservm.oauth.redact import Redactor, captured_secrets
 from browservm.oauth.states import LoginState, transition
 from browservm.oauth.vault import StoredCredentials, Vault
+from browservm.templates import DEFAULT
 from browservm.vm import hops
 from browservm.vm.console import ConsoleLog
 from browservm.vm.manager import VMManager
@@ -80,8 +81,13 @@ class LoginService:
         self.catalog = catalog
         self._netns = netns
         self._viewer = viewer
-        self.vcpus = vcpus
+        self.vcpus = vcpus  # of a login's VM whose provider names no template
         self.mem_mib = mem_mib
+        for provider in catalog.providers.values():  # refused at the start, not at a login
+            if provider.template is not None and provider.template not in manager.templates:
+                raise CatalogError(", ".join(catalog.sources), provider.name, "template",
+                                   f"no such template {provider.template!r} (known: "
+                                   f"{', '.join(manager.templates.names())})")
         self.agent_wait_s = agent_wait_s  # after the VM is ready, for the agent to answer
         self.poll_s = poll_s
         # How to reach a VM's agent: its address, port 7000, in the VM network's namespace. Tests and the
@@ -136,7 +142,9 @@ class LoginService:
                     tenant: str = "", quota: Quota = NO_QUOTA) -> Started:
         """`tenant`: whose login, VM and credentials these are, within its `quota` (access/)."""
         provider = self.catalog.get(provider_name)
-        self._manager.check_request(user, self.vcpus, self.mem_mib)
+        template = self._manager.template(provider.template or DEFAULT)
+        vcpus, mem_mib = (template.vcpus, template.mem_mib) if provider.template else (self.vcpus, self.mem_mib)
+        self._manager.check_request(user, vcpus, mem_mib)
         if vm_id is not None:
             vm = await self._manager.get(vm_id)
             if vm is None or vm.tenant != tenant:
@@ -151,7 +159,8 @@ class LoginService:
         await asyncio.to_thread(self._records.insert, login, quota.logins_per_hour)
         try:
             if vm_id is None:
-                vm, _ = await self._manager.start(user, self.vcpus, self.mem_mib, owner=Owner(tenant, quota))
+                vm, _ = await self._manager.start(user, vcpus, mem_mib, owner=Owner(tenant, quota),
+                                                  template=template.name)
                 login.vm_id = vm.vm_id
                 await asyncio.to_thread(self._records.save, login)
             viewer = await self._viewer(login.vm_id)

@@ -10,7 +10,8 @@ and writes what it made into the record before it returns: the record, saved as 
 is the durable list of what to undo, and the undo is the one release path (release.py), whether
 the create failed, was cancelled or the VM is destroyed later.
 
-A ready VM from the warm pool comes first when there is one; a restore from the snapshot of the
+A VM is made from a template (templates.py): its image, its size unless the request gives one, its
+desktop path. A ready VM from its template's warm pool comes first when there is one; a restore from the snapshot of the
 VM's inputs next (snapshotting.py); else a cold boot. A cold boot whose guest KVM stopped is tried
 once more under TCG (`--accel auto`).
 """
@@ -36,12 +37,13 @@ from browservm.ids import new_vm_id
 from browservm.images.disk import clone_sparse
 from browservm.ipam import Lease
 from browservm.names import is_name
+from browservm.templates import DEFAULT, Template
 from browservm.vm import config_disks, hops
 from browservm.vm.bringup import BringUp
 from browservm.vm.console import MAX_DISK
-from browservm.vm.desktop_path import DesktopPath
+from browservm.vm.desktop_path import desktop_path
 from browservm.vm.failures import evidence
-from browservm.vm.image_source import Images, ImageSource
+from browservm.vm.image_source import Images, ImageSources
 from browservm.vm.parts import ManagerParts, StageCallback
 from browservm.vm.pool import POOL_USER, WarmPool
 from browservm.vm.records import OPERATORS, Owner, Purpose, VmRecord
@@ -79,31 +81,36 @@ class Step:
 
 
 class Creator:
-    def __init__(self, parts: ManagerParts, images: ImageSource, specs: VmSpecs, release: Release,
-                 bringup: BringUp, *, snapshotting: Snapshotting, pool: WarmPool | None,
-                 restore_by_default: bool, desktop_path: DesktopPath) -> None:
+    def __init__(self, parts: ManagerParts, images: ImageSources, specs: VmSpecs, release: Release,
+                 bringup: BringUp, *, snapshotting: Snapshotting, pools: dict[str, WarmPool],
+                 restore_by_default: bool, templates: Callable[[str], Template]) -> None:
         self._parts = parts
         self._images = images
         self._specs = specs
         self._release = release
         self._bringup = bringup
         self._snapshotting = snapshotting
-        self.pool = pool  # where start() takes a ready VM from first
+        self.pools = pools  # by template: where start() takes a ready VM of that template from first
         self.restore_by_default = restore_by_default  # start(): restore from a snapshot unless told otherwise
-        self.desktop_path = desktop_path  # new VMs' records keep it
+        self._templates = templates  # a template by name (InvalidInput naming `template` when there is none)
         self.creating: dict[str, asyncio.Task[VmRecord]] = {}
 
-    async def start(self, user: str, vcpus: int, mem_mib: int, *, keep_failed: bool,
+    async def start(self, user: str, vcpus: int | None, mem_mib: int | None, *, keep_failed: bool,
                     extra_boot_args: tuple[str, ...], on_stage: StageCallback | None, restore: bool | None,
-                    purpose: Purpose, owner: Owner = OPERATORS) -> tuple[VmRecord, asyncio.Task[VmRecord]]:
+                    purpose: Purpose, owner: Owner = OPERATORS,
+                    template: str = DEFAULT) -> tuple[VmRecord, asyncio.Task[VmRecord]]:
         """VMManager.start's work: see there."""
         parts = self._parts
+        made_from = self._templates(template)
+        vcpus = made_from.vcpus if vcpus is None else vcpus
+        mem_mib = made_from.mem_mib if mem_mib is None else mem_mib
         self.check_request(user, vcpus, mem_mib, extra_boot_args, reserved_ok=purpose != "user")
         user = normalise_user(user) if purpose == "user" else RESERVED_USERS[purpose]
         plain = not extra_boot_args and not keep_failed
         ours = purpose != "user"  # the pool's own VMs and the one a snapshot is made of
-        if self.pool is not None and not ours and plain and self.pool.fits(vcpus, mem_mib):
-            claimed = await self.pool.claim(user, owner)
+        pool = self.pools.get(template)
+        if pool is not None and not ours and plain and pool.fits(vcpus, mem_mib):
+            claimed = await pool.claim(user, owner)
             if claimed is not None:
                 parts.notices.change(claimed, "ready")
                 return claimed, parts.own(_already(claimed))
@@ -111,16 +118,17 @@ class Creator:
         vm_id = new_vm_id()
         record = VmRecord(vm_id=vm_id, user=user, vcpus=vcpus, mem_mib=mem_mib, keep=keep_failed,
                           directory=str(parts.directory(vm_id).path), driver=parts.driver.name, owner=parts.me,
-                          desktop_path=self.desktop_path.name, in_pool=purpose == "pool")
+                          desktop_path=desktop_path(made_from.desktop_path).name, in_pool=purpose == "pool",
+                          template=template)
         owner.apply(record, record.created_at)
         restore = restore and plain
-        if restore and self._images.known:  # decided now, so that the answer says how it starts
+        if restore and self._images.of(made_from).known:  # decided now, so that the answer says how it starts
             await self._snapshotting.use_snapshot(record)
             restore = False
         elif restore:
             # Decided once the kernel and image are known; the snapshot is started now all the same, or a
             # create deleted before its images were resolved would leave the host without one.
-            self._snapshotting.make_in_background(vcpus, mem_mib)
+            self._snapshotting.make_in_background(vcpus, mem_mib, template)
         # The pool holds as many VMs as its settings say, whatever the limit of one person.
         limits = parts.limits
         per_user = limits.max_vms if record.in_pool else limits.max_vms_per_user
@@ -164,7 +172,7 @@ class Creator:
 
     async def _bring_up(self, record: VmRecord, extra_boot_args: tuple[str, ...], restore: bool,
                         report: StageCallback) -> None:
-        images = await self._images.for_vm(record)
+        images = await self._images.of(self._templates(record.template)).for_vm(record)
         if restore:
             await self._snapshotting.use_snapshot(record)
         snapshot = (await asyncio.to_thread(self._snapshotting.snapshots.get, record.snapshot)

@@ -1,4 +1,5 @@
-"""The kernel and golden image VMs boot, resolved on the first create that needs them.
+"""The kernel and golden image VMs boot, resolved on the first create that needs them: one source per
+distinct image (a template's `image`), so VMs of two templates boot two images in one controller.
 
 On a new host that builds them (minutes): each step of the build is told to every create waiting
 for it as a `build` note, and `building` names the step under way (the service's /readyz).
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from browservm.errors import BrowserVMError, ProbeFailed
 from browservm.progress import BuildStep
+from browservm.templates import Template
 from browservm.vm import hops
 from browservm.vm.parts import Notices
 from browservm.vm.records import VmRecord
@@ -71,3 +73,28 @@ class ImageSource:
             raise ProbeFailed(hops.IMAGES, str(exc)) from exc
         finally:
             del self._waiting[record.vm_id]
+
+
+class ImageSources:
+    """An ImageSource per image: made at the first VM of a template with that image, kept after."""
+
+    def __init__(self, resolve: Callable[[Template, Callable[[BuildStep], None]], Images], notices: Notices) -> None:
+        self._resolve = resolve  # blocking; told each build step
+        self._notices = notices
+        self._sources: dict[str, ImageSource] = {}
+
+    def of(self, template: Template) -> ImageSource:
+        source = self._sources.get(template.image)
+        if source is None:
+            source = self._sources[template.image] = ImageSource(partial(self._resolve, template), self._notices)
+        return source
+
+    def building_of(self, template: Template) -> BuildStep | None:
+        """The build step under way of this template's image, while creates wait for it."""
+        source = self._sources.get(template.image)
+        return None if source is None else source.building
+
+    @property
+    def building(self) -> BuildStep | None:
+        """A build step under way (of any image), while creates wait for it."""
+        return next((source.building for source in self._sources.values() if source.building is not None), None)

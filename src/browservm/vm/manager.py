@@ -7,7 +7,7 @@
     snapshotting.py  snapshots made of a booted desktop, and VMs restored from them
     watcher.py       a VMM's exit marks its VM failed at once; a creator's death has its VM taken over
     reconcile.py     after a (re)start: every VM settled, orphans of ours removed
-    image_source.py  the kernel and image, built the first time, each step told
+    image_source.py  the kernel and each template's image, built the first time, each step told
     config_disks.py  the secrets and identity on a VM's config disk
     parts.py         what they all share: the host's pieces, deadlines, probes, notices, this process's identity
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -35,6 +36,7 @@ from browservm.faults import crash_point
 from browservm.ids import validate_vm_id
 from browservm.ipam import Ipam
 from browservm.progress import BuildStep
+from browservm.templates import DEFAULT, Template, Templates
 from browservm.vm import config_disks
 from browservm.vm.bringup import BringUp
 from browservm.vm.console import ConsoleLog, cap_console
@@ -42,7 +44,7 @@ from browservm.vm.create import Creator
 from browservm.vm.desktop_path import RFB, DesktopPath
 from browservm.vm.desktop_path import desktop_path as desktop_path_named
 from browservm.vm.failures import Failures
-from browservm.vm.image_source import Images, ImageSource
+from browservm.vm.image_source import Images, ImageSources
 from browservm.vm.parts import Deadlines, Limits, ManagerParts, Notices, StageCallback, VmNetwork
 from browservm.vm.pool import PoolManager, WarmPool
 from browservm.vm.readiness import GuestProbes, Probes
@@ -61,40 +63,61 @@ from browservm.vmm.driver import VmmDriver
 
 class VMManager:
     def __init__(self, *, records: VmRecords, ipam: Ipam, network: VmNetwork, driver: VmmDriver,
-                 images: Callable[[Callable[[BuildStep], None]], Images], vm_root: Path,
+                 images: Callable[[Template, Callable[[BuildStep], None]], Images], vm_root: Path,
                  limits: Limits | None = None,
                  deadlines: Deadlines | None = None, probes: Probes | None = None,
                  vm_uid_base: int | None = None, snapshots: Snapshots | None = None,
                  desktop_path: str = RFB, restore_by_default: bool = False,
-                 pool: Callable[[PoolManager], WarmPool] | None = None,
+                 templates: Templates | None = None,
+                 pool: Callable[[PoolManager], WarmPool | list[WarmPool]] | None = None,
                  on_change: Callable[[VmRecord, str], None] | None = None,
                  on_note: Callable[[VmRecord, str, str], None] | None = None,
                  on_failure: Callable[[VmRecord], None] | None = None) -> None:
-        """`images` resolves (builds, on a new host) the kernel and image, telling each step; `pool`
-        makes the warm pool start() takes ready VMs from first, given this manager; `restore_by_default`:
-        start() restores from a snapshot unless told otherwise. `on_change` is told of every change (a
-        stage passed, "ready", "failed", "ended", "destroyed"), `on_note` of what a create waits
-        through ("build", "retry"), `on_failure` of a dead VM marked and released."""
+        """`images` resolves (builds, on a new host) the kernel and a template's image, telling each step;
+        `templates` are what VMs are made from (default: only `default`, of `desktop_path`); `pool` makes
+        the warm pools (one per template at most) start() takes ready VMs from first, given this manager;
+        `restore_by_default`: start() restores from a snapshot unless told otherwise. `on_change` is told of
+        every change (a stage passed, "ready", "failed", "ended", "destroyed"), `on_note` of what a create
+        waits through ("build", "retry"), `on_failure` of a dead VM marked and released."""
         self.notices = Notices(on_change, on_note, on_failure)
         self._parts = parts = ManagerParts(
             records=records, ipam=ipam, network=network, driver=driver, vm_root=vm_root,
             limits=limits or Limits(), deadlines=deadlines or Deadlines(), probes=probes or GuestProbes(),
             notices=self.notices)
-        self._images = ImageSource(images, self.notices)
+        default = Template(DEFAULT, desktop_path=desktop_path_named(desktop_path).name)
+        self.templates = templates or Templates.only(default)
+        self._images = ImageSources(images, self.notices)
         specs = VmSpecs(driver, vm_uid_base)
         self._release = Release(parts)
         failures = Failures(parts, self._release)
         self._watcher = Watcher(parts, failures, take_over=self._take_over)
         self._snapshotting = Snapshotting(parts, self._images, specs,
-                                          snapshots or Snapshots(vm_root.parent / "snapshots"), self)
+                                          snapshots or Snapshots(vm_root.parent / "snapshots"), self,
+                                          templates=self.template)
         bringup = BringUp(parts, failures, self._watcher, self._snapshotting.link_up)
-        self.pool = None if pool is None else pool(self)
-        if self.pool is not None:
-            self.notices.pool_notice = self.pool.notice
+        made = [] if pool is None else pool(self)
+        self.pools: dict[str, WarmPool] = {}  # by template
+        for one in made if isinstance(made, list) else [made]:
+            self.template(one.settings.template)  # a pool of a template there is not: InvalidInput
+            self.pools[one.settings.template] = one
+        if self.pools:
+            self.notices.pool_notice = self._pool_notice
         self._creator = Creator(parts, self._images, specs, self._release, bringup, snapshotting=self._snapshotting,
-                                pool=self.pool, restore_by_default=restore_by_default,
-                                desktop_path=desktop_path_named(desktop_path))
+                                pools=self.pools, restore_by_default=restore_by_default, templates=self.template)
         self._reconciler = Reconciler(parts, self._release, failures, self._watcher, bringup)
+
+    def _pool_notice(self, record: VmRecord, event: str) -> None:
+        for pool in self.pools.values():
+            pool.notice(record, event)
+
+    @property
+    def pool(self) -> WarmPool | None:
+        """The default template's warm pool, if it has one."""
+        return self.pools.get(DEFAULT)
+
+    def template(self, name: str) -> Template:
+        """The template of that name (InvalidInput naming `template` when there is none)."""
+        return self.templates.get(name)
 
     async def _take_over(self, vm_id: str) -> list[str]:
         """The watcher's: a VM whose creator died, settled as a restart's reconcile would (the reconcile
@@ -136,18 +159,24 @@ class VMManager:
         """The build step under way, while creates wait for the kernel and image."""
         return self._images.building
 
+    def building_of(self, template: str) -> BuildStep | None:
+        """The build step under way of this template's image (None for a template this controller lacks)."""
+        found = self.templates.get(template) if template in self.templates else None
+        return None if found is None else self._images.building_of(found)
+
     @property
     def snapshots(self) -> Snapshots:
         return self._snapshotting.snapshots
 
     @property
     def desktop_path(self) -> DesktopPath:
-        """How new VMs' desktops are reached (their records keep it)."""
-        return self._creator.desktop_path
+        """How new VMs of the default template reach their desktops (their records keep it)."""
+        return desktop_path_named(self.templates.default.desktop_path)
 
     @desktop_path.setter
     def desktop_path(self, path: DesktopPath) -> None:
-        self._creator.desktop_path = path
+        default = self.templates.default
+        self.templates = self.templates.with_default(dataclasses.replace(default, desktop_path=path.name))
 
     @property
     def _me(self) -> str:
@@ -165,13 +194,14 @@ class VMManager:
 
     # --- create --------------------------------------------------------------------------
 
-    async def create(self, user: str = "default", vcpus: int = 1, mem_mib: int = 1024, *,
+    async def create(self, user: str = "default", vcpus: int | None = None, mem_mib: int | None = None, *,
                      keep_failed: bool = False, extra_boot_args: tuple[str, ...] = (),
                      on_stage: StageCallback | None = None, restore: bool | None = None,
-                     purpose: Purpose = "user", owner: Owner = OPERATORS) -> VmRecord:
+                     purpose: Purpose = "user", owner: Owner = OPERATORS, template: str = DEFAULT) -> VmRecord:
         """Boot a VM and return once its desktop answers, or its record says which hop failed."""
         _, task = await self.start(user, vcpus, mem_mib, keep_failed=keep_failed, extra_boot_args=extra_boot_args,
-                                   on_stage=on_stage, restore=restore, purpose=purpose, owner=owner)
+                                   on_stage=on_stage, restore=restore, purpose=purpose, owner=owner,
+                                   template=template)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -179,13 +209,16 @@ class VMManager:
             await wait_out(task)
             raise
 
-    async def start(self, user: str = "default", vcpus: int = 1, mem_mib: int = 1024, *,
+    async def start(self, user: str = "default", vcpus: int | None = None, mem_mib: int | None = None, *,
                     keep_failed: bool = False, extra_boot_args: tuple[str, ...] = (),
                     on_stage: StageCallback | None = None, restore: bool | None = None,
-                    purpose: Purpose = "user", owner: Owner = OPERATORS) -> tuple[VmRecord, asyncio.Task[VmRecord]]:
+                    purpose: Purpose = "user", owner: Owner = OPERATORS,
+                    template: str = DEFAULT) -> tuple[VmRecord, asyncio.Task[VmRecord]]:
         """Check the request, write the VM's record, and boot it in a task of the manager's own.
 
-        A ready VM from the warm pool comes first, when there is one (its task is already done).
+        The VM is made from `template` (its image, desktop path, and its size where `vcpus` or `mem_mib`
+        is None; InvalidInput naming `template` when there is none of that name).
+        A ready VM from the template's warm pool comes first, when there is one (its task is already done).
         With `restore` (default: `restore_by_default`) the VM starts from the snapshot of its inputs;
         without one it boots cold while the snapshot is made in the background. Returns at once with
         the record (state `creating`) and the task that ends with the final one; the kernel and image
@@ -196,7 +229,7 @@ class VMManager:
         """
         return await self._creator.start(user, vcpus, mem_mib, keep_failed=keep_failed,
                                          extra_boot_args=extra_boot_args, on_stage=on_stage, restore=restore,
-                                         purpose=purpose, owner=owner)
+                                         purpose=purpose, owner=owner, template=template)
 
     def check_request(self, user: str, vcpus: int, mem_mib: int, extra_boot_args: tuple[str, ...] = (), *,
                       reserved_ok: bool = False) -> None:
@@ -205,13 +238,13 @@ class VMManager:
 
     # --- snapshots -----------------------------------------------------------------------
 
-    async def snapshot_of(self, vcpus: int = 1, mem_mib: int = 1024) -> Snapshot | None:
-        """The snapshot made with today's inputs for VMs of this size, if there is one."""
-        return await self._snapshotting.snapshot_of(vcpus, mem_mib)
+    async def snapshot_of(self, vcpus: int = 1, mem_mib: int = 1024, template: str = DEFAULT) -> Snapshot | None:
+        """The snapshot made with today's inputs for VMs of this size and template, if there is one."""
+        return await self._snapshotting.snapshot_of(vcpus, mem_mib, template)
 
-    async def snapshot(self, vcpus: int = 1, mem_mib: int = 1024) -> Snapshot:
-        """The snapshot for VMs of this size: made now unless one exists for today's inputs."""
-        return await self._snapshotting.snapshot(vcpus, mem_mib)
+    async def snapshot(self, vcpus: int = 1, mem_mib: int = 1024, template: str = DEFAULT) -> Snapshot:
+        """The snapshot for VMs of this size and template: made now unless one exists for today's inputs."""
+        return await self._snapshotting.snapshot(vcpus, mem_mib, template)
 
     # --- a VM's files ----------------------------------------------------------------------
 

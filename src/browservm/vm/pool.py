@@ -10,6 +10,10 @@ The pool's own task keeps it full in the background: it makes the snapshot first
 none, replaces VMs that were claimed or died, recycles those older than `max_age`, and never
 holds more than `memory_mib` of VM memory.
 
+There is one pool per template that has one (`--pool desktop=4,oauth=2`): each keeps VMs of its
+template (its image, its size), knows its own by the record's `template`, and serves only requests
+for that template.
+
 A claim gives the VM new viewer tokens (a new viewer epoch) and a new agent key (its config disk
 rewritten; the agent checks each request against the disk's key, so the new key works at
 once and the old one stops). It keeps the VNC password it was restored with: only the proxy ever
@@ -45,6 +49,7 @@ class PoolSettings:
     memory_mib: int  # at most this much VM memory pooled
     vcpus: int = 1
     mem_mib: int = 1024
+    template: str = "default"  # whose VMs it keeps, and whose requests it serves
     # A claim's refill waits this long: a restore competes for the CPUs with the VM just handed out,
     # whose x11vnc is answering its user's first viewer (measured on 2 cores: pool claim -> viewer
     # connected 0.29 s with the refill at once, 0.18 s with it 3 s later).
@@ -60,12 +65,12 @@ class PoolManager(Protocol):
 
     async def all(self) -> list[VmRecord]: ...
 
-    async def create(self, user: str = ..., vcpus: int = ..., mem_mib: int = ..., *,
-                     restore: bool = ..., purpose: Purpose = ...) -> VmRecord: ...
+    async def create(self, user: str = ..., vcpus: int | None = ..., mem_mib: int | None = ..., *,
+                     restore: bool = ..., purpose: Purpose = ..., template: str = ...) -> VmRecord: ...
 
     async def destroy(self, vm_id: str, *, ended_reason: str = ...) -> bool: ...
 
-    async def snapshot(self, vcpus: int = ..., mem_mib: int = ...) -> object: ...
+    async def snapshot(self, vcpus: int = ..., mem_mib: int = ..., template: str = ...) -> object: ...
 
     async def new_agent_key(self, vm_id: str) -> None: ...
 
@@ -94,9 +99,12 @@ class WarmPool:
     def fits(self, vcpus: int, mem_mib: int) -> bool:
         return self.settings.target > 0 and (vcpus, mem_mib) == (self.settings.vcpus, self.settings.mem_mib)
 
+    def _mine(self, record: VmRecord) -> bool:
+        return record.in_pool and record.template == self.settings.template
+
     def notice(self, record: VmRecord, event: str) -> None:
-        """The manager's news of a VM: a pooled one that failed or went is replaced."""
-        if not record.in_pool:
+        """The manager's news of a VM: a pooled one of this pool's that failed or went is replaced."""
+        if not self._mine(record):
             return
         self._news.set()
         if event in ("failed", "ended", "destroyed"):
@@ -106,7 +114,7 @@ class WarmPool:
         """A ready pooled VM, now `user`'s and `owner`'s (its record saved), or None: the pool is empty.
         LimitExceeded if the user or tenant is at a limit."""
         started = time.monotonic()
-        candidates = sorted((r for r in await self._manager.all() if r.in_pool and r.state == VmState.READY),
+        candidates = sorted((r for r in await self._manager.all() if self._mine(r) and r.state == VmState.READY),
                             key=lambda r: r.created_at)
         for record in candidates:
             claimed = await asyncio.to_thread(self._take, record, user, owner)
@@ -158,7 +166,7 @@ class WarmPool:
                     await self._changed.wait()
 
     async def _refill(self) -> None:
-        mine = [r for r in await self._manager.all() if r.in_pool]
+        mine = [r for r in await self._manager.all() if self._mine(r)]
         now = self._clock()
         for record in mine:
             old = record.state == VmState.READY and now - record.created_at > self.settings.max_age
@@ -169,10 +177,10 @@ class WarmPool:
                 and now - r.created_at <= self.settings.max_age]
         if len(live) >= self.settings.target:
             return
-        await self._manager.snapshot(self.settings.vcpus, self.settings.mem_mib)
+        await self._manager.snapshot(self.settings.vcpus, self.settings.mem_mib, self.settings.template)
         for _ in range(self.settings.target - len(live)):
             record = await self._manager.create(vcpus=self.settings.vcpus, mem_mib=self.settings.mem_mib, restore=True,
-                                                purpose="pool")
+                                                purpose="pool", template=self.settings.template)
             if record.state != VmState.READY:
                 failure = record.failure
                 log.warning("warm pool: %s failed at %s: %s", record.vm_id, failure.hop if failure else "?",
@@ -186,7 +194,7 @@ class WarmPool:
         deadline = loop.time() + timeout
         while True:
             self._news.clear()
-            ready = [r for r in await self._manager.all() if r.in_pool and r.state == VmState.READY]
+            ready = [r for r in await self._manager.all() if self._mine(r) and r.state == VmState.READY]
             if len(ready) >= self.settings.target:
                 return True
             try:

@@ -80,6 +80,7 @@ class VmRecord:
     tenant: str = ""  # whose (access/principal.py): "" is the operator's own
     labels: dict[str, str] = field(default_factory=dict)  # the client's, given at create (api/models.py bounds them)
     timeout_at: float | None = None  # reaped then: its timeout at create, extended on request (within max_lifetime)
+    template: str = "default"  # what it was made from (templates.py); records from before templates: the default
     version: int = field(default=0, compare=False)  # of the stored row this was read at
 
     def to_json(self) -> dict[str, Any]:
@@ -121,7 +122,8 @@ OPERATORS = Owner()  # the operator's own: no tenant, no quota
 
 @dataclass(frozen=True)
 class VmQuery:
-    """A page of VMs: those of `tenant`, `user`, in `state`, carrying every label in `labels` (None: any)."""
+    """A page of VMs: those of `tenant`, `user`, in `state`, of `template`, carrying every label in `labels`
+    (None: any)."""
 
     after: int = 0  # the cursor: the sequence number of the last VM of the page before
     limit: int = 100
@@ -129,6 +131,7 @@ class VmQuery:
     user: str | None = None
     state: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    template: str | None = None
 
 
 def _next_seq(db: Any) -> int:
@@ -242,11 +245,12 @@ class VmRecords:
         rows = self._store.read(
             "SELECT data, version, seq FROM vms WHERE seq > ?1 AND (?2 IS NULL OR tenant = ?2) "
             "AND (?3 IS NULL OR user = ?3) AND (?4 IS NULL OR state = ?4) "
+            "AND (?7 IS NULL OR coalesce(json_extract(data, '$.template'), 'default') = ?7) "
             "AND NOT EXISTS (SELECT 1 FROM json_each(?5) AS wanted WHERE NOT EXISTS ("
             "SELECT 1 FROM json_each(vms.data, '$.labels') AS has "
             "WHERE has.key = wanted.key AND has.value = wanted.value)) "
             "ORDER BY seq LIMIT ?6",
-            (query.after, query.tenant, query.user, query.state, labels, query.limit + 1))
+            (query.after, query.tenant, query.user, query.state, labels, query.limit + 1, query.template))
         records = [VmRecord.from_json(json.loads(str(data)), int(str(version))) for data, version, _ in rows]
         if len(rows) <= query.limit:
             return records, None
