@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 
+from browservm.egress import EgressPolicy
 from browservm.errors import NameCollision, PoolExhausted, StateError
 from browservm.ids import VmNames, names_for
 from browservm.netplan import NetworkPlan
@@ -33,6 +34,7 @@ class Lease:
     bridge: str
     tap: str
     mac: str
+    egress: EgressPolicy | None = None  # the VM's own egress policy; None: the host's
 
 
 class Ipam:
@@ -40,37 +42,39 @@ class Ipam:
         self._store = store
         self._plan = plan
 
-    def lease(self, vm_id: str) -> Lease:
-        """The VM's lease, made now if it has none (calling twice returns the same lease)."""
+    def lease(self, vm_id: str, egress: EgressPolicy | None = None) -> Lease:
+        """The VM's lease, made now with `egress` (its template's policy) if it has none (calling twice
+        returns the same lease, with the policy it was made with)."""
         names = names_for(vm_id)
         with self._store.transaction() as db:
-            row = db.execute("SELECT address FROM leases WHERE vm_id = ?", (vm_id,)).fetchone()
+            row = db.execute("SELECT address, egress FROM leases WHERE vm_id = ?", (vm_id,)).fetchone()
             if row is not None:
-                return self._lease_from_row(vm_id, row[0], names)
+                return self._lease_from_row(vm_id, row[0], row[1], names)
             address = self._find_free(db)
+            policy = None if egress is None else egress.to_json()
             try:
                 db.execute(
-                    "INSERT INTO leases (vm_id, address, tap, mac, leased_at) VALUES (?, ?, ?, ?, ?)",
-                    (vm_id, address, names.tap, names.mac, time.time()),
+                    "INSERT INTO leases (vm_id, address, tap, mac, leased_at, egress) VALUES (?, ?, ?, ?, ?, ?)",
+                    (vm_id, address, names.tap, names.mac, time.time(), policy),
                 )
             except sqlite3.IntegrityError:
                 raise self._collision(db, vm_id, names.tap, names.mac) from None
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (_CURSOR_KEY, str(address)))
-            return self._lease_from_row(vm_id, address, names)
+            return self._lease_from_row(vm_id, address, policy, names)
 
     def release(self, vm_id: str) -> Lease | None:
         """Give the VM's address back; returns the lease, or None when it held none."""
         with self._store.transaction() as db:
-            row = db.execute("DELETE FROM leases WHERE vm_id = ? RETURNING address", (vm_id,)).fetchone()
-        return None if row is None else self._lease_from_row(vm_id, row[0])
+            row = db.execute("DELETE FROM leases WHERE vm_id = ? RETURNING address, egress", (vm_id,)).fetchone()
+        return None if row is None else self._lease_from_row(vm_id, row[0], row[1])
 
     def get(self, vm_id: str) -> Lease | None:
-        rows = self._store.read("SELECT address FROM leases WHERE vm_id = ?", (vm_id,))
-        return self._lease_from_row(vm_id, rows[0][0]) if rows else None
+        rows = self._store.read("SELECT address, egress FROM leases WHERE vm_id = ?", (vm_id,))
+        return self._lease_from_row(vm_id, rows[0][0], rows[0][1]) if rows else None
 
     def leases(self) -> list[Lease]:
-        rows = self._store.read("SELECT vm_id, address FROM leases ORDER BY address")
-        return [self._lease_from_row(str(vm_id), addr) for vm_id, addr in rows]
+        rows = self._store.read("SELECT vm_id, address, egress FROM leases ORDER BY address")
+        return [self._lease_from_row(str(vm_id), addr, egress) for vm_id, addr, egress in rows]
 
     def _find_free(self, db: sqlite3.Connection) -> int:
         plan = self._plan
@@ -104,8 +108,9 @@ class Ipam:
             return NameCollision(vm_id, "MAC", mac, row[0])
         return NameCollision(vm_id, "address", "?", "?")
 
-    def _lease_from_row(self, vm_id: str, address: object, names: VmNames | None = None) -> Lease:
-        assert isinstance(address, int)
+    def _lease_from_row(self, vm_id: str, address: object, egress: object,
+                        names: VmNames | None = None) -> Lease:
+        assert isinstance(address, int) and (egress is None or isinstance(egress, str))
         segment = self._plan.segment_of(IPv4Address(address))
         if segment is None:
             raise StateError(str(self._store.path), f"VM {vm_id!r} holds {IPv4Address(address)}, outside "
@@ -118,4 +123,5 @@ class Ipam:
             bridge=segment.bridge,
             tap=names.tap,
             mac=names.mac,
+            egress=None if egress is None else EgressPolicy.from_json(egress),
         )

@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS leases (
     address   INTEGER NOT NULL UNIQUE,
     tap       TEXT NOT NULL UNIQUE,
     mac       TEXT NOT NULL UNIQUE,
-    leased_at REAL NOT NULL
+    leased_at REAL NOT NULL,
+    egress    TEXT  -- the VM's template's egress policy (egress.py) as JSON; NULL: the host's
 );
 CREATE TABLE IF NOT EXISTS vms (
     vm_id           TEXT PRIMARY KEY,
@@ -153,7 +154,8 @@ BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END
 # credentials' key (_add_tenants).
 # 6: webhooks and their deliveries (issue 21): new tables only, made by the statements above.
 # 7: vms' `seq`, the list API's cursor (issue 21), added to older databases in _add_tenants; idempotency.
-_SCHEMA_VERSION = 7
+# 8: leases' `egress`, a template's egress policy (issue 21), added to older databases in _add_tenants.
+_SCHEMA_VERSION = 8
 _BUSY_TIMEOUT_S = 30.0
 
 
@@ -172,6 +174,8 @@ def _add_tenants(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE vms ADD COLUMN seq INTEGER")
         db.execute("UPDATE vms SET seq = rowid")
     db.execute("CREATE INDEX IF NOT EXISTS vms_by_seq ON vms (seq)")
+    if "egress" not in {row[1] for row in db.execute("PRAGMA table_info(leases)")}:
+        db.execute("ALTER TABLE leases ADD COLUMN egress TEXT")
     # One running login per tenant, user and provider, held by SQLite itself.
     db.execute("DROP INDEX IF EXISTS logins_one_running")
     db.execute("CREATE UNIQUE INDEX IF NOT EXISTS logins_one_running_per_tenant ON logins (tenant, user, provider) "

@@ -10,11 +10,12 @@ from the operator's TOML file (setting `templates`):
     vcpus = 1
     mem_mib = 2048
     desktop_path = "rfb"
+    egress = "none"                   # its own egress policy (egress.py); without: the host's
+    egress_allow = ["10.20.0.0/16"]
 
-Every field but the image may be left out (the default template's value is used). A bad file is
-refused at start with an error naming the file, the template and the field, never half-used at a
-create. The egress policy is not per template: it is the host's (nftables rules on the bridge,
-settings egress_allow/egress_deny), see DESIGN.md.
+Every field but the image may be left out (the default template's value is used; the egress
+policy is the host's unless the template names one). A bad file is refused at start with an error
+naming the file, the template and the field, never half-used at a create.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from browservm.egress import FIELDS as EGRESS_FIELDS
+from browservm.egress import EgressPolicy
 from browservm.errors import InvalidInput
 from browservm.images.rootfs import PROFILES
 from browservm.vm.desktop_path import PATHS
@@ -36,7 +39,7 @@ if TYPE_CHECKING:
 
 DEFAULT = "default"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
-_FIELDS = frozenset({"vcpus", "mem_mib", "image_profile", "rootfs", "desktop_path"})
+_FIELDS = frozenset({"vcpus", "mem_mib", "image_profile", "rootfs", "desktop_path", *EGRESS_FIELDS})
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Template:
     image_profile: str | None = "full"  # built by the controller; or:
     rootfs: Path | None = None  # an image file given (then image_profile is None)
     desktop_path: str = "rfb"
+    egress: EgressPolicy | None = None  # None: the host's
 
     @property
     def image(self) -> str:
@@ -57,7 +61,8 @@ class Template:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "vcpus": self.vcpus, "mem_mib": self.mem_mib,
                 "image_profile": self.image_profile, "rootfs": None if self.rootfs is None else str(self.rootfs),
-                "desktop_path": self.desktop_path}
+                "desktop_path": self.desktop_path,
+                "egress": None if self.egress is None else self.egress.describe()}
 
 
 class Templates:
@@ -166,6 +171,12 @@ def _template(source: Path, name: str, entry: object, default: Template) -> Temp
         values["image_profile"], values["rootfs"] = entry["image_profile"], None
     if "rootfs" in entry:
         values["image_profile"], values["rootfs"] = None, _image_file(source, name, entry["rootfs"])
+    try:
+        egress = EgressPolicy.from_fields(entry)
+    except InvalidInput as exc:
+        raise _refuse(source, name, exc.field, exc.value, exc.reason) from None
+    if egress is not None:
+        values["egress"] = egress
     return replace(default, name=name, **values)
 
 

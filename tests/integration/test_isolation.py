@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from browservm.egress import EgressPolicy
 from browservm.hostnet.firewall import Nftables
 from browservm.hostnet.host import HostNetwork
 from browservm.hostnet.netns import NetworkNamespace
@@ -115,8 +116,8 @@ class Lab:
         self.network.up()
         set_bridge_netfilter(self.ctl, self.bridge_netfilter)
 
-    def guest(self, vm_id: str) -> Guest:
-        lease = self.ipam.lease(vm_id)
+    def guest(self, vm_id: str, egress: EgressPolicy | None = None) -> Guest:
+        lease = self.ipam.lease(vm_id, egress)
         netns = self.namespaces.create(vm_id[-2:])
         run("ip", "link", "add", lease.tap, "type", "veth", "peer", "name", "eth0", "netns", netns, netns=self.ctl)
         run("ip", "link", "set", "eth0", "address", lease.mac, netns=netns)

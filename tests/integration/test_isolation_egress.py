@@ -8,6 +8,7 @@ and a private network beyond the uplink.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Network
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from browservm.egress import EgressPolicy
 from browservm.errors import HostNetworkError
 from browservm.hostnet.host import FIREWALL, HostNetwork
 from browservm.hostnet.netns import NetworkNamespace
@@ -207,3 +209,48 @@ def test_host_up_refuses_a_bridge_browservm_did_not_create_unless_told_to_adopt_
     assert "br0" in run("ip", "-br", "link", netns=ns).stdout  # not ours: left in place
 
 
+
+
+def test_each_template_s_egress_policy_holds_for_its_vms_beside_the_host_s(
+        namespaces: Namespaces, tmp_path: Path) -> None:
+    """Three VMs at once: the host's policy, a template with no internet but one private network, a
+    template with the internet but not one public address; the host's denylist wins over all."""
+    host_deny = (IPv4Network(f"{CGNAT}/32"),)
+    with lab(namespaces, tmp_path, uplink="up0", egress_deny=host_deny) as net:
+        net.up()
+        space = wan(net)
+        closed = EgressPolicy(internet=False, allow=(IPv4Network("10.20.30.0/24"), IPv4Network("100.64.0.0/10")))
+        open_but = EgressPolicy(internet=True, deny=(IPv4Network(f"{PUBLIC}/32"),))
+        host_s, kiosk, partner = (net.guest("vm-host"), net.guest("vm-kiosk", closed),
+                                  net.guest("vm-partner", open_but))
+        with services(space, net.ctl):
+            assert reachable(net, net.ctl) == {*BEYOND, HOST_OTHER}, "control: the set-up cannot carry traffic"
+            assert reachable(net, host_s.netns) == {PUBLIC}
+            before = counter(net.ctl, "inet", "template reaches no internet")
+            assert reachable(net, kiosk.netns) == {PRIVATE}, "the kiosk reached beyond its allowlist (or not it)"
+            assert counter(net.ctl, "inet", "template reaches no internet") > before
+            assert reachable(net, partner.netns) == set()  # PUBLIC denied; the rest is not the internet
+            assert all(c.ok for c in net.network.status() if not c.piece.startswith("uplink"))
+
+            # A policy's elements removed by hand: the status names the port, the next check puts them back.
+            run("nft", "flush", "set", "bridge", "browservm", "vm_egress_allow", netns=net.ctl)
+            assert reachable(net, kiosk.netns) == set()
+            firewall = next(c for c in net.network.status() if c.piece == FIREWALL)
+            assert not firewall.ok and kiosk.lease.tap in firewall.detail and "egress policy" in firewall.detail
+            assert [c.piece for c in net.network.check_and_restore()] == [FIREWALL]
+            assert reachable(net, kiosk.netns) == {PRIVATE}
+
+            # A flushed ruleset comes back with every VM's policy.
+            run("nft", "flush", "ruleset", netns=net.ctl)
+            assert [c.piece for c in net.network.check_and_restore()] == [FIREWALL]
+            assert (reachable(net, host_s.netns), reachable(net, kiosk.netns), reachable(net, partner.netns)) \
+                == ({PUBLIC}, {PRIVATE}, set())
+
+        # A VM's end takes its policy's elements with it, also when its lease went first.
+        net.network.remove_tap("vm-kiosk")
+        net.ipam.release("vm-partner")
+        net.network.remove_tap("vm-partner")
+        listing = json.loads(run("nft", "-j", "list", "table", "bridge", "browservm", netns=net.ctl).stdout)
+        held = [obj for obj in listing["nftables"]
+                if obj.get("set", obj.get("map", {})).get("name", "").startswith("vm_egress")]
+        assert [body.get("elem", []) for obj in held for body in obj.values()] == [[], [], []]

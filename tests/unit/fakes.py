@@ -44,6 +44,7 @@ class FakeNetwork:
     def __init__(self) -> None:
         self.netns = NetworkNamespace(None)
         self.taps: set[str] = set()
+        self.leases: dict[str, Lease] = {}  # the lease each VM's TAP was added with
         self.calls: list[str] = []
         self.block = 0.0
         self.remove_fails = False
@@ -52,6 +53,7 @@ class FakeNetwork:
         time.sleep(self.block)
         self.calls.append(f"add {lease.vm_id}")
         self.taps.add(lease.vm_id)
+        self.leases[lease.vm_id] = lease
 
     def remove_tap(self, vm_id: str) -> bool:
         time.sleep(self.block)

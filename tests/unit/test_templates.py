@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 
 from browservm.config import load_settings
 from browservm.controller import check_pools, pool_settings
+from browservm.egress import EgressPolicy
 from browservm.errors import InvalidInput
 from browservm.progress import BuildStep
 from browservm.templates import DEFAULT, Template, Templates, templates_for
@@ -83,6 +85,11 @@ def test_a_file_adds_templates_each_field_left_out_taken_from_the_default(tmp_pa
     ("[templates.Bad]\nvcpus = 1\n", "templates.Bad", "lowercase"),
     ("[other]\n", "templates", "one table"),
     ("[templates\n", "templates", "not valid TOML"),
+    ("[templates.x]\negress = \"some\"\n", "templates.x.egress", "internet, none"),
+    ("[templates.x]\negress_allow = [\"10.0.0.0/33\"]\n", "templates.x.egress_allow", "not an IPv4 network"),
+    ("[templates.x]\negress_deny = \"10.0.0.0/8\"\n", "templates.x.egress_deny", "a list of IPv4 networks"),
+    ("[templates.x]\negress_deny = [" + ", ".join(f'"10.0.{i}.0/24"' for i in range(65)) + "]\n",
+     "templates.x.egress_deny", "at most 64"),
 ])
 def test_a_bad_file_is_refused_at_start_naming_the_file_template_and_field(tmp_path: Path, text: str, field: str,
                                                                             words: str) -> None:
@@ -246,3 +253,33 @@ def test_a_build_of_one_templates_image_is_told_to_its_vms_only(parts: Parts) ->
 
     asyncio.run(scenario())
     assert parts.leftovers() == NOTHING
+
+
+KIOSK = """
+[templates.kiosk]
+egress = "none"
+egress_allow = ["10.20.0.0/16", "10.20.1.0/24"]
+
+[templates.partner]
+egress_deny = ["203.0.113.0/24"]
+"""
+
+
+def test_a_template_s_egress_policy_goes_with_its_vms_leases_and_is_listed(serve: Callable[..., Served],
+                                                                         tmp_path: Path) -> None:
+    served = serve(templates=write(tmp_path, KIOSK), max_vms_per_user=4)
+    kiosk = EgressPolicy(internet=False, allow=(IPv4Network("10.20.0.0/16"),))  # the /24 is within the /16
+    partner = EgressPolicy(internet=True, deny=(IPv4Network("203.0.113.0/24"),))
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        made = {name: await create(client, template=name) for name in (DEFAULT, "kiosk", "partner")}
+        added = served.parts.network.leases
+        assert [added[made[name]["vm_id"]].egress for name in (DEFAULT, "kiosk", "partner")] == [None, kiosk, partner]
+        # The store keeps it: a restart sets the VM's port up again with its policy (tests/integration).
+        assert served.parts.ipam.get(made["kiosk"]["vm_id"]).egress == kiosk  # type: ignore[union-attr]
+        templates = {t["name"]: t["egress"] for t in (await client.get("/v1/templates")).json()}
+        assert templates == {DEFAULT: None,
+                             "kiosk": {"egress": "none", "egress_allow": ["10.20.0.0/16"], "egress_deny": []},
+                             "partner": {"egress": "internet", "egress_allow": [], "egress_deny": ["203.0.113.0/24"]}}
+
+    served.run(scenario)

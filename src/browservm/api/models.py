@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Le
 from fastapi import Path
@@ -85,6 +85,12 @@ class FailureOut(BaseModel):
     cleanup: list[str] = Field(description="resources that could not be released, each with its error")
 
 
+class EgressOut(BaseModel):
+    egress: Literal["internet", "none"] = Field(description="whether its VMs reach the public internet")
+    egress_allow: list[str] = Field(description="networks its VMs reach even if private (or egress is none)")
+    egress_deny: list[str] = Field(description="networks its VMs never reach; wins over egress_allow")
+
+
 class TemplateOut(BaseModel):
     name: str
     vcpus: int = Field(description="of its VMs, unless a create gives vcpus")
@@ -94,6 +100,8 @@ class TemplateOut(BaseModel):
     rootfs: str | None = Field(description="the image file its VMs boot, or null for a built profile")
     desktop_path: str = Field(description="how the controller reaches its VMs' desktops: rfb or websockify")
     pool: int = Field(description="VMs of it the warm pool keeps ready (0: none)")
+    egress: EgressOut | None = Field(description="its own egress policy, in place of the host's allowlist (the "
+                                                 "host's denylist still applies); null: the host's policy")
 
     @classmethod
     def of(cls, template: Template, pool: int) -> TemplateOut:

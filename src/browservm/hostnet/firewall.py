@@ -16,6 +16,11 @@ bridge learns its source address or forwards it (priority -300 on prerouting):
               (IPv6, router advertisements, VLAN tags) is dropped. Each check is
               one lookup in a set keyed by the port's name (`iifname . field`),
               so its cost does not grow with the number of VMs.
+              IPv4 from a VM whose template has an egress policy of its own
+              (egress.py) is marked with it here, where the port is known: its
+              own policy, whether it reaches the internet, whether the
+              destination is in its allowlist or denylist (sets keyed by the port
+              too). The inet table's forward chain decides by these marks.
               A frame from any other port is marked FOREIGN and may not claim a
               VM address or a VM MAC.
   forward     nothing is forwarded from or to a VM port: VMs talk to the host only
@@ -38,8 +43,10 @@ Table `inet browservm`:
               only the public internet (link-local incl. 169.254.169.254,
               loopback, RFC 1918, CGNAT, multicast and reserved space are
               dropped) unless the allowlist says otherwise; the denylist wins
-              over both. If browservm turned forwarding on, nothing else is
-              forwarded: the host routes for its VMs only.
+              over both. A VM whose template has its own policy (marked in the
+              bridge table) has that policy in place of the host's allowlist; the
+              host's denylist wins over it. If browservm turned forwarding on,
+              nothing else is forwarded: the host routes for its VMs only.
   output      only the controller's user (root) opens connections to VMs: another
               local user's connection to a VM's desktop or agent is refused, even
               on a host where the VM network is not in a namespace of its own
@@ -60,6 +67,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 from typing import Any
 
+from browservm.egress import EgressPolicy
 from browservm.errors import HostNetworkError
 from browservm.netplan import NetworkPlan
 
@@ -70,7 +78,13 @@ TABLES = ((FAMILY, TABLE), (BRIDGE_FAMILY, TABLE))
 VM_PORT_GROUP = 0x62766D01  # "bvm" 1: the interface group of every VM port
 MARK_VM_CHECKED = 0x00100000  # set by inet prerouting on what a VM sent and the checks passed
 MARK_FOREIGN = 0x00200000  # set by bridge prerouting on frames from a port that is not a VM's
+# A VM's template's own egress policy, as the bridge table marks what the VM sends (egress.py).
+MARK_OWN_EGRESS = 0x00400000  # its template has an egress policy of its own
+MARK_EGRESS_INTERNET = 0x00800000  # ... which lets it reach the public internet
+MARK_EGRESS_ALLOWED = 0x01000000  # the destination is in the policy's allowlist
+MARK_EGRESS_DENIED = 0x02000000  # ... in its denylist
 VM_SETS = ("vm_mac", "vm_ip4")  # their elements come and go with the VMs
+EGRESS_SETS = ("vm_egress", "vm_egress_allow", "vm_egress_deny")  # so do these: the VMs' own egress policies
 _NFT_TIMEOUT_S = 30
 
 # Never reachable from a VM by default (RFC 6890 special-purpose space, plus private ranges).
@@ -148,6 +162,10 @@ class _Table:
             body["elem"] = elements
         self.objects.append({"set": body})
 
+    def map(self, name: str, key: str, value: str) -> None:
+        self.objects.append({"map": {"family": self.family, "table": TABLE, "name": name, "type": key,
+                                     "map": value}})
+
     def rule(self, chain: str, comment: str, *expr: NftObject) -> None:
         self.objects.append({"rule": {"family": self.family, "table": TABLE, "chain": chain,
                                       "comment": comment, "expr": list(expr)}})
@@ -157,6 +175,9 @@ def _bridge_table(plan: NetworkPlan) -> list[NftObject]:
     t = _Table(BRIDGE_FAMILY)
     t.set("vm_mac", ["ifname", "ether_addr"])
     t.set("vm_ip4", ["ifname", "ipv4_addr"])
+    t.map("vm_egress", "ifname", "mark")
+    t.set("vm_egress_allow", ["ifname", "ipv4_addr"], interval=True)
+    t.set("vm_egress_deny", ["ifname", "ipv4_addr"], interval=True)
     t.chain("prerouting", "filter", "prerouting", -300)
     t.chain("forward", "filter", "forward", -300)
     t.chain("foreign")
@@ -193,6 +214,14 @@ def _bridge_table(plan: NetworkPlan) -> list[NftObject]:
            _match(_concat(_meta("iifname"), _payload("ip", "saddr")), "@vm_ip4", op="!="), _COUNTER, _DROP)
     t.rule("vm_ip4", "browservm: a VM may not answer as a DHCP server",
            _match(_payload("udp", "sport"), 67), _COUNTER, _DROP)
+    # The mark is set, not added to: nothing before this hook marks what a VM port sends.
+    t.rule("vm_ip4", "browservm: the VM's template has an egress policy of its own",
+           {"mangle": {"key": _meta("mark"), "value": {"map": {"key": _meta("iifname"), "data": "@vm_egress"}}}})
+    destination = _concat(_meta("iifname"), _payload("ip", "daddr"))
+    t.rule("vm_ip4", "browservm: in the allowlist of the VM's template",
+           _match(destination, "@vm_egress_allow"), _set_mark(MARK_EGRESS_ALLOWED))
+    t.rule("vm_ip4", "browservm: in the denylist of the VM's template",
+           _match(destination, "@vm_egress_deny"), _set_mark(MARK_EGRESS_DENIED))
     t.rule("vm_ip4", "browservm: IPv4 from the VM's own MAC and address", _ACCEPT)
 
     t.rule("foreign", "browservm: tell the inet table this came from a port that is not a VM's",
@@ -261,6 +290,18 @@ def _inet_table(plan: NetworkPlan, confine_forwarding: bool, controller_uid: int
         daddr = _payload("ip", "daddr")
         t.rule("forward", "browservm: egress denylist", from_vms, to_uplink, _match(daddr, "@egress_deny"),
                _COUNTER, _DROP)
+        own = _has_mark(MARK_OWN_EGRESS)
+        t.rule("forward", "browservm: egress denylist of the VM's template", from_vms, to_uplink,
+               _has_mark(MARK_EGRESS_DENIED), _COUNTER, _DROP)
+        t.rule("forward", "browservm: egress allowlist of the VM's template", from_vms, to_uplink,
+               _has_mark(MARK_EGRESS_ALLOWED), _ACCEPT)
+        t.rule("forward", "browservm: the VM's template reaches no internet", from_vms, to_uplink,
+               _match({"&": [_meta("mark"), MARK_OWN_EGRESS | MARK_EGRESS_INTERNET]}, MARK_OWN_EGRESS),
+               _COUNTER, _DROP)
+        t.rule("forward", "browservm: the VM's template: link-local, metadata, private, CGNAT, multicast",
+               from_vms, to_uplink, own, _match(daddr, "@egress_blocked"), _COUNTER, _DROP)
+        t.rule("forward", "browservm: the VM's template reaches the public internet", from_vms, to_uplink, own,
+               _ACCEPT)
         t.rule("forward", "browservm: egress allowlist", from_vms, to_uplink, _match(daddr, "@egress_allow"),
                _ACCEPT)
         t.rule("forward", "browservm: not the public internet (link-local, metadata, private, CGNAT, multicast)",
@@ -296,20 +337,39 @@ def render_ruleset(plan: NetworkPlan, *, confine_forwarding: bool = False, contr
 
 @dataclass(frozen=True)
 class VmPort:
-    """What one VM port may send: from `tap`, only `mac`, and as IPv4 or in ARP only `address`."""
+    """What one VM port may send: from `tap`, only `mac`, and as IPv4 or in ARP only `address`; and
+    where to, if its template has an egress policy of its own."""
 
     tap: str
     mac: str
     address: IPv4Address
+    egress: EgressPolicy | None = None
+
+    @property
+    def egress_mark(self) -> int:
+        """What the bridge table marks this port's IPv4 with (its template's own policy)."""
+        assert self.egress is not None
+        return MARK_OWN_EGRESS | (MARK_EGRESS_INTERNET if self.egress.internet else 0)
+
+    @property
+    def egress_elements(self) -> dict[str, list[Any]]:
+        """The egress sets' elements for this port, in nft's JSON form."""
+        if self.egress is None:
+            return {}
+        return {"vm_egress": [[self.tap, self.egress_mark]],
+                "vm_egress_allow": [{"concat": [self.tap, _prefix(n)]} for n in self.egress.allow],
+                "vm_egress_deny": [{"concat": [self.tap, _prefix(n)]} for n in self.egress.deny]}
 
 
 def vm_elements(ports: list[VmPort]) -> list[NftObject]:
-    if not ports:
-        return []
-    def element(name: str, values: list[NftObject]) -> NftObject:
-        return {"element": {"family": BRIDGE_FAMILY, "table": TABLE, "name": name, "elem": values}}
-    return [element("vm_mac", [{"concat": [p.tap, p.mac]} for p in ports]),
-            element("vm_ip4", [{"concat": [p.tap, str(p.address)]} for p in ports])]
+    values: dict[str, list[Any]] = {name: [] for name in VM_SETS + EGRESS_SETS}
+    for port in ports:
+        values["vm_mac"].append({"concat": [port.tap, port.mac]})
+        values["vm_ip4"].append({"concat": [port.tap, str(port.address)]})
+        for name, elements in port.egress_elements.items():
+            values[name] += elements
+    return [{"element": {"family": BRIDGE_FAMILY, "table": TABLE, "name": name, "elem": elements}}
+            for name, elements in values.items() if elements]
 
 
 def ruleset_digest(objects: list[NftObject]) -> str:
@@ -330,9 +390,10 @@ def normalise_listing(listing: list[NftObject]) -> list[NftObject]:
     for obj in listing:
         if "metainfo" in obj:
             continue
-        body = obj.get("set")
-        if body is not None and body.get("name") in VM_SETS and body.get("family") == BRIDGE_FAMILY:
-            cleaned.append(clean({"set": {k: v for k, v in body.items() if k != "elem"}}))
+        kind = "map" if "map" in obj else "set"
+        body = obj.get(kind)
+        if body is not None and body.get("name") in VM_SETS + EGRESS_SETS and body.get("family") == BRIDGE_FAMILY:
+            cleaned.append(clean({kind: {k: v for k, v in body.items() if k != "elem"}}))
         else:
             cleaned.append(clean(obj))
     return cleaned
@@ -352,6 +413,30 @@ def listed_ports(listing: list[NftObject]) -> dict[str, tuple[str | None, str | 
             tap, value = elem["concat"]
             found.setdefault(tap, [None, None])[position] = value
     return {tap: (mac, address) for tap, (mac, address) in found.items()}
+
+
+def listed_egress(listing: list[NftObject]) -> dict[str, EgressPolicy]:
+    """TAP -> its own egress policy, as the egress sets hold it (a TAP with the host's is not named)."""
+    marks: dict[str, int] = {}
+    lists: dict[tuple[str, str], list[IPv4Network]] = {}
+    for obj in listing:
+        body = obj.get("map", obj.get("set"))
+        if body is None or body.get("family") != BRIDGE_FAMILY or body.get("name") not in EGRESS_SETS:
+            continue
+        for listed in body.get("elem", []):
+            elem = listed["elem"]["val"] if isinstance(listed, dict) and "elem" in listed else listed
+            if body["name"] == "vm_egress":
+                tap, mark = elem
+                marks[tap] = int(mark)
+                continue
+            tap, network = elem["concat"]
+            if isinstance(network, dict):  # a prefix; a /32 is listed as its address
+                network = f"{network['prefix']['addr']}/{network['prefix']['len']}"
+            lists.setdefault((tap, body["name"]), []).append(IPv4Network(network))
+    return {tap: EgressPolicy(internet=bool(mark & MARK_EGRESS_INTERNET),
+                              allow=tuple(lists.get((tap, "vm_egress_allow"), [])),
+                              deny=tuple(lists.get((tap, "vm_egress_deny"), [])))
+            for tap, mark in marks.items()}
 
 
 class Nftables:
@@ -485,9 +570,7 @@ class VmPorts:
         self._netns = netns  # for error messages only
 
     def add(self, port: VmPort) -> None:
-        mac = f'add element {BRIDGE_FAMILY} {TABLE} vm_mac {{ "{port.tap}" . {port.mac} }}'
-        ip4 = f'add element {BRIDGE_FAMILY} {TABLE} vm_ip4 {{ "{port.tap}" . {port.address} }}'
-        error = _library().run(f"{mac}\n{ip4}\n")
+        error = _library().run("".join(f"add {command}\n" for command in _elements(port)))
         if error is not None:
             if "No such file or directory" in error:
                 error = f"browservm's nftables table {BRIDGE_FAMILY} {TABLE} is missing; run `browservm host up`"
@@ -497,13 +580,25 @@ class VmPorts:
     def remove(self, port: VmPort) -> None:
         """Remove the port's elements; those already gone are no error."""
         lib = _library()
-        mac = f'delete element {BRIDGE_FAMILY} {TABLE} vm_mac {{ "{port.tap}" . {port.mac} }}'
-        ip4 = f'delete element {BRIDGE_FAMILY} {TABLE} vm_ip4 {{ "{port.tap}" . {port.address} }}'
-        if lib.run(f"{mac}\n{ip4}\n") is None:
+        commands = [f"delete {command}" for command in _elements(port)]
+        if lib.run("".join(f"{command}\n" for command in commands)) is None:
             return
         # One of them is missing (a half-made port, a restored table): a batch is all or nothing, so one by one.
-        for command in (mac, ip4):
+        for command in commands:
             error = lib.run(command)
             if error is not None and "No such file or directory" not in error:
                 raise HostNetworkError("remove the VM's addresses from its port", error,
                                        device=port.tap, netns=self._netns)
+
+
+def _elements(port: VmPort) -> list[str]:
+    """`element ...` commands, one element each, for the port's elements in nft's language."""
+    def element(name: str, value: str) -> str:
+        return f"element {BRIDGE_FAMILY} {TABLE} {name} {{ {value} }}"
+    tap = f'"{port.tap}"'
+    commands = [element("vm_mac", f"{tap} . {port.mac}"), element("vm_ip4", f"{tap} . {port.address}")]
+    if port.egress is not None:
+        commands.append(element("vm_egress", f"{tap} : {port.egress_mark:#x}"))
+        commands += [element("vm_egress_allow", f"{tap} . {n}") for n in port.egress.allow]
+        commands += [element("vm_egress_deny", f"{tap} . {n}") for n in port.egress.deny]
+    return commands

@@ -16,6 +16,7 @@ from browservm.hostnet.expected import FIREWALL, ruleset_mismatches
 from browservm.hostnet.firewall import (
     Nftables,
     VmPort,
+    listed_egress,
     listed_ports,
     normalise_listing,
     ours,
@@ -107,8 +108,7 @@ class InstalledFirewall:
                          + "".join(f"; {m.text}" for m in named))
         missing = _missing_elements(current, self._taps.attached(links))
         if missing:
-            return Check(piece, False, f"lacks the addresses of VM ports {', '.join(sorted(missing))}: "
-                         "their frames are dropped; run `host up`")
+            return Check(piece, False, "; ".join(missing) + "; run `host up`")
         return Check(piece, True, f"as installed ({record['digest']})")
 
     def remove(self) -> Change | None:
@@ -121,5 +121,13 @@ class InstalledFirewall:
 
 
 def _missing_elements(listing: list[dict[str, object]], ports: list[VmPort]) -> list[str]:
-    held = listed_ports(listing)
-    return [p.tap for p in ports if held.get(p.tap) != (p.mac, str(p.address))]
+    """What the VM ports' elements lack, a phrase per kind: their addresses, or their template's egress policy."""
+    held, egress = listed_ports(listing), listed_egress(listing)
+    addresses = sorted(p.tap for p in ports if held.get(p.tap) != (p.mac, str(p.address)))
+    policies = sorted(p.tap for p in ports if egress.get(p.tap) != p.egress)
+    found = []
+    if addresses:
+        found.append(f"lacks the addresses of VM ports {', '.join(addresses)}: their frames are dropped")
+    if policies:
+        found.append(f"the egress policy of VM ports {', '.join(policies)} is not their template's (their lease's)")
+    return found

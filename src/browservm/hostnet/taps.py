@@ -16,7 +16,7 @@ from ipaddress import IPv4Address
 from browservm.errors import HostNetworkError
 from browservm.faults import crash_point
 from browservm.hostnet.expected import vm_port
-from browservm.hostnet.firewall import Nftables, VmPort, VmPorts, listed_ports
+from browservm.hostnet.firewall import Nftables, VmPort, VmPorts, listed_egress, listed_ports
 from browservm.hostnet.links import LinkInfo, Links, attach_port, create_tap
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.hostnet.portlock import PortLock
@@ -85,7 +85,7 @@ class VmTaps:
         its first frame it is checked; until its elements are in, nothing matches
         and every frame is dropped. A failure leaves neither port nor elements.
         """
-        port = VmPort(lease.tap, lease.mac, lease.address.ip)
+        port = VmPort(lease.tap, lease.mac, lease.address.ip, lease.egress)
         # The values `host status` and the doctor expect on this port: one description (expected.py).
         spec = vm_port(lease.vm_id, lease.tap, lease.bridge, lease.mac, lease.address.ip, controller=self._owner,
                        tap_owner=self._tap_owner)
@@ -133,13 +133,15 @@ class VmTaps:
                 listing = self._nft.list_table() if link is None else None
                 lease = self._ipam.get(vm_id)
                 address = lease.address.ip if lease is not None else None
+                egress = lease.egress if lease is not None else None
                 if address is None:
-                    # The lease went first (an interrupted release): the sets still know the address.
+                    # The lease went first (an interrupted release): the sets still know the address and policy.
                     listing = listing if listing is not None else self._nft.list_table()
                     held = listed_ports(listing or []).get(tap, (None, None))[1]
                     address = IPv4Address(held) if held is not None else None
+                    egress = listed_egress(listing or []).get(tap)
                 if address is not None:
-                    self._ports.remove(VmPort(tap, names.mac, address))
+                    self._ports.remove(VmPort(tap, names.mac, address, egress))
                     rtnl = RtnlSocket()
                     try:
                         for segment in self._plan.segments:
@@ -173,5 +175,5 @@ class VmTaps:
         for link, vm_id in self.ours(links, list(leases.values())).items():
             lease = leases.get(vm_id)
             if lease is not None and link.name == lease.tap and link.master is not None:
-                ports.append(VmPort(lease.tap, lease.mac, lease.address.ip))
+                ports.append(VmPort(lease.tap, lease.mac, lease.address.ip, lease.egress))
         return ports

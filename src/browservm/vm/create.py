@@ -27,15 +27,13 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
-from browservm.errors import InvalidInput, ProbeFailed, VmmError
+from browservm.errors import InvalidInput, ProbeFailed, StateError, VmmError
 from browservm.faults import crash_point
 from browservm.guest.bootargs import BootArgs, build_boot_args
 from browservm.ids import new_vm_id
 from browservm.images.disk import clone_sparse
-from browservm.ipam import Lease
 from browservm.names import is_name
 from browservm.templates import DEFAULT, Template
 from browservm.vm import config_disks, hops
@@ -201,14 +199,16 @@ class Creator:
                 Step(hops.VMM_SPAWN, spawn, UNDO_VMM)]
 
     def _lease(self, record: VmRecord) -> None:
-        lease = self._parts.ipam.lease(record.vm_id)
+        # The template's egress policy goes with the lease: the VM's port is set up, and put back, with it.
+        lease = self._parts.ipam.lease(record.vm_id, egress=self._templates(record.template).egress)
         record.address, record.gateway = str(lease.address), str(lease.gateway)
         record.tap, record.mac, record.bridge = lease.tap, lease.mac, lease.bridge
 
     def _add_tap(self, record: VmRecord) -> None:
-        self._parts.network.add_tap(Lease(vm_id=record.vm_id, address=IPv4Interface(record.address),
-                                          gateway=IPv4Address(record.gateway), bridge=record.bridge, tap=record.tap,
-                                          mac=record.mac))
+        lease = self._parts.ipam.get(record.vm_id)
+        if lease is None or str(lease.address) != record.address:
+            raise StateError(record.vm_id, f"its lease is gone or changed (record: {record.address})")
+        self._parts.network.add_tap(lease)
 
     def _clone_disk(self, record: VmRecord, images: Images, snapshot: Snapshot | None = None) -> None:
         source = images.disk_template if snapshot is None else snapshot.overlay  # the disk as it was then
