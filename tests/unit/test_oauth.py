@@ -11,7 +11,7 @@ import os
 import sqlite3
 import stat
 from collections.abc import Iterator
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -20,6 +20,8 @@ from browservm.errors import InvalidInput
 from browservm.guest.credentials import credentials_digest
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.images import rootfs
+from browservm.ipam import Ipam
+from browservm.netplan import NetworkPlan
 from browservm.oauth.agent import MAX_BODY, MAX_HEAD, AgentClient, AgentEndpoint
 from browservm.oauth.catalog import GUEST_HOME, load_catalog
 from browservm.oauth.errors import (
@@ -214,13 +216,19 @@ def test_a_schema_3_database_gets_the_new_tables(tmp_path: Path) -> None:
         db.execute("CREATE TABLE vms (vm_id TEXT PRIMARY KEY, user TEXT NOT NULL, state TEXT NOT NULL, "
                    "holds_resources INTEGER NOT NULL, data TEXT NOT NULL, version INTEGER NOT NULL DEFAULT 0)")
         db.execute("INSERT INTO vms VALUES ('vm-000000000001', 'ann', 'ready', 1, '{}', 3)")
+        db.execute("CREATE TABLE leases (vm_id TEXT PRIMARY KEY, address INTEGER NOT NULL UNIQUE, tap TEXT NOT NULL "
+                   "UNIQUE, mac TEXT NOT NULL UNIQUE, leased_at REAL NOT NULL)")
+        db.execute("INSERT INTO leases VALUES ('vm-000000000001', 3232261122, 'fc-1', '02:fc:00:00:00:01', 1.0)")
         db.execute("PRAGMA user_version=3")
     db.close()
     with Store(path) as opened:
-        assert opened.read("PRAGMA user_version")[0][0] == 7
+        assert opened.read("PRAGMA user_version")[0][0] == 8
         tables = {row[0] for row in opened.read("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"logins", "credentials", "vms", "api_keys", "tenants", "audit", "webhooks", "deliveries"} <= tables
         assert opened.read("SELECT version, tenant FROM vms")[0] == (3, "")
+        # A lease from before templates had egress policies has the host's (schema 8).
+        lease = Ipam(opened, NetworkPlan.build(IPv4Network("192.168.100.0/24"), "br0")).get("vm-000000000001")
+        assert lease is not None and str(lease.address) == "192.168.100.2/24" and lease.egress is None
 
 
 def test_a_schema_4_databases_credentials_become_the_operators_own_and_still_open(tmp_path: Path) -> None:
