@@ -13,8 +13,10 @@ reason at most MAX_REASON bytes, a security list at most 255 types.
 
 What the viewer sends after the handshake is checked as it streams past (`ClientMessages`): only
 the client messages noVNC sends, each of its own size, a clipboard (ClientCutText) of at most
-MAX_CUT_TEXT bytes, as the screen watcher bounds the guest's (vm/screen.py MAX_TEXT). Nothing is
-held back: the checker only keeps count of where each message ends.
+MAX_CUT_TEXT bytes, as the screen watcher bounds the guest's (vm/screen.py MAX_TEXT). Two kinds are
+left out of the stream rather than refused, since a well-behaved viewer sends them: a clipboard when
+the VM's template takes no paste, and a desktop size (SetDesktopSize) outside DESKTOP_SIZES. Only an
+unfinished message header (at most 24 bytes) is held back until its end says what it is.
 """
 
 from __future__ import annotations
@@ -135,6 +137,9 @@ async def greet(reader: MessageReader, send: Callable[[bytes], Awaitable[None]])
 
 MAX_CUT_TEXT = 1 << 20  # a viewer's clipboard, as vm/screen.py bounds the guest's
 MAX_ENCODINGS = 1024  # in one SetEncodings: noVNC sends some thirty
+# The desktop sizes a viewer may ask for (SetDesktopSize): (width, height) from, to.
+DESKTOP_SIZES = ((800, 600), (2560, 1600))
+CLIPBOARD, SET_DESKTOP_SIZE = 6, 251
 # Client message types (RFC 6143 7.5, and the extensions noVNC speaks): how many bytes, the type
 # byte included, say how long a message is (for the fixed ones, the whole message).
 _HEADERS: dict[int, int] = {
@@ -162,18 +167,28 @@ class ViewerBroke(Exception):
 
 class ClientMessages:
     """The viewer's side of an RFB session after the security handshake, followed message by message:
-    ClientInit (one byte), then client messages. `feed` each piece as it passes; ViewerBroke when one
-    is not acceptable. Keeps at most one message header (24 bytes)."""
+    ClientInit (one byte), then client messages. `feed` each piece as it passes and relay what it
+    returns; ViewerBroke when one is not acceptable. `paste`: whether the viewer's clipboard reaches the
+    VM (else its ClientCutText messages are left out). Keeps at most one message header (24 bytes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, paste: bool = True) -> None:
+        self._paste = paste
         self._head = bytearray()
         self._rest = 1  # ClientInit: its one byte
+        self._left_out = False  # the message whose rest is passing is left out of the stream
+        self.left_out: dict[str, int] = {}  # what was left out, by kind: for the log
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> bytes:
+        """What of `data` goes on to the VM: all of it, but for messages left out and an unfinished header."""
+        out = bytearray()
+        whole = not self._head  # nothing held back from before, nothing left out yet
         at = 0
         while at < len(data):
             if self._rest:
                 step = min(self._rest, len(data) - at)
+                whole = whole and not self._left_out
+                if not self._left_out:
+                    out += data[at:at + step]
                 self._rest -= step
                 at += step
                 continue
@@ -181,8 +196,26 @@ class ClientMessages:
             at += 1
             total = self._length(bytes(self._head))
             if total is not None:
+                left_out = self._left_out_because(bytes(self._head))
+                self._left_out = left_out is not None
+                if left_out is None:
+                    out += self._head
+                else:
+                    whole = False
+                    self.left_out[left_out] = self.left_out.get(left_out, 0) + 1
                 self._rest = total - len(self._head)
                 self._head.clear()
+        return data if whole and not self._head else bytes(out)
+
+    def _left_out_because(self, head: bytes) -> str | None:
+        if head[0] == CLIPBOARD and not self._paste:
+            return "clipboard (this VM takes no paste)"
+        if head[0] == SET_DESKTOP_SIZE:
+            width, height = int.from_bytes(head[2:4]), int.from_bytes(head[4:6])
+            (low_w, low_h), (high_w, high_h) = DESKTOP_SIZES
+            if not (low_w <= width <= high_w and low_h <= height <= high_h):
+                return f"desktop size {width}x{height} (from {low_w}x{low_h} to {high_w}x{high_h})"
+        return None
 
     def _length(self, head: bytes) -> int | None:
         """The whole message's length once `head` says it; None while more of the header is needed."""

@@ -12,6 +12,7 @@ from the operator's TOML file (setting `templates`):
     desktop_path = "rfb"
     egress = "none"                   # its own egress policy (egress.py); without: the host's
     egress_allow = ["10.20.0.0/16"]
+    clipboard = "paste"               # both (the default), paste (into the VM only), copy (out only), none
 
 Every field but the image may be left out (the default template's value is used; the egress
 policy is the host's unless the template names one). A bad file is refused at start with an error
@@ -39,7 +40,9 @@ if TYPE_CHECKING:
 
 DEFAULT = "default"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
-_FIELDS = frozenset({"vcpus", "mem_mib", "image_profile", "rootfs", "desktop_path", *EGRESS_FIELDS})
+_FIELDS = frozenset({"vcpus", "mem_mib", "image_profile", "rootfs", "desktop_path", "clipboard", *EGRESS_FIELDS})
+# Which way a viewer's clipboard goes: into the VM (paste), out of it (copy).
+CLIPBOARD = {"both": (True, True), "paste": (True, False), "copy": (False, True), "none": (False, False)}
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,17 @@ class Template:
     rootfs: Path | None = None  # an image file given (then image_profile is None)
     desktop_path: str = "rfb"
     egress: EgressPolicy | None = None  # None: the host's
+    clipboard: str = "both"  # a key of CLIPBOARD
+
+    @property
+    def paste(self) -> bool:
+        """Whether a viewer's clipboard reaches its VMs (the proxy leaves it out of the stream otherwise)."""
+        return CLIPBOARD[self.clipboard][0]
+
+    @property
+    def copy(self) -> bool:
+        """Whether its VMs' clipboard reaches the viewer page (the page drops it otherwise)."""
+        return CLIPBOARD[self.clipboard][1]
 
     @property
     def image(self) -> str:
@@ -62,7 +76,7 @@ class Template:
         return {"name": self.name, "vcpus": self.vcpus, "mem_mib": self.mem_mib,
                 "image_profile": self.image_profile, "rootfs": None if self.rootfs is None else str(self.rootfs),
                 "desktop_path": self.desktop_path,
-                "egress": None if self.egress is None else self.egress.describe()}
+                "egress": None if self.egress is None else self.egress.describe(), "clipboard": self.clipboard}
 
 
 class Templates:
@@ -171,6 +185,15 @@ def _template(source: Path, name: str, entry: object, default: Template) -> Temp
         values["image_profile"], values["rootfs"] = entry["image_profile"], None
     if "rootfs" in entry:
         values["image_profile"], values["rootfs"] = None, _image_file(source, name, entry["rootfs"])
+    if "clipboard" in entry:
+        if entry["clipboard"] not in CLIPBOARD:
+            raise _refuse(source, name, "clipboard", entry["clipboard"], f"must be one of {', '.join(CLIPBOARD)}")
+        values["clipboard"] = entry["clipboard"]
+    made = replace(default, **{k: v for k, v in values.items() if k in ("clipboard", "desktop_path")})
+    if not made.paste and made.desktop_path != "rfb":
+        # Only the rfb path's proxy reads the viewer's messages: on websockify's, paste could not be held back.
+        raise _refuse(source, name, "clipboard", made.clipboard, "a clipboard without paste needs desktop_path "
+                                                                 "\"rfb\" (the proxy holds paste back there only)")
     try:
         egress = EgressPolicy.from_fields(entry)
     except InvalidInput as exc:

@@ -192,7 +192,7 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 
 # Routes anyone may reach: the viewer's (they take its token), the health check, the login form and the
 # operator page (which redirects to it), static files.
-PUBLIC = {"/healthz", "/view/{vm_id}", "/view/{vm_id}/state", "/login", "/logout", "/"}
+PUBLIC = {"/healthz", "/view/{vm_id}", "/view/{vm_id}/state", "/view/{vm_id}/token", "/login", "/logout", "/"}
 
 
 def operator_routes(app: FastAPI) -> list[tuple[str, str]]:
@@ -488,7 +488,8 @@ def test_a_viewer_link_carries_a_token_for_that_vm(served: Served) -> None:
         assert viewer["expires_at"] == int(served.clock.now + served.service.tokens.ttl)
         state = (await client.get(f"/view/{vm['vm_id']}/state", params={"token": viewer["token"]})).json()
         assert state == {"state": "ready", "stages": list(NAMES), "hops": list(NAMES),
-                         "browser_ready": True, "building": None, "failure": None, "ended_reason": None}
+                         "browser_ready": True, "building": None, "failure": None, "ended_reason": None,
+                         "expires_at": vm["expires_at"], "clipboard": {"paste": True, "copy": True}}
 
     served.run(scenario)
 

@@ -29,8 +29,8 @@ from browservm.vm.state import VmState
 from .fakes import stop_all
 from .test_api import KEY, Served, serve_fakes
 
-Kind = Literal["operator", "viewer-page", "viewer-state", "viewer-ws", "public", "operator-page", "login-form",
-               "login-page", "static", "logout"]
+Kind = Literal["operator", "viewer-page", "viewer-state", "viewer-renew", "viewer-ws", "public", "operator-page",
+               "login-form", "login-page", "static", "logout"]
 
 # Every route of the app: (method, path) -> what guards it. "WS" is the WebSocket route.
 ROUTES: dict[tuple[str, str], Kind] = {
@@ -72,6 +72,7 @@ ROUTES: dict[tuple[str, str], Kind] = {
     ("GET", "/v1/webhooks/{webhook_id}/deliveries"): "operator",
     ("GET", "/view/{vm_id}"): "viewer-page",
     ("GET", "/view/{vm_id}/state"): "viewer-state",
+    ("POST", "/view/{vm_id}/token"): "viewer-renew",
     ("WS", "/v1/vms/{vm_id}/vnc"): "viewer-ws",
     ("GET", "/"): "operator-page",
     ("GET", "/login"): "login-page",
@@ -152,8 +153,11 @@ async def request(client: httpx.AsyncClient, method: str, url: str, *, headers: 
 def expected(kind: Kind, credential: str) -> int:
     """The documented status (app.py's docstring) for a route of `kind` given `credential`."""
     valid_viewer = credential == "viewer token"
+    # A token in a JSON body: one that is no Unicode string (a lone surrogate) is a 422 naming `token`.
+    renewal = 200 if valid_viewer else 422 if credential == "malformed unicode" else 401
     return {"operator": 401, "public": 200, "viewer-page": 200, "static": 200,
-            "viewer-state": 200 if valid_viewer else 401, "viewer-ws": 4409 if valid_viewer else 4401,
+            "viewer-state": 200 if valid_viewer else 401, "viewer-renew": renewal,
+            "viewer-ws": 4409 if valid_viewer else 4401,
             "operator-page": 303, "login-page": 200, "login-form": 303, "logout": 303}[kind]
 
 
@@ -179,6 +183,9 @@ def test_every_route_answers_its_documented_status_for_every_credential(
     async def scenario(client: httpx.AsyncClient) -> list[httpx.Response]:
         if kind in ("viewer-page", "viewer-state"):
             return [await request(client, method, url, params={"token": given})]
+        if kind == "viewer-renew":  # the token in the body, never in an address
+            return [await request(client, method, url, content=json.dumps({"token": given}).encode(),
+                                  headers={"Content-Type": b"application/json"})]
         if kind == "login-form":
             body = f"key={quote(given, safe='', errors='surrogatepass')}".encode()
             return [await request(client, method, url, content=body,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import os
 import random
@@ -867,17 +868,60 @@ NOVNC_SESSION = b"".join([
 ])
 
 
-def test_the_viewers_messages_are_followed_however_they_are_split() -> None:
+CLIPBOARDS = (struct.pack(">BxxxI", 6, 5) + b"hello", struct.pack(">BxxxI", 6, 2**32 - 4) + b"\x00\x00\x00\x01")
+
+
+def relayed(messages: rfb.ClientMessages, stream: bytes, size: int) -> bytes:
+    return b"".join(messages.feed(stream[at:at + size]) for at in range(0, len(stream), size))
+
+
+def test_the_viewers_messages_are_followed_and_relayed_however_they_are_split() -> None:
     for size in (1, 2, 3, 7, 64, len(NOVNC_SESSION)):
-        messages = rfb.ClientMessages()
-        for at in range(0, len(NOVNC_SESSION), size):
-            messages.feed(NOVNC_SESSION[at:at + size])
+        assert relayed(rfb.ClientMessages(), NOVNC_SESSION, size) == NOVNC_SESSION
     # A clipboard of the most allowed, in noVNC's 10 KiB pieces, then a message after it.
     messages = rfb.ClientMessages()
     messages.feed(b"\x01" + struct.pack(">BxxxI", 6, rfb.MAX_CUT_TEXT))
     for _ in range(rfb.MAX_CUT_TEXT // 10240):
-        messages.feed(bytes(10240))
-    messages.feed(bytes(rfb.MAX_CUT_TEXT % 10240) + KEY_EVENT)
+        assert len(messages.feed(bytes(10240))) == 10240
+    assert messages.feed(bytes(rfb.MAX_CUT_TEXT % 10240) + KEY_EVENT).endswith(KEY_EVENT)
+
+
+def test_a_vm_without_paste_gets_no_clipboard_and_no_viewer_sets_a_desktop_size_out_of_bounds() -> None:
+    without_clipboards = NOVNC_SESSION
+    for clip in CLIPBOARDS:
+        without_clipboards = without_clipboards.replace(clip, b"")
+    for size in (1, 2, 3, 7, 64, len(NOVNC_SESSION)):
+        messages = rfb.ClientMessages(paste=False)
+        assert relayed(messages, NOVNC_SESSION, size) == without_clipboards
+        assert messages.left_out == {"clipboard (this VM takes no paste)": 2}
+    (low_w, low_h), (high_w, high_h) = rfb.DESKTOP_SIZES
+    for width, height, kept in ((low_w, low_h, True), (high_w, high_h, True), (low_w - 1, low_h, False),
+                                (high_w, high_h + 1, False), (40000, 30000, False)):
+        resize = struct.pack(">BxHHBx", 251, width, height, 1) + struct.pack(">IHHHHI", 0, 0, 0, width, height, 0)
+        stream = b"\x01" + KEY_EVENT + resize + KEY_EVENT
+        expected = stream if kept else b"\x01" + KEY_EVENT * 2
+        assert relayed(rfb.ClientMessages(), stream, 5) == expected, (width, height)
+    # A resize of no screens at all is a whole message in its header: left out too.
+    assert rfb.ClientMessages().feed(b"\x01" + struct.pack(">BxHHBx", 251, 9000, 9000, 0) + KEY_EVENT) \
+        == b"\x01" + KEY_EVENT
+
+
+def test_rfb_path_a_vm_without_paste_never_receives_the_viewers_clipboard() -> None:
+    server = VncServer("pw-paste")
+
+    async def scenario() -> None:
+        upstream_of = functools.partial(Upstream, websocket=False, vnc_password="pw-paste", paste=False)
+        async with tcp_upstream(server) as upstream, \
+                controller(ViewerProxy(), to(upstream_of(upstream.netns, upstream.address, upstream.port))) as ctl, \
+                ctl.viewer() as viewer:
+            await no_auth_handshake(viewer)
+            await viewer.send(b"\x01")
+            assert await within(viewer.recv()) == server.after_auth
+            await viewer.send(NOVNC_SESSION[1:])
+            expected = NOVNC_SESSION[1:].replace(CLIPBOARDS[0], b"").replace(CLIPBOARDS[1], b"")
+            assert await within(read_exactly(viewer, len(expected))) == expected  # what the VM got, echoed
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize(("sent", "words", "too_big"), [

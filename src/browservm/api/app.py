@@ -13,7 +13,8 @@ status codes, in one place.
       GET    /healthz
     viewer (its token)
       GET    /view/{id}?token=            the noVNC page
-      GET    /view/{id}/state?token=      what the page shows while the VM boots
+      GET    /view/{id}/state?token=      what the page shows while the VM boots, and its toolbar after
+      POST   /view/{id}/token             an open viewer's next link, for its token (in a JSON body) while valid
       WS     /v1/vms/{id}/vnc?token=      the desktop, through the proxy (closes 44xx with a reason)
 
 Errors are `{"error": {"type", "message", ...}}`: 422 a bad field (named), 404 an unknown VM,
@@ -55,6 +56,7 @@ from browservm.api.models import (
     CreateVm,
     ErrorOut,
     ExtendVm,
+    RenewViewer,
     TemplateOut,
     ViewerOut,
     VmId,
@@ -467,13 +469,27 @@ def build_app(service: ControllerService) -> FastAPI:
         except (VmNotFound, InvalidInput):
             return _error(404, {"type": "VmNotFound", "message": f"no VM {vm_id[:63]}"})
         failure = record.failure
+        paste, copy = service.clipboard_of(record)
         return JSONResponse({"state": record.state.value, "stages": list(record.stages),
+                             "expires_at": service.expires_at(record), "clipboard": {"paste": paste, "copy": copy},
                              "hops": list(desktop_path(record.desktop_path).names),
                              "browser_ready": hops.DESKTOP_COMPLETE in record.stages,
                              "building": service.building(record, for_viewer=True),
                              "failure": None if failure is None else {"hop": failure.hop, "reason": failure.reason},
                              "ended_reason": record.ended_reason or None},
                             headers={"Cache-Control": "no-store"})
+
+    @app.post("/view/{vm_id}/token", tags=["viewer"], response_model=ViewerOut,
+              responses={**refusals, 409: {"model": ErrorOut, "description": "the VM is not booting or ready"}})
+    async def renew_viewer(vm_id: VmId, body: RenewViewer) -> ViewerOut | JSONResponse:
+        """The next link of an open viewer, for its still valid token (in the body, not the address): the
+        page takes it before its token expires, so a session outlives a link; never past the VM's end."""
+        try:
+            return await service.renew_viewer(vm_id, body.token)
+        except TokenRefused as exc:
+            return _error(401, {"type": "TokenRefused", "message": exc.reason})
+        except (VmNotFound, InvalidInput):
+            return _error(404, {"type": "VmNotFound", "message": f"no VM {vm_id[:63]}"})
 
     @app.websocket("/v1/vms/{vm_id}/vnc")
     async def vnc(websocket: WebSocket, vm_id: str, token: str = "") -> None:

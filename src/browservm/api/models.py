@@ -15,6 +15,7 @@ from fastapi import Path
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 
 from browservm.access.principal import TENANT_PATTERN
+from browservm.api.tokens import MAX_TOKEN_LENGTH
 from browservm.ids import VM_ID_PATTERN
 from browservm.names import CONTROLS, NAME_PATTERN
 from browservm.templates import DEFAULT, Template
@@ -100,6 +101,8 @@ class TemplateOut(BaseModel):
     rootfs: str | None = Field(description="the image file its VMs boot, or null for a built profile")
     desktop_path: str = Field(description="how the controller reaches its VMs' desktops: rfb or websockify")
     pool: int = Field(description="VMs of it the warm pool keeps ready (0: none)")
+    clipboard: Literal["both", "paste", "copy", "none"] = Field(
+        description="which way its VMs' viewers' clipboard goes: paste (into the VM), copy (out of it)")
     egress: EgressOut | None = Field(description="its own egress policy, in place of the host's allowlist (the "
                                                  "host's denylist still applies); null: the host's policy")
 
@@ -173,6 +176,12 @@ class ViewerOut(BaseModel):
     token: str
     expires_at: int = Field(description="unix seconds")
     expires_at_rfc3339: str
+
+
+class RenewViewer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: str = Field(max_length=MAX_TOKEN_LENGTH, description="the viewer's token, still valid")
 
 
 class ExtendVm(BaseModel):

@@ -160,6 +160,7 @@ class Upstream:
     path: str = "/websockify"  # the WebSocket's, when `websocket`
     vnc_password: str | None = field(default=None, repr=False)
     websocket: bool = field(kw_only=True)  # no default: every caller says which desktop path
+    paste: bool = field(default=True, kw_only=True)  # whether the viewer's clipboard reaches the VM (rfb path)
     key: str = ""  # which prepared connection it may take (ViewerProxy.prepare): the VM's id
 
 
@@ -409,8 +410,13 @@ class ViewerProxy:
                 except _Ends as ends:
                     return ends.close
             # The viewer's messages are followed where the proxy spoke its handshake (always, with a password).
-            messages = rfb.ClientMessages() if upstream.vnc_password is not None else None
-            return await self._relay(viewer, first, messages)
+            messages = rfb.ClientMessages(paste=upstream.paste) if upstream.vnc_password is not None else None
+            try:
+                return await self._relay(viewer, first, messages)
+            finally:
+                if messages is not None and messages.left_out:
+                    log.info("viewer of %s: left out of its stream: %s", upstream.key,
+                             ", ".join(f"{n} x {kind}" for kind, n in messages.left_out.items()))
         except Exception:
             # A bug, or resolve() failing other than by Refused: the viewer learns that much, the log the rest.
             log.exception("viewer proxy failed")
@@ -503,9 +509,11 @@ class ViewerProxy:
                 return ends.close
             if messages is not None:
                 try:
-                    messages.feed(data)
+                    data = messages.feed(data)
                 except rfb.ViewerBroke as broke:
                     return _Close(MESSAGE_TOO_BIG if broke.too_big else PROTOCOL_ERROR, str(broke))
+                if not data:
+                    continue
             try:
                 await upstream.send(data)  # waits while the upstream's write buffer is over WRITE_LIMIT
             except UpstreamEnded as ended:

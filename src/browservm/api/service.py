@@ -218,7 +218,17 @@ class ControllerService:
         secrets = await asyncio.to_thread(self.manager.secrets, record.vm_id)
         path = desktop_path(record.desktop_path)
         return Upstream(self.network.netns, IPv4Address(record.address.split("/")[0]), port=path.port,
-                        websocket=path.websocket, vnc_password=secrets.get("vnc"), key=record.vm_id)
+                        websocket=path.websocket, vnc_password=secrets.get("vnc"), key=record.vm_id,
+                        paste=self.clipboard_of(record)[0])
+
+    def clipboard_of(self, record: VmRecord) -> tuple[bool, bool]:
+        """(paste, copy): which way the VM's viewers' clipboard goes, its template's; a template gone since
+        the VM was made (a changed templates file): neither way."""
+        templates = self.manager.templates
+        if record.template not in templates:
+            return False, False
+        template = templates.get(record.template)
+        return template.paste, template.copy
 
     def _noted(self, record: VmRecord, kind: str, detail: str) -> None:
         self.events.publish(VmEvent(vm_id=record.vm_id, event=kind, state=record.state.value, detail=detail))
@@ -413,9 +423,19 @@ class ControllerService:
         record = await self.get(vm_id, principal)
         if record.state not in _LIVE:
             raise WrongState(vm_id, record.state.value, "only a VM that is booting or ready can be viewed")
-        token, expires = self.tokens.issue(vm_id, record.viewer_epoch)
-        return ViewerOut(url=f"{self.settings.base_url}/view/{vm_id}?token={token}", token=token, expires_at=expires,
-                         expires_at_rfc3339=rfc3339(expires) or "")
+        return self._link(record)
+
+    async def renew_viewer(self, vm_id: str, token: str) -> ViewerOut:
+        """A new link for an open viewer whose token is still valid: its session lasts, its link does not."""
+        record = await self.check_token(vm_id, token)
+        if record.state not in _LIVE:
+            raise WrongState(vm_id, record.state.value, "only a VM that is booting or ready can be viewed")
+        return self._link(record)
+
+    def _link(self, record: VmRecord) -> ViewerOut:
+        token, expires = self.tokens.issue(record.vm_id, record.viewer_epoch, until=self.expires_at(record))
+        return ViewerOut(url=f"{self.settings.base_url}/view/{record.vm_id}?token={token}", token=token,
+                         expires_at=expires, expires_at_rfc3339=rfc3339(expires) or "")
 
     async def check_token(self, vm_id: str, token: str) -> VmRecord:
         """The VM, if `token` opens it; TokenRefused or VmNotFound otherwise."""

@@ -1,10 +1,14 @@
-"""Viewer tokens: short-lived, signed, bound to one VM, revoked with it.
+"""Viewer tokens: short-lived, signed, bound to one VM, revoked with it; renewed by an open viewer.
 
     v1.<vm id>.<expires, unix seconds>.<HMAC-SHA256 of (vm id, the VM's viewer epoch, expires)>
 
 The viewer epoch is a random value in the VM's record. It is in the signature but not in the
 token, so a token works only while that record exists: deleting the VM revokes every token of
 it, and a VM that later gets the same id has a new epoch and does not accept an old token.
+
+A link lasts as long as the session it opens: the viewer page trades its token, while it is still
+valid, for a new one (`POST /view/{id}/token`) before it expires, and puts it in its own address, so
+a reload works. A link nobody opens still expires after `ttl`, and no token outlives its VM's end.
 """
 
 from __future__ import annotations
@@ -37,8 +41,11 @@ class ViewerTokens:
         mac = hmac.new(self._key, f"{vm_id}\0{epoch}\0{expires}".encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac).decode().rstrip("=")
 
-    def issue(self, vm_id: str, epoch: str) -> tuple[str, int]:
+    def issue(self, vm_id: str, epoch: str, until: float | None = None) -> tuple[str, int]:
+        """A token valid for `ttl`, or until `until` if that is sooner (the VM's own end)."""
         expires = int(self._clock() + self.ttl)
+        if until is not None:
+            expires = min(expires, int(until))
         return f"{_VERSION}.{vm_id}.{expires}.{self._signature(vm_id, epoch, expires)}", expires
 
     def check(self, token: str, vm_id: str, epoch: str) -> None:
