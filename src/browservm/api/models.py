@@ -98,7 +98,8 @@ class TemplateOut(BaseModel):
     mem_mib: int = Field(description="of its VMs, unless a create gives mem_mib")
     image_profile: str | None = Field(description="the image the controller builds (full, minimal, oauth), or null "
                                                   "for an image file")
-    rootfs: str | None = Field(description="the image file its VMs boot, or null for a built profile")
+    rootfs: str | None = Field(description="the image file its VMs boot (a tenant key sees its name only), or null "
+                                           "for a built profile")
     desktop_path: str = Field(description="how the controller reaches its VMs' desktops: rfb or websockify")
     pool: int = Field(description="VMs of it the warm pool keeps ready (0: none)")
     clipboard: Literal["both", "paste", "copy", "none"] = Field(
