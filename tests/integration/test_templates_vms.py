@@ -5,6 +5,7 @@ VM's port."""
 from __future__ import annotations
 
 import asyncio
+import json
 from ipaddress import IPv4Network
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from browservm.templates import DEFAULT
 from browservm.vm.records import VmRecord
 from browservm.vm.state import VmState
 
-from .conftest import Controllers
+from .conftest import Controllers, run
 
 pytestmark = [pytest.mark.host, pytest.mark.vm]
 
@@ -54,7 +55,8 @@ def test_one_controller_boots_vms_of_two_templates_each_from_its_own_image(
             stored = {r.vm_id: r.template for r in asyncio.run(manager.all())}
             assert stored == {plain.vm_id: DEFAULT, browser.vm_id: "browser"}
             # The browser template's own egress policy is on its VM's port, and only there.
-            listing = controller.network._nft.list_table() or []
+            listing = json.loads(run("nft", "-j", "list", "table", "bridge", "browservm",
+                                     netns=controllers.netns).stdout)["nftables"]
             policies = listed_egress(listing)
             assert set(policies) == {browser.tap}
             assert policies[browser.tap] == EgressPolicy(internet=False, allow=(IPv4Network("10.20.0.0/16"),))
