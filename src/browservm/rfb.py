@@ -1,6 +1,6 @@
 """The RFB handshake the proxy makes on a viewer's behalf, so the VM's VNC password stays on the host.
 
-Each VM's x11vnc asks for that VM's own password (from its config disk): without it, any local
+Each VM's VNC server (Xvnc, or x11vnc) asks for that VM's own password (from its config disk): without it, any local
 user of the host could open any desktop. Only the controller knows it, so the proxy speaks both
 ends of the RFB handshake (RFC 6143, 7.1-7.2; 3.8, or 3.7 with a VM's server that speaks only
 that: SERVER_VERSIONS) and then relays the rest untouched:
@@ -14,7 +14,9 @@ reason at most MAX_REASON bytes, a security list at most 255 types.
 What the viewer sends after the handshake is checked as it streams past (`ClientMessages`): only
 the client messages noVNC sends, each of its own size, a clipboard (ClientCutText) of at most
 MAX_CUT_TEXT bytes, as the screen watcher bounds the guest's (vm/screen.py MAX_TEXT). Nothing is
-held back: the checker only keeps count of where each message ends.
+held back but a SetDesktopSize, until whole (at most 4 KiB): its sizes are bounded to
+MIN_DESKTOP..MAX_DESKTOP before the guest sees it, since Xvnc takes any size up to 32768x32768
+(a framebuffer of 4 GiB). Otherwise the checker only keeps count of where each message ends.
 """
 
 from __future__ import annotations
@@ -78,13 +80,29 @@ def server_version(line: bytes) -> tuple[int, int]:
     return major, minor
 
 
-def vnc_response(password: str, challenge: bytes) -> bytes:
-    """RFB's VNC authentication: the challenge encrypted with DES, keyed by the password's first
-    8 bytes with each byte's bits in reverse order (a quirk every VNC server expects)."""
-    key = bytes(int(f"{byte:08b}"[::-1], 2) for byte in password.encode()[:8].ljust(8, b"\0"))
+def _vnc_des(key: bytes, data: bytes) -> bytes:
+    """DES-ECB of `data` as VNC does it: keyed by `key`'s 8 bytes with each byte's bits in reverse
+    order (a quirk every VNC server expects)."""
+    reversed_key = bytes(int(f"{byte:08b}"[::-1], 2) for byte in key)
     # Three equal keys make single DES; ECB of one 16-byte challenge is what RFC 6143 7.2.2 specifies.
-    encryptor = Cipher(TripleDES(key * 3), modes.ECB()).encryptor()  # noqa: S305
-    return encryptor.update(challenge) + encryptor.finalize()
+    encryptor = Cipher(TripleDES(reversed_key * 3), modes.ECB()).encryptor()  # noqa: S305
+    return encryptor.update(data) + encryptor.finalize()
+
+
+def vnc_response(password: str, challenge: bytes) -> bytes:
+    """RFB's VNC authentication: the challenge encrypted with DES, keyed by the password's first 8 bytes."""
+    return _vnc_des(password.encode()[:8].ljust(8, b"\0"), challenge)
+
+
+# The key every VNC password file (vncpasswd's format, TigerVNC's -PasswordFile) is encrypted with:
+# it only keeps the password from being read at a glance.
+_PASSWORD_FILE_KEY = bytes([23, 82, 107, 6, 35, 78, 88, 7])
+
+
+def vnc_password_file(password: str) -> bytes:
+    """What `vncpasswd -f` writes for `password`: its first 8 bytes, DES-encrypted with the fixed key.
+    Made on the host, which has DES, for a guest that has only the standard library."""
+    return _vnc_des(_PASSWORD_FILE_KEY, password.encode()[:8].ljust(8, b"\0"))
 
 
 async def _reason(reader: MessageReader) -> str:
@@ -134,6 +152,11 @@ async def greet(reader: MessageReader, send: Callable[[bytes], Awaitable[None]])
 
 
 MAX_CUT_TEXT = 1 << 20  # a viewer's clipboard, as vm/screen.py bounds the guest's
+# The desktop sizes a viewer may ask for (SetDesktopSize), each side bounded on its own: a window
+# larger or smaller gets the nearest size inside (noVNC then scales or scrolls).
+MIN_DESKTOP = (800, 600)
+MAX_DESKTOP = (2560, 1600)
+SET_DESKTOP_SIZE = 251
 MAX_ENCODINGS = 1024  # in one SetEncodings: noVNC sends some thirty
 # Client message types (RFC 6143 7.5, and the extensions noVNC speaks): how many bytes, the type
 # byte included, say how long a message is (for the fixed ones, the whole message).
@@ -160,29 +183,63 @@ class ViewerBroke(Exception):
         self.too_big = too_big
 
 
+def _bounded(size: int, side: int) -> int:
+    return max(MIN_DESKTOP[side], min(MAX_DESKTOP[side], size))
+
+
+def bound_desktop_size(message: bytes) -> bytes:
+    """A whole SetDesktopSize with its width and height, and each screen's, within MIN_DESKTOP..MAX_DESKTOP
+    (a screen's also within the desktop it is on)."""
+    out = bytearray(message)
+    width, height = _bounded(int.from_bytes(out[2:4]), 0), _bounded(int.from_bytes(out[4:6]), 1)
+    out[2:6] = struct.pack(">HH", width, height)
+    for screen in range(8, len(out), 16):  # id(4) x(2) y(2) width(2) height(2) flags(4)
+        x, y, w, h = struct.unpack_from(">HHHH", out, screen + 4)
+        struct.pack_into(">HH", out, screen + 8, max(1, min(_bounded(w, 0), width - min(x, width - 1))),
+                         max(1, min(_bounded(h, 1), height - min(y, height - 1))))
+    return bytes(out)
+
+
 class ClientMessages:
     """The viewer's side of an RFB session after the security handshake, followed message by message:
-    ClientInit (one byte), then client messages. `feed` each piece as it passes; ViewerBroke when one
-    is not acceptable. Keeps at most one message header (24 bytes)."""
+    ClientInit (one byte), then client messages. `feed` each piece as it passes and relay what it
+    returns; ViewerBroke when one is not acceptable. Keeps at most one message header (24 bytes) and
+    one SetDesktopSize (8 + 16 * 255 bytes), which it relays once whole, its sizes bounded."""
 
     def __init__(self) -> None:
         self._head = bytearray()
         self._rest = 1  # ClientInit: its one byte
+        self._held: bytearray | None = None  # a SetDesktopSize not yet whole
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> bytes:
+        """What to relay of `data`: all of it as it comes, but a SetDesktopSize once whole and bounded."""
+        out = bytearray()
         at = 0
         while at < len(data):
             if self._rest:
                 step = min(self._rest, len(data) - at)
+                (out if self._held is None else self._held).extend(data[at:at + step])
                 self._rest -= step
                 at += step
+                self._release(out)
                 continue
             self._head.append(data[at])
+            if self._head[0] != SET_DESKTOP_SIZE:
+                out.append(data[at])
             at += 1
             total = self._length(bytes(self._head))
             if total is not None:
+                if self._head[0] == SET_DESKTOP_SIZE:
+                    self._held = bytearray(self._head)
                 self._rest = total - len(self._head)
                 self._head.clear()
+                self._release(out)
+        return bytes(out)
+
+    def _release(self, out: bytearray) -> None:
+        if self._held is not None and not self._rest:
+            out += bound_desktop_size(bytes(self._held))
+            self._held = None
 
     def _length(self, head: bytes) -> int | None:
         """The whole message's length once `head` says it; None while more of the header is needed."""

@@ -870,14 +870,33 @@ NOVNC_SESSION = b"".join([
 def test_the_viewers_messages_are_followed_however_they_are_split() -> None:
     for size in (1, 2, 3, 7, 64, len(NOVNC_SESSION)):
         messages = rfb.ClientMessages()
-        for at in range(0, len(NOVNC_SESSION), size):
-            messages.feed(NOVNC_SESSION[at:at + size])
+        relayed = b"".join(messages.feed(NOVNC_SESSION[at:at + size]) for at in range(0, len(NOVNC_SESSION), size))
+        assert relayed == NOVNC_SESSION  # a SetDesktopSize within the bounds passes as it was
     # A clipboard of the most allowed, in noVNC's 10 KiB pieces, then a message after it.
     messages = rfb.ClientMessages()
     messages.feed(b"\x01" + struct.pack(">BxxxI", 6, rfb.MAX_CUT_TEXT))
     for _ in range(rfb.MAX_CUT_TEXT // 10240):
         messages.feed(bytes(10240))
     messages.feed(bytes(rfb.MAX_CUT_TEXT % 10240) + KEY_EVENT)
+
+
+def set_desktop_size(width: int, height: int, *screens: tuple[int, int, int, int]) -> bytes:
+    return struct.pack(">BxHHBx", 251, width, height, len(screens)) + b"".join(
+        struct.pack(">IHHHHI", number, *screen, 0) for number, screen in enumerate(screens))
+
+
+@pytest.mark.parametrize(("asked", "given"), [
+    (set_desktop_size(4000, 4000, (0, 0, 4000, 4000)), set_desktop_size(2560, 1600, (0, 0, 2560, 1600))),
+    (set_desktop_size(320, 200, (0, 0, 320, 200)), set_desktop_size(800, 600, (0, 0, 800, 600))),
+    (set_desktop_size(3000, 900, (0, 0, 1500, 900), (1500, 0, 1500, 900)),
+     set_desktop_size(2560, 900, (0, 0, 1500, 900), (1500, 0, 1060, 900))),  # the second screen cut at the edge
+])
+def test_a_desktop_size_out_of_bounds_reaches_the_guest_bounded_however_it_is_split(asked: bytes, given: bytes) -> None:
+    stream = b"\x01" + KEY_EVENT + asked + KEY_EVENT
+    for size in (1, 5, 9, len(stream)):
+        messages = rfb.ClientMessages()
+        relayed = b"".join(messages.feed(stream[at:at + size]) for at in range(0, len(stream), size))
+        assert relayed == b"\x01" + KEY_EVENT + given + KEY_EVENT
 
 
 @pytest.mark.parametrize(("sent", "words", "too_big"), [

@@ -503,9 +503,11 @@ class ViewerProxy:
                 return ends.close
             if messages is not None:
                 try:
-                    messages.feed(data)
+                    data = messages.feed(data)  # a SetDesktopSize comes out bounded, once whole
                 except rfb.ViewerBroke as broke:
                     return _Close(MESSAGE_TOO_BIG if broke.too_big else PROTOCOL_ERROR, str(broke))
+            if not data:
+                continue  # all of it was a part of a SetDesktopSize, held until whole
             try:
                 await upstream.send(data)  # waits while the upstream's write buffer is over WRITE_LIMIT
             except UpstreamEnded as ended:
