@@ -87,12 +87,12 @@ FIXES: dict[str, str] = {
     "arp.no_reply": "the guest does not answer ARP: its eth0 is down or has another address; the console shows "
                     "what configured it",
     "arp.wrong_mac": "another machine answers ARP for the VM's address: find it (`bridge fdb`) and remove it",
-    "desktop.not_ready": "the guest's desktop did not report its listener (Xvnc or x11vnc, or websockify) up: the console's "
-                         "browservm-ready lines say which part is missing",
+    "desktop.not_ready": "the guest's desktop did not report its listener (Xvnc or x11vnc, or websockify) up: "
+                         "the console's browservm-ready lines say which part is missing",
     "desktop.part_failed": "a part of the guest's desktop failed or exited: the console's browservm-ready line "
                            "names it; recreate the VM",
-    "desktop.port_closed": "nothing listens on the desktop's port in the guest (the VNC server on :5901, or websockify on "
-                           ":6080, is not running): recreate the VM; "
+    "desktop.port_closed": "nothing listens on the desktop's port in the guest (the VNC server on :5901, or "
+                           "websockify on :6080, is not running): recreate the VM; "
                            "the console shows whether the desktop supervisor reported it exiting",
     "tcp.timeout": "connections to the desktop's port are silently dropped: look for a firewall in the guest or on "
                    "the host",
