@@ -146,7 +146,7 @@ class VmOut(BaseModel):
     started_from: str = Field(description="cold (booted), restored (from a snapshot) or pooled (taken ready)")
     in_pool: bool = Field(description="kept ready in the warm pool, not yet handed to a user (set by the pool alone)")
     snapshot: str = Field(description="the snapshot it was restored from (its key), or empty")
-    desktop_path: str = Field(description="how the controller reaches its desktop: rfb (x11vnc on :5901) or "
+    desktop_path: str = Field(description="how the controller reaches its desktop: rfb (the VNC server on :5901) or "
                                           "websockify (:6080)")
     viewers: int = Field(description="viewers connected now")
     idle_s: float | None = Field(description="seconds without a viewer; null while one is connected")

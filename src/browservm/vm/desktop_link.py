@@ -1,7 +1,7 @@
 """A connection to a VM's desktop once TCP is up (readiness.connect_socket made it inside the VM
 network's namespace), one of two kinds of leg (vm/desktop_path.py says which a VM uses):
 
-    TcpLeg        RFB straight on TCP to x11vnc (the rfb path): bytes as they come, in reads of at
+    TcpLeg        RFB straight on TCP to the VNC server (the rfb path): bytes as they come, in reads of at
                   most CHUNK bytes from a stream buffer that stops reading the socket past 2 CHUNKs,
                   so nothing the guest sends makes the controller buffer much more
     WebSocketLeg  RFB inside a WebSocket to the guest's websockify (the websockify path): the
