@@ -215,7 +215,7 @@ class Session:
     notes: list[str] = field(default_factory=list)
 
 
-def _ready(serve: Serve, vm: dict[str, Any]) -> dict[str, Any]:
+def ready_record(serve: Serve, vm: dict[str, Any]) -> dict[str, Any]:
     """The record once ready, following its event stream (SSE: past stages first, then each new one)."""
     if vm["state"] != "ready":
         with serve.api.stream("GET", f"/v1/vms/{vm['vm_id']}/events") as events:
@@ -235,7 +235,7 @@ def session(serve: Serve) -> tuple[Session, str]:
     answer = serve.api.post("/v1/vms", json={"user": "bench"})
     if answer.status_code != 202:
         raise RuntimeError(f"POST /v1/vms answered {answer.status_code}: {answer.text}")
-    record = _ready(serve, answer.json())
+    record = ready_record(serve, answer.json())
     ready_at = time.perf_counter()
     vm_id = record["vm_id"]
     viewer = serve.api.post(f"/v1/vms/{vm_id}/viewer")
@@ -300,7 +300,7 @@ def _qemu_under(state_dir: Path) -> list[int]:
     return found
 
 
-def _teardown(settings: Settings, state_dir: Path, netns_name: str) -> None:
+def teardown(settings: Settings, state_dir: Path, netns_name: str) -> None:
     """After every serve has stopped: whatever is left of VMs and network goes, even after a failure."""
     with open_controller(settings) as controller:
         for record in asyncio.run(controller.manager.all()):
@@ -364,7 +364,7 @@ def measure(work: Path, runs: int, pool_idle: float) -> dict[str, list[Session]]
                     results[kind].append(one)
                     progress.stage(f"{kind} {n + 1}/{runs}", _line(one))
     finally:
-        _teardown(settings, state_dir, netns_name)
+        teardown(settings, state_dir, netns_name)
     return results
 
 

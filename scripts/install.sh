@@ -49,10 +49,15 @@ packages=(
   # VMs under QEMU microvm (KVM where it runs guests, software emulation elsewhere)
   qemu-system-x86
   # the guest desktop's programs, also run on the host by the desktop supervisor's tests
+  # (Xvnc: the full and oauth images' X and VNC server; Xvfb and x11vnc: the minimal image's)
+  tigervnc-standalone-server
   xvfb
   openbox
   x11vnc
   websockify
+  # the Xvnc tests read the guest's X screen and clipboard as its programs do
+  xclip
+  x11-utils
   # noVNC: the guests serve it, and so does the controller's viewer page (from /usr/share/novnc)
   novnc
   # the end-to-end tests open the viewer and the operator page in a real browser (Playwright)

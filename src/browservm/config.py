@@ -44,7 +44,7 @@ class Settings(BaseSettings):
                              description="the first of the 2^24 uids VMMs run as (uid = base + the VM address's "
                                          "low 24 bits); no account needs to exist")
     desktop_path: Literal["rfb", "websockify"] = Field(
-        "rfb", description="how the controller reaches a VM's desktop: rfb (straight to x11vnc on :5901) or "
+        "rfb", description="how the controller reaches a VM's desktop: rfb (straight to the VNC server on :5901) or "
                            "websockify (through the guest's websockify on :6080, the seed's way)")
     disk_mib: int = Field(4096, description="size of each VM's writable overlay disk")
     max_vms: int = Field(32, ge=1, description="VMs this host runs at most")

@@ -1,6 +1,6 @@
 """The RFB handshake the proxy makes on a viewer's behalf, so the VM's VNC password stays on the host.
 
-Each VM's x11vnc asks for that VM's own password (from its config disk): without it, any local
+Each VM's VNC server (Xvnc, or x11vnc) asks for that VM's own password (from its config disk): without it, any local
 user of the host could open any desktop. Only the controller knows it, so the proxy speaks both
 ends of the RFB handshake (RFC 6143, 7.1-7.2; 3.8, or 3.7 with a VM's server that speaks only
 that: SERVER_VERSIONS) and then relays the rest untouched:
@@ -14,9 +14,10 @@ reason at most MAX_REASON bytes, a security list at most 255 types.
 What the viewer sends after the handshake is checked as it streams past (`ClientMessages`): only
 the client messages noVNC sends, each of its own size, a clipboard (ClientCutText) of at most
 MAX_CUT_TEXT bytes, as the screen watcher bounds the guest's (vm/screen.py MAX_TEXT). Two kinds are
-left out of the stream rather than refused, since a well-behaved viewer sends them: a clipboard when
-the VM's template takes no paste, and a desktop size (SetDesktopSize) outside DESKTOP_SIZES. Only an
-unfinished message header (at most 24 bytes) is held back until its end says what it is.
+changed on the way, since a well-behaved viewer sends them: a clipboard is left out when the VM's
+template takes no paste, and a SetDesktopSize is held until whole (at most 4 KiB) and its sizes
+bounded to MIN_DESKTOP..MAX_DESKTOP before the guest sees it, since Xvnc takes any size up to
+32768x32768 (a framebuffer of 4 GiB). Otherwise the checker only keeps count of where each message ends.
 """
 
 from __future__ import annotations
@@ -80,13 +81,29 @@ def server_version(line: bytes) -> tuple[int, int]:
     return major, minor
 
 
-def vnc_response(password: str, challenge: bytes) -> bytes:
-    """RFB's VNC authentication: the challenge encrypted with DES, keyed by the password's first
-    8 bytes with each byte's bits in reverse order (a quirk every VNC server expects)."""
-    key = bytes(int(f"{byte:08b}"[::-1], 2) for byte in password.encode()[:8].ljust(8, b"\0"))
+def _vnc_des(key: bytes, data: bytes) -> bytes:
+    """DES-ECB of `data` as VNC does it: keyed by `key`'s 8 bytes with each byte's bits in reverse
+    order (a quirk every VNC server expects)."""
+    reversed_key = bytes(int(f"{byte:08b}"[::-1], 2) for byte in key)
     # Three equal keys make single DES; ECB of one 16-byte challenge is what RFC 6143 7.2.2 specifies.
-    encryptor = Cipher(TripleDES(key * 3), modes.ECB()).encryptor()  # noqa: S305
-    return encryptor.update(challenge) + encryptor.finalize()
+    encryptor = Cipher(TripleDES(reversed_key * 3), modes.ECB()).encryptor()  # noqa: S305
+    return encryptor.update(data) + encryptor.finalize()
+
+
+def vnc_response(password: str, challenge: bytes) -> bytes:
+    """RFB's VNC authentication: the challenge encrypted with DES, keyed by the password's first 8 bytes."""
+    return _vnc_des(password.encode()[:8].ljust(8, b"\0"), challenge)
+
+
+# The key every VNC password file (vncpasswd's format, TigerVNC's -PasswordFile) is encrypted with:
+# it only keeps the password from being read at a glance.
+_PASSWORD_FILE_KEY = bytes([23, 82, 107, 6, 35, 78, 88, 7])
+
+
+def vnc_password_file(password: str) -> bytes:
+    """What `vncpasswd -f` writes for `password`: its first 8 bytes, DES-encrypted with the fixed key.
+    Made on the host, which has DES, for a guest that has only the standard library."""
+    return _vnc_des(_PASSWORD_FILE_KEY, password.encode()[:8].ljust(8, b"\0"))
 
 
 async def _reason(reader: MessageReader) -> str:
@@ -136,10 +153,13 @@ async def greet(reader: MessageReader, send: Callable[[bytes], Awaitable[None]])
 
 
 MAX_CUT_TEXT = 1 << 20  # a viewer's clipboard, as vm/screen.py bounds the guest's
+# The desktop sizes a viewer may ask for (SetDesktopSize), each side bounded on its own: a window
+# larger or smaller gets the nearest size inside (noVNC then scales or scrolls).
+MIN_DESKTOP = (800, 600)
+MAX_DESKTOP = (2560, 1600)
+SET_DESKTOP_SIZE = 251
+CLIPBOARD = 6
 MAX_ENCODINGS = 1024  # in one SetEncodings: noVNC sends some thirty
-# The desktop sizes a viewer may ask for (SetDesktopSize): (width, height) from, to.
-DESKTOP_SIZES = ((800, 600), (2560, 1600))
-CLIPBOARD, SET_DESKTOP_SIZE = 6, 251
 # Client message types (RFC 6143 7.5, and the extensions noVNC speaks): how many bytes, the type
 # byte included, say how long a message is (for the fixed ones, the whole message).
 _HEADERS: dict[int, int] = {
@@ -165,57 +185,72 @@ class ViewerBroke(Exception):
         self.too_big = too_big
 
 
+def _bounded(size: int, side: int) -> int:
+    return max(MIN_DESKTOP[side], min(MAX_DESKTOP[side], size))
+
+
+def bound_desktop_size(message: bytes) -> bytes:
+    """A whole SetDesktopSize with its width and height, and each screen's, within MIN_DESKTOP..MAX_DESKTOP
+    (a screen's also within the desktop it is on)."""
+    out = bytearray(message)
+    width, height = _bounded(int.from_bytes(out[2:4]), 0), _bounded(int.from_bytes(out[4:6]), 1)
+    out[2:6] = struct.pack(">HH", width, height)
+    for screen in range(8, len(out), 16):  # id(4) x(2) y(2) width(2) height(2) flags(4)
+        x, y, w, h = struct.unpack_from(">HHHH", out, screen + 4)
+        struct.pack_into(">HH", out, screen + 8, max(1, min(_bounded(w, 0), width - min(x, width - 1))),
+                         max(1, min(_bounded(h, 1), height - min(y, height - 1))))
+    return bytes(out)
+
+
 class ClientMessages:
     """The viewer's side of an RFB session after the security handshake, followed message by message:
     ClientInit (one byte), then client messages. `feed` each piece as it passes and relay what it
     returns; ViewerBroke when one is not acceptable. `paste`: whether the viewer's clipboard reaches the
-    VM (else its ClientCutText messages are left out). Keeps at most one message header (24 bytes)."""
+    VM (else its ClientCutText messages, classic or extended, are left out). Keeps at most one message
+    header (24 bytes) and one SetDesktopSize (8 + 16 * 255 bytes), which it relays once whole, bounded."""
 
     def __init__(self, *, paste: bool = True) -> None:
         self._paste = paste
         self._head = bytearray()
         self._rest = 1  # ClientInit: its one byte
-        self._left_out = False  # the message whose rest is passing is left out of the stream
-        self.left_out: dict[str, int] = {}  # what was left out, by kind: for the log
+        self._held: bytearray | None = None  # a SetDesktopSize not yet whole
+        self._leaving_out = False  # the message passing is a clipboard this VM takes no paste of
+        self.left_out = 0  # clipboards left out, for the log
 
     def feed(self, data: bytes) -> bytes:
-        """What of `data` goes on to the VM: all of it, but for messages left out and an unfinished header."""
+        """What to relay of `data`: all of it as it comes, but a clipboard the VM takes no paste of, and a
+        SetDesktopSize once whole and bounded."""
         out = bytearray()
-        whole = not self._head  # nothing held back from before, nothing left out yet
         at = 0
         while at < len(data):
             if self._rest:
                 step = min(self._rest, len(data) - at)
-                whole = whole and not self._left_out
-                if not self._left_out:
-                    out += data[at:at + step]
+                if not self._leaving_out:
+                    (out if self._held is None else self._held).extend(data[at:at + step])
                 self._rest -= step
                 at += step
+                self._release(out)
                 continue
+            if not self._head:  # a message begins: its type says where its bytes go
+                self._leaving_out = data[at] == CLIPBOARD and not self._paste
+                self.left_out += self._leaving_out
             self._head.append(data[at])
+            if self._head[0] != SET_DESKTOP_SIZE and not self._leaving_out:
+                out.append(data[at])
             at += 1
             total = self._length(bytes(self._head))
             if total is not None:
-                left_out = self._left_out_because(bytes(self._head))
-                self._left_out = left_out is not None
-                if left_out is None:
-                    out += self._head
-                else:
-                    whole = False
-                    self.left_out[left_out] = self.left_out.get(left_out, 0) + 1
+                if self._head[0] == SET_DESKTOP_SIZE:
+                    self._held = bytearray(self._head)
                 self._rest = total - len(self._head)
                 self._head.clear()
-        return data if whole and not self._head else bytes(out)
+                self._release(out)
+        return bytes(out)
 
-    def _left_out_because(self, head: bytes) -> str | None:
-        if head[0] == CLIPBOARD and not self._paste:
-            return "clipboard (this VM takes no paste)"
-        if head[0] == SET_DESKTOP_SIZE:
-            width, height = int.from_bytes(head[2:4]), int.from_bytes(head[4:6])
-            (low_w, low_h), (high_w, high_h) = DESKTOP_SIZES
-            if not (low_w <= width <= high_w and low_h <= height <= high_h):
-                return f"desktop size {width}x{height} (from {low_w}x{low_h} to {high_w}x{high_h})"
-        return None
+    def _release(self, out: bytearray) -> None:
+        if self._held is not None and not self._rest:
+            out += bound_desktop_size(bytes(self._held))
+            self._held = None
 
     def _length(self, head: bytes) -> int | None:
         """The whole message's length once `head` says it; None while more of the header is needed."""

@@ -282,6 +282,12 @@ def test_a_desktop_created_through_one_front_is_seen_through_another(
             page.wait_for_selector("#status[data-state='connected']", timeout=120_000)
             colours = desktop_colours(page)
             assert colours >= 16, f"the canvas shows {colours} colour(s): no browser window on the desktop"
+            # The open page's next link comes through this front too (issue 22), signed by the VM's host.
+            renewed = page.evaluate("""async ([vm, token]) => {
+                const r = await fetch(`/view/${vm}/token`, {method: "POST", body: JSON.stringify({token}),
+                                                          headers: {"Content-Type": "application/json"}});
+                return [r.status, await r.json()]; }""", [vm["vm_id"], url.split("token=")[1]])
+            assert renewed[0] == 200 and renewed[1]["url"].startswith(f"{second}/view/{vm['vm_id']}?token="), renewed
 
             operator = browser.new_page()  # the operator's page on the first front: the VM and its host
             operator.goto(f"{FRONT}/")

@@ -1,4 +1,5 @@
-"""The guest's desktop supervisor with the real Xvfb, Openbox, x11vnc and websockify, in a namespace."""
+"""The guest's desktop supervisor with the real parts, in a namespace: Xvnc, Openbox and websockify (the
+full image's), and Xvfb, Openbox, x11vnc and websockify (the minimal image's)."""
 
 from __future__ import annotations
 
@@ -24,17 +25,27 @@ from .conftest import Namespaces, run
 
 pytestmark = [
     pytest.mark.host,
-    pytest.mark.skipif(not all(shutil.which(p) for p in ("Xvfb", "openbox", "x11vnc", "websockify")),
-                       reason="needs xvfb, openbox, x11vnc and websockify (scripts/install.sh installs them)"),
+    pytest.mark.skipif(not all(shutil.which(p) for p in ("Xvnc", "Xvfb", "openbox", "x11vnc", "websockify")),
+                       reason="needs tigervnc-standalone-server, xvfb, openbox, x11vnc and websockify "
+                              "(scripts/install.sh installs them)"),
 ]
+
+# Each image's desktop, as rootfs.SERVICES lists it (Chromium aside): the VNC server's part, then all.
+DESKTOPS = {"xvnc": ("xvnc", "openbox", "websockify"), "x11vnc": ("xvfb", "openbox", "x11vnc", "websockify")}
+
+
+@pytest.fixture(params=list(DESKTOPS))
+def server(request: pytest.FixtureRequest) -> str:
+    """The VNC server the desktop runs."""
+    return str(request.param)
 
 
 @pytest.fixture
-def desktop(namespaces: Namespaces, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def desktop(namespaces: Namespaces, tmp_path: Path, server: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     ns = namespaces.create("desk")
     run("ip", "link", "set", "lo", "up", netns=ns)
     config = tmp_path / "desktop.json"
-    config.write_text(json.dumps({"services": ["xvfb", "openbox", "x11vnc", "websockify"], "display": ":87",
+    config.write_text(json.dumps({"services": list(DESKTOPS[server]), "display": ":87",
                                   "vnc_port": 5987, "novnc_dir": "/usr/share/novnc"}))
     proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "browservm.guest.desktop",
                              "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -76,22 +87,23 @@ async def banner_through_websockify(ns: str) -> str:
 
 
 def test_the_desktop_starts_in_order_and_answers_rfb_through_websockify(
-        desktop: tuple[str, subprocess.Popen[str]]) -> None:
+        desktop: tuple[str, subprocess.Popen[str]], server: str) -> None:
     ns, proc = desktop
     seen = markers_until(proc, "websockify")
-    assert list(seen) == ["xvfb", "openbox", "x11vnc", "websockify"]
-    assert seen["xvfb"]["state"] == "ready" and seen["xvfb"]["display"] == ":87"
-    assert seen["x11vnc"]["state"] == "ready" and seen["x11vnc"]["port"] == "5987"
+    assert tuple(seen) == DESKTOPS[server]
+    x_server = "xvnc" if server == "xvnc" else "xvfb"  # Xvnc is the X server too
+    assert seen[x_server]["state"] == "ready" and seen[x_server]["display"] == ":87"
+    assert seen[server]["state"] == "ready" and seen[server]["port"] == "5987"
     assert seen["websockify"]["state"] == "ready" and seen["websockify"]["port"] == "6080"
     assert asyncio.run(banner_through_websockify(ns)) == "RFB 003.008"
 
 
 def test_a_part_that_dies_is_reported_and_the_supervisor_exits_non_zero(
-        desktop: tuple[str, subprocess.Popen[str]]) -> None:
+        desktop: tuple[str, subprocess.Popen[str]], server: str) -> None:
     _, proc = desktop
     seen = markers_until(proc, "websockify")
-    subprocess.run(["kill", "-KILL", seen["x11vnc"]["pid"]], check=True)
+    subprocess.run(["kill", "-KILL", seen[server]["pid"]], check=True)
     assert proc.stdout is not None
     exited = next(m for m in map(parse_marker, proc.stdout) if m and m[1].get("state") == "exited")
-    assert exited[1]["service"] == "x11vnc" and exited[1]["code"] == "-9"
+    assert exited[1]["service"] == server and exited[1]["code"] == "-9"
     assert proc.wait(timeout=30) == 1

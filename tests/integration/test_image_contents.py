@@ -26,3 +26,9 @@ def test_the_desktop_asks_for_the_vms_own_vnc_password(minimal_image: RootfsImag
     assert config["vnc_password_file"] == VNC_PASSWORD_FILE
     unit = read_guest_file(minimal_image.path, "/etc/systemd/system/browservm-desktop.service").decode()
     assert f"--install-vnc-password {VNC_PASSWORD_FILE}" in unit
+
+
+def test_the_full_image_runs_xvnc_with_the_vms_own_password(full_image: RootfsImage) -> None:
+    config = json.loads(read_guest_file(full_image.path, "/etc/browservm/desktop.json"))
+    assert config["services"][0] == "xvnc" and "x11vnc" not in config["services"]
+    assert config["vnc_password_file"] == VNC_PASSWORD_FILE

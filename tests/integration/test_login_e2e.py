@@ -4,6 +4,10 @@ VM's Chromium, the person's approval sent as a real Enter key from noVNC (Debian
 host, driven by Playwright) through the controller's proxy, the credentials captured, sealed in the
 vault, handed back equal to what the guest wrote (the agent's console marker, read from the guest's
 side), the VM destroyed, and no plaintext of the token left anywhere on the host.
+
+Three ways the login's VM comes: booted cold, restored from the warm pool, and (issue 21) from the
+provider's template on a controller whose default template is another image, with a desktop VM of
+that default running beside it.
 """
 
 from __future__ import annotations
@@ -88,9 +92,9 @@ def _wait_pooled(client: httpx.Client, timeout: float) -> None:
         time.sleep(0.5)
 
 
-@pytest.mark.parametrize("started_from", ["cold", "pooled"])
+@pytest.mark.parametrize("started_from", ["cold", "pooled", "template"])
 def test_a_person_approves_in_the_viewer_and_the_controller_keeps_exactly_what_the_tool_wrote(
-        controllers: Controllers, tmp_path: Path, started_from: str) -> None:
+        controllers: Controllers, tmp_path: Path, started_from: str, request: pytest.FixtureRequest) -> None:
     if not CHROMIUM.exists():
         pytest.skip("needs Debian's chromium (scripts/install.sh installs it)")
     controller = controllers.open()  # host up, with the auth server's port open to VMs below
@@ -99,11 +103,18 @@ def test_a_person_approves_in_the_viewer_and_the_controller_keeps_exactly_what_t
     providers.write_text(
         "[providers.sample]\ncommand = [\"/usr/lib/browservm/bin/browservm-sample-login\", \"--issuer\", "
         f"\"http://{gateway}:{AUTH_PORT}\", \"--credentials\", \"/home/browser/.sample/credentials.json\", "
-        "\"--port\", \"0\"]\nrequired_keys = [\"access_token\", \"refresh_token\"]\n")
+        "\"--port\", \"0\"]\nrequired_keys = [\"access_token\", \"refresh_token\"]\n"
+        + ("template = \"oauth\"\n" if started_from == "template" else ""))
+    images = ["--rootfs", str(controllers.rootfs)]
+    if started_from == "template":  # the default is the minimal image; logins take the oauth template's
+        templates = tmp_path / "templates.toml"
+        templates.write_text(f'[templates.oauth]\nrootfs = "{controllers.rootfs}"\nmem_mib = 2048\n')
+        minimal: RootfsImage = request.getfixturevalue("minimal_image")
+        images = ["--rootfs", str(minimal.path), "--templates", str(templates)]
     port = _free_port()
     serve = subprocess.Popen(
         [sys.executable, "-m", "browservm", "serve", "--netns", controllers.netns, "--state-dir",
-         str(controllers.state_dir), "--kernel", str(controllers.kernel), "--rootfs", str(controllers.rootfs),
+         str(controllers.state_dir), "--kernel", str(controllers.kernel), *images,
          "--vmm", "qemu", "--listen", f"127.0.0.1:{port}", "--guest-port", str(AUTH_PORT),
          *(["--pool", "1"] if started_from == "pooled" else [])],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -126,11 +137,19 @@ def test_a_person_approves_in_the_viewer_and_the_controller_keeps_exactly_what_t
         if started_from == "pooled":  # the pool first makes its snapshot, then restores a VM from it
             _wait_pooled(client, _POOL_S)
         with listen(host=gateway, port=AUTH_PORT, netns=controller.network.netns) as server:
+            desktop = None
+            if started_from == "template":
+                desktop = client.post("/v1/vms", json={"user": "e2e"})
+                assert desktop.status_code == 202, desktop.text
             started = client.post("/v1/logins", json={"user": "e2e", "provider": "sample", "keep_vm": True})
             assert started.status_code == 202, started.text
             login = started.json()
             vm = client.get(f"/v1/vms/{login['vm_id']}").json()
-            assert vm["started_from"] == started_from, vm
+            assert vm["started_from"] == ("cold" if started_from == "template" else started_from), vm
+            if desktop is not None:
+                assert vm["template"] == "oauth", vm
+                beside = client.get(f"/v1/vms/{desktop.json()['vm_id']}").json()
+                assert beside["template"] == "default" and beside["state"] in ("creating", "booting", "ready"), beside
             waiting = _wait_for(client, login["login_id"], {"waiting-for-user"}, _WAIT_S)
             assert waiting["auth_url_host"] == f"{gateway}:{AUTH_PORT}"
 
@@ -164,6 +183,10 @@ def test_a_person_approves_in_the_viewer_and_the_controller_keeps_exactly_what_t
         assert markers and markers[-1]["sha256"] == credentials_digest(files) == captured["sha256"]
 
         assert client.delete(f"/v1/vms/{captured['vm_id']}").json()["removed"]
+        if desktop is not None:
+            beside = client.get(f"/v1/vms/{desktop.json()['vm_id']}").json()
+            assert beside["state"] == "ready", beside  # the desktop VM came up beside the login, of its image
+            assert client.delete(f"/v1/vms/{beside['vm_id']}").json()["removed"]
         client.close()
     finally:
         serve.send_signal(signal.SIGTERM)

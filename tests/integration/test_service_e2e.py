@@ -117,7 +117,8 @@ def test_a_person_opens_the_desktop_through_the_controller_and_is_told_why_it_en
     serve = Serve(controllers, _free_port(), full_image.path)
     try:
         vm = serve.create()
-        page = browser.new_page()
+        # A person's browser lets the page use their clipboard (Ctrl+V, and what is copied in the VM).
+        page = browser.new_context(permissions=["clipboard-read", "clipboard-write"]).new_page()
         page.goto(serve.viewer_url(vm["vm_id"]))
         wait_status(page, "connected")
         colours = desktop_colours(page)
@@ -138,6 +139,21 @@ def test_a_person_opens_the_desktop_through_the_controller_and_is_told_why_it_en
         assert sent_to_vms(serve) >= before + len(clip) + 20 * 8, (before, sent_to_vms(serve))
         assert status_of(page)["state"] == "connected", status_of(page)
         assert serve.http.get(f"/v1/vms/{vm['vm_id']}").json()["viewers"] == 1
+
+        # The clipboard both ways (issue 22), UTF-8 past Latin-1: what the person copied goes into the VM's
+        # Chromium's address bar by Ctrl+V, and copied there (Ctrl+A, Ctrl+C) it comes back to the page.
+        text = "pasted from the host: héllo wörld ✓ 日本語 " + str(time.monotonic_ns())
+        page.evaluate("text => navigator.clipboard.writeText(text)", text)
+        page.evaluate("window.browservmRfb.focus()")
+        page.keyboard.press("Control+l")
+        page.keyboard.press("Control+v")  # the page reads the clipboard, sends it, then Ctrl+V: once it has,
+        page.wait_for_selector("#clipboard[data-pasted='1']", state="attached", timeout=30_000)
+        page.keyboard.press("Control+a")  # ... these follow it in order on the one connection
+        page.keyboard.press("Control+c")
+        deadline = time.monotonic() + 60
+        while page.input_value("#clipboard-text") != text and time.monotonic() < deadline:
+            page.wait_for_timeout(250)
+        assert page.input_value("#clipboard-text") == text, page.input_value("#clipboard-text")
 
         # The same page with a bad token: told why, in words, not "1006".
         bad = browser.new_page()

@@ -1,20 +1,26 @@
 """Templates with real guests under QEMU (issue 21): one controller boots VMs of two templates, each from
-its own image, at its own size, and each record names its template."""
+its own image, at its own size, and each record names its template; a template's own egress policy is on its
+VM's port."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
 
 from browservm.controller import open_controller
+from browservm.egress import EgressPolicy
+from browservm.hostnet.firewall import listed_egress
+from browservm.hostnet.host import FIREWALL
 from browservm.images.rootfs import RootfsImage
 from browservm.templates import DEFAULT
 from browservm.vm.records import VmRecord
 from browservm.vm.state import VmState
 
-from .conftest import Controllers
+from .conftest import Controllers, run
 
 pytestmark = [pytest.mark.host, pytest.mark.vm]
 
@@ -26,7 +32,8 @@ def vmm_argv(pid: int) -> list[str]:
 def test_one_controller_boots_vms_of_two_templates_each_from_its_own_image(
         controllers: Controllers, full_image: RootfsImage, tmp_path: Path) -> None:
     templates = tmp_path / "templates.toml"
-    templates.write_text(f'[templates.browser]\nrootfs = "{full_image.path}"\nmem_mib = 1280\n')
+    templates.write_text(f'[templates.browser]\nrootfs = "{full_image.path}"\nmem_mib = 1280\n'
+                         'egress = "none"\negress_allow = ["10.20.0.0/16"]\n')
     # The default template is the fixture's: the minimal image.
     settings = controllers.settings().model_copy(update={"templates": templates})
     with open_controller(settings) as controller:
@@ -47,6 +54,14 @@ def test_one_controller_boots_vms_of_two_templates_each_from_its_own_image(
             assert str(full_image.path) in browser_argv and str(controllers.rootfs) not in browser_argv
             stored = {r.vm_id: r.template for r in asyncio.run(manager.all())}
             assert stored == {plain.vm_id: DEFAULT, browser.vm_id: "browser"}
+            # The browser template's own egress policy is on its VM's port, and only there.
+            listing = json.loads(run("nft", "-j", "list", "table", "bridge", "browservm",
+                                     netns=controllers.netns).stdout)["nftables"]
+            policies = listed_egress(listing)
+            assert set(policies) == {browser.tap}
+            assert policies[browser.tap] == EgressPolicy(internet=False, allow=(IPv4Network("10.20.0.0/16"),))
+            firewall = next(c for c in controller.network.status() if c.piece == FIREWALL)
+            assert firewall.ok, firewall.detail
         finally:
             for record in (plain, browser):
                 asyncio.run(manager.destroy(record.vm_id))

@@ -1,11 +1,13 @@
-"""Only the controller opens a desktop: the real x11vnc asks for the VM's own password, which the
+"""Only the controller opens a desktop: the real VNC server asks for the VM's own password, which the
 proxy presents for the viewer, and the viewer never sees it.
 
-The guest's desktop supervisor runs the real Xvfb, x11vnc and websockify in a namespace, with the
-password installed the way the image's unit installs it (from a config disk). Then: a client
-without the password gets nowhere; the proxy with it relays a working RFB session (ServerInit and
-a framebuffer update come back to the viewer); the proxy with a wrong one is a clear rfb.auth
-failure. Each on both desktop paths: RFB straight to x11vnc, and through websockify.
+The guest's desktop supervisor runs the real Xvnc (the full image's) or Xvfb and x11vnc (the minimal
+image's), and websockify, in a namespace, with the password installed the way the image's unit
+installs it (from a config disk the host wrote). Then: a client without the password gets nowhere;
+the proxy with it relays a working RFB session (ServerInit and a framebuffer update come back to the
+viewer); the proxy with a wrong one is a clear rfb.auth failure; a new password file (a restored VM's)
+is taken by the next client. Each on both desktop paths: RFB straight to the VNC server, and through
+websockify.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from websockets.typing import Subprotocol
 from browservm import rfb
 from browservm.api.proxy import Upstream, ViewerProxy
 from browservm.guest import configdisk
-from browservm.guest.desktop import install_vnc_password
+from browservm.guest.desktop import install_vnc_password, password_file_bytes
 from browservm.hostnet.netns import NetworkNamespace
 from tests.unit.test_proxy import close_of, controller, to, within
 
@@ -42,8 +44,9 @@ from .test_desktop_real import markers_until
 
 pytestmark = [
     pytest.mark.host,
-    pytest.mark.skipif(not all(shutil.which(p) for p in ("Xvfb", "x11vnc", "websockify")),
-                       reason="needs xvfb, x11vnc and websockify (scripts/install.sh installs them)"),
+    pytest.mark.skipif(not all(shutil.which(p) for p in ("Xvnc", "Xvfb", "x11vnc", "websockify")),
+                       reason="needs tigervnc-standalone-server, xvfb, x11vnc and websockify (scripts/install.sh "
+                              "installs them)"),
 ]
 
 PASSWORD = "Kq3x9Zt1"
@@ -52,10 +55,20 @@ VNC_PORT = 5988
 WIDTH, HEIGHT = 1024, 768
 
 
+# The VNC server's parts of each image's desktop (rootfs.SERVICES), websockify for the seed's path.
+SERVICES = {"xvnc": ["xvnc", "websockify"], "x11vnc": ["xvfb", "x11vnc", "websockify"]}
+
+
+def secrets_for(password: str) -> dict[str, str]:
+    """The VNC secrets as the host writes them on a config disk (vm/config_disks.py)."""
+    return {"vnc": password, "vnc_file": rfb.vnc_password_file(password).hex()}
+
+
 @dataclass
 class Desktop:
     netns: NetworkNamespace
     password_file: Path
+    services: list[str]
 
     path: str = "rfb"
 
@@ -73,8 +86,9 @@ class Desktop:
                              compression=None, proxy=None, open_timeout=30)
 
 
-@pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Desktop]:
+@pytest.fixture(scope="module", params=list(SERVICES))
+def running(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Desktop]:
+    services = SERVICES[request.param]
     spaces = Namespaces()
     tmp = tmp_path_factory.mktemp("vncpw")
     proc: subprocess.Popen[str] | None = None
@@ -82,12 +96,12 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Desktop]:
         ns = spaces.create("vncpw")
         run("ip", "link", "set", "lo", "up", netns=ns)
         disk = tmp / "config.img"
-        configdisk.write(disk, {"secrets": {"vnc": PASSWORD}})
+        configdisk.write(disk, {"secrets": secrets_for(PASSWORD)})
         password_file = tmp / "vnc.pass"
-        install_vnc_password(password_file, "root", disk)
+        install_vnc_password(password_file, "root", services, disk)
         assert password_file.stat().st_mode & 0o777 == 0o600
         config = tmp / "desktop.json"
-        config.write_text(json.dumps({"services": ["xvfb", "x11vnc", "websockify"], "display": ":88",
+        config.write_text(json.dumps({"services": services, "display": ":88",
                                       "geometry": f"{WIDTH}x{HEIGHT}x24", "vnc_port": VNC_PORT,
                                       "vnc_password_file": str(password_file)}))
         proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "browservm.guest.desktop",
@@ -95,7 +109,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Desktop]:
                                 text=True, start_new_session=True)
         seen = markers_until(proc, "websockify")
         assert seen.get("websockify", {}).get("state") == "ready", seen
-        yield Desktop(NetworkNamespace(ns), password_file)
+        yield Desktop(NetworkNamespace(ns), password_file, services)
     finally:
         if proc is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -191,10 +205,10 @@ def test_a_new_password_in_the_file_takes_over_at_the_next_client(desktop: Deskt
         async with controller(ViewerProxy(), to(desktop.upstream(password))) as ctl, ctl.viewer() as viewer:
             return (await rfb_session(viewer))[3]
 
-    desktop.password_file.write_text("Rotated9\n")
+    desktop.password_file.write_bytes(password_file_bytes(secrets_for("Rotated9"), desktop.services))
     try:
         assert asyncio.run(session_with("Rotated9")) == 0
         code, reason = asyncio.run(close_with(PASSWORD))
         assert code == 4502 and reason is not None and reason.startswith("rfb.auth:")
     finally:
-        desktop.password_file.write_text(PASSWORD + "\n")
+        desktop.password_file.write_bytes(password_file_bytes(secrets_for(PASSWORD), desktop.services))

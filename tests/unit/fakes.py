@@ -196,7 +196,7 @@ class FakeProbes:
     cancelled: list[str] = field(default_factory=list)
     reached: dict[str, asyncio.Event] = field(default_factory=dict)
     closed: int = 0
-    listener: str = ""  # what the manager last asked of desktop_ready and connect
+    listeners: tuple[str, ...] = ()  # what the manager last asked of desktop_ready and connect
     port: int = 0
     websocket: bool | None = None
     desktop: tuple[str, ...] = ()  # the parts the desktop says it started (a marker desktop_complete writes)
@@ -228,8 +228,8 @@ class FakeProbes:
         await self.gate("net.arp")
         return next(lease.mac for lease in self.ipam.leases() if lease.address.ip == target)
 
-    async def desktop_ready(self, console: ConsoleLog, timeout: float, listener: str) -> None:
-        self.listener = listener
+    async def desktop_ready(self, console: ConsoleLog, timeout: float, listeners: tuple[str, ...]) -> None:
+        self.listeners = listeners
         await self.gate("desktop.ready")
 
     async def desktop_complete(self, console: ConsoleLog, timeout: float) -> None:

@@ -48,9 +48,9 @@ def test_a_vm_passes_every_hop_in_the_order_of_the_one_vocabulary(parts: Parts) 
     manager = parts.manager(probes)
     record = asyncio.run(manager.create())
     assert record.state == VmState.READY and record.owner == "" and record.desktop_path == "rfb"
-    # Straight to x11vnc: no WebSocket upgrade on the way.
+    # Straight to the VNC server (Xvnc, or the minimal image's x11vnc): no WebSocket upgrade on the way.
     assert tuple(record.stages) == tuple(name for name in hops.NAMES if name != hops.WS_UPGRADE)
-    assert (probes.listener, probes.port, probes.websocket) == ("x11vnc", 5901, False)
+    assert (probes.listeners, probes.port, probes.websocket) == (("xvnc", "x11vnc"), 5901, False)
     assert asyncio.run(manager.destroy(record.vm_id)) and parts.leftovers() == NOTHING
 
 
@@ -58,7 +58,7 @@ def test_on_the_websockify_path_a_vm_passes_the_upgrade_too_and_keeps_its_path(p
     probes = FakeProbes(parts.ipam)
     record = asyncio.run(parts.manager(probes, desktop_path="websockify").create())
     assert tuple(record.stages) == hops.NAMES and record.desktop_path == "websockify"
-    assert (probes.listener, probes.port, probes.websocket) == ("websockify", 6080, True)
+    assert (probes.listeners, probes.port, probes.websocket) == (("websockify",), 6080, True)
     # The record, not the manager's setting, decides how this VM is reached from now on.
     stored = asyncio.run(parts.manager(probes).get(record.vm_id))
     assert stored is not None and stored.desktop_path == "websockify"

@@ -286,3 +286,18 @@ def test_a_template_s_egress_policy_goes_with_its_vms_leases_and_is_listed(serve
                              "partner": {"egress": "internet", "egress_allow": [], "egress_deny": ["203.0.113.0/24"]}}
 
     served.run(scenario)
+
+
+def test_a_tenant_key_is_not_shown_where_image_files_lie(serve: Callable[..., Served], tmp_path: Path) -> None:
+    image = write(tmp_path, "an image", "golden.ext4")
+    served = serve(templates=write(tmp_path, '[templates.custom]\nrootfs = "golden.ext4"\n'))
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        made = (await client.post("/v1/keys", json={"name": "app", "role": "tenant", "tenant": "acme"})).json()
+        operator = {t["name"]: t["rootfs"] for t in (await client.get("/v1/templates")).json()}
+        assert operator["custom"] == str(image.resolve())
+        async with served.client(headers={"Authorization": f"Bearer {made['key']}"}) as tenant:
+            listed = {t["name"]: t["rootfs"] for t in (await tenant.get("/v1/templates")).json()}
+        assert listed == {DEFAULT: None, "custom": "golden.ext4"}
+
+    served.run(scenario)

@@ -410,10 +410,15 @@ def build_app(service: ControllerService) -> FastAPI:
 
     @app.get("/v1/templates", tags=["vms"], responses=errors)
     async def list_templates(who: Caller) -> list[TemplateOut]:
-        """The templates VMs are made from (POST /v1/vms `template`), with the size of each one's warm pool."""
+        """The templates VMs are made from (POST /v1/vms `template`), with the size of each one's warm pool.
+        A tenant key is not shown where image files lie on the host (`rootfs`: its file name only)."""
         pools = service.manager.pools
-        return [TemplateOut.of(template, pools[template.name].settings.size if template.name in pools else 0)
-                for template in service.manager.templates]
+        listed = [TemplateOut.of(template, pools[template.name].settings.size if template.name in pools else 0)
+                  for template in service.manager.templates]
+        if not who.admin:
+            for template in listed:
+                template.rootfs = None if template.rootfs is None else Path(template.rootfs).name
+        return listed
 
     @app.get("/v1/vms/{vm_id}", tags=["vms"], responses=errors)
     async def get_vm(vm_id: VmId, who: Caller) -> VmOut:

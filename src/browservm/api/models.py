@@ -98,7 +98,8 @@ class TemplateOut(BaseModel):
     mem_mib: int = Field(description="of its VMs, unless a create gives mem_mib")
     image_profile: str | None = Field(description="the image the controller builds (full, minimal, oauth), or null "
                                                   "for an image file")
-    rootfs: str | None = Field(description="the image file its VMs boot, or null for a built profile")
+    rootfs: str | None = Field(description="the image file its VMs boot (a tenant key sees its name only), or null "
+                                           "for a built profile")
     desktop_path: str = Field(description="how the controller reaches its VMs' desktops: rfb or websockify")
     pool: int = Field(description="VMs of it the warm pool keeps ready (0: none)")
     clipboard: Literal["both", "paste", "copy", "none"] = Field(
@@ -145,7 +146,7 @@ class VmOut(BaseModel):
     started_from: str = Field(description="cold (booted), restored (from a snapshot) or pooled (taken ready)")
     in_pool: bool = Field(description="kept ready in the warm pool, not yet handed to a user (set by the pool alone)")
     snapshot: str = Field(description="the snapshot it was restored from (its key), or empty")
-    desktop_path: str = Field(description="how the controller reaches its desktop: rfb (x11vnc on :5901) or "
+    desktop_path: str = Field(description="how the controller reaches its desktop: rfb (the VNC server on :5901) or "
                                           "websockify (:6080)")
     viewers: int = Field(description="viewers connected now")
     idle_s: float | None = Field(description="seconds without a viewer; null while one is connected")

@@ -1,7 +1,7 @@
 """The relay between a person's browser (noVNC, over a WebSocket) and a VM's desktop.
 
     browser ──WS /v1/vms/{id}/vnc──► uvicorn ─ ViewerProxy.serve ──TCP opened in the VM network's
-                                                                    namespace──► VM :5901 x11vnc (RFB)
+                                                                    namespace──► VM :5901 Xvnc (RFB)
                                                                              or  VM :6080 websockify (WS)
 
 Which of the two a VM uses is its record's desktop path (vm/desktop_path.py); `Upstream.websocket`
@@ -35,7 +35,7 @@ closed with, or 1005/1006):
                     for `connect_timeout`), or then sent a client message no viewer sends
                     (rfb.ClientMessages)
     4410            `ended` was set: the VM was deleted or died ("the VM was deleted", or `Ended.reason`)
-    1000            the VM's desktop ended the connection normally (x11vnc closed it, or websockify
+    1000            the VM's desktop ended the connection normally (its VNC server closed it, or websockify
                     closed the WebSocket because the VNC server exited)
     1011            the connection to the VM failed mid-stream (reset, no close frame, a message over
                     `max_message`, keepalive timeout), or the controller failed (logged)
@@ -65,8 +65,9 @@ a time when the viewer took the last: under 0.5 MiB per viewer.
 
 Measured by bench/proxy_bench.py on 2 shared, saturated cores: 0.6-1.1 CPU s/GiB in the controller
 per direction, +0.1-0.2 ms median per round trip, about 50 KiB of RSS per idle viewer. On the rfb
-path, by bench/viewer_bench.py against a viewer straight to the same x11vnc (its own WebSocket),
-same run, 2 cores at load ~1: 0.64-0.69x its throughput of full Raw frames (x11vnc at -wait 1:
+path to x11vnc (the minimal image's VNC server; Xvnc's, the full and oauth images', is not
+measured yet), by bench/viewer_bench.py against a viewer straight to the same x11vnc (its own
+WebSocket), same run, 2 cores at load ~1: 0.64-0.69x its throughput of full Raw frames (x11vnc at -wait 1:
 ~900 of ~1,350 MiB/s at best; 0.48-0.60x before TcpLeg stopped copying through asyncio's stream
 buffer), 0.54 CPU s/GiB in the controller (0.60 before), +0.08-0.09 ms median on a message x11vnc
 answers at once, +0.5 ms p50 from a key press to its echo's pixels (28 ms, x11vnc's own cycle).
@@ -156,7 +157,7 @@ def close_reason(text: str) -> str:
 @dataclass(frozen=True)
 class Upstream:
     """Where a VM's desktop is: an address in the VM network, reached from inside `netns`, a port,
-    and whether RFB goes inside a WebSocket there (websockify) or straight on TCP (x11vnc); and
+    and whether RFB goes inside a WebSocket there (websockify) or straight on TCP (the VNC server); and
     the VM's VNC password, when its desktop has one (the proxy then authenticates for the viewer)."""
 
     netns: NetworkNamespace
@@ -355,7 +356,7 @@ class ViewerProxy:
         task.add_done_callback(_retrieved)
         self._warm[key] = task
         if within is not None:
-            # No viewer in time: an unused connection holds the VM's x11vnc, and memory here.
+            # No viewer in time: an unused connection holds the VM's VNC server, and memory here.
             asyncio.get_running_loop().call_later(within, self._expire, key, task)
 
     def _expire(self, key: str, task: asyncio.Task[tuple[Leg, bytes]]) -> None:
@@ -420,8 +421,8 @@ class ViewerProxy:
                 return await self._relay(viewer, first, messages)
             finally:
                 if messages is not None and messages.left_out:
-                    log.info("viewer of %s: left out of its stream: %s", upstream.key,
-                             ", ".join(f"{n} x {kind}" for kind, n in messages.left_out.items()))
+                    log.info("viewer of %s: %d clipboard(s) left out (its VM takes no paste)", upstream.key,
+                             messages.left_out)
         except Exception:
             # A bug, or resolve() failing other than by Refused: the viewer learns that much, the log the rest.
             log.exception("viewer proxy failed")
@@ -514,11 +515,11 @@ class ViewerProxy:
                 return ends.close
             if messages is not None:
                 try:
-                    data = messages.feed(data)
+                    data = messages.feed(data)  # a clipboard left out, a SetDesktopSize bounded once whole
                 except rfb.ViewerBroke as broke:
                     return _Close(MESSAGE_TOO_BIG if broke.too_big else PROTOCOL_ERROR, str(broke))
                 if not data:
-                    continue
+                    continue  # all of it was held (part of a SetDesktopSize) or left out
             try:
                 await upstream.send(data)  # waits while the upstream's write buffer is over WRITE_LIMIT
             except UpstreamEnded as ended:

@@ -55,8 +55,8 @@ def _common_options() -> argparse.ArgumentParser:
                         help="QEMU's accelerator (default auto: KVM only where a probe guest runs under it to the "
                              "end, else TCG)")
     common.add_argument("--desktop-path", choices=("rfb", "websockify"),
-                        help="how the controller reaches new VMs' desktops: rfb (x11vnc on :5901, the default) or "
-                             "websockify (:6080, the seed's way)")
+                        help="how the controller reaches new VMs' desktops: rfb (the VNC server on :5901, the "
+                             "default) or websockify (:6080, the seed's way)")
     common.add_argument("--kernel", metavar="VMLINUX", type=Path, help="guest kernel (default: build ours)")
     common.add_argument("--rootfs", metavar="IMAGE", type=Path, help="golden image (default: build ours)")
     common.add_argument("--profile", choices=tuple(PROFILES), dest="image_profile",

@@ -33,7 +33,7 @@ from browservm import __version__
 from browservm.api.app import NOVNC_DIR, BodyLimit, answer_errors, mount_operator_page, viewer_page
 from browservm.api.auth import Access, OneKey, caller, session_key
 from browservm.api.logs import AccessLog
-from browservm.api.models import CreateVm, ErrorOut
+from browservm.api.models import CreateVm, ErrorOut, RenewViewer
 from browservm.cluster.errors import HostUnreachable, RecordUnavailable
 from browservm.cluster.front import Front, PlacedVm
 from browservm.cluster.record import Host, Route
@@ -231,6 +231,24 @@ def build_front_app(front: Front, api_key: str, relay: Relay) -> FastAPI:
         except (VmNotFound, InvalidInput):
             return JSONResponse({"error": {"type": "VmNotFound", "message": f"no VM {vm_id[:63]}"}}, status_code=404)
         return await from_host(route, f"/view/{route.vm_id}/state", token=token)
+
+    @app.post("/view/{vm_id}/token", tags=["viewer"])
+    async def renew_viewer(vm_id: str, body: RenewViewer) -> Response:
+        """An open viewer's next link: the VM's host signs it (it holds the VM's epoch), the link is this front's."""
+        try:
+            route = await running_route(vm_id)
+        except (VmNotFound, InvalidInput):
+            return JSONResponse({"error": {"type": "VmNotFound", "message": f"no VM {vm_id[:63]}"}}, status_code=404)
+        try:
+            answer = await hosts_http.post(f"http://{route.viewer_address}/view/{route.vm_id}/token",
+                                           json=body.model_dump())
+        except httpx.TransportError as error:
+            raise HostUnreachable(route.host, f"{route.viewer_address}: {error or type(error).__name__}") from None
+        if answer.status_code != 200:  # the host's refusal (expired, revoked), as it gave it
+            return Response(answer.content, status_code=answer.status_code, media_type="application/json")
+        link = answer.json()
+        return JSONResponse({**link, "url": f"{relay.public_url}/view/{route.vm_id}?token={link['token']}"},
+                            headers={"Cache-Control": "no-store"})
 
     @app.websocket("/v1/vms/{vm_id}/vnc")
     async def vnc(websocket: WebSocket, vm_id: str, token: str = "") -> None:

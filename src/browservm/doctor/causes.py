@@ -87,12 +87,12 @@ FIXES: dict[str, str] = {
     "arp.no_reply": "the guest does not answer ARP: its eth0 is down or has another address; the console shows "
                     "what configured it",
     "arp.wrong_mac": "another machine answers ARP for the VM's address: find it (`bridge fdb`) and remove it",
-    "desktop.not_ready": "the guest's desktop did not report its listener (x11vnc, or websockify) up: the console's "
-                         "browservm-ready lines say which part is missing",
+    "desktop.not_ready": "the guest's desktop did not report its listener (Xvnc or x11vnc, or websockify) up: "
+                         "the console's browservm-ready lines say which part is missing",
     "desktop.part_failed": "a part of the guest's desktop failed or exited: the console's browservm-ready line "
                            "names it; recreate the VM",
-    "desktop.port_closed": "nothing listens on the desktop's port in the guest (x11vnc on :5901, or websockify on "
-                           ":6080, is not running): recreate the VM; "
+    "desktop.port_closed": "nothing listens on the desktop's port in the guest (the VNC server on :5901, or "
+                           "websockify on :6080, is not running): recreate the VM; "
                            "the console shows whether the desktop supervisor reported it exiting",
     "tcp.timeout": "connections to the desktop's port are silently dropped: look for a firewall in the guest or on "
                    "the host",
@@ -101,9 +101,9 @@ FIXES: dict[str, str] = {
     "ws.refused": "something answers on :6080 but it is not websockify: recreate the VM",
     "ws.timeout": "websockify accepted the connection but did not answer the upgrade: the guest may be "
                   "overloaded; recreate the VM",
-    "vnc.unreachable": "the connection closed before any RFB byte (websockify could not reach x11vnc, or x11vnc "
-                       "refused the controller): x11vnc stopped in the guest; recreate the VM",
-    "rfb.timeout": "the connection is up but the VNC server never spoke: x11vnc hangs; recreate the VM",
+    "vnc.unreachable": "the connection closed before any RFB byte (websockify could not reach the VNC server, or it "
+                       "refused the controller): the VNC server stopped in the guest; recreate the VM",
+    "rfb.timeout": "the connection is up but the VNC server never spoke: it hangs; recreate the VM",
     "rfb.bad_banner": "what answers is not the VNC server browservm expects: recreate the VM",
     "desktop.incomplete": "the desktop's last part (the browser) has not reported ready: the console's "
                           "browservm-ready lines say which part is missing",

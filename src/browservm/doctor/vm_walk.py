@@ -311,12 +311,15 @@ class VmWalk:
     # desktop.ready, desktop.complete
 
     async def _desktop_ready(self, result: HopResult) -> None:
-        await self._desktop_marker(result, self._path.listener, "desktop.not_ready")
+        await self._desktop_marker(result, self._path.listeners, "desktop.not_ready")
 
     async def _desktop_complete(self, result: HopResult) -> None:
-        await self._desktop_marker(result, WHOLE_DESKTOP, "desktop.incomplete", fatal=False)
+        await self._desktop_marker(result, (WHOLE_DESKTOP,), "desktop.incomplete", fatal=False)
 
-    async def _desktop_marker(self, result: HopResult, service: str, code: str, fatal: bool = True) -> None:
+    async def _desktop_marker(self, result: HopResult, services: tuple[str, ...], code: str,
+                              fatal: bool = True) -> None:
+        """The console's marker that one of `services` is ready (an image runs one of them), or why not."""
+        service = " or ".join(services)
         lines = await self._read_console()
         result.checked.append(f"console: browservm-ready service={service} state=ready")
         ready = whole = None
@@ -326,7 +329,7 @@ class VmWalk:
                 continue
             if marker.stopped:
                 self._exits.append(line.strip())
-            elif marker.says_ready(service):
+            elif any(marker.says_ready(one) for one in services):
                 ready = line.strip()
             elif marker.says_ready(WHOLE_DESKTOP):
                 whole = line.strip()

@@ -1,27 +1,34 @@
 """browservm-desktop: starts the guest's desktop in order and says when each part is ready.
 
-    Xvfb -> Openbox -> x11vnc :5901 -> websockify :6080 (serving noVNC) -> Chromium
+    Xvnc :1 (X server and VNC server on :5901) -> Openbox -> websockify :6080 (serving noVNC) -> Chromium
+    Xvfb -> Openbox -> x11vnc :5901 -> websockify :6080 -> ...    (the minimal image's)
 
-x11vnc asks for the VM's own VNC password, which the host put on the config disk: only the
-controller's proxy knows it, so no other local user of the host can open this desktop. With that
-password x11vnc listens on every address of the guest: the controller's proxy speaks RFB to it
+Xvnc (TigerVNC) is both the X server and the VNC server: a viewer may resize the screen
+(SetDesktopSize; the proxy bounds the size, Xvnc has no bound of its own) and the clipboard
+travels in UTF-8 (the Extended Clipboard), synced with the X CLIPBOARD and PRIMARY by Xvnc
+itself. x11vnc can do neither; the minimal image keeps it.
+
+The VNC server asks for the VM's own VNC password, which the host put on the config disk: only
+the controller's proxy knows it, so no other local user of the host can open this desktop. With
+that password it listens on every address of the guest: the controller's proxy speaks RFB to it
 straight (the rfb path, vm/desktop_path.py); websockify stays for the seed's path. Without a
 password (a desktop run outside a VM, as in tests) it listens on localhost only. Before
 the desktop starts, systemd runs `browservm-desktop --install-vnc-password FILE --owner USER` as
-root (the config disk is root's) into a directory only USER reads; x11vnc rereads that file
-before each new client (`-passwdfile read:`), so a VM restored from a snapshot takes its own
-password (guest/identity.py rewrites the file) without a restart.
+root (the config disk is root's) into a directory only USER reads, in the format of the image's
+VNC server (password_file_bytes). Both reread that file for each new client (x11vnc with
+`-passwdfile read:`, Xvnc always), so a VM restored from a snapshot takes its own password
+(guest/identity.py rewrites the file) without a restart.
 
 Each part's readiness is read from the part itself, never guessed with a
-timer: Xvfb writes its display number to `-displayfd` once it accepts
-clients; x11vnc prints `PORT=` once it listens; websockify is handed a socket
+timer: Xvfb and Xvnc write their display number to `-displayfd` once they accept
+clients (Xvnc listens for RFB before that); x11vnc prints `PORT=` once it listens; websockify is handed a socket
 that already listens (`--inetd`), so a connection made at any moment is
 queued, not refused; Chromium prints `DevTools listening on` once it runs.
 Openbox has no such signal and is reported as started. After each, one
 marker on the console, and one more once every part is up:
 
-    browservm-ready: service=x11vnc state=ready port=5901 pid=412 t=3.21
-    browservm-ready: service=desktop state=ready services=xvfb,openbox,x11vnc,websockify,chromium t=50.60
+    browservm-ready: service=xvnc state=ready port=5901 display=:1 pid=412 t=1.21
+    browservm-ready: service=desktop state=ready services=xvnc,openbox,websockify,chromium t=50.60
 
 If a part fails to start or exits later, the marker says so and this program
 exits non-zero, so systemd restarts the whole desktop. Stdlib-only.
@@ -38,7 +45,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,11 +55,14 @@ from browservm.guest.markers import format_marker
 DEFAULT_CONFIG = Path("/etc/browservm/desktop.json")
 _START_DEADLINE_S = 120.0  # generous: under software emulation Python alone takes seconds to start
 _STOP_DEADLINE_S = 10.0
+# The clipboard a viewer may paste into Xvnc: what the proxy lets through (rfb.MAX_CUT_TEXT), not
+# Xvnc's 256 KiB, which drops a larger paste without a word.
+MAX_CUT_TEXT = 1 << 20
 
 
 @dataclass(frozen=True)
 class DesktopConfig:
-    services: tuple[str, ...] = ("xvfb", "openbox", "x11vnc", "websockify", "chromium")
+    services: tuple[str, ...] = ("xvnc", "openbox", "websockify", "chromium")
     display: str = ":1"
     geometry: str = "1280x800x24"
     vnc_port: int = 5901
@@ -117,11 +127,12 @@ class Desktop:
         async for raw in stream:
             sys.stderr.write(f"{service}: {raw.decode(errors='replace')}")
 
-    async def xvfb(self) -> None:
+    async def _x_server(self, service: str, *argv: str) -> tuple[asyncio.subprocess.Process, str]:
+        """Start an X server given `-displayfd`; once it accepts clients, it and its display (":1")."""
         read_end, write_end = os.pipe()
         try:
-            proc = await self._spawn("xvfb", "Xvfb", self.config.display, "-screen", "0", self.config.geometry,
-                                     "-nolisten", "tcp", "-displayfd", str(write_end), pass_fds=[write_end])
+            proc = await self._spawn(service, *argv, "-nolisten", "tcp", "-displayfd", str(write_end),
+                                     pass_fds=[write_end])
         finally:
             os.close(write_end)
         reader = asyncio.StreamReader()
@@ -132,8 +143,31 @@ class Desktop:
         finally:
             transport.close()
         if not number:
-            raise StartFailed("Xvfb exited before it accepted clients")
-        self._marker("xvfb", "ready", display=f":{number}", pid=proc.pid)
+            raise StartFailed(f"{argv[0]} exited before it accepted clients")
+        return proc, f":{number}"
+
+    async def xvfb(self) -> None:
+        proc, display = await self._x_server("xvfb", "Xvfb", self.config.display, "-screen", "0",
+                                             self.config.geometry)
+        self._marker("xvfb", "ready", display=display, pid=proc.pid)
+
+    async def xvnc(self) -> None:
+        password = self.config.vnc_password_file
+        if password is None:
+            auth = ["-SecurityTypes", "None", "-localhost"]
+        elif os.path.exists(password):
+            # VncAuth only: the proxy speaks it (rfb.py), and TLS inside the VM network buys nothing.
+            # No blacklist: every client comes from the controller's one address, and a few failed
+            # attempts (a stale password) would shut the controller out of its own VM.
+            auth = ["-SecurityTypes", "VncAuth", "-PasswordFile", password, "-UseBlacklist=0"]
+        else:  # fail closed: a desktop without its password would be open to every local user of the host
+            raise StartFailed(f"no VNC password at {password} (browservm-desktop --install-vnc-password did not run)")
+        width, height, depth = self.config.geometry.split("x")
+        proc, display = await self._x_server(
+            "xvnc", "Xvnc", self.config.display, "-geometry", f"{width}x{height}", "-depth", depth,
+            "-rfbport", str(self.config.vnc_port), "-AlwaysShared", "-MaxCutText", str(MAX_CUT_TEXT),
+            "-desktop", "browservm", *auth)
+        self._marker("xvnc", "ready", port=self.config.vnc_port, display=display, pid=proc.pid)
 
     async def openbox(self) -> None:
         proc = await self._spawn("openbox", "openbox")
@@ -179,7 +213,7 @@ class Desktop:
         self._marker("chromium", "ready", devtools=self.config.devtools_port, pid=proc.pid)
 
     async def run(self) -> int:
-        steps = {"xvfb": self.xvfb, "openbox": self.openbox, "x11vnc": self.x11vnc,
+        steps = {"xvnc": self.xvnc, "xvfb": self.xvfb, "openbox": self.openbox, "x11vnc": self.x11vnc,
                  "websockify": self.websockify, "chromium": self.chromium}
         for service in self.config.services:
             try:
@@ -226,22 +260,39 @@ async def _run_until_signalled(desktop: Desktop) -> int:
         return 0
 
 
-def install_vnc_password(target: Path, owner: str, disk: Path = configdisk.GUEST_DEVICE) -> None:
-    """Copy the config disk's VNC password to `target`, readable by `owner` only."""
-    password = configdisk.read(disk).get("secrets", {}).get("vnc")
+def password_file_bytes(secrets: Mapping[str, object], services: Sequence[str]) -> bytes:
+    """The password file of the VNC server among `services`, from the config disk's `secrets`:
+    for Xvnc vncpasswd's format (`vnc_file`, made by the host), for x11vnc the password itself."""
+    password = secrets.get("vnc")
     if not isinstance(password, str) or not password.isalnum() or not 6 <= len(password) <= 8:
         raise configdisk.ConfigDiskError("the config disk carries no VNC password (secrets.vnc, 6-8 letters or digits)")
-    write_vnc_password(target, password, owner)
+    if "xvnc" not in services:
+        return password.encode() + b"\n"
+    encrypted = secrets.get("vnc_file")
+    try:
+        content = bytes.fromhex(encrypted) if isinstance(encrypted, str) else b""
+    except ValueError:
+        content = b""
+    if len(content) != 8:
+        raise configdisk.ConfigDiskError("the config disk carries no VNC password file for Xvnc (secrets.vnc_file, "
+                                         "16 hex digits)")
+    return content
 
 
-def write_vnc_password(target: Path, password: str, owner: str) -> None:
-    """`target` holds `password`, readable by `owner` only; replaced whole (x11vnc may read it any time)."""
+def install_vnc_password(target: Path, owner: str, services: Sequence[str],
+                         disk: Path = configdisk.GUEST_DEVICE) -> None:
+    """Write the config disk's VNC password to `target` as `services`' VNC server reads it, for `owner` only."""
+    write_vnc_password(target, password_file_bytes(configdisk.read(disk).get("secrets", {}), services), owner)
+
+
+def write_vnc_password(target: Path, content: bytes, owner: str) -> None:
+    """`target` holds `content`, readable by `owner` only; replaced whole (the VNC server may read it any time)."""
     account = pwd.getpwnam(owner)
     staged = target.with_name(target.name + ".new")
     fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.fchown(fd, account.pw_uid, account.pw_gid)
-        os.write(fd, password.encode() + b"\n")
+        os.write(fd, content)
     finally:
         os.close(fd)
     os.replace(staged, target)
@@ -257,8 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.install_vnc_password is not None:
         try:
-            install_vnc_password(args.install_vnc_password, args.owner, args.config_disk)
-        except (OSError, KeyError, configdisk.ConfigDiskError) as exc:
+            install_vnc_password(args.install_vnc_password, args.owner, DesktopConfig.load(args.config).services,
+                                 args.config_disk)
+        except (OSError, KeyError, ValueError, TypeError, configdisk.ConfigDiskError) as exc:
             print(format_marker("ready", service="desktop", state="failed", reason=f"VNC password: {exc}"),
                   flush=True)
             return 1

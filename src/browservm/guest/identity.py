@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from browservm.guest import configdisk
-from browservm.guest.desktop import write_vnc_password
+from browservm.guest.desktop import password_file_bytes, write_vnc_password
 from browservm.guest.markers import format_marker
 
 POLL_S = 0.25
@@ -106,6 +106,7 @@ class Applier:
     etc_hostname: Path = Path("/etc/hostname")
     vnc_password_file: Path | None = None
     vnc_owner: str = "browser"
+    services: Sequence[str] = ()  # the desktop's parts: which VNC server's password file to write
 
     def apply(self, identity: Identity, document: dict[str, Any], read_at: float) -> None:
         # One `ip` process for all of it: under emulation each process costs a few hundred milliseconds,
@@ -126,10 +127,10 @@ class Applier:
         self.machine_id.write_text(os.urandom(16).hex() + "\n")  # after the reseed: its own
         # The host wrote its clock just before the VM resumed; add what passed here since the read.
         time.clock_settime(time.CLOCK_REALTIME, identity.time + (time.monotonic() - read_at))
-        password = document.get("secrets", {}).get("vnc")
-        if self.vnc_password_file is not None and isinstance(password, str):
-            # x11vnc rereads its password file before each new client (`-passwdfile read:`).
-            write_vnc_password(self.vnc_password_file, password, self.vnc_owner)
+        if self.vnc_password_file is not None:
+            # The VNC server rereads its password file for each new client (guest/desktop.py).
+            content = password_file_bytes(document.get("secrets", {}), self.services)
+            write_vnc_password(self.vnc_password_file, content, self.vnc_owner)
 
 
 def watch(disk: Path, applier: Applier, services: Sequence[str], poll: float = POLL_S,
@@ -151,7 +152,7 @@ def watch(disk: Path, applier: Applier, services: Sequence[str], poll: float = P
             if identity is None:
                 continue
             applier.apply(identity, document, read_at)
-        except (IdentityError, OSError) as exc:
+        except (IdentityError, OSError, configdisk.ConfigDiskError) as exc:
             print(format_marker("net", status="failed", device=DEVICE, by="identity", reason=str(exc)), flush=True)
             continue
         print(format_marker("net", status="ok", device=DEVICE, address=identity.address, gateway=identity.gateway,
@@ -162,7 +163,7 @@ def watch(disk: Path, applier: Applier, services: Sequence[str], poll: float = P
                             machine_id=applier.machine_id.read_text().strip() if applier.machine_id.exists() else "",
                             random=os.urandom(16).hex(), clock=f"{time.time():.3f}"), flush=True)
         # The desktop kept running through the snapshot: say so, as it did at its boot.
-        for listener in ("x11vnc", "websockify"):
+        for listener in ("xvnc", "x11vnc", "websockify"):
             if listener in services:
                 print(format_marker("ready", service=listener, state="ready", restored="yes"), flush=True)
         print(format_marker("ready", service="desktop", state="ready", services=",".join(services),
@@ -179,9 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError):
         desktop = {}
     password_file = desktop.get("vnc_password_file")
-    applier = Applier(vnc_password_file=Path(password_file) if password_file else None)
+    services = desktop.get("services", [])
+    applier = Applier(vnc_password_file=Path(password_file) if password_file else None, services=services)
     try:
-        watch(args.config_disk, applier, desktop.get("services", []))
+        watch(args.config_disk, applier, services)
     except (OSError, configdisk.ConfigDiskError) as exc:
         print(format_marker("net", status="failed", device=DEVICE, by="identity", reason=str(exc)), flush=True)
         return 1

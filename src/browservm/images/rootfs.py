@@ -32,18 +32,21 @@ from browservm.runner import CommandRunner
 SUITE = "bookworm"
 _KEY_SCHEME = 2  # bump when the steps below change what a key's image would hold
 
-_DESKTOP = ("systemd", "systemd-sysv", "dbus", "iproute2", "procps", "python3",
-            "xvfb", "openbox", "x11vnc", "websockify", "novnc")
+_BASE = ("systemd", "systemd-sysv", "dbus", "iproute2", "procps", "python3", "openbox", "websockify", "novnc")
+# The minimal image keeps Xvfb and x11vnc; the others run TigerVNC's Xvnc, X server and VNC server in
+# one, which takes a viewer's resize and a UTF-8 clipboard (guest/desktop.py).
+_X11VNC = (*_BASE, "xvfb", "x11vnc")
+_XVNC = (*_BASE, "tigervnc-standalone-server")
 PROFILES: dict[str, tuple[str, ...]] = {
-    "minimal": _DESKTOP,
-    "full": (*_DESKTOP, "chromium", "fonts-dejavu-core"),
+    "minimal": _X11VNC,
+    "full": (*_XVNC, "chromium", "fonts-dejavu-core"),
     # full + a terminal for the login tool's window (+ the OAuth files and Node tools below)
-    "oauth": (*_DESKTOP, "chromium", "fonts-dejavu-core", "xterm"),
+    "oauth": (*_XVNC, "chromium", "fonts-dejavu-core", "xterm"),
 }
 SERVICES = {
     "minimal": ("xvfb", "openbox", "x11vnc", "websockify"),
-    "full": ("xvfb", "openbox", "x11vnc", "websockify", "chromium"),
-    "oauth": ("xvfb", "openbox", "x11vnc", "websockify", "chromium"),
+    "full": ("xvnc", "openbox", "websockify", "chromium"),
+    "oauth": ("xvnc", "openbox", "websockify", "chromium"),
 }
 # The guest carries the package browservm.guest whole (guest_modules()), unchanged, so it parses ip=
 # exactly as the host wrote it; each profile adds its programs and units.

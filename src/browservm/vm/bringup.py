@@ -114,7 +114,7 @@ class BringUp:
                 raise ProbeFailed(hops.NET_ARP, f"{address} answered from {mac}, not from this VM's MAC "
                                                 f"{record.mac}: another machine holds the address")
             path = desktop_path(record.desktop_path)
-            await hop(hops.DESKTOP_READY, probes.desktop_ready(console, deadlines.desktop, path.listener),
+            await hop(hops.DESKTOP_READY, probes.desktop_ready(console, deadlines.desktop, path.listeners),
                       deadlines.desktop)
             connection = await hop(hops.NET_TCP, probes.connect(netns, address, path.port, deadlines.tcp,
                                                                 path.websocket), deadlines.tcp + 1)

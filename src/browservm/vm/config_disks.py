@@ -15,15 +15,17 @@ from pathlib import Path
 
 from browservm.errors import VmmError
 from browservm.guest import configdisk
+from browservm.rfb import vnc_password_file
 from browservm.vm.records import VmRecord
 
 
 def new_secrets() -> dict[str, str]:
     """Per-VM secrets, made at its start and carried to the guest on its config disk only."""
     # VNC passwords: 8 characters (all RFB's DES key holds), letters and digits only, which x11vnc's
-    # password file reads literally.
+    # password file reads literally. Xvnc reads vncpasswd's format instead (DES, which the guest's
+    # standard library lacks): its bytes travel beside the password, made here.
     vnc = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(8))
-    return {"agent": secrets.token_hex(32), "vnc": vnc}
+    return {"agent": secrets.token_hex(32), "vnc": vnc, "vnc_file": vnc_password_file(vnc).hex()}
 
 
 def write_cold(path: Path, vm_id: str) -> None:

@@ -1,10 +1,10 @@
 """A connection to a VM's desktop once TCP is up (readiness.connect_socket made it inside the VM
 network's namespace), one of two kinds of leg (vm/desktop_path.py says which a VM uses):
 
-    TcpLeg        RFB straight on TCP to x11vnc (the rfb path): bytes as they come, in pieces of at
-                  most CHUNK bytes, the socket's reads kept as they are (no copy) and reading stopped
-                  past READ_LIMIT (2 CHUNKs) held, so nothing the guest sends makes the controller
-                  buffer much more
+    TcpLeg        RFB straight on TCP to the VNC server (the rfb path): bytes as they come, in pieces
+                  of at most CHUNK bytes, the socket's reads kept as they are (no copy) and reading
+                  stopped past READ_LIMIT (2 CHUNKs) held, so nothing the guest sends makes the
+                  controller buffer much more
     WebSocketLeg  RFB inside a WebSocket to the guest's websockify (the websockify path): the
                   `websockets` client with compression off, no proxy, no redirects followed, the
                   response's headers bounded by the library and messages by `max_message`

@@ -58,20 +58,20 @@ HOPS: tuple[Hop, ...] = (
     Hop(NET_ARP, "the VM answers ARP for its address on its bridge, from its own MAC",
         "the guest does not answer ARP on its bridge: its interface is down, has another address, or its TAP "
         "is not the one the VMM uses (compare the TAP and MAC in `vm show` with the VMM's configuration)"),
-    Hop(DESKTOP_READY, "the guest's desktop reported the listener of the VM's desktop path ready (x11vnc on "
-                       ":5901 on the rfb path, websockify on :6080 on the websockify path)",
+    Hop(DESKTOP_READY, "the guest's desktop reported the listener of the VM's desktop path ready (the VNC "
+                       "server, Xvnc or x11vnc, on :5901 on the rfb path, websockify on :6080 on the websockify path)",
         "the guest's desktop did not report its listener ready; the console shows which part failed"),
     Hop(NET_TCP, "the desktop path's port in the VM (:5901 rfb, :6080 websockify) accepts a TCP connection",
         "nothing accepts connections on that port in the guest; the desktop markers on the console show how "
-        "far it got (on the rfb path, an x11vnc without the VM's password listens on localhost only)"),
+        "far it got (on the rfb path, a VNC server without the VM's password listens on localhost only)"),
     Hop(WS_UPGRADE, "the WebSocket upgrade on :6080 is answered with 101 (websockify path only)",
         "something answers on :6080 but it is not websockify"),
     Hop(RFB_BANNER, "the VNC server's banner comes, RFB 3.8 or 3.7 (through the WebSocket on the websockify path)",
-        "the port accepts but no VNC server speaks: on the websockify path, websockify cannot reach x11vnc on "
+        "the port accepts but no VNC server speaks: on the websockify path, websockify cannot reach the VNC server on "
         "localhost:5901"),
     # Only the viewer's path passes it (the proxy authenticates for the viewer): readiness needs no password.
     Hop(RFB_AUTH, "the VNC server accepts the VM's own password, which only the controller knows",
-        "the guest's x11vnc did not take the password on the VM's config disk: the image's desktop is not "
+        "the guest's VNC server did not take the password on the VM's config disk: the image's desktop is not "
         "browservm's, or the config disk was replaced; recreate the VM"),
     # RFB answers some 20 s (under emulation) before Chromium's window is there: until this hop a
     # viewer would show an empty grey screen.

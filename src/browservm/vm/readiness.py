@@ -5,7 +5,7 @@ manager, the doctor and the tests.
                    kernel's `IP-Config: Complete` line; the kernel's `Unknown kernel command line
                    parameters "... ip=..."` line is evidence that it ignored ip=
     net.arp        the VM answers ARP for its address on its bridge, with its own MAC
-    desktop.ready  the guest's desktop supervisor reports the path's listener up (x11vnc, or websockify)
+    desktop.ready  the guest's desktop supervisor reports the path's listener up (Xvnc or x11vnc, or websockify)
     net.tcp        the path's port (:5901, or :6080) accepts a connection
     ws.upgrade     (websockify path only) the upgrade is answered with 101
     rfb.banner     the VNC server's banner comes through, announcing one of rfb.SERVER_VERSIONS
@@ -161,28 +161,32 @@ async def arp_probe(netns: NetworkNamespace, bridge: str, source_ip: IPv4Address
                              "interface is down or has no address")
 
 
-async def _wait_desktop_marker(console: ConsoleLog, hop: str, service: str, timeout: float) -> None:
-    """Wait for the desktop supervisor's marker that `service` is ready; ProbeFailed naming the part that failed."""
+async def _wait_desktop_marker(console: ConsoleLog, hop: str, services: tuple[str, ...], timeout: float) -> None:
+    """Wait for the desktop supervisor's marker that one of `services` is ready (an image runs one of
+    them); ProbeFailed naming the part that failed."""
+    named = " or ".join(services)
+
     def ready_or_failure(line: str) -> bool:
         marker = parse_ready(line)
-        return marker is not None and (marker.service in (service, WHOLE_DESKTOP) or marker.stopped)
+        return marker is not None and (marker.service in (*services, WHOLE_DESKTOP) or marker.stopped)
 
     line = await console.wait_for(ready_or_failure, timeout)
     if line is None:
-        raise ProbeFailed(hop, f"{service} did not report ready within {timeout:g} s")
+        raise ProbeFailed(hop, f"{named} did not report ready within {timeout:g} s")
     marker = parse_ready(line)
     assert marker is not None
-    if marker.service == WHOLE_DESKTOP and service != WHOLE_DESKTOP and service not in marker.services:
+    if (marker.service == WHOLE_DESKTOP and WHOLE_DESKTOP not in services
+            and not set(services) & set(marker.services)):
         # The whole desktop is up without this part: waiting longer cannot help.
-        raise ProbeFailed(hop, f"the desktop reported ready without {service} (it started "
+        raise ProbeFailed(hop, f"the desktop reported ready without {named} (it started "
                                f"{', '.join(marker.services)}): the image's /etc/browservm/desktop.json leaves it out")
     if marker.state != "ready":
         raise ProbeFailed(hop, f"{marker.service} {marker.state}: {marker.why}")
 
 
-async def wait_desktop_ready(console: ConsoleLog, timeout: float, listener: str) -> None:
-    """desktop.ready: the desktop supervisor reports `listener` (x11vnc or websockify) listening."""
-    await _wait_desktop_marker(console, DESKTOP_READY, listener, timeout)
+async def wait_desktop_ready(console: ConsoleLog, timeout: float, listeners: tuple[str, ...]) -> None:
+    """desktop.ready: the desktop supervisor reports one of `listeners` (the VNC server, or websockify) listening."""
+    await _wait_desktop_marker(console, DESKTOP_READY, listeners, timeout)
 
 
 SETTLE_WINDOW_S = 2.0
@@ -221,7 +225,7 @@ def desktop_services(lines: list[str]) -> tuple[str, ...]:
 
 async def wait_desktop_complete(console: ConsoleLog, timeout: float) -> None:
     """desktop.complete: the desktop supervisor reports every part up, the browser on screen."""
-    await _wait_desktop_marker(console, DESKTOP_COMPLETE, WHOLE_DESKTOP, timeout)
+    await _wait_desktop_marker(console, DESKTOP_COMPLETE, (WHOLE_DESKTOP,), timeout)
 
 
 async def connect_socket(netns: NetworkNamespace, address: IPv4Address, port: int, timeout: float) -> socket.socket:
@@ -373,7 +377,7 @@ class Probes(Protocol):
     async def arp(self, netns: NetworkNamespace, bridge: str, source: IPv4Address, target: IPv4Address,
                   timeout: float) -> str: ...
 
-    async def desktop_ready(self, console: ConsoleLog, timeout: float, listener: str) -> None: ...
+    async def desktop_ready(self, console: ConsoleLog, timeout: float, listeners: tuple[str, ...]) -> None: ...
 
     async def desktop_complete(self, console: ConsoleLog, timeout: float) -> None: ...
 
@@ -400,8 +404,8 @@ class GuestProbes:
                   timeout: float) -> str:
         return await arp_probe(netns, bridge, source, target, timeout)
 
-    async def desktop_ready(self, console: ConsoleLog, timeout: float, listener: str) -> None:
-        await wait_desktop_ready(console, timeout, listener)
+    async def desktop_ready(self, console: ConsoleLog, timeout: float, listeners: tuple[str, ...]) -> None:
+        await wait_desktop_ready(console, timeout, listeners)
 
     async def desktop_complete(self, console: ConsoleLog, timeout: float) -> None:
         await wait_desktop_complete(console, timeout)
