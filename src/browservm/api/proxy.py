@@ -59,12 +59,18 @@ VIEWER_MAX_MESSAGE (64 KiB: RFB client messages are small, and noVNC sends even 
 10 KiB pieces) and stops reading after each until the app took it; with 16 MiB messages a viewer
 whose guest stopped reading made the controller hold ~60 MiB (issue 18). And the route caps
 viewers per VM and per link (4429), so many connections cannot add up either. On the rfb path
-the guest's bytes wait in asyncio's stream buffer, which stops reading from the socket past
-128 KiB (at most one 256 KiB socket read more), and are taken 64 KiB at a time when the viewer
-took the last: under 0.5 MiB per viewer.
+the guest's bytes wait as the socket's reads gave them (desktop_link.TcpLeg, no copy), reading
+stops past READ_LIMIT, 128 KiB (at most one 256 KiB socket read more), and they go on 64 KiB at
+a time when the viewer took the last: under 0.5 MiB per viewer.
 
 Measured by bench/proxy_bench.py on 2 shared, saturated cores: 0.6-1.1 CPU s/GiB in the controller
-per direction, +0.1-0.2 ms median per round trip, about 50 KiB of RSS per idle viewer.
+per direction, +0.1-0.2 ms median per round trip, about 50 KiB of RSS per idle viewer. On the rfb
+path to x11vnc (the minimal image's VNC server; Xvnc's, the full and oauth images', is not
+measured yet), by bench/viewer_bench.py against a viewer straight to the same x11vnc (its own
+WebSocket), same run, 2 cores at load ~1: 0.64-0.69x its throughput of full Raw frames (x11vnc at -wait 1:
+~900 of ~1,350 MiB/s at best; 0.48-0.60x before TcpLeg stopped copying through asyncio's stream
+buffer), 0.54 CPU s/GiB in the controller (0.60 before), +0.08-0.09 ms median on a message x11vnc
+answers at once, +0.5 ms p50 from a key press to its echo's pixels (28 ms, x11vnc's own cycle).
 
 Nothing from the guest is trusted for sizes: messages are bounded by `max_message` (a larger one
 fails the connection with 1009 upstream and 1011 to the viewer), the upgrade and the banner by

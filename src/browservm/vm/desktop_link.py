@@ -1,9 +1,10 @@
 """A connection to a VM's desktop once TCP is up (readiness.connect_socket made it inside the VM
 network's namespace), one of two kinds of leg (vm/desktop_path.py says which a VM uses):
 
-    TcpLeg        RFB straight on TCP to the VNC server (the rfb path): bytes as they come, in reads of at
-                  most CHUNK bytes from a stream buffer that stops reading the socket past 2 CHUNKs,
-                  so nothing the guest sends makes the controller buffer much more
+    TcpLeg        RFB straight on TCP to the VNC server (the rfb path): bytes as they come, in pieces
+                  of at most CHUNK bytes, the socket's reads kept as they are (no copy) and reading
+                  stopped past READ_LIMIT (2 CHUNKs) held, so nothing the guest sends makes the
+                  controller buffer much more
     WebSocketLeg  RFB inside a WebSocket to the guest's websockify (the websockify path): the
                   `websockets` client with compression off, no proxy, no redirects followed, the
                   response's headers bounded by the library and messages by `max_message`
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,6 +37,7 @@ GOING_AWAY = 1001
 INTERNAL_ERROR = 1011
 CHUNK = 64 * 1024  # bytes per read from the guest: what one message to the viewer holds at most
 WRITE_LIMIT = 64 * 1024  # bytes unsent towards the guest before a send waits
+READ_LIMIT = 2 * CHUNK  # bytes from the guest waiting to be relayed before the rfb leg stops reading its socket
 
 
 @dataclass(frozen=True)
@@ -91,19 +94,121 @@ class Leg(Protocol):
         ...
 
 
+class _Guest(asyncio.Protocol):
+    """The rfb path's socket as an asyncio protocol: what the guest sends is kept as the event loop's
+    socket reads gave it (asyncio's StreamReader copied every byte into its buffer and again out of
+    it: a third of the relay's work per byte, bench/viewer_bench.py) and reading stops once more than
+    READ_LIMIT bytes wait; writes wait while the transport holds more than WRITE_LIMIT unsent."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self._chunks: deque[bytes] = deque()
+        self._offset = 0  # into the first of _chunks: what of it was read
+        self._held = 0
+        self._reading_paused = False
+        self.eof = False
+        self.error: OSError | None = None  # how the connection was lost, when it was by an error
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self._readable: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None  # while the transport's write buffer is full
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._held += len(data)
+        if self._held > READ_LIMIT and not self._reading_paused and self.transport is not None:
+            self.transport.pause_reading()
+            self._reading_paused = True
+        self._wake(self._readable)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake(self._readable)
+        return True  # half-closed, as asyncio's streams keep it: the relay closes it when it ends
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        if isinstance(exc, OSError):
+            self.error = exc
+        elif exc is not None:
+            self.error = ConnectionResetError(str(exc))
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self._wake(self._readable)
+        self._wake(self._writable)
+
+    def pause_writing(self) -> None:
+        if self._writable is None or self._writable.done():
+            self._writable = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        self._wake(self._writable)
+
+    @staticmethod
+    def _wake(waiter: asyncio.Future[None] | None) -> None:
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    @property
+    def at_eof(self) -> bool:
+        return self.eof and not self._chunks
+
+    async def read(self) -> bytes:
+        """At most CHUNK bytes, as soon as there are any; b"" at the end; OSError if the connection failed."""
+        while not self._chunks:
+            if self.error is not None:
+                raise self.error
+            if self.eof:
+                return b""
+            self._readable = self._loop.create_future()
+            try:
+                await self._readable
+            finally:
+                self._readable = None
+        head = self._chunks[0]
+        if self._offset == 0 and len(head) <= CHUNK:
+            data = self._chunks.popleft()
+        else:  # a socket read holds up to 256 KiB: it goes on in pieces of CHUNK, each copied once
+            data = head[self._offset:self._offset + CHUNK]
+            self._offset += len(data)
+            if self._offset == len(head):
+                self._chunks.popleft()
+                self._offset = 0
+        self._held -= len(data)
+        if self._reading_paused and self._held <= READ_LIMIT and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def write(self, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("Connection lost")
+        self.transport.write(data)
+        if self._writable is not None and not self._writable.done():
+            await self._writable
+            if self.error is not None or self.lost.done():
+                raise self.error or ConnectionResetError("Connection lost")
+
+
 class TcpLeg:
     silence = "the VNC server is silent"
 
-    def __init__(self, sock: socket.socket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    def __init__(self, sock: socket.socket, guest: _Guest, transport: asyncio.Transport,
                  close_timeout: float) -> None:
         self._sock = sock
-        self._reader = reader
-        self._writer = writer
+        self._guest = guest
+        self._transport = transport
         self._close_timeout = close_timeout
 
     @property
     def closed(self) -> bool:
-        if self._reader.at_eof() or self._reader.exception() is not None or self._writer.is_closing():
+        if self._guest.at_eof or self._guest.error is not None or self._transport.is_closing():
             return True
         # The kernel knows of a close before the event loop has read it: ask it, consuming nothing.
         try:
@@ -115,7 +220,7 @@ class TcpLeg:
 
     @classmethod
     async def open(cls, sock: socket.socket, settings: LegSettings) -> TcpLeg:
-        """Streams over the connected `sock`. With `settings.keepalive`, a VM that stops answering
+        """The connected `sock` on the event loop. With `settings.keepalive`, a VM that stops answering
         (frozen, or its network gone) is dropped after about twice that many seconds: TCP keepalive
         while the line is idle, TCP_USER_TIMEOUT while data waits for an acknowledgement."""
         if settings.keepalive is not None:
@@ -126,13 +231,15 @@ class TcpLeg:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 2000 * seconds)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # RFB is small messages both ways
-        reader, writer = await asyncio.open_connection(sock=sock, limit=CHUNK)
-        writer.transport.set_write_buffer_limits(high=WRITE_LIMIT)
-        return cls(sock, reader, writer, settings.close_timeout)
+        loop = asyncio.get_running_loop()
+        guest = _Guest(loop)
+        transport, _ = await loop.create_connection(lambda: guest, sock=sock)
+        transport.set_write_buffer_limits(high=WRITE_LIMIT)
+        return cls(sock, guest, transport, settings.close_timeout)
 
     async def recv(self) -> bytes:
         try:
-            data = await self._reader.read(CHUNK)
+            data = await self._guest.read()
         except OSError as exc:
             raise self._failed(exc) from None
         if not data:
@@ -142,21 +249,20 @@ class TcpLeg:
 
     async def send(self, data: bytes) -> None:
         try:
-            self._writer.write(data)
-            await self._writer.drain()
+            await self._guest.write(data)
         except OSError as exc:
             raise self._failed(exc) from None
 
     async def close(self, code: int) -> None:
-        self._writer.close()
+        self._transport.close()
         try:
             async with asyncio.timeout(self._close_timeout):
-                await self._writer.wait_closed()
-        except (OSError, TimeoutError):
-            self._writer.transport.abort()
+                await asyncio.shield(self._guest.lost)
+        except TimeoutError:
+            self._transport.abort()
 
     def abort(self) -> None:
-        self._writer.transport.abort()
+        self._transport.abort()
 
     @staticmethod
     def _failed(exc: OSError) -> UpstreamEnded:
