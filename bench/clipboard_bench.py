@@ -30,11 +30,13 @@ from playwright.sync_api import Page, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # session_bench: serve, a ready VM, the teardown
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # what the tests know of the viewer page
 from session_bench import BOOT_S, ready_record, serving, teardown
 
 from browservm.config import load_settings
 from browservm.controller import resolve_images
 from browservm.progress import Progress
+from tests.support.browsers import remember_address_bar, wait_address_bar_changed
 
 CHROMIUM = "/usr/bin/chromium"
 WAIT_MS = 60_000  # for any one round trip, at most
@@ -68,10 +70,13 @@ def typed(page: Page, character: str) -> float:
 
 def pasted(page: Page, text: str, count: int) -> float:
     page.evaluate("text => navigator.clipboard.writeText(text)", text)
+    remember_address_bar(page)
     started = time.perf_counter()
     page.keyboard.press("Control+v")
-    # The page sends the clipboard, then Ctrl+V, once it has read it: the next keys must come after.
+    # The page sends the clipboard, then Ctrl+V, once it has read it: the next keys must come after. And a
+    # copy before the bar shows the paste would copy its old text, and own the clipboard the paste reads.
     page.wait_for_selector(f"#clipboard[data-pasted='{count}']", state="attached", timeout=WAIT_MS)
+    wait_address_bar_changed(page, WAIT_MS / 1000)
     copied_back(page, text)
     return time.perf_counter() - started
 

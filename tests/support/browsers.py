@@ -55,6 +55,23 @@ def desktop_colours(page: Page, want: int = 16, timeout_s: float = 60.0) -> int:
     return colours
 
 
+# The VM's Chromium's address bar row on the viewer page's noVNC canvas (the VM's framebuffer): remembered,
+# then "changed" once over 500 of its pixels differ (a blinking caret is some 40, a pasted line thousands).
+_ADDRESS_BAR = "document.querySelector('#screen canvas').getContext('2d').getImageData(150, 40, 850, 50).data"
+
+
+def remember_address_bar(page: Page) -> None:
+    page.evaluate(f"() => {{ window.addressBarBefore = {_ADDRESS_BAR}; }}")
+
+
+def wait_address_bar_changed(page: Page, timeout_s: float) -> None:
+    """Until the VM's address bar shows something else than when remembered (a paste landed, say): what a
+    person waits for before copying it again."""
+    page.wait_for_function(f"""() => {{ const now = {_ADDRESS_BAR}; let changed = 0;
+      for (let i = 0; i < now.length; i += 4) if (now[i] !== window.addressBarBefore[i]) changed++;
+      return changed > 500; }}""", timeout=timeout_s * 1000)
+
+
 class ReadyServer(uvicorn.Server):
     """uvicorn that says when it has started, for a thread to wait on."""
 
