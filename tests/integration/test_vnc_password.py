@@ -86,36 +86,43 @@ class Desktop:
                              compression=None, proxy=None, open_timeout=30)
 
 
-@pytest.fixture(scope="module", params=list(SERVICES))
-def running(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Desktop]:
-    services = SERVICES[request.param]
+@contextlib.contextmanager
+def desktop_with_password(tmp: Path, name: str, services: list[str], last: str,
+                          **config: object) -> Iterator[tuple[str, Path, dict[str, dict[str, str]]]]:
+    """The guest's desktop supervisor in a namespace of its own (deleted after), with the VM's password put
+    where the guest puts it: (namespace, password file, the markers up to `last`'s)."""
     spaces = Namespaces()
-    tmp = tmp_path_factory.mktemp("vncpw")
     proc: subprocess.Popen[str] | None = None
     try:
-        ns = spaces.create("vncpw")
+        ns = spaces.create(name)
         run("ip", "link", "set", "lo", "up", netns=ns)
         disk = tmp / "config.img"
         configdisk.write(disk, {"secrets": secrets_for(PASSWORD)})
         password_file = tmp / "vnc.pass"
         install_vnc_password(password_file, "root", services, disk)
-        assert password_file.stat().st_mode & 0o777 == 0o600
-        config = tmp / "desktop.json"
-        config.write_text(json.dumps({"services": services, "display": ":88",
-                                      "geometry": f"{WIDTH}x{HEIGHT}x24", "vnc_port": VNC_PORT,
-                                      "vnc_password_file": str(password_file)}))
+        desktop_json = tmp / "desktop.json"
+        desktop_json.write_text(json.dumps({"services": services, "vnc_password_file": str(password_file),
+                                            **config}))
         proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "browservm.guest.desktop",
-                                 "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 "--config", str(desktop_json)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 text=True, start_new_session=True)
-        seen = markers_until(proc, "websockify")
-        assert seen.get("websockify", {}).get("state") == "ready", seen
-        yield Desktop(NetworkNamespace(ns), password_file, services)
+        yield ns, password_file, markers_until(proc, last)
     finally:
         if proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
         spaces.cleanup()
+
+
+@pytest.fixture(scope="module", params=list(SERVICES))
+def running(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Desktop]:
+    services = SERVICES[request.param]
+    with desktop_with_password(tmp_path_factory.mktemp("vncpw"), "vncpw", services, "websockify", display=":88",
+                               geometry=f"{WIDTH}x{HEIGHT}x24", vnc_port=VNC_PORT) as (ns, password_file, seen):
+        assert password_file.stat().st_mode & 0o777 == 0o600
+        assert seen.get("websockify", {}).get("state") == "ready", seen
+        yield Desktop(NetworkNamespace(ns), password_file, services)
 
 
 @pytest.fixture(params=["rfb", "websockify"])

@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import shutil
-import signal
 import struct
 import subprocess
-import sys
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -26,14 +22,10 @@ from websockets.asyncio.client import ClientConnection
 
 from browservm import rfb
 from browservm.api.proxy import Upstream, ViewerProxy
-from browservm.guest import configdisk
-from browservm.guest.desktop import install_vnc_password
 from browservm.hostnet.netns import NetworkNamespace
 from tests.unit.test_proxy import controller, to, within
 
-from .conftest import Namespaces, run
-from .test_desktop_real import markers_until
-from .test_vnc_password import secrets_for
+from .test_vnc_password import PASSWORD, desktop_with_password
 
 pytestmark = [
     pytest.mark.host,
@@ -42,7 +34,6 @@ pytestmark = [
                               "them)"),
 ]
 
-PASSWORD = "Zx81Qw3e"
 DISPLAY, VNC_PORT = ":89", 5989
 TEXT = "héllo 日本 ✓"
 
@@ -71,31 +62,10 @@ class Xvnc:
 
 @pytest.fixture(scope="module")
 def xvnc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Xvnc]:
-    spaces = Namespaces()
-    tmp = tmp_path_factory.mktemp("xvnc")
-    proc: subprocess.Popen[str] | None = None
-    try:
-        ns = spaces.create("xvnc")
-        run("ip", "link", "set", "lo", "up", netns=ns)
-        disk = tmp / "config.img"
-        configdisk.write(disk, {"secrets": secrets_for(PASSWORD)})
-        password_file = tmp / "vnc.pass"
-        install_vnc_password(password_file, "root", ["xvnc"], disk)
-        config = tmp / "desktop.json"
-        config.write_text(json.dumps({"services": ["xvnc"], "display": DISPLAY, "geometry": "1280x800x24",
-                                      "vnc_port": VNC_PORT, "vnc_password_file": str(password_file)}))
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "browservm.guest.desktop",
-                                 "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                text=True, start_new_session=True)
-        seen = markers_until(proc, "xvnc")
+    with desktop_with_password(tmp_path_factory.mktemp("xvnc"), "xvnc", ["xvnc"], "xvnc", display=DISPLAY,
+                               geometry="1280x800x24", vnc_port=VNC_PORT) as (ns, _, seen):
         assert seen["xvnc"]["state"] == "ready" and seen["xvnc"]["display"] == DISPLAY, seen
         yield Xvnc(NetworkNamespace(ns), ns)
-    finally:
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        spaces.cleanup()
 
 
 class Viewer:
