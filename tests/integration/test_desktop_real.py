@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -107,3 +108,53 @@ def test_a_part_that_dies_is_reported_and_the_supervisor_exits_non_zero(
     exited = next(m for m in map(parse_marker, proc.stdout) if m and m[1].get("state") == "exited")
     assert exited[1]["service"] == server and exited[1]["code"] == "-9"
     assert proc.wait(timeout=30) == 1
+
+
+def _control(path: Path, command: str) -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(60)
+        conn.connect(str(path))
+        conn.sendall(command.encode() + b"\n")
+        return conn.makefile("rb").readline().decode().strip()
+
+
+def test_the_browser_alone_is_stopped_and_started_again_on_request(namespaces: Namespaces, tmp_path: Path) -> None:
+    """The profile keeper's way in: Chromium held down does not end the desktop; started again it is watched
+    again, and an exit of its own then ends the desktop. (A stand-in `chromium` that says what Chromium says
+    once it listens: root cannot run the real one sandboxed; the guest test runs the real one.)"""
+    ns = namespaces.create("deskctl")
+    run("ip", "link", "set", "lo", "up", netns=ns)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "chromium").write_text("#!/bin/sh\necho 'DevTools listening on ws://127.0.0.1:9222/x' >&2\n"
+                                      "exec sleep 600\n")
+    (bin_dir / "chromium").chmod(0o755)
+    control = tmp_path / "control"
+    config = tmp_path / "desktop.json"
+    config.write_text(json.dumps({"services": ["xvnc", "openbox", "chromium"], "display": ":88", "vnc_port": 5988,
+                                  "control_socket": str(control)}))
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "browservm.guest.desktop",
+                             "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    try:
+        first = markers_until(proc, "chromium")["chromium"]
+        assert first["state"] == "ready"
+        assert next(m for m in map(parse_marker, proc.stdout or []) if m)[1]["service"] == "desktop"
+        assert control.stat().st_mode & 0o077 == 0  # its user (and root) only
+        assert _control(control, "stop-browser") == "ok stopped"
+        assert not Path(f"/proc/{first['pid']}").exists()
+        assert proc.poll() is None  # the desktop lives on without its browser
+        assert _control(control, "start-browser") == "ok ready"
+        again = next(m for m in map(parse_marker, proc.stdout or []) if m and m[1].get("state") == "ready")[1]
+        assert again["service"] == "chromium" and again["pid"] != first["pid"]
+        assert _control(control, "reboot") == "failed unknown command 'reboot'"
+        subprocess.run(["kill", "-KILL", again["pid"]], check=True)  # its own exit, not asked for
+        exited = next(m for m in map(parse_marker, proc.stdout or []) if m and m[1].get("state") == "exited")
+        assert exited[1]["service"] == "chromium"
+        assert proc.wait(timeout=30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

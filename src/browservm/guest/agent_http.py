@@ -1,7 +1,8 @@
 """The agent's HTTP front: a small JSON server whose every request carries a key, and the routes given to it.
 
 Requests without the key get 401 and nothing more; bodies are JSON of at most 64 KiB with a
-Content-Length. The server knows nothing of logins: agent.py gives it routes to the Agent.
+Content-Length, or, on a raw route, bytes up to that route's own bound, answered with bytes or JSON.
+The server knows nothing of logins or profiles: agent.py and profile_keeper.py give it their routes.
 Stdlib-only: it runs in the guest.
 """
 
@@ -13,6 +14,7 @@ import json
 import re
 import threading
 from collections.abc import Callable, Mapping
+from email.message import Message
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -36,6 +38,14 @@ class _Handler(BaseHTTPRequestHandler):
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_bytes(self, status: int, data: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
@@ -65,19 +75,40 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             raise _HttpError(HTTPStatus.BAD_REQUEST, "the body is not JSON") from None
 
+    def _raw_body(self, limit: int) -> bytes:
+        length = self.headers.get("Content-Length", "0")
+        if not length.isdigit() or self.headers.get("Transfer-Encoding"):
+            raise _HttpError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length")
+        if int(length) > limit:
+            raise _HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is over {limit} bytes")
+        data = self.rfile.read(int(length))
+        if len(data) != int(length):
+            raise _HttpError(HTTPStatus.BAD_REQUEST, "the body ended before its Content-Length")
+        return data
+
     def _dispatch(self, method: str) -> None:
         if not self._authorised():
             return
+        answer: Mapping[str, Any] | bytes
         try:
-            body = self._body() if method == "POST" else None
-            route = self.server.routes.get((method, self.path.split("?", 1)[0]))
-            if route is None:
-                raise _HttpError(HTTPStatus.NOT_FOUND, f"no {method} {self.path[:100]}")
-            status, answer = route(body)
+            path = self.path.split("?", 1)[0]
+            raw = self.server.raw_routes.get((method, path))
+            if raw is not None:
+                limit, handler = raw
+                status, answer = handler(self._raw_body(limit), self.headers)
+            else:
+                body = self._body() if method == "POST" else None
+                route = self.server.routes.get((method, path))
+                if route is None:
+                    raise _HttpError(HTTPStatus.NOT_FOUND, f"no {method} {self.path[:100]}")
+                status, answer = route(body)
         except _HttpError as exc:
             self.close_connection = True
             status, answer = exc.status, {"error": exc.message}
-        self._send(status, answer)
+        if isinstance(answer, bytes):
+            self._send_bytes(status, answer)
+        else:
+            self._send(status, answer)
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -99,6 +130,8 @@ class _HttpError(Exception):
 
 
 Route = Callable[[Any], tuple[int, Mapping[str, Any]]]
+# (the body's bound, the handler of the body and the request's headers)
+RawRoute = tuple[int, Callable[[bytes, Message], tuple[int, "Mapping[str, Any] | bytes"]]]
 
 
 class AgentKey:
@@ -128,9 +161,11 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 16
 
-    def __init__(self, address: tuple[str, int], key: AgentKey, routes: dict[tuple[str, str], Route]) -> None:
+    def __init__(self, address: tuple[str, int], key: AgentKey, routes: dict[tuple[str, str], Route],
+                 raw_routes: dict[tuple[str, str], RawRoute] | None = None) -> None:
         self.key = key
         self.routes = routes
+        self.raw_routes = raw_routes or {}
         super().__init__(address, _Handler)
 
 

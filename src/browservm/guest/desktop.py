@@ -32,12 +32,23 @@ marker on the console, and one more once every part is up:
 
 If a part fails to start or exits later, the marker says so and this program
 exits non-zero, so systemd restarts the whole desktop. Stdlib-only.
+
+Chromium alone may be stopped and started again, for the browser profile keeper
+(guest/profile_keeper.py, root) to put a person's profile in place or take it away: once the desktop
+is ready it answers on a Unix socket only its user and root reach (CONTROL_SOCKET, in the desktop's
+runtime directory, mode 0700), one line each way:
+
+    stop-browser   -> "ok stopped"   Chromium ended (SIGTERM: it writes its cookies out), kept down
+    start-browser  -> "ok ready"     Chromium started again and listening, or "failed <reason>"
+
+While it is held down its exit does not end the desktop; an exit of its own does.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import pwd
@@ -53,6 +64,8 @@ from browservm.guest import configdisk
 from browservm.guest.markers import format_marker
 
 DEFAULT_CONFIG = Path("/etc/browservm/desktop.json")
+CONTROL_SOCKET = Path("/run/browservm-desktop/control")
+BROWSER_PROFILE = Path(".config") / "chromium"  # Chromium's user data directory, under the desktop user's home
 _START_DEADLINE_S = 120.0  # generous: under software emulation Python alone takes seconds to start
 _STOP_DEADLINE_S = 10.0
 # The clipboard a viewer may paste into Xvnc: what the proxy lets through (rfb.MAX_CUT_TEXT), not
@@ -71,6 +84,7 @@ class DesktopConfig:
     start_url: str = "about:blank"
     devtools_port: int = 9222
     vnc_password_file: str | None = None  # None: no password (a desktop run outside a VM, as in tests)
+    control_socket: str | None = None  # None: no control socket (the image's config names CONTROL_SOCKET)
 
     @classmethod
     def load(cls, path: Path) -> DesktopConfig:
@@ -92,6 +106,9 @@ class Desktop:
         self.children: dict[str, asyncio.subprocess.Process] = {}
         self._began = time.monotonic()
         self._env = {**os.environ, "DISPLAY": config.display}
+        self._browser_held = False  # Chromium stopped on request: its exit is not the desktop's end
+        self._children_changed = asyncio.Event()
+        self._control_lock = asyncio.Lock()
 
     def _marker(self, service: str, state: str, **fields: object) -> None:
         print(format_marker("ready", service=service, state=state, **fields,
@@ -201,7 +218,7 @@ class Desktop:
 
     async def chromium(self) -> None:
         width, height, _ = self.config.geometry.split("x")
-        profile = Path.home() / ".config" / "chromium"
+        profile = Path.home() / BROWSER_PROFILE
         proc = await self._spawn(
             "chromium", "chromium", "--no-first-run", "--no-default-browser-check",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -224,14 +241,90 @@ class Desktop:
                 self._marker(service, "failed", reason=reason)
                 await self.stop()
                 return 1
+        control = await self._serve_control()
         # What a person opening the viewer now sees is the whole desktop, its last part included.
         self._marker("desktop", "ready", services=",".join(self.config.services))
-        waits = {asyncio.ensure_future(proc.wait()): name for name, proc in self.children.items()}
-        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for finished in done:
-            self._marker(waits[finished], "exited", code=finished.result())
+        try:
+            await self._supervise()
+        finally:
+            if control is not None:
+                control.close()
         await self.stop()
         return 1
+
+    async def _supervise(self) -> None:
+        """Return once a part exits that was not held down on request."""
+        while True:
+            self._children_changed.clear()
+            waits = {asyncio.ensure_future(proc.wait()): name for name, proc in self.children.items()
+                     if not (name == "chromium" and self._browser_held)}
+            changed = asyncio.ensure_future(self._children_changed.wait())
+            done, _ = await asyncio.wait([*waits, changed], return_when=asyncio.FIRST_COMPLETED)
+            for pending in (*waits, changed):
+                pending.cancel()
+            ended = [(waits[future], future.result()) for future in done if future in waits]
+            ended = [(name, code) for name, code in ended if not (name == "chromium" and self._browser_held)]
+            for name, code in ended:
+                self._marker(name, "exited", code=code)
+            if ended:
+                return
+
+    async def _serve_control(self) -> asyncio.AbstractServer | None:
+        path = self.config.control_socket
+        if path is None or "chromium" not in self.config.services:
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        old = os.umask(0o077)  # the socket itself: its owner and root only
+        try:
+            return await asyncio.start_unix_server(self._control, path=path)
+        finally:
+            os.umask(old)
+
+    async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = (await reader.readline())[:64].decode(errors="replace").strip()
+            async with self._control_lock:
+                if line == "stop-browser":
+                    answer = await self._stop_browser()
+                elif line == "start-browser":
+                    answer = await self._start_browser()
+                else:
+                    answer = f"failed unknown command {line[:32]!r}"
+            writer.write(answer.encode() + b"\n")
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass  # the asker left: it learns nothing more
+        finally:
+            writer.close()
+
+    async def _stop_browser(self) -> str:
+        self._browser_held = True
+        self._children_changed.set()
+        proc = self.children.get("chromium")
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), _STOP_DEADLINE_S)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        self._marker("chromium", "stopped")
+        return "ok stopped"
+
+    async def _start_browser(self) -> str:
+        if not self._browser_held:
+            return "ok ready"  # it runs: nothing to do
+        try:
+            async with asyncio.timeout(_START_DEADLINE_S):
+                await self.chromium()
+        except (StartFailed, TimeoutError, OSError) as exc:
+            reason = str(exc) or f"not ready within {_START_DEADLINE_S:g} s"
+            self._marker("chromium", "failed", reason=reason)
+            return f"failed {reason}"
+        self._browser_held = False
+        self._children_changed.set()
+        return "ok ready"
 
     async def stop(self) -> None:
         """Terminate every part, newest first; kill what is still there after the deadline."""

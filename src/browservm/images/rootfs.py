@@ -26,6 +26,7 @@ from pathlib import Path
 
 from browservm import __version__
 from browservm.errors import CommandFailed, ImageBuildError
+from browservm.guest.desktop import CONTROL_SOCKET
 from browservm.progress import Progress, cache_dir, exclusive
 from browservm.runner import CommandRunner
 
@@ -39,9 +40,10 @@ _X11VNC = (*_BASE, "xvfb", "x11vnc")
 _XVNC = (*_BASE, "tigervnc-standalone-server")
 PROFILES: dict[str, tuple[str, ...]] = {
     "minimal": _X11VNC,
-    "full": (*_XVNC, "chromium", "fonts-dejavu-core"),
+    # python3-cryptography: the profile keeper's AES-GCM (guest/profile_keeper.py)
+    "full": (*_XVNC, "chromium", "fonts-dejavu-core", "python3-cryptography"),
     # full + a terminal for the login tool's window (+ the OAuth files and Node tools below)
-    "oauth": (*_XVNC, "chromium", "fonts-dejavu-core", "xterm"),
+    "oauth": (*_XVNC, "chromium", "fonts-dejavu-core", "python3-cryptography", "xterm"),
 }
 SERVICES = {
     "minimal": ("xvfb", "openbox", "x11vnc", "websockify"),
@@ -58,7 +60,12 @@ OAUTH_PROGRAMS = {"browservm-agent": "browservm.guest.agent", "browservm-toolrun
                   "browservm-opener": "browservm.guest.opener",
                   "browservm-sample-login": "browservm.guest.sample_login"}
 OAUTH_UNITS = ("browservm-agent.service",)
-PROFILE_EXTRAS = {"oauth": (OAUTH_PROGRAMS, OAUTH_UNITS)}
+# The browser profile keeper (a person's Chromium profile in and out, encrypted), in every image with Chromium.
+KEEPER_PROGRAMS = {"browservm-profile-keeper": "browservm.guest.profile_keeper"}
+KEEPER_UNITS = ("browservm-profile-keeper.service",)
+KEEPER_PROFILES = ("full", "oauth")
+PROFILE_EXTRAS = {"full": (KEEPER_PROGRAMS, KEEPER_UNITS),
+                  "oauth": ({**KEEPER_PROGRAMS, **OAUTH_PROGRAMS}, (*KEEPER_UNITS, *OAUTH_UNITS))}
 # The login tools, from the npm registry, pinned exactly (checked against the installed package.json),
 # with a Node the three accept (Debian's nodejs 18 is older than Claude Code's >= 22 and Gemini's >= 20):
 # the npm package `node` carries the official Node binary. Part of the image's key.
@@ -264,7 +271,9 @@ class RootfsBuilder:
         # mmdebstrap keeps its --aptopt options (the build machine's package proxy among them) in
         # the image; the guest must not learn of, or use, the build machine's proxy.
         (root / "etc/apt/apt.conf.d/99mmdebstrap").unlink(missing_ok=True)
-        desktop = {"services": list(SERVICES[profile]), "vnc_password_file": VNC_PASSWORD_FILE}
+        desktop: dict[str, object] = {"services": list(SERVICES[profile]), "vnc_password_file": VNC_PASSWORD_FILE}
+        if profile in KEEPER_PROFILES:
+            desktop["control_socket"] = str(CONTROL_SOCKET)
         (root / "etc/browservm").mkdir(exist_ok=True)
         (root / "etc/browservm/desktop.json").write_text(json.dumps(desktop) + "\n")
         for mountpoint in ("overlay", "rom"):
