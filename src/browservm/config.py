@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     vault_key: SecretStr | None = Field(None, description="the credential vault's AES key, 64 hex digits (default: "
                                                           "made at first start, kept in <state-dir>/vault.key)")
     login_mem_mib: int = Field(2048, ge=256, le=16384, description="memory of a login's VM (Chromium and the tool)")
+    profile_max_mib: int = Field(64, ge=1, le=256, description="the most a user's sealed browser profile "
+                                                              "(profile: persistent) may take on the host, MiB")
     login_agent_wait: int = Field(90, ge=1, le=3600, description="seconds a login waits for the VM's agent to answer "
                                                                  "once the VM is ready")
     # The VMs' egress and the bridge (issue 10)

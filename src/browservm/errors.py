@@ -191,6 +191,27 @@ class LimitExceeded(BrowserVMError):
         super().__init__(f"refused: {reason}; {limit} is {value}")
 
 
+class ProfileInUse(BrowserVMError):
+    """The user's persistent browser profile is with another live VM: one at a time (409)."""
+
+    def __init__(self, tenant: str, user: str, vm_id: str | None = None) -> None:
+        self.tenant = tenant
+        self.user = user
+        self.vm_id = vm_id
+        whose = f"user {user[:64]!r}" + (f" of tenant {tenant[:64]!r}" if tenant else "")
+        held = f"VM {vm_id}" if vm_id else "another live VM"
+        super().__init__(f"the persistent browser profile of {whose} is in use by {held}: one VM at a time "
+                         "(end that VM first; its profile is saved as it ends)")
+
+
+class ProfileNotFound(BrowserVMError):
+    def __init__(self, tenant: str, user: str) -> None:
+        self.tenant = tenant
+        self.user = user
+        whose = f"user {user[:64]!r}" + (f" of tenant {tenant[:64]!r}" if tenant else "")
+        super().__init__(f"no browser profile kept for {whose}")
+
+
 class StateConflict(StateError):
     """A VM's record is no longer what this writer read: someone else changed or removed it first.
 

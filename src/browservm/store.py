@@ -145,6 +145,17 @@ CREATE TABLE IF NOT EXISTS idempotency (
     created_at  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS idempotency_by_time ON idempotency (created_at);
+-- Each user's browser profile (profiles/): its key, sealed with the vault's key; the profile itself is a
+-- file of ciphertext made in the guest (profiles/<name>.sealed), never plaintext on the host.
+CREATE TABLE IF NOT EXISTS profiles (
+    tenant     TEXT NOT NULL,
+    user       TEXT NOT NULL,
+    key_id     TEXT NOT NULL,   -- the vault key's id, to tell a wrong vault key from a tampered row
+    sealed_key BLOB NOT NULL,
+    size       INTEGER NOT NULL DEFAULT 0,  -- bytes of the sealed profile last saved
+    saved_at   REAL,            -- NULL: never saved (a new profile)
+    PRIMARY KEY (tenant, user)
+);
 CREATE TRIGGER IF NOT EXISTS audit_append_only BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END
 """
@@ -155,7 +166,8 @@ BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END
 # 6: webhooks and their deliveries (issue 21): new tables only, made by the statements above.
 # 7: vms' `seq`, the list API's cursor (issue 21), added to older databases in _add_tenants; idempotency.
 # 8: leases' `egress`, a template's egress policy (issue 21), added to older databases in _add_tenants.
-_SCHEMA_VERSION = 8
+# 9: browser profiles (issue 22): the profiles table, and the index that keeps one live VM per profile.
+_SCHEMA_VERSION = 9
 _BUSY_TIMEOUT_S = 30.0
 
 
@@ -180,6 +192,9 @@ def _add_tenants(db: sqlite3.Connection) -> None:
     db.execute("DROP INDEX IF EXISTS logins_one_running")
     db.execute("CREATE UNIQUE INDEX IF NOT EXISTS logins_one_running_per_tenant ON logins (tenant, user, provider) "
                "WHERE running")
+    # One live VM per user with their persistent profile (schema 9): a second is refused by SQLite itself.
+    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS vms_one_per_profile ON vms (tenant, user) "
+               "WHERE json_extract(data, '$.profile') = 'persistent' AND state IN ('creating', 'booting', 'ready')")
     if "tenant" not in {row[1] for row in db.execute("PRAGMA table_info(credentials)")}:
         # A primary key cannot change in place: the table is copied.
         db.execute("ALTER TABLE credentials RENAME TO credentials_4")

@@ -67,6 +67,12 @@ class Template:
         return CLIPBOARD[self.clipboard][1]
 
     @property
+    def has_browser(self) -> bool:
+        """Its image runs Chromium (and the profile keeper): the minimal image has neither. An image file
+        given is taken to be a full one; a profile loaded into one without a keeper fails at profile.load."""
+        return self.image_profile != "minimal"
+
+    @property
     def image(self) -> str:
         """The image as a key: VMs of two templates with the same key boot the same image (and share its
         snapshots, which are keyed by the image's files)."""

@@ -13,7 +13,12 @@ loopback IP redirects. Every token response carries the server's known `access_t
     POST /token                                    the code and its PKCE verifier -> the known tokens
 
 `approve="auto"` answers GET /authorize with the redirect at once (a browser follows it with no
-person), for tests of everything but the person's click. The server runs on a socket the caller
+person), for tests of everything but the person's click.
+
+Like a real provider, it remembers the person's sign-in in the browser: the first GET /authorize a
+browser makes sets a cookie (SESSION_COOKIE, 30 days), and each later one from that browser carries it.
+`record.sessions_seen` says, per GET /authorize, which session the browser came with (None: not
+signed in); `record.sessions_issued` the sessions it was given. The server runs on a socket the caller
 opens (inside a test's network namespace: `listen(..., netns=...)`), on a thread of its own.
 """
 
@@ -49,6 +54,7 @@ from authlib.oauth2.rfc7636 import CodeChallenge  # type: ignore[import-untyped]
 from browservm.hostnet.netns import NetworkNamespace
 
 CLIENT_ID = "browservm-sample"
+SESSION_COOKIE = "test_provider_session"
 REDIRECT_PATH = "/callback"
 
 
@@ -136,6 +142,8 @@ class Record:
     tokens_issued: int = 0
     token_errors: list[str] = field(default_factory=list)
     challenges: list[str] = field(default_factory=list)
+    sessions_seen: list[str | None] = field(default_factory=list)
+    sessions_issued: list[str] = field(default_factory=list)
 
 
 class TestAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
@@ -197,6 +205,21 @@ class TestAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
                 "token_endpoint_auth_methods_supported": ["none"]}
 
     def authorize_page(self, request: _Request) -> Response:
+        response = self._authorize_page(request)
+        cookies = dict(part.strip().partition("=")[::2] for part in request.headers.get("Cookie", "").split(";")
+                       if "=" in part)
+        with self._lock:
+            session = cookies.get(SESSION_COOKIE)
+            known = session if session in self.record.sessions_issued else None
+            self.record.sessions_seen.append(known)
+            if known is not None:
+                return response
+            session = "ps-" + secrets.token_urlsafe(18)
+            self.record.sessions_issued.append(session)
+        cookie = f"{SESSION_COOKIE}={session}; Max-Age=2592000; Path=/; HttpOnly; SameSite=Lax"
+        return Response(response.status, response.body, [*response.headers, ("Set-Cookie", cookie)])
+
+    def _authorize_page(self, request: _Request) -> Response:
         try:
             grant = self.get_consent_grant(request, end_user="person")
         except OAuth2Error as error:

@@ -59,6 +59,8 @@ ROUTES: dict[tuple[str, str], Kind] = {
     ("GET", "/v1/providers"): "operator",
     ("GET", "/v1/users/{user}/credentials/{provider}"): "operator",
     ("DELETE", "/v1/users/{user}/credentials/{provider}"): "operator",
+    ("GET", "/v1/users/{user}/profile"): "operator",
+    ("DELETE", "/v1/users/{user}/profile"): "operator",
     ("POST", "/v1/keys"): "operator",
     ("GET", "/v1/keys"): "operator",
     ("DELETE", "/v1/keys/{key_id}"): "operator",

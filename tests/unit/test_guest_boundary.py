@@ -58,7 +58,8 @@ def test_a_debian_package_imported_in_the_guest_is_in_every_image_that_runs_the_
         program = module.removesuffix(".py").replace("/", ".")
         images = [profile for profile in PROFILES
                   if any(f"from browservm.{program} import" in content.decode(errors="replace")
-                         for path, content in guest_files(profile).items() if path.startswith("usr/lib/browservm/bin/"))]
+                         for path, content in guest_files(profile).items()
+                         if path.startswith("usr/lib/browservm/bin/"))]
         assert images, f"no image runs {module}"
         assert all(package in PROFILES[profile] for profile in images), (module, images)
 

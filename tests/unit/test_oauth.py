@@ -22,7 +22,7 @@ from browservm.hostnet.netns import NetworkNamespace
 from browservm.images import rootfs
 from browservm.ipam import Ipam
 from browservm.netplan import NetworkPlan
-from browservm.oauth.agent import MAX_BODY, MAX_HEAD, AgentClient, AgentEndpoint
+from browservm.oauth.agent import MAX_BODY, AgentClient, AgentEndpoint
 from browservm.oauth.catalog import GUEST_HOME, load_catalog
 from browservm.oauth.errors import (
     AgentError,
@@ -37,6 +37,7 @@ from browservm.oauth.records import LoginRecord, LoginRecords, new_login_id, val
 from browservm.oauth.states import ALLOWED, FINAL, LoginState, transition
 from browservm.oauth.vault import KEY_FILE, Vault, key_id, load_key, seal, unseal
 from browservm.store import Store
+from browservm.vm.guest_http import MAX_HEAD
 
 TOKEN = "sk-test-0123456789abcdefTOKEN"  # a credential's value, to look for where it must not be
 FILES = {"/home/browser/.sample/credentials.json": json.dumps({"access_token": TOKEN}).encode()}
@@ -222,9 +223,12 @@ def test_a_schema_3_database_gets_the_new_tables(tmp_path: Path) -> None:
         db.execute("PRAGMA user_version=3")
     db.close()
     with Store(path) as opened:
-        assert opened.read("PRAGMA user_version")[0][0] == 8
+        assert opened.read("PRAGMA user_version")[0][0] == 9
         tables = {row[0] for row in opened.read("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert {"logins", "credentials", "vms", "api_keys", "tenants", "audit", "webhooks", "deliveries"} <= tables
+        assert {"logins", "credentials", "vms", "api_keys", "tenants", "audit", "webhooks", "deliveries",
+                "profiles"} <= tables
+        indexes = {row[0] for row in opened.read("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "vms_one_per_profile" in indexes  # schema 9: one live VM per persistent profile
         assert opened.read("SELECT version, tenant FROM vms")[0] == (3, "")
         # A lease from before templates had egress policies has the host's (schema 8).
         lease = Ipam(opened, NetworkPlan.build(IPv4Network("192.168.100.0/24"), "br0")).get("vm-000000000001")

@@ -45,7 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from browservm import __version__
 from browservm.access.principal import TENANT_PATTERN, Forbidden
-from browservm.api import access_routes, diagnose, idempotency, logins, webhook_routes
+from browservm.api import access_routes, diagnose, idempotency, logins, profiles, webhook_routes
 from browservm.api.audited import Audited, audited
 from browservm.api.auth import SESSION_COOKIE, Access, ApiError, Caller, admin_only, caller
 from browservm.api.idempotency import Idempotent
@@ -71,6 +71,8 @@ from browservm.errors import (
     CleanupFailed,
     InvalidInput,
     LimitExceeded,
+    ProfileInUse,
+    ProfileNotFound,
     StateConflict,
     VmNotFound,
     WrongState,
@@ -161,6 +163,10 @@ def _status_of(exc: BrowserVMError) -> tuple[int, dict[str, str | None]]:
         return 409, {"state": exc.state}
     if isinstance(exc, StateConflict):
         return 409, {"state": exc.found or "deleted"}
+    if isinstance(exc, ProfileInUse):
+        return 409, {"vm_id": exc.vm_id}
+    if isinstance(exc, ProfileNotFound):
+        return 404, {}
     if isinstance(exc, CleanupFailed):
         return 500, {}
     if isinstance(exc, NoCapacity):
@@ -503,6 +509,7 @@ def build_app(service: ControllerService) -> FastAPI:
     mount_operator_page(app, access, secure=service.settings.base_url.startswith("https:"))
 
     logins.mount(app, service)
+    profiles.mount(app, service)
     diagnose.mount(app, service)
     access_routes.mount(app, service)
     webhook_routes.mount(app, service)  # after logins.mount: it listens to their ends

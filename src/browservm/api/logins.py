@@ -1,7 +1,8 @@
 """Logins (issue 9): POST /v1/logins and its companions, the OAuth agent's client, the credential vault's routes.
 
     operator (API key)
-      POST   /v1/logins {user, provider, vm_id?, keep_vm?}   202: the login (booting) and its viewer link, at once
+      POST   /v1/logins {user, provider, vm_id?, keep_vm?,  202: the login (booting) and its viewer link, at once
+                      keep_profile?}
       GET    /v1/logins[?user=U]                            the newest logins
       GET    /v1/logins/{id}                                state, VM, auth URL host, hop and reason, output
       GET    /v1/logins/{id}/events                         Server-Sent Events: the login at each change, to the end
@@ -75,6 +76,9 @@ class CreateLogin(BaseModel):
     vm_id: StrictStr | None = Field(None, description="run the login in this VM of the user's instead of a new one",
                                     json_schema_extra={"pattern": VM_ID_PATTERN, "maxLength": 63})
     keep_vm: StrictBool = Field(False, description="keep the VM afterwards (default: it is destroyed)")
+    keep_profile: StrictBool = Field(False, description="the login's VM has the user's persistent browser profile "
+                                                        "(as a VM created with profile: persistent): a sign-in at "
+                                                        "the provider is remembered for the user's next VM")
     tenant: StrictStr | None = Field(None, pattern=TENANT_PATTERN,
                                      description="an admin key may name the tenant; a tenant key's is its own")
 
@@ -211,7 +215,8 @@ def mount(app: FastAPI, service: ControllerService) -> None:
             validate_vm_id(body.vm_id)
         tenant = who.tenant_for(body.tenant)
         quota = await asyncio.to_thread(service.quotas.get, tenant)
-        started = await logins.start(body.user, body.provider, body.vm_id, body.keep_vm, tenant=tenant, quota=quota)
+        started = await logins.start(body.user, body.provider, body.vm_id, body.keep_vm, tenant=tenant, quota=quota,
+                                     keep_profile=body.keep_profile)
         audited(request, started.login.login_id, tenant)
         return StartedOut(**LoginOut.of(started.login).model_dump(), viewer_url=started.viewer_url)
 

@@ -71,6 +71,10 @@ class CreateVm(BaseModel):
     timeout_s: Annotated[StrictInt, Ge(60), Le(MAX_TIMEOUT_S), BeforeValidator(whole)] | None = Field(None,
                                         description="end the VM this many seconds after its creation (capped at the "
                                                     "controller's max_lifetime; POST /v1/vms/{id}/extend moves it)")
+    profile: Literal["ephemeral", "persistent"] = Field(
+        "ephemeral", description="persistent: the user's browser profile (cookies, sign-ins, settings) is loaded at "
+                                 "the start and saved at the end, kept on the host only as ciphertext sealed in the "
+                                 "VM; one VM per user at a time (409). DELETE /v1/users/{user}/profile forgets it")
     tenant: StrictStr | None = Field(None, pattern=TENANT_PATTERN,
                                      description="whose VM it is: an admin key may name a tenant (default: none, "
                                                  "the operator's own); a tenant key's VMs are always its tenant's")
@@ -119,6 +123,8 @@ class VmOut(BaseModel):
     template: str = Field(description="what it was made from (GET /v1/templates)")
     tenant: str = Field(description="the tenant it belongs to; empty: the operator's own")
     labels: dict[str, str]
+    profile: str = Field(description="persistent: the user's browser profile is loaded at its start (hop "
+                                     "profile.load) and saved at its end; ephemeral: a new empty one")
     expires_at: float | None = Field(description="when it is ended (unix seconds): its timeout, or its maximum "
                                                  "lifetime")
     expires_at_rfc3339: str | None
@@ -157,7 +163,7 @@ class VmOut(BaseModel):
         failure = record.failure
         return cls(
             vm_id=record.vm_id, state=record.state, user=record.user, template=record.template, tenant=record.tenant,
-            labels=record.labels,
+            labels=record.labels, profile=record.profile,
             expires_at=expires_at, expires_at_rfc3339=rfc3339(expires_at), vcpus=record.vcpus,
             mem_mib=record.mem_mib, created_at=record.created_at, created_at_rfc3339=rfc3339(record.created_at) or "",
             uptime_s=round(time.time() - record.created_at, 1),

@@ -296,8 +296,8 @@ class ControllerService:
         tenant = principal.tenant_for(request.tenant)
         quota = await asyncio.to_thread(self.quotas.get, tenant)
         # The template's size only for what was left out: 0 is a size the manager refuses, not "the default".
-        record, task = await self.manager.start(request.user, request.vcpus, request.mem_mib,
-                                                owner=Owner(tenant, quota, request.labels, request.timeout_s),
+        owner = Owner(tenant, quota, request.labels, request.timeout_s, request.profile)
+        record, task = await self.manager.start(request.user, request.vcpus, request.mem_mib, owner=owner,
                                                 template=request.template)
         if not wait:
             return record

@@ -22,18 +22,14 @@ import asyncio
 import base64
 import binascii
 import json
-import re
 from dataclasses import dataclass
-from ipaddress import IPv4Address
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from browservm.errors import ProbeFailed
 from browservm.guest.credentials import credentials_digest
-from browservm.hostnet.netns import NetworkNamespace
 from browservm.oauth.errors import AgentError
-from browservm.vm.readiness import connect_socket
+from browservm.vm.guest_http import GuestEndpoint, GuestHttp
 
 AGENT_PORT = 7000
 CONNECT = "agent.connect"
@@ -42,18 +38,18 @@ PROTOCOL = "agent.protocol"
 LOGIN = "agent.login"
 HANDOVER = "agent.handover"
 
-MAX_HEAD = 16 * 1024  # status line and headers
 MAX_BODY = 256 * 1024  # any answer but the handover's
 MAX_HANDOVER = 16 * (4 * 1024 * 1024 // 3 + 4) + 64 * 1024  # 16 files of 1 MiB, base64, and the JSON around
 _THREAD_JSON = 256 * 1024  # bodies larger than this are parsed in a thread
 ModelT = TypeVar("ModelT", bound=BaseModel)
-_STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3})(?: [^\r\n]*)?")
+
+
+def _agent_error(kind: str, reason: str) -> AgentError:
+    return AgentError({"connect": CONNECT, "auth": AUTH}.get(kind, PROTOCOL), reason)
 
 
 @dataclass(frozen=True)
-class AgentEndpoint:
-    netns: NetworkNamespace
-    address: IPv4Address
+class AgentEndpoint(GuestEndpoint):
     port: int = AGENT_PORT
 
 
@@ -86,8 +82,17 @@ class Handover:
 class AgentClient:
     def __init__(self, endpoint: AgentEndpoint, token: str, timeout: float = 5.0) -> None:
         self.endpoint = endpoint
-        self._token = token
-        self.timeout = timeout
+        self._http = GuestHttp(endpoint, token, timeout, _agent_error,
+                               "the agent refused this VM's key (401): it is not this VM's agent, or the VM's "
+                               "config disk is not the one it booted with")
+
+    @property
+    def timeout(self) -> float:
+        return self._http.timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        self._http.timeout = seconds
 
     async def status(self) -> AgentStatus:
         status, body = await self._request("GET", "/v1/status")
@@ -135,37 +140,8 @@ class AgentClient:
 
     async def _request(self, method: str, path: str, body: object = None, *, limit: int = MAX_BODY,
                        timeout: float | None = None) -> tuple[int, Any]:
-        endpoint = self.endpoint
-        try:
-            sock = await connect_socket(endpoint.netns, endpoint.address, endpoint.port, self.timeout)
-        except ProbeFailed as exc:
-            raise AgentError(CONNECT, exc.reason) from None
-        try:
-            async with asyncio.timeout(timeout or self.timeout):
-                return await self._exchange(sock, method, path, body, limit)
-        except TimeoutError:
-            raise AgentError(PROTOCOL, f"{method} {path}: no complete answer within {timeout or self.timeout:g} s") \
-                from None
-        except (ConnectionError, OSError) as exc:
-            raise AgentError(PROTOCOL, f"{method} {path}: the connection broke ({exc.strerror or exc})") from None
-
-    async def _exchange(self, sock: Any, method: str, path: str, body: object, limit: int) -> tuple[int, Any]:
-        reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_HEAD)
-        try:
-            data = b"" if body is None else json.dumps(body).encode()
-            head = (f"{method} {path} HTTP/1.1\r\nHost: {self.endpoint.address}:{self.endpoint.port}\r\n"
-                    f"Authorization: Bearer {self._token}\r\nAccept: application/json\r\nConnection: close\r\n")
-            if body is not None:
-                head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
-            writer.write(head.encode() + b"\r\n" + data)
-            await writer.drain()
-            status, length = await _read_head(reader, method, path)
-            if status == 401:
-                raise AgentError(AUTH, "the agent refused this VM's key (401): it is not this VM's agent, or the "
-                                       "VM's config disk is not the one it booted with")
-            payload = await _read_body(reader, length, limit, method, path)
-        finally:
-            writer.close()
+        data = None if body is None else json.dumps(body).encode()
+        status, payload = await self._http.request(method, path, data, limit=limit, timeout=timeout)
         if not payload:
             return status, None
         try:
@@ -174,46 +150,6 @@ class AgentClient:
         except ValueError:
             raise AgentError(PROTOCOL, f"{method} {path} answered {status} with a body that is not JSON") from None
         return status, parsed
-
-
-async def _read_head(reader: asyncio.StreamReader, method: str, path: str) -> tuple[int, int | None]:
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.LimitOverrunError:
-        raise AgentError(PROTOCOL, f"{method} {path}: the answer's headers are over {MAX_HEAD} bytes") from None
-    except asyncio.IncompleteReadError:
-        raise AgentError(PROTOCOL, f"{method} {path}: the connection closed before a complete answer") from None
-    lines = head.split(b"\r\n")
-    match = _STATUS_LINE.fullmatch(lines[0])
-    if match is None:
-        raise AgentError(PROTOCOL, f"{method} {path}: the answer does not start with an HTTP status line")
-    length: int | None = None
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"content-length":
-            if not value.strip().isdigit():
-                raise AgentError(PROTOCOL, f"{method} {path}: a Content-Length that is not a number")
-            length = int(value.strip())
-        elif name == b"transfer-encoding":
-            raise AgentError(PROTOCOL, f"{method} {path}: a Transfer-Encoding answer (the agent sends Content-Length)")
-    return int(match.group(1)), length
-
-
-async def _read_body(reader: asyncio.StreamReader, length: int | None, limit: int, method: str, path: str) -> bytes:
-    if length is not None and length > limit:
-        raise AgentError(PROTOCOL, f"{method} {path}: a body of {length} bytes, over the {limit} this answer may have")
-    try:
-        if length is not None:
-            return await reader.readexactly(length)
-        payload = await reader.read(limit + 1)  # no length: to the end (Connection: close), bounded
-        while len(payload) <= limit and (more := await reader.read(limit + 1 - len(payload))):
-            payload += more
-    except asyncio.IncompleteReadError:
-        raise AgentError(PROTOCOL, f"{method} {path}: the connection closed in the middle of the body") from None
-    if len(payload) > limit:
-        raise AgentError(PROTOCOL, f"{method} {path}: a body over the {limit} bytes this answer may have")
-    return payload
 
 
 def _shape(model: type[ModelT], body: Any, what: str) -> ModelT:

@@ -40,7 +40,7 @@ from browservm.templates import DEFAULT
 from browservm.vm import hops
 from browservm.vm.console import ConsoleLog
 from browservm.vm.manager import VMManager
-from browservm.vm.records import Owner, VmRecord
+from browservm.vm.records import PERSISTENT, Owner, VmRecord
 from browservm.vm.state import VmState
 
 log = logging.getLogger("browservm.logins")
@@ -139,8 +139,9 @@ class LoginService:
     # --- requests -------------------------------------------------------------------------
 
     async def start(self, user: str, provider_name: str, vm_id: str | None = None, keep_vm: bool = False, *,
-                    tenant: str = "", quota: Quota = NO_QUOTA) -> Started:
-        """`tenant`: whose login, VM and credentials these are, within its `quota` (access/)."""
+                    tenant: str = "", quota: Quota = NO_QUOTA, keep_profile: bool = False) -> Started:
+        """`tenant`: whose login, VM and credentials these are, within its `quota` (access/); `keep_profile`: the
+        login's VM has the user's persistent browser profile (a sign-in at the provider is remembered)."""
         provider = self.catalog.get(provider_name)
         template = self._manager.template(provider.template or DEFAULT)
         vcpus, mem_mib = (template.vcpus, template.mem_mib) if provider.template else (self.vcpus, self.mem_mib)
@@ -153,14 +154,17 @@ class LoginService:
                 raise InvalidInput("vm_id", vm_id, f"belongs to another user than {user!r}")
             if vm.state not in (VmState.CREATING, VmState.BOOTING, VmState.READY):
                 raise WrongState(vm_id, vm.state.value, "a login needs a VM that is booting or ready")
+            if keep_profile:
+                raise InvalidInput("keep_profile", True, "a login in a given VM has that VM's profile (give it at "
+                                                         "the VM's create instead)")
         login = LoginRecord(login_id=new_login_id(), user=user, provider=provider.name, vm_id=vm_id or "",
                             keep_vm=keep_vm, vm_given=vm_id is not None, tenant=tenant)
         login.states[LoginState.BOOTING.value] = 0.0
         await asyncio.to_thread(self._records.insert, login, quota.logins_per_hour)
         try:
             if vm_id is None:
-                vm, _ = await self._manager.start(user, vcpus, mem_mib, owner=Owner(tenant, quota),
-                                                  template=template.name)
+                owner = Owner(tenant, quota, profile=PERSISTENT if keep_profile else "ephemeral")
+                vm, _ = await self._manager.start(user, vcpus, mem_mib, owner=owner, template=template.name)
                 login.vm_id = vm.vm_id
                 await asyncio.to_thread(self._records.save, login)
             viewer = await self._viewer(login.vm_id)

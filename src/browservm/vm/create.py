@@ -24,12 +24,12 @@ import errno
 import logging
 import os
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from browservm.errors import InvalidInput, ProbeFailed, StateError, VmmError
+from browservm.errors import InvalidInput, ProbeFailed, StateConflict, StateError, VmmError
 from browservm.faults import crash_point
 from browservm.guest.bootargs import BootArgs, build_boot_args
 from browservm.ids import new_vm_id
@@ -44,7 +44,7 @@ from browservm.vm.failures import evidence
 from browservm.vm.image_source import Images, ImageSources
 from browservm.vm.parts import ManagerParts, StageCallback
 from browservm.vm.pool import POOL_USER, WarmPool
-from browservm.vm.records import OPERATORS, Owner, Purpose, VmRecord
+from browservm.vm.records import OPERATORS, PERSISTENT, Owner, Purpose, VmRecord
 from browservm.vm.release import UNDO_DIRECTORY, UNDO_LEASE, UNDO_TAP, UNDO_VMM, Release
 from browservm.vm.snapshots import Snapshot
 from browservm.vm.snapshotting import Snapshotting
@@ -81,7 +81,8 @@ class Step:
 class Creator:
     def __init__(self, parts: ManagerParts, images: ImageSources, specs: VmSpecs, release: Release,
                  bringup: BringUp, *, snapshotting: Snapshotting, pools: dict[str, WarmPool],
-                 restore_by_default: bool, templates: Callable[[str], Template]) -> None:
+                 restore_by_default: bool, templates: Callable[[str], Template],
+                 end: Callable[[str, str], Awaitable[bool]]) -> None:
         self._parts = parts
         self._images = images
         self._specs = specs
@@ -92,6 +93,7 @@ class Creator:
         self.restore_by_default = restore_by_default  # start(): restore from a snapshot unless told otherwise
         self._templates = templates  # a template by name (InvalidInput naming `template` when there is none)
         self.creating: dict[str, asyncio.Task[VmRecord]] = {}
+        self._end = end  # ends a VM on purpose (VMManager.destroy), saying why
 
     async def start(self, user: str, vcpus: int | None, mem_mib: int | None, *, keep_failed: bool,
                     extra_boot_args: tuple[str, ...], on_stage: StageCallback | None, restore: bool | None,
@@ -107,9 +109,14 @@ class Creator:
         plain = not extra_boot_args and not keep_failed
         ours = purpose != "user"  # the pool's own VMs and the one a snapshot is made of
         pool = self.pools.get(template)
+        if owner.profile == PERSISTENT and parts.profiles is None:
+            raise InvalidInput("profile", owner.profile, "this controller keeps no browser profiles (they need "
+                                                         "`browservm serve`)")
+        if owner.profile == PERSISTENT and not made_from.has_browser:
+            raise InvalidInput("profile", owner.profile, f"template {template!r} has no browser to keep a profile of")
         if pool is not None and not ours and plain and pool.fits(vcpus, mem_mib):
             claimed = await pool.claim(user, owner)
-            if claimed is not None:
+            if claimed is not None and await self._profile_into_claimed(claimed, on_stage):
                 parts.notices.change(claimed, "ready")
                 return claimed, parts.own(_already(claimed))
         restore = self.restore_by_default if restore is None else restore
@@ -186,6 +193,26 @@ class Creator:
             if not await self._retry_under_tcg(record, images, extra_boot_args, exc, report):
                 raise
             await self._bringup.readiness(record, report)
+        if record.profile == PERSISTENT:
+            await self._load_profile(record, report)
+
+    async def _load_profile(self, record: VmRecord, report: StageCallback) -> None:
+        assert self._parts.profiles is not None  # start() refuses a profile without them
+        await self._parts.profiles.load(record)
+        await self._bringup.passed(record, hops.PROFILE_LOAD, report)
+
+    async def _profile_into_claimed(self, record: VmRecord, on_stage: StageCallback | None) -> bool:
+        """Load the user's profile into a VM just claimed from the pool (it runs Chromium with an empty one);
+        False, and the VM ended, if that failed: the user gets a new VM instead, which loads it at its start."""
+        if record.profile != PERSISTENT:
+            return True
+        try:
+            await self._load_profile(record, on_stage or (lambda stage, seconds: None))
+        except (ProbeFailed, StateConflict) as exc:
+            log.warning("warm pool: %s claimed, but the profile could not be loaded into it: %s", record.vm_id, exc)
+            await self._end(record.vm_id, f"the user's profile could not be loaded into it: {exc}")
+            return False
+        return True
 
     def steps(self, record: VmRecord, images: Images, snapshot: Snapshot | None,
               extra_boot_args: tuple[str, ...]) -> list[Step]:

@@ -37,6 +37,7 @@ WS_UPGRADE = "ws.upgrade"
 RFB_BANNER = "rfb.banner"
 RFB_AUTH = "rfb.auth"
 DESKTOP_COMPLETE = "desktop.complete"
+PROFILE_LOAD = "profile.load"
 VMM_EXITED = "vmm.exited"
 VMM_STOPPED = "vmm.stopped"
 GUEST_STALLED = "guest.stalled"
@@ -78,6 +79,10 @@ HOPS: tuple[Hop, ...] = (
     Hop(DESKTOP_COMPLETE, "every part of the desktop is up: the browser on screen (in the minimal profile, "
                           "which has no browser, its last part)",
         "the desktop's last part (usually Chromium) did not start; the console's browservm-ready lines say which"),
+    # Only a VM with a persistent browser profile passes it (profiles/keeper.py), after the others.
+    Hop(PROFILE_LOAD, "the user's browser profile is in the VM and Chromium runs with it",
+        "the guest's profile keeper (port 7001) did not take the profile; the reason is its answer, and the "
+        "console's browservm-profile lines say more"),
 )
 RESOURCES = (NET_LEASE, NET_TAP, DISK_CLONE, VMM_SPAWN)
 READINESS = (GUEST_NETWORK, NET_ARP, DESKTOP_READY, NET_TCP, WS_UPGRADE, RFB_BANNER, DESKTOP_COMPLETE)
@@ -88,6 +93,12 @@ IP_PNP_HINT = ("the kernel lacks CONFIG_IP_PNP and the image's browservm-net did
                "`browservm kernel build` or an image built by `browservm image build`")
 
 _EXTRA_HINTS = {
+    # The profile keeper's own hops (profiles/guest.py), each a step of profile.load.
+    "profile.connect": "nothing answers on the guest's port 7001: its image has no profile keeper (the full and "
+                       "oauth images have one), or the keeper failed; the console's browservm-profile lines say why",
+    "profile.auth": "the guest's profile keeper refused the VM's key: the VM's config disk is not the one it booted "
+                    "with; recreate the VM",
+    "profile.protocol": "the guest's profile keeper answered something that is not its protocol, or too slowly",
     IMAGES: "the guest kernel or golden image could not be built or read; the build's log (named in the reason) "
             "says why",
     VMM_EXITED: "the VMM process exited; its own log and the console tail say why",

@@ -27,17 +27,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from browservm.errors import StateConflict, VmmError
+from browservm.errors import BrowserVMError, StateConflict, VmmError
 from browservm.faults import crash_point
 from browservm.ids import validate_vm_id
 from browservm.ipam import Ipam
 from browservm.progress import BuildStep
 from browservm.templates import DEFAULT, Template, Templates
-from browservm.vm import config_disks
+from browservm.vm import config_disks, hops
 from browservm.vm.bringup import BringUp
 from browservm.vm.console import ConsoleLog, cap_console
 from browservm.vm.create import Creator
@@ -45,7 +46,7 @@ from browservm.vm.desktop_path import RFB, DesktopPath
 from browservm.vm.desktop_path import desktop_path as desktop_path_named
 from browservm.vm.failures import Failures
 from browservm.vm.image_source import Images, ImageSources
-from browservm.vm.parts import Deadlines, Limits, ManagerParts, Notices, StageCallback, VmNetwork
+from browservm.vm.parts import Deadlines, Limits, ManagerParts, Notices, ProfileLink, StageCallback, VmNetwork
 from browservm.vm.pool import PoolManager, WarmPool
 from browservm.vm.readiness import GuestProbes, Probes
 from browservm.vm.reconcile import Reconciler
@@ -59,6 +60,8 @@ from browservm.vm.waiting import uninterrupted, wait_out
 from browservm.vm.watcher import Watcher
 from browservm.vmdir import vm_directories
 from browservm.vmm.driver import VmmDriver
+
+log = logging.getLogger(__name__)
 
 
 class VMManager:
@@ -103,8 +106,19 @@ class VMManager:
         if self.pools:
             self.notices.pool_notice = self._pool_notice
         self._creator = Creator(parts, self._images, specs, self._release, bringup, snapshotting=self._snapshotting,
-                                pools=self.pools, restore_by_default=restore_by_default, templates=self.template)
+                                pools=self.pools, restore_by_default=restore_by_default, templates=self.template,
+                                end=lambda vm_id, reason: self.destroy(vm_id, ended_reason=reason))
         self._reconciler = Reconciler(parts, self._release, failures, self._watcher, bringup)
+        self._saving: dict[str, asyncio.Task[str]] = {}  # a VM's profile being saved before its end
+
+    @property
+    def profiles(self) -> ProfileLink | None:
+        return self._parts.profiles
+
+    @profiles.setter
+    def profiles(self, link: ProfileLink | None) -> None:
+        """Keep users' browser profiles (`profile: persistent`) with `link` (profiles/keeper.py)."""
+        self._parts.profiles = link
 
     def _pool_notice(self, record: VmRecord, event: str) -> None:
         for pool in self.pools.values():
@@ -316,6 +330,7 @@ class VMManager:
             creating.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await wait_out(creating)
+        unsaved = await self._save_profile(vm_id)
         self._watcher.forget(vm_id)
         records = self._parts.records
         while True:
@@ -326,7 +341,7 @@ class VMManager:
                 return True
             record.state = transition(vm_id, record.state, VmState.DESTROYING)
             record.owner = self._parts.me
-            record.ended_reason = ended_reason
+            record.ended_reason = ended_reason + (f"; {unsaved}" if ended_reason and unsaved else "")
             try:
                 await uninterrupted(partial(records.save, record))
             except StateConflict:
@@ -335,6 +350,32 @@ class VMManager:
         crash_point("destroy:marked")
         await self._release.finish_destroy(record)
         return True
+
+    async def _save_profile(self, vm_id: str) -> str:
+        """Save the browser profile of a ready VM that loaded one, before it ends (still live, so no other VM
+        takes the profile meanwhile); "" when saved or there is none to save, else why it was not. One save
+        per VM: a second destroy meanwhile waits for the first's."""
+        record = await asyncio.to_thread(self._parts.records.get, vm_id)
+        link = self._parts.profiles
+        if (link is None or record is None or record.state != VmState.READY
+                or hops.PROFILE_LOAD not in record.stages):
+            return ""
+        saving = self._saving.get(vm_id)
+        if saving is None:
+            saving = self._saving[vm_id] = self._parts.own(self._save_once(link, record))
+            saving.add_done_callback(lambda _: self._saving.pop(vm_id, None))
+        return await asyncio.shield(saving)
+
+    async def _save_once(self, link: ProfileLink, record: VmRecord) -> str:
+        try:
+            await link.save(record)
+        except (BrowserVMError, OSError) as exc:
+            why = f"its browser profile was not saved (the one saved before is kept): {exc}"
+            log.warning("%s: %s", record.vm_id, why)
+            self.notices.note(record, "profile", why)
+            return why
+        self.notices.note(record, "profile", "its browser profile was saved")
+        return ""
 
     async def reconcile(self) -> list[str]:
         """After a (re)start: settle every VM no live process is working on, and remove orphans of ours.

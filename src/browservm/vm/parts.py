@@ -110,6 +110,14 @@ class Notices:
             self.on_failure(record)
 
 
+class ProfileLink(Protocol):
+    """A user's browser profile into a VM and out of it (profiles/keeper.py); ProbeFailed names the hop."""
+
+    async def load(self, record: VmRecord) -> None: ...
+
+    async def save(self, record: VmRecord) -> None: ...
+
+
 @dataclass
 class ManagerParts:
     records: VmRecords
@@ -121,6 +129,7 @@ class ManagerParts:
     deadlines: Deadlines
     probes: Probes
     notices: Notices
+    profiles: ProfileLink | None = None  # None: this controller keeps no browser profiles
     me: str = field(default_factory=this_process)  # tests stand in for another process by changing it
     _tasks: set[asyncio.Task[object]] = field(default_factory=set)
 

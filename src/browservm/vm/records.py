@@ -11,15 +11,18 @@ VM. A reconcile leaves alone a VM whose owner is alive: that process is still wo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import secrets
+import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from browservm.access.quotas import NO_QUOTA, Quota
-from browservm.errors import LimitExceeded, StateConflict
+from browservm.errors import LimitExceeded, ProfileInUse, StateConflict
 from browservm.store import Store
 from browservm.vm.state import VmState
 
@@ -81,6 +84,10 @@ class VmRecord:
     labels: dict[str, str] = field(default_factory=dict)  # the client's, given at create (api/models.py bounds them)
     timeout_at: float | None = None  # reaped then: its timeout at create, extended on request (within max_lifetime)
     template: str = "default"  # what it was made from (templates.py); records from before templates: the default
+    # "persistent": the user's browser profile is loaded at its start and saved at its end (profiles/);
+    # SQLite keeps one live VM per tenant, user and persistent profile (store.py, vms_one_per_profile).
+    # "ephemeral": a new, empty one, gone with the VM.
+    profile: str = "ephemeral"
     version: int = field(default=0, compare=False)  # of the stored row this was read at
 
     def to_json(self) -> dict[str, Any]:
@@ -111,9 +118,10 @@ class Owner:
     quota: Quota = NO_QUOTA
     labels: dict[str, str] = field(default_factory=dict)
     timeout_s: int | None = None
+    profile: str = "ephemeral"  # or PERSISTENT: the user's browser profile (profiles/)
 
     def apply(self, record: VmRecord, now: float) -> None:
-        record.tenant, record.labels = self.tenant, dict(self.labels)
+        record.tenant, record.labels, record.profile = self.tenant, dict(self.labels), self.profile
         record.timeout_at = None if self.timeout_s is None else now + self.timeout_s
 
 
@@ -145,6 +153,24 @@ def _next_seq(db: Any) -> int:
     return int(found[0])
 
 
+PERSISTENT = "persistent"
+# The live VM that has a user's persistent profile (at most one: the index vms_one_per_profile).
+PROFILE_HOLDER = ("SELECT vm_id FROM vms WHERE tenant = ? AND user = ? AND json_extract(data, '$.profile') = "
+                  "'persistent' AND state IN ('creating', 'booting', 'ready')")
+
+
+@contextlib.contextmanager
+def _one_per_profile(db: sqlite3.Connection, record: VmRecord) -> Iterator[None]:
+    """ProfileInUse, naming the VM that has it, when the write would give the profile a second live VM."""
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        if record.profile != PERSISTENT or "vms.tenant, vms.user" not in str(exc):
+            raise
+        row = db.execute(PROFILE_HOLDER, (record.tenant, record.user)).fetchone()
+        raise ProfileInUse(record.tenant, record.user, None if row is None else str(row[0])) from None
+
+
 class VmRecords:
     """The `vms` table. Blocking (SQLite): async callers run these in a thread."""
 
@@ -159,10 +185,11 @@ class VmRecords:
             if total >= max_total:
                 raise LimitExceeded("max_vms", max_total, f"this host already runs {total} VMs")
             self._check_owner(db, record, max_per_user, quota)
-            db.execute("INSERT INTO vms (vm_id, user, tenant, state, holds_resources, data, version, seq) "
-                       "VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
-                       (record.vm_id, record.user, record.tenant, record.state.value, record.holds_resources,
-                        json.dumps(record.to_json()), _next_seq(db)))
+            with _one_per_profile(db, record):
+                db.execute("INSERT INTO vms (vm_id, user, tenant, state, holds_resources, data, version, seq) "
+                           "VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
+                           (record.vm_id, record.user, record.tenant, record.state.value, record.holds_resources,
+                            json.dumps(record.to_json()), _next_seq(db)))
         record.version = 1
 
     @staticmethod
@@ -206,11 +233,12 @@ class VmRecords:
                 return False
             self._check_owner(db, record, max_per_user, quota)
             # A new place in listings: to its new owner's pages it is a VM that has just appeared.
-            updated = db.execute(
-                "UPDATE vms SET user = ?, tenant = ?, data = ?, version = version + 1, seq = ? "
-                "WHERE vm_id = ? AND version = ? AND user = ?",
-                (record.user, record.tenant, json.dumps(record.to_json()), _next_seq(db), record.vm_id,
-                 record.version, from_user)).rowcount
+            with _one_per_profile(db, record):
+                updated = db.execute(
+                    "UPDATE vms SET user = ?, tenant = ?, data = ?, version = version + 1, seq = ? "
+                    "WHERE vm_id = ? AND version = ? AND user = ?",
+                    (record.user, record.tenant, json.dumps(record.to_json()), _next_seq(db), record.vm_id,
+                     record.version, from_user)).rowcount
         if updated != 1:
             return False
         record.version += 1
