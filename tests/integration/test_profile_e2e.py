@@ -86,7 +86,10 @@ def _login(client: httpx.Client, user: str) -> dict[str, Any]:
 
     def ended() -> dict[str, Any] | None:
         now: dict[str, Any] = client.get(f"/v1/logins/{login['login_id']}").json()
-        assert now["state"] not in ("failed", "timed-out", "cancelled"), now
+        if now["state"] in ("failed", "timed-out", "cancelled"):
+            console = client.get(f"/v1/vms/{login['vm_id']}/console", params={"lines": 10_000}).json()
+            said = [line for line in console.get("lines", []) if "profile" in line or "Failed" in line]
+            pytest.fail(f"login {now['state']} at {now['hop']}: {now['reason']}; the console says: {said[-40:]}")
         return now if now["state"] == "captured" and now["vm_destroyed"] else None
     done: dict[str, Any] = _until(f"login of {user}", ended, _WAIT_S)
     done["started_from"] = vm["started_from"]

@@ -20,9 +20,11 @@ from browservm.guest.markers import format_marker
 from browservm.hostnet.netns import NetworkNamespace
 from browservm.ipam import Ipam, Lease
 from browservm.netplan import NetworkPlan
+from browservm.profiles.store import ProfileStore
 from browservm.progress import BuildStep
 from browservm.store import Store
 from browservm.templates import DEFAULT, Template, Templates
+from browservm.vm import hops
 from browservm.vm.console import ConsoleLog
 from browservm.vm.desktop_path import RFB
 from browservm.vm.image_source import Images
@@ -30,7 +32,8 @@ from browservm.vm.manager import VMManager
 from browservm.vm.parts import Deadlines, Limits
 from browservm.vm.pool import PoolManager, WarmPool
 from browservm.vm.readiness import Connection, GuestNetwork
-from browservm.vm.records import VmRecords
+from browservm.vm.records import VmRecord, VmRecords
+from browservm.vm.state import VmState
 from browservm.vmm import process
 from browservm.vmm.accel import Accel
 from browservm.vmm.placement import NoCgroup, Placement
@@ -324,3 +327,32 @@ def stop_all(parts: Parts) -> None:
     for vmm in parts.driver.alive():
         process.signal_process(vmm, signal.SIGKILL)
     parts.store.close()
+
+
+class FakeKeeper:
+    """The guest's profile keeper as the manager sees it: what it was asked, in which state the VM was. With
+    `store` (a served controller's own), a save keeps a stand-in for the guest's ciphertext there. No
+    packet goes anywhere: the real keeper is reached only in a VM's network namespace."""
+
+    def __init__(self, store: ProfileStore | None = None) -> None:
+        self.store = store
+        self.loaded: list[tuple[str, VmState, str]] = []
+        self.saved: list[str] = []
+        self.load_fails: str | None = None
+        self.save_fails: str | None = None
+
+    async def load(self, record: VmRecord) -> None:
+        if self.load_fails:
+            raise ProbeFailed(hops.PROFILE_LOAD, self.load_fails)
+        if self.store is not None:  # as the real one: the user's key made, their profile read
+            await asyncio.to_thread(self.store.key, record.tenant, record.user)
+            await asyncio.to_thread(self.store.read, record.tenant, record.user)
+        self.loaded.append((record.vm_id, record.state, record.user))
+
+    async def save(self, record: VmRecord) -> None:
+        if self.save_fails:
+            raise ProbeFailed("profile.save", self.save_fails)
+        self.saved.append(record.vm_id)
+        if self.store is not None:
+            await asyncio.to_thread(self.store.key, record.tenant, record.user)
+            await asyncio.to_thread(self.store.write, record.tenant, record.user, f"sealed in {record.vm_id}".encode())

@@ -37,6 +37,7 @@ from browservm.config import load_settings
 from browservm.controller import Controller, warm_pools
 from browservm.guest import configdisk
 from browservm.hostnet.host import Change, Check, HostNetwork
+from browservm.profiles.keeper import Profiles
 from browservm.templates import templates_for
 from browservm.vm.desktop_path import RFB, desktop_path
 from browservm.vm.parts import Limits
@@ -44,7 +45,7 @@ from browservm.vm.records import Failure, VmRecord, VmRecords
 from browservm.vm.state import VmState
 from browservm.vmdir import CONFIG_DISK
 
-from .fakes import NOTHING, FakeNetwork, FakeProbes, Parts, make_parts
+from .fakes import NOTHING, FakeKeeper, FakeNetwork, FakeProbes, Parts, make_parts
 
 NAMES = desktop_path(RFB).names  # every hop of a create, on the default desktop path
 
@@ -130,7 +131,12 @@ def serve_fakes(state_dir: Path, network: FakeNetwork | None = None, **settings:
     clock = Clock()
     service = ControllerService(controller, api_key=KEY,
                                 tokens=ViewerTokens(SIGNING_KEY, ttl=config.viewer_ttl, clock=clock))
-    return Served(parts, probes, clock, service, build_app(service))
+    app = build_app(service)
+    # The guest's profile keeper is not there: a fake in its place keeps the controller's real store.
+    mounted = service.manager.profiles
+    assert isinstance(mounted, Profiles)
+    service.manager.profiles = FakeKeeper(mounted.store)
+    return Served(parts, probes, clock, service, app)
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from browservm.guest import profile_keeper
+from browservm.guest import agent, profile_keeper
+from browservm.guest.desktop import DesktopConfig
 from browservm.guest.profile_keeper import KeeperError, pack, seal, unpack, unseal
 
 BINDING = json.dumps(["acme", "alice"]).encode()
@@ -129,3 +130,11 @@ def test_the_user_side_packs_and_unpacks_through_its_streams(tmp_path: Path) -> 
                             input=b"not an archive", capture_output=True, env=env, check=False)
     assert broken.returncode == 1 and b"unpack:" in broken.stderr
     assert (target / "Default" / "Network" / "Cookies").exists()  # a failed load leaves the profile there
+
+
+def test_the_keeper_listens_where_nothing_else_in_the_guest_does() -> None:
+    """The agent's opener had 7001 (loopback), and a keeper there never started in the oauth image."""
+    desktop = DesktopConfig()
+    ports = [profile_keeper.PORT, agent.PORT, agent.OPENER_PORT, desktop.vnc_port, desktop.web_port,
+             desktop.devtools_port]
+    assert len(set(ports)) == len(ports)

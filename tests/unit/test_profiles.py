@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
-from browservm.errors import InvalidInput, ProbeFailed, ProfileInUse, ProfileNotFound
+from browservm.errors import InvalidInput, ProfileInUse, ProfileNotFound
 from browservm.oauth.errors import VaultError
 from browservm.profiles.store import ProfileStore
 from browservm.store import Store
@@ -22,30 +24,11 @@ from browservm.vm.pool import PoolSettings, WarmPool
 from browservm.vm.records import Owner, VmRecord, VmRecords
 from browservm.vm.state import VmState
 
-from .fakes import Parts
+from .fakes import FakeKeeper, Parts
+from .test_api import Served, create, error_of
 
 PERSISTENT = Owner(profile="persistent")  # as a request asks for it
 DEADLINE = 20.0
-
-
-class FakeKeeper:
-    """The profile keeper as the manager sees it: what it was asked, in which state the VM was."""
-
-    def __init__(self) -> None:
-        self.loaded: list[tuple[str, VmState, str]] = []
-        self.saved: list[str] = []
-        self.load_fails: str | None = None
-        self.save_fails: str | None = None
-
-    async def load(self, record: VmRecord) -> None:
-        if self.load_fails:
-            raise ProbeFailed(hops.PROFILE_LOAD, self.load_fails)
-        self.loaded.append((record.vm_id, record.state, record.user))
-
-    async def save(self, record: VmRecord) -> None:
-        if self.save_fails:
-            raise ProbeFailed("profile.save", self.save_fails)
-        self.saved.append(record.vm_id)
 
 
 def _manager(parts: Parts, keeper: FakeKeeper | None) -> VMManager:
@@ -104,7 +87,7 @@ def test_a_profile_that_cannot_be_loaded_fails_the_vm_at_its_hop_and_is_never_sa
         failed = await manager.get(record.vm_id)
         assert failed is not None and failed.state == VmState.FAILED and failed.failure is not None
         assert (failed.failure.hop, failed.failure.reason) == (hops.PROFILE_LOAD, keeper.load_fails)
-        assert "7001" in failed.failure.hint
+        assert "7002" in failed.failure.hint
         keeper.load_fails = None
         again, again_task = await manager.start("ann", owner=PERSISTENT)  # a failed VM does not hold it
         await asyncio.wait_for(again_task, DEADLINE)
@@ -251,3 +234,33 @@ def test_a_profile_in_use_is_not_deleted_and_a_deleted_one_is_gone(store: Profil
     with pytest.raises(ProfileNotFound):
         store.info("", "ann")
     assert store.key("", "ann")  # a new key for a new profile
+
+
+# --- the API, over a served controller with fakes (the guest's keeper faked, the store real) ----------------
+
+def test_the_api_gives_a_user_one_profile_vm_at_a_time_and_forgets_the_profile_on_request(
+        serve: Callable[..., Served]) -> None:
+    served = serve()
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        vm = await create(client, profile="persistent")
+        assert vm["profile"] == "persistent" and hops.PROFILE_LOAD in vm["stages"]
+        second = await client.post("/v1/vms", json={"user": "ann", "profile": "persistent"})
+        error = error_of(second, 409)
+        assert error["type"] == "ProfileInUse" and error["vm_id"] == vm["vm_id"] and vm["vm_id"] in error["message"]
+        assert (await create(client, user="bob", profile="persistent"))["profile"] == "persistent"
+        shown = (await client.get("/v1/users/ann/profile")).json()
+        assert (shown["size_bytes"], shown["saved_at"], shown["in_use_by"]) == (0, None, vm["vm_id"])
+        refused = error_of(await client.delete("/v1/users/ann/profile"), 409)
+        assert refused["type"] == "ProfileInUse"
+        assert (await client.delete(f"/v1/vms/{vm['vm_id']}")).json()["removed"]
+        shown = (await client.get("/v1/users/Ann/profile")).json()  # one spelling per person, as for VMs
+        assert shown["size_bytes"] == len(f"sealed in {vm['vm_id']}") and shown["in_use_by"] is None
+        assert shown["saved"].endswith("Z")
+        assert (await client.delete("/v1/users/ann/profile")).json() == {"user": "ann", "removed": True}
+        assert error_of(await client.get("/v1/users/ann/profile"), 404)["type"] == "ProfileNotFound"
+        assert (await client.delete("/v1/users/ann/profile")).json() == {"user": "ann", "removed": False}
+        bad = error_of(await client.post("/v1/vms", json={"user": "ann", "profile": "forever"}), 422)
+        assert "profile" in bad["message"]
+
+    served.run(scenario)

@@ -85,7 +85,7 @@ def follow(client: Client, vm_id: str, on_stage: Callable[[str, float], None],
 def _create(client: Client, args: argparse.Namespace) -> int:
     started = time.monotonic()
     vm_id = client.create_vm(args.user, args.vcpus, args.mem, labels=labels_of(args.label),
-                             timeout_s=args.timeout, template=args.template).vm_id
+                             timeout_s=args.timeout, template=args.template, profile=args.browser_profile).vm_id
     print(f"browservm: {vm_id} is being created by {client.base_url} (Ctrl-C deletes it)", file=sys.stderr,
           flush=True)
 

@@ -69,6 +69,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser],
     create.add_argument("--timeout", type=int, metavar="SECONDS",
                         help="end the VM this long after its creation (a controller's reaper ends it; "
                              "`vm extend` moves it)")
+    create.add_argument("--browser-profile", choices=("ephemeral", "persistent"),
+                        help="persistent: the user's browser profile (sign-ins, cookies) is loaded at the start and "
+                             "saved at the end, one VM at a time (needs --url; default ephemeral)")
     listing = actions.add_parser("ls", parents=parents, help="every VM with its state, address and VMM")
     listing.add_argument("--user", help="only this user's")
     listing.add_argument("--state", choices=[state.value for state in VmState], help="only those in this state")
@@ -103,6 +106,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "extend":
         raise OptionUnavailable("url", "`vm extend` needs --url URL (or BROWSERVM_URL): a VM's timeout is kept by "
                                        "the controller that reaps it")
+    if args.action == "create" and args.browser_profile == "persistent":
+        raise OptionUnavailable("url", "`vm create --browser-profile persistent` needs --url URL (or BROWSERVM_URL): the "
+                                       "controller keeps the profile, and saves it as the VM ends")
     with open_controller(settings) as controller:
         actions: dict[str, Callable[[Controller, argparse.Namespace], int]] = {
             "create": _create, "ls": _list, "show": _show, "console": _console, "rm": _remove}

@@ -46,6 +46,7 @@ from browservm.client.models import (
     Host,
     Login,
     NewKey,
+    Profile,
     Provider,
     Quota,
     StartedLogin,
@@ -57,7 +58,7 @@ from browservm.client.models import (
 __all__ = [
     "ApiKey", "AsyncClient", "AuditEntry", "AuditPage", "CancelledLogin", "Client", "ClientError", "Conflict",
     "ControllerError", "ControllerUnreachable", "Credentials", "Event", "Failure", "Host", "InvalidRequest",
-    "KeyRefused", "LimitReached", "Login", "LoginFailed", "NewKey", "NotAController", "NotFound", "Provider", "Quota",
-    "StartedLogin", "StreamEnded", "StreamQuiet", "Tenant", "Unavailable", "UntrustedCertificate", "Viewer", "Vm",
-    "VmFailed", "WaitTimedOut",
+    "KeyRefused", "LimitReached", "Login", "LoginFailed", "NewKey", "NotAController", "NotFound", "Profile",
+    "Provider", "Quota", "StartedLogin", "StreamEnded", "StreamQuiet", "Tenant", "Unavailable", "UntrustedCertificate",
+    "Viewer", "Vm", "VmFailed", "WaitTimedOut",
 ]

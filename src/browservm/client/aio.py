@@ -25,6 +25,7 @@ from browservm.client.models import (
     Host,
     Login,
     NewKey,
+    Profile,
     Provider,
     Quota,
     StartedLogin,
@@ -71,9 +72,10 @@ class AsyncClient:
 
     async def create_vm(self, user: str, vcpus: int | None = None, mem_mib: int | None = None, wait: bool = False,
                         idempotency_key: str | None = None, *, labels: Mapping[str, str] | None = None,
-                        timeout_s: int | None = None, template: str | None = None) -> Vm:
+                        timeout_s: int | None = None, template: str | None = None,
+                        profile: str | None = None) -> Vm:
         return await self._call(routes.create_vm(user, vcpus, mem_mib, wait, idempotency_key, labels=labels,
-                                                 timeout_s=timeout_s, template=template))
+                                                 timeout_s=timeout_s, template=template, profile=profile))
 
     async def extend_vm(self, vm_id: str, timeout_s: int, idempotency_key: str | None = None) -> Vm:
         return await self._call(routes.extend_vm(vm_id, timeout_s, idempotency_key))
@@ -137,6 +139,14 @@ class AsyncClient:
 
     async def forget_credentials(self, user: str, provider: str) -> bool:
         return await self._call(routes.forget_credentials(user, provider))
+
+    async def profile(self, user: str) -> Profile:
+        """The user's persistent browser profile: its size, when it was saved, the VM that has it."""
+        return await self._call(routes.profile(user))
+
+    async def forget_profile(self, user: str) -> bool:
+        """Forget the user's browser profile (ApiError 409 while a live VM has it); False if there was none."""
+        return await self._call(routes.forget_profile(user))
 
     async def providers(self) -> list[Provider]:
         return await self._call(routes.providers())

@@ -21,6 +21,7 @@ from browservm.client.models import (
     Host,
     Login,
     NewKey,
+    Profile,
     Provider,
     Quota,
     StartedLogin,
@@ -72,12 +73,13 @@ class Client:
 
     def create_vm(self, user: str, vcpus: int | None = None, mem_mib: int | None = None, wait: bool = False,
                   idempotency_key: str | None = None, *, labels: Mapping[str, str] | None = None,
-                  timeout_s: int | None = None, template: str | None = None) -> Vm:
+                  timeout_s: int | None = None, template: str | None = None,
+                  profile: str | None = None) -> Vm:
         """A new VM (state `creating`, it boots on the controller); with `wait`, once it is ready or failed.
         `labels` to find it by; `timeout_s`: ended that long after its creation (extend_vm moves it);
         `template`: what it is made from (default: the controller's `default`)."""
         return self._call(routes.create_vm(user, vcpus, mem_mib, wait, idempotency_key, labels=labels,
-                                           timeout_s=timeout_s, template=template))
+                                           timeout_s=timeout_s, template=template, profile=profile))
 
     def extend_vm(self, vm_id: str, timeout_s: int, idempotency_key: str | None = None) -> Vm:
         """End the VM `timeout_s` from now instead (within its maximum lifetime)."""
@@ -156,6 +158,14 @@ class Client:
 
     def forget_credentials(self, user: str, provider: str) -> bool:
         return self._call(routes.forget_credentials(user, provider))
+
+    def profile(self, user: str) -> Profile:
+        """The user's persistent browser profile: its size, when it was saved, the VM that has it."""
+        return self._call(routes.profile(user))
+
+    def forget_profile(self, user: str) -> bool:
+        """Forget the user's browser profile (ApiError 409 while a live VM has it); False if there was none."""
+        return self._call(routes.forget_profile(user))
 
     def providers(self) -> list[Provider]:
         return self._call(routes.providers())

@@ -41,6 +41,7 @@ class Vm(_Answer):
     state: str  # creating, booting, ready, failed, destroying or ended
     user: str = ""
     template: str = "default"  # what it was made from (GET /v1/templates)
+    profile: str = "ephemeral"  # or persistent: the user's browser profile, loaded at its start, saved at its end
     vcpus: int | None = None
     mem_mib: int | None = None
     created_at: float | None = None
@@ -114,6 +115,16 @@ class StartedLogin(Login):
 class CancelledLogin(_Answer):
     login: Login
     cancelled: bool  # false when the login had already ended
+
+
+class Profile(_Answer):
+    """A user's persistent browser profile, as the controller keeps it (sealed in the guest)."""
+
+    user: str
+    tenant: str = ""
+    size_bytes: int = 0  # the sealed profile last saved (0: never saved yet)
+    saved_at: float | None = None
+    in_use_by: str | None = None  # the live VM that has it
 
 
 class Credentials(_Answer):

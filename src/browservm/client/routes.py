@@ -21,6 +21,7 @@ from browservm.client.models import (
     Host,
     Login,
     NewKey,
+    Profile,
     Provider,
     Quota,
     StartedLogin,
@@ -93,9 +94,10 @@ def _json(payload: Any) -> dict[str, Any]:
 
 def create_vm(user: str, vcpus: int | None, mem_mib: int | None, wait: bool, idempotency_key: str | None, *,
               labels: Mapping[str, str] | None = None, timeout_s: int | None = None,
-              template: str | None = None) -> Call[Vm]:
+              template: str | None = None, profile: str | None = None) -> Call[Vm]:
     body: dict[str, Any] = {"user": user}
-    for name, value in (("vcpus", vcpus), ("mem_mib", mem_mib), ("timeout_s", timeout_s), ("template", template)):
+    for name, value in (("vcpus", vcpus), ("mem_mib", mem_mib), ("timeout_s", timeout_s), ("template", template),
+                        ("profile", profile)):
         if value is not None:
             body[name] = value
     if labels:
@@ -192,6 +194,18 @@ def credentials(user: str, provider: str) -> Call[Credentials]:
 
 def forget_credentials(user: str, provider: str) -> Call[bool]:
     return Call("DELETE", _credentials(user, provider), lambda answer: bool(answer["removed"]))
+
+
+def _profile(user: str) -> str:
+    return f"/v1/users/{quote(_given('user', user), safe='')}/profile"
+
+
+def profile(user: str) -> Call[Profile]:
+    return Call("GET", _profile(user), Profile.model_validate)
+
+
+def forget_profile(user: str) -> Call[bool]:
+    return Call("DELETE", _profile(user), lambda answer: bool(answer["removed"]))
 
 
 # --- a cluster's front -------------------------------------------------------------------------------

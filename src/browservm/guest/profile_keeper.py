@@ -1,7 +1,7 @@
 """browservm-profile-keeper: a person's Chromium profile into this VM and out of it, sealed here.
 
 The controller keeps a user's browser profile (`profile: persistent`) only as ciphertext made in the
-guest: it holds each user's key sealed, and hands it over with each request. HTTP on port 7001, the
+guest: it holds each user's key sealed, and hands it over with each request. HTTP on port 7002, the
 agent's server (agent_http.py: each request carries the VM's key from the config disk, reread per
 request, so a pooled VM's claim and a restore's new key count at once):
 
@@ -50,7 +50,7 @@ from browservm.guest.agent_http import AgentKey, Server, read_secret
 from browservm.guest.desktop import BROWSER_PROFILE, CONTROL_SOCKET
 from browservm.guest.markers import format_marker
 
-PORT = 7001
+PORT = 7002  # the agent has 7000, and 7001 on loopback for its opener
 BIN = Path("/usr/lib/browservm/bin/browservm-profile-keeper")
 MAX_SEALED = 256 << 20  # the most any controller may ask to keep; its own bound comes with each save
 MAX_UNPACKED = 1 << 30  # what a profile may grow to once unpacked: a small archive cannot fill the disk

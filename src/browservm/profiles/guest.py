@@ -1,4 +1,4 @@
-"""The controller's client of the guest's profile keeper (guest/profile_keeper.py): port 7001, the VM's
+"""The controller's client of the guest's profile keeper (guest/profile_keeper.py): port 7002, the VM's
 agent key, raw bodies (the sealed profile). A failure is a ProbeFailed naming its hop:
 
     profile.connect   no TCP connection to the keeper (net.tcp's reason)
@@ -16,7 +16,6 @@ import json
 from browservm.errors import ProbeFailed
 from browservm.vm.guest_http import GuestEndpoint, GuestHttp
 
-KEEPER_PORT = 7001
 LOAD = "profile.load"
 SAVE = "profile.save"
 # Stopping Chromium, unpacking and starting it again, under software emulation.

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from ipaddress import IPv4Address
 
 from browservm.errors import BrowserVMError, ProbeFailed
+from browservm.guest.profile_keeper import PORT as KEEPER_PORT
 from browservm.hostnet.netns import NetworkNamespace
-from browservm.profiles.guest import KEEPER_PORT, LOAD, KeeperClient
+from browservm.profiles.guest import LOAD, KeeperClient
 from browservm.profiles.store import ProfileStore, binding
 from browservm.vm.guest_http import GuestEndpoint
 from browservm.vm.records import VmRecord

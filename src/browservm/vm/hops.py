@@ -81,7 +81,7 @@ HOPS: tuple[Hop, ...] = (
         "the desktop's last part (usually Chromium) did not start; the console's browservm-ready lines say which"),
     # Only a VM with a persistent browser profile passes it (profiles/keeper.py), after the others.
     Hop(PROFILE_LOAD, "the user's browser profile is in the VM and Chromium runs with it",
-        "the guest's profile keeper (port 7001) did not take the profile; the reason is its answer, and the "
+        "the guest's profile keeper (port 7002) did not take the profile; the reason is its answer, and the "
         "console's browservm-profile lines say more"),
 )
 RESOURCES = (NET_LEASE, NET_TAP, DISK_CLONE, VMM_SPAWN)
@@ -94,7 +94,7 @@ IP_PNP_HINT = ("the kernel lacks CONFIG_IP_PNP and the image's browservm-net did
 
 _EXTRA_HINTS = {
     # The profile keeper's own hops (profiles/guest.py), each a step of profile.load.
-    "profile.connect": "nothing answers on the guest's port 7001: its image has no profile keeper (the full and "
+    "profile.connect": "nothing answers on the guest's port 7002: its image has no profile keeper (the full and "
                        "oauth images have one), or the keeper failed; the console's browservm-profile lines say why",
     "profile.auth": "the guest's profile keeper refused the VM's key: the VM's config disk is not the one it booted "
                     "with; recreate the VM",
