@@ -17,6 +17,13 @@ deleted before the next):
   pool-ws  serve --pool 1            the same, with --desktop-path websockify: the proxy reaches the
            --desktop-path websockify  guest through its websockify, as before the rfb path
 
+With --profile, each cold, restore and pool session is followed by one of a user with a persistent browser
+profile (`profile: persistent`, issue 22), in the same serve: its ready includes the profile's load
+(profile.load: the keeper in the guest opens the sealed profile and starts Chromium again with it; into a
+pooled VM, at its claim), and its DELETE the profile's save (Chromium stopped, packed, sealed in the guest,
+kept by the host), timed as `end`. The profile is what Chromium itself keeps of its start page (a few
+hundred KiB sealed), saved and loaded again at each session; printed beside the same kind without.
+
 A session: POST /v1/vms -> its `ready` event (SSE; `ready` comes after `desktop.complete`, which is
 checked) -> POST /v1/vms/{id}/viewer -> the proxy's WebSocket with that token -> RFB 3.8 with no
 authentication (the proxy authenticates to the VM for us) -> SetPixelFormat (32 bpp true colour),
@@ -76,6 +83,7 @@ from browservm.hostnet.netns import NetworkNamespace
 from browservm.progress import Progress
 from browservm.vm.screen import Screen, watch
 
+PROFILE_USER = "bench-profile"  # the sessions with a persistent profile: one user, its profile carried on
 POOL_USER = "browservm-pool"  # browservm.vm.pool.POOL_USER: whose VMs the pooled ones are
 BOOT_S = 300.0  # POST -> ready, at most (a cold full boot takes over a minute under TCG)
 SCREEN_S = 60.0  # ready -> browser on screen, at most
@@ -212,6 +220,8 @@ class Session:
     banner_s: float  # the record's rfb.banner stage
     pooled_rss: int = 0  # pool: its QEMU just before the claim
     refill_cpu_s: float = 0.0  # pool: serve's CPU from the POST until the pool is full again (claim + refill)
+    end_s: float = 0.0  # its DELETE (with a persistent profile: the profile's save)
+    sealed: int = 0  # with a persistent profile: the sealed profile's bytes after the DELETE
     notes: list[str] = field(default_factory=list)
 
 
@@ -229,10 +239,11 @@ def ready_record(serve: Serve, vm: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def session(serve: Serve) -> tuple[Session, str]:
+def session(serve: Serve, profile: bool = False) -> tuple[Session, str]:
     cpu_before = cpu_seconds(serve.pid)
     started = time.perf_counter()
-    answer = serve.api.post("/v1/vms", json={"user": "bench"})
+    body = {"user": PROFILE_USER, "profile": "persistent"} if profile else {"user": "bench"}
+    answer = serve.api.post("/v1/vms", json=body)
     if answer.status_code != 202:
         raise RuntimeError(f"POST /v1/vms answered {answer.status_code}: {answer.text}")
     record = ready_record(serve, answer.json())
@@ -248,6 +259,15 @@ def session(serve: Serve) -> tuple[Session, str]:
                    screen_s=screen.screen_at - started, cpu_s=cpu, rss=rss_bytes(int(record["pid"])),
                    covered=screen.covered, colours=screen.colours,
                    banner_s=float(record["stages"].get("rfb.banner", 0.0))), vm_id
+
+
+def end(serve: Serve, one: Session, vm_id: str, profile: bool) -> None:
+    """DELETE the session's VM, timed (with a profile: its save), and the sealed profile's size after it."""
+    began = time.perf_counter()
+    serve.delete(vm_id)
+    one.end_s = time.perf_counter() - began
+    if profile:
+        one.sealed = int(serve.api.get(f"/v1/users/{PROFILE_USER}/profile").json()["size_bytes"])
 
 
 def _pooled(serve: Serve) -> list[dict[str, Any]]:
@@ -322,7 +342,7 @@ def _line(s: Session) -> str:
                                                     f"{s.refill_cpu_s:.2f} s" if s.pooled_rss else ""))
 
 
-def measure(work: Path, runs: int, pool_idle: float) -> dict[str, list[Session]]:
+def measure(work: Path, runs: int, pool_idle: float, profiles: bool) -> dict[str, list[Session]]:
     progress = Progress()
     state_dir = work / "state"
     netns_name = f"bvsess-{os.getpid()}"
@@ -330,39 +350,45 @@ def measure(work: Path, runs: int, pool_idle: float) -> dict[str, list[Session]]
     images = resolve_images(settings, progress)  # built (or found cached) before serve starts, not inside it
     base = [sys.executable, "-m", "browservm", "serve", "--netns", netns_name, "--state-dir", str(state_dir),
             "--vmm", "qemu", "--kernel", str(images.kernel), "--rootfs", str(images.rootfs), "--stop-vms-on-exit"]
-    results: dict[str, list[Session]] = {"cold": [], "restore": [], "pool": [], "pool-ws": []}
+    results: dict[str, list[Session]] = {}
+    variants = (False, True) if profiles else (False,)
+
+    def record(kind: str, n: int, one: Session) -> None:
+        results.setdefault(kind, []).append(one)
+        progress.stage(f"{kind} {n + 1}/{runs}", _line(one))
+
     try:
         with serving(base, state_dir) as serve:
             for n in range(runs):
-                one, vm_id = session(serve)
-                serve.delete(vm_id)
-                results["cold"].append(one)
-                progress.stage(f"cold {n + 1}/{runs}", _line(one))
-                time.sleep(SETTLE_S)
+                for profile in variants:
+                    one, vm_id = session(serve, profile)
+                    end(serve, one, vm_id, profile)
+                    record("cold+profile" if profile else "cold", n, one)
+                    time.sleep(SETTLE_S)
         with serving([*base, "--snapshots"], state_dir) as serve:
             wait_snapshot(serve, progress)
             time.sleep(SETTLE_S)
             for n in range(runs):
-                one, vm_id = session(serve)
-                serve.delete(vm_id)
-                results["restore"].append(one)
-                progress.stage(f"restore {n + 1}/{runs}", _line(one))
-                time.sleep(SETTLE_S)
-        # The pool twice: the desktop path of today (RFB straight to x11vnc), then the seed's
+                for profile in variants:
+                    one, vm_id = session(serve, profile)
+                    end(serve, one, vm_id, profile)
+                    record("restore+profile" if profile else "restore", n, one)
+                    time.sleep(SETTLE_S)
+        # The pool twice: the desktop path of today (RFB straight to the VNC server), then the seed's
         # (through the guest's websockify), which is what viewer connected cost before.
         for kind, path in (("pool", "rfb"), ("pool-ws", "websockify")):
             with serving([*base, "--pool", "1", "--desktop-path", path], state_dir) as serve:
                 for n in range(runs):
-                    pooled = wait_pool_full(serve, 1, BOOT_S)
-                    time.sleep(pool_idle)
-                    pooled_rss = rss_bytes(int(pooled[0]["pid"]))
-                    cpu_at_post = cpu_seconds(serve.pid)
-                    one, vm_id = session(serve)
-                    wait_pool_full(serve, 1, BOOT_S)  # the claim's refill: a restore, in serve's background
-                    one.pooled_rss, one.refill_cpu_s = pooled_rss, cpu_seconds(serve.pid) - cpu_at_post
-                    serve.delete(vm_id)
-                    results[kind].append(one)
-                    progress.stage(f"{kind} {n + 1}/{runs}", _line(one))
+                    for profile in variants if kind == "pool" else (False,):
+                        pooled = wait_pool_full(serve, 1, BOOT_S)
+                        time.sleep(pool_idle)
+                        pooled_rss = rss_bytes(int(pooled[0]["pid"]))
+                        cpu_at_post = cpu_seconds(serve.pid)
+                        one, vm_id = session(serve, profile)
+                        wait_pool_full(serve, 1, BOOT_S)  # the claim's refill: a restore, in serve's background
+                        one.pooled_rss, one.refill_cpu_s = pooled_rss, cpu_seconds(serve.pid) - cpu_at_post
+                        end(serve, one, vm_id, profile)
+                        record(f"{kind}+profile" if profile else kind, n, one)
     finally:
         teardown(settings, state_dir, netns_name)
     return results
@@ -382,16 +408,17 @@ def _span(sessions: list[Session], attribute: str, unit: float = 1.0, digits: in
 
 def report(results: dict[str, list[Session]], runs: int, pool_idle: float) -> None:
     expected = {"cold": "cold", "restore": "restored", "pool": "pooled", "pool-ws": "pooled"}
+    expected |= {f"{kind}+profile": started for kind, started in expected.items()}
     print(f"\nPOST /v1/vms -> browser on screen through the controller, full image, QEMU/TCG, 1 vCPU / 1 GiB; "
           f"{runs} sessions of each, grouped (cold, restore, pool, pool-ws; each pooled VM idle {pool_idle:g} s in "
           f"the full pool before its claim); median (min-max), seconds from the POST")
-    print(f"  {'':<8} {'ready':<22} {'viewer connected':<22} {'browser on screen':<22} "
+    print(f"  {'':<15} {'ready':<22} {'viewer connected':<22} {'browser on screen':<22} "
           f"{'serve CPU s/session':<20} {'QEMU RSS MiB':<16} started as")
     for kind, sessions in results.items():
         kinds = Counter(s.started_from for s in sessions)
         started = ", ".join(f"{count} {name}" for name, count in kinds.items())
         odd = "" if set(kinds) == {expected[kind]} else "  <- not all " + expected[kind]
-        print(f"  {kind:<8} {_span(sessions, 'ready_s'):<22} {_span(sessions, 'viewer_s', digits=3):<22} "
+        print(f"  {kind:<15} {_span(sessions, 'ready_s'):<22} {_span(sessions, 'viewer_s', digits=3):<22} "
               f"{_span(sessions, 'screen_s'):<22} {_span(sessions, 'cpu_s'):<20} "
               f"{_span(sessions, 'rss', 2**20, 0):<16} {started}{odd}")
     cold, restore, pool = results["cold"], results["restore"], results["pool"]
@@ -415,6 +442,15 @@ def report(results: dict[str, list[Session]], runs: int, pool_idle: float) -> No
     print(f"  pool claim -> viewer connected by desktop path: rfb {pool_viewer_ms:.0f} ms, websockify "
           f"{_median(results['pool-ws'], 'viewer_s') * 1000:.0f} ms "
           f"(rfb/websockify {_median(pool, 'viewer_s') / _median(results['pool-ws'], 'viewer_s'):.2f})")
+    if "cold+profile" in results:
+        print("\n  with a persistent browser profile against the same without (issue 22), medians:")
+        for kind in ("cold", "restore", "pool"):
+            plain, kept = results[kind], results[f"{kind}+profile"]
+            before, after = _median(plain, "screen_s"), _median(kept, "screen_s")
+            print(f"    {kind:<8} browser on screen {before:.2f} -> {after:.2f} s ({after / before:.2f}x, "
+                  f"{after - before:+.2f} s); end (DELETE) "
+                  f"{_median(plain, 'end_s'):.2f} -> {_median(kept, 'end_s'):.2f} s (the save); "
+                  f"sealed profile {_span(kept, 'sealed', 1024, 0)} KiB")
     restore_screen = _median(restore, "screen_s")
     print("  against issue 12's targets:")
     print(f"    pool claim -> viewer connected  {pool_viewer_ms:8.0f} ms  target <= 200 ms   "
@@ -430,10 +466,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="sessions of each kind (default 5)")
     parser.add_argument("--pool-idle", type=float, default=POOL_IDLE_S,
                         help=f"seconds a pooled VM waits in the full pool before its claim (default {POOL_IDLE_S:g})")
+    parser.add_argument("--profile", action="store_true",
+                        help="also each cold, restore and pool session with a persistent browser profile")
     args = parser.parse_args()
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bvbench-session-") as scratch:
-        results = measure(Path(scratch), args.runs, args.pool_idle)
+        results = measure(Path(scratch), args.runs, args.pool_idle, args.profile)
     report(results, args.runs, args.pool_idle)
     print(f"\n  whole run: {time.monotonic() - began:.0f} s")
 
