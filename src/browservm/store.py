@@ -89,7 +89,8 @@ CREATE TABLE IF NOT EXISTS tenants (
     tenant          TEXT PRIMARY KEY,
     max_vms         INTEGER,
     max_mem_mib     INTEGER,
-    logins_per_hour INTEGER
+    logins_per_hour INTEGER,
+    clipboard       TEXT  -- which way its viewers' clipboard may go (templates.CLIPBOARD); NULL: both
 );
 -- The audit trail (access/audit.py): appended to, and pruned by age only.
 CREATE TABLE IF NOT EXISTS audit (
@@ -166,7 +167,8 @@ BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END
 # 6: webhooks and their deliveries (issue 21): new tables only, made by the statements above.
 # 7: vms' `seq`, the list API's cursor (issue 21), added to older databases in _add_tenants; idempotency.
 # 8: leases' `egress`, a template's egress policy (issue 21), added to older databases in _add_tenants.
-# 9: browser profiles (issue 22): the profiles table, and the index that keeps one live VM per profile.
+# 9: browser profiles (issue 22): the profiles table, and the index that keeps one live VM per profile;
+#    tenants' `clipboard` (issue 22), added to older databases in _add_tenants.
 _SCHEMA_VERSION = 9
 _BUSY_TIMEOUT_S = 30.0
 
@@ -192,6 +194,8 @@ def _add_tenants(db: sqlite3.Connection) -> None:
     db.execute("DROP INDEX IF EXISTS logins_one_running")
     db.execute("CREATE UNIQUE INDEX IF NOT EXISTS logins_one_running_per_tenant ON logins (tenant, user, provider) "
                "WHERE running")
+    if "clipboard" not in {row[1] for row in db.execute("PRAGMA table_info(tenants)")}:
+        db.execute("ALTER TABLE tenants ADD COLUMN clipboard TEXT")
     # One live VM per user with their persistent profile (schema 9): a second is refused by SQLite itself.
     db.execute("CREATE UNIQUE INDEX IF NOT EXISTS vms_one_per_profile ON vms (tenant, user) "
                "WHERE json_extract(data, '$.profile') = 'persistent' AND state IN ('creating', 'booting', 'ready')")

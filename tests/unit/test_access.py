@@ -29,7 +29,7 @@ from .test_credentials_table import ROUTES
 
 ADMIN_ONLY = {("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/doctor"), ("GET", "/v1/vms/{vm_id}/diagnose"),
               ("POST", "/v1/keys"), ("GET", "/v1/keys"), ("DELETE", "/v1/keys/{key_id}"),
-              ("PUT", "/v1/tenants/{tenant}/quota")}
+              ("PUT", "/v1/tenants/{tenant}/quota"), ("PUT", "/v1/tenants/{tenant}/clipboard")}
 OTHERS = {"vm_id": "vm-0000000000b1", "login_id": "login-0000000000b1", "user": "ann", "provider": "sample",
           "tenant": "other", "name": "swagger-ui.css", "key_id": "0123456789ab", "webhook_id": "wh-0000000000b1"}
 SECRET = b'{"access_token": "other-tenants-token"}'

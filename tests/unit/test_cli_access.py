@@ -219,6 +219,8 @@ def test_the_async_client_has_the_same_access_methods(running: Running) -> None:
             assert [k.key_id for k in await bvm.list_keys("acme")] == [made.key_id]
             assert (await bvm.set_quota("acme", Quota(max_vms=3))).max_vms == 3
             assert (await bvm.tenant("acme")).quota.max_vms == 3
+            assert await bvm.set_clipboard("acme", "copy") == "copy"
+            assert (await bvm.tenant("acme")).clipboard == "copy"
             assert (await bvm.revoke_key(made.key_id)).revoked_at is not None
             page = await bvm.audit(tenant="acme", limit=10)
             assert [e.action for e in page.entries][:1] == ["POST /v1/keys"] and page.next is None

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from browservm.client import AsyncClient, Client, InvalidRequest, KeyRefused, LoginFailed, NotFound, VmFailed
+from browservm.client import AsyncClient, Client, Conflict, InvalidRequest, KeyRefused, LoginFailed, NotFound, VmFailed
 from browservm.guest.credentials import credentials_digest
 from browservm.vmm import process
 
@@ -116,6 +116,24 @@ def test_a_vm_is_created_waited_for_and_its_viewer_link_opens(running: Running) 
         assert [v.vm_id for v in bvm.list_vms()] == [vm.vm_id] and bvm.get_vm(vm.vm_id).state == "ready"
         assert bvm.delete_vm(vm.vm_id) is True and bvm.delete_vm(vm.vm_id) is False
     assert httpx.get(page, params={"token": viewer.token}, trust_env=False).status_code == 404  # gone with the VM
+    stopped(running)
+
+
+def test_a_persistent_profile_through_the_client(running: Running) -> None:
+    with Client(running.url, api_key=KEY) as bvm:
+        vm = bvm.wait_vm(bvm.create_vm("ann", profile="persistent").vm_id, timeout=30)
+        assert vm.profile == "persistent" and "profile.load" in vm.stages
+        with pytest.raises(Conflict, match=vm.vm_id):
+            bvm.create_vm("ann", profile="persistent")
+        assert bvm.profile("ann").in_use_by == vm.vm_id
+        with pytest.raises(Conflict):
+            bvm.forget_profile("ann")
+        bvm.delete_vm(vm.vm_id)
+        kept = bvm.profile("ann")
+        assert kept.in_use_by is None and kept.size_bytes > 0 and kept.saved_at is not None
+        assert bvm.forget_profile("ann") is True and bvm.forget_profile("ann") is False
+        with pytest.raises(NotFound):
+            bvm.profile("ann")
     stopped(running)
 
 

@@ -66,6 +66,7 @@ ROUTES: dict[tuple[str, str], Kind] = {
     ("DELETE", "/v1/keys/{key_id}"): "operator",
     ("GET", "/v1/tenants/{tenant}"): "operator",
     ("PUT", "/v1/tenants/{tenant}/quota"): "operator",
+    ("PUT", "/v1/tenants/{tenant}/clipboard"): "operator",
     ("GET", "/v1/audit"): "operator",
     ("POST", "/v1/webhooks"): "operator",
     ("GET", "/v1/webhooks"): "operator",

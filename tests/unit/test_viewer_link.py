@@ -115,7 +115,39 @@ def test_the_toolbar_is_told_its_vms_clipboard_policy(serve: Callable[..., Serve
         listed = {t["name"]: t["clipboard"] for t in (await client.get("/v1/templates")).json()}
         assert listed == {"default": "both", "kiosk": "copy"}
         record = VmRecords(served.parts.store).get(vm["vm_id"])
-        assert record is not None and served.service.clipboard_of(record) == (False, True)  # the proxy's `paste`
+        assert record is not None and await served.service.clipboard_of(record) == (False, True)  # the proxy's
+
+    served.run(scenario)
+
+
+def test_a_tenant_allows_its_viewers_clipboard_one_way_over_its_templates(serve: Callable[..., Served],
+                                                                           tmp_path: Path) -> None:
+    templates = tmp_path / "templates.toml"
+    templates.write_text('[templates.kiosk]\nclipboard = "copy"\n')
+    served = serve(templates=templates)
+
+    async def policy(client: httpx.AsyncClient, vm: dict[str, Any]) -> dict[str, bool]:
+        token = (await client.post(f"/v1/vms/{vm['vm_id']}/viewer")).json()["token"]
+        clipboard: dict[str, bool] = (await client.get(f"/view/{vm['vm_id']}/state", params={"token": token})
+                                      ).json()["clipboard"]
+        record = VmRecords(served.parts.store).get(vm["vm_id"])
+        assert record is not None and await served.service.clipboard_of(record) == (clipboard["paste"],
+                                                                                      clipboard["copy"])
+        return clipboard
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        assert (await client.get("/v1/tenants/acme")).json()["clipboard"] == "both"
+        answer = await client.put("/v1/tenants/acme/clipboard", json={"clipboard": "paste"})
+        assert answer.status_code == 200 and answer.json() == {"clipboard": "paste"}
+        assert (await client.get("/v1/tenants/acme")).json()["clipboard"] == "paste"
+        plain = await ready_vm(client, tenant="acme")
+        kiosk = await ready_vm(client, tenant="acme", template="kiosk", user="bob")
+        own = await ready_vm(client, user="cy")  # the operator's own: no tenant's rule
+        assert await policy(client, plain) == {"paste": True, "copy": False}
+        assert await policy(client, kiosk) == {"paste": False, "copy": False}  # neither allows both ways
+        assert await policy(client, own) == {"paste": True, "copy": True}
+        error_of(await client.put("/v1/tenants/acme/clipboard", json={"clipboard": "sideways"}), 422)
+        assert (await client.get("/v1/tenants/acme")).json()["clipboard"] == "paste"
 
     served.run(scenario)
 

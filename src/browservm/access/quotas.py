@@ -59,6 +59,17 @@ class Quotas:
                        (tenant, quota.max_vms, quota.max_mem_mib, quota.logins_per_hour))
         return quota
 
+    def clipboard(self, tenant: str) -> str:
+        """Which way the tenant's viewers' clipboard may go (a key of templates.CLIPBOARD): "both" unless set."""
+        rows = self._store.read("SELECT clipboard FROM tenants WHERE tenant = ?", (tenant,)) if tenant else []
+        return str(rows[0][0]) if rows and rows[0][0] is not None else "both"
+
+    def set_clipboard(self, tenant: str, clipboard: str) -> None:
+        validate_tenant(tenant)
+        with self._store.transaction() as db:
+            db.execute("INSERT INTO tenants (tenant, clipboard) VALUES (?, ?) "
+                       "ON CONFLICT (tenant) DO UPDATE SET clipboard = excluded.clipboard", (tenant, clipboard))
+
     def usage(self, tenant: str, since: float) -> dict[str, int]:
         """What the tenant uses now: live VMs, their memory, logins started since `since`."""
         vms, mem = self._store.read("SELECT count(*), coalesce(sum(json_extract(data, '$.mem_mib')), 0) FROM vms "

@@ -5,6 +5,7 @@
       GET    /v1/keys[?tenant=T]                   every key: id, name, role, tenant, created, last used, revoked
       DELETE /v1/keys/{key_id}                     revoke (at once; idempotent)
       PUT    /v1/tenants/{tenant}/quota            set a tenant's quota (null: no limit of its own)
+      PUT    /v1/tenants/{tenant}/clipboard        which way its viewers' clipboard may go (issue 22)
     admin key, or a tenant key for its own tenant
       GET    /v1/tenants/{tenant}                  its quota and what it uses now
       GET    /v1/audit?since=&tenant=&vm=&after=&limit=   the trail, oldest first; `next` is the next page's `after`
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from annotated_types import Ge, Le
 from fastapi import Path, Query, Request
@@ -86,9 +87,18 @@ class QuotaIn(BaseModel):
         None, description="logins started per hour")
 
 
+class ClipboardIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    clipboard: Literal["both", "paste", "copy", "none"] = Field(
+        description="which way its viewers' clipboard may go: both, paste (into the VM only), copy (out of it "
+                    "only), none; a VM's template may allow less, never more")
+
+
 class TenantOut(BaseModel):
     tenant: str
     quota: QuotaIn
+    clipboard: str = Field(description="which way its viewers' clipboard may go (PUT .../clipboard)")
     usage: dict[str, int] = Field(description="vms, mem_mib, logins_last_hour: what it uses now")
 
 
@@ -144,12 +154,20 @@ def mount(app: FastAPI, service: ControllerService) -> None:
         who.tenant_filter(tenant)  # a tenant key reads its own only
         quota = await asyncio.to_thread(service.quotas.get, tenant)
         usage = await asyncio.to_thread(service.quotas.usage, tenant, time.time() - 3600)
-        return TenantOut(tenant=tenant, quota=QuotaIn(**dataclasses.asdict(quota)), usage=usage)
+        clipboard = await asyncio.to_thread(service.quotas.clipboard, tenant)
+        return TenantOut(tenant=tenant, quota=QuotaIn(**dataclasses.asdict(quota)), clipboard=clipboard, usage=usage)
 
     @app.put("/v1/tenants/{tenant}/quota", tags=["access"], responses=errors)
     async def set_quota(tenant: TenantName, body: QuotaIn, who: Admin) -> QuotaIn:
         """A tenant's quota, checked at each create and login; VMs over a lowered quota keep running."""
         await asyncio.to_thread(service.quotas.set, tenant, Quota(**body.model_dump()))
+        return body
+
+    @app.put("/v1/tenants/{tenant}/clipboard", tags=["access"], responses=errors)
+    async def set_clipboard(tenant: TenantName, body: ClipboardIn, who: Admin) -> ClipboardIn:
+        """Which way the tenant's viewers' clipboard may go, over what its VMs' templates allow; a viewer
+        connected now keeps what it had, the next one gets this."""
+        await asyncio.to_thread(service.quotas.set_clipboard, tenant, body.clipboard)
         return body
 
     @app.get("/v1/audit", tags=["access"], responses=errors)

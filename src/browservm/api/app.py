@@ -480,7 +480,7 @@ def build_app(service: ControllerService) -> FastAPI:
         except (VmNotFound, InvalidInput):
             return _error(404, {"type": "VmNotFound", "message": f"no VM {vm_id[:63]}"})
         failure = record.failure
-        paste, copy = service.clipboard_of(record)
+        paste, copy = await service.clipboard_of(record)
         return JSONResponse({"state": record.state.value, "stages": list(record.stages),
                              "expires_at": service.expires_at(record), "clipboard": {"paste": paste, "copy": copy},
                              "hops": list(desktop_path(record.desktop_path).names),

@@ -50,6 +50,7 @@ from browservm.errors import BrowserVMError, StateConflict, VmmError, VmNotFound
 from browservm.ids import validate_vm_id
 from browservm.inotify import DirectoryWatch
 from browservm.store import Store
+from browservm.templates import CLIPBOARD
 from browservm.vm.console import ConsoleLog
 from browservm.vm.desktop_path import desktop_path
 from browservm.vm.hops import DESKTOP_COMPLETE, RFB_AUTH
@@ -219,16 +220,18 @@ class ControllerService:
         path = desktop_path(record.desktop_path)
         return Upstream(self.network.netns, IPv4Address(record.address.split("/")[0]), port=path.port,
                         websocket=path.websocket, vnc_password=secrets.get("vnc"), key=record.vm_id,
-                        paste=self.clipboard_of(record)[0])
+                        paste=(await self.clipboard_of(record))[0])
 
-    def clipboard_of(self, record: VmRecord) -> tuple[bool, bool]:
-        """(paste, copy): which way the VM's viewers' clipboard goes, its template's; a template gone since
-        the VM was made (a changed templates file): neither way."""
+    async def clipboard_of(self, record: VmRecord) -> tuple[bool, bool]:
+        """(paste, copy): which way the VM's viewers' clipboard goes: as its template and its tenant both allow
+        (PUT /v1/tenants/{t}/clipboard); a template gone since the VM was made (a changed templates file):
+        neither way."""
         templates = self.manager.templates
         if record.template not in templates:
             return False, False
         template = templates.get(record.template)
-        return template.paste, template.copy
+        paste, copy = CLIPBOARD[await asyncio.to_thread(self.quotas.clipboard, record.tenant)]
+        return template.paste and paste, template.copy and copy
 
     def _noted(self, record: VmRecord, kind: str, detail: str) -> None:
         self.events.publish(VmEvent(vm_id=record.vm_id, event=kind, state=record.state.value, detail=detail))

@@ -107,8 +107,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise OptionUnavailable("url", "`vm extend` needs --url URL (or BROWSERVM_URL): a VM's timeout is kept by "
                                        "the controller that reaps it")
     if args.action == "create" and args.browser_profile == "persistent":
-        raise OptionUnavailable("url", "`vm create --browser-profile persistent` needs --url URL (or BROWSERVM_URL): the "
-                                       "controller keeps the profile, and saves it as the VM ends")
+        raise OptionUnavailable("url", "`vm create --browser-profile persistent` needs --url URL (or BROWSERVM_URL): "
+                                       "the controller keeps the profile, and saves it as the VM ends")
     with open_controller(settings) as controller:
         actions: dict[str, Callable[[Controller, argparse.Namespace], int]] = {
             "create": _create, "ls": _list, "show": _show, "console": _console, "rm": _remove}

@@ -179,6 +179,10 @@ class AsyncClient:
         """Its quota and what it uses now."""
         return await self._call(routes.get_tenant(tenant))
 
+    async def set_clipboard(self, tenant: str, clipboard: str) -> str:
+        """Which way the tenant's viewers' clipboard may go (both, paste, copy, none), over its templates'."""
+        return await self._call(routes.set_clipboard(tenant, clipboard))
+
     async def set_quota(self, tenant: str, quota: Quota) -> Quota:
         """The tenant's whole quota: a limit left None is no limit of its own."""
         return await self._call(routes.set_quota(tenant, quota))

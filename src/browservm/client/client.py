@@ -198,6 +198,10 @@ class Client:
         """Its quota and what it uses now."""
         return self._call(routes.get_tenant(tenant))
 
+    def set_clipboard(self, tenant: str, clipboard: str) -> str:
+        """Which way the tenant's viewers' clipboard may go (both, paste, copy, none), over its templates'."""
+        return self._call(routes.set_clipboard(tenant, clipboard))
+
     def set_quota(self, tenant: str, quota: Quota) -> Quota:
         """The tenant's whole quota: a limit left None is no limit of its own."""
         return self._call(routes.set_quota(tenant, quota))

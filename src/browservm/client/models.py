@@ -205,6 +205,7 @@ class Quota(_Answer):
 class Tenant(_Answer):
     tenant: str
     quota: Quota
+    clipboard: str = "both"  # which way its viewers' clipboard may go: both, paste, copy or none
     usage: dict[str, int] = Field(default_factory=dict)  # vms, mem_mib, logins_last_hour
 
 

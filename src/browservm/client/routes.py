@@ -260,6 +260,11 @@ def get_tenant(tenant: str) -> Call[Tenant]:
     return Call("GET", _tenant(tenant), Tenant.model_validate)
 
 
+def set_clipboard(tenant: str, clipboard: str) -> Call[str]:
+    return Call("PUT", _tenant(tenant, "clipboard"), lambda answer: str(answer["clipboard"]),
+                body={"clipboard": clipboard})
+
+
 def set_quota(tenant: str, quota: Quota) -> Call[Quota]:
     """The whole quota: a limit left None is none."""
     body = {name: getattr(quota, name) for name in ("max_vms", "max_mem_mib", "logins_per_hour")}
