@@ -138,10 +138,11 @@ class BringUp:
         sent to the desktop then would look at an empty screen. A restored VM was saved painted."""
         await self._parts.probes.desktop_complete(console, self._parts.deadlines.desktop)
         if record.started_from == "cold":
-            await self._browser_painted(record)
+            await self.browser_painted(record)
 
-    async def _browser_painted(self, record: VmRecord) -> None:
-        """Wait until the browser is on the VM's screen, judged by its pixels, when its desktop has one.
+    async def browser_painted(self, record: VmRecord, hop: str = hops.DESKTOP_COMPLETE) -> None:
+        """Wait until the browser is on the VM's screen, judged by its pixels, when its desktop has one (also
+        after Chromium started again with a user's profile: `hop` profile.load).
 
         Watched over the rfb path's port whatever the VM's desktop path: x11vnc listens on the
         guest's address whenever it has a password, and every VM has one. The watcher hangs up and
@@ -155,8 +156,7 @@ class BringUp:
         secrets = await asyncio.to_thread(config_disks.read_secrets, files.config_disk, record.vm_id)
         password = secrets.get("vnc")
         if password is None:
-            raise ProbeFailed(hops.DESKTOP_COMPLETE, "the VM's config disk has no VNC password to watch its screen "
-                                                     "with")
+            raise ProbeFailed(hop, "the VM's config disk has no VNC password to watch its screen with")
         timeout = self._parts.deadlines.screen
         try:
             await self._parts.probes.browser_on_screen(self._parts.network.netns,
@@ -165,7 +165,7 @@ class BringUp:
         except (ProbeFailed, TimeoutError, ScreenError, HandshakeFailed, OSError) as exc:
             load = os.getloadavg()[0]
             raise ProbeFailed(
-                hops.DESKTOP_COMPLETE, f"Chromium runs but its window never showed within {timeout:g} s: "
+                hop, f"Chromium runs but its window never showed within {timeout:g} s: "
                                        f"{exc or type(exc).__name__} (the host's load: {load:.1f} on {os.cpu_count()} "
                                        "CPUs)",
                 "Chromium started but never painted its window as a browser's (the reason says what the screen "

@@ -199,6 +199,8 @@ class Creator:
     async def _load_profile(self, record: VmRecord, report: StageCallback) -> None:
         assert self._parts.profiles is not None  # start() refuses a profile without them
         await self._parts.profiles.load(record)
+        # Chromium, started again with the profile, draws its window some seconds after it says it runs.
+        await self._bringup.browser_painted(record, hops.PROFILE_LOAD)
         await self._bringup.passed(record, hops.PROFILE_LOAD, report)
 
     async def _profile_into_claimed(self, record: VmRecord, on_stage: StageCallback | None) -> bool:

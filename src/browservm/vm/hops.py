@@ -80,7 +80,7 @@ HOPS: tuple[Hop, ...] = (
                           "which has no browser, its last part)",
         "the desktop's last part (usually Chromium) did not start; the console's browservm-ready lines say which"),
     # Only a VM with a persistent browser profile passes it (profiles/keeper.py), after the others.
-    Hop(PROFILE_LOAD, "the user's browser profile is in the VM and Chromium runs with it",
+    Hop(PROFILE_LOAD, "the user's browser profile is in the VM, and Chromium, started again with it, is on screen",
         "the guest's profile keeper (port 7002) did not take the profile; the reason is its answer, and the "
         "console's browservm-profile lines say more"),
 )
