@@ -9,12 +9,15 @@ import secrets
 import subprocess
 import sys
 import tarfile
+import threading
 from email.message import Message
 from pathlib import Path
 
+import httpx
 import pytest
 
 from browservm.guest import agent, profile_keeper
+from browservm.guest.agent_http import AgentKey, Server
 from browservm.guest.desktop import DesktopConfig
 from browservm.guest.profile_keeper import KeeperError, pack, seal, unpack, unseal
 
@@ -138,3 +141,24 @@ def test_the_keeper_listens_where_nothing_else_in_the_guest_does() -> None:
     ports = [profile_keeper.PORT, agent.PORT, agent.OPENER_PORT, desktop.vnc_port, desktop.web_port,
              desktop.devtools_port]
     assert len(set(ports)) == len(ports)
+
+
+def test_a_raw_route_takes_bytes_up_to_its_bound_and_answers_bytes() -> None:
+    """The agent's server as the keeper uses it: a key on every request, the body bounded by the route."""
+    def echo(body: bytes, headers: Message) -> tuple[int, bytes]:
+        return 200, body[::-1] + headers.get("X-Extra", "").encode()
+
+    server = Server(("127.0.0.1", 0), AgentKey("k" * 64), {}, {("POST", "/echo"): (16, echo)})
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/echo"
+    try:
+        with httpx.Client(headers={"Authorization": f"Bearer {'k' * 64}"}, trust_env=False) as client:
+            answer = client.post(url, content=b"\x00\x01sealed", headers={"X-Extra": "!"})
+            assert answer.status_code == 200 and answer.content == b"delaes\x01\x00!"
+            assert answer.headers["content-type"] == "application/octet-stream"
+            too_big = client.post(url, content=b"x" * 17)
+            assert too_big.status_code == 413 and "over 16 bytes" in too_big.json()["error"]
+            assert client.post(url, content=b"", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    finally:
+        server.shutdown()
+        server.server_close()
