@@ -40,10 +40,11 @@ _X11VNC = (*_BASE, "xvfb", "x11vnc")
 _XVNC = (*_BASE, "tigervnc-standalone-server")
 PROFILES: dict[str, tuple[str, ...]] = {
     "minimal": _X11VNC,
-    # python3-cryptography: the profile keeper's AES-GCM (guest/profile_keeper.py)
-    "full": (*_XVNC, "chromium", "fonts-dejavu-core", "python3-cryptography"),
+    # python3-cryptography: the profile keeper's AES-GCM (guest/profile_keeper.py); fonts-wqy-microhei: Chinese,
+    # Japanese and Korean text (a paste of it, a page in it) drawn as letters, not boxes (5 MB)
+    "full": (*_XVNC, "chromium", "fonts-dejavu-core", "fonts-wqy-microhei", "python3-cryptography"),
     # full + a terminal for the login tool's window (+ the OAuth files and Node tools below)
-    "oauth": (*_XVNC, "chromium", "fonts-dejavu-core", "python3-cryptography", "xterm"),
+    "oauth": (*_XVNC, "chromium", "fonts-dejavu-core", "fonts-wqy-microhei", "python3-cryptography", "xterm"),
 }
 SERVICES = {
     "minimal": ("xvfb", "openbox", "x11vnc", "websockify"),
