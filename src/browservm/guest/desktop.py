@@ -68,6 +68,9 @@ CONTROL_SOCKET = Path("/run/browservm-desktop/control")
 BROWSER_PROFILE = Path(".config") / "chromium"  # Chromium's user data directory, under the desktop user's home
 _START_DEADLINE_S = 120.0  # generous: under software emulation Python alone takes seconds to start
 _STOP_DEADLINE_S = 10.0
+# Chromium stopped for its profile: killed, it would not write out what it keeps in memory (the newest
+# cookies among it), so it is given longer, under software emulation.
+_BROWSER_STOP_DEADLINE_S = 60.0
 # The clipboard a viewer may paste into Xvnc: what the proxy lets through (rfb.MAX_CUT_TEXT), not
 # Xvnc's 256 KiB, which drops a larger paste without a word.
 MAX_CUT_TEXT = 1 << 20
@@ -305,7 +308,7 @@ class Desktop:
         if proc is not None and proc.returncode is None:
             proc.terminate()
             try:
-                await asyncio.wait_for(proc.wait(), _STOP_DEADLINE_S)
+                await asyncio.wait_for(proc.wait(), _BROWSER_STOP_DEADLINE_S)
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
