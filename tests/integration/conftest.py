@@ -131,6 +131,12 @@ def full_image() -> RootfsImage:
     return RootfsBuilder(CommandRunner(), Progress()).build("full")
 
 
+@pytest.fixture(scope="session")
+def oauth_image() -> RootfsImage:
+    """The golden image with the agent, xterm, Node and the three tools: several minutes the first time."""
+    return RootfsBuilder(CommandRunner(), Progress()).build("oauth")
+
+
 # --- a controller in a namespace of its own, with real guests under QEMU --------------------
 
 class Controllers:
@@ -186,11 +192,26 @@ def vmm_pids_under(state_dir: Path) -> list[int]:
     return pids
 
 
-@pytest.fixture
-def controllers(namespaces: Namespaces, tmp_path: Path, built: dict[str, BuiltKernel],
-                minimal_image: RootfsImage) -> Iterator[Controllers]:
-    spaces = Controllers(namespaces, tmp_path / "state", built[WITH_IP_PNP.name].vmlinux, minimal_image.path)
+@contextlib.contextmanager
+def cleaned_up(spaces: Controllers) -> Iterator[Controllers]:
     try:
         yield spaces
     finally:
         spaces.cleanup()
+
+
+@pytest.fixture
+def controllers(namespaces: Namespaces, tmp_path: Path, built: dict[str, BuiltKernel],
+                minimal_image: RootfsImage) -> Iterator[Controllers]:
+    with cleaned_up(Controllers(namespaces, tmp_path / "state", built[WITH_IP_PNP.name].vmlinux,
+                                minimal_image.path)) as spaces:
+        yield spaces
+
+
+@pytest.fixture
+def oauth_controllers(namespaces: Namespaces, tmp_path: Path, built: dict[str, BuiltKernel],
+                      oauth_image: RootfsImage) -> Iterator[Controllers]:
+    """As `controllers`, with the oauth image (the agent and the profile keeper in it)."""
+    with cleaned_up(Controllers(namespaces, tmp_path / "state", built[WITH_IP_PNP.name].vmlinux,
+                                oauth_image.path)) as spaces:
+        yield spaces

@@ -25,23 +25,15 @@ from browservm.guest.agent import PORT
 from browservm.guest.credentials import credentials_digest
 from browservm.guest.markers import parse_marker
 from browservm.images.kernel_build import WITH_IP_PNP, BuiltKernel
-from browservm.images.rootfs import RootfsBuilder, RootfsImage
-from browservm.progress import Progress
-from browservm.runner import CommandRunner
+from browservm.images.rootfs import RootfsImage
 from browservm.vm.state import VmState
 from tests.support.agent_client import AgentClient, drive_login, sample_login
 from tests.support.oauth_server import listen
 
-from .conftest import TEST_DISK_MIB, Controllers, Namespaces
+from .conftest import TEST_DISK_MIB, Controllers, Namespaces, cleaned_up
 
 pytestmark = [pytest.mark.host, pytest.mark.vm]
 AUTH_PORT = 18443  # the test's authorization server, on the gateway: the one port VMs may reach there
-
-
-@pytest.fixture(scope="session")
-def oauth_image() -> RootfsImage:
-    """The golden image with the agent, xterm, Node and the three tools: several minutes the first time."""
-    return RootfsBuilder(CommandRunner(), Progress()).build("oauth")
 
 
 class OAuthControllers(Controllers):
@@ -55,11 +47,9 @@ class OAuthControllers(Controllers):
 @pytest.fixture
 def controllers(namespaces: Namespaces, tmp_path: Path, built: dict[str, BuiltKernel],
                 oauth_image: RootfsImage) -> Iterator[Controllers]:
-    spaces = OAuthControllers(namespaces, tmp_path / "state", built[WITH_IP_PNP.name].vmlinux, oauth_image.path)
-    try:
+    with cleaned_up(OAuthControllers(namespaces, tmp_path / "state", built[WITH_IP_PNP.name].vmlinux,
+                                     oauth_image.path)) as spaces:
         yield spaces
-    finally:
-        spaces.cleanup()
 
 
 def _agent_marker(line: str) -> bool:

@@ -54,12 +54,16 @@ def desktop(namespaces: Namespaces, tmp_path: Path, server: str) -> Iterator[tup
     try:
         yield ns, proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=30)
-        # Whatever happened, nothing the supervisor started may outlive the test.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(timeout=30)
+    # Whatever happened, nothing the supervisor started may outlive the test.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_stopping_the_supervisor_stops_every_part(desktop: tuple[str, subprocess.Popen[str]]) -> None:
@@ -153,8 +157,4 @@ def test_the_browser_alone_is_stopped_and_started_again_on_request(namespaces: N
         assert exited[1]["service"] == "chromium"
         assert proc.wait(timeout=30) == 1
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=30)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        _stop(proc)

@@ -14,14 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,41 +24,18 @@ from playwright.sync_api import sync_playwright
 
 from browservm.guest.credentials import credentials_digest
 from browservm.guest.markers import parse_marker
-from browservm.images.kernel_build import WITH_IP_PNP, BuiltKernel
-from browservm.images.rootfs import RootfsBuilder, RootfsImage
-from browservm.progress import Progress
-from browservm.runner import CommandRunner
+from browservm.images.rootfs import RootfsImage
 from browservm.vm.pool import POOL_USER
 from tests.support.oauth_server import listen
+from tests.support.serve_process import sample_provider, serving
 
-from .conftest import Controllers, Namespaces
+from .conftest import Controllers
 
 pytestmark = [pytest.mark.host, pytest.mark.vm]
 CHROMIUM = Path("/usr/bin/chromium")
 AUTH_PORT = 18443
 _WAIT_S = 600.0
 _POOL_S = 900.0  # a snapshot VM's whole boot, then a restore
-
-
-@pytest.fixture(scope="session")
-def oauth_image() -> RootfsImage:
-    return RootfsBuilder(CommandRunner(), Progress()).build("oauth")
-
-
-@pytest.fixture
-def controllers(namespaces: Namespaces, tmp_path: Path, built: dict[str, BuiltKernel],
-                oauth_image: RootfsImage) -> Iterator[Controllers]:
-    spaces = Controllers(namespaces, tmp_path / "state", built[WITH_IP_PNP.name].vmlinux, oauth_image.path)
-    try:
-        yield spaces
-    finally:
-        spaces.cleanup()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _wait_for(client: httpx.Client, login_id: str, states: set[str], timeout: float) -> dict[str, Any]:
@@ -94,46 +64,23 @@ def _wait_pooled(client: httpx.Client, timeout: float) -> None:
 
 @pytest.mark.parametrize("started_from", ["cold", "pooled", "template"])
 def test_a_person_approves_in_the_viewer_and_the_controller_keeps_exactly_what_the_tool_wrote(
-        controllers: Controllers, tmp_path: Path, started_from: str, request: pytest.FixtureRequest) -> None:
+        oauth_controllers: Controllers, tmp_path: Path, started_from: str, request: pytest.FixtureRequest) -> None:
     if not CHROMIUM.exists():
         pytest.skip("needs Debian's chromium (scripts/install.sh installs it)")
-    controller = controllers.open()  # host up, with the auth server's port open to VMs below
+    controller = oauth_controllers.open()  # host up, with the auth server's port open to VMs below
     gateway = str(controller.network.plan.segments[0].gateway.ip)
-    providers = tmp_path / "providers.toml"
-    providers.write_text(
-        "[providers.sample]\ncommand = [\"/usr/lib/browservm/bin/browservm-sample-login\", \"--issuer\", "
-        f"\"http://{gateway}:{AUTH_PORT}\", \"--credentials\", \"/home/browser/.sample/credentials.json\", "
-        "\"--port\", \"0\"]\nrequired_keys = [\"access_token\", \"refresh_token\"]\n"
-        + ("template = \"oauth\"\n" if started_from == "template" else ""))
-    images = ["--rootfs", str(controllers.rootfs)]
+    providers = sample_provider(tmp_path, f"http://{gateway}:{AUTH_PORT}",
+                                "oauth" if started_from == "template" else None)
+    images = ["--rootfs", str(oauth_controllers.rootfs)]
     if started_from == "template":  # the default is the minimal image; logins take the oauth template's
         templates = tmp_path / "templates.toml"
-        templates.write_text(f'[templates.oauth]\nrootfs = "{controllers.rootfs}"\nmem_mib = 2048\n')
+        templates.write_text(f'[templates.oauth]\nrootfs = "{oauth_controllers.rootfs}"\nmem_mib = 2048\n')
         minimal: RootfsImage = request.getfixturevalue("minimal_image")
         images = ["--rootfs", str(minimal.path), "--templates", str(templates)]
-    port = _free_port()
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "browservm", "serve", "--netns", controllers.netns, "--state-dir",
-         str(controllers.state_dir), "--kernel", str(controllers.kernel), *images,
-         "--vmm", "qemu", "--listen", f"127.0.0.1:{port}", "--guest-port", str(AUTH_PORT),
-         *(["--pool", "1"] if started_from == "pooled" else [])],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "BROWSERVM_PROVIDERS_FILE": str(providers), "BROWSERVM_POOL_VM_MIB": "2048"})
-    output: list[str] = []
-    listening = threading.Event()
-
-    def read() -> None:
-        assert serve.stdout is not None
-        for line in serve.stdout:
-            output.append(line)
-            if line.startswith("serve: listening"):
-                listening.set()
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        assert listening.wait(120), "".join(output)
-        key = (controllers.state_dir / "api.key").read_text().strip()
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
-                              timeout=120, trust_env=False)
+    options = [*images, "--guest-port", str(AUTH_PORT), *(["--pool", "1"] if started_from == "pooled" else [])]
+    with serving(oauth_controllers.netns, oauth_controllers.state_dir, oauth_controllers.kernel, options,
+                 {"BROWSERVM_PROVIDERS_FILE": str(providers), "BROWSERVM_POOL_VM_MIB": "2048"}) as serve:
+        client = serve.client()
         if started_from == "pooled":  # the pool first makes its snapshot, then restores a VM from it
             _wait_pooled(client, _POOL_S)
         with listen(host=gateway, port=AUTH_PORT, netns=controller.network.netns) as server:
@@ -188,12 +135,10 @@ def test_a_person_approves_in_the_viewer_and_the_controller_keeps_exactly_what_t
             assert beside["state"] == "ready", beside  # the desktop VM came up beside the login, of its image
             assert client.delete(f"/v1/vms/{beside['vm_id']}").json()["removed"]
         client.close()
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(timeout=60)
 
     # Nothing on the host holds the token in the clear: not the state directory (database, logs,
     # consoles, what is left of VM directories), not the controller's output.
     token = server.access_token.encode()
-    leaks = [str(path) for path in controllers.state_dir.rglob("*") if path.is_file() and token in path.read_bytes()]
-    assert leaks == [] and server.access_token not in "".join(output)
+    leaks = [str(path) for path in oauth_controllers.state_dir.rglob("*")
+             if path.is_file() and token in path.read_bytes()]
+    assert leaks == [] and server.access_token not in "".join(serve.output)

@@ -13,15 +13,8 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tarfile
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,43 +22,19 @@ import httpx
 import pytest
 
 from browservm.guest.profile_keeper import unseal
-from browservm.images.kernel_build import WITH_IP_PNP, BuiltKernel
-from browservm.images.rootfs import RootfsBuilder, RootfsImage
 from browservm.oauth.vault import load_key
 from browservm.profiles.store import ProfileStore, binding
-from browservm.progress import Progress
-from browservm.runner import CommandRunner
 from browservm.store import Store
 from browservm.vm.pool import POOL_USER
 from tests.support.oauth_server import SESSION_COOKIE, listen
+from tests.support.serve_process import sample_provider, serving
 
-from .conftest import Controllers, Namespaces
+from .conftest import Controllers
 
 pytestmark = [pytest.mark.host, pytest.mark.vm]
 AUTH_PORT = 18444
 _WAIT_S = 600.0
 _POOL_S = 900.0
-
-
-@pytest.fixture(scope="session")
-def oauth_image() -> RootfsImage:
-    return RootfsBuilder(CommandRunner(), Progress()).build("oauth")
-
-
-@pytest.fixture
-def controllers(namespaces: Namespaces, tmp_path: Path, built: dict[str, BuiltKernel],
-                oauth_image: RootfsImage) -> Iterator[Controllers]:
-    spaces = Controllers(namespaces, tmp_path / "state", built[WITH_IP_PNP.name].vmlinux, oauth_image.path)
-    try:
-        yield spaces
-    finally:
-        spaces.cleanup()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _until(what: str, check: Any, timeout: float) -> Any:
@@ -97,36 +66,15 @@ def _login(client: httpx.Client, user: str) -> dict[str, Any]:
 
 
 def test_a_sign_in_outlives_the_vm_for_its_user_only_and_the_host_keeps_only_ciphertext(
-        controllers: Controllers, tmp_path: Path) -> None:
-    controller = controllers.open()
+        oauth_controllers: Controllers, tmp_path: Path) -> None:
+    controller = oauth_controllers.open()
     gateway = str(controller.network.plan.segments[0].gateway.ip)
-    providers = tmp_path / "providers.toml"
-    providers.write_text(
-        "[providers.sample]\ncommand = [\"/usr/lib/browservm/bin/browservm-sample-login\", \"--issuer\", "
-        f"\"http://{gateway}:{AUTH_PORT}\", \"--credentials\", \"/home/browser/.sample/credentials.json\", "
-        "\"--port\", \"0\"]\nrequired_keys = [\"access_token\", \"refresh_token\"]\n")
-    port = _free_port()
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "browservm", "serve", "--netns", controllers.netns, "--state-dir",
-         str(controllers.state_dir), "--kernel", str(controllers.kernel), "--rootfs", str(controllers.rootfs),
-         "--vmm", "qemu", "--listen", f"127.0.0.1:{port}", "--guest-port", str(AUTH_PORT), "--pool", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "BROWSERVM_PROVIDERS_FILE": str(providers), "BROWSERVM_POOL_VM_MIB": "2048"})
-    output: list[str] = []
-    listening = threading.Event()
-
-    def read() -> None:
-        assert serve.stdout is not None
-        for line in serve.stdout:
-            output.append(line)
-            if line.startswith("serve: listening"):
-                listening.set()
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        assert listening.wait(120), "".join(output)
-        key = (controllers.state_dir / "api.key").read_text().strip()
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
-                              timeout=300, trust_env=False)
+    providers = sample_provider(tmp_path, f"http://{gateway}:{AUTH_PORT}")
+    state_dir = oauth_controllers.state_dir
+    options = ["--rootfs", str(oauth_controllers.rootfs), "--guest-port", str(AUTH_PORT), "--pool", "1"]
+    with serving(oauth_controllers.netns, state_dir, oauth_controllers.kernel, options,
+                 {"BROWSERVM_PROVIDERS_FILE": str(providers), "BROWSERVM_POOL_VM_MIB": "2048"}) as serve:
+        client = serve.client(timeout=300)
         _until("a pooled VM ready", lambda: any(vm["user"] == POOL_USER and vm["state"] == "ready"
                                                 for vm in client.get("/v1/vms").json()), _POOL_S)
         with listen(host=gateway, port=AUTH_PORT, netns=controller.network.netns, approve="auto") as server:
@@ -152,25 +100,22 @@ def test_a_sign_in_outlives_the_vm_for_its_user_only_and_the_host_keeps_only_cip
 
         # The host file is ciphertext: the session is not in it, nor the cookie's name; opened with alice's
         # key (as only her next VM does) the profile holds the cookie.
-        files = sorted((controllers.state_dir / "profiles").glob("*.sealed"))
+        files = sorted((state_dir / "profiles").glob("*.sealed"))
         assert len(files) == 2  # alice's and bob's
         session = server.record.sessions_issued[0].encode()
         for path in files:
             data = path.read_bytes()
             assert session not in data and SESSION_COOKIE.encode() not in data
             assert oct(path.stat().st_mode & 0o777) == "0o600"
-        opened = _open_profile(controllers.state_dir, "", "alice")
+        opened = _open_profile(state_dir, "", "alice")
         assert any(SESSION_COOKIE.encode() in content for name, content in opened.items() if name.endswith("Cookies"))
 
         assert client.delete("/v1/users/alice/profile").json() == {"user": "alice", "removed": True}
         assert client.get("/v1/users/alice/profile").status_code == 404
-        assert len(list((controllers.state_dir / "profiles").glob("*.sealed"))) == 1
+        assert len(list((state_dir / "profiles").glob("*.sealed"))) == 1
         client.close()
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(timeout=120)
-    leaks = [str(p) for p in controllers.state_dir.rglob("*") if p.is_file() and session in p.read_bytes()]
-    assert leaks == [], leaks
+    leaks = [str(p) for p in state_dir.rglob("*") if p.is_file() and session in p.read_bytes()]
+    assert leaks == [] and session.decode() not in "".join(serve.output), leaks
 
 
 def _open_profile(state_dir: Path, tenant: str, user: str) -> dict[str, bytes]:

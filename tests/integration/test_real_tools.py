@@ -26,10 +26,8 @@ import pytest
 from browservm.guest.agent import PORT
 from browservm.guest.markers import parse_marker
 from browservm.images.kernel_build import WITH_IP_PNP, BuiltKernel
-from browservm.images.rootfs import RootfsBuilder, RootfsImage
+from browservm.images.rootfs import RootfsImage
 from browservm.oauth.catalog import load_catalog
-from browservm.progress import Progress
-from browservm.runner import CommandRunner
 from browservm.vm.state import VmState
 from tests.support.agent_client import FINAL_STATES, AgentClient
 
@@ -49,11 +47,6 @@ EXPECTED = {
     "codex": Expected("auth.openai.com", "Starting local login server on http://localhost:1455"),
     "gemini-cli": Expected("accounts.google.com", None),  # --acp prints nothing on its terminal
 }
-
-
-@pytest.fixture(scope="session")
-def oauth_image() -> RootfsImage:
-    return RootfsBuilder(CommandRunner(), Progress()).build("oauth")
 
 
 def _agent_ready(line: str) -> bool:
