@@ -22,7 +22,14 @@ client over three transports:
                   x11vnc runs with -wait 1 -defer 1 (FLAGS): with the guest's 20 ms cycle every
                   path gets the same ~40 frames/s and the ratio says nothing. Even so a run lands in
                   one of two modes, depending on whether x11vnc sees the next request before its
-                  cycle turns (the proxy's ~3 ms per 4 MiB frame decides that): best of several runs
+                  cycle turns: best of several runs, and the median of each round's proxy/ws (the
+                  two measured one after the other). The first client x11vnc serves after it starts
+                  gets the fast mode whichever transport it is (1,300-2,000 against 800-1,100 MiB/s
+                  for every later one): a discarded run goes first. And for each process of the
+                  path (this viewer, x11vnc, the controller), the CPU it ran and the time it waited
+                  runnable for a CPU (/proc/PID/task/*/schedstat), per second of streaming: on a
+                  shared machine a relay costs its own CPU and one more process to be scheduled at
+                  every hand-over, and the waits show how much of the gap that is
     round trip    display "echo": an xvp message of a version x11vnc does not speak, which it answers
                   at once ("fail"): what the path adds; and a FramebufferUpdateRequest of one pixel,
                   non-incremental, answered with that pixel on x11vnc's next ~20 ms cycle (each sent
@@ -199,6 +206,7 @@ def _controller(listen_fd: int, profile: str | None) -> None:
 class Desktop:
     display: str
     vnc_port: int
+    vnc_pid: int  # x11vnc's
 
 
 @dataclass
@@ -213,6 +221,17 @@ def _cpu_seconds(pid: int) -> float:
     """utime + stime of a process, from /proc (its fields after the command name)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def _scheduled(pid: int) -> tuple[float, float]:
+    """Seconds a process's threads ran, and waited runnable for a CPU, from /proc/PID/task/*/schedstat."""
+    ran = waited = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            fields = (task / "schedstat").read_text().split()
+            ran += int(fields[0])
+            waited += int(fields[1])
+    return ran / 1e9, waited / 1e9
 
 
 def _free_port() -> int:
@@ -271,7 +290,7 @@ def processes(scratch: Path, profile: Path | None = None) -> Iterator[Setup]:
         x11vnc, log = spawn(["x11vnc", "-display", display, "-rfbport", str(port), "-localhost", "-forever", "-shared",
                         "-nonap", "-passwdfile", f"read:{password_file}", *FLAGS[mode]], f"x11vnc-{mode}")
         _line(x11vnc, log, b"PORT=", f"x11vnc on {display}")
-        return Desktop(display, port)
+        return Desktop(display, port, x11vnc.pid)
 
     listener = socket.create_server(("127.0.0.1", 0), backlog=64)
     try:
@@ -503,6 +522,8 @@ async def _rects(v: Viewer, count: int, keep: Callable[[int, int, int, int], boo
 class Throughput:
     mib_s: float
     controller_cpu_gib: float | None
+    # per process (viewer, x11vnc, controller), CPU seconds per second: ran, and waited runnable for a CPU
+    scheduled: dict[str, tuple[float, float]]
 
 
 async def throughput(setup: Setup, transport: str, seconds: float) -> Throughput:
@@ -514,6 +535,10 @@ async def throughput(setup: Setup, transport: str, seconds: float) -> Throughput
             await v.stream.send(whole)
             await _rects(v, count)
         cpu = _cpu_seconds(setup.controller_pid)
+        pids = {"viewer": os.getpid(), "x11vnc": setup.flood.vnc_pid}
+        if transport == "proxy":
+            pids["controller"] = setup.controller_pid
+        scheduled = {name: _scheduled(pid) for name, pid in pids.items()}
         pixels = 0
         started = time.perf_counter()
         while time.perf_counter() - started < seconds:
@@ -522,7 +547,10 @@ async def throughput(setup: Setup, transport: str, seconds: float) -> Throughput
             pixels += (await _rects(v, count))[0]
         elapsed = time.perf_counter() - started
         controller = (_cpu_seconds(setup.controller_pid) - cpu) / (pixels / GiB) if transport == "proxy" else None
-    return Throughput(pixels / MiB / elapsed, controller)
+        for name, (ran, waited) in scheduled.items():
+            now_ran, now_waited = _scheduled(pids[name])
+            scheduled[name] = ((now_ran - ran) / elapsed, (now_waited - waited) / elapsed)
+    return Throughput(pixels / MiB / elapsed, controller, scheduled)
 
 
 XVP_QUERY = struct.pack(">BxBB", 250, 2, 1)  # xvp version 2: libvncserver answers "fail" at once
@@ -630,15 +658,27 @@ async def bench(args: argparse.Namespace, setup: Setup) -> None:
     print("  tcp: straight to x11vnc on TCP; ws: straight to x11vnc's own WebSocket (the baseline);"
           " proxy: ws:// through the controller\n")
 
+    await throughput(setup, "tcp", 1.0)  # x11vnc's first client, faster than any later one: not counted
     runs: dict[str, list[Throughput]] = {t: [] for t in TRANSPORTS}
     for _ in range(args.rounds):  # in turn, so a neighbour's burst hits all alike
         for transport in TRANSPORTS:
             runs[transport].append(await throughput(setup, transport, seconds))
     best = {t: max(r.mib_s for r in runs[t]) for t in TRANSPORTS}
     cpu = min(r.controller_cpu_gib for r in runs["proxy"] if r.controller_cpu_gib is not None)
+    rounds = sorted(p.mib_s / w.mib_s for p, w in zip(runs["proxy"], runs["ws"], strict=True))
     print("throughput, MiB/s     tcp        ws     proxy   proxy/ws (>= 0.95)   proxy/tcp   controller CPU s/GiB")
     print(f"  x11vnc -> viewer {best['tcp']:>7.1f}   {best['ws']:>7.1f}   {best['proxy']:>7.1f}   "
           f"{best['proxy'] / best['ws']:>8.2f}             {best['proxy'] / best['tcp']:>6.2f}      {cpu:>10.2f}")
+    print(f"  proxy/ws per round: {' '.join(f'{r:.2f}' for r in rounds)} (median {rounds[len(rounds) // 2]:.2f})")
+    # Each hop is a process the scheduler must run: on a busy machine the wait for a CPU, not the
+    # CPU itself, is what a relay adds most (the proxy's extra process, and the others' longer waits).
+    print("  CPU s/s while streaming, ran + waited runnable for a CPU (median of the runs):")
+    for transport in ("ws", "proxy"):
+        named = runs[transport][0].scheduled
+        line = "   ".join(f"{name} {_percentile([r.scheduled[name][0] for r in runs[transport]], 0.5):.2f}"
+                           f" + {_percentile([r.scheduled[name][1] for r in runs[transport]], 0.5):.2f}"
+                           for name in named)
+        print(f"    {transport:<6} {line}")
 
     for xvp, what in ((True, "xvp message (answered at once)"), (False, "1-pixel update request")):
         n = trips if xvp else trips // 3
