@@ -128,8 +128,11 @@ def test_quota_show_and_audit_through_the_controller(running: Running, cli: Run,
     monkeypatch.setenv("BROWSERVM_API_KEY", KEY)
     url = ["--url", running.url]
     code, out, _ = cli("tenant", "quota", "acme", "--max-vms", "1", "--max-mem-mib", "4096", *url)
-    assert code == 0 and out.splitlines()[:3] == ["tenant acme", "  max_vms          1          (0 VM(s) live)",
+    assert code == 0 and out.splitlines()[:3] == ["tenant acme  (clipboard: both)",
+                                                  "  max_vms          1          (0 VM(s) live)",
                                                   "  max_mem_mib      4096       (0 MiB in live VMs)"]
+    code, out, _ = cli("tenant", "clipboard", "acme", "paste", "--json", *url)
+    assert code == 0 and json.loads(out)["clipboard"] == "paste"
     # Only the limits given change; `none` clears one.
     code, out, _ = cli("tenant", "quota", "acme", "--max-mem-mib", "none", "--json", *url)
     assert code == 0 and json.loads(out)["quota"] == {"max_vms": 1, "max_mem_mib": None, "logins_per_hour": None}

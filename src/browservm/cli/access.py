@@ -51,6 +51,7 @@ class Backend(Protocol):
     def revoke_key(self, key_id: str) -> dict[str, Any]: ...
     def tenant(self, tenant: str) -> dict[str, Any]: ...
     def set_quota(self, tenant: str, quota: Quota) -> None: ...
+    def set_clipboard(self, tenant: str, clipboard: str) -> None: ...
     def audit(self, since: float, tenant: str | None, vm_id: str | None, after: int,
               limit: int) -> dict[str, Any]: ...
 
@@ -109,11 +110,15 @@ class Local:
 
     def tenant(self, tenant: str) -> dict[str, Any]:
         return {"tenant": tenant, "quota": dataclasses.asdict(self._quotas.get(tenant)),
-                "usage": self._quotas.usage(tenant, time.time() - 3600)}
+                "clipboard": self._quotas.clipboard(tenant), "usage": self._quotas.usage(tenant, time.time() - 3600)}
 
     def set_quota(self, tenant: str, quota: Quota) -> None:
         self._quotas.set(tenant, quota)
         self._audited("tenant quota", tenant, tenant)
+
+    def set_clipboard(self, tenant: str, clipboard: str) -> None:
+        self._quotas.set_clipboard(tenant, clipboard)
+        self._audited("tenant clipboard", tenant, tenant)
 
     def audit(self, since: float, tenant: str | None, vm_id: str | None, after: int, limit: int) -> dict[str, Any]:
         rows = self._audit.query(since=since, tenant=tenant, target=vm_id, after_id=after, limit=limit)
@@ -141,6 +146,9 @@ class Remote:
 
     def set_quota(self, tenant: str, quota: Quota) -> None:
         self._client.set_quota(tenant, QuotaIn(**dataclasses.asdict(quota)))
+
+    def set_clipboard(self, tenant: str, clipboard: str) -> None:
+        self._client.set_clipboard(tenant, clipboard)
 
     def audit(self, since: float, tenant: str | None, vm_id: str | None, after: int, limit: int) -> dict[str, Any]:
         return self._client.audit(since=since, tenant=tenant, vm_id=vm_id, after=after, limit=limit).as_json()

@@ -1,5 +1,6 @@
-"""`browservm tenant show T` and `browservm tenant quota T [--max-vms N] [--max-mem-mib N]
-[--logins-per-hour N]`: a tenant's quota beside what it uses now (access/quotas.py).
+"""`browservm tenant show T`, `browservm tenant quota T [--max-vms N] [--max-mem-mib N]
+[--logins-per-hour N]` and `browservm tenant clipboard T both|paste|copy|none`: a tenant's quota and
+clipboard rule beside what it uses now (access/quotas.py).
 
 `tenant quota` changes only the limits given (`none` clears one: no limit of the tenant's own, the
 host's still hold) and prints the tenant as `show` does; without a limit given it changes nothing.
@@ -18,6 +19,7 @@ from browservm.access.quotas import Quota
 from browservm.cli.access import QUOTA_FIELDS, add_remote_options, as_flags, backend
 from browservm.config import Settings
 from browservm.errors import InvalidInput
+from browservm.templates import CLIPBOARD
 
 _USAGE = {"max_vms": ("vms", "VM(s) live"), "max_mem_mib": ("mem_mib", "MiB in live VMs"),
           "logins_per_hour": ("logins_last_hour", "login(s) in the last hour")}
@@ -37,6 +39,11 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser],
     for field, what in (("max_vms", "live VMs at once"), ("max_mem_mib", "their memory together, MiB"),
                         ("logins_per_hour", "logins started per hour")):
         quota.add_argument(f"--{field.replace('_', '-')}", dest=field, metavar="N|none", help=what)
+    clipboard = actions.add_parser("clipboard", parents=parents,
+                                   help="which way its viewers' clipboard may go, over what its templates allow")
+    clipboard.add_argument("tenant", metavar="TENANT")
+    clipboard.add_argument("clipboard", choices=tuple(CLIPBOARD), help="both, paste (into the VM only), copy (out "
+                                                                       "of it only) or none")
 
 
 def _limit(field: str, value: str) -> int | None:
@@ -61,6 +68,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             current = access.tenant(args.tenant)["quota"]
             quota = Quota(**{**{field: current.get(field) for field in QUOTA_FIELDS}, **changes})
             access.set_quota(args.tenant, quota)
+        if args.action == "clipboard":
+            access.set_clipboard(args.tenant, args.clipboard)
         shown = access.tenant(args.tenant)
     if args.json:
         print(json.dumps(shown, indent=2))
@@ -70,7 +79,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _print_tenant(view: dict[str, Any]) -> None:
-    print(f"tenant {view['tenant']}")
+    print(f"tenant {view['tenant']}  (clipboard: {view.get('clipboard', 'both')})")
     quota, usage = view["quota"], view["usage"]
     for field in (f.name for f in dataclasses.fields(Quota)):
         used, what = _USAGE[field]
