@@ -46,7 +46,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from browservm.guest import configdisk
-from browservm.guest.agent_http import AgentKey, Server, read_secret
+from browservm.guest.agent_http import AgentKey, RawRoute, Server, read_secret
 from browservm.guest.desktop import BROWSER_PROFILE, CONTROL_SOCKET
 from browservm.guest.markers import format_marker
 
@@ -167,7 +167,7 @@ class Keeper:
     def profile(self) -> Path:
         return Path(self._account.pw_dir) / BROWSER_PROFILE
 
-    def routes(self) -> dict[tuple[str, str], Any]:
+    def routes(self) -> dict[tuple[str, str], RawRoute]:
         return {("POST", "/v1/profile/load"): (MAX_SEALED, self.load),
                 ("POST", "/v1/profile/save"): (0, self.save)}
 
