@@ -248,7 +248,8 @@ def test_the_api_gives_a_user_one_profile_vm_at_a_time_and_forgets_the_profile_o
         second = await client.post("/v1/vms", json={"user": "ann", "profile": "persistent"})
         error = error_of(second, 409)
         assert error["type"] == "ProfileInUse" and error["vm_id"] == vm["vm_id"] and vm["vm_id"] in error["message"]
-        assert (await create(client, user="bob", profile="persistent"))["profile"] == "persistent"
+        bob = await create(client, user="bob", profile="persistent")  # left running: the stop ends it
+        assert bob["profile"] == "persistent"
         shown = (await client.get("/v1/users/ann/profile")).json()
         assert (shown["size_bytes"], shown["saved_at"], shown["in_use_by"]) == (0, None, vm["vm_id"])
         refused = error_of(await client.delete("/v1/users/ann/profile"), 409)
@@ -262,5 +263,9 @@ def test_the_api_gives_a_user_one_profile_vm_at_a_time_and_forgets_the_profile_o
         assert (await client.delete("/v1/users/ann/profile")).json() == {"user": "ann", "removed": False}
         bad = error_of(await client.post("/v1/vms", json={"user": "ann", "profile": "forever"}), 422)
         assert "profile" in bad["message"]
+        return str(bob["vm_id"])
 
-    served.run(scenario)
+    bob_vm = served.run(scenario)
+    # stop_vms_on_exit: the controller's stop saved bob's profile as it ended his VM.
+    kept = [path.read_bytes() for path in (served.parts.vm_root.parent / "profiles").glob("*.sealed")]
+    assert kept == [f"sealed in {bob_vm}".encode()]

@@ -23,7 +23,6 @@ from browservm.errors import ProfileNotFound
 from browservm.oauth.vault import load_key
 from browservm.profiles.keeper import Profiles
 from browservm.profiles.store import ProfileInfo, ProfileStore
-from browservm.store import Store
 from browservm.vm.create import normalise_user
 
 if TYPE_CHECKING:
@@ -50,14 +49,9 @@ def make_profiles(service: ControllerService) -> Profiles:
     """The profile keeper over the controller's store and vault key. Blocking (reads the key)."""
     settings = service.settings
     key = load_key(settings.state_dir, settings.vault_key.get_secret_value() if settings.vault_key else None)
-    # A connection of its own to the state database (SQLite serialises writers across connections).
-    database = Store(settings.database)
-
-    async def close() -> None:
-        database.close()
-
-    service.on_stop(close)
-    store = ProfileStore(database, key, settings.state_dir / "profiles", settings.profile_max_mib << 20)
+    # The service's own connection: open until every VM has ended, so a stop with stop_vms_on_exit still saves
+    # their profiles (hooks given to on_stop run before that).
+    store = ProfileStore(service.own_store, key, settings.state_dir / "profiles", settings.profile_max_mib << 20)
     return Profiles(store, service.network.netns, service.manager.secrets)
 
 

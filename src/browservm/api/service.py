@@ -95,12 +95,12 @@ class ControllerService:
         self.api_key = api_key
         # Who may do what (access/): the state directory's key is the first admin key. A connection of its
         # own to the state database: every request's key is read there, beside the manager's work.
-        self._access_store = Store(controller.store.path)
-        self.keys = KeyRing(self._access_store)
+        self.own_store = Store(controller.store.path)
+        self.keys = KeyRing(self.own_store)
         self.keys.adopt_operator(api_key)
-        self.quotas = Quotas(self._access_store)
-        self.audit = AuditTrail(self._access_store, self.settings.audit_retention)
-        self.idempotency = IdempotencyRecords(self._access_store)
+        self.quotas = Quotas(self.own_store)
+        self.audit = AuditTrail(self.own_store, self.settings.audit_retention)
+        self.idempotency = IdempotencyRecords(self.own_store)
         self.access = Access(self.keys, session_key(api_key))
         self.tokens = tokens
         self.metrics = Metrics(self._states)
@@ -169,7 +169,7 @@ class ControllerService:
                 if record.state in (*_LIVE, VmState.FAILED):
                     await self.manager.destroy(record.vm_id, ended_reason="the controller stopped")
         await self.manager.close()
-        self._access_store.close()
+        self.own_store.close()
 
     async def _watch_store(self) -> None:
         """VMs created by other browservm processes (the CLI) appear in the store: watch them too."""

@@ -66,15 +66,20 @@ class ProfileStore:
 
     def key(self, tenant: str, user: str) -> bytes:
         """The user's profile key, made (and its row written) the first time."""
-        fresh = secrets.token_bytes(32)
-        nonce = secrets.token_bytes(_NONCE)
-        sealed = _VERSION + nonce + AESGCM(self._vault_key).encrypt(nonce, fresh, _AD_PREFIX + binding(tenant, user))
-        with self._store.transaction() as db:
-            db.execute("INSERT OR IGNORE INTO profiles (tenant, user, key_id, sealed_key) VALUES (?, ?, ?, ?)",
-                       (tenant, user, self._key_id, sealed))
-            row = db.execute("SELECT key_id, sealed_key FROM profiles WHERE tenant = ? AND user = ?",
-                             (tenant, user)).fetchone()
-        return self._open(tenant, user, str(row[0]), bytes(row[1]))
+        select = "SELECT key_id, sealed_key FROM profiles WHERE tenant = ? AND user = ?"
+        rows = self._store.read(select, (tenant, user))
+        if not rows:
+            nonce = secrets.token_bytes(_NONCE)
+            sealed = _VERSION + nonce + AESGCM(self._vault_key).encrypt(nonce, secrets.token_bytes(32),
+                                                                        _AD_PREFIX + binding(tenant, user))
+            with self._store.transaction() as db:  # of two first uses at once, one key is kept
+                db.execute("INSERT OR IGNORE INTO profiles (tenant, user, key_id, sealed_key) VALUES (?, ?, ?, ?)",
+                           (tenant, user, self._key_id, sealed))
+                rows = [db.execute(select, (tenant, user)).fetchone()]
+        key_id_stored, sealed_key = rows[0]
+        if not isinstance(sealed_key, bytes):
+            raise VaultError(f"the profile key of {user[:64]!r} is not stored as bytes: the row was altered")
+        return self._open(tenant, user, str(key_id_stored), sealed_key)
 
     def _open(self, tenant: str, user: str, stored_key_id: str, sealed: bytes) -> bytes:
         whose = f"{user[:64]!r}" + (f" of tenant {tenant[:64]!r}" if tenant else "")
