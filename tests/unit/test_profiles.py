@@ -242,7 +242,7 @@ def test_the_api_gives_a_user_one_profile_vm_at_a_time_and_forgets_the_profile_o
         serve: Callable[..., Served]) -> None:
     served = serve()
 
-    async def scenario(client: httpx.AsyncClient) -> None:
+    async def scenario(client: httpx.AsyncClient) -> str:
         vm = await create(client, profile="persistent")
         assert vm["profile"] == "persistent" and hops.PROFILE_LOAD in vm["stages"]
         second = await client.post("/v1/vms", json={"user": "ann", "profile": "persistent"})
