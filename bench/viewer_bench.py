@@ -7,13 +7,17 @@ No guest: two Xvfb displays on this host, each with a real x11vnc asking for a V
 (-passwdfile, the guest's flags: -forever -shared -nonap) and an X client of this script drawing
 on it; the controller (uvicorn + ViewerProxy as the service runs it, Upstream(websocket=False,
 vnc_password=...): the rfb path) in a process of its own. This process is the viewers, one RFB
-client over three transports:
+client over four transports:
 
     tcp      straight to x11vnc on TCP, doing the VNC authentication itself (a native viewer)
     ws       straight to x11vnc's own WebSocket (libvncserver answers an upgrade on its RFB port):
              a browser viewer connected straight to x11vnc, the same client code as through the
              proxy; the baseline the ratios are against
     proxy    ws:// to the controller, which authenticates to x11vnc and relays
+    relay    TCP to x11vnc through the plainest relay there is: a process of its own whose two
+             threads only recv_into a buffer and sendall it (no framing, no checks, no event
+             loop; the kernel's copies and one more process to schedule). What any relay in the
+             path costs on the machine at hand: relay/tcp bounds what proxy/ws can reach here
 
     throughput    display "flood", redrawn whole ~30 times a second: the client asks for the whole
                   1280x800 screen non-incrementally, Raw encoding (bytes are pixels), and asks for
@@ -22,21 +26,21 @@ client over three transports:
                   x11vnc runs with -wait 1 -defer 1 (FLAGS): with the guest's 20 ms cycle every
                   path gets the same ~40 frames/s and the ratio says nothing. Even so a run lands in
                   one of two modes, depending on whether x11vnc sees the next request before its
-                  cycle turns: best of several runs, and the median of each round's proxy/ws (the
-                  two measured one after the other). The first client x11vnc serves after it starts
+                  cycle turns: best of several runs, and the median of each round's proxy/ws and
+                  relay/tcp (each pair measured one after the other). The first client x11vnc serves after it starts
                   gets the fast mode whichever transport it is (1,300-2,000 against 800-1,100 MiB/s
                   for every later one): a discarded run goes first. And for each process of the
-                  path (this viewer, x11vnc, the controller), the CPU it ran and the time it waited
+                  path (this viewer, x11vnc, the controller or the relay), the CPU it ran and the time it waited
                   runnable for a CPU (/proc/PID/task/*/schedstat), per second of streaming: on a
                   shared machine a relay costs its own CPU and one more process to be scheduled at
                   every hand-over, and the waits show how much of the gap that is
     round trip    display "echo": an xvp message of a version x11vnc does not speak, which it answers
                   at once ("fail"): what the path adds; and a FramebufferUpdateRequest of one pixel,
                   non-incremental, answered with that pixel on x11vnc's next ~20 ms cycle (each sent
-                  at a random point of it); median and p99, the three in turn
+                  at a random point of it); median and p99, the four in turn
     key to pixels display "echo", whose window repaints a 16x16 square on each key press: with an
                   incremental request waiting, a KeyEvent (down, up) to the FramebufferUpdate holding
-                  the repainted square; p50, p95, the three in turn
+                  the repainted square; p50, p95, the four in turn
 
 Targets, printed beside the results (issue 22): throughput >= 0.95x direct, <= 0.2 ms added median
 round trip. Nothing here asserts a time. Every process started here is ended by its id.
@@ -59,6 +63,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -84,7 +89,7 @@ SQUARE = (8, 8, 16, 16)  # x, y, w, h: what the echo window repaints on a key pr
 RAW = 0
 KEYSYM_A = 0x61
 QUIET = 0.1  # seconds without an update: the echo display is still (x11vnc answers within ~20-60 ms)
-TRANSPORTS = ("tcp", "ws", "proxy")
+TRANSPORTS = ("tcp", "ws", "proxy", "relay")
 # x11vnc's flags beyond the guest's, per display. The guest's x11vnc polls the screen and answers
 # requests every ~20 ms (-wait, -defer): a frame asked for after that cycle began waits for the
 # next, and throughput would measure where requests land in x11vnc's cycle, not bytes. For the
@@ -199,6 +204,41 @@ def _controller(listen_fd: int, profile: str | None) -> None:
         profiler.dump_stats(profile)
 
 
+# --- the plainest relay ---------------------------------------------------------------------------------
+
+
+def _relay(pairs: list[str]) -> None:
+    """For each "FD:PORT": every connection to listening socket FD relayed to x11vnc on PORT by two
+    threads, one per direction; the GIL is let go for each syscall, so only the kernel's copies and
+    the scheduling of one more process stay."""
+
+    def pump(source: socket.socket, sink: socket.socket) -> None:
+        buffer = bytearray(256 * 1024)
+        view = memoryview(buffer)
+        with contextlib.suppress(OSError):
+            while n := source.recv_into(buffer):
+                sink.sendall(view[:n])
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def serve(listener: socket.socket, port: int) -> None:
+        while True:
+            viewer_side, _ = listener.accept()
+            vnc_side = socket.create_connection(("127.0.0.1", port))
+            for sock in (viewer_side, vnc_side):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=pump, args=(viewer_side, vnc_side), daemon=True).start()
+            threading.Thread(target=pump, args=(vnc_side, viewer_side), daemon=True).start()
+
+    servers = []
+    for pair in pairs:
+        fd, port = pair.split(":")
+        servers.append(threading.Thread(target=serve, args=(socket.socket(fileno=int(fd)), int(port)), daemon=True))
+        servers[-1].start()
+    for server in servers:
+        server.join()  # until the bench ends this process
+
+
 # --- processes ----------------------------------------------------------------------------------------
 
 
@@ -207,12 +247,14 @@ class Desktop:
     display: str
     vnc_port: int
     vnc_pid: int  # x11vnc's
+    relay_port: int  # the plain relay's to this x11vnc
 
 
 @dataclass
 class Setup:
     controller_pid: int
     controller_port: int
+    relay_pid: int
     flood: Desktop
     echo: Desktop
 
@@ -269,6 +311,8 @@ def processes(scratch: Path, profile: Path | None = None) -> Iterator[Setup]:
         started.append(popen)
         return popen, log
 
+    relay_listeners: list[socket.socket] = []
+
     def desktop(mode: str) -> Desktop:
         read_end, write_end = os.pipe()
         try:
@@ -290,7 +334,8 @@ def processes(scratch: Path, profile: Path | None = None) -> Iterator[Setup]:
         x11vnc, log = spawn(["x11vnc", "-display", display, "-rfbport", str(port), "-localhost", "-forever", "-shared",
                         "-nonap", "-passwdfile", f"read:{password_file}", *FLAGS[mode]], f"x11vnc-{mode}")
         _line(x11vnc, log, b"PORT=", f"x11vnc on {display}")
-        return Desktop(display, port, x11vnc.pid)
+        relay_listeners.append(socket.create_server(("127.0.0.1", 0)))
+        return Desktop(display, port, x11vnc.pid, relay_listeners[-1].getsockname()[1])
 
     listener = socket.create_server(("127.0.0.1", 0), backlog=64)
     try:
@@ -298,7 +343,9 @@ def processes(scratch: Path, profile: Path | None = None) -> Iterator[Setup]:
         profiling = [str(profile)] if profile else []
         controller, _ = spawn([*me, "--role", "controller", str(listener.fileno()), *profiling], "controller",
                               pass_fds=(listener.fileno(),))
-        yield Setup(controller.pid, listener.getsockname()[1], flood, echo)
+        pairs = [f"{relayed.fileno()}:{d.vnc_port}" for relayed, d in zip(relay_listeners, (flood, echo), strict=True)]
+        relay, _ = spawn([*me, "--role", "relay", *pairs], "relay", pass_fds=tuple(r.fileno() for r in relay_listeners))
+        yield Setup(controller.pid, listener.getsockname()[1], relay.pid, flood, echo)
     finally:
         for popen in reversed(started):
             with contextlib.suppress(ProcessLookupError):
@@ -309,6 +356,8 @@ def processes(scratch: Path, profile: Path | None = None) -> Iterator[Setup]:
                 popen.kill()
                 popen.wait(timeout=5)
         listener.close()
+        for relayed in relay_listeners:
+            relayed.close()
 
 
 # --- the viewer: one RFB client over three transports ------------------------------------------------
@@ -446,8 +495,9 @@ class RawWebSocket:
 
 @contextlib.asynccontextmanager
 async def viewer(setup: Setup, desktop: Desktop, transport: str) -> AsyncIterator[Viewer]:
-    if transport == "tcp":
-        reader, writer = await asyncio.open_connection("127.0.0.1", desktop.vnc_port, limit=1 << 20)
+    if transport in ("tcp", "relay"):
+        port = desktop.vnc_port if transport == "tcp" else desktop.relay_port
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
         writer.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         async def send(data: bytes) -> None:
@@ -538,6 +588,8 @@ async def throughput(setup: Setup, transport: str, seconds: float) -> Throughput
         pids = {"viewer": os.getpid(), "x11vnc": setup.flood.vnc_pid}
         if transport == "proxy":
             pids["controller"] = setup.controller_pid
+        if transport == "relay":
+            pids["relay"] = setup.relay_pid
         scheduled = {name: _scheduled(pid) for name, pid in pids.items()}
         pixels = 0
         started = time.perf_counter()
@@ -559,7 +611,7 @@ XVP_FAIL = struct.pack(">BxBB", 250, 2, 0)
 
 async def round_trips(setup: Setup, count: int, xvp: bool) -> dict[str, list[float]]:
     """Milliseconds per one-pixel update request answered (xvp: per xvp message answered), per
-    transport, the three in turn."""
+    transport, the four in turn."""
     times: dict[str, list[float]] = {t: [] for t in TRANSPORTS}
     async with contextlib.AsyncExitStack() as stack:
         viewers = {t: await stack.enter_async_context(viewer(setup, setup.echo, t)) for t in TRANSPORTS}
@@ -649,6 +701,12 @@ def _load() -> str:
     return Path("/proc/loadavg").read_text().strip()
 
 
+def _latency_row(name: str, p: dict[str, float], target: str) -> None:
+    print(f"  {name:<16} {p['tcp']:>7.3f}   {p['ws']:>7.3f}   {p['proxy']:>7.3f}   {p['relay']:>7.3f}   "
+          f"{p['proxy'] - p['ws']:>+9.3f}{target:<10}  {p['proxy'] - p['tcp']:>+8.3f}"
+          f"     {p['relay'] - p['tcp']:>+8.3f}")
+
+
 async def bench(args: argparse.Namespace, setup: Setup) -> None:
     seconds = 2.0 if args.quick else args.seconds
     trips = 200 if args.quick else 1000  # xvp; the update requests wait for x11vnc's ~20 ms cycle: a third
@@ -656,7 +714,8 @@ async def bench(args: argparse.Namespace, setup: Setup) -> None:
     print(f"viewer bench (rfb path): {GEOMETRY[0]}x{GEOMETRY[1]} Raw, {seconds:g} s per throughput run (best of "
           f"{args.rounds}), {trips} round trips, {keys} keys; /proc/loadavg {_load()} on {os.cpu_count()} CPUs")
     print("  tcp: straight to x11vnc on TCP; ws: straight to x11vnc's own WebSocket (the baseline);"
-          " proxy: ws:// through the controller\n")
+          " proxy: ws:// through the controller;\n  relay: TCP through the plainest relay process (what any relay"
+          " costs here: relay/tcp bounds proxy/ws)\n")
 
     await throughput(setup, "tcp", 1.0)  # x11vnc's first client, faster than any later one: not counted
     runs: dict[str, list[Throughput]] = {t: [] for t in TRANSPORTS}
@@ -665,39 +724,39 @@ async def bench(args: argparse.Namespace, setup: Setup) -> None:
             runs[transport].append(await throughput(setup, transport, seconds))
     best = {t: max(r.mib_s for r in runs[t]) for t in TRANSPORTS}
     cpu = min(r.controller_cpu_gib for r in runs["proxy"] if r.controller_cpu_gib is not None)
-    rounds = sorted(p.mib_s / w.mib_s for p, w in zip(runs["proxy"], runs["ws"], strict=True))
-    print("throughput, MiB/s     tcp        ws     proxy   proxy/ws (>= 0.95)   proxy/tcp   controller CPU s/GiB")
-    print(f"  x11vnc -> viewer {best['tcp']:>7.1f}   {best['ws']:>7.1f}   {best['proxy']:>7.1f}   "
-          f"{best['proxy'] / best['ws']:>8.2f}             {best['proxy'] / best['tcp']:>6.2f}      {cpu:>10.2f}")
-    print(f"  proxy/ws per round: {' '.join(f'{r:.2f}' for r in rounds)} (median {rounds[len(rounds) // 2]:.2f})")
+    proxied = sorted(p.mib_s / w.mib_s for p, w in zip(runs["proxy"], runs["ws"], strict=True))
+    relayed = sorted(r.mib_s / t.mib_s for r, t in zip(runs["relay"], runs["tcp"], strict=True))
+    print("throughput, MiB/s     tcp        ws     proxy     relay   proxy/ws (>= 0.95)   relay/tcp   "
+          "controller CPU s/GiB")
+    print(f"  x11vnc -> viewer {best['tcp']:>7.1f}   {best['ws']:>7.1f}   {best['proxy']:>7.1f}   {best['relay']:>7.1f}"
+          f"   {best['proxy'] / best['ws']:>8.2f}             {best['relay'] / best['tcp']:>6.2f}      {cpu:>10.2f}")
+    for name, ratios in (("proxy/ws", proxied), ("relay/tcp", relayed)):
+        print(f"  {name} per round: {' '.join(f'{r:.2f}' for r in ratios)} (median {ratios[len(ratios) // 2]:.2f})")
     # Each hop is a process the scheduler must run: on a busy machine the wait for a CPU, not the
     # CPU itself, is what a relay adds most (the proxy's extra process, and the others' longer waits).
     print("  CPU s/s while streaming, ran + waited runnable for a CPU (median of the runs):")
-    for transport in ("ws", "proxy"):
+    for transport in TRANSPORTS:
         named = runs[transport][0].scheduled
         line = "   ".join(f"{name} {_percentile([r.scheduled[name][0] for r in runs[transport]], 0.5):.2f}"
                            f" + {_percentile([r.scheduled[name][1] for r in runs[transport]], 0.5):.2f}"
                            for name in named)
         print(f"    {transport:<6} {line}")
 
+    header = "                       tcp        ws     proxy     relay   added vs ws   added vs tcp   relay added"
     for xvp, what in ((True, "xvp message (answered at once)"), (False, "1-pixel update request")):
         n = trips if xvp else trips // 3
         rt = await round_trips(setup, n, xvp)
         print(f"\nround trip, {what}, ms ({n} of each, in turn)")
-        print("                       tcp        ws     proxy   added vs ws   added vs tcp")
+        print(header)
         for name, fraction in (("median", 0.5), ("p99", 0.99)):
-            p = {t: _percentile(rt[t], fraction) for t in TRANSPORTS}
-            target = "  (<= 0.2)" if name == "median" else ""
-            print(f"  {name:<16} {p['tcp']:>7.3f}   {p['ws']:>7.3f}   {p['proxy']:>7.3f}   "
-                  f"{p['proxy'] - p['ws']:>+9.3f}{target:<10}  {p['proxy'] - p['tcp']:>+8.3f}")
+            _latency_row(name, {t: _percentile(rt[t], fraction) for t in TRANSPORTS},
+                         "  (<= 0.2)" if name == "median" else "")
 
     kp = await key_to_pixels(setup, keys)
     print(f"\nkey to pixels, ms ({keys} keys on each, in turn)")
-    print("                       tcp        ws     proxy   added vs ws   added vs tcp")
+    print(header)
     for name, fraction in (("p50", 0.5), ("p95", 0.95)):
-        p = {t: _percentile(kp[t], fraction) for t in TRANSPORTS}
-        print(f"  {name:<16} {p['tcp']:>7.3f}   {p['ws']:>7.3f}   {p['proxy']:>7.3f}   {p['proxy'] - p['ws']:>+9.3f}"
-              f"            {p['proxy'] - p['tcp']:>+8.3f}")
+        _latency_row(name, {t: _percentile(kp[t], fraction) for t in TRANSPORTS}, "")
     print(f"\n/proc/loadavg at the end: {_load()}")
 
 
@@ -714,6 +773,8 @@ def main() -> None:
         role, *rest = args.role
         if role == "drawer":
             _drawer(rest[0], rest[1])
+        elif role == "relay":
+            _relay(rest)
         else:
             _controller(int(rest[0]), rest[1] if len(rest) > 1 else None)
         return

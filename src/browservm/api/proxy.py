@@ -67,10 +67,11 @@ Measured by bench/proxy_bench.py on 2 shared, saturated cores: 0.6-1.1 CPU s/GiB
 per direction, +0.1-0.2 ms median per round trip, about 50 KiB of RSS per idle viewer. On the rfb
 path to x11vnc (the minimal image's VNC server; Xvnc's, the full and oauth images', is not
 measured yet), by bench/viewer_bench.py against a viewer straight to the same x11vnc (its own
-WebSocket), same run, 2 cores at load ~1: 0.64-0.69x its throughput of full Raw frames (x11vnc at -wait 1:
-~900 of ~1,350 MiB/s at best; 0.48-0.60x before TcpLeg stopped copying through asyncio's stream
-buffer), 0.54 CPU s/GiB in the controller (0.60 before), +0.08-0.09 ms median on a message x11vnc
-answers at once, +0.5 ms p50 from a key press to its echo's pixels (28 ms, x11vnc's own cycle).
+WebSocket), same run, the otherwise idle 2 cores: 0.61-0.72x its throughput of full Raw frames, the
+controller at 0.75-0.9 CPU s/GiB, +0.14-0.20 ms median on a message x11vnc answers at once, +0.4-0.9 ms
+p50 from a key press to its echo's pixels (28-33 ms, x11vnc's own cycle). The plainest relay process
+(two threads, recv_into and sendall) gets the same MiB/s there at a third of the CPU: on 2 cores the
+extra process, not its work per byte, is the gap (DESIGN.md).
 
 Nothing from the guest is trusted for sizes: messages are bounded by `max_message` (a larger one
 fails the connection with 1009 upstream and 1011 to the viewer), the upgrade and the banner by
