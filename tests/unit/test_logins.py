@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import signal
 import threading
@@ -33,7 +34,10 @@ from browservm.oauth.agent import AgentEndpoint
 from browservm.oauth.errors import CatalogError
 from browservm.oauth.records import LoginRecords
 from browservm.oauth.service import LoginService
-from browservm.vm.records import VmRecord
+from browservm.store import Store
+from browservm.vm import hops
+from browservm.vm.records import Failure, VmRecord, VmRecords
+from browservm.vm.state import VmState
 from browservm.vmm import process
 
 from .fakes import NOTHING
@@ -430,6 +434,28 @@ def test_keep_vm_and_a_given_vm(logins_served: Callable[..., tuple[Served, Login
         assert (await client.get(f"/v1/vms/{vm['vm_id']}")).json()["state"] == "ready"
         other = await client.post("/v1/logins", json={"user": "bob", "provider": "sample", "vm_id": vm["vm_id"]})
         assert other.status_code == 422 and other.json()["error"]["field"] == "vm_id"
+
+    served.run(scenario)
+
+
+def test_a_given_vm_booting_in_another_process_is_followed_to_its_failure(
+        logins_served: Callable[..., tuple[Served, LoginService]]) -> None:
+    served, _ = logins_served()
+    record = served.insert(VmState.BOOTING)  # as the CLI would have it, creating it in its own process
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        started = await post_login(client, vm_id=record.vm_id, keep_vm=True)
+        assert (await client.get(f"/v1/logins/{started['login_id']}")).json()["state"] == "booting"
+        # That process writes its outcome through a connection of its own; the login learns it from the store.
+        other = Store(served.parts.store.path)
+        try:
+            failed = dataclasses.replace(record, state=VmState.FAILED,
+                                         failure=Failure(hops.GUEST_NETWORK, "no DHCP lease within 30 s", ""))
+            await asyncio.to_thread(VmRecords(other).save, failed)
+        finally:
+            other.close()
+        login = await wait_state(client, started["login_id"], "failed")
+        assert login["hop"] == hops.GUEST_NETWORK and "no DHCP lease within 30 s" in login["reason"]
 
     served.run(scenario)
 

@@ -164,7 +164,8 @@ def make_logins(service: ControllerService) -> LoginService:
         return (await service.viewer(vm_id)).url
 
     logins = LoginService(manager=service.manager, records=LoginRecords(store), vault=Vault(store, key),
-                          catalog=catalog, netns=service.network.netns, viewer=viewer, mem_mib=settings.login_mem_mib,
+                          catalog=catalog, netns=service.network.netns, state_dir=settings.state_dir,
+                          viewer=viewer, mem_mib=settings.login_mem_mib,
                           agent_wait_s=float(settings.login_agent_wait))
     logins.on_close = store.close
     return logins

@@ -24,11 +24,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Any
 
 from browservm.access.quotas import NO_QUOTA, Quota
 from browservm.errors import BrowserVMError, InvalidInput, VmNotFound, WrongState
 from browservm.hostnet.netns import NetworkNamespace
+from browservm.inotify import DirectoryWatch
 from browservm.oauth.agent import CONNECT, PROTOCOL, AgentClient, AgentEndpoint, AgentStatus
 from browservm.oauth.catalog import Catalog, Provider
 from browservm.oauth.errors import AgentError, CatalogError, LoginConflict, LoginNotFound
@@ -73,13 +75,14 @@ class Started:
 
 class LoginService:
     def __init__(self, *, manager: VMManager, records: LoginRecords, vault: Vault, catalog: Catalog,
-                 netns: NetworkNamespace, viewer: Callable[[str], Awaitable[str]], vcpus: int = 1,
+                 netns: NetworkNamespace, state_dir: Path, viewer: Callable[[str], Awaitable[str]], vcpus: int = 1,
                  mem_mib: int = 2048, agent_wait_s: float = 90.0, poll_s: float = 0.1) -> None:
         self._manager = manager
         self._records = records
         self._vault = vault
         self.catalog = catalog
         self._netns = netns
+        self._state_dir = state_dir  # where the store's database is written
         self._viewer = viewer
         self.vcpus = vcpus  # of a login's VM whose provider names no template
         self.mem_mib = mem_mib
@@ -263,15 +266,18 @@ class LoginService:
 
     async def _ready_vm(self, login: LoginRecord) -> VmRecord:
         """The login's VM once ready; _Failed with the VM's own hop and reason if it fails first."""
-        while True:
-            vm = await self._manager.settled(login.vm_id)
-            if vm is None:
-                raise _Failed(VM, f"the VM {login.vm_id} was deleted before it was ready")
-            if vm.state == VmState.READY:
-                return vm
-            if vm.state not in (VmState.CREATING, VmState.BOOTING):
-                raise _Failed(*_vm_failure(vm))
-            await asyncio.sleep(0.25)  # created by another process (a given vm_id): only its record tells
+        # A VM created by another process (a given vm_id) tells only by its record: read again at each
+        # write to the state directory, the watch set up before the first read so none is missed.
+        async with DirectoryWatch(self._state_dir) as store_written:
+            while True:
+                vm = await self._manager.settled(login.vm_id)
+                if vm is None:
+                    raise _Failed(VM, f"the VM {login.vm_id} was deleted before it was ready")
+                if vm.state == VmState.READY:
+                    return vm
+                if vm.state not in (VmState.CREATING, VmState.BOOTING):
+                    raise _Failed(*_vm_failure(vm))
+                await store_written.changed()
 
     async def _agent_up(self, agent: AgentClient, vm: VmRecord) -> None:
         """Wait for the agent to answer GET /v1/status (it starts with the desktop, maybe after it)."""
