@@ -35,8 +35,7 @@ class Qmp:
 
     def __enter__(self) -> Qmp:
         try:
-            self._sock.settimeout(self._timeout)
-            self._sock.connect(str(self._path))
+            self._connect(time.monotonic() + self._timeout)
             greeting = self._read(time.monotonic() + self._timeout)
             if "QMP" not in greeting:
                 raise QmpError(f"{self._path} did not greet as QMP")
@@ -45,6 +44,23 @@ class Qmp:
             self._sock.close()
             raise
         return self
+
+    def _connect(self, deadline: float) -> None:
+        """QEMU makes the socket's file at bind() and listens just after: a VMM descheduled between the
+        two refuses a connection (two restored clones at once on 2 cores did). Nothing signals the
+        listen, so a refusal is tried again, briefly, until `deadline`; then it is the answer."""
+        while True:
+            self._sock.settimeout(max(0.0, deadline - time.monotonic()))
+            try:
+                self._sock.connect(str(self._path))
+                self._sock.settimeout(self._timeout)
+                return
+            except ConnectionRefusedError:
+                if time.monotonic() >= deadline:
+                    raise
+            self._sock.close()
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            time.sleep(0.01)
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
