@@ -68,6 +68,7 @@ CONTROL_SOCKET = Path("/run/browservm-desktop/control")
 BROWSER_PROFILE = Path(".config") / "chromium"  # Chromium's user data directory, under the desktop user's home
 _START_DEADLINE_S = 120.0  # generous: under software emulation Python alone takes seconds to start
 _STOP_DEADLINE_S = 10.0
+_DEPENDENTS_GRACE_S = 1.0  # how long after one part's exit the parts that depended on it are awaited
 # Chromium stopped for its profile: killed, it would not write out what it keeps in memory (the newest
 # cookies among it), so it is given longer, under software emulation.
 _BROWSER_STOP_DEADLINE_S = 60.0
@@ -267,10 +268,24 @@ class Desktop:
                 pending.cancel()
             ended = [(waits[future], future.result()) for future in done if future in waits]
             ended = [(name, code) for name, code in ended if not (name == "chromium" and self._browser_held)]
-            for name, code in ended:
-                self._marker(name, "exited", code=code)
             if ended:
+                await self._report_ended(ended)
                 return
+
+    async def _report_ended(self, ended: list[tuple[str, int]]) -> None:
+        """Mark every part that ended, the cause first. A part that loses the X server (or the VNC server)
+        ends a moment after it, and which exit the event loop hears of first is chance: so the parts that
+        end within _DEPENDENTS_GRACE_S are reported in start order, where a part only depends on earlier ones."""
+        waits = {asyncio.ensure_future(self.children[name].wait()): name for name in self.children
+                 if name not in dict(ended) and not (name == "chromium" and self._browser_held)}
+        if waits:
+            done, pending = await asyncio.wait(waits, timeout=_DEPENDENTS_GRACE_S)
+            for future in pending:
+                future.cancel()
+            ended += [(waits[future], future.result()) for future in done]
+        order = {name: i for i, name in enumerate(self.config.services)}
+        for name, code in sorted(ended, key=lambda item: order.get(item[0], len(order))):
+            self._marker(name, "exited", code=code)
 
     async def _serve_control(self) -> asyncio.AbstractServer | None:
         path = self.config.control_socket
