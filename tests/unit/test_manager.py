@@ -174,15 +174,15 @@ class _SlowSteps(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__()
-        self.durations: list[float] = []
+        self.steps: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.msg.startswith("Executing") and record.args:
-            self.durations.append(float(record.args[-1]))  # type: ignore[index, arg-type]
+            self.steps.append(record.getMessage())
 
 
-def _longest_steps(work: Callable[[], Awaitable[object]]) -> list[float]:
-    """Run `work` in a debug event loop; how long each step that held the loop over 50 ms took.
+def _slow_steps(work: Callable[[], Awaitable[object]]) -> list[str]:
+    """Run `work` in a debug event loop; each step that held the loop over 50 ms, and for how long.
 
     A step is code between two awaits: a blocking call inside one holds the whole loop. Measuring
     steps, not heartbeat gaps, keeps a machine busy with other work from looking like our stall.
@@ -197,22 +197,26 @@ def _longest_steps(work: Callable[[], Awaitable[object]]) -> list[float]:
         asyncio.run(run(), debug=True)
     finally:
         logger.removeHandler(slow)
-    return slow.durations
+    return slow.steps
 
 
 def test_nothing_blocks_the_event_loop_while_a_vm_is_created_and_destroyed(parts: Parts) -> None:
     # Every blocking step made slow, as image resolution, the KVM probe, netlink and spawning can be.
     parts.network.block = parts.driver.block = 0.2
-    manager = parts.manager(images_delay=0.3)
     created: list[VmRecord] = []
 
     async def create_and_destroy() -> None:
+        manager = parts.manager(images_delay=0.3)
         created.append(await manager.create())
-        await manager.destroy(created[0].vm_id)
+        await manager.destroy(created[-1].vm_id)
 
-    slow_steps = _longest_steps(create_and_destroy)
-    assert created[0].state == VmState.READY
-    assert slow_steps == [], f"steps held the event loop for {slow_steps} s (over 50 ms each)"
+    # A blocking call holds the loop on every run; a step merely descheduled by a busy machine (CI runs
+    # this inside a chroot beside other work) seldom twice: so a step is only slow if both runs say so.
+    slow_steps = _slow_steps(create_and_destroy)
+    if slow_steps:
+        slow_steps = _slow_steps(create_and_destroy)
+    assert [record.state for record in created] == [VmState.READY] * len(created)
+    assert slow_steps == [], "steps held the event loop over 50 ms:\n" + "\n".join(slow_steps)
     assert parts.leftovers() == NOTHING
 
 
