@@ -23,7 +23,6 @@ import httpx
 import pytest
 
 from browservm.api.webhook_routes import EventType
-from browservm.hostnet.host import Change
 from browservm.oauth.records import LoginRecord, LoginRecords
 from browservm.store import Store
 from browservm.webhooks import BadSignature, sign, verify
@@ -33,7 +32,7 @@ from browservm.webhooks.records import DROPPED, MAX_PENDING, MAX_WEBHOOKS, Webho
 
 from .fakes import stop_all
 from .test_access import bearer, new_key
-from .test_api import Served, ServedNetwork, create, error_of, serve_fakes, until
+from .test_api import Served, create, error_of, serve_fakes, until
 
 SECRET = "whsec_test"
 
@@ -120,13 +119,6 @@ def free_port() -> int:
 
 # --- the controller --------------------------------------------------------------------------------------
 
-class WatchedNetwork(ServedNetwork):
-    """The fake host network, also for the service's drift check, which runs every 2 s once it started."""
-
-    def check_and_restore(self) -> list[Change]:
-        return []
-
-
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
     """A controller with fake VMs whose deliverer retries fast (settings as keyword arguments); every VMM it
@@ -134,7 +126,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
     made: list[Served] = []
 
     def make(state: str | None = None, timeout_s: float = 5.0, **settings: object) -> Served:
-        served = serve_fakes(tmp_path / (state or f"state{len(made)}"), WatchedNetwork(), **settings)
+        served = serve_fakes(tmp_path / (state or f"state{len(made)}"), None, **settings)
         deliverer: Deliverer = served.app.state.webhooks
         deliverer.timeout_s, deliverer.backoff_s = timeout_s, 0.05
         made.append(served)

@@ -47,6 +47,7 @@ from browservm.api.proxy import (
 from browservm.api.tokens import TokenRefused, ViewerTokens
 from browservm.controller import Controller
 from browservm.errors import BrowserVMError, StateConflict, VmmError, VmNotFound, WrongState
+from browservm.hostnet.watch import RulesetWatch
 from browservm.ids import validate_vm_id
 from browservm.inotify import DirectoryWatch
 from browservm.store import Store
@@ -62,7 +63,7 @@ log = logging.getLogger("browservm.service")
 _LIVE = (VmState.CREATING, VmState.BOOTING, VmState.READY)
 _REAP_EVERY_S = 10.0
 _STREAM_POLL_S = 2.0
-_FIREWALL_CHECK_S = 2.0
+_FIREWALL_RECHECK_S = 30.0  # between notifications, in case one could not be had
 PREPARED_FOR_CLAIM_S = 30.0  # a claimed VM's prepared desktop connection waits this long for its viewer
 _CONSOLE_CAP_S = 5.0
 _CAS_TRIES = 5  # a compare-and-set retried this often against other writers of one record
@@ -179,15 +180,37 @@ class ControllerService:
                 await watch.changed()
 
     async def _keep_firewall(self) -> None:
-        """Put our nftables tables and routing rules back within seconds when another tool removes or
-        changes them (Debian's nftables service flushes the ruleset on reload); VMs reach nothing
-        meanwhile (the host network fails closed), and each restoration is logged and recorded."""
+        """Put our nftables tables and routing rules back as soon as another program removes or changes
+        them (Debian's nftables service flushes the ruleset on reload): woken by the kernel's notification
+        of the change (hostnet/watch.py). Until then VMs reach nothing (the host network fails closed);
+        each restoration is logged and recorded. Checked every _FIREWALL_RECHECK_S regardless, with the
+        subscription made again: a namespace deleted and made again under the same name is a new one."""
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(_FIREWALL_CHECK_S)
+            watch = await self._watch_firewall()
             try:
-                await asyncio.to_thread(self.network.check_and_restore)
-            except BrowserVMError as exc:
-                log.warning("host network drift check: %s", exc)
+                await self._check_firewall()  # subscribed first: no change slips in before the check
+                until = loop.time() + _FIREWALL_RECHECK_S
+                while watch is not None and await watch.changed(until - loop.time()):
+                    await self._check_firewall()
+                if watch is None:
+                    await asyncio.sleep(_FIREWALL_RECHECK_S)  # no subscription could be had (logged): a timer alone
+            finally:
+                if watch is not None:
+                    watch.close()
+
+    async def _watch_firewall(self) -> RulesetWatch | None:
+        try:
+            return await asyncio.to_thread(self.network.watch)
+        except BrowserVMError as exc:
+            log.warning("host network drift watch: %s", exc)
+            return None
+
+    async def _check_firewall(self) -> None:
+        try:
+            await asyncio.to_thread(self.network.check_and_restore)
+        except BrowserVMError as exc:
+            log.warning("host network drift check: %s", exc)
 
     async def _cap_consoles(self) -> None:
         """A guest that floods its console fills at most console.MAX_DISK of the host's disk, plus what

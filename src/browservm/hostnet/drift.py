@@ -1,6 +1,7 @@
 """Drift: someone else changed or removed browservm's tables or routing rules, and they are put back.
 
-A background task calls `check_and_restore` every few seconds; what it restores is logged and
+The service calls `check_and_restore` when the kernel tells of a change (watch.py), and every
+half minute regardless; what it restores is logged and
 kept in the store, the latest _DRIFT_KEPT of them, for `host status` to report.
 """
 
@@ -38,7 +39,7 @@ class Drift:
     def check_and_restore(self) -> list[Change]:
         """Put back our tables and routing rules if anything removed or changed them; what it restored.
 
-        Blocking, for a background task every few seconds: when nothing drifted
+        Blocking, for a background task: when nothing drifted
         it costs one `nft list ruleset` and one `ip rule show` (a few ms). Each
         restoration is logged and recorded in the store (`events`), and
         `status()` reports drift until it is repaired. Does nothing before `host up`.

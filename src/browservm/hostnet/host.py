@@ -2,7 +2,7 @@
 
     lifecycle.py  `host up` and `host down`: what the plan needs, recorded before it is made (recorded.py)
     status.py     `host status`: every piece against what was set (expected.py, observed.py)
-    drift.py      tables and routing rules someone else changed, put back
+    drift.py      tables and routing rules someone else changed, put back; watch.py: the kernel's word of it
     installed.py  browservm's nftables tables as installed, recorded and checked
     taps.py       one TAP per VM: the hot path of every VM's start and end
     worker.py     the one thread pyroute2's work runs on; portlock.py: the lock of the VM ports' sets
@@ -18,6 +18,7 @@ import hashlib
 from collections.abc import Callable
 from typing import Concatenate, ParamSpec, TypeVar
 
+from browservm.errors import HostNetworkError
 from browservm.hostnet.drift import Drift
 from browservm.hostnet.expected import FIREWALL, Expectation
 from browservm.hostnet.firewall import Nftables
@@ -30,6 +31,7 @@ from browservm.hostnet.recorded import HostRecords
 from browservm.hostnet.status import HostStatus
 from browservm.hostnet.sysctl import IP_FORWARD, Sysctl
 from browservm.hostnet.taps import VmTaps
+from browservm.hostnet.watch import RulesetWatch
 from browservm.hostnet.worker import NetlinkThread
 from browservm.ipam import Ipam, Lease
 from browservm.netplan import NetworkPlan
@@ -113,6 +115,17 @@ class HostNetwork:
         """Put back our tables and routing rules if anything removed or changed them; what it restored
         (drift.py)."""
         return self._drift.check_and_restore()
+
+    @_confined
+    def watch(self) -> RulesetWatch:
+        """Notice when another program changes the namespace's ruleset or routing rules (watch.py).
+        HostNetworkError when the namespace does not exist."""
+        with self.netns.entered():
+            try:
+                return RulesetWatch()
+            except OSError as exc:
+                raise HostNetworkError("subscribe to nftables and routing-rule notifications",
+                                       exc.strerror or str(exc), netns=self.netns.name) from exc
 
     def drift_events(self) -> list[tuple[float, str]]:
         """(time, what was restored) for the latest restorations, oldest first."""
