@@ -1,5 +1,6 @@
 """The kernel tells the controller when another program changes its namespace's ruleset or routing rules,
-and not when the controller itself adds a VM's port (hostnet/watch.py), in a namespace of the test's own."""
+and not when the controller itself adds a VM's port or another program changes a table of its own
+(hostnet/watch.py), in a namespace of the test's own."""
 
 from __future__ import annotations
 
@@ -32,6 +33,15 @@ def test_another_programs_change_wakes_the_watch_and_our_own_ports_do_not(
             assert not changed(watch, QUIET_S)
             net.guest("vm-aa")  # its port's set elements, added by this process
             assert not changed(watch, QUIET_S), "the controller's own port woke its drift check"
+            run("nft", "add", "table", "inet", "someone", netns=net.ctl)  # a firewall manager's own table
+            run("nft", "add", "set", "inet", "someone", "banned", "{ type ipv4_addr; }", netns=net.ctl)
+            run("nft", "add", "element", "inet", "someone", "banned", "{ 192.0.2.1 }", netns=net.ctl)
+            assert not changed(watch, QUIET_S), "another program's own table woke the drift check"
+            run("nft", "delete", "element", "bridge", "browservm", "vm_mac",
+                f'{{ "{net.guests[0].lease.tap}" . {net.guests[0].lease.mac} }}', netns=net.ctl)
+            assert changed(watch, DEADLINE_S), "a VM's element removed by another program went unnoticed"
+            assert [c.piece for c in net.network.check_and_restore()] == [FIREWALL]
+            changed(watch, QUIET_S)  # the restore is an `nft` process: it may wake the watch once, harmlessly
 
             run("nft", "flush", "ruleset", netns=net.ctl)  # as Debian's nftables.service does on reload
             run("nft", "flush", "ruleset", netns=net.ctl)

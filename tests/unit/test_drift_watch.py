@@ -13,44 +13,72 @@ import httpx
 import pytest
 
 from browservm.errors import HostNetworkError
-from browservm.hostnet.watch import foreign_changes
+from browservm.hostnet.watch import Transactions
 
 from .test_api import FakeRulesetWatch, Served, ServedNetwork, until
+
+OURS = (("inet", "browservm"), ("bridge", "browservm"))
+INET, BRIDGE = 1, 7
+NFT = 10 << 8  # NFNL_SUBSYS_NFTABLES
+NEWSETELEM, DELTABLE, NEWGEN = NFT | 12, NFT | 2, NFT | 15
 
 
 def message(kind: int, payload: bytes) -> bytes:
     return struct.pack("=IHHII", 16 + len(payload), kind, 0, 0, 0) + payload + b"\0" * (-len(payload) % 4)
 
 
+def attribute(kind: int, value: bytes) -> bytes:
+    return struct.pack("=HH", 4 + len(value), kind) + value + b"\0" * (-len(value) % 4)
+
+
+def touching(kind: int, family: int, table: str) -> bytes:
+    """An nftables object's notification: its family in nfgenmsg, its table's name as attribute 1."""
+    return message(kind, bytes([family, 0, 0, 0]) + attribute(1, table.encode() + b"\0"))
+
+
 def newgen(pid: int | None) -> bytes:
     """NFT_MSG_NEWGEN, which ends every nftables transaction: its generation and the committing thread."""
-    attributes = struct.pack("=HH", 8, 1) + struct.pack(">I", 7)
+    attributes = attribute(1, struct.pack(">I", 7))
     if pid is not None:
-        attributes += struct.pack("=HH", 8, 2) + struct.pack(">I", pid)
-    attributes += struct.pack("=HH", 8, 3) + b"nft\0"
-    return message((10 << 8) | 15, b"\0\0\0\0" + attributes)
+        attributes += attribute(2, struct.pack(">I", pid))
+    return message(NEWGEN, b"\0\0\0\0" + attributes + attribute(3, b"nft\0"))
 
 
-NEWSETELEM = message((10 << 8) | 12, b"\x02\0\0\0")
+OTHER_PROCESS = 1  # PID 1's thread is never one of ours
 DELRULE = message(33, b"\x02" + b"\0" * 11)
 
 
-def test_a_transaction_committed_by_one_of_our_threads_is_ours() -> None:
-    assert foreign_changes(NEWSETELEM + newgen(threading.get_native_id())) is False
+def transaction(*messages: bytes) -> bool:
+    """Whether the notifications, one datagram each as the kernel sends them, wake the check."""
+    transactions = Transactions(OURS)
+    return any([transactions.feed(datagram) for datagram in messages])
 
 
-def test_a_transaction_another_process_committed_is_foreign() -> None:
-    assert foreign_changes(NEWSETELEM + newgen(1)) is True  # PID 1's thread is never ours
+def test_another_programs_change_to_our_tables_wakes_the_check() -> None:
+    assert transaction(touching(DELTABLE, INET, "browservm"), touching(DELTABLE, BRIDGE, "browservm"),
+                       newgen(OTHER_PROCESS))
+    assert transaction(touching(NEWSETELEM, BRIDGE, "browservm"), newgen(OTHER_PROCESS))
+
+
+def test_our_own_threads_change_and_other_programs_tables_wake_nothing() -> None:
+    assert not transaction(touching(NEWSETELEM, BRIDGE, "browservm"), newgen(threading.get_native_id()))
+    assert not transaction(touching(NEWSETELEM, INET, "f2b-table"), newgen(OTHER_PROCESS))
+    assert not transaction(touching(NEWSETELEM, INET, "browservm-other"), newgen(OTHER_PROCESS))
+    assert not transaction(touching(NEWSETELEM, 2, "browservm"), newgen(OTHER_PROCESS))  # family ip: not ours
+
+
+def test_each_transaction_is_judged_on_its_own() -> None:
+    transactions = Transactions(OURS)
+    assert not transactions.feed(touching(NEWSETELEM, BRIDGE, "browservm"))  # not committed yet
+    assert not transactions.feed(newgen(threading.get_native_id()))
+    assert not transactions.feed(touching(NEWSETELEM, INET, "f2b-table") + newgen(OTHER_PROCESS))
+    assert transactions.feed(touching(DELTABLE, INET, "browservm") + newgen(OTHER_PROCESS))
 
 
 def test_what_cannot_be_attributed_is_looked_at() -> None:
-    assert foreign_changes(newgen(None)) is True  # a kernel that names no thread
-    assert foreign_changes((NEWSETELEM + newgen(threading.get_native_id()))[:-6]) is True  # cut short
-    assert foreign_changes(DELRULE) is True  # routing rules: anyone's change is looked at
-
-
-def test_notifications_without_a_commit_are_not_a_change_yet() -> None:
-    assert foreign_changes(NEWSETELEM) is False  # its NEWGEN follows, and is judged
+    assert transaction(touching(DELTABLE, INET, "browservm"), newgen(None))  # a kernel that names no thread
+    assert transaction((touching(NEWSETELEM, BRIDGE, "browservm") + newgen(OTHER_PROCESS))[:-6])  # cut short
+    assert transaction(DELRULE)  # routing rules: anyone's change is looked at
 
 
 def test_the_service_checks_once_subscribed_and_again_at_each_change(serve: Callable[..., Served]) -> None:

@@ -21,7 +21,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 from browservm.errors import HostNetworkError
 from browservm.hostnet.drift import Drift
 from browservm.hostnet.expected import FIREWALL, Expectation
-from browservm.hostnet.firewall import Nftables
+from browservm.hostnet.firewall import TABLES, Nftables
 from browservm.hostnet.installed import InstalledFirewall
 from browservm.hostnet.lifecycle import HostLifecycle
 from browservm.hostnet.netns import NetworkNamespace
@@ -118,11 +118,11 @@ class HostNetwork:
 
     @_confined
     def watch(self) -> RulesetWatch:
-        """Notice when another program changes the namespace's ruleset or routing rules (watch.py).
+        """Notice when another program changes our tables or the namespace's routing rules (watch.py).
         HostNetworkError when the namespace does not exist."""
         with self.netns.entered():
             try:
-                return RulesetWatch()
+                return RulesetWatch(TABLES)
             except OSError as exc:
                 raise HostNetworkError("subscribe to nftables and routing-rule notifications",
                                        exc.strerror or str(exc), netns=self.netns.name) from exc
