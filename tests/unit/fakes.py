@@ -41,8 +41,36 @@ from browservm.vmm.process import VmmProcess
 from browservm.vmm.spec import VmSpec
 
 
+class FakeRulesetWatch:
+    """The kernel's notifications of a changed ruleset, sent by the test (`notify`)."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.closed = False
+        self._notified: asyncio.Event | None = None
+
+    def notify(self) -> None:
+        self.pending += 1
+        if self._notified is not None:
+            self._notified.set()
+
+    async def changed(self, timeout: float) -> bool:
+        if not self.pending:
+            self._notified = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._notified.wait(), timeout)
+            except TimeoutError:
+                return False
+        self.pending = 0
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class FakeNetwork:
-    """TAPs as a set; `block` makes each call block its thread as a slow netlink round trip would."""
+    """TAPs as a set; `block` makes each call block its thread as a slow netlink round trip would. The
+    service's drift watch and check: `watches`, `drift_checks`."""
 
     def __init__(self) -> None:
         self.netns = NetworkNamespace(None)
@@ -51,6 +79,16 @@ class FakeNetwork:
         self.calls: list[str] = []
         self.block = 0.0
         self.remove_fails = False
+        self.watches: list[FakeRulesetWatch] = []
+        self.drift_checks = 0
+
+    def watch(self) -> FakeRulesetWatch:
+        self.watches.append(FakeRulesetWatch())
+        return self.watches[-1]
+
+    def check_and_restore(self) -> list[object]:
+        self.drift_checks += 1
+        return []
 
     def add_tap(self, lease: Lease) -> None:
         time.sleep(self.block)

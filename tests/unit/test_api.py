@@ -59,56 +59,18 @@ DEADLINE = 15.0  # for any one condition; a passing run meets each in well under
 UNKNOWN = "vm-0123456789ab"  # well-formed, never created
 
 
-class FakeRulesetWatch:
-    """The kernel's notifications of a changed ruleset, sent by the test (`notify`)."""
-
-    def __init__(self) -> None:
-        self.pending = 0
-        self.closed = False
-        self._notified: asyncio.Event | None = None
-
-    def notify(self) -> None:
-        self.pending += 1
-        if self._notified is not None:
-            self._notified.set()
-
-    async def changed(self, timeout: float) -> bool:
-        if not self.pending:
-            self._notified = asyncio.Event()
-            try:
-                await asyncio.wait_for(self._notified.wait(), timeout)
-            except TimeoutError:
-                return False
-        self.pending = 0
-        return True
-
-    def close(self) -> None:
-        self.closed = True
-
-
 class ServedNetwork(FakeNetwork):
-    """The fake host network plus what the service asks of it: `up` (start), `status` (/readyz), and the
-    drift watch and check (`watches`, `drift_checks`)."""
+    """The fake host network plus what the service asks of it: `up` (start) and `status` (/readyz)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.checks = [Check("bridge br0", True, "up, 192.168.100.1")]
-        self.watches: list[FakeRulesetWatch] = []
-        self.drift_checks = 0
 
     def up(self) -> list[Change]:
         return [Change("bridge br0", "created"), Change("sysctl net.ipv4.ip_forward", "unchanged")]
 
     def status(self) -> list[Check]:
         return list(self.checks)
-
-    def watch(self) -> FakeRulesetWatch:
-        self.watches.append(FakeRulesetWatch())
-        return self.watches[-1]
-
-    def check_and_restore(self) -> list[Change]:
-        self.drift_checks += 1
-        return []
 
 
 class Clock:

@@ -15,7 +15,8 @@ import pytest
 from browservm.errors import HostNetworkError
 from browservm.hostnet.watch import Transactions
 
-from .test_api import FakeRulesetWatch, Served, ServedNetwork, until
+from .fakes import FakeRulesetWatch
+from .test_api import Served, ServedNetwork, until
 
 OURS = (("inet", "browservm"), ("bridge", "browservm"))
 INET, BRIDGE = 1, 7
