@@ -97,8 +97,8 @@ class RulesetWatch:
         self._transactions = Transactions(tables)
         self._sockets: list[socket.socket] = []
         try:
-            tables = self._open(_NETLINK_NETFILTER, 0)
-            tables.setsockopt(_SOL_NETLINK, _NETLINK_ADD_MEMBERSHIP, _NFNLGRP_NFTABLES)
+            nftables = self._open(_NETLINK_NETFILTER, 0)
+            nftables.setsockopt(_SOL_NETLINK, _NETLINK_ADD_MEMBERSHIP, _NFNLGRP_NFTABLES)
             self._open(socket.NETLINK_ROUTE, _RTMGRP_IPV4_RULE)
         except OSError:
             self.close()
@@ -113,7 +113,7 @@ class RulesetWatch:
         return sock
 
     async def changed(self, timeout: float) -> bool:
-        """True once another program changed the ruleset or a routing rule (or the kernel dropped
+        """True once another program changed our tables or a routing rule (or the kernel dropped
         notifications, so nobody can say it did not), False when `timeout` passes first. Every
         notification waiting is read, so one burst of changes wakes the caller once."""
         loop = asyncio.get_running_loop()
