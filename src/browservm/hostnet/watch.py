@@ -78,7 +78,7 @@ class Transactions:
 
 def _attributes(data: bytes) -> dict[int, bytes]:
     """A netlink message's top-level attributes by type (the nested flag dropped)."""
-    found = {}
+    found: dict[int, bytes] = {}
     offset = 0
     while offset + 4 <= len(data):
         length, kind = struct.unpack_from("=HH", data, offset)
