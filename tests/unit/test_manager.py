@@ -276,6 +276,37 @@ def test_cancelling_a_create_while_a_blocking_stage_runs_undoes_what_that_stage_
     assert parts.leftovers() == NOTHING  # ... and removed
 
 
+def test_a_destroy_cancelled_once_it_marked_the_vm_still_releases_everything(
+        parts: Parts, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A login's VM released as the controller stops: the stop cancels the release just after the VM was
+    marked destroying. Marked, it is no longer live, so nothing else would ever release it."""
+    manager = parts.manager()
+    marked, go_on = threading.Event(), threading.Event()
+    save = VmRecords.save
+
+    def slow_mark(records: VmRecords, record: VmRecord) -> None:
+        save(records, record)
+        if record.state == VmState.DESTROYING:
+            marked.set()
+            assert go_on.wait(30), "the test never let the mark end"
+
+    monkeypatch.setattr(VmRecords, "save", slow_mark)
+
+    async def cancel_once_marked() -> VmRecord:
+        record = await manager.create()
+        destroying = asyncio.ensure_future(manager.destroy(record.vm_id))
+        assert await asyncio.to_thread(marked.wait, 30)
+        destroying.cancel()
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await destroying
+        return record
+
+    record = asyncio.run(cancel_once_marked())
+    assert asyncio.run(manager.get(record.vm_id)) is None
+    assert parts.leftovers() == NOTHING
+
+
 def test_a_failing_undo_never_loses_the_record_and_it_keeps_counting_until_released(parts: Parts) -> None:
     probes = FakeProbes(parts.ipam, fail={"net.arp": "no ARP reply"})
     parts.network.remove_fails = True

@@ -56,7 +56,7 @@ from browservm.vm.snapshots import Snapshot, Snapshots
 from browservm.vm.snapshotting import Snapshotting
 from browservm.vm.specs import VmSpecs
 from browservm.vm.state import VmState, transition
-from browservm.vm.waiting import uninterrupted, wait_out
+from browservm.vm.waiting import to_the_end, uninterrupted, wait_out
 from browservm.vm.watcher import Watcher
 from browservm.vmdir import vm_directories
 from browservm.vmm.driver import VmmDriver
@@ -332,6 +332,11 @@ class VMManager:
                 await wait_out(creating)
         unsaved = await self._save_profile(vm_id)
         self._watcher.forget(vm_id)
+        # Once marked destroying a VM is no longer live, and nothing else in this process would release it:
+        # a caller cancelled meanwhile (a login's release as the controller stops) gets its cancellation after.
+        return await to_the_end(self._mark_and_release(vm_id, ended_reason, unsaved))
+
+    async def _mark_and_release(self, vm_id: str, ended_reason: str, unsaved: str) -> bool:
         records = self._parts.records
         while True:
             record = await asyncio.to_thread(records.get, vm_id)
@@ -343,7 +348,7 @@ class VMManager:
             record.owner = self._parts.me
             record.ended_reason = ended_reason + (f"; {unsaved}" if ended_reason and unsaved else "")
             try:
-                await uninterrupted(partial(records.save, record))
+                await asyncio.to_thread(records.save, record)
             except StateConflict:
                 continue  # changed meanwhile: read it again
             break

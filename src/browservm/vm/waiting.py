@@ -62,7 +62,13 @@ async def uninterrupted(work: Callable[[], T]) -> T:
     waits for the work to finish (its effects are then known and can be undone) and is
     delivered afterwards.
     """
-    future = asyncio.ensure_future(asyncio.to_thread(work))
+    return await to_the_end(asyncio.to_thread(work))
+
+
+async def to_the_end(work: Awaitable[T]) -> T:
+    """Await `work` to its end even if the caller is cancelled meanwhile; the cancellation is delivered
+    afterwards. For steps that must not stop half-way (a VM marked destroying and not released)."""
+    future = asyncio.ensure_future(work)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
