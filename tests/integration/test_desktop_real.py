@@ -10,9 +10,12 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -158,3 +161,64 @@ def test_the_browser_alone_is_stopped_and_started_again_on_request(namespaces: N
         assert proc.wait(timeout=30) == 1
     finally:
         _stop(proc)
+
+
+_SIGNED_IN = "browservm_test_signed_in"
+
+
+class _SignIn(BaseHTTPRequestHandler):
+    """A page that signs the browser in, as a provider does: a cookie kept for 30 days."""
+    visited = threading.Event()
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Set-Cookie", f"{_SIGNED_IN}=yes; Max-Age=2592000; Path=/; HttpOnly")
+        self.send_header("Content-Type", "text/html")
+        self.end_headers()
+        self.wfile.write(b"<html><body>signed in</body></html>")
+        type(self).visited.set()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs Debian's chromium (scripts/install.sh)")
+def test_a_sign_in_moments_before_the_browser_is_stopped_is_in_its_profile(
+        namespaces: Namespaces, tmp_path: Path) -> None:
+    """The profile keeper saves what Chromium wrote once stopped: a cookie set a moment before the stop (it
+    commits its cookie store every 30 s) must be on disk by then. The real Chromium (without its sandbox:
+    root cannot run it sandboxed), signed in by a page in the namespace, then stopped at once."""
+    ns = namespaces.create("deskcookie")
+    run("ip", "link", "set", "lo", "up", netns=ns)
+    with NetworkNamespace(ns).entered():
+        listener = socket.create_server(("127.0.0.1", 0))
+    page = ThreadingHTTPServer(listener.getsockname(), _SignIn, bind_and_activate=False)
+    page.socket = listener
+    threading.Thread(target=page.serve_forever, daemon=True).start()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "chromium").write_text('#!/bin/sh\nexec /usr/bin/chromium --no-sandbox "$@"\n')
+    (bin_dir / "chromium").chmod(0o755)
+    home, control, config = tmp_path / "home", tmp_path / "control", tmp_path / "desktop.json"
+    config.write_text(json.dumps({"services": ["xvnc", "openbox", "chromium"], "display": ":89", "vnc_port": 5989,
+                                  "devtools_port": 9289, "control_socket": str(control),
+                                  "start_url": f"http://127.0.0.1:{listener.getsockname()[1]}/"}))
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "browservm.guest.desktop",
+                             "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True,
+                            env={**os.environ, "HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    try:
+        assert markers_until(proc, "chromium")["chromium"]["state"] == "ready"
+        assert _SignIn.visited.wait(120), "Chromium never opened the sign-in page"
+        assert _control(control, "stop-browser") == "ok stopped"
+        stopped = next(m for m in map(parse_marker, proc.stdout or []) if m and m[1].get("state") == "stopped")[1]
+        assert "killed" not in stopped, stopped  # it ended by itself
+        cookies = home / ".config" / "chromium" / "Default" / "Cookies"
+        with contextlib.closing(sqlite3.connect(f"file:{cookies}?mode=ro", uri=True)) as db:
+            names = [name for (name,) in db.execute("SELECT name FROM cookies")]
+        assert _SIGNED_IN in names
+    finally:
+        _stop(proc)
+        page.shutdown()
+        page.server_close()

@@ -38,7 +38,8 @@ Chromium alone may be stopped and started again, for the browser profile keeper
 is ready it answers on a Unix socket only its user and root reach (CONTROL_SOCKET, in the desktop's
 runtime directory, mode 0700), one line each way:
 
-    stop-browser   -> "ok stopped"   Chromium ended (SIGTERM: it writes its cookies out), kept down
+    stop-browser   -> "ok stopped"   Chromium ended (SIGINT: its orderly exit, which writes its cookies
+                                     out), kept down; killed if it has not ended within a minute
     start-browser  -> "ok ready"     Chromium started again and listening, or "failed <reason>"
 
 While it is held down its exit does not end the desktop; an exit of its own does.
@@ -72,6 +73,10 @@ _DEPENDENTS_GRACE_S = 1.0  # how long after one part's exit the parts that depen
 # Chromium stopped for its profile: killed, it would not write out what it keeps in memory (the newest
 # cookies among it), so it is given longer, under software emulation.
 _BROWSER_STOP_DEADLINE_S = 60.0
+# Chromium on Linux takes SIGTERM for the session ending: it exits at once, writing its preferences but
+# not its cookie store, which it commits every 30 s, so a sign-in of the last half minute would be lost.
+# SIGINT is its orderly exit (windows closed, profile torn down), which writes everything out.
+_BROWSER_STOP_SIGNAL = signal.SIGINT
 # The clipboard a viewer may paste into Xvnc: what the proxy lets through (rfb.MAX_CUT_TEXT), not
 # Xvnc's 256 KiB, which drops a larger paste without a word.
 MAX_CUT_TEXT = 1 << 20
@@ -320,14 +325,16 @@ class Desktop:
         self._browser_held = True
         self._children_changed.set()
         proc = self.children.get("chromium")
+        killed: dict[str, object] = {}
         if proc is not None and proc.returncode is None:
-            proc.terminate()
+            proc.send_signal(_BROWSER_STOP_SIGNAL)
             try:
                 await asyncio.wait_for(proc.wait(), _BROWSER_STOP_DEADLINE_S)
-            except TimeoutError:
+            except TimeoutError:  # a page holding it (a "leave site?" dialog): what it kept in memory is lost
                 proc.kill()
                 await proc.wait()
-        self._marker("chromium", "stopped")
+                killed = {"killed": f"not ended within {_BROWSER_STOP_DEADLINE_S:g} s"}
+        self._marker("chromium", "stopped", **killed)
         return "ok stopped"
 
     async def _start_browser(self) -> str:

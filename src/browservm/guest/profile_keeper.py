@@ -7,8 +7,8 @@ request, so a pooled VM's claim and a restore's new key count at once):
 
     POST /v1/profile/load   body: a sealed profile, or nothing for a new one. Chromium is stopped, the
                             profile replaces its user data directory, Chromium starts again with it.
-    POST /v1/profile/save   answer: the sealed profile. Chromium is stopped first (it writes its
-                            cookies out on SIGTERM) and stays down: the VM is ending.
+    POST /v1/profile/save   answer: the sealed profile. Chromium is stopped first (its orderly exit,
+                            which writes its cookies out) and stays down: the VM is ending.
 
 Both carry `X-Profile-Key` (64 hex digits) and `X-Profile-Binding` (hex of the JSON [tenant, user]);
 a save also `X-Profile-Limit`, the most bytes the controller keeps.
