@@ -14,12 +14,14 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
+import websockets.sync.client
 
 from browservm.guest.markers import parse_marker
 from browservm.hostnet.netns import NetworkNamespace
@@ -119,7 +121,7 @@ def test_a_part_that_dies_is_reported_and_the_supervisor_exits_non_zero(
 
 def _control(path: Path, command: str) -> str:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(60)
+        conn.settimeout(90)  # over the desktop's own deadline for stopping Chromium (60 s)
         conn.connect(str(path))
         conn.sendall(command.encode() + b"\n")
         return conn.makefile("rb").readline().decode().strip()
@@ -167,7 +169,8 @@ _SIGNED_IN = "browservm_test_signed_in"
 
 
 class _SignIn(BaseHTTPRequestHandler):
-    """A page that signs the browser in, as a provider does: a cookie kept for 30 days."""
+    """A page that signs the browser in, as a provider does: a cookie kept for 30 days. Like a page with a
+    form half filled in, it asks "leave site?" before it is left, once the person has used it."""
     visited = threading.Event()
 
     def do_GET(self) -> None:
@@ -175,7 +178,8 @@ class _SignIn(BaseHTTPRequestHandler):
         self.send_header("Set-Cookie", f"{_SIGNED_IN}=yes; Max-Age=2592000; Path=/; HttpOnly")
         self.send_header("Content-Type", "text/html")
         self.end_headers()
-        self.wfile.write(b"<html><body>signed in</body></html>")
+        self.wfile.write(b"<html><body>signed in <input autofocus><script>addEventListener('beforeunload', "
+                         b"e => { e.preventDefault(); e.returnValue = ''; });</script></body></html>")
         type(self).visited.set()
 
     def log_message(self, format: str, *args: object) -> None:
@@ -187,8 +191,9 @@ class _SignIn(BaseHTTPRequestHandler):
 def test_a_sign_in_moments_before_the_browser_is_stopped_is_in_its_profile(
         namespaces: Namespaces, tmp_path: Path) -> None:
     """The profile keeper saves what Chromium wrote once stopped: a cookie set a moment before the stop (it
-    commits its cookie store every 30 s) must be on disk by then. The real Chromium (without its sandbox:
-    root cannot run it sandboxed), signed in by a page in the namespace, then stopped at once."""
+    commits its cookie store every 30 s) must be on disk by then, and a page asking "leave site?" must not
+    hold the stop. The real Chromium (without its sandbox: root cannot run it sandboxed), signed in by a
+    page in the namespace that the person has clicked into, then stopped at once."""
     ns = namespaces.create("deskcookie")
     run("ip", "link", "set", "lo", "up", netns=ns)
     with NetworkNamespace(ns).entered():
@@ -211,9 +216,11 @@ def test_a_sign_in_moments_before_the_browser_is_stopped_is_in_its_profile(
     try:
         assert markers_until(proc, "chromium")["chromium"]["state"] == "ready"
         assert _SignIn.visited.wait(120), "Chromium never opened the sign-in page"
+        with NetworkNamespace(ns).entered():
+            _click_into_the_page("127.0.0.1:9289")
         assert _control(control, "stop-browser") == "ok stopped"
         stopped = next(m for m in map(parse_marker, proc.stdout or []) if m and m[1].get("state") == "stopped")[1]
-        assert "killed" not in stopped, stopped  # it ended by itself
+        assert "killed" not in stopped and stopped["pages_closed"] == "1", stopped  # it ended by itself
         cookies = home / ".config" / "chromium" / "Default" / "Cookies"
         with contextlib.closing(sqlite3.connect(f"file:{cookies}?mode=ro", uri=True)) as db:
             names = [name for (name,) in db.execute("SELECT name FROM cookies")]
@@ -222,3 +229,17 @@ def test_a_sign_in_moments_before_the_browser_is_stopped_is_in_its_profile(
         _stop(proc)
         page.shutdown()
         page.server_close()
+
+
+def _click_into_the_page(devtools: str) -> None:
+    """A person's click and typing in Chromium's page, through DevTools: what lets a page ask before it is left."""
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with direct.open(f"http://{devtools}/json/list", timeout=30) as answer:
+        page = next(t for t in json.load(answer) if t["type"] == "page")
+    with websockets.sync.client.connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30) as cdp:
+        calls = [("Input.dispatchMouseEvent", {"type": kind, "x": 20, "y": 20, "button": "left", "clickCount": 1})
+                 for kind in ("mousePressed", "mouseReleased")] + [("Input.insertText", {"text": "half filled"})]
+        for number, (method, params) in enumerate(calls):
+            cdp.send(json.dumps({"id": number, "method": method, "params": params}))
+            answer = json.loads(cdp.recv(timeout=30))
+            assert "error" not in answer, answer

@@ -38,8 +38,9 @@ Chromium alone may be stopped and started again, for the browser profile keeper
 is ready it answers on a Unix socket only its user and root reach (CONTROL_SOCKET, in the desktop's
 runtime directory, mode 0700), one line each way:
 
-    stop-browser   -> "ok stopped"   Chromium ended (SIGINT: its orderly exit, which writes its cookies
-                                     out), kept down; killed if it has not ended within a minute
+    stop-browser   -> "ok stopped"   Chromium ended in order (its pages closed through DevTools, then
+                                     SIGINT), so it wrote its cookies out; kept down. Killed if it has
+                                     not ended within a minute (the marker says so)
     start-browser  -> "ok ready"     Chromium started again and listening, or "failed <reason>"
 
 While it is held down its exit does not end the desktop; an exit of its own does.
@@ -57,9 +58,11 @@ import signal
 import socket
 import sys
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from browservm.guest import configdisk
 from browservm.guest.markers import format_marker
@@ -77,6 +80,7 @@ _BROWSER_STOP_DEADLINE_S = 60.0
 # not its cookie store, which it commits every 30 s, so a sign-in of the last half minute would be lost.
 # SIGINT is its orderly exit (windows closed, profile torn down), which writes everything out.
 _BROWSER_STOP_SIGNAL = signal.SIGINT
+_DEVTOOLS_TIMEOUT_S = 10.0
 # The clipboard a viewer may paste into Xvnc: what the proxy lets through (rfb.MAX_CUT_TEXT), not
 # Xvnc's 256 KiB, which drops a larger paste without a word.
 MAX_CUT_TEXT = 1 << 20
@@ -107,6 +111,20 @@ class DesktopConfig:
 
 class StartFailed(Exception):
     pass
+
+
+def close_pages(devtools: str) -> int:
+    """Close every page of the Chromium whose DevTools HTTP endpoint is `devtools` (host:port); how many.
+    Unlike a window's close this runs no page's beforeunload handler (only its unload handler)."""
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+    with direct.open(f"http://{devtools}/json/list", timeout=_DEVTOOLS_TIMEOUT_S) as answer:
+        targets = json.loads(answer.read(1 << 20))
+    pages = [target["id"] for target in targets if isinstance(target, dict) and target.get("type") == "page"
+             and isinstance(target.get("id"), str)]
+    for page in pages:
+        with direct.open(f"http://{devtools}/json/close/{quote(page, safe='')}", timeout=_DEVTOOLS_TIMEOUT_S) as answer:
+            answer.read(4096)
+    return len(pages)
 
 
 class Desktop:
@@ -325,16 +343,23 @@ class Desktop:
         self._browser_held = True
         self._children_changed.set()
         proc = self.children.get("chromium")
-        killed: dict[str, object] = {}
+        said: dict[str, object] = {}
         if proc is not None and proc.returncode is None:
-            proc.send_signal(_BROWSER_STOP_SIGNAL)
+            # Its pages first: a page with a "leave site?" question would hold the orderly exit until the
+            # deadline. Closed through DevTools they ask nothing; the last one closed ends Chromium.
+            try:
+                said["pages_closed"] = await asyncio.to_thread(close_pages, f"127.0.0.1:{self.config.devtools_port}")
+            except (OSError, ValueError) as exc:
+                said["pages_closed"] = f"none: DevTools did not answer ({exc})"
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(_BROWSER_STOP_SIGNAL)
             try:
                 await asyncio.wait_for(proc.wait(), _BROWSER_STOP_DEADLINE_S)
-            except TimeoutError:  # a page holding it (a "leave site?" dialog): what it kept in memory is lost
+            except TimeoutError:  # what it kept in memory is lost
                 proc.kill()
                 await proc.wait()
-                killed = {"killed": f"not ended within {_BROWSER_STOP_DEADLINE_S:g} s"}
-        self._marker("chromium", "stopped", **killed)
+                said["killed"] = f"not ended within {_BROWSER_STOP_DEADLINE_S:g} s"
+        self._marker("chromium", "stopped", **said)
         return "ok stopped"
 
     async def _start_browser(self) -> str:
