@@ -350,7 +350,7 @@ class Desktop:
             try:
                 said["pages_closed"] = await asyncio.to_thread(close_pages, f"127.0.0.1:{self.config.devtools_port}")
             except (OSError, ValueError) as exc:
-                said["pages_closed"] = f"none: DevTools did not answer ({exc})"
+                said["pages_closed"] = f"none ({exc})"  # SIGINT alone, then
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(_BROWSER_STOP_SIGNAL)
             try:
