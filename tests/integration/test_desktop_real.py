@@ -186,7 +186,6 @@ class _SignIn(BaseHTTPRequestHandler):
         pass
 
 
-
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs Debian's chromium (scripts/install.sh)")
 def test_a_sign_in_moments_before_the_browser_is_stopped_is_in_its_profile(
         namespaces: Namespaces, tmp_path: Path) -> None:
